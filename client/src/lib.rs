@@ -1,0 +1,9 @@
+//! The HiveFS client library.
+//!
+//! - [`pipeline`]: cuts files into content-defined chunks (FastCDC 2020), hashes each chunk
+//!   with the hive's keyed BLAKE3 ([`hivefs_net::chunk::ChunkId`]) and compresses it
+//!   ([`hivefs_net::chunk::compress`]), spreading hashing and compression over worker
+//!   threads while delivering chunks in input order. Only chunks the hive lacks are then
+//!   uploaded.
+
+pub mod pipeline;

@@ -1,0 +1,188 @@
+//! `hive`: initialise, run and inspect a hive node.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use hivefs_engine::config::{self, InitOptions, NodeConfig};
+use hivefs_engine::node::Node;
+use hivefs_net::conn::FramedConn;
+use hivefs_net::frame::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
+use hivefs_net::proto::{Request, Response};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+#[derive(Parser)]
+#[command(name = "hive", version, about = "HiveFS hive node")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a node: config, hive CA and node certificate, admin token, dedupe key, device format.
+    Init {
+        #[arg(long)]
+        data: PathBuf,
+        /// A file or block device for chunks (default DATA/chunks.dev).
+        #[arg(long)]
+        device: Option<PathBuf>,
+        /// Size of a file device, e.g. 16G (sparse).
+        #[arg(long)]
+        size: Option<String>,
+        /// Shards (one pinned thread each); default: one per core.
+        #[arg(long)]
+        shards: Option<u16>,
+        #[arg(long, default_value_t = config::DEFAULT_BASE_PORT)]
+        base_port: u16,
+        #[arg(long, default_value = "127.0.0.1")]
+        listen: String,
+        #[arg(long, default_value = "node-1")]
+        node_id: String,
+        #[arg(long, default_value_t = config::DEFAULT_BUCKETS)]
+        buckets: u32,
+        /// Segment size, e.g. 64M.
+        #[arg(long, default_value = "64M")]
+        segment_size: String,
+    },
+    /// Serve: one shard thread per configured shard, each on base_port + shard.
+    Run {
+        #[arg(long)]
+        data: PathBuf,
+        /// Plain TCP without TLS (measurements only).
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// Per-shard and total figures of a running node.
+    Status {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        insecure: bool,
+    },
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn main() {
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_from_env("HIVE_LOG").unwrap_or_else(|_| "info".into())).with_writer(std::io::stderr).init();
+    if let Err(e) = real_main() {
+        eprintln!("hive: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Init { data, device, size, shards, base_port, listen, node_id, buckets, segment_size } => {
+            let shards = shards.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as u16).unwrap_or(1));
+            let o = InitOptions {
+                data_dir: data,
+                device,
+                size_bytes: size.as_deref().map(config::parse_size).transpose()?,
+                shards,
+                base_port,
+                listen,
+                node_id,
+                bucket_count: buckets,
+                segment_bytes: config::parse_size(&segment_size)?,
+            };
+            let out = config::init(&o)?;
+            println!("hive node {} initialised in {}", out.config.node_id, o.data_dir.display());
+            println!("device        {}", out.config.device.display());
+            println!("shards        {} (ports {}..={})", out.config.shards, out.config.base_port, out.config.base_port + out.config.shards - 1);
+            println!("ca            {}", out.ca_fingerprint);
+            println!("token         {}", out.admin_token);
+            Ok(())
+        }
+        Cmd::Run { data, insecure } => {
+            // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+            unsafe {
+                libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+                libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+            }
+            let node = Node::start(&data, insecure)?;
+            tracing::info!(ports = ?node.ports, "hive node running");
+            node.wait(&STOP)
+        }
+        Cmd::Status { data, json, insecure } => status(&data, json, insecure),
+    }
+}
+
+fn status(dir: &std::path::Path, json: bool, insecure: bool) -> Result<()> {
+    let cfg = NodeConfig::load(dir)?;
+    let token = std::fs::read_to_string(dir.join("admin.token")).context("reading admin.token")?;
+    let fp = config::ca_fingerprint(dir)?;
+    let mut shards = Vec::new();
+    for s in 0..cfg.shards {
+        let addr = format!("{}:{}", cfg.listen, cfg.base_port + s);
+        let stream = TcpStream::connect(&addr).with_context(|| format!("connecting to shard {s} at {addr} (is `hive run` up?)"))?;
+        let tls = if insecure { None } else { Some((hivefs_net::tls::client_config_pinned(&fp).map_err(|e| anyhow::anyhow!("{e}"))?, hivefs_net::tls::server_name(&cfg.listen).map_err(|e| anyhow::anyhow!("{e}"))?)) };
+        let mut conn = FramedConn::new_client(stream, tls)?;
+        conn.send_request(PROTOCOL_VERSION_MIN, 1, &Request::Hello { min_version: PROTOCOL_VERSION_MIN, max_version: PROTOCOL_VERSION_MAX, token: token.trim().to_string(), client_name: "hive status".into() })?;
+        match conn.recv_response()?.1 {
+            Response::HelloOk { .. } => {}
+            Response::Error { code, message } => bail!("shard {s}: {code:?}: {message}"),
+            other => bail!("shard {s}: unexpected {other:?}"),
+        }
+        conn.send_request(PROTOCOL_VERSION_MIN, 2, &Request::Stats)?;
+        match conn.recv_response()?.1 {
+            Response::StatsReply { json } => shards.push(serde_json::from_str::<serde_json::Value>(&json)?),
+            other => bail!("shard {s}: unexpected {other:?}"),
+        }
+    }
+    let sum = |k: &str| shards.iter().map(|v| v[k].as_u64().unwrap_or(0)).sum::<u64>();
+    let ratio = |a: u64, b: u64| if b == 0 { 1.0 } else { a as f64 / b as f64 };
+    let total = serde_json::json!({
+        "chunks": sum("chunks"),
+        "logical_bytes": sum("logical_bytes"),
+        "stored_bytes": sum("stored_bytes"),
+        "offered_bytes": sum("offered_bytes"),
+        "dedupe_ratio": ratio(sum("offered_bytes"), sum("logical_bytes")),
+        "compression_ratio": ratio(sum("logical_bytes"), sum("stored_bytes")),
+        "device_bytes_used": sum("device_bytes_used"),
+        "device_bytes_total": sum("device_bytes_total"),
+        "puts_rejected": sum("puts_rejected"),
+        "gets_corrupt": sum("gets_corrupt"),
+    });
+    if json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "node_id": cfg.node_id, "shards": shards, "total": total }))?);
+        return Ok(());
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    println!("node {}  device {}", cfg.node_id, shards.first().and_then(|v| v["device"].as_str()).unwrap_or("?"));
+    println!("{:>6} {:>12} {:>12} {:>12} {:>8} {:>8} {:>14}", "shard", "chunks", "logical GiB", "stored GiB", "dedupe", "compr", "device used");
+    for v in &shards {
+        let g = |k: &str| v[k].as_u64().unwrap_or(0);
+        println!(
+            "{:>6} {:>12} {:>12.3} {:>12.3} {:>8.2} {:>8.2} {:>13.1}%{}",
+            g("shard"),
+            g("chunks"),
+            gib(g("logical_bytes")),
+            gib(g("stored_bytes")),
+            ratio(g("offered_bytes"), g("logical_bytes")),
+            ratio(g("logical_bytes"), g("stored_bytes")),
+            100.0 * ratio(g("device_bytes_used"), g("device_bytes_total").max(1)),
+            v["failed"].as_str().map(|f| format!("  FAILED: {f}")).unwrap_or_default()
+        );
+    }
+    let t = |k: &str| total[k].as_u64().unwrap_or(0);
+    println!(
+        "{:>6} {:>12} {:>12.3} {:>12.3} {:>8.2} {:>8.2} {:>13.1}%",
+        "total",
+        t("chunks"),
+        gib(t("logical_bytes")),
+        gib(t("stored_bytes")),
+        total["dedupe_ratio"].as_f64().unwrap_or(1.0),
+        total["compression_ratio"].as_f64().unwrap_or(1.0),
+        100.0 * ratio(t("device_bytes_used"), t("device_bytes_total").max(1))
+    );
+    println!("(dedupe = bytes offered by puts and has hits since start / unique bytes stored)");
+    Ok(())
+}

@@ -1,0 +1,211 @@
+//! A node's configuration (`DIR/hive.toml`) and `hive init`: keys, certificates, token,
+//! device format.
+//!
+//! Files in the data directory:
+//! - `hive.toml`: this config;
+//! - `ca.pem` (the hive CA certificate; its SHA-256 is the fingerprint clients pin),
+//!   `ca.key` (kept for issuing node certificates; mode 0600), `node.pem`, `node.key`;
+//! - `admin.token` (mode 0600): the admin token in clear, for the local CLI; the config
+//!   holds only its SHA-256.
+//! - the chunk device (`chunks.dev` unless `--device` names a file or block device).
+
+use crate::format::Superblock;
+use crate::shard::ShardCore;
+use anyhow::{bail, Context, Result};
+use hivefs_net::chunk::DedupeKey;
+use hivefs_nvme::{open_device, AlignedBuf, IoOp, IoRequest, UringOptions, BLOCK_SIZE};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+pub const CONFIG_FILE: &str = "hive.toml";
+pub const DEFAULT_BASE_PORT: u16 = 7400;
+pub const DEFAULT_BUCKETS: u32 = 1 << 12;
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
+pub const DEFAULT_DEVICE_BYTES: u64 = 16 << 30;
+/// Requests a connection may have in flight (flow-control credits).
+pub const DEFAULT_CREDITS: u32 = 64;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeConfig {
+    pub node_id: String,
+    pub device: PathBuf,
+    pub listen: String,
+    pub base_port: u16,
+    pub shards: u16,
+    pub bucket_count: u32,
+    pub segment_bytes: u64,
+    pub commit_max_bytes: usize,
+    pub credits: u32,
+    /// Pin shard `i` to core `i % cores`.
+    pub pin_cores: bool,
+    pub sqpoll: bool,
+    pub iopoll: bool,
+    /// SHA-256 (hex) of the admin token.
+    pub admin_token_sha256: String,
+    pub dedupe_key: String,
+}
+
+impl NodeConfig {
+    pub fn load(dir: &Path) -> Result<NodeConfig> {
+        let p = dir.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        let cfg: NodeConfig = toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
+        if cfg.shards == 0 || cfg.shards as u32 > crate::format::MAX_SHARDS {
+            bail!("{}: shards must be 1..={}", p.display(), crate::format::MAX_SHARDS);
+        }
+        Ok(cfg)
+    }
+
+    pub fn dedupe_key(&self) -> Result<DedupeKey> {
+        DedupeKey::from_hex(&self.dedupe_key).context("dedupe_key in hive.toml is not 64 hex digits")
+    }
+
+    pub fn uring_options(&self) -> UringOptions {
+        UringOptions { sqpoll: self.sqpoll, iopoll: self.iopoll, ..Default::default() }
+    }
+
+    /// Does `token` match the admin token?
+    pub fn token_ok(&self, token: &str) -> bool {
+        let h = hex::encode(Sha256::digest(token.as_bytes()));
+        // Constant-time comparison: the hashes have equal length.
+        h.len() == self.admin_token_sha256.len() && h.bytes().zip(self.admin_token_sha256.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+}
+
+/// What `hive init` is asked for.
+#[derive(Clone, Debug)]
+pub struct InitOptions {
+    pub data_dir: PathBuf,
+    pub device: Option<PathBuf>,
+    pub size_bytes: Option<u64>,
+    pub shards: u16,
+    pub base_port: u16,
+    pub listen: String,
+    pub node_id: String,
+    pub bucket_count: u32,
+    pub segment_bytes: u64,
+}
+
+/// What `hive init` made, for printing.
+pub struct InitOutcome {
+    pub config: NodeConfig,
+    pub admin_token: String,
+    pub ca_fingerprint: String,
+}
+
+pub fn random_bytes<const N: usize>() -> Result<[u8; N]> {
+    let mut b = [0u8; N];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).context("reading /dev/urandom")?;
+    Ok(b)
+}
+
+fn write_private(path: &Path, data: &str) -> Result<()> {
+    std::fs::write(path, data).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(())
+}
+
+/// Parse sizes like `8G`, `512M`, `64K`, `4096`.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let unit = s[i..].to_ascii_uppercase();
+            let m = match unit.trim_end_matches("IB").trim_end_matches('B') {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1u64 << 40,
+                _ => bail!("unknown size unit in {s:?}"),
+            };
+            (&s[..i], m)
+        }
+        None => (s, 1),
+    };
+    let n: u64 = num.trim().parse().with_context(|| format!("bad size {s:?}"))?;
+    n.checked_mul(mult).with_context(|| format!("size {s:?} overflows"))
+}
+
+/// `hive init`: create the data directory, keys, certificates and token, and format the
+/// device. Refuses to overwrite an existing configuration.
+pub fn init(o: &InitOptions) -> Result<InitOutcome> {
+    std::fs::create_dir_all(&o.data_dir).with_context(|| format!("creating {}", o.data_dir.display()))?;
+    let dir = o.data_dir.canonicalize()?;
+    if dir.join(CONFIG_FILE).exists() {
+        bail!("{} already holds a hive node (hive.toml exists)", dir.display());
+    }
+    let device = o.device.clone().unwrap_or_else(|| dir.join("chunks.dev"));
+    let is_block = std::fs::metadata(&device).map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type())).unwrap_or(false);
+    let size = if is_block { None } else { Some(o.size_bytes.unwrap_or(DEFAULT_DEVICE_BYTES)) };
+
+    let key = DedupeKey(random_bytes::<32>()?);
+    let token = hex::encode(random_bytes::<32>()?);
+    let ca = hivefs_net::tls::generate_ca(&format!("hive {}", o.node_id)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string(), o.node_id.clone()];
+    if !sans.contains(&o.listen) {
+        sans.push(o.listen.clone());
+    }
+    let (node_pem, node_key) = hivefs_net::tls::issue_node_cert(&ca.cert_pem, &ca.key_pem, &o.node_id, &sans).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let fingerprint = hivefs_net::tls::fingerprint_pem(&ca.cert_pem).map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    // Format the device: superblock, then every shard's control block and segment headers.
+    let mut dev = open_device(&device, size, UringOptions::default()).with_context(|| format!("opening device {}", device.display()))?;
+    let sb = Superblock::plan(dev.capacity_bytes(), o.shards, o.segment_bytes, o.bucket_count, key.0).map_err(|e| anyhow::anyhow!("cannot lay out {}: {e}", device.display()))?;
+    for s in 0..o.shards {
+        ShardCore::format(dev.as_mut(), &sb.shard_layout(s))?;
+    }
+    let mut b = AlignedBuf::new(BLOCK_SIZE);
+    b.copy_from_slice(&sb.encode());
+    for c in hivefs_nvme::run_sync(dev.as_mut(), vec![IoRequest { tag: 0, op: IoOp::Write { offset: 0, buf: b } }, IoRequest { tag: 1, op: IoOp::Flush }])? {
+        c.result?;
+    }
+    drop(dev);
+
+    let config = NodeConfig {
+        node_id: o.node_id.clone(),
+        device,
+        listen: o.listen.clone(),
+        base_port: o.base_port,
+        shards: o.shards,
+        bucket_count: o.bucket_count,
+        segment_bytes: o.segment_bytes,
+        commit_max_bytes: 1 << 20,
+        credits: DEFAULT_CREDITS,
+        pin_cores: true,
+        sqpoll: false,
+        iopoll: false,
+        admin_token_sha256: hex::encode(Sha256::digest(token.as_bytes())),
+        dedupe_key: key.to_hex(),
+    };
+    std::fs::write(dir.join("ca.pem"), &ca.cert_pem)?;
+    write_private(&dir.join("ca.key"), &ca.key_pem)?;
+    std::fs::write(dir.join("node.pem"), &node_pem)?;
+    write_private(&dir.join("node.key"), &node_key)?;
+    write_private(&dir.join("admin.token"), &token)?;
+    write_private(&dir.join(CONFIG_FILE), &toml::to_string_pretty(&config)?)?;
+    Ok(InitOutcome { config, admin_token: token, ca_fingerprint: fingerprint })
+}
+
+/// The CA fingerprint of a node's data directory.
+pub fn ca_fingerprint(dir: &Path) -> Result<String> {
+    let pem = std::fs::read_to_string(dir.join("ca.pem")).context("reading ca.pem")?;
+    hivefs_net::tls::fingerprint_pem(&pem).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("8G").unwrap(), 8 << 30);
+        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}

@@ -1,0 +1,19 @@
+//! The hive node.
+//!
+//! - [`format`]: on-device layout (superblock, control blocks, segments, records).
+//! - [`index`]: the per-shard dedupe index.
+//! - [`shard`]: one shard's storage state machine (put/has/get/delete, group commit, replay);
+//!   no I/O of its own beyond the block device it is handed, no clock, no randomness.
+//! - [`sim`]: the deterministic simulator that runs shards over simulated devices with
+//!   crashes, torn and lost writes and bit flips, checking the safety invariants.
+//!
+//! Architecture invariants: the engine does device I/O only through `hivefs-nvme` and
+//! speaks the wire only through `hivefs-net`; a shard's state is touched only by its own
+//! thread.
+
+pub mod config;
+pub mod format;
+pub mod index;
+pub mod node;
+pub mod shard;
+pub mod sim;

@@ -1,0 +1,531 @@
+//! The node runtime: one pinned thread per shard, each running its own event loop.
+//!
+//! Concurrency model. A shard thread owns outright its [`ShardCore`], its block device
+//! (its own io_uring over the shared device file, on a disjoint region), its listening
+//! socket (`base_port + shard`) and every connection accepted on it. Nothing on the data
+//! path is shared or locked. The control plane (the main thread) talks to shards only
+//! through the `stop` flag and each shard's [`mio::Waker`]; stats are read over the wire
+//! like any other request.
+//!
+//! Each loop turn: poll sockets (waiting only when the shard is idle: parks, no busy
+//! spin), read frames from connections within their credits, hand requests to the core,
+//! drive the core (device completions, group commit), write replies. When device I/O is in
+//! flight and no socket is ready, the thread blocks on the device instead.
+//!
+//! Flow control: a connection gets `credits` requests in flight (told in `HelloOk`); the
+//! shard reads no further frames from it until replies free credits, and reads from no
+//! connection while its commit queue is long. A slow shard therefore pushes back on TCP
+//! instead of buffering without bound.
+//!
+//! Errors: a bad frame, an unknown opcode, a wrong version or a missing/bad token gets an
+//! `Error` frame with its code, a log line naming the peer and request id, and that
+//! connection is closed. Nothing else is affected.
+
+use crate::config::NodeConfig;
+use crate::format::Superblock;
+use crate::shard::{Completion, PutOutcome, ShardConfig, ShardCore, ShardError};
+use anyhow::{bail, Context, Result};
+use hivefs_net::chunk::ChunkId;
+use hivefs_net::conn::{FramedConn, ReadStatus};
+use hivefs_net::frame::{Frame, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
+use hivefs_net::proto::{frame_response, ClusterMap, ErrorCode, PutResult, Request, Response};
+use hivefs_nvme::{open_device, run_sync, AlignedBuf, IoOp, IoRequest, BLOCK_SIZE};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const LISTENER: Token = Token(0);
+const WAKER: Token = Token(1);
+const FIRST_CONN: usize = 2;
+/// Connections one shard accepts at most.
+pub const MAX_CONNS_PER_SHARD: usize = 4096;
+/// Stop reading requests while this many chunks wait for a commit batch.
+const QUEUE_HIGH_WATER: usize = 8192;
+/// How long an idle shard parks before looking at its stop flag.
+const PARK: Duration = Duration::from_millis(200);
+
+/// A running node: its shard threads and the handles to stop them.
+pub struct Node {
+    threads: Vec<std::thread::JoinHandle<Result<()>>>,
+    wakers: Vec<Arc<Waker>>,
+    stop: Arc<AtomicBool>,
+    pub ports: Vec<u16>,
+}
+
+struct ShardSetup {
+    shard: u16,
+    core: ShardCore,
+    listener: TcpListener,
+    poll: Poll,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    cfg: NodeConfig,
+    map: ClusterMap,
+    stop: Arc<AtomicBool>,
+    device_desc: String,
+}
+
+impl Node {
+    /// Open the device, replay every shard, bind every port and start the shard threads.
+    /// Returns once all shards are serving.
+    pub fn start(dir: &Path, insecure: bool) -> Result<Node> {
+        let cfg = NodeConfig::load(dir)?;
+        let key = cfg.dedupe_key()?;
+        let tls = if insecure {
+            tracing::warn!("--insecure: serving plain TCP without TLS (for measurements only)");
+            None
+        } else {
+            let read = |f: &str| std::fs::read_to_string(dir.join(f)).with_context(|| format!("reading {f} in {}", dir.display()));
+            Some(hivefs_net::tls::server_config(&read("node.pem")?, &read("node.key")?, &read("ca.pem")?).map_err(|e| anyhow::anyhow!("{e}"))?)
+        };
+        // The superblock tells the layout; the config must agree with it.
+        let mut dev0 = open_device(&cfg.device, None, cfg.uring_options()).with_context(|| format!("opening {}", cfg.device.display()))?;
+        let c = run_sync(dev0.as_mut(), vec![IoRequest { tag: 0, op: IoOp::Read { offset: 0, buf: AlignedBuf::new(BLOCK_SIZE) } }])?;
+        let sb_buf = c.into_iter().next().and_then(|c| c.result.ok().and(c.buf)).context("reading the superblock")?;
+        let sb = Superblock::decode(&sb_buf).map_err(|e| anyhow::anyhow!("{}: not a hive device: {e}", cfg.device.display()))?;
+        drop(dev0);
+        if sb.shards != cfg.shards || sb.dedupe_key != key.0 || sb.bucket_count != cfg.bucket_count {
+            bail!("hive.toml does not match the device superblock (shards {} vs {}, buckets {} vs {})", cfg.shards, sb.shards, cfg.bucket_count, sb.bucket_count);
+        }
+        let map = ClusterMap {
+            epoch: 1,
+            node_id: cfg.node_id.clone(),
+            bucket_count: cfg.bucket_count,
+            shard_count: cfg.shards,
+            base_port: cfg.base_port,
+            dedupe_key: key,
+            bucket_to_shard: (0..cfg.bucket_count).map(|b| (b % cfg.shards as u32) as u16).collect(),
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut setups = Vec::new();
+        let mut ports = Vec::new();
+        for shard in 0..cfg.shards {
+            let dev = open_device(&cfg.device, None, cfg.uring_options())?;
+            let device_desc = dev.describe();
+            let scfg = ShardConfig { commit_max_bytes: cfg.commit_max_bytes, replication_level: 1 };
+            let t0 = std::time::Instant::now();
+            let core = ShardCore::open(dev, sb.shard_layout(shard), key, scfg).with_context(|| format!("opening shard {shard}"))?;
+            let st = core.stats();
+            tracing::info!(shard, chunks = st.chunks, records = st.replayed_records, ms = t0.elapsed().as_millis() as u64, device = %device_desc, "shard replayed");
+            let port = if cfg.base_port == 0 { 0 } else { cfg.base_port + shard };
+            let addr: SocketAddr = format!("{}:{}", cfg.listen, port).parse().with_context(|| format!("bad listen address {}:{port}", cfg.listen))?;
+            let mut listener = TcpListener::bind(addr).with_context(|| format!("binding shard {shard} to {addr}"))?;
+            ports.push(listener.local_addr()?.port());
+            let poll = Poll::new()?;
+            poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+            setups.push(ShardSetup { shard, core, listener, poll, tls: tls.clone(), cfg: cfg.clone(), map: map.clone(), stop: stop.clone(), device_desc });
+        }
+        let mut threads = Vec::new();
+        let mut wakers = Vec::new();
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        for mut s in setups {
+            let waker = Arc::new(Waker::new(s.poll.registry(), WAKER)?);
+            wakers.push(waker);
+            let pin = s.cfg.pin_cores.then_some(s.shard as usize % cores);
+            threads.push(std::thread::Builder::new().name(format!("shard-{}", s.shard)).spawn(move || {
+                if let Some(cpu) = pin {
+                    pin_to_cpu(cpu);
+                }
+                ShardLoop::new(s).run()
+            })?);
+        }
+        Ok(Node { threads, wakers, stop, ports })
+    }
+
+    /// Ask every shard to stop and wait for them (in-flight commits finish first).
+    pub fn shutdown(self) -> Result<()> {
+        self.stop.store(true, Ordering::SeqCst);
+        for w in &self.wakers {
+            let _ = w.wake();
+        }
+        for t in self.threads {
+            match t.join() {
+                Ok(r) => r?,
+                Err(_) => bail!("a shard thread panicked"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Block until a shard thread exits (a failure) or `stop` is set by a signal handler.
+    pub fn wait(self, stop_requested: &AtomicBool) -> Result<()> {
+        loop {
+            if stop_requested.load(Ordering::SeqCst) {
+                return self.shutdown();
+            }
+            if self.threads.iter().any(|t| t.is_finished()) {
+                return self.shutdown();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; sched_setaffinity only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            tracing::warn!(cpu, "could not pin shard thread: {}", std::io::Error::last_os_error());
+        }
+    }
+}
+
+struct Conn {
+    framed: FramedConn<TcpStream>,
+    peer: SocketAddr,
+    version: Option<u16>,
+    in_flight: u32,
+    /// Close once the queued output is written (after an error reply).
+    closing: bool,
+    /// Frames may be waiting unread (a read stopped at the credit limit).
+    maybe_more: bool,
+}
+
+enum Pending {
+    Put { conn: usize, req: u64, n: usize },
+    Get { conn: usize, req: u64 },
+}
+
+struct ShardLoop {
+    s: ShardSetup,
+    conns: HashMap<usize, Conn>,
+    next_conn: usize,
+    tickets: HashMap<u64, Pending>,
+    next_ticket: u64,
+    frames: Vec<Frame>,
+    completions: Vec<Completion>,
+    dirty: HashSet<usize>,
+}
+
+impl ShardLoop {
+    fn new(s: ShardSetup) -> ShardLoop {
+        ShardLoop { s, conns: HashMap::new(), next_conn: FIRST_CONN, tickets: HashMap::new(), next_ticket: 1, frames: Vec::new(), completions: Vec::new(), dirty: HashSet::new() }
+    }
+
+    fn run(mut self) -> Result<()> {
+        let mut events = Events::with_capacity(1024);
+        let shard = self.s.shard;
+        tracing::info!(shard, port = self.s.listener.local_addr()?.port(), tls = self.s.tls.is_some(), "shard serving");
+        loop {
+            let stopping = self.s.stop.load(Ordering::SeqCst);
+            if stopping && !self.s.core.busy() {
+                break;
+            }
+            let busy = self.s.core.busy() || self.conns.values().any(|c| c.maybe_more);
+            let timeout = if busy { Some(Duration::ZERO) } else { Some(PARK) };
+            if let Err(e) = self.s.poll.poll(&mut events, timeout) {
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e.into());
+                }
+            }
+            let mut ready: Vec<usize> = Vec::new();
+            for ev in events.iter() {
+                match ev.token() {
+                    LISTENER => self.accept(),
+                    WAKER => {}
+                    Token(t) => ready.push(t),
+                }
+            }
+            // Connections with unread frames (credit-limited earlier) are read again too.
+            ready.extend(self.conns.iter().filter(|(_, c)| c.maybe_more).map(|(t, _)| *t));
+            ready.sort_unstable();
+            ready.dedup();
+            for t in ready {
+                self.service(t);
+            }
+            // Drive the core; block on the device only if nothing else is ready.
+            let wait = events.is_empty() && !self.conns.values().any(|c| c.maybe_more);
+            self.s.core.poll(&mut self.completions, wait);
+            let done = std::mem::take(&mut self.completions);
+            for c in done {
+                self.complete(c);
+            }
+            for t in std::mem::take(&mut self.dirty) {
+                self.flush(t);
+            }
+        }
+        tracing::info!(shard, "shard stopped");
+        Ok(())
+    }
+
+    fn accept(&mut self) {
+        loop {
+            match self.s.listener.accept() {
+                Ok((mut stream, peer)) => {
+                    if self.conns.len() >= MAX_CONNS_PER_SHARD {
+                        tracing::warn!(shard = self.s.shard, %peer, "connection limit reached; refusing");
+                        continue;
+                    }
+                    let _ = stream.set_nodelay(true);
+                    let t = self.next_conn;
+                    self.next_conn += 1;
+                    if let Err(e) = self.s.poll.registry().register(&mut stream, Token(t), Interest::READABLE | Interest::WRITABLE) {
+                        tracing::warn!(%peer, "register: {e}");
+                        continue;
+                    }
+                    match FramedConn::new_server(stream, self.s.tls.clone()) {
+                        Ok(framed) => {
+                            self.conns.insert(t, Conn { framed, peer, version: None, in_flight: 0, closing: false, maybe_more: false });
+                        }
+                        Err(e) => tracing::warn!(%peer, "connection setup: {e}"),
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    tracing::warn!(shard = self.s.shard, "accept: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Read and dispatch what a connection has, within its credits; write what it owes.
+    fn service(&mut self, t: usize) {
+        let credits = self.s.cfg.credits;
+        let queue_full = self.s.core.queued() >= QUEUE_HIGH_WATER;
+        let Some(c) = self.conns.get_mut(&t) else { return };
+        if !c.closing {
+            let room = if queue_full { 0 } else { credits.saturating_sub(c.in_flight) as usize };
+            self.frames.clear();
+            match c.framed.read_frames(&mut self.frames, room) {
+                Ok(status) => {
+                    c.maybe_more = room > 0 && self.frames.len() == room || (room == 0 && !queue_full && c.framed.buffered_in() > 0);
+                    if room == 0 {
+                        c.maybe_more = true;
+                    }
+                    let frames = std::mem::take(&mut self.frames);
+                    for f in frames {
+                        self.dispatch(t, f);
+                    }
+                    if status == ReadStatus::Closed {
+                        self.close(t, "peer closed");
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let peer = c.peer;
+                    match e.code() {
+                        Some(code) => {
+                            tracing::warn!(shard = self.s.shard, %peer, "bad input, closing the connection: {e}");
+                            self.fail_conn(t, 0, code, &e.to_string());
+                        }
+                        None => {
+                            tracing::info!(shard = self.s.shard, %peer, "connection ended: {e}");
+                            self.close(t, "transport error");
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        self.flush(t);
+    }
+
+    fn reply(&mut self, t: usize, req: u64, resp: &Response) {
+        let Some(c) = self.conns.get_mut(&t) else { return };
+        let v = c.version.unwrap_or(PROTOCOL_VERSION_MIN);
+        c.framed.queue_frame(&frame_response(v, req, resp));
+        self.dirty.insert(t);
+    }
+
+    /// Send an error and close the connection once it is written.
+    fn fail_conn(&mut self, t: usize, req: u64, code: ErrorCode, message: &str) {
+        self.reply(t, req, &Response::Error { code, message: message.chars().take(1000).collect() });
+        if let Some(c) = self.conns.get_mut(&t) {
+            c.closing = true;
+            c.maybe_more = false;
+        }
+    }
+
+    fn dispatch(&mut self, t: usize, f: Frame) {
+        let req_id = f.request_id;
+        let shard = self.s.shard;
+        let Some(c) = self.conns.get(&t) else { return };
+        if c.closing {
+            return;
+        }
+        let peer = c.peer;
+        let request = match Request::decode(f.opcode, &f.body) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(shard, %peer, req = req_id, "bad request, closing the connection: {e}");
+                self.fail_conn(t, req_id, e.code(), &e.to_string());
+                return;
+            }
+        };
+        let authed = c.version.is_some();
+        match request {
+            Request::Hello { min_version, max_version, token, client_name } => {
+                if authed {
+                    self.fail_conn(t, req_id, ErrorCode::BadRequest, "second Hello on a connection");
+                    return;
+                }
+                let v = max_version.min(PROTOCOL_VERSION_MAX);
+                if min_version > max_version || v < min_version.max(PROTOCOL_VERSION_MIN) {
+                    tracing::warn!(shard, %peer, req = req_id, min_version, max_version, "no common protocol version");
+                    self.fail_conn(t, req_id, ErrorCode::UnsupportedVersion, &format!("node speaks versions {PROTOCOL_VERSION_MIN}..={PROTOCOL_VERSION_MAX}, client {min_version}..={max_version}"));
+                    return;
+                }
+                if !self.s.cfg.token_ok(&token) {
+                    tracing::warn!(shard, %peer, req = req_id, client = %client_name, "bad token");
+                    self.fail_conn(t, req_id, ErrorCode::BadToken, "token not accepted");
+                    return;
+                }
+                tracing::debug!(shard, %peer, client = %client_name, "authenticated");
+                if let Some(c) = self.conns.get_mut(&t) {
+                    c.version = Some(v);
+                }
+                let resp = Response::HelloOk { version: v, node_id: self.s.cfg.node_id.clone(), shard, shard_count: self.s.cfg.shards, credits: self.s.cfg.credits };
+                self.reply(t, req_id, &resp);
+            }
+            _ if !authed => {
+                tracing::warn!(shard, %peer, req = req_id, "request before Hello");
+                self.fail_conn(t, req_id, ErrorCode::Unauthenticated, "the first frame must be Hello with a token");
+            }
+            Request::Has { ids } => {
+                if let Some(bad) = self.wrong_shard(&ids) {
+                    self.reply(t, req_id, &bad);
+                    return;
+                }
+                let mut present = Vec::with_capacity(ids.len());
+                let claim_epoch = self.s.core.has(&ids, &mut present);
+                self.reply(t, req_id, &Response::HasReply { claim_epoch, present });
+            }
+            Request::Put { chunks } => {
+                let ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
+                if let Some(bad) = self.wrong_shard(&ids) {
+                    self.reply(t, req_id, &bad);
+                    return;
+                }
+                let ticket = self.ticket(Pending::Put { conn: t, req: req_id, n: chunks.len() });
+                let chunks = chunks.into_iter().map(|c| crate::shard::PutChunk { id: c.id, codec: c.codec, raw_len: c.raw_len, data: c.data }).collect();
+                self.s.core.put(ticket, chunks);
+            }
+            Request::Get { id } => {
+                if let Some(bad) = self.wrong_shard(&[id]) {
+                    self.reply(t, req_id, &bad);
+                    return;
+                }
+                let ticket = self.ticket(Pending::Get { conn: t, req: req_id });
+                self.s.core.get(ticket, id);
+            }
+            Request::Stats => {
+                let mut v = serde_json::to_value(self.s.core.stats()).unwrap_or_default();
+                v["device"] = serde_json::Value::String(self.s.device_desc.clone());
+                v["node_id"] = serde_json::Value::String(self.s.cfg.node_id.clone());
+                self.reply(t, req_id, &Response::StatsReply { json: v.to_string() });
+            }
+            Request::Map => {
+                let map = self.s.map.clone();
+                self.reply(t, req_id, &Response::MapReply { map });
+            }
+        }
+    }
+
+    fn wrong_shard(&self, ids: &[ChunkId]) -> Option<Response> {
+        let me = self.s.shard;
+        let bad = ids.iter().find(|id| self.s.map.shard_of(id) != me)?;
+        Some(Response::Error { code: ErrorCode::WrongShard, message: format!("chunk {bad:?} belongs to shard {}, not {me}", self.s.map.shard_of(bad)) })
+    }
+
+    fn ticket(&mut self, p: Pending) -> u64 {
+        let t = self.next_ticket;
+        self.next_ticket += 1;
+        let conn = match &p {
+            Pending::Put { conn, .. } | Pending::Get { conn, .. } => *conn,
+        };
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.in_flight += 1;
+        }
+        self.tickets.insert(t, p);
+        t
+    }
+
+    fn complete(&mut self, c: Completion) {
+        let (ticket, resp) = match c {
+            Completion::Put { ticket, claim_epoch, result } => {
+                let resp = match result {
+                    Ok(outcomes) => Response::PutReply {
+                        claim_epoch,
+                        results: outcomes
+                            .into_iter()
+                            .map(|o| match o {
+                                PutOutcome::Stored => PutResult::Stored,
+                                PutOutcome::Duplicate => PutResult::Duplicate,
+                                PutOutcome::Rejected => PutResult::Rejected,
+                            })
+                            .collect(),
+                    },
+                    Err(e) => shard_error(&e),
+                };
+                (ticket, resp)
+            }
+            Completion::Get { ticket, result } => {
+                let resp = match result {
+                    Ok(ch) => Response::GetReply { chunk: Some((ch.codec, ch.raw_len, ch.data)) },
+                    Err(ShardError::NotFound(_)) => Response::GetReply { chunk: None },
+                    Err(e) => shard_error(&e),
+                };
+                (ticket, resp)
+            }
+            Completion::Delete { ticket, .. } => (ticket, Response::Error { code: ErrorCode::Internal, message: "unexpected delete".into() }),
+        };
+        let Some(p) = self.tickets.remove(&ticket) else { return };
+        let (conn, req) = match p {
+            Pending::Put { conn, req, n } => {
+                if let Response::PutReply { results, .. } = &resp {
+                    debug_assert_eq!(results.len(), n);
+                }
+                (conn, req)
+            }
+            Pending::Get { conn, req } => (conn, req),
+        };
+        if let Response::Error { message, .. } = &resp {
+            tracing::warn!(shard = self.s.shard, req, "request failed: {message}");
+        }
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.in_flight = c.in_flight.saturating_sub(1);
+            c.maybe_more = true;
+        }
+        self.reply(conn, req, &resp);
+    }
+
+    fn flush(&mut self, t: usize) {
+        let Some(c) = self.conns.get_mut(&t) else { return };
+        match c.framed.flush() {
+            Ok(all) => {
+                if all && c.closing {
+                    self.close(t, "closed after an error reply");
+                }
+            }
+            Err(e) => {
+                tracing::info!(shard = self.s.shard, peer = %c.peer, "write failed: {e}");
+                self.close(t, "write failed");
+            }
+        }
+    }
+
+    fn close(&mut self, t: usize, why: &str) {
+        if let Some(mut c) = self.conns.remove(&t) {
+            tracing::debug!(shard = self.s.shard, peer = %c.peer, "closing: {why}");
+            let _ = self.s.poll.registry().deregister(c.framed.get_mut());
+        }
+        // Replies for requests still in the core are dropped when they complete.
+        self.tickets.retain(|_, p| !matches!(p, Pending::Put { conn, .. } | Pending::Get { conn, .. } if *conn == t));
+    }
+}
+
+fn shard_error(e: &ShardError) -> Response {
+    let code = match e {
+        ShardError::NotFound(_) => ErrorCode::NotFound,
+        ShardError::BadRequest(_) => ErrorCode::BadRequest,
+        _ => ErrorCode::Internal,
+    };
+    Response::Error { code, message: e.to_string() }
+}

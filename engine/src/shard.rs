@@ -1,0 +1,899 @@
+//! One shard's storage state machine: dedupe index, chunk log, group commit, replay.
+//!
+//! Ownership and concurrency: a [`ShardCore`] is owned by exactly one thread (a shard
+//! thread in a node, or the simulator). It does no I/O of its own beyond the
+//! [`BlockDevice`] it is given, reads no clock (callers pass `now_us`) and uses no
+//! randomness, so a seeded simulator reproduces any run exactly.
+//!
+//! The put path, per chunk:
+//! 1. a chunk already `Verified` answers `Duplicate` at once; one `Pending` in a commit
+//!    batch waits for that batch to become durable (a duplicate is never acknowledged
+//!    before the first copy is on disk);
+//! 2. otherwise its bytes are decompressed and hashed against the id *before* anything is
+//!    written: a chunk that fails is `Rejected` and counted, and never reaches the log, so
+//!    garbage uploaded under a popular id cannot poison the pool;
+//! 3. it is appended to the open commit batch (state `Pending`);
+//! 4. one batch at a time is written (whole blocks, then a flush barrier); when the flush
+//!    completes its entries become `Verified` and their puts are acknowledged.
+//!
+//! Replay (at [`ShardCore::open`]) reads the control block, reserves a fresh range of
+//! segment generations (durably, before any new segment is written), then scans every
+//! segment in use in sequence order, stopping each at its first invalid record. A segment
+//! that was open at a crash is never appended to again: writing resumes in a new segment,
+//! so stale bytes beyond a torn tail can never be mistaken for new records.
+
+use crate::format::{record_span, ControlBlock, RecordHeader, RecordKind, SegmentHeader, ShardLayout, RECORD_HEADER_BYTES};
+use crate::index::{EntryState, Index, IndexEntry, Location};
+use hivefs_net::chunk::{self, ChunkId, Codec, DedupeKey, MAX_CHUNK_RAW_BYTES, MAX_CHUNK_STORED_BYTES};
+use hivefs_nvme::{run_sync, AlignedBuf, BlockDevice, IoCompletion, IoError, IoOp, IoRequest, BLOCK_SIZE};
+use std::collections::{HashMap, VecDeque};
+
+/// Generations reserved per control-block write.
+pub const GENERATION_RESERVE: u32 = 1 << 16;
+/// Upper bound on chunks queued in a shard waiting for room in a commit batch. The node
+/// stops reading from connections long before this (flow-control credits).
+pub const MAX_QUEUED_CHUNKS: usize = 1 << 16;
+/// Bytes read per I/O while replaying a segment.
+const REPLAY_READ_BYTES: usize = 4 << 20;
+/// Requests per synchronous batch at format and open (within any queue depth).
+const SYNC_BATCH: usize = 32;
+
+/// Tunables of a shard.
+#[derive(Clone, Copy, Debug)]
+pub struct ShardConfig {
+    /// A commit batch is submitted once it holds this many bytes (or the device is idle).
+    pub commit_max_bytes: usize,
+    /// Copies a stored chunk is recorded as having (one node: 1).
+    pub replication_level: u8,
+}
+
+impl Default for ShardConfig {
+    fn default() -> Self {
+        ShardConfig { commit_max_bytes: 1 << 20, replication_level: 1 }
+    }
+}
+
+/// Operating errors of a shard.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum ShardError {
+    #[error("device error: {0}")]
+    Device(#[from] IoError),
+    #[error("the shard's device failed earlier ({0}); restart the node")]
+    Failed(String),
+    #[error("no free segment left on this shard")]
+    NoSpace,
+    #[error("corrupt on-device state: {0}")]
+    Corrupt(String),
+    #[error("chunk {0} not found")]
+    NotFound(ChunkId),
+    #[error("stored record for {id} is corrupt: {detail}")]
+    CorruptRecord { id: ChunkId, detail: String },
+    #[error("bad request: {0}")]
+    BadRequest(String),
+}
+
+/// One chunk of a put.
+#[derive(Clone, Debug)]
+pub struct PutChunk {
+    pub id: ChunkId,
+    pub codec: Codec,
+    pub raw_len: u32,
+    pub data: Vec<u8>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// Written now (durable and verified).
+    Stored,
+    /// Already present (durable and verified).
+    Duplicate,
+    /// The bytes do not decode or do not hash to the id: nothing was stored.
+    Rejected,
+}
+
+/// A chunk as read back from the log (still compressed).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredChunk {
+    pub codec: Codec,
+    pub raw_len: u32,
+    pub data: Vec<u8>,
+}
+
+/// What the shard reports back for a ticket.
+#[derive(Debug)]
+pub enum Completion {
+    Put { ticket: u64, claim_epoch: u64, result: Result<Vec<PutOutcome>, ShardError> },
+    Get { ticket: u64, result: Result<StoredChunk, ShardError> },
+    Delete { ticket: u64, result: Result<u32, ShardError> },
+}
+
+/// Counters since the shard opened (chunk totals come from the index).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ShardStats {
+    pub shard: u16,
+    pub chunks: u64,
+    pub logical_bytes: u64,
+    pub stored_bytes: u64,
+    pub offered_bytes: u64,
+    pub puts_stored: u64,
+    pub puts_duplicate: u64,
+    pub puts_rejected: u64,
+    pub has_ids: u64,
+    pub has_hits: u64,
+    pub gets: u64,
+    pub gets_corrupt: u64,
+    pub tombstones: u64,
+    pub commits: u64,
+    pub commit_bytes: u64,
+    pub segments_used: u32,
+    pub segments_total: u32,
+    pub device_bytes_used: u64,
+    pub device_bytes_total: u64,
+    pub replayed_records: u64,
+    pub gc_epoch: u64,
+    pub failed: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SegmentState {
+    Free,
+    /// Holds records; never appended to again unless it is the active segment.
+    InUse { generation: u32, first_seq: u64 },
+}
+
+/// A commit batch: blocks of the active segment being filled, or being written.
+struct Batch {
+    no: u64,
+    buf: AlignedBuf,
+    segment: u32,
+    /// Segment offset of `buf[0]` (block aligned).
+    start_off: u64,
+    /// Bytes of `buf` filled.
+    len: usize,
+    /// (id, seq) of each record, to mark entries verified when durable.
+    records: Vec<(ChunkId, u64, RecordKind)>,
+    /// (ticket, index in the ticket, outcome to report) resolved when durable.
+    waiters: Vec<(u64, usize, PutOutcome)>,
+    /// Delete tickets resolved when durable.
+    delete_waiters: Vec<u64>,
+}
+
+struct PutTicket {
+    outcomes: Vec<Option<PutOutcome>>,
+    outstanding: usize,
+    claim_epoch: u64,
+}
+
+struct DeleteTicket {
+    removed: u32,
+    outstanding: usize,
+}
+
+enum Queued {
+    Put { ticket: u64, idx: usize, chunk: PutChunk },
+    Delete { ticket: u64, id: ChunkId },
+}
+
+enum IoPurpose {
+    CommitWrite,
+    CommitFlush,
+    Get { ticket: u64, id: ChunkId, loc: Location, skip: usize },
+}
+
+/// The state machine of one shard. See the module docs.
+pub struct ShardCore {
+    dev: Box<dyn BlockDevice>,
+    layout: ShardLayout,
+    key: DedupeKey,
+    cfg: ShardConfig,
+    index: Index,
+    gc_epoch: u64,
+    next_seq: u64,
+    segments: Vec<SegmentState>,
+    /// Generations this boot may use: [next_generation, generation_limit).
+    next_generation: u32,
+    generation_limit: u32,
+    control: ControlBlock,
+    /// The segment being appended to and its next free (block-aligned) offset.
+    active: Option<(u32, u32, u64)>,
+    building: Batch,
+    /// The batch whose write + flush is in flight.
+    inflight: Option<Batch>,
+    spare: Option<AlignedBuf>,
+    next_batch_no: u64,
+    queue: VecDeque<Queued>,
+    puts: HashMap<u64, PutTicket>,
+    deletes: HashMap<u64, DeleteTicket>,
+    io: HashMap<u64, IoPurpose>,
+    next_tag: u64,
+    commit_ios_left: u8,
+    failed: Option<String>,
+    stats: ShardStats,
+    done: Vec<Completion>,
+}
+
+fn batch_buf_bytes(cfg: &ShardConfig) -> usize {
+    // Room for a segment header block, a full batch and one maximal record past the mark.
+    (BLOCK_SIZE + cfg.commit_max_bytes + record_span(MAX_CHUNK_STORED_BYTES) + BLOCK_SIZE).next_multiple_of(BLOCK_SIZE)
+}
+
+impl ShardCore {
+    /// Write a fresh shard's control block (used by `hive init` and tests).
+    pub fn format(dev: &mut dyn BlockDevice, layout: &ShardLayout) -> Result<(), ShardError> {
+        let cb = ControlBlock { shard: layout.shard, counter: 1, next_generation: 1 };
+        let mut a = AlignedBuf::new(BLOCK_SIZE);
+        a.copy_from_slice(&cb.encode());
+        let b = AlignedBuf::new(BLOCK_SIZE); // slot B zeroed: invalid
+        let mut reqs = vec![
+            IoRequest { tag: 0, op: IoOp::Write { offset: layout.control_offset(0), buf: a } },
+            IoRequest { tag: 1, op: IoOp::Write { offset: layout.control_offset(1), buf: b } },
+        ];
+        // Zero every segment header so no stale segment from an older format is replayed.
+        for s in 0..layout.segment_count {
+            reqs.push(IoRequest { tag: 2 + s as u64, op: IoOp::Write { offset: layout.segment_offset(s), buf: AlignedBuf::new(BLOCK_SIZE) } });
+        }
+        for chunk in reqs.chunks_mut(SYNC_BATCH) {
+            let batch: Vec<IoRequest> = chunk.iter_mut().map(|r| IoRequest { tag: r.tag, op: std::mem::replace(&mut r.op, IoOp::Flush) }).collect();
+            check_all(run_sync(dev, batch)?)?;
+        }
+        check_all(run_sync(dev, vec![IoRequest { tag: 0, op: IoOp::Flush }])?)?;
+        Ok(())
+    }
+
+    /// Open a shard: read its control block, reserve generations, replay its log.
+    pub fn open(mut dev: Box<dyn BlockDevice>, layout: ShardLayout, key: DedupeKey, cfg: ShardConfig) -> Result<ShardCore, ShardError> {
+        // 1. Control block: the valid slot with the higher counter.
+        let reads = (0..2u8).map(|slot| IoRequest { tag: slot as u64, op: IoOp::Read { offset: layout.control_offset(slot), buf: AlignedBuf::new(BLOCK_SIZE) } }).collect();
+        let done = check_all(run_sync(dev.as_mut(), reads)?)?;
+        let control = done
+            .iter()
+            .filter_map(|c| c.buf.as_ref().and_then(|b| ControlBlock::decode(b).ok()))
+            .filter(|c| c.shard == layout.shard)
+            .max_by_key(|c| c.counter)
+            .ok_or_else(|| ShardError::Corrupt(format!("shard {}: no valid control block (not formatted?)", layout.shard)))?;
+
+        // 2. Reserve a generation range durably before any segment of it can be written.
+        let first_gen = control.next_generation;
+        let mut shard = ShardCore {
+            building: Batch { no: 1, buf: AlignedBuf::new(batch_buf_bytes(&cfg)), segment: 0, start_off: 0, len: 0, records: Vec::new(), waiters: Vec::new(), delete_waiters: Vec::new() },
+            spare: Some(AlignedBuf::new(batch_buf_bytes(&cfg))),
+            dev,
+            layout,
+            key,
+            cfg,
+            index: Index::default(),
+            gc_epoch: 1,
+            next_seq: 1,
+            segments: vec![SegmentState::Free; layout.segment_count as usize],
+            next_generation: first_gen,
+            generation_limit: first_gen,
+            control,
+            active: None,
+            inflight: None,
+            next_batch_no: 2,
+            queue: VecDeque::new(),
+            puts: HashMap::new(),
+            deletes: HashMap::new(),
+            io: HashMap::new(),
+            next_tag: 1,
+            commit_ios_left: 0,
+            failed: None,
+            stats: ShardStats { shard: layout.shard, segments_total: layout.segment_count, device_bytes_total: layout.segment_bytes * layout.segment_count as u64, ..Default::default() },
+            done: Vec::new(),
+        };
+        shard.reserve_generations()?;
+
+        // 3. Segment headers of this shard, generation below the reserved range.
+        let mut in_use: Vec<(u32, SegmentHeader)> = Vec::new();
+        for first in (0..layout.segment_count).step_by(SYNC_BATCH) {
+            let last = (first + SYNC_BATCH as u32).min(layout.segment_count);
+            let reads = (first..last).map(|s| IoRequest { tag: s as u64, op: IoOp::Read { offset: layout.segment_offset(s), buf: AlignedBuf::new(BLOCK_SIZE) } }).collect();
+            for c in check_all(run_sync(shard.dev.as_mut(), reads)?)? {
+                let seg = c.tag as u32;
+                if let Some(h) = c.buf.as_ref().and_then(|b| SegmentHeader::decode(b).ok()) {
+                    if h.shard == layout.shard && h.segment == seg && h.generation < first_gen {
+                        in_use.push((seg, h));
+                    }
+                }
+            }
+        }
+        in_use.sort_by_key(|(_, h)| h.first_seq);
+
+        // 4. Replay each in sequence order.
+        for (seg, h) in in_use {
+            shard.segments[seg as usize] = SegmentState::InUse { generation: h.generation, first_seq: h.first_seq };
+            if h.first_seq >= shard.next_seq {
+                shard.replay_segment(seg, &h)?;
+            } else {
+                // A segment overlapping sequence numbers already replayed can only come from
+                // a bug; refuse rather than guess which records win.
+                return Err(ShardError::Corrupt(format!("segment {seg} first_seq {} overlaps replayed seq {}", h.first_seq, shard.next_seq)));
+            }
+        }
+        shard.stats.segments_used = shard.segments.iter().filter(|s| **s != SegmentState::Free).count() as u32;
+        Ok(shard)
+    }
+
+    fn reserve_generations(&mut self) -> Result<(), ShardError> {
+        let limit = self.next_generation.checked_add(GENERATION_RESERVE).ok_or_else(|| ShardError::Corrupt("segment generations exhausted".into()))?;
+        let cb = ControlBlock { shard: self.layout.shard, counter: self.control.counter + 1, next_generation: limit };
+        let slot = (cb.counter % 2) as u8;
+        let mut buf = AlignedBuf::new(BLOCK_SIZE);
+        buf.copy_from_slice(&cb.encode());
+        let reqs = vec![IoRequest { tag: 0, op: IoOp::Write { offset: self.layout.control_offset(slot), buf } }, IoRequest { tag: 1, op: IoOp::Flush }];
+        check_all(run_sync(self.dev.as_mut(), reqs)?)?;
+        self.control = cb;
+        self.generation_limit = limit;
+        Ok(())
+    }
+
+    fn replay_segment(&mut self, seg: u32, h: &SegmentHeader) -> Result<(), ShardError> {
+        let seg_bytes = self.layout.segment_bytes;
+        let base = self.layout.segment_offset(seg);
+        let mut expect_seq = h.first_seq;
+        // Window of the segment in memory: [win_off, win_off + win.len()).
+        let mut win: Vec<u8> = Vec::new();
+        let mut win_off: u64 = 0;
+        let mut pos: u64 = BLOCK_SIZE as u64;
+        loop {
+            // Make sure [pos, pos + header) is in the window; then the whole record.
+            let mut need = RECORD_HEADER_BYTES as u64;
+            let mut header: Option<RecordHeader> = None;
+            loop {
+                if pos + need > seg_bytes {
+                    break;
+                }
+                if pos < win_off || pos + need > win_off + win.len() as u64 {
+                    let start = pos / BLOCK_SIZE as u64 * BLOCK_SIZE as u64;
+                    let len = ((pos + need - start) as usize).max(REPLAY_READ_BYTES).next_multiple_of(BLOCK_SIZE).min((seg_bytes - start) as usize);
+                    let done = check_all(run_sync(self.dev.as_mut(), vec![IoRequest { tag: 0, op: IoOp::Read { offset: base + start, buf: AlignedBuf::new(len) } }])?)?;
+                    let buf = done.into_iter().next().and_then(|c| c.buf).ok_or_else(|| ShardError::Corrupt("replay read lost its buffer".into()))?;
+                    win.clear();
+                    win.extend_from_slice(&buf[..len]);
+                    win_off = start;
+                    if pos + need > win_off + win.len() as u64 {
+                        break;
+                    }
+                }
+                let at = (pos - win_off) as usize;
+                match header {
+                    None => match RecordHeader::decode(&win[at..]) {
+                        Ok(rh) => {
+                            need = (RECORD_HEADER_BYTES + rh.stored_len as usize) as u64;
+                            header = Some(rh);
+                        }
+                        Err(_) => break,
+                    },
+                    Some(_) => break,
+                }
+            }
+            let valid = match header {
+                Some(rh) if pos + need <= win_off + win.len() as u64 => {
+                    let at = (pos - win_off) as usize;
+                    rh.generation == h.generation && rh.seq == expect_seq && rh.check_crc(&win[at..at + need as usize]).is_ok()
+                }
+                _ => false,
+            };
+            if !valid {
+                if pos % BLOCK_SIZE as u64 != 0 {
+                    // Padding after the last record of a commit batch: next batch starts at
+                    // the next block.
+                    pos = pos.next_multiple_of(BLOCK_SIZE as u64);
+                    continue;
+                }
+                break;
+            }
+            let rh = header.expect("valid implies header");
+            match rh.kind {
+                RecordKind::Chunk => {
+                    let loc = Location { segment: seg, offset: pos as u32, stored_len: rh.stored_len, raw_len: rh.raw_len, codec: rh.codec };
+                    self.index.insert(rh.id, IndexEntry { loc, state: EntryState::Verified, seq: rh.seq, replication_level: self.cfg.replication_level });
+                }
+                RecordKind::Tombstone => {
+                    self.index.remove(&rh.id);
+                }
+            }
+            self.stats.replayed_records += 1;
+            expect_seq += 1;
+            pos += record_span(rh.stored_len as usize) as u64;
+        }
+        self.next_seq = expect_seq;
+        Ok(())
+    }
+
+    pub fn shard(&self) -> u16 {
+        self.layout.shard
+    }
+
+    pub fn gc_epoch(&self) -> u64 {
+        self.gc_epoch
+    }
+
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    pub fn dedupe_key(&self) -> &DedupeKey {
+        &self.key
+    }
+
+    /// Which of `ids` are stored and verified; the answer is a claim in the current epoch.
+    pub fn has(&mut self, ids: &[ChunkId], out: &mut Vec<bool>) -> u64 {
+        out.clear();
+        for id in ids {
+            let hit = matches!(self.index.get(id), Some(e) if e.state == EntryState::Verified);
+            if hit {
+                self.stats.has_hits += 1;
+                self.stats.offered_bytes += self.index.get(id).map_or(0, |e| e.loc.raw_len as u64);
+            }
+            out.push(hit);
+        }
+        self.stats.has_ids += ids.len() as u64;
+        self.gc_epoch
+    }
+
+    /// Chunks waiting for room in a commit batch (callers stop feeding when this is high).
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Store a batch of chunks; the [`Completion::Put`] for `ticket` comes from `poll`.
+    pub fn put(&mut self, ticket: u64, chunks: Vec<PutChunk>) {
+        if let Some(f) = &self.failed {
+            self.done.push(Completion::Put { ticket, claim_epoch: self.gc_epoch, result: Err(ShardError::Failed(f.clone())) });
+            return;
+        }
+        if self.queue.len() + chunks.len() > MAX_QUEUED_CHUNKS {
+            self.done.push(Completion::Put { ticket, claim_epoch: self.gc_epoch, result: Err(ShardError::BadRequest("shard queue full".into())) });
+            return;
+        }
+        let n = chunks.len();
+        self.puts.insert(ticket, PutTicket { outcomes: vec![None; n], outstanding: n, claim_epoch: self.gc_epoch });
+        for (idx, chunk) in chunks.into_iter().enumerate() {
+            self.queue.push_back(Queued::Put { ticket, idx, chunk });
+        }
+        if n == 0 {
+            self.finish_put(ticket);
+        }
+        self.pump();
+    }
+
+    /// Log tombstones for `ids` (the sweep of GC); completes when durable with the count of
+    /// ids that were present.
+    pub fn delete(&mut self, ticket: u64, ids: Vec<ChunkId>) {
+        if let Some(f) = &self.failed {
+            self.done.push(Completion::Delete { ticket, result: Err(ShardError::Failed(f.clone())) });
+            return;
+        }
+        self.deletes.insert(ticket, DeleteTicket { removed: 0, outstanding: ids.len() });
+        if ids.is_empty() {
+            self.deletes.remove(&ticket);
+            self.done.push(Completion::Delete { ticket, result: Ok(0) });
+        }
+        for id in ids {
+            self.queue.push_back(Queued::Delete { ticket, id });
+        }
+        self.pump();
+    }
+
+    /// Read a chunk; the [`Completion::Get`] comes from `poll` (at once for a chunk still in
+    /// memory).
+    pub fn get(&mut self, ticket: u64, id: ChunkId) {
+        self.stats.gets += 1;
+        let Some(e) = self.index.get(&id).copied() else {
+            self.done.push(Completion::Get { ticket, result: Err(ShardError::NotFound(id)) });
+            return;
+        };
+        if let EntryState::Pending { batch } = e.state {
+            // Serve from the batch buffer holding it.
+            let b = if self.building.no == batch { Some(&self.building) } else { self.inflight.as_ref().filter(|b| b.no == batch) };
+            let result = match b {
+                Some(b) => {
+                    let at = (e.loc.offset as u64 - b.start_off) as usize;
+                    let data = b.buf[at + RECORD_HEADER_BYTES..at + RECORD_HEADER_BYTES + e.loc.stored_len as usize].to_vec();
+                    Ok(StoredChunk { codec: e.loc.codec, raw_len: e.loc.raw_len, data })
+                }
+                None => Err(ShardError::Corrupt(format!("pending entry of {id:?} names batch {batch} which is gone"))),
+            };
+            self.done.push(Completion::Get { ticket, result });
+            return;
+        }
+        if let Some(f) = &self.failed {
+            self.done.push(Completion::Get { ticket, result: Err(ShardError::Failed(f.clone())) });
+            return;
+        }
+        let abs = self.layout.segment_offset(e.loc.segment) + e.loc.offset as u64;
+        let start = abs / BLOCK_SIZE as u64 * BLOCK_SIZE as u64;
+        let end = (abs + (RECORD_HEADER_BYTES + e.loc.stored_len as usize) as u64).next_multiple_of(BLOCK_SIZE as u64);
+        let tag = self.tag(IoPurpose::Get { ticket, id, loc: e.loc, skip: (abs - start) as usize });
+        let mut reqs = vec![IoRequest { tag, op: IoOp::Read { offset: start, buf: AlignedBuf::new((end - start) as usize) } }];
+        if let Err(err) = self.dev.submit(&mut reqs) {
+            self.io.remove(&tag);
+            self.done.push(Completion::Get { ticket, result: Err(err.into()) });
+        }
+    }
+
+    fn tag(&mut self, p: IoPurpose) -> u64 {
+        let t = self.next_tag;
+        self.next_tag += 1;
+        self.io.insert(t, p);
+        t
+    }
+
+    /// Drive the shard: reap device completions, submit a commit batch when the device is
+    /// free, and move finished tickets into `out`. `wait` blocks on the device when
+    /// something is in flight and nothing else is ready.
+    pub fn poll(&mut self, out: &mut Vec<Completion>, wait: bool) {
+        let mut comps: Vec<IoCompletion> = Vec::new();
+        let block = wait && self.done.is_empty() && self.dev.in_flight() > 0;
+        self.dev.poll(&mut comps, block);
+        for c in comps {
+            self.on_io(c);
+        }
+        self.maybe_submit();
+        self.pump();
+        self.maybe_submit();
+        out.append(&mut self.done);
+    }
+
+    /// Whether device I/O is in flight or work is waiting for it.
+    pub fn busy(&self) -> bool {
+        self.dev.in_flight() > 0 || self.building.len > 0 || !self.queue.is_empty() || !self.done.is_empty()
+    }
+
+    pub fn stats(&self) -> ShardStats {
+        let mut s = self.stats.clone();
+        s.chunks = self.index.verified_chunks();
+        s.logical_bytes = self.index.verified_raw_bytes();
+        s.stored_bytes = self.index.verified_stored_bytes();
+        s.segments_used = self.segments.iter().filter(|s| **s != SegmentState::Free).count() as u32;
+        let active_extra = self.active.map_or(0, |(_, _, off)| off);
+        let full = s.segments_used.saturating_sub(self.active.is_some() as u32) as u64 * self.layout.segment_bytes;
+        s.device_bytes_used = full + active_extra;
+        s.gc_epoch = self.gc_epoch;
+        s.failed = self.failed.clone();
+        s
+    }
+
+    fn fail(&mut self, why: String) {
+        if self.failed.is_some() {
+            return;
+        }
+        tracing::error!(shard = self.layout.shard, "shard failed: {why}");
+        self.failed = Some(why.clone());
+        // Everything not yet acknowledged is answered with the error; nothing is acked.
+        let err = ShardError::Failed(why);
+        let tickets: Vec<u64> = self.puts.keys().copied().collect();
+        for t in tickets {
+            let p = self.puts.remove(&t).expect("ticket");
+            self.done.push(Completion::Put { ticket: t, claim_epoch: p.claim_epoch, result: Err(err.clone()) });
+        }
+        let dels: Vec<u64> = self.deletes.keys().copied().collect();
+        for t in dels {
+            self.deletes.remove(&t);
+            self.done.push(Completion::Delete { ticket: t, result: Err(err.clone()) });
+        }
+        self.queue.clear();
+        // Pending entries will never become durable in this run.
+        let pending: Vec<ChunkId> = self.index.iter().filter(|(_, e)| matches!(e.state, EntryState::Pending { .. })).map(|(id, _)| *id).collect();
+        for id in pending {
+            self.index.remove(&id);
+        }
+        self.building.len = 0;
+        self.building.records.clear();
+        self.building.waiters.clear();
+        self.building.delete_waiters.clear();
+    }
+
+    fn on_io(&mut self, c: IoCompletion) {
+        let Some(purpose) = self.io.remove(&c.tag) else {
+            debug_assert!(false, "completion for unknown tag {}", c.tag);
+            return;
+        };
+        match purpose {
+            IoPurpose::CommitWrite | IoPurpose::CommitFlush => {
+                if let Err(e) = c.result {
+                    if let Some(b) = self.inflight.take() {
+                        self.spare = Some(b.buf);
+                    }
+                    self.commit_ios_left = 0;
+                    self.fail(format!("commit failed: {e}"));
+                    return;
+                }
+                self.commit_ios_left -= 1;
+                if self.commit_ios_left == 0 {
+                    self.commit_durable();
+                }
+            }
+            IoPurpose::Get { ticket, id, loc, skip } => {
+                let result = match (c.result, c.buf) {
+                    (Ok(()), Some(buf)) => self.decode_get(&buf[skip..], &id, &loc),
+                    (Err(e), _) => Err(ShardError::Device(e)),
+                    (Ok(()), None) => Err(ShardError::Corrupt("read completion without buffer".into())),
+                };
+                if matches!(result, Err(ShardError::CorruptRecord { .. })) {
+                    self.stats.gets_corrupt += 1;
+                }
+                self.done.push(Completion::Get { ticket, result });
+            }
+        }
+    }
+
+    fn decode_get(&self, rec: &[u8], id: &ChunkId, loc: &Location) -> Result<StoredChunk, ShardError> {
+        let bad = |detail: String| ShardError::CorruptRecord { id: *id, detail };
+        let h = RecordHeader::decode(rec).map_err(|e| bad(e.to_string()))?;
+        if h.id != *id || h.kind != RecordKind::Chunk || h.stored_len != loc.stored_len {
+            return Err(bad(format!("record at {}:{} is not this chunk", loc.segment, loc.offset)));
+        }
+        h.check_crc(rec).map_err(|e| bad(e.to_string()))?;
+        let n = RECORD_HEADER_BYTES + h.stored_len as usize;
+        Ok(StoredChunk { codec: h.codec, raw_len: h.raw_len, data: rec[RECORD_HEADER_BYTES..n].to_vec() })
+    }
+
+    /// Move queued work into the building batch while it has room.
+    fn pump(&mut self) {
+        while self.failed.is_none() {
+            let Some(q) = self.queue.front() else { break };
+            let (id, span) = match q {
+                Queued::Put { chunk, .. } => (chunk.id, record_span(chunk.data.len())),
+                Queued::Delete { id, .. } => (*id, record_span(0)),
+            };
+            // Resolve what needs no log space first.
+            match self.queue.front().expect("front") {
+                Queued::Put { ticket, idx, .. } => {
+                    let (ticket, idx) = (*ticket, *idx);
+                    match self.index.get(&id).map(|e| e.state) {
+                        Some(EntryState::Verified) => {
+                            self.queue.pop_front();
+                            self.stats.puts_duplicate += 1;
+                            self.stats.offered_bytes += self.index.get(&id).map_or(0, |e| e.loc.raw_len as u64);
+                            self.resolve_put(ticket, idx, PutOutcome::Duplicate);
+                            continue;
+                        }
+                        Some(EntryState::Pending { batch }) => {
+                            self.queue.pop_front();
+                            self.stats.puts_duplicate += 1;
+                            let b = if self.building.no == batch { &mut self.building } else { self.inflight.as_mut().filter(|b| b.no == batch).expect("pending batch exists") };
+                            b.waiters.push((ticket, idx, PutOutcome::Duplicate));
+                            continue;
+                        }
+                        None => {
+                            let Some(Queued::Put { chunk, .. }) = self.queue.front() else { unreachable!() };
+                            if !self.chunk_is_valid(chunk) {
+                                self.queue.pop_front();
+                                self.stats.puts_rejected += 1;
+                                tracing::warn!(shard = self.layout.shard, id = ?id, "put rejected: bytes do not verify against the id");
+                                self.resolve_put(ticket, idx, PutOutcome::Rejected);
+                                continue;
+                            }
+                        }
+                    }
+                }
+                Queued::Delete { ticket, .. } => {
+                    if self.index.get(&id).is_none() {
+                        let ticket = *ticket;
+                        self.queue.pop_front();
+                        self.resolve_delete(ticket, false);
+                        continue;
+                    }
+                }
+            }
+            // Needs log space.
+            if !self.make_room(span) {
+                break;
+            }
+            let q = self.queue.pop_front().expect("front");
+            self.append(q);
+        }
+    }
+
+    fn chunk_is_valid(&self, c: &PutChunk) -> bool {
+        c.raw_len as usize <= MAX_CHUNK_RAW_BYTES && c.data.len() <= MAX_CHUNK_STORED_BYTES && chunk::verify(&self.key, &c.id, c.codec, &c.data, c.raw_len as usize).is_ok()
+    }
+
+    /// Make sure the building batch can take a record of `span` bytes. False when it must
+    /// wait (batch full, or the segment is full and the in-flight batch must finish first).
+    fn make_room(&mut self, span: usize) -> bool {
+        let b = &self.building;
+        if b.len >= self.cfg.commit_max_bytes {
+            return false;
+        }
+        if let Some((seg, _, _)) = self.active {
+            if b.len == 0 || b.segment == seg {
+                let start = if b.len == 0 { self.active.expect("active").2 } else { b.start_off };
+                if start + (b.len + span) as u64 <= self.layout.segment_bytes {
+                    if b.len == 0 {
+                        self.building.segment = seg;
+                        self.building.start_off = start;
+                    }
+                    return true;
+                }
+            }
+            if b.len > 0 {
+                return false; // submit this batch first, then roll
+            }
+            // Segment full: it stays in use; roll to a new one below.
+            self.active = None;
+        }
+        if self.inflight.is_some() && self.building.len > 0 {
+            return false;
+        }
+        match self.open_segment() {
+            Ok(()) => true,
+            Err(e) => {
+                self.reject_queue(e);
+                false
+            }
+        }
+    }
+
+    fn reject_queue(&mut self, e: ShardError) {
+        tracing::error!(shard = self.layout.shard, "{e}");
+        while let Some(q) = self.queue.pop_front() {
+            match q {
+                Queued::Put { ticket, .. } => {
+                    if let Some(p) = self.puts.remove(&ticket) {
+                        self.done.push(Completion::Put { ticket, claim_epoch: p.claim_epoch, result: Err(e.clone()) });
+                    }
+                }
+                Queued::Delete { ticket, .. } => {
+                    if self.deletes.remove(&ticket).is_some() {
+                        self.done.push(Completion::Delete { ticket, result: Err(e.clone()) });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Start a new segment: its header is the first block of the building batch.
+    fn open_segment(&mut self) -> Result<(), ShardError> {
+        let seg = self.segments.iter().position(|s| *s == SegmentState::Free).ok_or(ShardError::NoSpace)? as u32;
+        if self.next_generation >= self.generation_limit {
+            self.reserve_generations()?;
+        }
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let h = SegmentHeader { shard: self.layout.shard, segment: seg, generation, first_seq: self.next_seq };
+        debug_assert_eq!(self.building.len, 0);
+        h.encode_into(&mut self.building.buf[..BLOCK_SIZE]);
+        self.building.segment = seg;
+        self.building.start_off = 0;
+        self.building.len = BLOCK_SIZE;
+        self.segments[seg as usize] = SegmentState::InUse { generation, first_seq: self.next_seq };
+        self.active = Some((seg, generation, BLOCK_SIZE as u64));
+        Ok(())
+    }
+
+    fn append(&mut self, q: Queued) {
+        let (_, generation, _) = self.active.expect("append needs an active segment");
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let b = &mut self.building;
+        let at = b.len;
+        let off = b.start_off + at as u64;
+        match q {
+            Queued::Put { ticket, idx, chunk } => {
+                let span = record_span(chunk.data.len());
+                RecordHeader::write(RecordKind::Chunk, chunk.codec, generation, seq, &chunk.id, chunk.raw_len, &chunk.data, &mut b.buf[at..at + span]);
+                b.len += span;
+                b.records.push((chunk.id, seq, RecordKind::Chunk));
+                b.waiters.push((ticket, idx, PutOutcome::Stored));
+                let loc = Location { segment: b.segment, offset: off as u32, stored_len: chunk.data.len() as u32, raw_len: chunk.raw_len, codec: chunk.codec };
+                let batch = b.no;
+                self.index.insert(chunk.id, IndexEntry { loc, state: EntryState::Pending { batch }, seq, replication_level: self.cfg.replication_level });
+                self.stats.puts_stored += 1;
+                self.stats.offered_bytes += chunk.raw_len as u64;
+            }
+            Queued::Delete { ticket, id } => {
+                let span = record_span(0);
+                RecordHeader::write(RecordKind::Tombstone, Codec::Raw, generation, seq, &id, 0, &[], &mut b.buf[at..at + span]);
+                b.len += span;
+                b.records.push((id, seq, RecordKind::Tombstone));
+                b.delete_waiters.push(ticket);
+                self.index.remove(&id);
+                self.stats.tombstones += 1;
+                if let Some(d) = self.deletes.get_mut(&ticket) {
+                    d.removed += 1;
+                }
+            }
+        }
+    }
+
+    /// Submit the building batch if the device has no commit in flight.
+    fn maybe_submit(&mut self) {
+        if self.failed.is_some() || self.inflight.is_some() || self.building.len == 0 {
+            return;
+        }
+        let Some(spare) = self.spare.take() else { return };
+        let mut b = std::mem::replace(
+            &mut self.building,
+            Batch { no: self.next_batch_no, buf: spare, segment: 0, start_off: 0, len: 0, records: Vec::new(), waiters: Vec::new(), delete_waiters: Vec::new() },
+        );
+        self.next_batch_no += 1;
+        let write_len = b.len.next_multiple_of(BLOCK_SIZE);
+        b.buf[b.len..write_len].fill(0);
+        // The segment's next batch starts after this one's last block.
+        if let Some((seg, _, off)) = self.active.as_mut() {
+            if *seg == b.segment {
+                *off = b.start_off + write_len as u64;
+            }
+        }
+        let offset = self.layout.segment_offset(b.segment) + b.start_off;
+        // The device writes whole buffers, so the batch is copied into one of exactly
+        // write_len bytes; the batch keeps its own buffer to serve gets of its pending
+        // entries until it is durable.
+        let mut buf = AlignedBuf::new(write_len);
+        buf.copy_from_slice(&b.buf[..write_len]);
+        let wt = self.tag(IoPurpose::CommitWrite);
+        let ft = self.tag(IoPurpose::CommitFlush);
+        let mut reqs = vec![IoRequest { tag: wt, op: IoOp::Write { offset, buf } }, IoRequest { tag: ft, op: IoOp::Flush }];
+        self.stats.commits += 1;
+        self.stats.commit_bytes += write_len as u64;
+        self.commit_ios_left = 2;
+        self.inflight = Some(b);
+        if let Err(e) = self.dev.submit(&mut reqs) {
+            self.io.remove(&wt);
+            self.io.remove(&ft);
+            if let Some(b) = self.inflight.take() {
+                self.spare = Some(b.buf);
+            }
+            self.commit_ios_left = 0;
+            self.fail(format!("commit submit failed: {e}"));
+        }
+    }
+
+    fn commit_durable(&mut self) {
+        let b = self.inflight.take().expect("durable batch");
+        self.spare = Some(b.buf);
+        for (id, seq, kind) in &b.records {
+            if *kind == RecordKind::Chunk {
+                self.index.mark_verified(id, *seq);
+            }
+        }
+        for (ticket, idx, outcome) in b.waiters {
+            self.resolve_put(ticket, idx, outcome);
+        }
+        for ticket in b.delete_waiters {
+            self.resolve_delete(ticket, true);
+        }
+    }
+
+    fn resolve_put(&mut self, ticket: u64, idx: usize, outcome: PutOutcome) {
+        let Some(p) = self.puts.get_mut(&ticket) else { return };
+        debug_assert!(p.outcomes[idx].is_none());
+        p.outcomes[idx] = Some(outcome);
+        p.outstanding -= 1;
+        if p.outstanding == 0 {
+            self.finish_put(ticket);
+        }
+    }
+
+    fn finish_put(&mut self, ticket: u64) {
+        let p = self.puts.remove(&ticket).expect("ticket");
+        let outcomes = p.outcomes.into_iter().map(|o| o.expect("every chunk resolved")).collect();
+        self.done.push(Completion::Put { ticket, claim_epoch: p.claim_epoch, result: Ok(outcomes) });
+    }
+
+    fn resolve_delete(&mut self, ticket: u64, _logged: bool) {
+        let Some(d) = self.deletes.get_mut(&ticket) else { return };
+        d.outstanding -= 1;
+        if d.outstanding == 0 {
+            let d = self.deletes.remove(&ticket).expect("ticket");
+            self.done.push(Completion::Delete { ticket, result: Ok(d.removed) });
+        }
+    }
+
+    /// Hand the device back (the simulator crashes it and reopens a new core over it).
+    pub fn into_device(self) -> Box<dyn BlockDevice> {
+        self.dev
+    }
+}
+
+fn check_all(done: Vec<IoCompletion>) -> Result<Vec<IoCompletion>, ShardError> {
+    for c in &done {
+        if let Err(e) = &c.result {
+            return Err(ShardError::Device(e.clone()));
+        }
+    }
+    Ok(done)
+}

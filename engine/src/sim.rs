@@ -1,0 +1,569 @@
+//! Deterministic simulation of a shard under faults.
+//!
+//! One thread, one seed: a [`ShardCore`] runs over a [`SimDevice`] (reordered completions,
+//! I/O errors, bit flips on reads, and at a crash the loss or tearing of everything not
+//! flushed). Simulated clients send puts (fresh chunks, duplicates, and poison: garbage
+//! under a valid-looking id or wrong bytes under a genuine id), has, get, delete (the GC
+//! sweep) and retries of acknowledged puts (puts are idempotent) through a simulated
+//! network that delays and reorders requests; a crash loses every request in flight.
+//!
+//! The oracle, checked after every completion and after every restart:
+//! 1. every acknowledged chunk (put acked, no delete acked since) answers `has` and `get`
+//!    returns bytes that verify against its id;
+//! 2. nothing that does not verify answers `has` (every `has` hit is fetched and checked);
+//!    poison never becomes readable;
+//! 3. a chunk whose tombstone was acknowledged never comes back (not after replay either).
+//!
+//! A failure names its seed; `run(&SimConfig { seed, .. })` reproduces it exactly.
+
+use crate::format::Superblock;
+use crate::index::EntryState;
+use crate::shard::{Completion, PutChunk, PutOutcome, ShardConfig, ShardCore, ShardError, StoredChunk};
+use hivefs_net::chunk::{self, ChunkId, Codec, DedupeKey};
+use hivefs_nvme::{BlockDevice, IoCompletion, IoError, IoRequest, SimDevice, SimFaults};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+/// SplitMix64: small, fast, and the same everywhere.
+#[derive(Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+    pub fn chance(&mut self, per_million: u64) -> bool {
+        self.below(1_000_000) < per_million
+    }
+}
+
+/// What to simulate.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    pub seed: u64,
+    /// Client operations to issue.
+    pub ops: u64,
+    /// Distinct chunk contents (fewer means more duplicates).
+    pub universe: u32,
+    pub crash_per_million: u64,
+    pub faults: SimFaults,
+    pub segment_bytes: u64,
+    pub device_bytes: u64,
+    pub commit_max_bytes: usize,
+}
+
+impl SimConfig {
+    pub fn new(seed: u64, ops: u64) -> SimConfig {
+        SimConfig {
+            seed,
+            ops,
+            universe: 400,
+            crash_per_million: 3_000,
+            faults: SimFaults { read_error_per_million: 500, write_error_per_million: 100, bit_flip_per_million: 2_000, torn_writes: true },
+            segment_bytes: 256 << 10,
+            device_bytes: 64 << 20,
+            commit_max_bytes: 32 << 10,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct SimReport {
+    pub ops: u64,
+    pub crashes: u64,
+    pub puts_acked: u64,
+    pub poison_rejected: u64,
+    pub gets_checked: u64,
+    pub deletes_acked: u64,
+    pub io_errors_seen: u64,
+    pub device_full: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("simulation seed {seed} broke an invariant at op {op}: {message}")]
+pub struct SimFailure {
+    pub seed: u64,
+    pub op: u64,
+    pub message: String,
+}
+
+/// A SimDevice shared between the shard (as its device) and the simulator (to crash it).
+#[derive(Clone)]
+struct SharedDevice(Arc<Mutex<SimDevice>>);
+
+impl BlockDevice for SharedDevice {
+    fn describe(&self) -> String {
+        self.0.lock().expect("sim device").describe()
+    }
+    fn capacity_bytes(&self) -> u64 {
+        self.0.lock().expect("sim device").capacity_bytes()
+    }
+    fn submit(&mut self, reqs: &mut Vec<IoRequest>) -> Result<(), IoError> {
+        self.0.lock().expect("sim device").submit(reqs)
+    }
+    fn poll(&mut self, out: &mut Vec<IoCompletion>, wait: bool) -> usize {
+        self.0.lock().expect("sim device").poll(out, wait)
+    }
+    fn in_flight(&self) -> usize {
+        self.0.lock().expect("sim device").in_flight()
+    }
+}
+
+enum Op {
+    Put { ids: Vec<ChunkId> },
+    Get { id: ChunkId },
+    Delete { ids: Vec<ChunkId> },
+}
+
+/// A request on the simulated network, not yet delivered to the shard.
+enum Msg {
+    Put(u64, Vec<PutChunk>),
+    Get(u64, ChunkId),
+    Delete(u64, Vec<ChunkId>),
+}
+
+/// Operations in flight on one id. Puts and deletes of the same id in flight together
+/// make its outcome depend on an order the client cannot see: the id is then `conflicted`
+/// and its state is learned afresh once both are done.
+#[derive(Default)]
+struct Pending {
+    puts: u32,
+    deletes: u32,
+    conflicted: bool,
+}
+
+struct World {
+    cfg: SimConfig,
+    rng: Rng,
+    key: DedupeKey,
+    contents: Vec<Vec<u8>>,
+    ids: Vec<ChunkId>,
+    by_id: HashMap<ChunkId, usize>,
+    /// Ids whose state the node acknowledged: true = present, false = deleted.
+    known: BTreeMap<ChunkId, bool>,
+    pending: BTreeMap<ChunkId, Pending>,
+    ops: HashMap<u64, Op>,
+    next_ticket: u64,
+    net: Vec<Msg>,
+    /// Puts of wrong bytes under a genuine id: must come back Rejected (or Duplicate when
+    /// the genuine chunk is already stored, in which case nothing is written).
+    poison_tickets: HashSet<u64>,
+    report: SimReport,
+    op_no: u64,
+}
+
+impl World {
+    fn fail(&self, message: String) -> SimFailure {
+        SimFailure { seed: self.cfg.seed, op: self.op_no, message }
+    }
+
+    fn content(rng: &mut Rng, i: u32) -> Vec<u8> {
+        let len = 1 + rng.below(6000) as usize;
+        // Half compressible, half not.
+        if i % 2 == 0 {
+            let word = format!("chunk-{i}-");
+            word.as_bytes().iter().copied().cycle().take(len).collect()
+        } else {
+            (0..len).map(|_| rng.next_u64() as u8).collect()
+        }
+    }
+
+    fn begin(&mut self, id: ChunkId, delete: bool) {
+        let p = self.pending.entry(id).or_default();
+        if delete {
+            p.deletes += 1;
+        } else {
+            p.puts += 1;
+        }
+        if p.puts > 0 && p.deletes > 0 {
+            p.conflicted = true;
+        }
+    }
+
+    /// An op on `id` finished; `acked` is the state the node acknowledged, if any.
+    fn end(&mut self, id: ChunkId, delete: bool, acked: Option<bool>) {
+        let p = self.pending.get_mut(&id).expect("pending op");
+        if delete {
+            p.deletes -= 1;
+        } else {
+            p.puts -= 1;
+        }
+        let conflicted = p.conflicted;
+        if p.puts == 0 && p.deletes == 0 {
+            self.pending.remove(&id);
+        }
+        match (conflicted, acked) {
+            (false, Some(state)) => {
+                self.known.insert(id, state);
+            }
+            (true, _) => {
+                self.known.remove(&id);
+            }
+            (false, None) => {
+                // Failed: may or may not have happened.
+                self.known.remove(&id);
+            }
+        }
+    }
+
+    fn ticket(&mut self, op: Op) -> u64 {
+        self.next_ticket += 1;
+        self.ops.insert(self.next_ticket, op);
+        self.next_ticket
+    }
+
+    fn check_get(&self, id: &ChunkId, got: &Result<StoredChunk, ShardError>) -> Result<(), SimFailure> {
+        match got {
+            Ok(c) => chunk::verify(&self.key, id, c.codec, &c.data, c.raw_len as usize).map(|_| ()).map_err(|e| self.fail(format!("get {id:?} returned bytes that do not verify: {e}"))),
+            // Detected corruption or a failed read: reported, never served.
+            Err(ShardError::CorruptRecord { .. }) | Err(ShardError::Device(_)) | Err(ShardError::Failed(_)) => Ok(()),
+            Err(ShardError::NotFound(_)) => {
+                if self.known.get(id) == Some(&true) && !self.pending.contains_key(id) {
+                    Err(self.fail(format!("acknowledged chunk {id:?} not found")))
+                } else {
+                    Ok(())
+                }
+            }
+            Err(e) => Err(self.fail(format!("get {id:?} failed unexpectedly: {e}"))),
+        }
+    }
+
+    /// Apply one completion, in the order the shard produced it, and check it.
+    fn complete(&mut self, c: Completion) -> Result<(), SimFailure> {
+        match c {
+            Completion::Put { ticket, result, .. } => {
+                let Some(Op::Put { ids }) = self.ops.remove(&ticket) else { return Err(self.fail(format!("put completion for unknown ticket {ticket}"))) };
+                if self.poison_tickets.remove(&ticket) {
+                    return match result {
+                        Ok(o) if o.iter().all(|o| *o != PutOutcome::Stored) => {
+                            self.report.poison_rejected += 1;
+                            Ok(())
+                        }
+                        Ok(o) => Err(self.fail(format!("wrong bytes under genuine id {:?} were stored: {o:?}", ids[0]))),
+                        Err(_) => Ok(()),
+                    };
+                }
+                match result {
+                    Ok(outcomes) => {
+                        if outcomes.len() != ids.len() {
+                            return Err(self.fail("put reply has the wrong number of outcomes".into()));
+                        }
+                        for (id, o) in ids.iter().zip(outcomes) {
+                            let genuine = self.by_id.contains_key(id);
+                            match (o, genuine) {
+                                (PutOutcome::Rejected, false) => self.report.poison_rejected += 1,
+                                (PutOutcome::Rejected, true) => return Err(self.fail(format!("genuine chunk {id:?} rejected"))),
+                                (_, false) => return Err(self.fail(format!("poison under {id:?} accepted as {o:?}"))),
+                                (_, true) => {
+                                    self.report.puts_acked += 1;
+                                    self.end(*id, false, Some(true));
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        match e {
+                            ShardError::NoSpace => self.report.device_full += 1,
+                            ShardError::Failed(_) | ShardError::Device(_) => self.report.io_errors_seen += 1,
+                            e => return Err(self.fail(format!("put failed unexpectedly: {e}"))),
+                        }
+                        let genuine: Vec<ChunkId> = ids.iter().filter(|id| self.by_id.contains_key(*id)).copied().collect();
+                        for id in genuine {
+                            self.end(id, false, None);
+                        }
+                    }
+                }
+            }
+            Completion::Get { ticket, result } => {
+                let Some(Op::Get { id }) = self.ops.remove(&ticket) else { return Err(self.fail(format!("get completion for unknown ticket {ticket}"))) };
+                self.report.gets_checked += 1;
+                self.check_get(&id, &result)?;
+            }
+            Completion::Delete { ticket, result } => {
+                let Some(Op::Delete { ids }) = self.ops.remove(&ticket) else { return Err(self.fail(format!("delete completion for unknown ticket {ticket}"))) };
+                let acked = match result {
+                    Ok(_) => {
+                        self.report.deletes_acked += 1;
+                        Some(false)
+                    }
+                    Err(ShardError::Failed(_)) | Err(ShardError::Device(_)) | Err(ShardError::NoSpace) => {
+                        self.report.io_errors_seen += 1;
+                        None
+                    }
+                    Err(e) => return Err(self.fail(format!("delete failed unexpectedly: {e}"))),
+                };
+                for id in ids {
+                    self.end(id, true, acked);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `has` for every id in the universe (and an id never stored) against the model;
+    /// ids whose state is unknown and idle are learned from the answer.
+    fn check_has(&mut self, shard: &mut ShardCore) -> Result<(), SimFailure> {
+        let mut ask: Vec<ChunkId> = self.ids.clone();
+        ask.push(ChunkId::compute(&self.key, b"never stored"));
+        let mut present = Vec::new();
+        shard.has(&ask, &mut present);
+        for (id, hit) in ask.iter().zip(present) {
+            if hit {
+                // Only verified entries may answer has.
+                match shard.index().get(id) {
+                    Some(e) if e.state == EntryState::Verified => {}
+                    _ => return Err(self.fail(format!("{id:?} answered has without a verified entry"))),
+                }
+                if !self.by_id.contains_key(id) {
+                    return Err(self.fail(format!("never-stored id {id:?} answers has")));
+                }
+            }
+            if self.pending.contains_key(id) {
+                continue;
+            }
+            match (self.known.get(id), hit) {
+                (Some(true), false) => return Err(self.fail(format!("acknowledged chunk {id:?} does not answer has"))),
+                (Some(false), true) => return Err(self.fail(format!("deleted chunk {id:?} came back"))),
+                (None, _) if self.by_id.contains_key(id) => {
+                    self.known.insert(*id, hit);
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn put_chunk(&self, id: &ChunkId) -> PutChunk {
+        let i = self.by_id[id];
+        let plain = &self.contents[i];
+        let preferred = if i % 3 == 0 { Codec::Zstd } else { Codec::Lz4 };
+        let (codec, data) = chunk::compress(preferred, plain);
+        PutChunk { id: *id, codec, raw_len: plain.len() as u32, data }
+    }
+
+    fn random_id(&mut self) -> ChunkId {
+        self.ids[self.rng.below(self.ids.len() as u64) as usize]
+    }
+
+    /// Issue one random client operation onto the network.
+    fn issue(&mut self) {
+        match self.rng.below(100) {
+            0..=44 => {
+                let n = 1 + self.rng.below(8) as usize;
+                let mut ids = Vec::new();
+                let mut chunks = Vec::new();
+                for _ in 0..n {
+                    if self.rng.chance(30_000) {
+                        // Poison: some chunk's bytes under a valid-looking id nobody can
+                        // produce, or a real id with the wrong bytes.
+                        let mut poison_id = self.random_id();
+                        let data = self.contents[self.rng.below(self.contents.len() as u64) as usize].clone();
+                        if self.rng.below(2) == 0 {
+                            poison_id.0[32] ^= 0x01;
+                        } else if ChunkId::compute(&self.key, &data) == poison_id {
+                            continue;
+                        } else {
+                            // Wrong bytes under a genuine id: must be rejected, and must not
+                            // disturb the genuine chunk.
+                            let (codec, stored) = chunk::compress(Codec::Lz4, &data);
+                            let t = self.ticket(Op::Put { ids: vec![poison_id] });
+                            self.net.push(Msg::Put(t, vec![PutChunk { id: poison_id, codec, raw_len: data.len() as u32, data: stored }]));
+                            self.poison_tickets.insert(t);
+                            continue;
+                        }
+                        ids.push(poison_id);
+                        chunks.push(PutChunk { id: poison_id, codec: Codec::Raw, raw_len: data.len() as u32, data });
+                        continue;
+                    }
+                    let id = self.random_id();
+                    self.begin(id, false);
+                    ids.push(id);
+                    chunks.push(self.put_chunk(&id));
+                }
+                let t = self.ticket(Op::Put { ids });
+                self.net.push(Msg::Put(t, chunks));
+            }
+            45..=69 => {
+                let id = self.random_id();
+                let t = self.ticket(Op::Get { id });
+                self.net.push(Msg::Get(t, id));
+            }
+            70..=75 => {
+                let n = 1 + self.rng.below(3) as usize;
+                let mut ids: Vec<ChunkId> = (0..n).map(|_| self.random_id()).collect();
+                ids.sort();
+                ids.dedup();
+                for id in &ids {
+                    self.begin(*id, true);
+                }
+                let t = self.ticket(Op::Delete { ids: ids.clone() });
+                self.net.push(Msg::Delete(t, ids));
+            }
+            76..=79 => {
+                // A client retries puts it already had acknowledged (idempotent).
+                let ids: Vec<ChunkId> = self.known.iter().filter(|(_, p)| **p).map(|(id, _)| *id).take(4).collect();
+                for id in &ids {
+                    self.begin(*id, false);
+                }
+                let chunks = ids.iter().map(|id| self.put_chunk(id)).collect();
+                let t = self.ticket(Op::Put { ids });
+                self.net.push(Msg::Put(t, chunks));
+            }
+            _ => {}
+        }
+    }
+}
+
+fn open_shard(dev: &SharedDevice, sb: &Superblock, key: DedupeKey, cfg: &SimConfig) -> Result<ShardCore, ShardError> {
+    let scfg = ShardConfig { commit_max_bytes: cfg.commit_max_bytes, replication_level: 1 };
+    ShardCore::open(Box::new(dev.clone()), sb.shard_layout(0), key, scfg)
+}
+
+const NO_FAULTS: SimFaults = SimFaults { read_error_per_million: 0, write_error_per_million: 0, bit_flip_per_million: 0, torn_writes: true };
+
+/// Run one seeded simulation.
+pub fn run(cfg: &SimConfig) -> Result<SimReport, SimFailure> {
+    let mut rng = Rng::new(cfg.seed);
+    let mut key = [0u8; 32];
+    for b in key.iter_mut() {
+        *b = rng.next_u64() as u8;
+    }
+    let key = DedupeKey(key);
+    let contents: Vec<Vec<u8>> = (0..cfg.universe).map(|i| World::content(&mut rng, i)).collect();
+    let ids: Vec<ChunkId> = contents.iter().map(|c| ChunkId::compute(&key, c)).collect();
+    let by_id = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+    let dev = SharedDevice(Arc::new(Mutex::new(SimDevice::new(cfg.device_bytes, rng.next_u64(), NO_FAULTS))));
+    let setup_fail = |m: String| SimFailure { seed: cfg.seed, op: 0, message: m };
+    let sb = Superblock::plan(cfg.device_bytes, 1, cfg.segment_bytes, 16, key.0).map_err(|e| setup_fail(format!("plan: {e}")))?;
+    ShardCore::format(&mut dev.clone(), &sb.shard_layout(0)).map_err(|e| setup_fail(format!("format: {e}")))?;
+    let mut w = World {
+        cfg: cfg.clone(),
+        rng,
+        key,
+        contents,
+        ids,
+        by_id,
+        known: BTreeMap::new(),
+        pending: BTreeMap::new(),
+        ops: HashMap::new(),
+        next_ticket: 0,
+        net: Vec::new(),
+        poison_tickets: HashSet::new(),
+        report: SimReport::default(),
+        op_no: 0,
+    };
+    let mut shard = open_shard(&dev, &sb, key, cfg).map_err(|e| w.fail(format!("open: {e}")))?;
+    dev.0.lock().expect("sim").set_faults(cfg.faults);
+    let mut out = Vec::new();
+
+    while w.op_no < cfg.ops {
+        w.op_no += 1;
+        let failed = shard.stats().failed.is_some();
+        if failed || w.rng.chance(cfg.crash_per_million) {
+            // Crash (or the operator restarts a failed shard): the shard's memory, the
+            // requests on the network and whatever the device had not flushed are lost.
+            w.report.crashes += 1;
+            drop(shard);
+            {
+                let mut d = dev.0.lock().expect("sim");
+                d.crash();
+                d.set_faults(NO_FAULTS);
+            }
+            w.net.clear();
+            w.ops.clear();
+            w.poison_tickets.clear();
+            for (id, _) in std::mem::take(&mut w.pending) {
+                w.known.remove(&id);
+            }
+            shard = open_shard(&dev, &sb, key, cfg).map_err(|e| w.fail(format!("reopen after crash: {e}")))?;
+            w.check_has(&mut shard)?;
+            dev.0.lock().expect("sim").set_faults(cfg.faults);
+            continue;
+        }
+        w.issue();
+        // The network delivers a random subset of what is in flight, in random order.
+        while !w.net.is_empty() && w.rng.below(3) != 0 {
+            let i = w.rng.below(w.net.len() as u64) as usize;
+            match w.net.swap_remove(i) {
+                Msg::Put(t, chunks) => shard.put(t, chunks),
+                Msg::Get(t, id) => shard.get(t, id),
+                Msg::Delete(t, ids) => shard.delete(t, ids),
+            }
+        }
+        for _ in 0..1 + w.rng.below(3) {
+            shard.poll(&mut out, false);
+            for c in out.drain(..) {
+                w.complete(c)?;
+            }
+        }
+        if w.rng.below(50) == 0 {
+            w.check_has(&mut shard)?;
+        }
+    }
+    // Deliver everything, drain, then restart without a crash: the log alone must rebuild
+    // the same state, and every chunk known present must read back and verify.
+    for m in std::mem::take(&mut w.net) {
+        match m {
+            Msg::Put(t, chunks) => shard.put(t, chunks),
+            Msg::Get(t, id) => shard.get(t, id),
+            Msg::Delete(t, ids) => shard.delete(t, ids),
+        }
+    }
+    dev.0.lock().expect("sim").set_faults(NO_FAULTS);
+    for _ in 0..100_000 {
+        shard.poll(&mut out, true);
+        for c in out.drain(..) {
+            w.complete(c)?;
+        }
+        if !shard.busy() {
+            break;
+        }
+    }
+    w.check_has(&mut shard)?;
+    drop(shard);
+    let mut shard = open_shard(&dev, &sb, key, cfg).map_err(|e| w.fail(format!("final reopen: {e}")))?;
+    w.check_has(&mut shard)?;
+    let present: Vec<ChunkId> = w.known.iter().filter(|(_, p)| **p).map(|(id, _)| *id).collect();
+    for id in present {
+        let t = w.ticket(Op::Get { id });
+        shard.get(t, id);
+        while shard.busy() || out.is_empty() {
+            shard.poll(&mut out, true);
+            if !out.is_empty() {
+                break;
+            }
+        }
+        for c in out.drain(..) {
+            if let Completion::Get { result: Err(e), .. } = &c {
+                return Err(w.fail(format!("known chunk {id:?} unreadable after a clean restart: {e}")));
+            }
+            w.complete(c)?;
+        }
+    }
+    w.report.ops = w.op_no;
+    Ok(w.report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_few_seeds() {
+        for seed in 1..=4 {
+            let r = run(&SimConfig::new(seed, 20_000)).unwrap_or_else(|e| panic!("{e}"));
+            assert!(r.puts_acked > 1000, "{r:?}");
+            assert!(r.crashes > 10, "{r:?}");
+        }
+    }
+}

@@ -1,0 +1,30 @@
+//! The HiveFS wire layer: everything both a hive node and a client must agree on.
+//!
+//! - [`chunk`]: chunk ids (version byte + keyed BLAKE3-256), codecs (raw, LZ4, zstd) and
+//!   bounded decompression. The engine verifies with exactly the code the client hashes with.
+//! - [`frame`]: the 32-byte checksummed frame header, [`frame::encode_frame`] and the
+//!   incremental, bounded [`frame::FrameDecoder`].
+//! - [`proto`]: opcodes, [`proto::Request`] / [`proto::Response`] and their body encodings,
+//!   error codes, the [`proto::ClusterMap`], and the limits every decoder enforces.
+//! - [`tls`]: the hive's PKI (CA, node certificates, fingerprints) and rustls configs; clients
+//!   pin the hive CA by fingerprint.
+//! - [`conn`]: [`conn::FramedConn`], a plain or TLS framed connection over any `Read + Write`
+//!   stream, for non-blocking event loops and blocking clients alike.
+//!
+//! Architecture invariant: only this crate knows the wire format and TLS. The engine and
+//! the client never parse bytes from a socket themselves. Every decoder bounds lengths
+//! before allocating, and nothing here panics on bytes from the network.
+
+pub mod chunk;
+pub mod conn;
+pub mod frame;
+pub mod proto;
+pub mod tls;
+
+pub use conn::{ConnError, FramedConn, ReadStatus, Security};
+pub use frame::{
+    Frame, FrameDecoder, FrameError, FrameHeader, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
+};
+pub use proto::{
+    ClusterMap, DecodeError, ErrorCode, Opcode, PutChunk, PutResult, Request, Response,
+};

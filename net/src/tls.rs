@@ -1,0 +1,547 @@
+//! The hive's PKI and its rustls configurations.
+//!
+//! `hive init` creates one CA per hive ([`generate_ca`]); every node gets a certificate
+//! issued by it ([`issue_node_cert`]) and serves the chain *node certificate, CA
+//! certificate* ([`server_config`]). A client knows only the CA's fingerprint (SHA-256 of
+//! its DER, [`fingerprint_pem`]) and pins it ([`client_config_pinned`]): it accepts a node
+//! whose presented chain contains a CA with exactly that fingerprint and whose certificate
+//! chains to that CA for the name the client dialled. No OS trust store is involved.
+//!
+//! Everything is built on rustls's ring provider passed explicitly; no process-wide default
+//! provider is installed. Only TLS 1.3 is offered. Clients authenticate with the `Hello`
+//! token, not with certificates.
+
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, OtherError, RootCertStore, ServerConfig,
+    SignatureScheme,
+};
+use sha2::{Digest, Sha256};
+
+/// Errors building certificates or TLS configurations.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("certificate generation: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("PEM: {0}")]
+    Pem(String),
+    #[error("TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+    #[error("invalid CA fingerprint {0:?}: expected 64 hex digits")]
+    BadFingerprint(String),
+    #[error("invalid server name {0:?}")]
+    BadServerName(String),
+    #[error("the CA key does not belong to the CA certificate")]
+    KeyMismatch,
+}
+
+/// A hive CA: certificate and private key, both PEM. The key signs node certificates and
+/// belongs with the hive's secrets.
+#[derive(Clone)]
+pub struct CaMaterial {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl fmt::Debug for CaMaterial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CaMaterial")
+            .field("cert_pem", &self.cert_pem)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The ring provider every config here uses.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A new self-signed CA (ECDSA P-256) for the hive `hive_name`.
+pub fn generate_ca(hive_name: &str) -> Result<CaMaterial, TlsError> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "HiveFS");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{hive_name} hive CA"));
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let key = KeyPair::generate()?;
+    let cert = params.self_signed(&key)?;
+    Ok(CaMaterial {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+/// A certificate for node `node_name`, signed by the CA, for TLS server (and client) use.
+/// Its subject alternative names are `sans` (IP literals such as `127.0.0.1` become IP
+/// SANs, anything else DNS names, e.g. `localhost`) plus `node_name` when it is a usable
+/// DNS name. Returns `(cert_pem, key_pem)`.
+pub fn issue_node_cert(
+    ca_cert_pem: &str,
+    ca_key_pem: &str,
+    node_name: &str,
+    sans: &[String],
+) -> Result<(String, String), TlsError> {
+    let ca_key = KeyPair::from_pem(ca_key_pem)?;
+    let ca_der = first_cert(ca_cert_pem)?;
+    if !contains(ca_der.as_ref(), ca_key.public_key_raw()) {
+        return Err(TlsError::KeyMismatch);
+    }
+    // rcgen needs the issuer as a `Certificate`: rebuild it from the CA's parsed parameters
+    // (subject and key identifier come from the PEM, so issued certs chain to the original).
+    let issuer = CertificateParams::from_ca_cert_der(&ca_der)?.self_signed(&ca_key)?;
+
+    let mut names: Vec<String> = sans.to_vec();
+    if !names.iter().any(|n| n == node_name)
+        && ServerName::try_from(node_name).is_ok_and(|n| matches!(n, ServerName::DnsName(_)))
+    {
+        names.push(node_name.to_string());
+    }
+    let mut params = CertificateParams::new(names)?;
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "HiveFS");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, node_name);
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &issuer, &ca_key)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Lowercase hex SHA-256 of a DER certificate.
+pub fn fingerprint_der(der: &[u8]) -> String {
+    hex::encode(Sha256::digest(der))
+}
+
+/// Lowercase hex SHA-256 of the DER of the first certificate in `cert_pem` (give it the CA
+/// certificate: this is what clients pin).
+pub fn fingerprint_pem(cert_pem: &str) -> Result<String, TlsError> {
+    Ok(fingerprint_der(first_cert(cert_pem)?.as_ref()))
+}
+
+/// Every certificate in a PEM text, in order.
+pub fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = rustls_pemfile::certs(&mut pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem("no certificate found".into()));
+    }
+    Ok(certs)
+}
+
+fn first_cert(pem: &str) -> Result<CertificateDer<'static>, TlsError> {
+    Ok(certs_from_pem(pem)?.swap_remove(0))
+}
+
+/// The first private key in a PEM text (PKCS#8, PKCS#1 or SEC1).
+pub fn key_from_pem(pem: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
+    rustls_pemfile::private_key(&mut pem.as_bytes())
+        .map_err(|e| TlsError::Pem(e.to_string()))?
+        .ok_or_else(|| TlsError::Pem("no private key found".into()))
+}
+
+/// A server name for [`client_config_pinned`] connections: a DNS name or an IP literal,
+/// which must be among the node certificate's SANs.
+pub fn server_name(name: &str) -> Result<ServerName<'static>, TlsError> {
+    ServerName::try_from(name.to_string()).map_err(|_| TlsError::BadServerName(name.to_string()))
+}
+
+/// A node's server config: presents `node_cert_pem` followed by the CA certificate.
+pub fn server_config(
+    node_cert_pem: &str,
+    node_key_pem: &str,
+    ca_cert_pem: &str,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut chain = certs_from_pem(node_cert_pem)?;
+    let ca = first_cert(ca_cert_pem)?;
+    if !chain.contains(&ca) {
+        chain.push(ca);
+    }
+    let key = key_from_pem(node_key_pem)?;
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    Ok(Arc::new(config))
+}
+
+/// A client config that trusts exactly the hive CA with this fingerprint (64 hex digits,
+/// any case, `:` separators allowed).
+pub fn client_config_pinned(ca_fingerprint_hex: &str) -> Result<Arc<ClientConfig>, TlsError> {
+    let cleaned: String = ca_fingerprint_hex
+        .trim()
+        .chars()
+        .filter(|&c| c != ':')
+        .collect();
+    let pinned: [u8; 32] = hex::decode(&cleaned)
+        .ok()
+        .and_then(|v| v.try_into().ok())
+        .ok_or_else(|| TlsError::BadFingerprint(ca_fingerprint_hex.to_string()))?;
+    let provider = provider();
+    let verifier = PinnedCaVerifier {
+        pinned,
+        provider: provider.clone(),
+        inner: OnceLock::new(),
+    };
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// rustls's error as one readable line. Unlike rustls's own `Display`, a verifier's
+/// custom error (such as the pinning mismatch) is shown by its message, not its `Debug`.
+pub fn describe_error(e: &rustls::Error) -> String {
+    match e {
+        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) => {
+            format!("invalid peer certificate: {inner}")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// The message a pinning failure carries (inside rustls's invalid-certificate error).
+#[derive(Debug)]
+struct FingerprintMismatch {
+    pinned: String,
+    presented: Vec<String>,
+}
+
+impl fmt::Display for FingerprintMismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.presented.is_empty() {
+            write!(
+                f,
+                "hive CA fingerprint mismatch: pinned {}, presented no CA certificate",
+                self.pinned
+            )
+        } else {
+            write!(
+                f,
+                "hive CA fingerprint mismatch: pinned {}, presented {}",
+                self.pinned,
+                self.presented.join(", ")
+            )
+        }
+    }
+}
+
+impl std::error::Error for FingerprintMismatch {}
+
+/// Accepts a server whose chain carries the pinned CA and whose certificate chains to it.
+#[derive(Debug)]
+struct PinnedCaVerifier {
+    pinned: [u8; 32],
+    provider: Arc<CryptoProvider>,
+    /// rustls's WebPKI verifier rooted at the pinned CA, built from the first chain that
+    /// carries it (SHA-256 identifies that CA uniquely, so one instance serves every
+    /// connection).
+    inner: OnceLock<Arc<WebPkiServerVerifier>>,
+}
+
+impl PinnedCaVerifier {
+    fn webpki_for(
+        &self,
+        ca: &CertificateDer<'_>,
+    ) -> Result<Arc<WebPkiServerVerifier>, rustls::Error> {
+        if let Some(v) = self.inner.get() {
+            return Ok(v.clone());
+        }
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let v = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+            .build()
+            .map_err(|e| rustls::Error::General(format!("hive CA verifier: {e}")))?;
+        Ok(self.inner.get_or_init(|| v).clone())
+    }
+}
+
+impl ServerCertVerifier for PinnedCaVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let is_pinned =
+            |c: &CertificateDer<'_>| Sha256::digest(c.as_ref()).as_slice() == self.pinned;
+        let Some(ca) = intermediates.iter().find(|c| is_pinned(c)) else {
+            let mismatch = FingerprintMismatch {
+                pinned: hex::encode(self.pinned),
+                presented: intermediates
+                    .iter()
+                    .map(|c| fingerprint_der(c.as_ref()))
+                    .collect(),
+            };
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                OtherError(Arc::new(mismatch)),
+            )));
+        };
+        let others: Vec<CertificateDer<'_>> = intermediates
+            .iter()
+            .filter(|c| !is_pinned(c))
+            .cloned()
+            .collect();
+        self.webpki_for(ca)?.verify_server_cert(
+            end_entity,
+            &others,
+            server_name,
+            ocsp_response,
+            now,
+        )
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        match self.inner.get() {
+            Some(v) => v.verify_tls12_signature(message, cert, dss),
+            None => rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.provider.signature_verification_algorithms,
+            ),
+        }
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        match self.inner.get() {
+            Some(v) => v.verify_tls13_signature(message, cert, dss),
+            None => rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.provider.signature_verification_algorithms,
+            ),
+        }
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use rustls::{ClientConnection, Connection, ServerConnection};
+    use std::io::{Read, Write};
+
+    /// One CA and one node certificate, shared by the tests (key generation is the slow
+    /// part).
+    pub(crate) struct Pki {
+        pub ca: CaMaterial,
+        pub node_cert: String,
+        pub node_key: String,
+    }
+
+    pub(crate) fn pki() -> &'static Pki {
+        static PKI: OnceLock<Pki> = OnceLock::new();
+        PKI.get_or_init(|| {
+            let ca = generate_ca("test").unwrap();
+            let (node_cert, node_key) = issue_node_cert(
+                &ca.cert_pem,
+                &ca.key_pem,
+                "node-a",
+                &["localhost".into(), "127.0.0.1".into()],
+            )
+            .unwrap();
+            Pki {
+                ca,
+                node_cert,
+                node_key,
+            }
+        })
+    }
+
+    /// Move the records `from` has queued into `to`; whether there were any.
+    fn transfer(from: &mut Connection, to: &mut Connection) -> Result<bool, rustls::Error> {
+        let mut wire = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut wire).unwrap();
+        }
+        let mut rd = &wire[..];
+        while !rd.is_empty() {
+            to.read_tls(&mut rd).unwrap();
+            to.process_new_packets()?;
+        }
+        Ok(!wire.is_empty())
+    }
+
+    /// Move TLS records between the two ends until neither has anything to say. The error
+    /// says whether the client (true) or the server failed.
+    fn pump(client: &mut Connection, server: &mut Connection) -> Result<(), (bool, rustls::Error)> {
+        for _ in 0..100 {
+            let to_server = transfer(client, server).map_err(|e| (false, e))?;
+            let to_client = transfer(server, client).map_err(|e| (true, e))?;
+            if !to_server && !to_client {
+                return Ok(());
+            }
+        }
+        panic!("handshake did not settle");
+    }
+
+    fn handshake(
+        fingerprint: &str,
+        name: &str,
+    ) -> Result<(Connection, Connection), (bool, rustls::Error)> {
+        let p = pki();
+        let sc = server_config(&p.node_cert, &p.node_key, &p.ca.cert_pem).unwrap();
+        let cc = client_config_pinned(fingerprint).unwrap();
+        let mut client =
+            Connection::from(ClientConnection::new(cc, server_name(name).unwrap()).unwrap());
+        let mut server = Connection::from(ServerConnection::new(sc).unwrap());
+        pump(&mut client, &mut server)?;
+        Ok((client, server))
+    }
+
+    #[test]
+    fn fingerprint_is_sha256_of_the_ca_der() {
+        let p = pki();
+        let fp = fingerprint_pem(&p.ca.cert_pem).unwrap();
+        assert_eq!(fp.len(), 64);
+        assert_eq!(fp, fp.to_lowercase());
+        let der = first_cert(&p.ca.cert_pem).unwrap();
+        assert_eq!(fp, hex::encode(Sha256::digest(der.as_ref())));
+        assert_ne!(fp, fingerprint_pem(&p.node_cert).unwrap());
+        assert!(fingerprint_pem("not pem").is_err());
+    }
+
+    #[test]
+    fn handshake_with_the_pinned_ca_carries_data() {
+        let p = pki();
+        let fp = fingerprint_pem(&p.ca.cert_pem).unwrap();
+        for name in ["localhost", "127.0.0.1", "node-a"] {
+            let (mut client, mut server) =
+                handshake(&fp, name).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+            assert!(!client.is_handshaking() && !server.is_handshaking());
+            client.writer().write_all(b"ping").unwrap();
+            pump(&mut client, &mut server).unwrap();
+            let mut buf = [0u8; 4];
+            server.reader().read_exact(&mut buf).unwrap();
+            assert_eq!(&buf, b"ping");
+        }
+        // Upper case and colons are accepted in the pin.
+        let colons: Vec<String> = fp
+            .to_uppercase()
+            .as_bytes()
+            .chunks(2)
+            .map(|c| String::from_utf8(c.to_vec()).unwrap())
+            .collect();
+        handshake(&colons.join(":"), "localhost").unwrap();
+    }
+
+    #[test]
+    fn wrong_fingerprint_fails_clearly() {
+        let p = pki();
+        let wrong = "ab".repeat(32);
+        let (is_client, err) = handshake(&wrong, "localhost").unwrap_err();
+        assert!(is_client);
+        let msg = describe_error(&err);
+        let presented = fingerprint_pem(&p.ca.cert_pem).unwrap();
+        assert!(
+            msg.contains(&format!(
+                "hive CA fingerprint mismatch: pinned {wrong}, presented {presented}"
+            )),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn name_not_in_the_certificate_fails() {
+        let fp = fingerprint_pem(&pki().ca.cert_pem).unwrap();
+        let (is_client, err) = handshake(&fp, "elsewhere.example").unwrap_err();
+        assert!(is_client);
+        assert!(matches!(err, rustls::Error::InvalidCertificate(_)), "{err}");
+    }
+
+    #[test]
+    fn a_cert_from_another_hive_with_the_right_ca_attached_fails() {
+        // A node of another hive presenting the pinned CA's certificate (public) next to
+        // its own: the pin matches but the chain does not.
+        let p = pki();
+        let other = generate_ca("other").unwrap();
+        let (cert, key) = issue_node_cert(
+            &other.cert_pem,
+            &other.key_pem,
+            "evil",
+            &["localhost".into()],
+        )
+        .unwrap();
+        let sc = server_config(&cert, &key, &p.ca.cert_pem).unwrap();
+        let cc = client_config_pinned(&fingerprint_pem(&p.ca.cert_pem).unwrap()).unwrap();
+        let mut client =
+            Connection::from(ClientConnection::new(cc, server_name("localhost").unwrap()).unwrap());
+        let mut server = Connection::from(ServerConnection::new(sc).unwrap());
+        let (is_client, err) = pump(&mut client, &mut server).unwrap_err();
+        assert!(is_client);
+        assert!(matches!(err, rustls::Error::InvalidCertificate(_)), "{err}");
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        let p = pki();
+        assert!(matches!(
+            client_config_pinned("abc"),
+            Err(TlsError::BadFingerprint(_))
+        ));
+        assert!(matches!(
+            client_config_pinned(&"zz".repeat(32)),
+            Err(TlsError::BadFingerprint(_))
+        ));
+        assert!(server_config("junk", &p.node_key, &p.ca.cert_pem).is_err());
+        assert!(server_config(&p.node_cert, "junk", &p.ca.cert_pem).is_err());
+        let other = generate_ca("other").unwrap();
+        assert!(matches!(
+            issue_node_cert(&p.ca.cert_pem, &other.key_pem, "n", &[]),
+            Err(TlsError::KeyMismatch)
+        ));
+        assert!(server_name("not a name!").is_err());
+        assert!(!format!("{:?}", p.ca).contains("PRIVATE"));
+    }
+}
