@@ -6,4 +6,8 @@
 //!   threads while delivering chunks in input order. Only chunks the hive lacks are then
 //!   uploaded.
 
+//! - [`hive`]: connections to a hive node (TLS with the pinned CA, token), the cluster map,
+//!   and shard-aware, pipelined has / put / get with verification of everything read.
+
+pub mod hive;
 pub mod pipeline;

@@ -51,27 +51,42 @@ pub struct NodeConfig {
 impl NodeConfig {
     pub fn load(dir: &Path) -> Result<NodeConfig> {
         let p = dir.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-        let cfg: NodeConfig = toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
+        let text =
+            std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        let cfg: NodeConfig =
+            toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
         if cfg.shards == 0 || cfg.shards as u32 > crate::format::MAX_SHARDS {
-            bail!("{}: shards must be 1..={}", p.display(), crate::format::MAX_SHARDS);
+            bail!(
+                "{}: shards must be 1..={}",
+                p.display(),
+                crate::format::MAX_SHARDS
+            );
         }
         Ok(cfg)
     }
 
     pub fn dedupe_key(&self) -> Result<DedupeKey> {
-        DedupeKey::from_hex(&self.dedupe_key).context("dedupe_key in hive.toml is not 64 hex digits")
+        DedupeKey::from_hex(&self.dedupe_key)
+            .context("dedupe_key in hive.toml is not 64 hex digits")
     }
 
     pub fn uring_options(&self) -> UringOptions {
-        UringOptions { sqpoll: self.sqpoll, iopoll: self.iopoll, ..Default::default() }
+        UringOptions {
+            sqpoll: self.sqpoll,
+            iopoll: self.iopoll,
+            ..Default::default()
+        }
     }
 
     /// Does `token` match the admin token?
     pub fn token_ok(&self, token: &str) -> bool {
         let h = hex::encode(Sha256::digest(token.as_bytes()));
         // Constant-time comparison: the hashes have equal length.
-        h.len() == self.admin_token_sha256.len() && h.bytes().zip(self.admin_token_sha256.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        h.len() == self.admin_token_sha256.len()
+            && h.bytes()
+                .zip(self.admin_token_sha256.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
     }
 }
 
@@ -98,7 +113,9 @@ pub struct InitOutcome {
 
 pub fn random_bytes<const N: usize>() -> Result<[u8; N]> {
     let mut b = [0u8; N];
-    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).context("reading /dev/urandom")?;
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .context("reading /dev/urandom")?;
     Ok(b)
 }
 
@@ -126,41 +143,83 @@ pub fn parse_size(s: &str) -> Result<u64> {
         }
         None => (s, 1),
     };
-    let n: u64 = num.trim().parse().with_context(|| format!("bad size {s:?}"))?;
-    n.checked_mul(mult).with_context(|| format!("size {s:?} overflows"))
+    let n: u64 = num
+        .trim()
+        .parse()
+        .with_context(|| format!("bad size {s:?}"))?;
+    n.checked_mul(mult)
+        .with_context(|| format!("size {s:?} overflows"))
 }
 
 /// `hive init`: create the data directory, keys, certificates and token, and format the
 /// device. Refuses to overwrite an existing configuration.
 pub fn init(o: &InitOptions) -> Result<InitOutcome> {
-    std::fs::create_dir_all(&o.data_dir).with_context(|| format!("creating {}", o.data_dir.display()))?;
+    std::fs::create_dir_all(&o.data_dir)
+        .with_context(|| format!("creating {}", o.data_dir.display()))?;
     let dir = o.data_dir.canonicalize()?;
     if dir.join(CONFIG_FILE).exists() {
-        bail!("{} already holds a hive node (hive.toml exists)", dir.display());
+        bail!(
+            "{} already holds a hive node (hive.toml exists)",
+            dir.display()
+        );
     }
     let device = o.device.clone().unwrap_or_else(|| dir.join("chunks.dev"));
-    let is_block = std::fs::metadata(&device).map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type())).unwrap_or(false);
-    let size = if is_block { None } else { Some(o.size_bytes.unwrap_or(DEFAULT_DEVICE_BYTES)) };
+    let is_block = std::fs::metadata(&device)
+        .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
+        .unwrap_or(false);
+    let size = if is_block {
+        None
+    } else {
+        Some(o.size_bytes.unwrap_or(DEFAULT_DEVICE_BYTES))
+    };
 
     let key = DedupeKey(random_bytes::<32>()?);
     let token = hex::encode(random_bytes::<32>()?);
-    let ca = hivefs_net::tls::generate_ca(&format!("hive {}", o.node_id)).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string(), o.node_id.clone()];
+    let ca = hivefs_net::tls::generate_ca(&format!("hive {}", o.node_id))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut sans = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        o.node_id.clone(),
+    ];
     if !sans.contains(&o.listen) {
         sans.push(o.listen.clone());
     }
-    let (node_pem, node_key) = hivefs_net::tls::issue_node_cert(&ca.cert_pem, &ca.key_pem, &o.node_id, &sans).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let fingerprint = hivefs_net::tls::fingerprint_pem(&ca.cert_pem).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (node_pem, node_key) =
+        hivefs_net::tls::issue_node_cert(&ca.cert_pem, &ca.key_pem, &o.node_id, &sans)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let fingerprint =
+        hivefs_net::tls::fingerprint_pem(&ca.cert_pem).map_err(|e| anyhow::anyhow!("{e}"))?;
 
     // Format the device: superblock, then every shard's control block and segment headers.
-    let mut dev = open_device(&device, size, UringOptions::default()).with_context(|| format!("opening device {}", device.display()))?;
-    let sb = Superblock::plan(dev.capacity_bytes(), o.shards, o.segment_bytes, o.bucket_count, key.0).map_err(|e| anyhow::anyhow!("cannot lay out {}: {e}", device.display()))?;
+    let mut dev = open_device(&device, size, UringOptions::default())
+        .with_context(|| format!("opening device {}", device.display()))?;
+    let sb = Superblock::plan(
+        dev.capacity_bytes(),
+        o.shards,
+        o.segment_bytes,
+        o.bucket_count,
+        key.0,
+    )
+    .map_err(|e| anyhow::anyhow!("cannot lay out {}: {e}", device.display()))?;
     for s in 0..o.shards {
         ShardCore::format(dev.as_mut(), &sb.shard_layout(s))?;
     }
     let mut b = AlignedBuf::new(BLOCK_SIZE);
     b.copy_from_slice(&sb.encode());
-    for c in hivefs_nvme::run_sync(dev.as_mut(), vec![IoRequest { tag: 0, op: IoOp::Write { offset: 0, buf: b } }, IoRequest { tag: 1, op: IoOp::Flush }])? {
+    for c in hivefs_nvme::run_sync(
+        dev.as_mut(),
+        vec![
+            IoRequest {
+                tag: 0,
+                op: IoOp::Write { offset: 0, buf: b },
+            },
+            IoRequest {
+                tag: 1,
+                op: IoOp::Flush,
+            },
+        ],
+    )? {
         c.result?;
     }
     drop(dev);
@@ -187,7 +246,11 @@ pub fn init(o: &InitOptions) -> Result<InitOutcome> {
     write_private(&dir.join("node.key"), &node_key)?;
     write_private(&dir.join("admin.token"), &token)?;
     write_private(&dir.join(CONFIG_FILE), &toml::to_string_pretty(&config)?)?;
-    Ok(InitOutcome { config, admin_token: token, ca_fingerprint: fingerprint })
+    Ok(InitOutcome {
+        config,
+        admin_token: token,
+        ca_fingerprint: fingerprint,
+    })
 }
 
 /// The CA fingerprint of a node's data directory.

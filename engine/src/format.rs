@@ -56,7 +56,7 @@ pub const MIN_SEGMENT_BYTES: u64 = 256 << 10;
 pub const MAX_SEGMENT_BYTES: u64 = 1 << 30;
 
 const _: () = assert!((1 + 2 * MAX_SHARDS as u64) * (BLOCK_SIZE as u64) <= DATA_START);
-const _: () = assert!(RECORD_HEADER_BYTES % RECORD_ALIGN == 0);
+const _: () = assert!(RECORD_HEADER_BYTES.is_multiple_of(RECORD_ALIGN));
 const _: () = assert!(24 + CHUNK_ID_BYTES <= 60);
 
 /// Errors decoding on-device structures (corrupt input, never a panic).
@@ -107,11 +107,19 @@ pub struct Superblock {
 
 impl Superblock {
     /// The layout that fits `capacity` bytes.
-    pub fn plan(capacity: u64, shards: u16, segment_bytes: u64, bucket_count: u32, dedupe_key: [u8; 32]) -> Result<Superblock, FormatError> {
+    pub fn plan(
+        capacity: u64,
+        shards: u16,
+        segment_bytes: u64,
+        bucket_count: u32,
+        dedupe_key: [u8; 32],
+    ) -> Result<Superblock, FormatError> {
         if shards == 0 || shards as u32 > MAX_SHARDS {
             return Err(FormatError::Range("shards"));
         }
-        if !(MIN_SEGMENT_BYTES..=MAX_SEGMENT_BYTES).contains(&segment_bytes) || segment_bytes % BLOCK_SIZE as u64 != 0 {
+        if !(MIN_SEGMENT_BYTES..=MAX_SEGMENT_BYTES).contains(&segment_bytes)
+            || !segment_bytes.is_multiple_of(BLOCK_SIZE as u64)
+        {
             return Err(FormatError::Range("segment_bytes"));
         }
         if !bucket_count.is_power_of_two() || bucket_count > 1 << 20 {
@@ -120,9 +128,17 @@ impl Superblock {
         let segments = capacity.saturating_sub(DATA_START) / segment_bytes;
         let per_shard = segments / shards as u64;
         if per_shard < 2 {
-            return Err(FormatError::Range("device too small: fewer than 2 segments per shard"));
+            return Err(FormatError::Range(
+                "device too small: fewer than 2 segments per shard",
+            ));
         }
-        Ok(Superblock { shards, segment_bytes, segments_per_shard: per_shard.min(u32::MAX as u64) as u32, bucket_count, dedupe_key })
+        Ok(Superblock {
+            shards,
+            segment_bytes,
+            segments_per_shard: per_shard.min(u32::MAX as u64) as u32,
+            bucket_count,
+            dedupe_key,
+        })
     }
 
     pub fn encode(&self) -> [u8; BLOCK_SIZE] {
@@ -158,7 +174,13 @@ impl Superblock {
             dedupe_key: b[24..56].try_into().expect("32 bytes"),
         };
         // Re-validate as if planning, so a corrupt-but-checksummed field cannot overflow.
-        Superblock::plan(sb.required_bytes(), sb.shards, sb.segment_bytes, sb.bucket_count, sb.dedupe_key)?;
+        Superblock::plan(
+            sb.required_bytes(),
+            sb.shards,
+            sb.segment_bytes,
+            sb.bucket_count,
+            sb.dedupe_key,
+        )?;
         Ok(sb)
     }
 
@@ -170,7 +192,12 @@ impl Superblock {
     pub fn shard_layout(&self, shard: u16) -> ShardLayout {
         assert!(shard < self.shards);
         let first = shard as u64 * self.segments_per_shard as u64;
-        ShardLayout { shard, segment_bytes: self.segment_bytes, segment_count: self.segments_per_shard, first_segment_offset: DATA_START + first * self.segment_bytes }
+        ShardLayout {
+            shard,
+            segment_bytes: self.segment_bytes,
+            segment_count: self.segments_per_shard,
+            first_segment_offset: DATA_START + first * self.segment_bytes,
+        }
     }
 }
 
@@ -228,7 +255,11 @@ impl ControlBlock {
         if crc32c::crc32c(&b[..20]) != rd_u32(b, 20) {
             return Err(FormatError::Checksum);
         }
-        Ok(ControlBlock { shard: rd_u16(b, 4), counter: rd_u64(b, 8), next_generation: rd_u32(b, 16) })
+        Ok(ControlBlock {
+            shard: rd_u16(b, 4),
+            counter: rd_u64(b, 8),
+            next_generation: rd_u32(b, 16),
+        })
     }
 }
 
@@ -270,7 +301,12 @@ impl SegmentHeader {
         if crc32c::crc32c(&b[..32]) != rd_u32(b, 32) {
             return Err(FormatError::Checksum);
         }
-        Ok(SegmentHeader { shard: rd_u16(b, 8), segment: rd_u32(b, 12), generation: rd_u32(b, 16), first_seq: rd_u64(b, 24) })
+        Ok(SegmentHeader {
+            shard: rd_u16(b, 8),
+            segment: rd_u32(b, 12),
+            generation: rd_u32(b, 16),
+            first_seq: rd_u64(b, 24),
+        })
     }
 }
 
@@ -301,9 +337,39 @@ pub fn record_span(stored_len: usize) -> usize {
 }
 
 impl RecordHeader {
-    /// Write header + payload into `out` (which must hold `record_span(payload.len())`
-    /// bytes), computing the CRC.
-    pub fn write(kind: RecordKind, codec: Codec, generation: u32, seq: u64, id: &ChunkId, raw_len: u32, payload: &[u8], out: &mut [u8]) {
+    /// A header for a new record (`stored_len` and `crc` are filled in by `write`).
+    pub fn new(
+        kind: RecordKind,
+        codec: Codec,
+        generation: u32,
+        seq: u64,
+        id: ChunkId,
+        raw_len: u32,
+    ) -> RecordHeader {
+        RecordHeader {
+            kind,
+            codec,
+            generation,
+            seq,
+            id,
+            raw_len,
+            stored_len: 0,
+            crc: 0,
+        }
+    }
+
+    /// Write this header + `payload` into `out` (which must hold
+    /// `record_span(payload.len())` bytes), setting the stored length and computing the CRC.
+    pub fn write(&self, payload: &[u8], out: &mut [u8]) {
+        let RecordHeader {
+            kind,
+            codec,
+            generation,
+            seq,
+            id,
+            raw_len,
+            ..
+        } = *self;
         let span = record_span(payload.len());
         assert!(out.len() >= span, "record buffer too small");
         let h = &mut out[..RECORD_HEADER_BYTES];
@@ -377,6 +443,123 @@ impl RecordHeader {
     }
 }
 
+/// Bytes of one segment-summary entry.
+///
+/// ```text
+///  0 kind u8 | 1 codec u8 | 2 reserved u16 | 4 offset u32 | 8 stored_len u32
+/// 12 raw_len u32 | 16 seq u64 | 24 id [33] | 57 reserved [7]
+/// ```
+pub const SUMMARY_ENTRY_BYTES: usize = 64;
+pub const FOOTER_MAGIC: u32 = u32::from_le_bytes(*b"HFTR");
+
+/// One record as listed in its segment's summary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SummaryEntry {
+    pub kind: RecordKind,
+    pub codec: Codec,
+    /// Offset of the record from the segment start.
+    pub offset: u32,
+    pub stored_len: u32,
+    pub raw_len: u32,
+    pub seq: u64,
+    pub id: ChunkId,
+}
+
+impl SummaryEntry {
+    pub fn encode_into(&self, b: &mut [u8]) {
+        let b = &mut b[..SUMMARY_ENTRY_BYTES];
+        b.fill(0);
+        b[0] = self.kind as u8;
+        b[1] = self.codec as u8;
+        b[4..8].copy_from_slice(&self.offset.to_le_bytes());
+        b[8..12].copy_from_slice(&self.stored_len.to_le_bytes());
+        b[12..16].copy_from_slice(&self.raw_len.to_le_bytes());
+        b[16..24].copy_from_slice(&self.seq.to_le_bytes());
+        b[24..24 + CHUNK_ID_BYTES].copy_from_slice(&self.id.0);
+    }
+
+    pub fn decode(b: &[u8]) -> Result<SummaryEntry, FormatError> {
+        if b.len() < SUMMARY_ENTRY_BYTES {
+            return Err(FormatError::Range("summary entry length"));
+        }
+        let kind = match b[0] {
+            1 => RecordKind::Chunk,
+            2 => RecordKind::Tombstone,
+            _ => return Err(FormatError::Range("summary kind")),
+        };
+        let stored_len = rd_u32(b, 8);
+        if stored_len as usize > MAX_CHUNK_STORED_BYTES {
+            return Err(FormatError::Range("summary stored_len"));
+        }
+        Ok(SummaryEntry {
+            kind,
+            codec: Codec::from_u8(b[1]).ok_or(FormatError::Range("summary codec"))?,
+            offset: rd_u32(b, 4),
+            stored_len,
+            raw_len: rd_u32(b, 12),
+            seq: rd_u64(b, 16),
+            id: ChunkId(b[24..24 + CHUNK_ID_BYTES].try_into().expect("id bytes")),
+        })
+    }
+}
+
+/// Bytes at the end of a segment that a summary of `entries` records and its footer take.
+pub fn summary_span(entries: usize) -> u64 {
+    ((entries * SUMMARY_ENTRY_BYTES).next_multiple_of(BLOCK_SIZE) + BLOCK_SIZE) as u64
+}
+
+/// The last block of a sealed segment: where its summary lies and what it covers. A
+/// segment's summary is the durable checkpoint of that segment's part of the index, so a
+/// restart reads summaries instead of records for every sealed segment.
+///
+/// ```text
+///  0 magic u32 "HFTR" | 4 format u8 | 5..8 reserved | 8 generation u32 | 12 entries u32
+/// 16 first_seq u64 | 24 summary_offset u64 | 32 summary_crc u32 | 36 crc u32
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentFooter {
+    pub generation: u32,
+    pub entries: u32,
+    pub first_seq: u64,
+    pub summary_offset: u64,
+    pub summary_crc: u32,
+}
+
+impl SegmentFooter {
+    pub fn encode_into(&self, b: &mut [u8]) {
+        b[..BLOCK_SIZE].fill(0);
+        b[0..4].copy_from_slice(&FOOTER_MAGIC.to_le_bytes());
+        b[4] = RECORD_FORMAT_VERSION;
+        b[8..12].copy_from_slice(&self.generation.to_le_bytes());
+        b[12..16].copy_from_slice(&self.entries.to_le_bytes());
+        b[16..24].copy_from_slice(&self.first_seq.to_le_bytes());
+        b[24..32].copy_from_slice(&self.summary_offset.to_le_bytes());
+        b[32..36].copy_from_slice(&self.summary_crc.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..36]);
+        b[36..40].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    pub fn decode(b: &[u8]) -> Result<SegmentFooter, FormatError> {
+        if b.len() < 40 {
+            return Err(FormatError::Range("footer length"));
+        }
+        check_magic(rd_u32(b, 0), FOOTER_MAGIC)?;
+        if b[4] != RECORD_FORMAT_VERSION {
+            return Err(FormatError::Version(b[4] as u32));
+        }
+        if crc32c::crc32c(&b[..36]) != rd_u32(b, 36) {
+            return Err(FormatError::Checksum);
+        }
+        Ok(SegmentFooter {
+            generation: rd_u32(b, 8),
+            entries: rd_u32(b, 12),
+            first_seq: rd_u64(b, 16),
+            summary_offset: rd_u64(b, 24),
+            summary_crc: rd_u32(b, 32),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -391,7 +574,10 @@ mod tests {
         assert!(Superblock::plan(1 << 20, 2, 4 << 20, 4096, [0; 32]).is_err());
         assert!(sb.required_bytes() <= 1 << 30);
         let l1 = sb.shard_layout(1);
-        assert_eq!(l1.first_segment_offset, DATA_START + sb.segments_per_shard as u64 * (4 << 20));
+        assert_eq!(
+            l1.first_segment_offset,
+            DATA_START + sb.segments_per_shard as u64 * (4 << 20)
+        );
     }
 
     #[test]
@@ -399,22 +585,69 @@ mod tests {
         let id = ChunkId([9; CHUNK_ID_BYTES]);
         let payload = b"hello records";
         let mut buf = vec![0u8; record_span(payload.len())];
-        RecordHeader::write(RecordKind::Chunk, Codec::Raw, 7, 42, &id, 13, payload, &mut buf);
+        RecordHeader::new(RecordKind::Chunk, Codec::Raw, 7, 42, id, 13).write(payload, &mut buf);
         let h = RecordHeader::decode(&buf).unwrap();
-        assert_eq!((h.kind, h.generation, h.seq, h.id, h.raw_len, h.stored_len), (RecordKind::Chunk, 7, 42, id, 13, 13));
+        assert_eq!(
+            (h.kind, h.generation, h.seq, h.id, h.raw_len, h.stored_len),
+            (RecordKind::Chunk, 7, 42, id, 13, 13)
+        );
         h.check_crc(&buf).unwrap();
         buf[RECORD_HEADER_BYTES + 2] ^= 0x10;
         assert_eq!(h.check_crc(&buf), Err(FormatError::Checksum));
         let mut big = buf.clone();
         big[64..68].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert_eq!(RecordHeader::decode(&big), Err(FormatError::Range("stored_len")));
+        assert_eq!(
+            RecordHeader::decode(&big),
+            Err(FormatError::Range("stored_len"))
+        );
+    }
+
+    #[test]
+    fn summary_and_footer() {
+        let e = SummaryEntry {
+            kind: RecordKind::Tombstone,
+            codec: Codec::Lz4,
+            offset: 4096,
+            stored_len: 9,
+            raw_len: 20,
+            seq: 77,
+            id: ChunkId([4; CHUNK_ID_BYTES]),
+        };
+        let mut b = [0u8; SUMMARY_ENTRY_BYTES];
+        e.encode_into(&mut b);
+        assert_eq!(SummaryEntry::decode(&b).unwrap(), e);
+        b[0] = 9;
+        assert!(SummaryEntry::decode(&b).is_err());
+        let f = SegmentFooter {
+            generation: 3,
+            entries: 2,
+            first_seq: 10,
+            summary_offset: 8192,
+            summary_crc: 5,
+        };
+        let mut fb = [0u8; BLOCK_SIZE];
+        f.encode_into(&mut fb);
+        assert_eq!(SegmentFooter::decode(&fb).unwrap(), f);
+        fb[13] ^= 1;
+        assert_eq!(SegmentFooter::decode(&fb), Err(FormatError::Checksum));
+        assert_eq!(summary_span(0), BLOCK_SIZE as u64);
+        assert_eq!(summary_span(65), 3 * BLOCK_SIZE as u64);
     }
 
     #[test]
     fn control_and_segment_headers() {
-        let c = ControlBlock { shard: 3, counter: 9, next_generation: 77 };
+        let c = ControlBlock {
+            shard: 3,
+            counter: 9,
+            next_generation: 77,
+        };
         assert_eq!(ControlBlock::decode(&c.encode()).unwrap(), c);
-        let s = SegmentHeader { shard: 1, segment: 5, generation: 6, first_seq: 1000 };
+        let s = SegmentHeader {
+            shard: 1,
+            segment: 5,
+            generation: 6,
+            first_seq: 1000,
+        };
         let mut b = [0u8; BLOCK_SIZE];
         s.encode_into(&mut b);
         assert_eq!(SegmentHeader::decode(&b).unwrap(), s);

@@ -54,7 +54,10 @@ pub struct Index {
 
 impl Index {
     pub fn with_capacity(n: usize) -> Index {
-        Index { map: HashMap::with_capacity(n), ..Default::default() }
+        Index {
+            map: HashMap::with_capacity(n),
+            ..Default::default()
+        }
     }
 
     pub fn get(&self, id: &ChunkId) -> Option<&IndexEntry> {
@@ -83,7 +86,9 @@ impl Index {
     /// Mark the entry created by record `seq` durable and verified. A later record for the
     /// same id (a tombstone, or a re-put) wins: then nothing changes.
     pub fn mark_verified(&mut self, id: &ChunkId, seq: u64) -> bool {
-        let Some(e) = self.map.get_mut(id) else { return false };
+        let Some(e) = self.map.get_mut(id) else {
+            return false;
+        };
         if e.seq != seq || e.state == EntryState::Verified {
             return false;
         }
@@ -139,7 +144,13 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn loc(n: u32) -> Location {
-        Location { segment: n, offset: n * 8, stored_len: n, raw_len: 2 * n, codec: Codec::Raw }
+        Location {
+            segment: n,
+            offset: n * 8,
+            stored_len: n,
+            raw_len: 2 * n,
+            codec: Codec::Raw,
+        }
     }
 
     /// The index against a BTreeMap model under random operations.
@@ -158,12 +169,24 @@ mod tests {
             match (x >> 8) % 3 {
                 0 => {
                     let n = (x >> 16) as u32 % 1000 + 1;
-                    idx.insert(id, IndexEntry { loc: loc(n), state: EntryState::Pending { batch: 1 }, seq, replication_level: 1 });
+                    idx.insert(
+                        id,
+                        IndexEntry {
+                            loc: loc(n),
+                            state: EntryState::Pending { batch: 1 },
+                            seq,
+                            replication_level: 1,
+                        },
+                    );
                     model.insert(k, (n, false, seq));
                 }
                 1 => {
                     let v = model.get(&k).map(|m| m.2);
-                    let s = if (x >> 20) % 2 == 0 { v.unwrap_or(0) } else { seq };
+                    let s = if (x >> 20).is_multiple_of(2) {
+                        v.unwrap_or(0)
+                    } else {
+                        seq
+                    };
                     let changed = idx.mark_verified(&id, s);
                     let expect = matches!(model.get(&k), Some((_, false, ms)) if *ms == s);
                     assert_eq!(changed, expect);

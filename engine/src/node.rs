@@ -79,16 +79,42 @@ impl Node {
             tracing::warn!("--insecure: serving plain TCP without TLS (for measurements only)");
             None
         } else {
-            let read = |f: &str| std::fs::read_to_string(dir.join(f)).with_context(|| format!("reading {f} in {}", dir.display()));
-            Some(hivefs_net::tls::server_config(&read("node.pem")?, &read("node.key")?, &read("ca.pem")?).map_err(|e| anyhow::anyhow!("{e}"))?)
+            let read = |f: &str| {
+                std::fs::read_to_string(dir.join(f))
+                    .with_context(|| format!("reading {f} in {}", dir.display()))
+            };
+            Some(
+                hivefs_net::tls::server_config(
+                    &read("node.pem")?,
+                    &read("node.key")?,
+                    &read("ca.pem")?,
+                )
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+            )
         };
         // The superblock tells the layout; the config must agree with it.
-        let mut dev0 = open_device(&cfg.device, None, cfg.uring_options()).with_context(|| format!("opening {}", cfg.device.display()))?;
-        let c = run_sync(dev0.as_mut(), vec![IoRequest { tag: 0, op: IoOp::Read { offset: 0, buf: AlignedBuf::new(BLOCK_SIZE) } }])?;
-        let sb_buf = c.into_iter().next().and_then(|c| c.result.ok().and(c.buf)).context("reading the superblock")?;
-        let sb = Superblock::decode(&sb_buf).map_err(|e| anyhow::anyhow!("{}: not a hive device: {e}", cfg.device.display()))?;
+        let mut dev0 = open_device(&cfg.device, None, cfg.uring_options())
+            .with_context(|| format!("opening {}", cfg.device.display()))?;
+        let c = run_sync(
+            dev0.as_mut(),
+            vec![IoRequest {
+                tag: 0,
+                op: IoOp::Read {
+                    offset: 0,
+                    buf: AlignedBuf::new(BLOCK_SIZE),
+                },
+            }],
+        )?;
+        let sb_buf = c
+            .into_iter()
+            .next()
+            .and_then(|c| c.result.ok().and(c.buf))
+            .context("reading the superblock")?;
+        let sb = Superblock::decode(&sb_buf)
+            .map_err(|e| anyhow::anyhow!("{}: not a hive device: {e}", cfg.device.display()))?;
         drop(dev0);
-        if sb.shards != cfg.shards || sb.dedupe_key != key.0 || sb.bucket_count != cfg.bucket_count {
+        if sb.shards != cfg.shards || sb.dedupe_key != key.0 || sb.bucket_count != cfg.bucket_count
+        {
             bail!("hive.toml does not match the device superblock (shards {} vs {}, buckets {} vs {})", cfg.shards, sb.shards, cfg.bucket_count, sb.bucket_count);
         }
         let map = ClusterMap {
@@ -98,7 +124,9 @@ impl Node {
             shard_count: cfg.shards,
             base_port: cfg.base_port,
             dedupe_key: key,
-            bucket_to_shard: (0..cfg.bucket_count).map(|b| (b % cfg.shards as u32) as u16).collect(),
+            bucket_to_shard: (0..cfg.bucket_count)
+                .map(|b| (b % cfg.shards as u32) as u16)
+                .collect(),
         };
         let stop = Arc::new(AtomicBool::new(false));
         let mut setups = Vec::new();
@@ -106,34 +134,68 @@ impl Node {
         for shard in 0..cfg.shards {
             let dev = open_device(&cfg.device, None, cfg.uring_options())?;
             let device_desc = dev.describe();
-            let scfg = ShardConfig { commit_max_bytes: cfg.commit_max_bytes, replication_level: 1 };
+            let scfg = ShardConfig {
+                commit_max_bytes: cfg.commit_max_bytes,
+                replication_level: 1,
+                use_summaries: true,
+            };
             let t0 = std::time::Instant::now();
-            let core = ShardCore::open(dev, sb.shard_layout(shard), key, scfg).with_context(|| format!("opening shard {shard}"))?;
+            let core = ShardCore::open(dev, sb.shard_layout(shard), key, scfg)
+                .with_context(|| format!("opening shard {shard}"))?;
             let st = core.stats();
-            tracing::info!(shard, chunks = st.chunks, records = st.replayed_records, ms = t0.elapsed().as_millis() as u64, device = %device_desc, "shard replayed");
-            let port = if cfg.base_port == 0 { 0 } else { cfg.base_port + shard };
-            let addr: SocketAddr = format!("{}:{}", cfg.listen, port).parse().with_context(|| format!("bad listen address {}:{port}", cfg.listen))?;
-            let mut listener = TcpListener::bind(addr).with_context(|| format!("binding shard {shard} to {addr}"))?;
+            tracing::info!(shard, chunks = st.chunks, records = st.replayed_records, summaries = st.replayed_summaries, ms = t0.elapsed().as_millis() as u64, device = %device_desc, "shard replayed");
+            let port = if cfg.base_port == 0 {
+                0
+            } else {
+                cfg.base_port + shard
+            };
+            let addr: SocketAddr = format!("{}:{}", cfg.listen, port)
+                .parse()
+                .with_context(|| format!("bad listen address {}:{port}", cfg.listen))?;
+            let mut listener = TcpListener::bind(addr)
+                .with_context(|| format!("binding shard {shard} to {addr}"))?;
             ports.push(listener.local_addr()?.port());
             let poll = Poll::new()?;
-            poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
-            setups.push(ShardSetup { shard, core, listener, poll, tls: tls.clone(), cfg: cfg.clone(), map: map.clone(), stop: stop.clone(), device_desc });
+            poll.registry()
+                .register(&mut listener, LISTENER, Interest::READABLE)?;
+            setups.push(ShardSetup {
+                shard,
+                core,
+                listener,
+                poll,
+                tls: tls.clone(),
+                cfg: cfg.clone(),
+                map: map.clone(),
+                stop: stop.clone(),
+                device_desc,
+            });
         }
         let mut threads = Vec::new();
         let mut wakers = Vec::new();
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        for mut s in setups {
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        for s in setups {
             let waker = Arc::new(Waker::new(s.poll.registry(), WAKER)?);
             wakers.push(waker);
             let pin = s.cfg.pin_cores.then_some(s.shard as usize % cores);
-            threads.push(std::thread::Builder::new().name(format!("shard-{}", s.shard)).spawn(move || {
-                if let Some(cpu) = pin {
-                    pin_to_cpu(cpu);
-                }
-                ShardLoop::new(s).run()
-            })?);
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("shard-{}", s.shard))
+                    .spawn(move || {
+                        if let Some(cpu) = pin {
+                            pin_to_cpu(cpu);
+                        }
+                        ShardLoop::new(s).run()
+                    })?,
+            );
         }
-        Ok(Node { threads, wakers, stop, ports })
+        Ok(Node {
+            threads,
+            wakers,
+            stop,
+            ports,
+        })
     }
 
     /// Ask every shard to stop and wait for them (in-flight commits finish first).
@@ -171,7 +233,11 @@ fn pin_to_cpu(cpu: usize) {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
         if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            tracing::warn!(cpu, "could not pin shard thread: {}", std::io::Error::last_os_error());
+            tracing::warn!(
+                cpu,
+                "could not pin shard thread: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
 }
@@ -205,20 +271,38 @@ struct ShardLoop {
 
 impl ShardLoop {
     fn new(s: ShardSetup) -> ShardLoop {
-        ShardLoop { s, conns: HashMap::new(), next_conn: FIRST_CONN, tickets: HashMap::new(), next_ticket: 1, frames: Vec::new(), completions: Vec::new(), dirty: HashSet::new() }
+        ShardLoop {
+            s,
+            conns: HashMap::new(),
+            next_conn: FIRST_CONN,
+            tickets: HashMap::new(),
+            next_ticket: 1,
+            frames: Vec::new(),
+            completions: Vec::new(),
+            dirty: HashSet::new(),
+        }
     }
 
     fn run(mut self) -> Result<()> {
         let mut events = Events::with_capacity(1024);
         let shard = self.s.shard;
-        tracing::info!(shard, port = self.s.listener.local_addr()?.port(), tls = self.s.tls.is_some(), "shard serving");
+        tracing::info!(
+            shard,
+            port = self.s.listener.local_addr()?.port(),
+            tls = self.s.tls.is_some(),
+            "shard serving"
+        );
         loop {
             let stopping = self.s.stop.load(Ordering::SeqCst);
             if stopping && !self.s.core.busy() {
                 break;
             }
             let busy = self.s.core.busy() || self.conns.values().any(|c| c.maybe_more);
-            let timeout = if busy { Some(Duration::ZERO) } else { Some(PARK) };
+            let timeout = if busy {
+                Some(Duration::ZERO)
+            } else {
+                Some(PARK)
+            };
             if let Err(e) = self.s.poll.poll(&mut events, timeout) {
                 if e.kind() != std::io::ErrorKind::Interrupted {
                     return Err(e.into());
@@ -233,7 +317,12 @@ impl ShardLoop {
                 }
             }
             // Connections with unread frames (credit-limited earlier) are read again too.
-            ready.extend(self.conns.iter().filter(|(_, c)| c.maybe_more).map(|(t, _)| *t));
+            ready.extend(
+                self.conns
+                    .iter()
+                    .filter(|(_, c)| c.maybe_more)
+                    .map(|(t, _)| *t),
+            );
             ready.sort_unstable();
             ready.dedup();
             for t in ready {
@@ -265,13 +354,27 @@ impl ShardLoop {
                     let _ = stream.set_nodelay(true);
                     let t = self.next_conn;
                     self.next_conn += 1;
-                    if let Err(e) = self.s.poll.registry().register(&mut stream, Token(t), Interest::READABLE | Interest::WRITABLE) {
+                    if let Err(e) = self.s.poll.registry().register(
+                        &mut stream,
+                        Token(t),
+                        Interest::READABLE | Interest::WRITABLE,
+                    ) {
                         tracing::warn!(%peer, "register: {e}");
                         continue;
                     }
                     match FramedConn::new_server(stream, self.s.tls.clone()) {
                         Ok(framed) => {
-                            self.conns.insert(t, Conn { framed, peer, version: None, in_flight: 0, closing: false, maybe_more: false });
+                            self.conns.insert(
+                                t,
+                                Conn {
+                                    framed,
+                                    peer,
+                                    version: None,
+                                    in_flight: 0,
+                                    closing: false,
+                                    maybe_more: false,
+                                },
+                            );
                         }
                         Err(e) => tracing::warn!(%peer, "connection setup: {e}"),
                     }
@@ -289,13 +392,20 @@ impl ShardLoop {
     fn service(&mut self, t: usize) {
         let credits = self.s.cfg.credits;
         let queue_full = self.s.core.queued() >= QUEUE_HIGH_WATER;
-        let Some(c) = self.conns.get_mut(&t) else { return };
+        let Some(c) = self.conns.get_mut(&t) else {
+            return;
+        };
         if !c.closing {
-            let room = if queue_full { 0 } else { credits.saturating_sub(c.in_flight) as usize };
+            let room = if queue_full {
+                0
+            } else {
+                credits.saturating_sub(c.in_flight) as usize
+            };
             self.frames.clear();
             match c.framed.read_frames(&mut self.frames, room) {
                 Ok(status) => {
-                    c.maybe_more = room > 0 && self.frames.len() == room || (room == 0 && !queue_full && c.framed.buffered_in() > 0);
+                    c.maybe_more = room > 0 && self.frames.len() == room
+                        || (room == 0 && !queue_full && c.framed.buffered_in() > 0);
                     if room == 0 {
                         c.maybe_more = true;
                     }
@@ -328,7 +438,9 @@ impl ShardLoop {
     }
 
     fn reply(&mut self, t: usize, req: u64, resp: &Response) {
-        let Some(c) = self.conns.get_mut(&t) else { return };
+        let Some(c) = self.conns.get_mut(&t) else {
+            return;
+        };
         let v = c.version.unwrap_or(PROTOCOL_VERSION_MIN);
         c.framed.queue_frame(&frame_response(v, req, resp));
         self.dirty.insert(t);
@@ -336,7 +448,14 @@ impl ShardLoop {
 
     /// Send an error and close the connection once it is written.
     fn fail_conn(&mut self, t: usize, req: u64, code: ErrorCode, message: &str) {
-        self.reply(t, req, &Response::Error { code, message: message.chars().take(1000).collect() });
+        self.reply(
+            t,
+            req,
+            &Response::Error {
+                code,
+                message: message.chars().take(1000).collect(),
+            },
+        );
         if let Some(c) = self.conns.get_mut(&t) {
             c.closing = true;
             c.maybe_more = false;
@@ -361,9 +480,19 @@ impl ShardLoop {
         };
         let authed = c.version.is_some();
         match request {
-            Request::Hello { min_version, max_version, token, client_name } => {
+            Request::Hello {
+                min_version,
+                max_version,
+                token,
+                client_name,
+            } => {
                 if authed {
-                    self.fail_conn(t, req_id, ErrorCode::BadRequest, "second Hello on a connection");
+                    self.fail_conn(
+                        t,
+                        req_id,
+                        ErrorCode::BadRequest,
+                        "second Hello on a connection",
+                    );
                     return;
                 }
                 let v = max_version.min(PROTOCOL_VERSION_MAX);
@@ -381,12 +510,23 @@ impl ShardLoop {
                 if let Some(c) = self.conns.get_mut(&t) {
                     c.version = Some(v);
                 }
-                let resp = Response::HelloOk { version: v, node_id: self.s.cfg.node_id.clone(), shard, shard_count: self.s.cfg.shards, credits: self.s.cfg.credits };
+                let resp = Response::HelloOk {
+                    version: v,
+                    node_id: self.s.cfg.node_id.clone(),
+                    shard,
+                    shard_count: self.s.cfg.shards,
+                    credits: self.s.cfg.credits,
+                };
                 self.reply(t, req_id, &resp);
             }
             _ if !authed => {
                 tracing::warn!(shard, %peer, req = req_id, "request before Hello");
-                self.fail_conn(t, req_id, ErrorCode::Unauthenticated, "the first frame must be Hello with a token");
+                self.fail_conn(
+                    t,
+                    req_id,
+                    ErrorCode::Unauthenticated,
+                    "the first frame must be Hello with a token",
+                );
             }
             Request::Has { ids } => {
                 if let Some(bad) = self.wrong_shard(&ids) {
@@ -395,7 +535,14 @@ impl ShardLoop {
                 }
                 let mut present = Vec::with_capacity(ids.len());
                 let claim_epoch = self.s.core.has(&ids, &mut present);
-                self.reply(t, req_id, &Response::HasReply { claim_epoch, present });
+                self.reply(
+                    t,
+                    req_id,
+                    &Response::HasReply {
+                        claim_epoch,
+                        present,
+                    },
+                );
             }
             Request::Put { chunks } => {
                 let ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
@@ -403,8 +550,20 @@ impl ShardLoop {
                     self.reply(t, req_id, &bad);
                     return;
                 }
-                let ticket = self.ticket(Pending::Put { conn: t, req: req_id, n: chunks.len() });
-                let chunks = chunks.into_iter().map(|c| crate::shard::PutChunk { id: c.id, codec: c.codec, raw_len: c.raw_len, data: c.data }).collect();
+                let ticket = self.ticket(Pending::Put {
+                    conn: t,
+                    req: req_id,
+                    n: chunks.len(),
+                });
+                let chunks = chunks
+                    .into_iter()
+                    .map(|c| crate::shard::PutChunk {
+                        id: c.id,
+                        codec: c.codec,
+                        raw_len: c.raw_len,
+                        data: c.data,
+                    })
+                    .collect();
                 self.s.core.put(ticket, chunks);
             }
             Request::Get { id } => {
@@ -412,14 +571,23 @@ impl ShardLoop {
                     self.reply(t, req_id, &bad);
                     return;
                 }
-                let ticket = self.ticket(Pending::Get { conn: t, req: req_id });
+                let ticket = self.ticket(Pending::Get {
+                    conn: t,
+                    req: req_id,
+                });
                 self.s.core.get(ticket, id);
             }
             Request::Stats => {
                 let mut v = serde_json::to_value(self.s.core.stats()).unwrap_or_default();
                 v["device"] = serde_json::Value::String(self.s.device_desc.clone());
                 v["node_id"] = serde_json::Value::String(self.s.cfg.node_id.clone());
-                self.reply(t, req_id, &Response::StatsReply { json: v.to_string() });
+                self.reply(
+                    t,
+                    req_id,
+                    &Response::StatsReply {
+                        json: v.to_string(),
+                    },
+                );
             }
             Request::Map => {
                 let map = self.s.map.clone();
@@ -431,7 +599,13 @@ impl ShardLoop {
     fn wrong_shard(&self, ids: &[ChunkId]) -> Option<Response> {
         let me = self.s.shard;
         let bad = ids.iter().find(|id| self.s.map.shard_of(id) != me)?;
-        Some(Response::Error { code: ErrorCode::WrongShard, message: format!("chunk {bad:?} belongs to shard {}, not {me}", self.s.map.shard_of(bad)) })
+        Some(Response::Error {
+            code: ErrorCode::WrongShard,
+            message: format!(
+                "chunk {bad:?} belongs to shard {}, not {me}",
+                self.s.map.shard_of(bad)
+            ),
+        })
     }
 
     fn ticket(&mut self, p: Pending) -> u64 {
@@ -449,7 +623,11 @@ impl ShardLoop {
 
     fn complete(&mut self, c: Completion) {
         let (ticket, resp) = match c {
-            Completion::Put { ticket, claim_epoch, result } => {
+            Completion::Put {
+                ticket,
+                claim_epoch,
+                result,
+            } => {
                 let resp = match result {
                     Ok(outcomes) => Response::PutReply {
                         claim_epoch,
@@ -468,15 +646,25 @@ impl ShardLoop {
             }
             Completion::Get { ticket, result } => {
                 let resp = match result {
-                    Ok(ch) => Response::GetReply { chunk: Some((ch.codec, ch.raw_len, ch.data)) },
+                    Ok(ch) => Response::GetReply {
+                        chunk: Some((ch.codec, ch.raw_len, ch.data)),
+                    },
                     Err(ShardError::NotFound(_)) => Response::GetReply { chunk: None },
                     Err(e) => shard_error(&e),
                 };
                 (ticket, resp)
             }
-            Completion::Delete { ticket, .. } => (ticket, Response::Error { code: ErrorCode::Internal, message: "unexpected delete".into() }),
+            Completion::Delete { ticket, .. } => (
+                ticket,
+                Response::Error {
+                    code: ErrorCode::Internal,
+                    message: "unexpected delete".into(),
+                },
+            ),
         };
-        let Some(p) = self.tickets.remove(&ticket) else { return };
+        let Some(p) = self.tickets.remove(&ticket) else {
+            return;
+        };
         let (conn, req) = match p {
             Pending::Put { conn, req, n } => {
                 if let Response::PutReply { results, .. } = &resp {
@@ -497,7 +685,9 @@ impl ShardLoop {
     }
 
     fn flush(&mut self, t: usize) {
-        let Some(c) = self.conns.get_mut(&t) else { return };
+        let Some(c) = self.conns.get_mut(&t) else {
+            return;
+        };
         match c.framed.flush() {
             Ok(all) => {
                 if all && c.closing {
@@ -527,5 +717,8 @@ fn shard_error(e: &ShardError) -> Response {
         ShardError::BadRequest(_) => ErrorCode::BadRequest,
         _ => ErrorCode::Internal,
     };
-    Response::Error { code, message: e.to_string() }
+    Response::Error {
+        code,
+        message: e.to_string(),
+    }
 }

@@ -22,10 +22,17 @@
 //! that was open at a crash is never appended to again: writing resumes in a new segment,
 //! so stale bytes beyond a torn tail can never be mistaken for new records.
 
-use crate::format::{record_span, ControlBlock, RecordHeader, RecordKind, SegmentHeader, ShardLayout, RECORD_HEADER_BYTES};
+use crate::format::{
+    record_span, summary_span, ControlBlock, RecordHeader, RecordKind, SegmentFooter,
+    SegmentHeader, ShardLayout, SummaryEntry, RECORD_HEADER_BYTES, SUMMARY_ENTRY_BYTES,
+};
 use crate::index::{EntryState, Index, IndexEntry, Location};
-use hivefs_net::chunk::{self, ChunkId, Codec, DedupeKey, MAX_CHUNK_RAW_BYTES, MAX_CHUNK_STORED_BYTES};
-use hivefs_nvme::{run_sync, AlignedBuf, BlockDevice, IoCompletion, IoError, IoOp, IoRequest, BLOCK_SIZE};
+use hivefs_net::chunk::{
+    self, ChunkId, Codec, DedupeKey, MAX_CHUNK_RAW_BYTES, MAX_CHUNK_STORED_BYTES,
+};
+use hivefs_nvme::{
+    run_sync, AlignedBuf, BlockDevice, IoCompletion, IoError, IoOp, IoRequest, BLOCK_SIZE,
+};
 use std::collections::{HashMap, VecDeque};
 
 /// Generations reserved per control-block write.
@@ -45,11 +52,18 @@ pub struct ShardConfig {
     pub commit_max_bytes: usize,
     /// Copies a stored chunk is recorded as having (one node: 1).
     pub replication_level: u8,
+    /// Replay sealed segments from their summaries (false: scan every record; the
+    /// simulator compares both).
+    pub use_summaries: bool,
 }
 
 impl Default for ShardConfig {
     fn default() -> Self {
-        ShardConfig { commit_max_bytes: 1 << 20, replication_level: 1 }
+        ShardConfig {
+            commit_max_bytes: 1 << 20,
+            replication_level: 1,
+            use_summaries: true,
+        }
     }
 }
 
@@ -102,9 +116,19 @@ pub struct StoredChunk {
 /// What the shard reports back for a ticket.
 #[derive(Debug)]
 pub enum Completion {
-    Put { ticket: u64, claim_epoch: u64, result: Result<Vec<PutOutcome>, ShardError> },
-    Get { ticket: u64, result: Result<StoredChunk, ShardError> },
-    Delete { ticket: u64, result: Result<u32, ShardError> },
+    Put {
+        ticket: u64,
+        claim_epoch: u64,
+        result: Result<Vec<PutOutcome>, ShardError>,
+    },
+    Get {
+        ticket: u64,
+        result: Result<StoredChunk, ShardError>,
+    },
+    Delete {
+        ticket: u64,
+        result: Result<u32, ShardError>,
+    },
 }
 
 /// Counters since the shard opened (chunk totals come from the index).
@@ -130,6 +154,7 @@ pub struct ShardStats {
     pub device_bytes_used: u64,
     pub device_bytes_total: u64,
     pub replayed_records: u64,
+    pub replayed_summaries: u64,
     pub gc_epoch: u64,
     pub failed: Option<String>,
 }
@@ -138,7 +163,20 @@ pub struct ShardStats {
 enum SegmentState {
     Free,
     /// Holds records; never appended to again unless it is the active segment.
-    InUse { generation: u32, first_seq: u64 },
+    InUse {
+        generation: u32,
+        first_seq: u64,
+    },
+}
+
+/// The segment being appended to.
+struct Active {
+    segment: u32,
+    generation: u32,
+    /// Where the next commit batch starts (block aligned).
+    next_off: u64,
+    /// Every record appended so far, for the summary written when the segment is sealed.
+    summary: Vec<SummaryEntry>,
 }
 
 /// A commit batch: blocks of the active segment being filled, or being written.
@@ -170,14 +208,26 @@ struct DeleteTicket {
 }
 
 enum Queued {
-    Put { ticket: u64, idx: usize, chunk: PutChunk },
-    Delete { ticket: u64, id: ChunkId },
+    Put {
+        ticket: u64,
+        idx: usize,
+        chunk: PutChunk,
+    },
+    Delete {
+        ticket: u64,
+        id: ChunkId,
+    },
 }
 
 enum IoPurpose {
     CommitWrite,
     CommitFlush,
-    Get { ticket: u64, id: ChunkId, loc: Location, skip: usize },
+    Get {
+        ticket: u64,
+        id: ChunkId,
+        loc: Location,
+        skip: usize,
+    },
 }
 
 /// The state machine of one shard. See the module docs.
@@ -195,7 +245,7 @@ pub struct ShardCore {
     generation_limit: u32,
     control: ControlBlock,
     /// The segment being appended to and its next free (block-aligned) offset.
-    active: Option<(u32, u32, u64)>,
+    active: Option<Active>,
     building: Batch,
     /// The batch whose write + flush is in flight.
     inflight: Option<Batch>,
@@ -214,48 +264,110 @@ pub struct ShardCore {
 
 fn batch_buf_bytes(cfg: &ShardConfig) -> usize {
     // Room for a segment header block, a full batch and one maximal record past the mark.
-    (BLOCK_SIZE + cfg.commit_max_bytes + record_span(MAX_CHUNK_STORED_BYTES) + BLOCK_SIZE).next_multiple_of(BLOCK_SIZE)
+    (BLOCK_SIZE + cfg.commit_max_bytes + record_span(MAX_CHUNK_STORED_BYTES) + BLOCK_SIZE)
+        .next_multiple_of(BLOCK_SIZE)
 }
 
 impl ShardCore {
     /// Write a fresh shard's control block (used by `hive init` and tests).
     pub fn format(dev: &mut dyn BlockDevice, layout: &ShardLayout) -> Result<(), ShardError> {
-        let cb = ControlBlock { shard: layout.shard, counter: 1, next_generation: 1 };
+        let cb = ControlBlock {
+            shard: layout.shard,
+            counter: 1,
+            next_generation: 1,
+        };
         let mut a = AlignedBuf::new(BLOCK_SIZE);
         a.copy_from_slice(&cb.encode());
         let b = AlignedBuf::new(BLOCK_SIZE); // slot B zeroed: invalid
         let mut reqs = vec![
-            IoRequest { tag: 0, op: IoOp::Write { offset: layout.control_offset(0), buf: a } },
-            IoRequest { tag: 1, op: IoOp::Write { offset: layout.control_offset(1), buf: b } },
+            IoRequest {
+                tag: 0,
+                op: IoOp::Write {
+                    offset: layout.control_offset(0),
+                    buf: a,
+                },
+            },
+            IoRequest {
+                tag: 1,
+                op: IoOp::Write {
+                    offset: layout.control_offset(1),
+                    buf: b,
+                },
+            },
         ];
         // Zero every segment header so no stale segment from an older format is replayed.
         for s in 0..layout.segment_count {
-            reqs.push(IoRequest { tag: 2 + s as u64, op: IoOp::Write { offset: layout.segment_offset(s), buf: AlignedBuf::new(BLOCK_SIZE) } });
+            reqs.push(IoRequest {
+                tag: 2 + s as u64,
+                op: IoOp::Write {
+                    offset: layout.segment_offset(s),
+                    buf: AlignedBuf::new(BLOCK_SIZE),
+                },
+            });
         }
         for chunk in reqs.chunks_mut(SYNC_BATCH) {
-            let batch: Vec<IoRequest> = chunk.iter_mut().map(|r| IoRequest { tag: r.tag, op: std::mem::replace(&mut r.op, IoOp::Flush) }).collect();
+            let batch: Vec<IoRequest> = chunk
+                .iter_mut()
+                .map(|r| IoRequest {
+                    tag: r.tag,
+                    op: std::mem::replace(&mut r.op, IoOp::Flush),
+                })
+                .collect();
             check_all(run_sync(dev, batch)?)?;
         }
-        check_all(run_sync(dev, vec![IoRequest { tag: 0, op: IoOp::Flush }])?)?;
+        check_all(run_sync(
+            dev,
+            vec![IoRequest {
+                tag: 0,
+                op: IoOp::Flush,
+            }],
+        )?)?;
         Ok(())
     }
 
     /// Open a shard: read its control block, reserve generations, replay its log.
-    pub fn open(mut dev: Box<dyn BlockDevice>, layout: ShardLayout, key: DedupeKey, cfg: ShardConfig) -> Result<ShardCore, ShardError> {
+    pub fn open(
+        mut dev: Box<dyn BlockDevice>,
+        layout: ShardLayout,
+        key: DedupeKey,
+        cfg: ShardConfig,
+    ) -> Result<ShardCore, ShardError> {
         // 1. Control block: the valid slot with the higher counter.
-        let reads = (0..2u8).map(|slot| IoRequest { tag: slot as u64, op: IoOp::Read { offset: layout.control_offset(slot), buf: AlignedBuf::new(BLOCK_SIZE) } }).collect();
+        let reads = (0..2u8)
+            .map(|slot| IoRequest {
+                tag: slot as u64,
+                op: IoOp::Read {
+                    offset: layout.control_offset(slot),
+                    buf: AlignedBuf::new(BLOCK_SIZE),
+                },
+            })
+            .collect();
         let done = check_all(run_sync(dev.as_mut(), reads)?)?;
         let control = done
             .iter()
             .filter_map(|c| c.buf.as_ref().and_then(|b| ControlBlock::decode(b).ok()))
             .filter(|c| c.shard == layout.shard)
             .max_by_key(|c| c.counter)
-            .ok_or_else(|| ShardError::Corrupt(format!("shard {}: no valid control block (not formatted?)", layout.shard)))?;
+            .ok_or_else(|| {
+                ShardError::Corrupt(format!(
+                    "shard {}: no valid control block (not formatted?)",
+                    layout.shard
+                ))
+            })?;
 
         // 2. Reserve a generation range durably before any segment of it can be written.
         let first_gen = control.next_generation;
         let mut shard = ShardCore {
-            building: Batch { no: 1, buf: AlignedBuf::new(batch_buf_bytes(&cfg)), segment: 0, start_off: 0, len: 0, records: Vec::new(), waiters: Vec::new(), delete_waiters: Vec::new() },
+            building: Batch {
+                no: 1,
+                buf: AlignedBuf::new(batch_buf_bytes(&cfg)),
+                segment: 0,
+                start_off: 0,
+                len: 0,
+                records: Vec::new(),
+                waiters: Vec::new(),
+                delete_waiters: Vec::new(),
+            },
             spare: Some(AlignedBuf::new(batch_buf_bytes(&cfg))),
             dev,
             layout,
@@ -278,7 +390,12 @@ impl ShardCore {
             next_tag: 1,
             commit_ios_left: 0,
             failed: None,
-            stats: ShardStats { shard: layout.shard, segments_total: layout.segment_count, device_bytes_total: layout.segment_bytes * layout.segment_count as u64, ..Default::default() },
+            stats: ShardStats {
+                shard: layout.shard,
+                segments_total: layout.segment_count,
+                device_bytes_total: layout.segment_bytes * layout.segment_count as u64,
+                ..Default::default()
+            },
             done: Vec::new(),
         };
         shard.reserve_generations()?;
@@ -287,7 +404,15 @@ impl ShardCore {
         let mut in_use: Vec<(u32, SegmentHeader)> = Vec::new();
         for first in (0..layout.segment_count).step_by(SYNC_BATCH) {
             let last = (first + SYNC_BATCH as u32).min(layout.segment_count);
-            let reads = (first..last).map(|s| IoRequest { tag: s as u64, op: IoOp::Read { offset: layout.segment_offset(s), buf: AlignedBuf::new(BLOCK_SIZE) } }).collect();
+            let reads = (first..last)
+                .map(|s| IoRequest {
+                    tag: s as u64,
+                    op: IoOp::Read {
+                        offset: layout.segment_offset(s),
+                        buf: AlignedBuf::new(BLOCK_SIZE),
+                    },
+                })
+                .collect();
             for c in check_all(run_sync(shard.dev.as_mut(), reads)?)? {
                 let seg = c.tag as u32;
                 if let Some(h) = c.buf.as_ref().and_then(|b| SegmentHeader::decode(b).ok()) {
@@ -301,30 +426,145 @@ impl ShardCore {
 
         // 4. Replay each in sequence order.
         for (seg, h) in in_use {
-            shard.segments[seg as usize] = SegmentState::InUse { generation: h.generation, first_seq: h.first_seq };
+            shard.segments[seg as usize] = SegmentState::InUse {
+                generation: h.generation,
+                first_seq: h.first_seq,
+            };
             if h.first_seq >= shard.next_seq {
-                shard.replay_segment(seg, &h)?;
+                if !(shard.cfg.use_summaries && shard.replay_summary(seg, &h)?) {
+                    shard.replay_segment(seg, &h)?;
+                }
             } else {
                 // A segment overlapping sequence numbers already replayed can only come from
                 // a bug; refuse rather than guess which records win.
-                return Err(ShardError::Corrupt(format!("segment {seg} first_seq {} overlaps replayed seq {}", h.first_seq, shard.next_seq)));
+                return Err(ShardError::Corrupt(format!(
+                    "segment {seg} first_seq {} overlaps replayed seq {}",
+                    h.first_seq, shard.next_seq
+                )));
             }
         }
-        shard.stats.segments_used = shard.segments.iter().filter(|s| **s != SegmentState::Free).count() as u32;
+        shard.stats.segments_used = shard
+            .segments
+            .iter()
+            .filter(|s| **s != SegmentState::Free)
+            .count() as u32;
         Ok(shard)
     }
 
     fn reserve_generations(&mut self) -> Result<(), ShardError> {
-        let limit = self.next_generation.checked_add(GENERATION_RESERVE).ok_or_else(|| ShardError::Corrupt("segment generations exhausted".into()))?;
-        let cb = ControlBlock { shard: self.layout.shard, counter: self.control.counter + 1, next_generation: limit };
+        let limit = self
+            .next_generation
+            .checked_add(GENERATION_RESERVE)
+            .ok_or_else(|| ShardError::Corrupt("segment generations exhausted".into()))?;
+        let cb = ControlBlock {
+            shard: self.layout.shard,
+            counter: self.control.counter + 1,
+            next_generation: limit,
+        };
         let slot = (cb.counter % 2) as u8;
         let mut buf = AlignedBuf::new(BLOCK_SIZE);
         buf.copy_from_slice(&cb.encode());
-        let reqs = vec![IoRequest { tag: 0, op: IoOp::Write { offset: self.layout.control_offset(slot), buf } }, IoRequest { tag: 1, op: IoOp::Flush }];
+        let reqs = vec![
+            IoRequest {
+                tag: 0,
+                op: IoOp::Write {
+                    offset: self.layout.control_offset(slot),
+                    buf,
+                },
+            },
+            IoRequest {
+                tag: 1,
+                op: IoOp::Flush,
+            },
+        ];
         check_all(run_sync(self.dev.as_mut(), reqs)?)?;
         self.control = cb;
         self.generation_limit = limit;
         Ok(())
+    }
+
+    /// Replay a sealed segment from its summary. `Ok(false)` if it has no valid summary
+    /// (not sealed, or the seal was torn): then its records are scanned instead.
+    fn replay_summary(&mut self, seg: u32, h: &SegmentHeader) -> Result<bool, ShardError> {
+        let base = self.layout.segment_offset(seg);
+        let seg_bytes = self.layout.segment_bytes;
+        let read =
+            |dev: &mut dyn BlockDevice, off: u64, len: usize| -> Result<AlignedBuf, ShardError> {
+                let done = check_all(run_sync(
+                    dev,
+                    vec![IoRequest {
+                        tag: 0,
+                        op: IoOp::Read {
+                            offset: base + off,
+                            buf: AlignedBuf::new(len),
+                        },
+                    }],
+                )?)?;
+                done.into_iter()
+                    .next()
+                    .and_then(|c| c.buf)
+                    .ok_or_else(|| ShardError::Corrupt("read lost its buffer".into()))
+            };
+        let fb = read(self.dev.as_mut(), seg_bytes - BLOCK_SIZE as u64, BLOCK_SIZE)?;
+        let Ok(f) = SegmentFooter::decode(&fb) else {
+            return Ok(false);
+        };
+        let span = summary_span(f.entries as usize);
+        if f.generation != h.generation
+            || f.first_seq != h.first_seq
+            || span > seg_bytes - BLOCK_SIZE as u64
+            || f.summary_offset != seg_bytes - span
+        {
+            return Ok(false);
+        }
+        let n = f.entries as usize * SUMMARY_ENTRY_BYTES;
+        let sb = read(
+            self.dev.as_mut(),
+            f.summary_offset,
+            (span as usize - BLOCK_SIZE).max(BLOCK_SIZE),
+        )?;
+        if crc32c::crc32c(&sb[..n]) != f.summary_crc {
+            return Ok(false);
+        }
+        let mut entries = Vec::with_capacity(f.entries as usize);
+        for (i, chunk) in sb[..n].chunks_exact(SUMMARY_ENTRY_BYTES).enumerate() {
+            let Ok(e) = SummaryEntry::decode(chunk) else {
+                return Ok(false);
+            };
+            if e.seq != h.first_seq + i as u64 || e.offset as u64 >= f.summary_offset {
+                return Ok(false);
+            }
+            entries.push(e);
+        }
+        for e in entries {
+            match e.kind {
+                RecordKind::Chunk => {
+                    let loc = Location {
+                        segment: seg,
+                        offset: e.offset,
+                        stored_len: e.stored_len,
+                        raw_len: e.raw_len,
+                        codec: e.codec,
+                    };
+                    self.index.insert(
+                        e.id,
+                        IndexEntry {
+                            loc,
+                            state: EntryState::Verified,
+                            seq: e.seq,
+                            replication_level: self.cfg.replication_level,
+                        },
+                    );
+                }
+                RecordKind::Tombstone => {
+                    self.index.remove(&e.id);
+                }
+            }
+            self.stats.replayed_records += 1;
+        }
+        self.stats.replayed_summaries += 1;
+        self.next_seq = h.first_seq + f.entries as u64;
+        Ok(true)
     }
 
     fn replay_segment(&mut self, seg: u32, h: &SegmentHeader) -> Result<(), ShardError> {
@@ -345,9 +585,24 @@ impl ShardCore {
                 }
                 if pos < win_off || pos + need > win_off + win.len() as u64 {
                     let start = pos / BLOCK_SIZE as u64 * BLOCK_SIZE as u64;
-                    let len = ((pos + need - start) as usize).max(REPLAY_READ_BYTES).next_multiple_of(BLOCK_SIZE).min((seg_bytes - start) as usize);
-                    let done = check_all(run_sync(self.dev.as_mut(), vec![IoRequest { tag: 0, op: IoOp::Read { offset: base + start, buf: AlignedBuf::new(len) } }])?)?;
-                    let buf = done.into_iter().next().and_then(|c| c.buf).ok_or_else(|| ShardError::Corrupt("replay read lost its buffer".into()))?;
+                    let len = ((pos + need - start) as usize)
+                        .max(REPLAY_READ_BYTES)
+                        .next_multiple_of(BLOCK_SIZE)
+                        .min((seg_bytes - start) as usize);
+                    let done = check_all(run_sync(
+                        self.dev.as_mut(),
+                        vec![IoRequest {
+                            tag: 0,
+                            op: IoOp::Read {
+                                offset: base + start,
+                                buf: AlignedBuf::new(len),
+                            },
+                        }],
+                    )?)?;
+                    let buf =
+                        done.into_iter().next().and_then(|c| c.buf).ok_or_else(|| {
+                            ShardError::Corrupt("replay read lost its buffer".into())
+                        })?;
                     win.clear();
                     win.extend_from_slice(&buf[..len]);
                     win_off = start;
@@ -370,12 +625,14 @@ impl ShardCore {
             let valid = match header {
                 Some(rh) if pos + need <= win_off + win.len() as u64 => {
                     let at = (pos - win_off) as usize;
-                    rh.generation == h.generation && rh.seq == expect_seq && rh.check_crc(&win[at..at + need as usize]).is_ok()
+                    rh.generation == h.generation
+                        && rh.seq == expect_seq
+                        && rh.check_crc(&win[at..at + need as usize]).is_ok()
                 }
                 _ => false,
             };
             if !valid {
-                if pos % BLOCK_SIZE as u64 != 0 {
+                if !pos.is_multiple_of(BLOCK_SIZE as u64) {
                     // Padding after the last record of a commit batch: next batch starts at
                     // the next block.
                     pos = pos.next_multiple_of(BLOCK_SIZE as u64);
@@ -386,8 +643,22 @@ impl ShardCore {
             let rh = header.expect("valid implies header");
             match rh.kind {
                 RecordKind::Chunk => {
-                    let loc = Location { segment: seg, offset: pos as u32, stored_len: rh.stored_len, raw_len: rh.raw_len, codec: rh.codec };
-                    self.index.insert(rh.id, IndexEntry { loc, state: EntryState::Verified, seq: rh.seq, replication_level: self.cfg.replication_level });
+                    let loc = Location {
+                        segment: seg,
+                        offset: pos as u32,
+                        stored_len: rh.stored_len,
+                        raw_len: rh.raw_len,
+                        codec: rh.codec,
+                    };
+                    self.index.insert(
+                        rh.id,
+                        IndexEntry {
+                            loc,
+                            state: EntryState::Verified,
+                            seq: rh.seq,
+                            replication_level: self.cfg.replication_level,
+                        },
+                    );
                 }
                 RecordKind::Tombstone => {
                     self.index.remove(&rh.id);
@@ -440,15 +711,30 @@ impl ShardCore {
     /// Store a batch of chunks; the [`Completion::Put`] for `ticket` comes from `poll`.
     pub fn put(&mut self, ticket: u64, chunks: Vec<PutChunk>) {
         if let Some(f) = &self.failed {
-            self.done.push(Completion::Put { ticket, claim_epoch: self.gc_epoch, result: Err(ShardError::Failed(f.clone())) });
+            self.done.push(Completion::Put {
+                ticket,
+                claim_epoch: self.gc_epoch,
+                result: Err(ShardError::Failed(f.clone())),
+            });
             return;
         }
         if self.queue.len() + chunks.len() > MAX_QUEUED_CHUNKS {
-            self.done.push(Completion::Put { ticket, claim_epoch: self.gc_epoch, result: Err(ShardError::BadRequest("shard queue full".into())) });
+            self.done.push(Completion::Put {
+                ticket,
+                claim_epoch: self.gc_epoch,
+                result: Err(ShardError::BadRequest("shard queue full".into())),
+            });
             return;
         }
         let n = chunks.len();
-        self.puts.insert(ticket, PutTicket { outcomes: vec![None; n], outstanding: n, claim_epoch: self.gc_epoch });
+        self.puts.insert(
+            ticket,
+            PutTicket {
+                outcomes: vec![None; n],
+                outstanding: n,
+                claim_epoch: self.gc_epoch,
+            },
+        );
         for (idx, chunk) in chunks.into_iter().enumerate() {
             self.queue.push_back(Queued::Put { ticket, idx, chunk });
         }
@@ -462,13 +748,25 @@ impl ShardCore {
     /// ids that were present.
     pub fn delete(&mut self, ticket: u64, ids: Vec<ChunkId>) {
         if let Some(f) = &self.failed {
-            self.done.push(Completion::Delete { ticket, result: Err(ShardError::Failed(f.clone())) });
+            self.done.push(Completion::Delete {
+                ticket,
+                result: Err(ShardError::Failed(f.clone())),
+            });
             return;
         }
-        self.deletes.insert(ticket, DeleteTicket { removed: 0, outstanding: ids.len() });
+        self.deletes.insert(
+            ticket,
+            DeleteTicket {
+                removed: 0,
+                outstanding: ids.len(),
+            },
+        );
         if ids.is_empty() {
             self.deletes.remove(&ticket);
-            self.done.push(Completion::Delete { ticket, result: Ok(0) });
+            self.done.push(Completion::Delete {
+                ticket,
+                result: Ok(0),
+            });
         }
         for id in ids {
             self.queue.push_back(Queued::Delete { ticket, id });
@@ -481,35 +779,68 @@ impl ShardCore {
     pub fn get(&mut self, ticket: u64, id: ChunkId) {
         self.stats.gets += 1;
         let Some(e) = self.index.get(&id).copied() else {
-            self.done.push(Completion::Get { ticket, result: Err(ShardError::NotFound(id)) });
+            self.done.push(Completion::Get {
+                ticket,
+                result: Err(ShardError::NotFound(id)),
+            });
             return;
         };
         if let EntryState::Pending { batch } = e.state {
             // Serve from the batch buffer holding it.
-            let b = if self.building.no == batch { Some(&self.building) } else { self.inflight.as_ref().filter(|b| b.no == batch) };
+            let b = if self.building.no == batch {
+                Some(&self.building)
+            } else {
+                self.inflight.as_ref().filter(|b| b.no == batch)
+            };
             let result = match b {
                 Some(b) => {
                     let at = (e.loc.offset as u64 - b.start_off) as usize;
-                    let data = b.buf[at + RECORD_HEADER_BYTES..at + RECORD_HEADER_BYTES + e.loc.stored_len as usize].to_vec();
-                    Ok(StoredChunk { codec: e.loc.codec, raw_len: e.loc.raw_len, data })
+                    let data = b.buf[at + RECORD_HEADER_BYTES
+                        ..at + RECORD_HEADER_BYTES + e.loc.stored_len as usize]
+                        .to_vec();
+                    Ok(StoredChunk {
+                        codec: e.loc.codec,
+                        raw_len: e.loc.raw_len,
+                        data,
+                    })
                 }
-                None => Err(ShardError::Corrupt(format!("pending entry of {id:?} names batch {batch} which is gone"))),
+                None => Err(ShardError::Corrupt(format!(
+                    "pending entry of {id:?} names batch {batch} which is gone"
+                ))),
             };
             self.done.push(Completion::Get { ticket, result });
             return;
         }
         if let Some(f) = &self.failed {
-            self.done.push(Completion::Get { ticket, result: Err(ShardError::Failed(f.clone())) });
+            self.done.push(Completion::Get {
+                ticket,
+                result: Err(ShardError::Failed(f.clone())),
+            });
             return;
         }
         let abs = self.layout.segment_offset(e.loc.segment) + e.loc.offset as u64;
         let start = abs / BLOCK_SIZE as u64 * BLOCK_SIZE as u64;
-        let end = (abs + (RECORD_HEADER_BYTES + e.loc.stored_len as usize) as u64).next_multiple_of(BLOCK_SIZE as u64);
-        let tag = self.tag(IoPurpose::Get { ticket, id, loc: e.loc, skip: (abs - start) as usize });
-        let mut reqs = vec![IoRequest { tag, op: IoOp::Read { offset: start, buf: AlignedBuf::new((end - start) as usize) } }];
+        let end = (abs + (RECORD_HEADER_BYTES + e.loc.stored_len as usize) as u64)
+            .next_multiple_of(BLOCK_SIZE as u64);
+        let tag = self.tag(IoPurpose::Get {
+            ticket,
+            id,
+            loc: e.loc,
+            skip: (abs - start) as usize,
+        });
+        let mut reqs = vec![IoRequest {
+            tag,
+            op: IoOp::Read {
+                offset: start,
+                buf: AlignedBuf::new((end - start) as usize),
+            },
+        }];
         if let Err(err) = self.dev.submit(&mut reqs) {
             self.io.remove(&tag);
-            self.done.push(Completion::Get { ticket, result: Err(err.into()) });
+            self.done.push(Completion::Get {
+                ticket,
+                result: Err(err.into()),
+            });
         }
     }
 
@@ -538,7 +869,10 @@ impl ShardCore {
 
     /// Whether device I/O is in flight or work is waiting for it.
     pub fn busy(&self) -> bool {
-        self.dev.in_flight() > 0 || self.building.len > 0 || !self.queue.is_empty() || !self.done.is_empty()
+        self.dev.in_flight() > 0
+            || self.building.len > 0
+            || !self.queue.is_empty()
+            || !self.done.is_empty()
     }
 
     pub fn stats(&self) -> ShardStats {
@@ -546,9 +880,14 @@ impl ShardCore {
         s.chunks = self.index.verified_chunks();
         s.logical_bytes = self.index.verified_raw_bytes();
         s.stored_bytes = self.index.verified_stored_bytes();
-        s.segments_used = self.segments.iter().filter(|s| **s != SegmentState::Free).count() as u32;
-        let active_extra = self.active.map_or(0, |(_, _, off)| off);
-        let full = s.segments_used.saturating_sub(self.active.is_some() as u32) as u64 * self.layout.segment_bytes;
+        s.segments_used = self
+            .segments
+            .iter()
+            .filter(|s| **s != SegmentState::Free)
+            .count() as u32;
+        let active_extra = self.active.as_ref().map_or(0, |a| a.next_off);
+        let full = s.segments_used.saturating_sub(self.active.is_some() as u32) as u64
+            * self.layout.segment_bytes;
         s.device_bytes_used = full + active_extra;
         s.gc_epoch = self.gc_epoch;
         s.failed = self.failed.clone();
@@ -566,16 +905,28 @@ impl ShardCore {
         let tickets: Vec<u64> = self.puts.keys().copied().collect();
         for t in tickets {
             let p = self.puts.remove(&t).expect("ticket");
-            self.done.push(Completion::Put { ticket: t, claim_epoch: p.claim_epoch, result: Err(err.clone()) });
+            self.done.push(Completion::Put {
+                ticket: t,
+                claim_epoch: p.claim_epoch,
+                result: Err(err.clone()),
+            });
         }
         let dels: Vec<u64> = self.deletes.keys().copied().collect();
         for t in dels {
             self.deletes.remove(&t);
-            self.done.push(Completion::Delete { ticket: t, result: Err(err.clone()) });
+            self.done.push(Completion::Delete {
+                ticket: t,
+                result: Err(err.clone()),
+            });
         }
         self.queue.clear();
         // Pending entries will never become durable in this run.
-        let pending: Vec<ChunkId> = self.index.iter().filter(|(_, e)| matches!(e.state, EntryState::Pending { .. })).map(|(id, _)| *id).collect();
+        let pending: Vec<ChunkId> = self
+            .index
+            .iter()
+            .filter(|(_, e)| matches!(e.state, EntryState::Pending { .. }))
+            .map(|(id, _)| *id)
+            .collect();
         for id in pending {
             self.index.remove(&id);
         }
@@ -605,11 +956,18 @@ impl ShardCore {
                     self.commit_durable();
                 }
             }
-            IoPurpose::Get { ticket, id, loc, skip } => {
+            IoPurpose::Get {
+                ticket,
+                id,
+                loc,
+                skip,
+            } => {
                 let result = match (c.result, c.buf) {
                     (Ok(()), Some(buf)) => self.decode_get(&buf[skip..], &id, &loc),
                     (Err(e), _) => Err(ShardError::Device(e)),
-                    (Ok(()), None) => Err(ShardError::Corrupt("read completion without buffer".into())),
+                    (Ok(()), None) => {
+                        Err(ShardError::Corrupt("read completion without buffer".into()))
+                    }
                 };
                 if matches!(result, Err(ShardError::CorruptRecord { .. })) {
                     self.stats.gets_corrupt += 1;
@@ -619,15 +977,27 @@ impl ShardCore {
         }
     }
 
-    fn decode_get(&self, rec: &[u8], id: &ChunkId, loc: &Location) -> Result<StoredChunk, ShardError> {
+    fn decode_get(
+        &self,
+        rec: &[u8],
+        id: &ChunkId,
+        loc: &Location,
+    ) -> Result<StoredChunk, ShardError> {
         let bad = |detail: String| ShardError::CorruptRecord { id: *id, detail };
         let h = RecordHeader::decode(rec).map_err(|e| bad(e.to_string()))?;
         if h.id != *id || h.kind != RecordKind::Chunk || h.stored_len != loc.stored_len {
-            return Err(bad(format!("record at {}:{} is not this chunk", loc.segment, loc.offset)));
+            return Err(bad(format!(
+                "record at {}:{} is not this chunk",
+                loc.segment, loc.offset
+            )));
         }
         h.check_crc(rec).map_err(|e| bad(e.to_string()))?;
         let n = RECORD_HEADER_BYTES + h.stored_len as usize;
-        Ok(StoredChunk { codec: h.codec, raw_len: h.raw_len, data: rec[RECORD_HEADER_BYTES..n].to_vec() })
+        Ok(StoredChunk {
+            codec: h.codec,
+            raw_len: h.raw_len,
+            data: rec[RECORD_HEADER_BYTES..n].to_vec(),
+        })
     }
 
     /// Move queued work into the building batch while it has room.
@@ -646,19 +1016,29 @@ impl ShardCore {
                         Some(EntryState::Verified) => {
                             self.queue.pop_front();
                             self.stats.puts_duplicate += 1;
-                            self.stats.offered_bytes += self.index.get(&id).map_or(0, |e| e.loc.raw_len as u64);
+                            self.stats.offered_bytes +=
+                                self.index.get(&id).map_or(0, |e| e.loc.raw_len as u64);
                             self.resolve_put(ticket, idx, PutOutcome::Duplicate);
                             continue;
                         }
                         Some(EntryState::Pending { batch }) => {
                             self.queue.pop_front();
                             self.stats.puts_duplicate += 1;
-                            let b = if self.building.no == batch { &mut self.building } else { self.inflight.as_mut().filter(|b| b.no == batch).expect("pending batch exists") };
+                            let b = if self.building.no == batch {
+                                &mut self.building
+                            } else {
+                                self.inflight
+                                    .as_mut()
+                                    .filter(|b| b.no == batch)
+                                    .expect("pending batch exists")
+                            };
                             b.waiters.push((ticket, idx, PutOutcome::Duplicate));
                             continue;
                         }
                         None => {
-                            let Some(Queued::Put { chunk, .. }) = self.queue.front() else { unreachable!() };
+                            let Some(Queued::Put { chunk, .. }) = self.queue.front() else {
+                                unreachable!()
+                            };
                             if !self.chunk_is_valid(chunk) {
                                 self.queue.pop_front();
                                 self.stats.puts_rejected += 1;
@@ -688,7 +1068,9 @@ impl ShardCore {
     }
 
     fn chunk_is_valid(&self, c: &PutChunk) -> bool {
-        c.raw_len as usize <= MAX_CHUNK_RAW_BYTES && c.data.len() <= MAX_CHUNK_STORED_BYTES && chunk::verify(&self.key, &c.id, c.codec, &c.data, c.raw_len as usize).is_ok()
+        c.raw_len as usize <= MAX_CHUNK_RAW_BYTES
+            && c.data.len() <= MAX_CHUNK_STORED_BYTES
+            && chunk::verify(&self.key, &c.id, c.codec, &c.data, c.raw_len as usize).is_ok()
     }
 
     /// Make sure the building batch can take a record of `span` bytes. False when it must
@@ -698,25 +1080,28 @@ impl ShardCore {
         if b.len >= self.cfg.commit_max_bytes {
             return false;
         }
-        if let Some((seg, _, _)) = self.active {
-            if b.len == 0 || b.segment == seg {
-                let start = if b.len == 0 { self.active.expect("active").2 } else { b.start_off };
-                if start + (b.len + span) as u64 <= self.layout.segment_bytes {
+        if let Some(a) = &self.active {
+            if b.len == 0 || b.segment == a.segment {
+                let start = if b.len == 0 { a.next_off } else { b.start_off };
+                // The record, and the summary that will list it, must both fit.
+                let need = start + (b.len + span) as u64 + summary_span(a.summary.len() + 1);
+                if need <= self.layout.segment_bytes {
                     if b.len == 0 {
-                        self.building.segment = seg;
+                        self.building.segment = a.segment;
                         self.building.start_off = start;
                     }
                     return true;
                 }
             }
             if b.len > 0 {
-                return false; // submit this batch first, then roll
+                return false; // submit this batch first, then seal
             }
-            // Segment full: it stays in use; roll to a new one below.
-            self.active = None;
-        }
-        if self.inflight.is_some() && self.building.len > 0 {
+            // Segment full: its summary and footer become the next batch; it stays in use.
+            self.seal_active();
             return false;
+        }
+        if self.building.len > 0 {
+            return false; // the seal of the previous segment goes out first
         }
         match self.open_segment() {
             Ok(()) => true,
@@ -727,18 +1112,56 @@ impl ShardCore {
         }
     }
 
+    /// Build the active segment's summary + footer into the (empty) building batch, at the
+    /// end of the segment, and stop appending to it.
+    fn seal_active(&mut self) {
+        let a = self.active.take().expect("seal needs an active segment");
+        debug_assert_eq!(self.building.len, 0);
+        let span = summary_span(a.summary.len()) as usize;
+        let start_off = self.layout.segment_bytes - span as u64;
+        debug_assert!(start_off >= a.next_off);
+        let b = &mut self.building;
+        b.segment = a.segment;
+        b.start_off = start_off;
+        let summary_bytes = a.summary.len() * SUMMARY_ENTRY_BYTES;
+        for (i, e) in a.summary.iter().enumerate() {
+            e.encode_into(&mut b.buf[i * SUMMARY_ENTRY_BYTES..]);
+        }
+        b.buf[summary_bytes..span - BLOCK_SIZE].fill(0);
+        let first_seq = match self.segments[a.segment as usize] {
+            SegmentState::InUse { first_seq, .. } => first_seq,
+            SegmentState::Free => unreachable!("active segment is in use"),
+        };
+        let footer = SegmentFooter {
+            generation: a.generation,
+            entries: a.summary.len() as u32,
+            first_seq,
+            summary_offset: start_off,
+            summary_crc: crc32c::crc32c(&b.buf[..summary_bytes]),
+        };
+        footer.encode_into(&mut b.buf[span - BLOCK_SIZE..span]);
+        b.len = span;
+    }
+
     fn reject_queue(&mut self, e: ShardError) {
         tracing::error!(shard = self.layout.shard, "{e}");
         while let Some(q) = self.queue.pop_front() {
             match q {
                 Queued::Put { ticket, .. } => {
                     if let Some(p) = self.puts.remove(&ticket) {
-                        self.done.push(Completion::Put { ticket, claim_epoch: p.claim_epoch, result: Err(e.clone()) });
+                        self.done.push(Completion::Put {
+                            ticket,
+                            claim_epoch: p.claim_epoch,
+                            result: Err(e.clone()),
+                        });
                     }
                 }
                 Queued::Delete { ticket, .. } => {
                     if self.deletes.remove(&ticket).is_some() {
-                        self.done.push(Completion::Delete { ticket, result: Err(e.clone()) });
+                        self.done.push(Completion::Delete {
+                            ticket,
+                            result: Err(e.clone()),
+                        });
                     }
                 }
             }
@@ -747,25 +1170,46 @@ impl ShardCore {
 
     /// Start a new segment: its header is the first block of the building batch.
     fn open_segment(&mut self) -> Result<(), ShardError> {
-        let seg = self.segments.iter().position(|s| *s == SegmentState::Free).ok_or(ShardError::NoSpace)? as u32;
+        let seg = self
+            .segments
+            .iter()
+            .position(|s| *s == SegmentState::Free)
+            .ok_or(ShardError::NoSpace)? as u32;
         if self.next_generation >= self.generation_limit {
             self.reserve_generations()?;
         }
         let generation = self.next_generation;
         self.next_generation += 1;
-        let h = SegmentHeader { shard: self.layout.shard, segment: seg, generation, first_seq: self.next_seq };
+        let h = SegmentHeader {
+            shard: self.layout.shard,
+            segment: seg,
+            generation,
+            first_seq: self.next_seq,
+        };
         debug_assert_eq!(self.building.len, 0);
         h.encode_into(&mut self.building.buf[..BLOCK_SIZE]);
         self.building.segment = seg;
         self.building.start_off = 0;
         self.building.len = BLOCK_SIZE;
-        self.segments[seg as usize] = SegmentState::InUse { generation, first_seq: self.next_seq };
-        self.active = Some((seg, generation, BLOCK_SIZE as u64));
+        self.segments[seg as usize] = SegmentState::InUse {
+            generation,
+            first_seq: self.next_seq,
+        };
+        self.active = Some(Active {
+            segment: seg,
+            generation,
+            next_off: BLOCK_SIZE as u64,
+            summary: Vec::new(),
+        });
         Ok(())
     }
 
     fn append(&mut self, q: Queued) {
-        let (_, generation, _) = self.active.expect("append needs an active segment");
+        let active = self
+            .active
+            .as_mut()
+            .expect("append needs an active segment");
+        let generation = active.generation;
         let seq = self.next_seq;
         self.next_seq += 1;
         let b = &mut self.building;
@@ -774,21 +1218,62 @@ impl ShardCore {
         match q {
             Queued::Put { ticket, idx, chunk } => {
                 let span = record_span(chunk.data.len());
-                RecordHeader::write(RecordKind::Chunk, chunk.codec, generation, seq, &chunk.id, chunk.raw_len, &chunk.data, &mut b.buf[at..at + span]);
+                RecordHeader::new(
+                    RecordKind::Chunk,
+                    chunk.codec,
+                    generation,
+                    seq,
+                    chunk.id,
+                    chunk.raw_len,
+                )
+                .write(&chunk.data, &mut b.buf[at..at + span]);
                 b.len += span;
                 b.records.push((chunk.id, seq, RecordKind::Chunk));
+                active.summary.push(SummaryEntry {
+                    kind: RecordKind::Chunk,
+                    codec: chunk.codec,
+                    offset: off as u32,
+                    stored_len: chunk.data.len() as u32,
+                    raw_len: chunk.raw_len,
+                    seq,
+                    id: chunk.id,
+                });
                 b.waiters.push((ticket, idx, PutOutcome::Stored));
-                let loc = Location { segment: b.segment, offset: off as u32, stored_len: chunk.data.len() as u32, raw_len: chunk.raw_len, codec: chunk.codec };
+                let loc = Location {
+                    segment: b.segment,
+                    offset: off as u32,
+                    stored_len: chunk.data.len() as u32,
+                    raw_len: chunk.raw_len,
+                    codec: chunk.codec,
+                };
                 let batch = b.no;
-                self.index.insert(chunk.id, IndexEntry { loc, state: EntryState::Pending { batch }, seq, replication_level: self.cfg.replication_level });
+                self.index.insert(
+                    chunk.id,
+                    IndexEntry {
+                        loc,
+                        state: EntryState::Pending { batch },
+                        seq,
+                        replication_level: self.cfg.replication_level,
+                    },
+                );
                 self.stats.puts_stored += 1;
                 self.stats.offered_bytes += chunk.raw_len as u64;
             }
             Queued::Delete { ticket, id } => {
                 let span = record_span(0);
-                RecordHeader::write(RecordKind::Tombstone, Codec::Raw, generation, seq, &id, 0, &[], &mut b.buf[at..at + span]);
+                RecordHeader::new(RecordKind::Tombstone, Codec::Raw, generation, seq, id, 0)
+                    .write(&[], &mut b.buf[at..at + span]);
                 b.len += span;
                 b.records.push((id, seq, RecordKind::Tombstone));
+                active.summary.push(SummaryEntry {
+                    kind: RecordKind::Tombstone,
+                    codec: Codec::Raw,
+                    offset: off as u32,
+                    stored_len: 0,
+                    raw_len: 0,
+                    seq,
+                    id,
+                });
                 b.delete_waiters.push(ticket);
                 self.index.remove(&id);
                 self.stats.tombstones += 1;
@@ -804,18 +1289,29 @@ impl ShardCore {
         if self.failed.is_some() || self.inflight.is_some() || self.building.len == 0 {
             return;
         }
-        let Some(spare) = self.spare.take() else { return };
+        let Some(spare) = self.spare.take() else {
+            return;
+        };
         let mut b = std::mem::replace(
             &mut self.building,
-            Batch { no: self.next_batch_no, buf: spare, segment: 0, start_off: 0, len: 0, records: Vec::new(), waiters: Vec::new(), delete_waiters: Vec::new() },
+            Batch {
+                no: self.next_batch_no,
+                buf: spare,
+                segment: 0,
+                start_off: 0,
+                len: 0,
+                records: Vec::new(),
+                waiters: Vec::new(),
+                delete_waiters: Vec::new(),
+            },
         );
         self.next_batch_no += 1;
         let write_len = b.len.next_multiple_of(BLOCK_SIZE);
         b.buf[b.len..write_len].fill(0);
         // The segment's next batch starts after this one's last block.
-        if let Some((seg, _, off)) = self.active.as_mut() {
-            if *seg == b.segment {
-                *off = b.start_off + write_len as u64;
+        if let Some(a) = self.active.as_mut() {
+            if a.segment == b.segment {
+                a.next_off = b.start_off + write_len as u64;
             }
         }
         let offset = self.layout.segment_offset(b.segment) + b.start_off;
@@ -826,7 +1322,16 @@ impl ShardCore {
         buf.copy_from_slice(&b.buf[..write_len]);
         let wt = self.tag(IoPurpose::CommitWrite);
         let ft = self.tag(IoPurpose::CommitFlush);
-        let mut reqs = vec![IoRequest { tag: wt, op: IoOp::Write { offset, buf } }, IoRequest { tag: ft, op: IoOp::Flush }];
+        let mut reqs = vec![
+            IoRequest {
+                tag: wt,
+                op: IoOp::Write { offset, buf },
+            },
+            IoRequest {
+                tag: ft,
+                op: IoOp::Flush,
+            },
+        ];
         self.stats.commits += 1;
         self.stats.commit_bytes += write_len as u64;
         self.commit_ios_left = 2;
@@ -859,7 +1364,9 @@ impl ShardCore {
     }
 
     fn resolve_put(&mut self, ticket: u64, idx: usize, outcome: PutOutcome) {
-        let Some(p) = self.puts.get_mut(&ticket) else { return };
+        let Some(p) = self.puts.get_mut(&ticket) else {
+            return;
+        };
         debug_assert!(p.outcomes[idx].is_none());
         p.outcomes[idx] = Some(outcome);
         p.outstanding -= 1;
@@ -870,16 +1377,29 @@ impl ShardCore {
 
     fn finish_put(&mut self, ticket: u64) {
         let p = self.puts.remove(&ticket).expect("ticket");
-        let outcomes = p.outcomes.into_iter().map(|o| o.expect("every chunk resolved")).collect();
-        self.done.push(Completion::Put { ticket, claim_epoch: p.claim_epoch, result: Ok(outcomes) });
+        let outcomes = p
+            .outcomes
+            .into_iter()
+            .map(|o| o.expect("every chunk resolved"))
+            .collect();
+        self.done.push(Completion::Put {
+            ticket,
+            claim_epoch: p.claim_epoch,
+            result: Ok(outcomes),
+        });
     }
 
     fn resolve_delete(&mut self, ticket: u64, _logged: bool) {
-        let Some(d) = self.deletes.get_mut(&ticket) else { return };
+        let Some(d) = self.deletes.get_mut(&ticket) else {
+            return;
+        };
         d.outstanding -= 1;
         if d.outstanding == 0 {
             let d = self.deletes.remove(&ticket).expect("ticket");
-            self.done.push(Completion::Delete { ticket, result: Ok(d.removed) });
+            self.done.push(Completion::Delete {
+                ticket,
+                result: Ok(d.removed),
+            });
         }
     }
 

@@ -18,7 +18,9 @@
 
 use crate::format::Superblock;
 use crate::index::EntryState;
-use crate::shard::{Completion, PutChunk, PutOutcome, ShardConfig, ShardCore, ShardError, StoredChunk};
+use crate::shard::{
+    Completion, PutChunk, PutOutcome, ShardConfig, ShardCore, ShardError, StoredChunk,
+};
 use hivefs_net::chunk::{self, ChunkId, Codec, DedupeKey};
 use hivefs_nvme::{BlockDevice, IoCompletion, IoError, IoRequest, SimDevice, SimFaults};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -69,7 +71,12 @@ impl SimConfig {
             ops,
             universe: 400,
             crash_per_million: 3_000,
-            faults: SimFaults { read_error_per_million: 500, write_error_per_million: 100, bit_flip_per_million: 2_000, torn_writes: true },
+            faults: SimFaults {
+                read_error_per_million: 500,
+                write_error_per_million: 100,
+                bit_flip_per_million: 2_000,
+                torn_writes: true,
+            },
             segment_bytes: 256 << 10,
             device_bytes: 64 << 20,
             commit_max_bytes: 32 << 10,
@@ -87,6 +94,7 @@ pub struct SimReport {
     pub deletes_acked: u64,
     pub io_errors_seen: u64,
     pub device_full: u64,
+    pub summaries_replayed: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -164,13 +172,17 @@ struct World {
 
 impl World {
     fn fail(&self, message: String) -> SimFailure {
-        SimFailure { seed: self.cfg.seed, op: self.op_no, message }
+        SimFailure {
+            seed: self.cfg.seed,
+            op: self.op_no,
+            message,
+        }
     }
 
     fn content(rng: &mut Rng, i: u32) -> Vec<u8> {
         let len = 1 + rng.below(6000) as usize;
         // Half compressible, half not.
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             let word = format!("chunk-{i}-");
             word.as_bytes().iter().copied().cycle().take(len).collect()
         } else {
@@ -222,11 +234,21 @@ impl World {
         self.next_ticket
     }
 
-    fn check_get(&self, id: &ChunkId, got: &Result<StoredChunk, ShardError>) -> Result<(), SimFailure> {
+    fn check_get(
+        &self,
+        id: &ChunkId,
+        got: &Result<StoredChunk, ShardError>,
+    ) -> Result<(), SimFailure> {
         match got {
-            Ok(c) => chunk::verify(&self.key, id, c.codec, &c.data, c.raw_len as usize).map(|_| ()).map_err(|e| self.fail(format!("get {id:?} returned bytes that do not verify: {e}"))),
+            Ok(c) => chunk::verify(&self.key, id, c.codec, &c.data, c.raw_len as usize)
+                .map(|_| ())
+                .map_err(|e| {
+                    self.fail(format!("get {id:?} returned bytes that do not verify: {e}"))
+                }),
             // Detected corruption or a failed read: reported, never served.
-            Err(ShardError::CorruptRecord { .. }) | Err(ShardError::Device(_)) | Err(ShardError::Failed(_)) => Ok(()),
+            Err(ShardError::CorruptRecord { .. })
+            | Err(ShardError::Device(_))
+            | Err(ShardError::Failed(_)) => Ok(()),
             Err(ShardError::NotFound(_)) => {
                 if self.known.get(id) == Some(&true) && !self.pending.contains_key(id) {
                     Err(self.fail(format!("acknowledged chunk {id:?} not found")))
@@ -242,28 +264,41 @@ impl World {
     fn complete(&mut self, c: Completion) -> Result<(), SimFailure> {
         match c {
             Completion::Put { ticket, result, .. } => {
-                let Some(Op::Put { ids }) = self.ops.remove(&ticket) else { return Err(self.fail(format!("put completion for unknown ticket {ticket}"))) };
+                let Some(Op::Put { ids }) = self.ops.remove(&ticket) else {
+                    return Err(self.fail(format!("put completion for unknown ticket {ticket}")));
+                };
                 if self.poison_tickets.remove(&ticket) {
                     return match result {
                         Ok(o) if o.iter().all(|o| *o != PutOutcome::Stored) => {
                             self.report.poison_rejected += 1;
                             Ok(())
                         }
-                        Ok(o) => Err(self.fail(format!("wrong bytes under genuine id {:?} were stored: {o:?}", ids[0]))),
+                        Ok(o) => Err(self.fail(format!(
+                            "wrong bytes under genuine id {:?} were stored: {o:?}",
+                            ids[0]
+                        ))),
                         Err(_) => Ok(()),
                     };
                 }
                 match result {
                     Ok(outcomes) => {
                         if outcomes.len() != ids.len() {
-                            return Err(self.fail("put reply has the wrong number of outcomes".into()));
+                            return Err(
+                                self.fail("put reply has the wrong number of outcomes".into())
+                            );
                         }
                         for (id, o) in ids.iter().zip(outcomes) {
                             let genuine = self.by_id.contains_key(id);
                             match (o, genuine) {
                                 (PutOutcome::Rejected, false) => self.report.poison_rejected += 1,
-                                (PutOutcome::Rejected, true) => return Err(self.fail(format!("genuine chunk {id:?} rejected"))),
-                                (_, false) => return Err(self.fail(format!("poison under {id:?} accepted as {o:?}"))),
+                                (PutOutcome::Rejected, true) => {
+                                    return Err(self.fail(format!("genuine chunk {id:?} rejected")))
+                                }
+                                (_, false) => {
+                                    return Err(
+                                        self.fail(format!("poison under {id:?} accepted as {o:?}"))
+                                    )
+                                }
                                 (_, true) => {
                                     self.report.puts_acked += 1;
                                     self.end(*id, false, Some(true));
@@ -274,10 +309,16 @@ impl World {
                     Err(e) => {
                         match e {
                             ShardError::NoSpace => self.report.device_full += 1,
-                            ShardError::Failed(_) | ShardError::Device(_) => self.report.io_errors_seen += 1,
+                            ShardError::Failed(_) | ShardError::Device(_) => {
+                                self.report.io_errors_seen += 1
+                            }
                             e => return Err(self.fail(format!("put failed unexpectedly: {e}"))),
                         }
-                        let genuine: Vec<ChunkId> = ids.iter().filter(|id| self.by_id.contains_key(*id)).copied().collect();
+                        let genuine: Vec<ChunkId> = ids
+                            .iter()
+                            .filter(|id| self.by_id.contains_key(*id))
+                            .copied()
+                            .collect();
                         for id in genuine {
                             self.end(id, false, None);
                         }
@@ -285,18 +326,24 @@ impl World {
                 }
             }
             Completion::Get { ticket, result } => {
-                let Some(Op::Get { id }) = self.ops.remove(&ticket) else { return Err(self.fail(format!("get completion for unknown ticket {ticket}"))) };
+                let Some(Op::Get { id }) = self.ops.remove(&ticket) else {
+                    return Err(self.fail(format!("get completion for unknown ticket {ticket}")));
+                };
                 self.report.gets_checked += 1;
                 self.check_get(&id, &result)?;
             }
             Completion::Delete { ticket, result } => {
-                let Some(Op::Delete { ids }) = self.ops.remove(&ticket) else { return Err(self.fail(format!("delete completion for unknown ticket {ticket}"))) };
+                let Some(Op::Delete { ids }) = self.ops.remove(&ticket) else {
+                    return Err(self.fail(format!("delete completion for unknown ticket {ticket}")));
+                };
                 let acked = match result {
                     Ok(_) => {
                         self.report.deletes_acked += 1;
                         Some(false)
                     }
-                    Err(ShardError::Failed(_)) | Err(ShardError::Device(_)) | Err(ShardError::NoSpace) => {
+                    Err(ShardError::Failed(_))
+                    | Err(ShardError::Device(_))
+                    | Err(ShardError::NoSpace) => {
                         self.report.io_errors_seen += 1;
                         None
                     }
@@ -322,7 +369,11 @@ impl World {
                 // Only verified entries may answer has.
                 match shard.index().get(id) {
                     Some(e) if e.state == EntryState::Verified => {}
-                    _ => return Err(self.fail(format!("{id:?} answered has without a verified entry"))),
+                    _ => {
+                        return Err(
+                            self.fail(format!("{id:?} answered has without a verified entry"))
+                        )
+                    }
                 }
                 if !self.by_id.contains_key(id) {
                     return Err(self.fail(format!("never-stored id {id:?} answers has")));
@@ -332,8 +383,12 @@ impl World {
                 continue;
             }
             match (self.known.get(id), hit) {
-                (Some(true), false) => return Err(self.fail(format!("acknowledged chunk {id:?} does not answer has"))),
-                (Some(false), true) => return Err(self.fail(format!("deleted chunk {id:?} came back"))),
+                (Some(true), false) => {
+                    return Err(self.fail(format!("acknowledged chunk {id:?} does not answer has")))
+                }
+                (Some(false), true) => {
+                    return Err(self.fail(format!("deleted chunk {id:?} came back")))
+                }
                 (None, _) if self.by_id.contains_key(id) => {
                     self.known.insert(*id, hit);
                 }
@@ -346,9 +401,18 @@ impl World {
     fn put_chunk(&self, id: &ChunkId) -> PutChunk {
         let i = self.by_id[id];
         let plain = &self.contents[i];
-        let preferred = if i % 3 == 0 { Codec::Zstd } else { Codec::Lz4 };
+        let preferred = if i.is_multiple_of(3) {
+            Codec::Zstd
+        } else {
+            Codec::Lz4
+        };
         let (codec, data) = chunk::compress(preferred, plain);
-        PutChunk { id: *id, codec, raw_len: plain.len() as u32, data }
+        PutChunk {
+            id: *id,
+            codec,
+            raw_len: plain.len() as u32,
+            data,
+        }
     }
 
     fn random_id(&mut self) -> ChunkId {
@@ -367,7 +431,9 @@ impl World {
                         // Poison: some chunk's bytes under a valid-looking id nobody can
                         // produce, or a real id with the wrong bytes.
                         let mut poison_id = self.random_id();
-                        let data = self.contents[self.rng.below(self.contents.len() as u64) as usize].clone();
+                        let data = self.contents
+                            [self.rng.below(self.contents.len() as u64) as usize]
+                            .clone();
                         if self.rng.below(2) == 0 {
                             poison_id.0[32] ^= 0x01;
                         } else if ChunkId::compute(&self.key, &data) == poison_id {
@@ -376,13 +442,28 @@ impl World {
                             // Wrong bytes under a genuine id: must be rejected, and must not
                             // disturb the genuine chunk.
                             let (codec, stored) = chunk::compress(Codec::Lz4, &data);
-                            let t = self.ticket(Op::Put { ids: vec![poison_id] });
-                            self.net.push(Msg::Put(t, vec![PutChunk { id: poison_id, codec, raw_len: data.len() as u32, data: stored }]));
+                            let t = self.ticket(Op::Put {
+                                ids: vec![poison_id],
+                            });
+                            self.net.push(Msg::Put(
+                                t,
+                                vec![PutChunk {
+                                    id: poison_id,
+                                    codec,
+                                    raw_len: data.len() as u32,
+                                    data: stored,
+                                }],
+                            ));
                             self.poison_tickets.insert(t);
                             continue;
                         }
                         ids.push(poison_id);
-                        chunks.push(PutChunk { id: poison_id, codec: Codec::Raw, raw_len: data.len() as u32, data });
+                        chunks.push(PutChunk {
+                            id: poison_id,
+                            codec: Codec::Raw,
+                            raw_len: data.len() as u32,
+                            data,
+                        });
                         continue;
                     }
                     let id = self.random_id();
@@ -411,7 +492,13 @@ impl World {
             }
             76..=79 => {
                 // A client retries puts it already had acknowledged (idempotent).
-                let ids: Vec<ChunkId> = self.known.iter().filter(|(_, p)| **p).map(|(id, _)| *id).take(4).collect();
+                let ids: Vec<ChunkId> = self
+                    .known
+                    .iter()
+                    .filter(|(_, p)| **p)
+                    .map(|(id, _)| *id)
+                    .take(4)
+                    .collect();
                 for id in &ids {
                     self.begin(*id, false);
                 }
@@ -424,12 +511,27 @@ impl World {
     }
 }
 
-fn open_shard(dev: &SharedDevice, sb: &Superblock, key: DedupeKey, cfg: &SimConfig) -> Result<ShardCore, ShardError> {
-    let scfg = ShardConfig { commit_max_bytes: cfg.commit_max_bytes, replication_level: 1 };
+fn open_shard(
+    dev: &SharedDevice,
+    sb: &Superblock,
+    key: DedupeKey,
+    cfg: &SimConfig,
+    use_summaries: bool,
+) -> Result<ShardCore, ShardError> {
+    let scfg = ShardConfig {
+        commit_max_bytes: cfg.commit_max_bytes,
+        replication_level: 1,
+        use_summaries,
+    };
     ShardCore::open(Box::new(dev.clone()), sb.shard_layout(0), key, scfg)
 }
 
-const NO_FAULTS: SimFaults = SimFaults { read_error_per_million: 0, write_error_per_million: 0, bit_flip_per_million: 0, torn_writes: true };
+const NO_FAULTS: SimFaults = SimFaults {
+    read_error_per_million: 0,
+    write_error_per_million: 0,
+    bit_flip_per_million: 0,
+    torn_writes: true,
+};
 
 /// Run one seeded simulation.
 pub fn run(cfg: &SimConfig) -> Result<SimReport, SimFailure> {
@@ -439,13 +541,25 @@ pub fn run(cfg: &SimConfig) -> Result<SimReport, SimFailure> {
         *b = rng.next_u64() as u8;
     }
     let key = DedupeKey(key);
-    let contents: Vec<Vec<u8>> = (0..cfg.universe).map(|i| World::content(&mut rng, i)).collect();
+    let contents: Vec<Vec<u8>> = (0..cfg.universe)
+        .map(|i| World::content(&mut rng, i))
+        .collect();
     let ids: Vec<ChunkId> = contents.iter().map(|c| ChunkId::compute(&key, c)).collect();
     let by_id = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
-    let dev = SharedDevice(Arc::new(Mutex::new(SimDevice::new(cfg.device_bytes, rng.next_u64(), NO_FAULTS))));
-    let setup_fail = |m: String| SimFailure { seed: cfg.seed, op: 0, message: m };
-    let sb = Superblock::plan(cfg.device_bytes, 1, cfg.segment_bytes, 16, key.0).map_err(|e| setup_fail(format!("plan: {e}")))?;
-    ShardCore::format(&mut dev.clone(), &sb.shard_layout(0)).map_err(|e| setup_fail(format!("format: {e}")))?;
+    let dev = SharedDevice(Arc::new(Mutex::new(SimDevice::new(
+        cfg.device_bytes,
+        rng.next_u64(),
+        NO_FAULTS,
+    ))));
+    let setup_fail = |m: String| SimFailure {
+        seed: cfg.seed,
+        op: 0,
+        message: m,
+    };
+    let sb = Superblock::plan(cfg.device_bytes, 1, cfg.segment_bytes, 16, key.0)
+        .map_err(|e| setup_fail(format!("plan: {e}")))?;
+    ShardCore::format(&mut dev.clone(), &sb.shard_layout(0))
+        .map_err(|e| setup_fail(format!("format: {e}")))?;
     let mut w = World {
         cfg: cfg.clone(),
         rng,
@@ -462,7 +576,8 @@ pub fn run(cfg: &SimConfig) -> Result<SimReport, SimFailure> {
         report: SimReport::default(),
         op_no: 0,
     };
-    let mut shard = open_shard(&dev, &sb, key, cfg).map_err(|e| w.fail(format!("open: {e}")))?;
+    let mut shard =
+        open_shard(&dev, &sb, key, cfg, true).map_err(|e| w.fail(format!("open: {e}")))?;
     dev.0.lock().expect("sim").set_faults(cfg.faults);
     let mut out = Vec::new();
 
@@ -485,7 +600,9 @@ pub fn run(cfg: &SimConfig) -> Result<SimReport, SimFailure> {
             for (id, _) in std::mem::take(&mut w.pending) {
                 w.known.remove(&id);
             }
-            shard = open_shard(&dev, &sb, key, cfg).map_err(|e| w.fail(format!("reopen after crash: {e}")))?;
+            let use_summaries = w.rng.below(4) != 0;
+            shard = open_shard(&dev, &sb, key, cfg, use_summaries)
+                .map_err(|e| w.fail(format!("reopen after crash: {e}")))?;
             w.check_has(&mut shard)?;
             dev.0.lock().expect("sim").set_faults(cfg.faults);
             continue;
@@ -531,9 +648,33 @@ pub fn run(cfg: &SimConfig) -> Result<SimReport, SimFailure> {
     }
     w.check_has(&mut shard)?;
     drop(shard);
-    let mut shard = open_shard(&dev, &sb, key, cfg).map_err(|e| w.fail(format!("final reopen: {e}")))?;
+    let mut shard =
+        open_shard(&dev, &sb, key, cfg, true).map_err(|e| w.fail(format!("final reopen: {e}")))?;
+    // Summaries are checkpoints of the log, never more: replaying from them and scanning
+    // every record must rebuild the same index.
+    {
+        let scanned = open_shard(&dev, &sb, key, cfg, false)
+            .map_err(|e| w.fail(format!("final reopen (scan): {e}")))?;
+        let a: BTreeMap<ChunkId, crate::index::IndexEntry> =
+            shard.index().iter().map(|(k, v)| (*k, *v)).collect();
+        let b: BTreeMap<ChunkId, crate::index::IndexEntry> =
+            scanned.index().iter().map(|(k, v)| (*k, *v)).collect();
+        if a != b {
+            return Err(w.fail(format!(
+                "summary replay ({} entries) differs from a full scan ({} entries)",
+                a.len(),
+                b.len()
+            )));
+        }
+        w.report.summaries_replayed += shard.stats().replayed_summaries;
+    }
     w.check_has(&mut shard)?;
-    let present: Vec<ChunkId> = w.known.iter().filter(|(_, p)| **p).map(|(id, _)| *id).collect();
+    let present: Vec<ChunkId> = w
+        .known
+        .iter()
+        .filter(|(_, p)| **p)
+        .map(|(id, _)| *id)
+        .collect();
     for id in present {
         let t = w.ticket(Op::Get { id });
         shard.get(t, id);
@@ -545,7 +686,9 @@ pub fn run(cfg: &SimConfig) -> Result<SimReport, SimFailure> {
         }
         for c in out.drain(..) {
             if let Completion::Get { result: Err(e), .. } = &c {
-                return Err(w.fail(format!("known chunk {id:?} unreadable after a clean restart: {e}")));
+                return Err(w.fail(format!(
+                    "known chunk {id:?} unreadable after a clean restart: {e}"
+                )));
             }
             w.complete(c)?;
         }

@@ -21,7 +21,9 @@ fn one_million_operations_across_seeds() {
     let mut sum = hivefs_engine::sim::SimReport::default();
     for i in 0..seeds {
         let seed = base + i;
-        let r = run(&SimConfig::new(seed, ops_per_seed)).unwrap_or_else(|e| panic!("{e}\nreplay: HIVE_SIM_SEED={seed} cargo test -p hivefs-engine --test sim_seeds"));
+        let r = run(&SimConfig::new(seed, ops_per_seed)).unwrap_or_else(|e| {
+            panic!("{e}\nreplay: HIVE_SIM_SEED={seed} cargo test -p hivefs-engine --test sim_seeds")
+        });
         sum.ops += r.ops;
         sum.crashes += r.crashes;
         sum.puts_acked += r.puts_acked;
@@ -29,17 +31,23 @@ fn one_million_operations_across_seeds() {
         sum.gets_checked += r.gets_checked;
         sum.deletes_acked += r.deletes_acked;
         sum.io_errors_seen += r.io_errors_seen;
+        sum.summaries_replayed += r.summaries_replayed;
     }
     eprintln!("{seeds} seeds: {sum:?}");
     assert!(sum.ops >= total);
     assert!(sum.crashes > seeds, "crashes must happen: {sum:?}");
     assert!(sum.poison_rejected > 0 && sum.deletes_acked > 0, "{sum:?}");
+    assert!(
+        sum.summaries_replayed > 0,
+        "sealed segments must be replayed from summaries: {sum:?}"
+    );
 }
 
 /// Seeds that once failed stay here as regression tests.
 #[test]
 fn regression_seeds() {
-    for seed in [7u64] {
+    {
+        let seed = 7u64;
         run(&SimConfig::new(seed, 20_000)).unwrap_or_else(|e| panic!("{e}"));
     }
 }

@@ -71,7 +71,13 @@ extern "C" fn on_signal(_: libc::c_int) {
 }
 
 fn main() {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_from_env("HIVE_LOG").unwrap_or_else(|_| "info".into())).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HIVE_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     if let Err(e) = real_main() {
         eprintln!("hive: {e:#}");
         std::process::exit(1);
@@ -80,8 +86,22 @@ fn main() {
 
 fn real_main() -> Result<()> {
     match Cli::parse().cmd {
-        Cmd::Init { data, device, size, shards, base_port, listen, node_id, buckets, segment_size } => {
-            let shards = shards.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as u16).unwrap_or(1));
+        Cmd::Init {
+            data,
+            device,
+            size,
+            shards,
+            base_port,
+            listen,
+            node_id,
+            buckets,
+            segment_size,
+        } => {
+            let shards = shards.unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get() as u16)
+                    .unwrap_or(1)
+            });
             let o = InitOptions {
                 data_dir: data,
                 device,
@@ -94,9 +114,18 @@ fn real_main() -> Result<()> {
                 segment_bytes: config::parse_size(&segment_size)?,
             };
             let out = config::init(&o)?;
-            println!("hive node {} initialised in {}", out.config.node_id, o.data_dir.display());
+            println!(
+                "hive node {} initialised in {}",
+                out.config.node_id,
+                o.data_dir.display()
+            );
             println!("device        {}", out.config.device.display());
-            println!("shards        {} (ports {}..={})", out.config.shards, out.config.base_port, out.config.base_port + out.config.shards - 1);
+            println!(
+                "shards        {} (ports {}..={})",
+                out.config.shards,
+                out.config.base_port,
+                out.config.base_port + out.config.shards - 1
+            );
             println!("ca            {}", out.ca_fingerprint);
             println!("token         {}", out.admin_token);
             Ok(())
@@ -111,7 +140,11 @@ fn real_main() -> Result<()> {
             tracing::info!(ports = ?node.ports, "hive node running");
             node.wait(&STOP)
         }
-        Cmd::Status { data, json, insecure } => status(&data, json, insecure),
+        Cmd::Status {
+            data,
+            json,
+            insecure,
+        } => status(&data, json, insecure),
     }
 }
 
@@ -122,10 +155,27 @@ fn status(dir: &std::path::Path, json: bool, insecure: bool) -> Result<()> {
     let mut shards = Vec::new();
     for s in 0..cfg.shards {
         let addr = format!("{}:{}", cfg.listen, cfg.base_port + s);
-        let stream = TcpStream::connect(&addr).with_context(|| format!("connecting to shard {s} at {addr} (is `hive run` up?)"))?;
-        let tls = if insecure { None } else { Some((hivefs_net::tls::client_config_pinned(&fp).map_err(|e| anyhow::anyhow!("{e}"))?, hivefs_net::tls::server_name(&cfg.listen).map_err(|e| anyhow::anyhow!("{e}"))?)) };
+        let stream = TcpStream::connect(&addr)
+            .with_context(|| format!("connecting to shard {s} at {addr} (is `hive run` up?)"))?;
+        let tls = if insecure {
+            None
+        } else {
+            Some((
+                hivefs_net::tls::client_config_pinned(&fp).map_err(|e| anyhow::anyhow!("{e}"))?,
+                hivefs_net::tls::server_name(&cfg.listen).map_err(|e| anyhow::anyhow!("{e}"))?,
+            ))
+        };
         let mut conn = FramedConn::new_client(stream, tls)?;
-        conn.send_request(PROTOCOL_VERSION_MIN, 1, &Request::Hello { min_version: PROTOCOL_VERSION_MIN, max_version: PROTOCOL_VERSION_MAX, token: token.trim().to_string(), client_name: "hive status".into() })?;
+        conn.send_request(
+            PROTOCOL_VERSION_MIN,
+            1,
+            &Request::Hello {
+                min_version: PROTOCOL_VERSION_MIN,
+                max_version: PROTOCOL_VERSION_MAX,
+                token: token.trim().to_string(),
+                client_name: "hive status".into(),
+            },
+        )?;
         match conn.recv_response()?.1 {
             Response::HelloOk { .. } => {}
             Response::Error { code, message } => bail!("shard {s}: {code:?}: {message}"),
@@ -133,11 +183,18 @@ fn status(dir: &std::path::Path, json: bool, insecure: bool) -> Result<()> {
         }
         conn.send_request(PROTOCOL_VERSION_MIN, 2, &Request::Stats)?;
         match conn.recv_response()?.1 {
-            Response::StatsReply { json } => shards.push(serde_json::from_str::<serde_json::Value>(&json)?),
+            Response::StatsReply { json } => {
+                shards.push(serde_json::from_str::<serde_json::Value>(&json)?)
+            }
             other => bail!("shard {s}: unexpected {other:?}"),
         }
     }
-    let sum = |k: &str| shards.iter().map(|v| v[k].as_u64().unwrap_or(0)).sum::<u64>();
+    let sum = |k: &str| {
+        shards
+            .iter()
+            .map(|v| v[k].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
     let ratio = |a: u64, b: u64| if b == 0 { 1.0 } else { a as f64 / b as f64 };
     let total = serde_json::json!({
         "chunks": sum("chunks"),
@@ -152,12 +209,27 @@ fn status(dir: &std::path::Path, json: bool, insecure: bool) -> Result<()> {
         "gets_corrupt": sum("gets_corrupt"),
     });
     if json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "node_id": cfg.node_id, "shards": shards, "total": total }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "node_id": cfg.node_id, "shards": shards, "total": total })
+            )?
+        );
         return Ok(());
     }
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    println!("node {}  device {}", cfg.node_id, shards.first().and_then(|v| v["device"].as_str()).unwrap_or("?"));
-    println!("{:>6} {:>12} {:>12} {:>12} {:>8} {:>8} {:>14}", "shard", "chunks", "logical GiB", "stored GiB", "dedupe", "compr", "device used");
+    println!(
+        "node {}  device {}",
+        cfg.node_id,
+        shards
+            .first()
+            .and_then(|v| v["device"].as_str())
+            .unwrap_or("?")
+    );
+    println!(
+        "{:>6} {:>12} {:>12} {:>12} {:>8} {:>8} {:>14}",
+        "shard", "chunks", "logical GiB", "stored GiB", "dedupe", "compr", "device used"
+    );
     for v in &shards {
         let g = |k: &str| v[k].as_u64().unwrap_or(0);
         println!(
@@ -169,7 +241,10 @@ fn status(dir: &std::path::Path, json: bool, insecure: bool) -> Result<()> {
             ratio(g("offered_bytes"), g("logical_bytes")),
             ratio(g("logical_bytes"), g("stored_bytes")),
             100.0 * ratio(g("device_bytes_used"), g("device_bytes_total").max(1)),
-            v["failed"].as_str().map(|f| format!("  FAILED: {f}")).unwrap_or_default()
+            v["failed"]
+                .as_str()
+                .map(|f| format!("  FAILED: {f}"))
+                .unwrap_or_default()
         );
     }
     let t = |k: &str| total[k].as_u64().unwrap_or(0);

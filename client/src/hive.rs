@@ -1,0 +1,550 @@
+//! Connections to a hive node: TLS with the pinned hive CA, token authentication, the
+//! cluster map, and shard-aware batched `has` / `put` / `get`.
+//!
+//! A [`HiveClient`] holds one connection per shard (each shard listens on
+//! `base_port + shard`) and sends every chunk straight to the shard that owns its bucket.
+//! Work for several shards runs in parallel, one thread per shard, and each connection
+//! keeps up to its flow-control credits of requests in flight (pipelining).
+//!
+//! Every chunk read is decompressed and checked against its id before it is returned;
+//! a node can never hand a client bytes that do not hash to what was asked for.
+
+use crate::pipeline::PreparedChunk;
+use hivefs_net::chunk::{self, ChunkError, ChunkId};
+use hivefs_net::conn::{ConnError, FramedConn};
+use hivefs_net::frame::{MAX_BODY_BYTES, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
+use hivefs_net::proto::{
+    ClusterMap, ErrorCode, PutChunk, PutResult, Request, Response, MAX_BATCH_CHUNKS, MAX_BATCH_IDS,
+    PUT_BODY_HEADER_BYTES, PUT_CHUNK_OVERHEAD_BYTES,
+};
+use std::collections::HashMap;
+use std::net::TcpStream;
+use std::time::Duration;
+
+/// Ids per `Has` request.
+pub const HAS_BATCH_IDS: usize = 2048;
+/// Target body size of one `Put` request.
+pub const PUT_BATCH_BYTES: usize = 1 << 20;
+
+/// How to reach and authenticate to a hive node.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    pub host: String,
+    pub base_port: u16,
+    pub token: String,
+    /// SHA-256 of the hive CA certificate; `None` = plain TCP (`--insecure` nodes only).
+    pub ca_fingerprint: Option<String>,
+    pub client_name: String,
+    pub connect_timeout: Duration,
+}
+
+impl ClientOptions {
+    pub fn new(
+        host: &str,
+        base_port: u16,
+        token: &str,
+        ca_fingerprint: Option<&str>,
+    ) -> ClientOptions {
+        ClientOptions {
+            host: host.to_string(),
+            base_port,
+            token: token.trim().to_string(),
+            ca_fingerprint: ca_fingerprint.map(|s| s.trim().to_string()),
+            client_name: format!("hivefs-client/{}", std::process::id()),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("shard {shard}: {source}")]
+    Conn { shard: u16, source: ConnError },
+    #[error("shard {shard} refused: {code:?}: {message}")]
+    Refused {
+        shard: u16,
+        code: ErrorCode,
+        message: String,
+    },
+    #[error("shard {shard} answered out of protocol: {detail}")]
+    Protocol { shard: u16, detail: String },
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    #[error("chunk {id} failed verification: {source}")]
+    Verify { id: ChunkId, source: ChunkError },
+    #[error("chunk {0} rejected by the node (bytes do not match the id)")]
+    Rejected(ChunkId),
+}
+
+struct ShardConn {
+    shard: u16,
+    conn: FramedConn<TcpStream>,
+    version: u16,
+    credits: usize,
+    next_req: u64,
+}
+
+impl ShardConn {
+    fn open(o: &ClientOptions, shard: u16) -> Result<(ShardConn, u16), ClientError> {
+        let addr = format!("{}:{}", o.host, o.base_port as u32 + shard as u32);
+        let sock = std::net::ToSocketAddrs::to_socket_addrs(&addr)
+            .map_err(|source| ClientError::Connect {
+                addr: addr.clone(),
+                source,
+            })?
+            .next()
+            .ok_or_else(|| ClientError::Connect {
+                addr: addr.clone(),
+                source: std::io::Error::other("no address"),
+            })?;
+        let stream = TcpStream::connect_timeout(&sock, o.connect_timeout).map_err(|source| {
+            ClientError::Connect {
+                addr: addr.clone(),
+                source,
+            }
+        })?;
+        let _ = stream.set_nodelay(true);
+        let tls = match &o.ca_fingerprint {
+            Some(fp) => {
+                let cfg = hivefs_net::tls::client_config_pinned(fp)
+                    .map_err(|e| ClientError::Tls(e.to_string()))?;
+                let name = hivefs_net::tls::server_name(&o.host)
+                    .map_err(|e| ClientError::Tls(e.to_string()))?;
+                Some((cfg, name))
+            }
+            None => None,
+        };
+        let conn = FramedConn::new_client(stream, tls)
+            .map_err(|source| ClientError::Conn { shard, source })?;
+        let mut sc = ShardConn {
+            shard,
+            conn,
+            version: PROTOCOL_VERSION_MIN,
+            credits: 1,
+            next_req: 1,
+        };
+        let hello = Request::Hello {
+            min_version: PROTOCOL_VERSION_MIN,
+            max_version: PROTOCOL_VERSION_MAX,
+            token: o.token.clone(),
+            client_name: o.client_name.clone(),
+        };
+        match sc.call(&hello)? {
+            Response::HelloOk {
+                version,
+                credits,
+                shard: s,
+                shard_count,
+                ..
+            } => {
+                if s != shard {
+                    return Err(ClientError::Protocol {
+                        shard,
+                        detail: format!("port of shard {shard} is served by shard {s}"),
+                    });
+                }
+                sc.version = version;
+                sc.credits = (credits as usize).clamp(1, 1024);
+                Ok((sc, shard_count))
+            }
+            other => Err(sc.unexpected(other)),
+        }
+    }
+
+    fn send(&mut self, req: &Request) -> Result<u64, ClientError> {
+        let id = self.next_req;
+        self.next_req += 1;
+        self.conn
+            .send_request(self.version, id, req)
+            .map_err(|source| ClientError::Conn {
+                shard: self.shard,
+                source,
+            })?;
+        Ok(id)
+    }
+
+    fn recv(&mut self, expect_id: u64) -> Result<Response, ClientError> {
+        let (id, resp) = self
+            .conn
+            .recv_response()
+            .map_err(|source| ClientError::Conn {
+                shard: self.shard,
+                source,
+            })?;
+        if id != expect_id {
+            return Err(ClientError::Protocol {
+                shard: self.shard,
+                detail: format!("reply to request {id}, expected {expect_id}"),
+            });
+        }
+        Ok(resp)
+    }
+
+    fn call(&mut self, req: &Request) -> Result<Response, ClientError> {
+        let id = self.send(req)?;
+        self.recv(id)
+    }
+
+    fn unexpected(&self, r: Response) -> ClientError {
+        match r {
+            Response::Error { code, message } => ClientError::Refused {
+                shard: self.shard,
+                code,
+                message,
+            },
+            other => ClientError::Protocol {
+                shard: self.shard,
+                detail: format!("unexpected {:?}", other.opcode()),
+            },
+        }
+    }
+
+    /// Send `reqs` keeping up to `credits` in flight; `on_reply(i, response)` for each,
+    /// in whatever order the node answers (a shard completes requests out of order).
+    fn pipeline(
+        &mut self,
+        reqs: Vec<Request>,
+        mut on_reply: impl FnMut(usize, Response) -> Result<(), ClientError>,
+    ) -> Result<(), ClientError> {
+        let mut in_flight: HashMap<u64, usize> = HashMap::new();
+        let mut next = reqs.into_iter().enumerate();
+        loop {
+            while in_flight.len() < self.credits {
+                match next.next() {
+                    Some((i, r)) => {
+                        let id = self.send(&r)?;
+                        in_flight.insert(id, i);
+                    }
+                    None => break,
+                }
+            }
+            if in_flight.is_empty() {
+                return Ok(());
+            }
+            let (id, resp) = self
+                .conn
+                .recv_response()
+                .map_err(|source| ClientError::Conn {
+                    shard: self.shard,
+                    source,
+                })?;
+            let Some(i) = in_flight.remove(&id) else {
+                return Err(ClientError::Protocol {
+                    shard: self.shard,
+                    detail: format!("reply to request {id}, which is not in flight"),
+                });
+            };
+            on_reply(i, resp)?;
+        }
+    }
+}
+
+/// A chunk as the node stores it: codec, plaintext length, stored bytes.
+pub type StoredReply = (chunk::Codec, u32, Vec<u8>);
+
+/// What an upload did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UploadStats {
+    pub chunks: u64,
+    /// Chunks the hive already had (by `has`, or found duplicate at put).
+    pub deduped: u64,
+    pub uploaded: u64,
+    pub raw_bytes: u64,
+    /// Stored (compressed) bytes sent over the network.
+    pub sent_bytes: u64,
+    /// Claim epoch of the last answer (the GC epoch the claims belong to).
+    pub claim_epoch: u64,
+}
+
+/// A connected client. See the module docs.
+pub struct HiveClient {
+    map: ClusterMap,
+    shards: Vec<ShardConn>,
+}
+
+fn split_by_shard<T>(
+    map: &ClusterMap,
+    items: impl IntoIterator<Item = (usize, T)>,
+    id_of: impl Fn(&T) -> ChunkId,
+) -> Vec<Vec<(usize, T)>> {
+    let mut out: Vec<Vec<(usize, T)>> = (0..map.shard_count).map(|_| Vec::new()).collect();
+    for (i, t) in items {
+        let s = map.shard_of(&id_of(&t)) as usize;
+        out[s].push((i, t));
+    }
+    out
+}
+
+impl HiveClient {
+    /// Connect to shard 0, fetch the map, then connect to every other shard.
+    pub fn connect(o: &ClientOptions) -> Result<HiveClient, ClientError> {
+        let (mut first, shard_count) = ShardConn::open(o, 0)?;
+        let map = match first.call(&Request::Map)? {
+            Response::MapReply { map } => map,
+            other => return Err(first.unexpected(other)),
+        };
+        if map.shard_count != shard_count {
+            return Err(ClientError::Protocol {
+                shard: 0,
+                detail: "map and hello disagree on the shard count".into(),
+            });
+        }
+        let mut shards = vec![first];
+        for s in 1..shard_count {
+            shards.push(ShardConn::open(o, s)?.0);
+        }
+        Ok(HiveClient { map, shards })
+    }
+
+    pub fn map(&self) -> &ClusterMap {
+        &self.map
+    }
+
+    /// Run `work[s]` on shard `s`'s connection, all shards in parallel.
+    fn per_shard<W: Send, R: Send>(
+        &mut self,
+        work: Vec<W>,
+        f: impl Fn(&mut ShardConn, W) -> Result<R, ClientError> + Sync,
+    ) -> Result<Vec<R>, ClientError> {
+        let f = &f;
+        let results: Vec<Result<R, ClientError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = self
+                .shards
+                .iter_mut()
+                .zip(work)
+                .map(|(sc, w)| scope.spawn(move || f(sc, w)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        });
+        results.into_iter().collect()
+    }
+
+    /// Which ids the hive holds (verified). Returns `(present, claim_epoch)`.
+    pub fn has(&mut self, ids: &[ChunkId]) -> Result<(Vec<bool>, u64), ClientError> {
+        let groups = split_by_shard(&self.map, ids.iter().copied().enumerate(), |id| *id);
+        let answers = self.per_shard(groups, |sc, group| {
+            let reqs: Vec<Request> = group
+                .chunks(HAS_BATCH_IDS.min(MAX_BATCH_IDS))
+                .map(|g| Request::Has {
+                    ids: g.iter().map(|(_, id)| *id).collect(),
+                })
+                .collect();
+            let mut out = Vec::with_capacity(group.len());
+            let mut epoch = 0;
+            let batches: Vec<&[(usize, ChunkId)]> =
+                group.chunks(HAS_BATCH_IDS.min(MAX_BATCH_IDS)).collect();
+            let shard = sc.shard;
+            sc.pipeline(reqs, |i, r| match r {
+                Response::HasReply {
+                    claim_epoch,
+                    present,
+                } if present.len() == batches[i].len() => {
+                    epoch = claim_epoch;
+                    out.extend(
+                        batches[i]
+                            .iter()
+                            .zip(present)
+                            .map(|((idx, _), p)| (*idx, p)),
+                    );
+                    Ok(())
+                }
+                other => Err(sc_err(shard, other)),
+            })?;
+            Ok((out, epoch))
+        })?;
+        let mut present = vec![false; ids.len()];
+        let mut epoch = 0;
+        for (group, e) in answers {
+            epoch = epoch.max(e);
+            for (i, p) in group {
+                present[i] = p;
+            }
+        }
+        Ok((present, epoch))
+    }
+
+    /// Store chunks (each to its owning shard), batched and pipelined. Returns one result
+    /// per chunk and the claim epoch.
+    pub fn put(&mut self, chunks: &[PutChunk]) -> Result<(Vec<PutResult>, u64), ClientError> {
+        let groups = split_by_shard(&self.map, chunks.iter().enumerate(), |c| c.id);
+        let answers = self.per_shard(groups, |sc, group| {
+            let batches = batch_puts(&group);
+            let reqs: Vec<Request> = batches
+                .iter()
+                .map(|b| Request::Put {
+                    chunks: b.iter().map(|(_, c)| (*c).clone()).collect(),
+                })
+                .collect();
+            let mut out = Vec::with_capacity(group.len());
+            let mut epoch = 0;
+            let shard = sc.shard;
+            sc.pipeline(reqs, |i, r| match r {
+                Response::PutReply {
+                    claim_epoch,
+                    results,
+                } if results.len() == batches[i].len() => {
+                    epoch = claim_epoch;
+                    out.extend(
+                        batches[i]
+                            .iter()
+                            .zip(results)
+                            .map(|((idx, _), res)| (*idx, res)),
+                    );
+                    Ok(())
+                }
+                other => Err(sc_err(shard, other)),
+            })?;
+            Ok((out, epoch))
+        })?;
+        let mut results = vec![PutResult::Rejected; chunks.len()];
+        let mut epoch = 0;
+        for (group, e) in answers {
+            epoch = epoch.max(e);
+            for (i, r) in group {
+                results[i] = r;
+            }
+        }
+        Ok((results, epoch))
+    }
+
+    /// Has-then-put: ask which chunks the hive lacks and upload only those. A chunk the
+    /// node rejects is an error (it means this client computed a wrong id).
+    pub fn upload(&mut self, chunks: &[PreparedChunk]) -> Result<UploadStats, ClientError> {
+        let ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
+        let (present, epoch) = self.has(&ids)?;
+        let mut missing: Vec<PutChunk> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut st = UploadStats {
+            chunks: chunks.len() as u64,
+            claim_epoch: epoch,
+            ..Default::default()
+        };
+        for (c, p) in chunks.iter().zip(&present) {
+            st.raw_bytes += c.raw_len as u64;
+            if *p || !seen.insert(c.id) {
+                st.deduped += 1;
+                continue;
+            }
+            st.sent_bytes += c.stored.len() as u64;
+            missing.push(PutChunk {
+                id: c.id,
+                codec: c.codec,
+                raw_len: c.raw_len,
+                data: c.stored.clone(),
+            });
+        }
+        if missing.is_empty() {
+            return Ok(st);
+        }
+        let (results, epoch) = self.put(&missing)?;
+        st.claim_epoch = epoch;
+        for (c, r) in missing.iter().zip(results) {
+            match r {
+                PutResult::Stored => st.uploaded += 1,
+                PutResult::Duplicate => st.deduped += 1,
+                PutResult::Rejected => return Err(ClientError::Rejected(c.id)),
+            }
+        }
+        Ok(st)
+    }
+
+    /// Fetch chunks and return their verified plaintext, in order. `None` for an id the
+    /// hive does not hold.
+    pub fn get(&mut self, ids: &[ChunkId]) -> Result<Vec<Option<Vec<u8>>>, ClientError> {
+        let stored = self.get_stored(ids)?;
+        ids.iter()
+            .zip(stored)
+            .map(|(id, s)| match s {
+                None => Ok(None),
+                Some((codec, raw_len, data)) => {
+                    chunk::verify(&self.map.dedupe_key, id, codec, &data, raw_len as usize)
+                        .map(Some)
+                        .map_err(|source| ClientError::Verify { id: *id, source })
+                }
+            })
+            .collect()
+    }
+
+    /// Fetch chunks as stored (codec, raw length, bytes), unverified: for benchmarks that
+    /// measure the node, and for callers that verify later.
+    pub fn get_stored(&mut self, ids: &[ChunkId]) -> Result<Vec<Option<StoredReply>>, ClientError> {
+        let groups = split_by_shard(&self.map, ids.iter().copied().enumerate(), |id| *id);
+        let answers = self.per_shard(groups, |sc, group| {
+            let reqs: Vec<Request> = group
+                .iter()
+                .map(|(_, id)| Request::Get { id: *id })
+                .collect();
+            let mut out = Vec::with_capacity(group.len());
+            let shard = sc.shard;
+            sc.pipeline(reqs, |i, r| match r {
+                Response::GetReply { chunk } => {
+                    out.push((group[i].0, chunk));
+                    Ok(())
+                }
+                other => Err(sc_err(shard, other)),
+            })?;
+            Ok(out)
+        })?;
+        let mut res: Vec<Option<StoredReply>> = vec![None; ids.len()];
+        for group in answers {
+            for (i, c) in group {
+                res[i] = c;
+            }
+        }
+        Ok(res)
+    }
+
+    /// Every shard's statistics (JSON objects as the node reports them).
+    pub fn stats(&mut self) -> Result<Vec<String>, ClientError> {
+        let work = vec![(); self.shards.len()];
+        self.per_shard(work, |sc, ()| match sc.call(&Request::Stats)? {
+            Response::StatsReply { json } => Ok(json),
+            other => Err(sc.unexpected(other)),
+        })
+    }
+}
+
+fn sc_err(shard: u16, r: Response) -> ClientError {
+    match r {
+        Response::Error { code, message } => ClientError::Refused {
+            shard,
+            code,
+            message,
+        },
+        other => ClientError::Protocol {
+            shard,
+            detail: format!("unexpected {:?}", other.opcode()),
+        },
+    }
+}
+
+/// Cut one shard's chunks into `Put` bodies of about [`PUT_BATCH_BYTES`], never above the
+/// frame limit or [`MAX_BATCH_CHUNKS`].
+fn batch_puts<'a>(group: &[(usize, &'a PutChunk)]) -> Vec<Vec<(usize, &'a PutChunk)>> {
+    let mut out = Vec::new();
+    let mut cur: Vec<(usize, &PutChunk)> = Vec::new();
+    let mut bytes = PUT_BODY_HEADER_BYTES;
+    for &(i, c) in group {
+        let n = PUT_CHUNK_OVERHEAD_BYTES + c.data.len();
+        if !cur.is_empty()
+            && (bytes + n > PUT_BATCH_BYTES.min(MAX_BODY_BYTES) || cur.len() == MAX_BATCH_CHUNKS)
+        {
+            out.push(std::mem::take(&mut cur));
+            bytes = PUT_BODY_HEADER_BYTES;
+        }
+        bytes += n;
+        cur.push((i, c));
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
