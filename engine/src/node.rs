@@ -251,6 +251,8 @@ struct Conn {
     closing: bool,
     /// Frames may be waiting unread (a read stopped at the credit limit).
     maybe_more: bool,
+    /// Reading was skipped for lack of credits or commit-queue room.
+    stalled: bool,
 }
 
 enum Pending {
@@ -335,6 +337,18 @@ impl ShardLoop {
             for c in done {
                 self.complete(c);
             }
+            // Stalled connections are read again once they have room.
+            if self.s.core.queued() < QUEUE_HIGH_WATER {
+                let credits = self.s.cfg.credits;
+                for c in self
+                    .conns
+                    .values_mut()
+                    .filter(|c| c.stalled && c.in_flight < credits)
+                {
+                    c.stalled = false;
+                    c.maybe_more = true;
+                }
+            }
             for t in std::mem::take(&mut self.dirty) {
                 self.flush(t);
             }
@@ -373,6 +387,7 @@ impl ShardLoop {
                                     in_flight: 0,
                                     closing: false,
                                     maybe_more: false,
+                                    stalled: false,
                                 },
                             );
                         }
@@ -402,13 +417,17 @@ impl ShardLoop {
                 credits.saturating_sub(c.in_flight) as usize
             };
             self.frames.clear();
-            match c.framed.read_frames(&mut self.frames, room) {
+            // With no room, nothing is read: the connection is stalled until a reply frees
+            // a credit or the commit queue drains (then `maybe_more` brings it back).
+            c.stalled = room == 0;
+            let result = if room == 0 {
+                Ok(ReadStatus::Open)
+            } else {
+                c.framed.read_frames(&mut self.frames, room)
+            };
+            match result {
                 Ok(status) => {
-                    c.maybe_more = room > 0 && self.frames.len() == room
-                        || (room == 0 && !queue_full && c.framed.buffered_in() > 0);
-                    if room == 0 {
-                        c.maybe_more = true;
-                    }
+                    c.maybe_more = room > 0 && self.frames.len() == room;
                     let frames = std::mem::take(&mut self.frames);
                     for f in frames {
                         self.dispatch(t, f);
@@ -478,6 +497,7 @@ impl ShardLoop {
                 return;
             }
         };
+        tracing::debug!(shard, %peer, req = req_id, op = ?request.opcode(), "request");
         let authed = c.version.is_some();
         match request {
             Request::Hello {
@@ -679,7 +699,6 @@ impl ShardLoop {
         }
         if let Some(c) = self.conns.get_mut(&conn) {
             c.in_flight = c.in_flight.saturating_sub(1);
-            c.maybe_more = true;
         }
         self.reply(conn, req, &resp);
     }

@@ -180,6 +180,33 @@ pub fn decompress(codec: Codec, stored: &[u8], raw_len: usize) -> Result<Vec<u8>
     Ok(out)
 }
 
+/// [`verify`] without returning the plaintext: raw chunks are hashed in place, with no
+/// copy (the node's put path).
+pub fn check(
+    key: &DedupeKey,
+    id: &ChunkId,
+    codec: Codec,
+    stored: &[u8],
+    raw_len: usize,
+) -> Result<(), ChunkError> {
+    if codec != Codec::Raw {
+        return verify(key, id, codec, stored, raw_len).map(|_| ());
+    }
+    if raw_len > MAX_CHUNK_RAW_BYTES {
+        return Err(ChunkError::TooLarge(raw_len));
+    }
+    if stored.len() != raw_len {
+        return Err(ChunkError::RawLengthMismatch {
+            stored: stored.len(),
+            raw: raw_len,
+        });
+    }
+    if id.version() != ID_VERSION_BLAKE3_KEYED || ChunkId::compute(key, stored) != *id {
+        return Err(ChunkError::HashMismatch(*id));
+    }
+    Ok(())
+}
+
 /// Decompress and check that the plaintext hashes to `id`: the one test a chunk must pass
 /// before a node lets it answer `has` and before a client accepts it from `get`.
 pub fn verify(
@@ -234,6 +261,12 @@ mod tests {
             verify(&KEY, &id, Codec::Raw, b"fake", 4),
             Err(ChunkError::HashMismatch(id))
         );
+        assert_eq!(
+            check(&KEY, &id, Codec::Raw, b"fake", 4),
+            Err(ChunkError::HashMismatch(id))
+        );
+        assert_eq!(check(&KEY, &id, Codec::Raw, b"real", 4), Ok(()));
+        assert!(check(&KEY, &id, Codec::Raw, b"real", 5).is_err());
         assert!(decompress(Codec::Lz4, &[0xff; 10], 100).is_err());
         assert_eq!(
             decompress(Codec::Raw, b"x", MAX_CHUNK_RAW_BYTES + 1),

@@ -139,30 +139,43 @@ fn put(client: &mut HiveClient, file: &Path, manifest: Option<PathBuf>, codec: &
         manifest.unwrap_or_else(|| PathBuf::from(format!("{}.manifest", file.display())));
     let t0 = Instant::now();
     let mut ids: Vec<(ChunkId, u32)> = Vec::new();
-    let mut batch = Vec::new();
-    let mut total = hivefs_client::hive::UploadStats::default();
-    let mut flush =
-        |batch: &mut Vec<_>, total: &mut hivefs_client::hive::UploadStats| -> Result<()> {
-            let st = client.upload(batch)?;
-            total.chunks += st.chunks;
-            total.deduped += st.deduped;
-            total.uploaded += st.uploaded;
-            total.raw_bytes += st.raw_bytes;
-            total.sent_bytes += st.sent_bytes;
-            batch.clear();
-            Ok(())
-        };
-    let size = pipeline
-        .prepare_reader(f, |c| -> Result<()> {
-            ids.push((c.id, c.raw_len));
-            batch.push(c);
-            if batch.len() >= 256 {
-                flush(&mut batch, &mut total)?;
+    // Chunking (on this thread and the pipeline's workers) overlaps with uploading (on
+    // the uploader thread): a bounded queue of batches between them.
+    let (tx, rx) = crossbeam_channel::bounded::<Vec<hivefs_client::pipeline::PreparedChunk>>(4);
+    let (size, total) =
+        std::thread::scope(|scope| -> Result<(u64, hivefs_client::hive::UploadStats)> {
+            let uploader = scope.spawn(move || -> Result<hivefs_client::hive::UploadStats> {
+                let mut total = hivefs_client::hive::UploadStats::default();
+                for batch in rx {
+                    let st = client.upload(&batch)?;
+                    total.chunks += st.chunks;
+                    total.deduped += st.deduped;
+                    total.uploaded += st.uploaded;
+                    total.raw_bytes += st.raw_bytes;
+                    total.sent_bytes += st.sent_bytes;
+                }
+                Ok(total)
+            });
+            let mut batch = Vec::new();
+            let read = pipeline.prepare_reader(f, |c| -> Result<()> {
+                ids.push((c.id, c.raw_len));
+                batch.push(c);
+                if batch.len() >= 256 {
+                    tx.send(std::mem::take(&mut batch))
+                        .context("uploader stopped")?;
+                }
+                Ok(())
+            });
+            if !batch.is_empty() {
+                let _ = tx.send(batch);
             }
-            Ok(())
-        })
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    flush(&mut batch, &mut total)?;
+            drop(tx);
+            let total = uploader
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p))?;
+            let size = read.map_err(|e| anyhow::anyhow!("{e}"))?;
+            Ok((size, total))
+        })?;
     let secs = t0.elapsed().as_secs_f64();
     let mut w = BufWriter::new(std::fs::File::create(&manifest)?);
     writeln!(w, "{MANIFEST_MAGIC} {size}")?;
