@@ -507,6 +507,7 @@ impl ShardLoop {
                 client_name,
             } => {
                 if authed {
+                    tracing::warn!(shard, %peer, req = req_id, "second Hello on a connection, closing it");
                     self.fail_conn(
                         t,
                         req_id,

@@ -189,13 +189,22 @@ fn status(dir: &std::path::Path, json: bool, insecure: bool) -> Result<()> {
             other => bail!("shard {s}: unexpected {other:?}"),
         }
     }
+    let ratio = |a: u64, b: u64| if b == 0 { 1.0 } else { a as f64 / b as f64 };
+    for v in shards.iter_mut() {
+        let g = |k: &str| v[k].as_u64().unwrap_or(0);
+        let (dedupe, compression) = (
+            ratio(g("offered_bytes"), g("logical_bytes")),
+            ratio(g("logical_bytes"), g("stored_bytes")),
+        );
+        v["dedupe_ratio"] = serde_json::json!(dedupe);
+        v["compression_ratio"] = serde_json::json!(compression);
+    }
     let sum = |k: &str| {
         shards
             .iter()
             .map(|v| v[k].as_u64().unwrap_or(0))
             .sum::<u64>()
     };
-    let ratio = |a: u64, b: u64| if b == 0 { 1.0 } else { a as f64 / b as f64 };
     let total = serde_json::json!({
         "chunks": sum("chunks"),
         "logical_bytes": sum("logical_bytes"),
