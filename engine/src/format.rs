@@ -443,6 +443,56 @@ impl RecordHeader {
     }
 }
 
+pub const CONTINUATION_MAGIC: u32 = u32::from_le_bytes(*b"HCNT");
+
+/// A block that resumes a segment after a restart: records after it carry `generation`.
+/// It is valid only where a scan of the records before it ends, naming the generation
+/// and next sequence number the scan ended with; since generations are never reused, no
+/// stale bytes can satisfy that. This lets a node keep appending to the segment it was
+/// writing when it stopped instead of abandoning the rest of it.
+///
+/// ```text
+/// 0 magic u32 "HCNT" | 4 format u8 | 5..8 reserved | 8 generation u32
+/// 12 prev_generation u32 | 16 first_seq u64 | 24 crc u32
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ContinuationBlock {
+    pub generation: u32,
+    pub prev_generation: u32,
+    pub first_seq: u64,
+}
+
+impl ContinuationBlock {
+    pub fn encode_into(&self, b: &mut [u8]) {
+        b[..BLOCK_SIZE].fill(0);
+        b[0..4].copy_from_slice(&CONTINUATION_MAGIC.to_le_bytes());
+        b[4] = RECORD_FORMAT_VERSION;
+        b[8..12].copy_from_slice(&self.generation.to_le_bytes());
+        b[12..16].copy_from_slice(&self.prev_generation.to_le_bytes());
+        b[16..24].copy_from_slice(&self.first_seq.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..24]);
+        b[24..28].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    pub fn decode(b: &[u8]) -> Result<ContinuationBlock, FormatError> {
+        if b.len() < 28 {
+            return Err(FormatError::Range("continuation length"));
+        }
+        check_magic(rd_u32(b, 0), CONTINUATION_MAGIC)?;
+        if b[4] != RECORD_FORMAT_VERSION {
+            return Err(FormatError::Version(b[4] as u32));
+        }
+        if crc32c::crc32c(&b[..24]) != rd_u32(b, 24) {
+            return Err(FormatError::Checksum);
+        }
+        Ok(ContinuationBlock {
+            generation: rd_u32(b, 8),
+            prev_generation: rd_u32(b, 12),
+            first_seq: rd_u64(b, 16),
+        })
+    }
+}
+
 /// Bytes of one segment-summary entry.
 ///
 /// ```text
@@ -600,6 +650,20 @@ mod tests {
             RecordHeader::decode(&big),
             Err(FormatError::Range("stored_len"))
         );
+    }
+
+    #[test]
+    fn continuation_block() {
+        let c = ContinuationBlock {
+            generation: 9,
+            prev_generation: 4,
+            first_seq: 123,
+        };
+        let mut b = [0u8; BLOCK_SIZE];
+        c.encode_into(&mut b);
+        assert_eq!(ContinuationBlock::decode(&b).unwrap(), c);
+        b[9] ^= 1;
+        assert_eq!(ContinuationBlock::decode(&b), Err(FormatError::Checksum));
     }
 
     #[test]

@@ -23,8 +23,9 @@
 //! so stale bytes beyond a torn tail can never be mistaken for new records.
 
 use crate::format::{
-    record_span, summary_span, ControlBlock, RecordHeader, RecordKind, SegmentFooter,
-    SegmentHeader, ShardLayout, SummaryEntry, RECORD_HEADER_BYTES, SUMMARY_ENTRY_BYTES,
+    record_span, summary_span, ContinuationBlock, ControlBlock, RecordHeader, RecordKind,
+    SegmentFooter, SegmentHeader, ShardLayout, SummaryEntry, RECORD_HEADER_BYTES,
+    SUMMARY_ENTRY_BYTES,
 };
 use crate::index::{EntryState, Index, IndexEntry, Location};
 use hivefs_net::chunk::{
@@ -155,6 +156,8 @@ pub struct ShardStats {
     pub device_bytes_total: u64,
     pub replayed_records: u64,
     pub replayed_summaries: u64,
+    /// Continuation blocks followed during replay (segments resumed by earlier boots).
+    pub replayed_continuations: u64,
     pub gc_epoch: u64,
     pub failed: Option<String>,
 }
@@ -167,6 +170,14 @@ enum SegmentState {
         generation: u32,
         first_seq: u64,
     },
+}
+
+/// Where the scan of an unsealed segment ended: appending resumes there after a restart.
+struct ScanEnd {
+    segment: u32,
+    end_off: u64,
+    generation: u32,
+    summary: Vec<SummaryEntry>,
 }
 
 /// The segment being appended to.
@@ -243,6 +254,10 @@ pub struct ShardCore {
     /// Generations this boot may use: [next_generation, generation_limit).
     next_generation: u32,
     generation_limit: u32,
+    /// First generation of this boot: every generation on the device is below it.
+    generation_first: u32,
+    /// The last unsealed segment found by replay, resumed at the first append.
+    resumable: Option<ScanEnd>,
     control: ControlBlock,
     /// The segment being appended to and its next free (block-aligned) offset.
     active: Option<Active>,
@@ -379,6 +394,8 @@ impl ShardCore {
             segments: vec![SegmentState::Free; layout.segment_count as usize],
             next_generation: first_gen,
             generation_limit: first_gen,
+            generation_first: first_gen,
+            resumable: None,
             control,
             active: None,
             inflight: None,
@@ -431,8 +448,11 @@ impl ShardCore {
                 first_seq: h.first_seq,
             };
             if h.first_seq >= shard.next_seq {
-                if !(shard.cfg.use_summaries && shard.replay_summary(seg, &h)?) {
-                    shard.replay_segment(seg, &h)?;
+                if shard.cfg.use_summaries && shard.replay_summary(seg, &h)? {
+                    shard.resumable = None;
+                } else {
+                    // Unsealed: the last one of these is where appending resumes.
+                    shard.resumable = Some(shard.replay_segment(seg, &h)?);
                 }
             } else {
                 // A segment overlapping sequence numbers already replayed can only come from
@@ -510,7 +530,7 @@ impl ShardCore {
             return Ok(false);
         };
         let span = summary_span(f.entries as usize);
-        if f.generation != h.generation
+        if f.generation < h.generation
             || f.first_seq != h.first_seq
             || span > seg_bytes - BLOCK_SIZE as u64
             || f.summary_offset != seg_bytes - span
@@ -567,20 +587,31 @@ impl ShardCore {
         Ok(true)
     }
 
-    fn replay_segment(&mut self, seg: u32, h: &SegmentHeader) -> Result<(), ShardError> {
+    /// Scan a segment's records in order (following continuation blocks), applying them
+    /// to the index, until the first one that is not the next valid record.
+    fn replay_segment(&mut self, seg: u32, h: &SegmentHeader) -> Result<ScanEnd, ShardError> {
         let seg_bytes = self.layout.segment_bytes;
         let base = self.layout.segment_offset(seg);
         let mut expect_seq = h.first_seq;
+        let mut generation = h.generation;
+        let mut summary = Vec::new();
         // Window of the segment in memory: [win_off, win_off + win.len()).
         let mut win: Vec<u8> = Vec::new();
         let mut win_off: u64 = 0;
         let mut pos: u64 = BLOCK_SIZE as u64;
         loop {
-            // Make sure [pos, pos + header) is in the window; then the whole record.
-            let mut need = RECORD_HEADER_BYTES as u64;
+            // Make sure [pos, pos + need) is in the window: first a header (or, at a block
+            // boundary, a continuation block), then the whole record.
+            let at_block = pos.is_multiple_of(BLOCK_SIZE as u64);
+            let mut need = if at_block {
+                BLOCK_SIZE as u64
+            } else {
+                RECORD_HEADER_BYTES as u64
+            };
+            need = need.min(seg_bytes.saturating_sub(pos));
             let mut header: Option<RecordHeader> = None;
             loop {
-                if pos + need > seg_bytes {
+                if need < RECORD_HEADER_BYTES as u64 || pos + need > seg_bytes {
                     break;
                 }
                 if pos < win_off || pos + need > win_off + win.len() as u64 {
@@ -622,21 +653,38 @@ impl ShardCore {
                     Some(_) => break,
                 }
             }
+            let in_window = |len: u64| pos >= win_off && pos + len <= win_off + win.len() as u64;
             let valid = match header {
-                Some(rh) if pos + need <= win_off + win.len() as u64 => {
+                Some(rh) if in_window(need) => {
                     let at = (pos - win_off) as usize;
-                    rh.generation == h.generation
+                    rh.generation == generation
                         && rh.seq == expect_seq
                         && rh.check_crc(&win[at..at + need as usize]).is_ok()
                 }
                 _ => false,
             };
             if !valid {
-                if !pos.is_multiple_of(BLOCK_SIZE as u64) {
+                if !at_block {
                     // Padding after the last record of a commit batch: next batch starts at
                     // the next block.
                     pos = pos.next_multiple_of(BLOCK_SIZE as u64);
                     continue;
+                }
+                // A continuation written by a later boot exactly where the records ended.
+                if pos + BLOCK_SIZE as u64 <= seg_bytes && in_window(BLOCK_SIZE as u64) {
+                    let at = (pos - win_off) as usize;
+                    if let Ok(c) = ContinuationBlock::decode(&win[at..at + BLOCK_SIZE]) {
+                        if c.prev_generation == generation
+                            && c.first_seq == expect_seq
+                            && c.generation > generation
+                            && c.generation < self.generation_first
+                        {
+                            generation = c.generation;
+                            self.stats.replayed_continuations += 1;
+                            pos += BLOCK_SIZE as u64;
+                            continue;
+                        }
+                    }
                 }
                 break;
             }
@@ -664,12 +712,26 @@ impl ShardCore {
                     self.index.remove(&rh.id);
                 }
             }
+            summary.push(SummaryEntry {
+                kind: rh.kind,
+                codec: rh.codec,
+                offset: pos as u32,
+                stored_len: rh.stored_len,
+                raw_len: rh.raw_len,
+                seq: rh.seq,
+                id: rh.id,
+            });
             self.stats.replayed_records += 1;
             expect_seq += 1;
             pos += record_span(rh.stored_len as usize) as u64;
         }
         self.next_seq = expect_seq;
-        Ok(())
+        Ok(ScanEnd {
+            segment: seg,
+            end_off: pos.next_multiple_of(BLOCK_SIZE as u64).min(seg_bytes),
+            generation,
+            summary,
+        })
     }
 
     pub fn shard(&self) -> u16 {
@@ -1103,6 +1165,9 @@ impl ShardCore {
         if self.building.len > 0 {
             return false; // the seal of the previous segment goes out first
         }
+        if let Some(r) = self.resumable.take() {
+            return self.resume_segment(r, span);
+        }
         match self.open_segment() {
             Ok(()) => true,
             Err(e) => {
@@ -1110,6 +1175,47 @@ impl ShardCore {
                 false
             }
         }
+    }
+
+    /// Keep appending to the segment the last boot was writing: a continuation block with a
+    /// fresh generation where its records end. If a record no longer fits, seal it instead.
+    fn resume_segment(&mut self, r: ScanEnd, span: usize) -> bool {
+        let fits = r.end_off + (BLOCK_SIZE + span) as u64 + summary_span(r.summary.len() + 1)
+            <= self.layout.segment_bytes;
+        if !fits {
+            self.active = Some(Active {
+                segment: r.segment,
+                generation: r.generation,
+                next_off: r.end_off,
+                summary: r.summary,
+            });
+            self.seal_active();
+            return false;
+        }
+        if self.next_generation >= self.generation_limit {
+            if let Err(e) = self.reserve_generations() {
+                self.reject_queue(e);
+                return false;
+            }
+        }
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let c = ContinuationBlock {
+            generation,
+            prev_generation: r.generation,
+            first_seq: self.next_seq,
+        };
+        c.encode_into(&mut self.building.buf[..BLOCK_SIZE]);
+        self.building.segment = r.segment;
+        self.building.start_off = r.end_off;
+        self.building.len = BLOCK_SIZE;
+        self.active = Some(Active {
+            segment: r.segment,
+            generation,
+            next_off: r.end_off + BLOCK_SIZE as u64,
+            summary: r.summary,
+        });
+        true
     }
 
     /// Build the active segment's summary + footer into the (empty) building batch, at the

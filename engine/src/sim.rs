@@ -95,6 +95,7 @@ pub struct SimReport {
     pub io_errors_seen: u64,
     pub device_full: u64,
     pub summaries_replayed: u64,
+    pub continuations_replayed: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -667,6 +668,7 @@ pub fn run(cfg: &SimConfig) -> Result<SimReport, SimFailure> {
             )));
         }
         w.report.summaries_replayed += shard.stats().replayed_summaries;
+        w.report.continuations_replayed += scanned.stats().replayed_continuations;
     }
     w.check_has(&mut shard)?;
     let present: Vec<ChunkId> = w

@@ -32,6 +32,7 @@ fn one_million_operations_across_seeds() {
         sum.deletes_acked += r.deletes_acked;
         sum.io_errors_seen += r.io_errors_seen;
         sum.summaries_replayed += r.summaries_replayed;
+        sum.continuations_replayed += r.continuations_replayed;
     }
     eprintln!("{seeds} seeds: {sum:?}");
     assert!(sum.ops >= total);
@@ -40,6 +41,10 @@ fn one_million_operations_across_seeds() {
     assert!(
         sum.summaries_replayed > 0,
         "sealed segments must be replayed from summaries: {sum:?}"
+    );
+    assert!(
+        sum.continuations_replayed > 0,
+        "segments resumed after restarts must replay: {sum:?}"
     );
 }
 

@@ -98,7 +98,6 @@ fn start_stop_kill_restart_drop() {
 /// `segments_total` restarts, however little data it holds: with `--size 256M
 /// --segment-size 16M` (15 segments per shard) the 16th boot's first 10 KB put fails.
 #[test]
-#[ignore = "engine bug: every boot abandons a segment per shard; a 256M node is full after 15 restarts"]
 fn restarts_do_not_exhaust_the_device() {
     let mut node = TestNode::start(
         NodeOptions::default()
