@@ -313,7 +313,8 @@ impl ShardLoop {
             let mut ready: Vec<usize> = Vec::new();
             for ev in events.iter() {
                 match ev.token() {
-                    LISTENER => self.accept(),
+                    LISTENER if !stopping => self.accept(),
+                    LISTENER => {}
                     WAKER => {}
                     Token(t) => ready.push(t),
                 }
@@ -406,7 +407,9 @@ impl ShardLoop {
     /// Read and dispatch what a connection has, within its credits; write what it owes.
     fn service(&mut self, t: usize) {
         let credits = self.s.cfg.credits;
-        let queue_full = self.s.core.queued() >= QUEUE_HIGH_WATER;
+        // A stopping shard takes no new requests; it answers those it has, then exits.
+        let queue_full =
+            self.s.core.queued() >= QUEUE_HIGH_WATER || self.s.stop.load(Ordering::Relaxed);
         let Some(c) = self.conns.get_mut(&t) else {
             return;
         };

@@ -193,7 +193,8 @@ struct Active {
 /// A commit batch: blocks of the active segment being filled, or being written.
 struct Batch {
     no: u64,
-    buf: AlignedBuf,
+    /// The batch's bytes; `None` while the device holds them for the commit write.
+    buf: Option<AlignedBuf>,
     segment: u32,
     /// Segment offset of `buf[0]` (block aligned).
     start_off: u64,
@@ -205,6 +206,14 @@ struct Batch {
     waiters: Vec<(u64, usize, PutOutcome)>,
     /// Delete tickets resolved when durable.
     delete_waiters: Vec<u64>,
+    /// Gets of entries in this batch that arrived while the device held its buffer.
+    deferred_gets: Vec<(u64, ChunkId, Location)>,
+}
+
+impl Batch {
+    fn buf_mut(&mut self) -> &mut AlignedBuf {
+        self.buf.as_mut().expect("a building batch owns its buffer")
+    }
 }
 
 struct PutTicket {
@@ -375,13 +384,14 @@ impl ShardCore {
         let mut shard = ShardCore {
             building: Batch {
                 no: 1,
-                buf: AlignedBuf::new(batch_buf_bytes(&cfg)),
+                buf: Some(AlignedBuf::new(batch_buf_bytes(&cfg))),
                 segment: 0,
                 start_off: 0,
                 len: 0,
                 records: Vec::new(),
                 waiters: Vec::new(),
                 delete_waiters: Vec::new(),
+                deferred_gets: Vec::new(),
             },
             spare: Some(AlignedBuf::new(batch_buf_bytes(&cfg))),
             dev,
@@ -848,24 +858,21 @@ impl ShardCore {
             return;
         };
         if let EntryState::Pending { batch } = e.state {
-            // Serve from the batch buffer holding it.
+            // Served from the batch holding it; if the device has that batch's buffer for
+            // its commit write, the get waits for the commit.
             let b = if self.building.no == batch {
-                Some(&self.building)
+                Some(&mut self.building)
             } else {
-                self.inflight.as_ref().filter(|b| b.no == batch)
+                self.inflight.as_mut().filter(|b| b.no == batch)
             };
             let result = match b {
-                Some(b) => {
-                    let at = (e.loc.offset as u64 - b.start_off) as usize;
-                    let data = b.buf[at + RECORD_HEADER_BYTES
-                        ..at + RECORD_HEADER_BYTES + e.loc.stored_len as usize]
-                        .to_vec();
-                    Ok(StoredChunk {
-                        codec: e.loc.codec,
-                        raw_len: e.loc.raw_len,
-                        data,
-                    })
-                }
+                Some(b) => match &b.buf {
+                    Some(buf) => Ok(batch_chunk(buf, b.start_off, &e.loc)),
+                    None => {
+                        b.deferred_gets.push((ticket, id, e.loc));
+                        return;
+                    }
+                },
                 None => Err(ShardError::Corrupt(format!(
                     "pending entry of {id:?} names batch {batch} which is gone"
                 ))),
@@ -964,6 +971,23 @@ impl ShardCore {
         self.failed = Some(why.clone());
         // Everything not yet acknowledged is answered with the error; nothing is acked.
         let err = ShardError::Failed(why);
+        if let Some(mut b) = self.inflight.take() {
+            for (ticket, _, _) in std::mem::take(&mut b.deferred_gets) {
+                self.done.push(Completion::Get {
+                    ticket,
+                    result: Err(err.clone()),
+                });
+            }
+            if let Some(buf) = b.buf.take() {
+                self.recycle(buf);
+            }
+        }
+        for (ticket, _, _) in std::mem::take(&mut self.building.deferred_gets) {
+            self.done.push(Completion::Get {
+                ticket,
+                result: Err(err.clone()),
+            });
+        }
         let tickets: Vec<u64> = self.puts.keys().copied().collect();
         for t in tickets {
             let p = self.puts.remove(&t).expect("ticket");
@@ -1005,10 +1029,17 @@ impl ShardCore {
         };
         match purpose {
             IoPurpose::CommitWrite | IoPurpose::CommitFlush => {
-                if let Err(e) = c.result {
-                    if let Some(b) = self.inflight.take() {
-                        self.spare = Some(b.buf);
+                if let Some(buf) = c.buf {
+                    // The write hands the batch buffer back.
+                    match self.inflight.as_mut() {
+                        Some(b) => b.buf = Some(buf),
+                        None => self.recycle(buf),
                     }
+                }
+                if self.failed.is_some() {
+                    return; // a late completion of a commit that already failed
+                }
+                if let Err(e) = c.result {
                     self.commit_ios_left = 0;
                     self.fail(format!("commit failed: {e}"));
                     return;
@@ -1205,7 +1236,7 @@ impl ShardCore {
             prev_generation: r.generation,
             first_seq: self.next_seq,
         };
-        c.encode_into(&mut self.building.buf[..BLOCK_SIZE]);
+        c.encode_into(&mut self.building.buf_mut()[..BLOCK_SIZE]);
         self.building.segment = r.segment;
         self.building.start_off = r.end_off;
         self.building.len = BLOCK_SIZE;
@@ -1231,9 +1262,9 @@ impl ShardCore {
         b.start_off = start_off;
         let summary_bytes = a.summary.len() * SUMMARY_ENTRY_BYTES;
         for (i, e) in a.summary.iter().enumerate() {
-            e.encode_into(&mut b.buf[i * SUMMARY_ENTRY_BYTES..]);
+            e.encode_into(&mut b.buf_mut()[i * SUMMARY_ENTRY_BYTES..]);
         }
-        b.buf[summary_bytes..span - BLOCK_SIZE].fill(0);
+        b.buf_mut()[summary_bytes..span - BLOCK_SIZE].fill(0);
         let first_seq = match self.segments[a.segment as usize] {
             SegmentState::InUse { first_seq, .. } => first_seq,
             SegmentState::Free => unreachable!("active segment is in use"),
@@ -1243,9 +1274,9 @@ impl ShardCore {
             entries: a.summary.len() as u32,
             first_seq,
             summary_offset: start_off,
-            summary_crc: crc32c::crc32c(&b.buf[..summary_bytes]),
+            summary_crc: crc32c::crc32c(&b.buf_mut()[..summary_bytes]),
         };
-        footer.encode_into(&mut b.buf[span - BLOCK_SIZE..span]);
+        footer.encode_into(&mut b.buf_mut()[span - BLOCK_SIZE..span]);
         b.len = span;
     }
 
@@ -1293,7 +1324,7 @@ impl ShardCore {
             first_seq: self.next_seq,
         };
         debug_assert_eq!(self.building.len, 0);
-        h.encode_into(&mut self.building.buf[..BLOCK_SIZE]);
+        h.encode_into(&mut self.building.buf_mut()[..BLOCK_SIZE]);
         self.building.segment = seg;
         self.building.start_off = 0;
         self.building.len = BLOCK_SIZE;
@@ -1332,7 +1363,7 @@ impl ShardCore {
                     chunk.id,
                     chunk.raw_len,
                 )
-                .write(&chunk.data, &mut b.buf[at..at + span]);
+                .write(&chunk.data, &mut b.buf_mut()[at..at + span]);
                 b.len += span;
                 b.records.push((chunk.id, seq, RecordKind::Chunk));
                 active.summary.push(SummaryEntry {
@@ -1368,7 +1399,7 @@ impl ShardCore {
             Queued::Delete { ticket, id } => {
                 let span = record_span(0);
                 RecordHeader::new(RecordKind::Tombstone, Codec::Raw, generation, seq, id, 0)
-                    .write(&[], &mut b.buf[at..at + span]);
+                    .write(&[], &mut b.buf_mut()[at..at + span]);
                 b.len += span;
                 b.records.push((id, seq, RecordKind::Tombstone));
                 active.summary.push(SummaryEntry {
@@ -1402,18 +1433,20 @@ impl ShardCore {
             &mut self.building,
             Batch {
                 no: self.next_batch_no,
-                buf: spare,
+                buf: Some(spare),
                 segment: 0,
                 start_off: 0,
                 len: 0,
                 records: Vec::new(),
                 waiters: Vec::new(),
                 delete_waiters: Vec::new(),
+                deferred_gets: Vec::new(),
             },
         );
         self.next_batch_no += 1;
         let write_len = b.len.next_multiple_of(BLOCK_SIZE);
-        b.buf[b.len..write_len].fill(0);
+        let filled = b.len;
+        b.buf_mut()[filled..write_len].fill(0);
         // The segment's next batch starts after this one's last block.
         if let Some(a) = self.active.as_mut() {
             if a.segment == b.segment {
@@ -1421,11 +1454,10 @@ impl ShardCore {
             }
         }
         let offset = self.layout.segment_offset(b.segment) + b.start_off;
-        // The device writes whole buffers, so the batch is copied into one of exactly
-        // write_len bytes; the batch keeps its own buffer to serve gets of its pending
-        // entries until it is durable.
-        let mut buf = AlignedBuf::new(write_len);
-        buf.copy_from_slice(&b.buf[..write_len]);
+        // The batch buffer itself goes to the device, shortened to the blocks written (no
+        // copy); it comes back with the write's completion.
+        let mut buf = b.buf.take().expect("building batch owns its buffer");
+        buf.set_len(write_len);
         let wt = self.tag(IoPurpose::CommitWrite);
         let ft = self.tag(IoPurpose::CommitFlush);
         let mut reqs = vec![
@@ -1443,19 +1475,40 @@ impl ShardCore {
         self.commit_ios_left = 2;
         self.inflight = Some(b);
         if let Err(e) = self.dev.submit(&mut reqs) {
+            // A refused batch is left in place: take the buffer back.
             self.io.remove(&wt);
             self.io.remove(&ft);
-            if let Some(b) = self.inflight.take() {
-                self.spare = Some(b.buf);
+            for r in reqs {
+                if let IoOp::Write { buf, .. } = r.op {
+                    if let Some(b) = self.inflight.as_mut() {
+                        b.buf = Some(buf);
+                    }
+                }
             }
             self.commit_ios_left = 0;
             self.fail(format!("commit submit failed: {e}"));
         }
     }
 
+    /// A commit buffer is free again: restore its full length and keep it as the spare.
+    fn recycle(&mut self, mut buf: AlignedBuf) {
+        buf.set_len(buf.capacity());
+        if self.spare.is_none() {
+            self.spare = Some(buf);
+        }
+    }
+
     fn commit_durable(&mut self) {
-        let b = self.inflight.take().expect("durable batch");
-        self.spare = Some(b.buf);
+        let mut b = self.inflight.take().expect("durable batch");
+        let buf = b.buf.take().expect("the write returned the batch buffer");
+        for (ticket, _, loc) in std::mem::take(&mut b.deferred_gets) {
+            let chunk = batch_chunk(&buf, b.start_off, &loc);
+            self.done.push(Completion::Get {
+                ticket,
+                result: Ok(chunk),
+            });
+        }
+        self.recycle(buf);
         for (id, seq, kind) in &b.records {
             if *kind == RecordKind::Chunk {
                 self.index.mark_verified(id, *seq);
@@ -1512,6 +1565,16 @@ impl ShardCore {
     /// Hand the device back (the simulator crashes it and reopens a new core over it).
     pub fn into_device(self) -> Box<dyn BlockDevice> {
         self.dev
+    }
+}
+
+/// The stored bytes of the record at `loc` in a batch buffer that starts at `start_off`.
+fn batch_chunk(buf: &AlignedBuf, start_off: u64, loc: &Location) -> StoredChunk {
+    let at = (loc.offset as u64 - start_off) as usize + RECORD_HEADER_BYTES;
+    StoredChunk {
+        codec: loc.codec,
+        raw_len: loc.raw_len,
+        data: buf[at..at + loc.stored_len as usize].to_vec(),
     }
 }
 
@@ -1657,5 +1720,77 @@ mod tests {
         s.has(&[c.id], &mut present);
         assert_eq!(present, vec![true]);
         assert_eq!(s.stats().chunks, 1);
+    }
+}
+
+#[cfg(test)]
+mod deferred_get_tests {
+    use super::*;
+    use crate::format::Superblock;
+    use hivefs_nvme::{SimDevice, SimFaults};
+
+    #[test]
+    fn a_get_of_a_chunk_being_written_waits_for_its_commit() {
+        let key = DedupeKey([6; 32]);
+        let faults = SimFaults {
+            read_error_per_million: 0,
+            write_error_per_million: 0,
+            bit_flip_per_million: 0,
+            torn_writes: false,
+        };
+        let mut dev = SimDevice::new(64 << 20, 3, faults);
+        let sb = Superblock::plan(64 << 20, 1, 1 << 20, 16, key.0).unwrap();
+        ShardCore::format(&mut dev, &sb.shard_layout(0)).unwrap();
+        let mut s = ShardCore::open(
+            Box::new(dev),
+            sb.shard_layout(0),
+            key,
+            ShardConfig::default(),
+        )
+        .unwrap();
+        let data = b"written while a get arrives".repeat(100);
+        let id = ChunkId::compute(&key, &data);
+        s.put(
+            1,
+            vec![PutChunk {
+                id,
+                codec: Codec::Raw,
+                raw_len: data.len() as u32,
+                data: data.clone(),
+            }],
+        );
+        let mut out = Vec::new();
+        s.poll(&mut out, false); // submits the batch: the device now holds its buffer
+        assert!(
+            s.inflight.as_ref().is_some_and(|b| b.buf.is_none()),
+            "batch should be in flight"
+        );
+        s.get(2, id);
+        assert!(
+            out.is_empty(),
+            "nothing completes before the commit: {out:?}"
+        );
+        while out.len() < 2 {
+            s.poll(&mut out, true);
+        }
+        let mut got = false;
+        for c in out {
+            match c {
+                Completion::Get { ticket: 2, result } => {
+                    assert_eq!(result.unwrap().data, data);
+                    got = true;
+                }
+                Completion::Put {
+                    ticket: 1, result, ..
+                } => assert_eq!(result.unwrap(), vec![PutOutcome::Stored]),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(got);
+        assert_eq!(
+            s.spare.as_ref().map(|b| b.len()),
+            Some(batch_buf_bytes(&ShardConfig::default())),
+            "buffer recycled at full length"
+        );
     }
 }

@@ -9,6 +9,9 @@ use std::ptr::NonNull;
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
+    /// Bytes allocated (`len <= cap`): a buffer can be shortened for one I/O and grown
+    /// back, so a shard reuses its commit buffers without copying or reallocating.
+    cap: usize,
 }
 
 // SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
@@ -24,11 +27,27 @@ impl AlignedBuf {
         // SAFETY: layout has non-zero size.
         let raw = unsafe { alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        AlignedBuf { ptr, len }
+        AlignedBuf { ptr, len, cap: len }
     }
 
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// Bytes allocated; [`AlignedBuf::set_len`] may grow the length up to this.
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// Change the visible length (a whole number of blocks, at most the capacity). Bytes
+    /// beyond the old length keep whatever they held.
+    pub fn set_len(&mut self, len: usize) {
+        assert!(
+            len <= self.cap && len % BLOCK_SIZE == 0,
+            "set_len({len}) on a buffer of capacity {}",
+            self.cap
+        );
+        self.len = len;
     }
 
     pub fn is_empty(&self) -> bool {
@@ -61,8 +80,8 @@ impl std::ops::DerefMut for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        let layout = Layout::from_size_align(self.len, BLOCK_SIZE).expect("buffer layout");
-        // SAFETY: allocated in `new` with this exact layout.
+        let layout = Layout::from_size_align(self.cap, BLOCK_SIZE).expect("buffer layout");
+        // SAFETY: allocated in `new` with this exact layout (cap is the allocated size).
         unsafe { dealloc(self.ptr.as_ptr(), layout) }
     }
 }
@@ -83,7 +102,12 @@ mod tests {
         assert_eq!(b.len(), BLOCK_SIZE);
         assert_eq!(b.as_ptr() as usize % BLOCK_SIZE, 0);
         assert!(b.iter().all(|&x| x == 0));
-        let b = AlignedBuf::new(BLOCK_SIZE * 3 + 5);
+        let mut b = AlignedBuf::new(BLOCK_SIZE * 3 + 5);
         assert_eq!(b.len(), BLOCK_SIZE * 4);
+        b[BLOCK_SIZE * 3] = 7;
+        b.set_len(BLOCK_SIZE);
+        assert_eq!((b.len(), b.capacity()), (BLOCK_SIZE, BLOCK_SIZE * 4));
+        b.set_len(BLOCK_SIZE * 4);
+        assert_eq!(b[BLOCK_SIZE * 3], 7);
     }
 }
