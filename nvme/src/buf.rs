@@ -43,7 +43,7 @@ impl AlignedBuf {
     /// beyond the old length keep whatever they held.
     pub fn set_len(&mut self, len: usize) {
         assert!(
-            len <= self.cap && len % BLOCK_SIZE == 0,
+            len <= self.cap && len.is_multiple_of(BLOCK_SIZE),
             "set_len({len}) on a buffer of capacity {}",
             self.cap
         );

@@ -112,10 +112,8 @@ pub trait BlockDevice: Send {
 }
 
 /// Check alignment and range of a request against a device of `capacity` bytes.
-// `is_multiple_of` needs Rust 1.87; the workspace's rust-version is 1.85.
-#[allow(clippy::manual_is_multiple_of)]
 pub fn check_request(offset: u64, len: usize, capacity: u64) -> Result<(), IoError> {
-    if offset % BLOCK_SIZE as u64 != 0 || len % BLOCK_SIZE != 0 {
+    if !offset.is_multiple_of(BLOCK_SIZE as u64) || !len.is_multiple_of(BLOCK_SIZE) {
         return Err(IoError::Unaligned { offset, len });
     }
     if offset
