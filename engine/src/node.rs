@@ -49,6 +49,17 @@ const QUEUE_HIGH_WATER: usize = 8192;
 /// How long an idle shard parks before looking at its stop flag.
 const PARK: Duration = Duration::from_millis(200);
 
+/// Per-run settings of `hive run`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunOptions {
+    /// Plain TCP without TLS (measurements only).
+    pub insecure: bool,
+    /// io_uring SQPOLL (a kernel thread polls the submission queue; burns a core).
+    pub sqpoll: bool,
+    /// io_uring IOPOLL (polled completions; refused by virtio disks, then falls back).
+    pub iopoll: bool,
+}
+
 /// A running node: its shard threads and the handles to stop them.
 pub struct Node {
     threads: Vec<std::thread::JoinHandle<Result<()>>>,
@@ -73,7 +84,21 @@ impl Node {
     /// Open the device, replay every shard, bind every port and start the shard threads.
     /// Returns once all shards are serving.
     pub fn start(dir: &Path, insecure: bool) -> Result<Node> {
-        let cfg = NodeConfig::load(dir)?;
+        Node::start_with(
+            dir,
+            RunOptions {
+                insecure,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// [`Node::start`] with settings that override `hive.toml` for this run.
+    pub fn start_with(dir: &Path, o: RunOptions) -> Result<Node> {
+        let insecure = o.insecure;
+        let mut cfg = NodeConfig::load(dir)?;
+        cfg.sqpoll |= o.sqpoll;
+        cfg.iopoll |= o.iopoll;
         let key = cfg.dedupe_key()?;
         let tls = if insecure {
             tracing::warn!("--insecure: serving plain TCP without TLS (for measurements only)");

@@ -52,6 +52,12 @@ enum Cmd {
         /// Plain TCP without TLS (measurements only).
         #[arg(long)]
         insecure: bool,
+        /// io_uring SQPOLL: a kernel thread polls submissions (falls back with a logged reason).
+        #[arg(long)]
+        sqpoll: bool,
+        /// io_uring IOPOLL: polled completions (falls back where refused, e.g. virtio).
+        #[arg(long)]
+        iopoll: bool,
     },
     /// Per-shard and total figures of a running node.
     Status {
@@ -130,13 +136,25 @@ fn real_main() -> Result<()> {
             println!("token         {}", out.admin_token);
             Ok(())
         }
-        Cmd::Run { data, insecure } => {
+        Cmd::Run {
+            data,
+            insecure,
+            sqpoll,
+            iopoll,
+        } => {
             // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
             unsafe {
                 libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
                 libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
             }
-            let node = Node::start(&data, insecure)?;
+            let node = Node::start_with(
+                &data,
+                hivefs_engine::node::RunOptions {
+                    insecure,
+                    sqpoll,
+                    iopoll,
+                },
+            )?;
             tracing::info!(ports = ?node.ports, "hive node running");
             node.wait(&STOP)
         }
