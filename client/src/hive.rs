@@ -81,12 +81,20 @@ pub enum ClientError {
     Rejected(ChunkId),
 }
 
+/// A request to send: an owned message, or a put of borrowed chunks (encoded in place).
+enum Outgoing<'a> {
+    Request(Request),
+    Put(Vec<&'a PutChunk>),
+}
+
 struct ShardConn {
     shard: u16,
     conn: FramedConn<TcpStream>,
     version: u16,
     credits: usize,
     next_req: u64,
+    /// Reused encoding buffer for outgoing frames.
+    frame: Vec<u8>,
 }
 
 impl ShardConn {
@@ -127,6 +135,7 @@ impl ShardConn {
             version: PROTOCOL_VERSION_MIN,
             credits: 1,
             next_req: 1,
+            frame: Vec::new(),
         };
         let hello = Request::Hello {
             min_version: PROTOCOL_VERSION_MIN,
@@ -157,14 +166,44 @@ impl ShardConn {
     }
 
     fn send(&mut self, req: &Request) -> Result<u64, ClientError> {
+        self.send_out(&Outgoing::Request(req.clone()))
+    }
+
+    /// Encode one request straight into the reusable frame buffer and write it.
+    fn send_out(&mut self, o: &Outgoing) -> Result<u64, ClientError> {
         let id = self.next_req;
         self.next_req += 1;
-        self.conn
-            .send_request(self.version, id, req)
-            .map_err(|source| ClientError::Conn {
+        self.frame.clear();
+        match o {
+            Outgoing::Request(req) => {
+                let (op, body) = req.encode();
+                hivefs_net::frame::encode_frame_into(
+                    &mut self.frame,
+                    self.version,
+                    op as u16,
+                    id,
+                    &body,
+                );
+            }
+            Outgoing::Put(chunks) => {
+                hivefs_net::proto::frame_put_into(&mut self.frame, self.version, id, chunks)
+            }
+        }
+        if self.frame.len() > MAX_BODY_BYTES + hivefs_net::frame::HEADER_BYTES {
+            let len = u32::try_from(self.frame.len()).unwrap_or(u32::MAX);
+            return Err(ClientError::Conn {
                 shard: self.shard,
-                source,
-            })?;
+                source: hivefs_net::frame::FrameError::TooLarge(len).into(),
+            });
+        }
+        self.conn.queue_frame(&self.frame);
+        self.conn.flush().map_err(|source| ClientError::Conn {
+            shard: self.shard,
+            source,
+        })?;
+        if self.frame.capacity() > hivefs_net::frame::IDLE_BUFFER_KEEP_BYTES {
+            self.frame = Vec::new();
+        }
         Ok(id)
     }
 
@@ -208,7 +247,7 @@ impl ShardConn {
     /// in whatever order the node answers (a shard completes requests out of order).
     fn pipeline(
         &mut self,
-        reqs: Vec<Request>,
+        reqs: Vec<Outgoing>,
         mut on_reply: impl FnMut(usize, Response) -> Result<(), ClientError>,
     ) -> Result<(), ClientError> {
         let mut in_flight: HashMap<u64, usize> = HashMap::new();
@@ -217,7 +256,7 @@ impl ShardConn {
             while in_flight.len() < self.credits {
                 match next.next() {
                     Some((i, r)) => {
-                        let id = self.send(&r)?;
+                        let id = self.send_out(&r)?;
                         in_flight.insert(id, i);
                     }
                     None => break,
@@ -331,10 +370,12 @@ impl HiveClient {
     pub fn has(&mut self, ids: &[ChunkId]) -> Result<(Vec<bool>, u64), ClientError> {
         let groups = split_by_shard(&self.map, ids.iter().copied().enumerate(), |id| *id);
         let answers = self.per_shard(groups, |sc, group| {
-            let reqs: Vec<Request> = group
+            let reqs: Vec<Outgoing> = group
                 .chunks(HAS_BATCH_IDS.min(MAX_BATCH_IDS))
-                .map(|g| Request::Has {
-                    ids: g.iter().map(|(_, id)| *id).collect(),
+                .map(|g| {
+                    Outgoing::Request(Request::Has {
+                        ids: g.iter().map(|(_, id)| *id).collect(),
+                    })
                 })
                 .collect();
             let mut out = Vec::with_capacity(group.len());
@@ -377,11 +418,9 @@ impl HiveClient {
         let groups = split_by_shard(&self.map, chunks.iter().enumerate(), |c| c.id);
         let answers = self.per_shard(groups, |sc, group| {
             let batches = batch_puts(&group);
-            let reqs: Vec<Request> = batches
+            let reqs: Vec<Outgoing> = batches
                 .iter()
-                .map(|b| Request::Put {
-                    chunks: b.iter().map(|(_, c)| (*c).clone()).collect(),
-                })
+                .map(|b| Outgoing::Put(b.iter().map(|(_, c)| *c).collect()))
                 .collect();
             let mut out = Vec::with_capacity(group.len());
             let mut epoch = 0;
@@ -478,9 +517,9 @@ impl HiveClient {
     pub fn get_stored(&mut self, ids: &[ChunkId]) -> Result<Vec<Option<StoredReply>>, ClientError> {
         let groups = split_by_shard(&self.map, ids.iter().copied().enumerate(), |id| *id);
         let answers = self.per_shard(groups, |sc, group| {
-            let reqs: Vec<Request> = group
+            let reqs: Vec<Outgoing> = group
                 .iter()
-                .map(|(_, id)| Request::Get { id: *id })
+                .map(|(_, id)| Outgoing::Request(Request::Get { id: *id }))
                 .collect();
             let mut out = Vec::with_capacity(group.len());
             let shard = sc.shard;

@@ -43,6 +43,11 @@ pub const GENERATION_RESERVE: u32 = 1 << 16;
 pub const MAX_QUEUED_CHUNKS: usize = 1 << 16;
 /// Bytes read per I/O while replaying a segment.
 const REPLAY_READ_BYTES: usize = 4 << 20;
+/// Size of a pooled read buffer: a maximal default chunk (256 KiB) with its record header,
+/// unaligned at both ends.
+const READ_BUF_BYTES: usize = (256 << 10) + 3 * BLOCK_SIZE;
+/// Read buffers a shard keeps for reuse (about its connections' credits of gets).
+const READ_POOL_MAX: usize = 128;
 /// Requests per synchronous batch at format and open (within any queue depth).
 const SYNC_BATCH: usize = 32;
 
@@ -274,6 +279,7 @@ pub struct ShardCore {
     /// The batch whose write + flush is in flight.
     inflight: Option<Batch>,
     spare: Option<AlignedBuf>,
+    read_pool: Vec<AlignedBuf>,
     next_batch_no: u64,
     queue: VecDeque<Queued>,
     puts: HashMap<u64, PutTicket>,
@@ -394,6 +400,7 @@ impl ShardCore {
                 deferred_gets: Vec::new(),
             },
             spare: Some(AlignedBuf::new(batch_buf_bytes(&cfg))),
+            read_pool: Vec::new(),
             dev,
             layout,
             key,
@@ -901,15 +908,45 @@ impl ShardCore {
             tag,
             op: IoOp::Read {
                 offset: start,
-                buf: AlignedBuf::new((end - start) as usize),
+                buf: self.read_buf((end - start) as usize),
             },
         }];
         if let Err(err) = self.dev.submit(&mut reqs) {
             self.io.remove(&tag);
+            if let Some(IoRequest {
+                op: IoOp::Read { buf, .. },
+                ..
+            }) = reqs.pop()
+            {
+                self.read_pool.push(buf);
+            }
             self.done.push(Completion::Get {
                 ticket,
                 result: Err(err.into()),
             });
+        }
+    }
+
+    /// A read buffer of `len` bytes from the pool (allocated, zeroed, only when the pool
+    /// has none big enough): gets reuse buffers instead of allocating and zeroing each.
+    fn read_buf(&mut self, len: usize) -> AlignedBuf {
+        match self.read_pool.iter().position(|b| b.capacity() >= len) {
+            Some(i) => {
+                let mut b = self.read_pool.swap_remove(i);
+                b.set_len(len);
+                b
+            }
+            None => {
+                let mut b = AlignedBuf::new(len.max(READ_BUF_BYTES));
+                b.set_len(len);
+                b
+            }
+        }
+    }
+
+    fn return_read_buf(&mut self, buf: AlignedBuf) {
+        if self.read_pool.len() < READ_POOL_MAX {
+            self.read_pool.push(buf);
         }
     }
 
@@ -1056,8 +1093,17 @@ impl ShardCore {
                 skip,
             } => {
                 let result = match (c.result, c.buf) {
-                    (Ok(()), Some(buf)) => self.decode_get(&buf[skip..], &id, &loc),
-                    (Err(e), _) => Err(ShardError::Device(e)),
+                    (Ok(()), Some(buf)) => {
+                        let r = self.decode_get(&buf[skip..], &id, &loc);
+                        self.return_read_buf(buf);
+                        r
+                    }
+                    (Err(e), buf) => {
+                        if let Some(buf) = buf {
+                            self.return_read_buf(buf);
+                        }
+                        Err(ShardError::Device(e))
+                    }
                     (Ok(()), None) => {
                         Err(ShardError::Corrupt("read completion without buffer".into()))
                     }

@@ -225,7 +225,7 @@ impl<S: Read + Write> FramedConn<S> {
                 }
                 self.out.clear();
                 self.out_pos = 0;
-                if self.out.capacity() > (1 << 20) {
+                if self.out.capacity() > crate::frame::IDLE_BUFFER_KEEP_BYTES {
                     self.out = Vec::new();
                 }
             }

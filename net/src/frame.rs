@@ -143,6 +143,10 @@ pub struct Frame {
     pub body: Vec<u8>,
 }
 
+/// Buffers up to this size are kept when they drain, so a connection streaming 1 MiB
+/// frames reuses one buffer instead of allocating (and page-faulting) one per frame.
+pub const IDLE_BUFFER_KEEP_BYTES: usize = 4 << 20;
+
 /// Append one frame to `out`.
 ///
 /// Bodies over [`MAX_BODY_BYTES`] are encoded anyway but every peer rejects them
@@ -166,6 +170,29 @@ pub fn encode_frame_into(
     out.reserve(HEADER_BYTES + body.len());
     out.extend_from_slice(&header.to_bytes());
     out.extend_from_slice(body);
+}
+
+/// Append one frame whose body `write_body` appends to `out` directly: the body is built
+/// in place, with no intermediate buffer (used for large puts and get replies).
+pub fn encode_frame_with(
+    out: &mut Vec<u8>,
+    version: u16,
+    opcode: u16,
+    request_id: u64,
+    write_body: impl FnOnce(&mut Vec<u8>),
+) {
+    let at = out.len();
+    out.extend_from_slice(&[0u8; HEADER_BYTES]);
+    write_body(out);
+    let body = &out[at + HEADER_BYTES..];
+    let header = FrameHeader {
+        version,
+        opcode,
+        request_id,
+        body_len: u32::try_from(body.len()).unwrap_or(u32::MAX),
+        body_crc32c: crc32c::crc32c(body),
+    };
+    out[at..at + HEADER_BYTES].copy_from_slice(&header.to_bytes());
 }
 
 /// One frame as bytes. See [`encode_frame_into`].
@@ -297,7 +324,7 @@ impl FrameDecoder {
         if self.start == self.buf.len() {
             self.buf.clear();
             self.start = 0;
-            if self.buf.capacity() > (1 << 20) {
+            if self.buf.capacity() > IDLE_BUFFER_KEEP_BYTES {
                 // Do not keep a large frame's worth of memory per idle connection.
                 self.buf = Vec::new();
             }

@@ -24,7 +24,7 @@
 use crate::chunk::{
     ChunkId, Codec, DedupeKey, CHUNK_ID_BYTES, MAX_CHUNK_RAW_BYTES, MAX_CHUNK_STORED_BYTES,
 };
-use crate::frame::encode_frame;
+use crate::frame::{encode_frame, encode_frame_with};
 
 /// Most ids in one `Has` (and presence flags in one `HasReply`).
 pub const MAX_BATCH_IDS: usize = 8192;
@@ -574,18 +574,7 @@ impl Request {
                     w.0.extend_from_slice(&id.0);
                 }
             }
-            Request::Put { chunks } => {
-                w.0.reserve(
-                    PUT_BODY_HEADER_BYTES + chunks.iter().map(PutChunk::encoded_len).sum::<usize>(),
-                );
-                w.len(chunks.len());
-                for c in chunks {
-                    w.0.extend_from_slice(&c.id.0);
-                    w.u8(c.codec as u8);
-                    w.u32(c.raw_len);
-                    w.bytes(&c.data);
-                }
-            }
+            Request::Put { chunks } => write_put_body(&mut w.0, chunks),
             Request::Get { id } => w.0.extend_from_slice(&id.0),
             Request::Stats | Request::Map => {}
         }
@@ -834,6 +823,32 @@ impl Response {
 pub fn frame_request(version: u16, request_id: u64, req: &Request) -> Vec<u8> {
     let (op, body) = req.encode();
     encode_frame(version, op as u16, request_id, &body)
+}
+
+/// The body of a `Put` (the one place its layout is written).
+fn write_put_body<'a>(
+    out: &mut Vec<u8>,
+    chunks: impl IntoIterator<Item = &'a PutChunk, IntoIter: ExactSizeIterator + Clone>,
+) {
+    let chunks = chunks.into_iter();
+    out.reserve(PUT_BODY_HEADER_BYTES + chunks.clone().map(PutChunk::encoded_len).sum::<usize>());
+    let mut w = Writer(std::mem::take(out));
+    w.len(chunks.len());
+    for c in chunks {
+        w.0.extend_from_slice(&c.id.0);
+        w.u8(c.codec as u8);
+        w.u32(c.raw_len);
+        w.bytes(&c.data);
+    }
+    *out = w.0;
+}
+
+/// Append a `Put` request frame for borrowed chunks to `out`, encoding the body in place
+/// (no clone of the chunks, no intermediate body buffer).
+pub fn frame_put_into(out: &mut Vec<u8>, version: u16, request_id: u64, chunks: &[&PutChunk]) {
+    encode_frame_with(out, version, Opcode::Put as u16, request_id, |body| {
+        write_put_body(body, chunks.iter().copied())
+    });
 }
 
 /// A response as one frame (echo the request's id).

@@ -100,6 +100,7 @@ fn options(c: &Conn) -> Result<ClientOptions> {
 }
 
 fn main() {
+    hivefs_net::tune_allocator();
     if let Err(e) = real_main() {
         eprintln!("hive-client: {e:#}");
         std::process::exit(1);

@@ -77,6 +77,7 @@ extern "C" fn on_signal(_: libc::c_int) {
 }
 
 fn main() {
+    hivefs_net::tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HIVE_LOG")
