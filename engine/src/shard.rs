@@ -163,6 +163,9 @@ pub struct ShardStats {
     pub replayed_summaries: u64,
     /// Continuation blocks followed during replay (segments resumed by earlier boots).
     pub replayed_continuations: u64,
+    /// Unsealed segments whose scan stopped with valid records after the stop (a torn
+    /// commit batch, or damage): not appended to, so those records are kept.
+    pub segments_with_records_beyond: u64,
     pub gc_epoch: u64,
     pub failed: Option<String>,
 }
@@ -363,19 +366,18 @@ impl ShardCore {
         cfg: ShardConfig,
     ) -> Result<ShardCore, ShardError> {
         // 1. Control block: the valid slot with the higher counter.
-        let reads = (0..2u8)
-            .map(|slot| IoRequest {
-                tag: slot as u64,
-                op: IoOp::Read {
-                    offset: layout.control_offset(slot),
-                    buf: AlignedBuf::new(BLOCK_SIZE),
-                },
-            })
-            .collect();
-        let done = check_all(run_sync(dev.as_mut(), reads)?)?;
-        let control = done
-            .iter()
-            .filter_map(|c| c.buf.as_ref().and_then(|b| ControlBlock::decode(b).ok()))
+        // A transient misread of the newer slot would make the older one win and reuse
+        // generations, so an invalid slot is read again before it is believed.
+        let mut slots = Vec::new();
+        for slot in 0..2u8 {
+            slots.extend(read_decoded(
+                dev.as_mut(),
+                layout.control_offset(slot),
+                ControlBlock::decode,
+            )?);
+        }
+        let control = slots
+            .into_iter()
             .filter(|c| c.shard == layout.shard)
             .max_by_key(|c| c.counter)
             .ok_or_else(|| {
@@ -447,9 +449,27 @@ impl ShardCore {
                     },
                 })
                 .collect();
-            for c in check_all(run_sync(shard.dev.as_mut(), reads)?)? {
+            for c in run_sync(shard.dev.as_mut(), reads)? {
                 let seg = c.tag as u32;
-                if let Some(h) = c.buf.as_ref().and_then(|b| SegmentHeader::decode(b).ok()) {
+                let first = match (&c.result, c.buf.as_ref()) {
+                    (Ok(()), Some(b)) => Some(b),
+                    _ => None,
+                };
+                let mut header = first.and_then(|b| SegmentHeader::decode(b).ok());
+                // A failed read, or a block that is neither valid nor a free segment's
+                // zeroed header, is read again before it is believed.
+                let retry = match first {
+                    Some(b) => header.is_none() && b.iter().any(|&x| x != 0),
+                    None => true,
+                };
+                if retry {
+                    header = read_decoded(
+                        shard.dev.as_mut(),
+                        layout.segment_offset(seg),
+                        SegmentHeader::decode,
+                    )?;
+                }
+                if let Some(h) = header {
                     if h.shard == layout.shard && h.segment == seg && h.generation < first_gen {
                         in_use.push((seg, h));
                     }
@@ -468,8 +488,22 @@ impl ShardCore {
                 if shard.cfg.use_summaries && shard.replay_summary(seg, &h)? {
                     shard.resumable = None;
                 } else {
-                    // Unsealed: the last one of these is where appending resumes.
-                    shard.resumable = Some(shard.replay_segment(seg, &h)?);
+                    // Unsealed: the last one of these is where appending resumes, unless
+                    // the scan stopped at damage with valid records after it.
+                    let end = shard.replay_segment(seg, &h)?;
+                    let beyond =
+                        shard.records_beyond(seg, end.end_off, h.generation, shard.next_seq)?;
+                    if let Some(at) = beyond {
+                        // Valid records past the end of the log: the rest of a commit batch
+                        // torn by a crash (never acknowledged), or damage in the middle of
+                        // the log (acknowledged records after it are missing from the index
+                        // until repair). Either way appending here would overwrite them.
+                        tracing::warn!(shard = layout.shard, segment = seg, end = end.end_off, valid_at = at, "valid records after the end of the log (a commit batch torn by a crash, or damage); they stay on disk and writing continues in a new segment");
+                        shard.stats.segments_with_records_beyond += 1;
+                        shard.resumable = None;
+                    } else {
+                        shard.resumable = Some(end);
+                    }
                 }
             } else {
                 // A segment overlapping sequence numbers already replayed can only come from
@@ -525,24 +559,7 @@ impl ShardCore {
     fn replay_summary(&mut self, seg: u32, h: &SegmentHeader) -> Result<bool, ShardError> {
         let base = self.layout.segment_offset(seg);
         let seg_bytes = self.layout.segment_bytes;
-        let read =
-            |dev: &mut dyn BlockDevice, off: u64, len: usize| -> Result<AlignedBuf, ShardError> {
-                let done = check_all(run_sync(
-                    dev,
-                    vec![IoRequest {
-                        tag: 0,
-                        op: IoOp::Read {
-                            offset: base + off,
-                            buf: AlignedBuf::new(len),
-                        },
-                    }],
-                )?)?;
-                done.into_iter()
-                    .next()
-                    .and_then(|c| c.buf)
-                    .ok_or_else(|| ShardError::Corrupt("read lost its buffer".into()))
-            };
-        let fb = read(self.dev.as_mut(), seg_bytes - BLOCK_SIZE as u64, BLOCK_SIZE)?;
+        let fb = self.read_retrying(base + seg_bytes - BLOCK_SIZE as u64, BLOCK_SIZE)?;
         let Ok(f) = SegmentFooter::decode(&fb) else {
             return Ok(false);
         };
@@ -555,9 +572,8 @@ impl ShardCore {
             return Ok(false);
         }
         let n = f.entries as usize * SUMMARY_ENTRY_BYTES;
-        let sb = read(
-            self.dev.as_mut(),
-            f.summary_offset,
+        let sb = self.read_retrying(
+            base + f.summary_offset,
             (span as usize - BLOCK_SIZE).max(BLOCK_SIZE),
         )?;
         if crc32c::crc32c(&sb[..n]) != f.summary_crc {
@@ -604,6 +620,73 @@ impl ShardCore {
         Ok(true)
     }
 
+    /// Read `len` bytes at device offset `offset`, retrying a failed read twice (startup
+    /// reads; a transient error must not keep a node down).
+    fn read_retrying(&mut self, offset: u64, len: usize) -> Result<AlignedBuf, ShardError> {
+        let mut last = None;
+        for _ in 0..3 {
+            let req = IoRequest {
+                tag: 0,
+                op: IoOp::Read {
+                    offset,
+                    buf: AlignedBuf::new(len),
+                },
+            };
+            match run_sync(self.dev.as_mut(), vec![req]).map(|mut d| d.pop()) {
+                Ok(Some(IoCompletion {
+                    result: Ok(()),
+                    buf: Some(buf),
+                    ..
+                })) => return Ok(buf),
+                Ok(Some(IoCompletion { result: Err(e), .. })) | Err(e) => last = Some(e),
+                Ok(_) => last = Some(IoError::Device("read completion without a buffer".into())),
+            }
+        }
+        Err(ShardError::Device(last.expect("three attempts")))
+    }
+
+    /// Whether a valid record of this segment (generation at least `min_generation`,
+    /// sequence number at least `seq`) lies at or after `from`: then the scan ended at a
+    /// damaged record, not at the end of the log, and the segment must not be appended to
+    /// (that would overwrite the records after the damage).
+    fn records_beyond(
+        &mut self,
+        seg: u32,
+        from: u64,
+        min_generation: u32,
+        seq: u64,
+    ) -> Result<Option<u64>, ShardError> {
+        let seg_bytes = self.layout.segment_bytes;
+        let base = self.layout.segment_offset(seg);
+        let mut start = from / BLOCK_SIZE as u64 * BLOCK_SIZE as u64;
+        while start < seg_bytes {
+            let len = (REPLAY_READ_BYTES as u64).min(seg_bytes - start) as usize;
+            let buf = self.read_retrying(base + start, len)?;
+            let mut at = 0;
+            while at + RECORD_HEADER_BYTES <= len {
+                if buf[at..at + 4] == crate::format::RECORD_MAGIC.to_le_bytes() {
+                    if let Ok(h) = RecordHeader::decode(&buf[at..]) {
+                        let end = at + RECORD_HEADER_BYTES + h.stored_len as usize;
+                        if h.generation >= min_generation
+                            && h.generation < self.generation_first
+                            && h.seq >= seq
+                            && end <= len
+                            && h.check_crc(&buf[at..end]).is_ok()
+                        {
+                            return Ok(Some(start + at as u64));
+                        }
+                    }
+                }
+                at += crate::format::RECORD_ALIGN;
+            }
+            // Overlap windows by a header so a record straddling them is still seen.
+            start += (len - RECORD_HEADER_BYTES.min(len)).max(BLOCK_SIZE) as u64
+                / BLOCK_SIZE as u64
+                * BLOCK_SIZE as u64;
+        }
+        Ok(None)
+    }
+
     /// Scan a segment's records in order (following continuation blocks), applying them
     /// to the index, until the first one that is not the next valid record.
     fn replay_segment(&mut self, seg: u32, h: &SegmentHeader) -> Result<ScanEnd, ShardError> {
@@ -616,6 +699,11 @@ impl ShardCore {
         let mut win: Vec<u8> = Vec::new();
         let mut win_off: u64 = 0;
         let mut pos: u64 = BLOCK_SIZE as u64;
+        // Where the first invalid bytes after the last valid record were seen, and whether
+        // that place was already read a second time (a transient read error or bit flip
+        // must not end the log early).
+        let mut first_bad: Option<u64> = None;
+        let mut reread: Option<u64> = None;
         loop {
             // Make sure [pos, pos + need) is in the window: first a header (or, at a block
             // boundary, a continuation block), then the whole record.
@@ -637,20 +725,7 @@ impl ShardCore {
                         .max(REPLAY_READ_BYTES)
                         .next_multiple_of(BLOCK_SIZE)
                         .min((seg_bytes - start) as usize);
-                    let done = check_all(run_sync(
-                        self.dev.as_mut(),
-                        vec![IoRequest {
-                            tag: 0,
-                            op: IoOp::Read {
-                                offset: base + start,
-                                buf: AlignedBuf::new(len),
-                            },
-                        }],
-                    )?)?;
-                    let buf =
-                        done.into_iter().next().and_then(|c| c.buf).ok_or_else(|| {
-                            ShardError::Corrupt("replay read lost its buffer".into())
-                        })?;
+                    let buf = self.read_retrying(base + start, len)?;
                     win.clear();
                     win.extend_from_slice(&buf[..len]);
                     win_off = start;
@@ -681,6 +756,7 @@ impl ShardCore {
                 _ => false,
             };
             if !valid {
+                first_bad.get_or_insert(pos);
                 if !at_block {
                     // Padding after the last record of a commit batch: next batch starts at
                     // the next block.
@@ -699,12 +775,22 @@ impl ShardCore {
                             generation = c.generation;
                             self.stats.replayed_continuations += 1;
                             pos += BLOCK_SIZE as u64;
+                            first_bad = None;
                             continue;
                         }
                     }
                 }
+                // Before taking this as the end of the log, read it again once.
+                let bad = first_bad.expect("set above");
+                if reread != Some(bad) {
+                    reread = Some(bad);
+                    win.clear();
+                    pos = bad;
+                    continue;
+                }
                 break;
             }
+            first_bad = None;
             let rh = header.expect("valid implies header");
             match rh.kind {
                 RecordKind::Chunk => {
@@ -1624,6 +1710,45 @@ fn batch_chunk(buf: &AlignedBuf, start_off: u64, loc: &Location) -> StoredChunk 
     }
 }
 
+/// Read one block and decode it. An I/O error or an invalid block that is not all zeros is
+/// read again (twice): startup must not mistake a transient error for the state on disk.
+fn read_decoded<T>(
+    dev: &mut dyn BlockDevice,
+    offset: u64,
+    decode: impl Fn(&[u8]) -> Result<T, crate::format::FormatError>,
+) -> Result<Option<T>, ShardError> {
+    let mut last_err = None;
+    for _ in 0..3 {
+        let req = IoRequest {
+            tag: 0,
+            op: IoOp::Read {
+                offset,
+                buf: AlignedBuf::new(BLOCK_SIZE),
+            },
+        };
+        match run_sync(dev, vec![req]).map(|mut d| d.pop()) {
+            Ok(Some(IoCompletion {
+                result: Ok(()),
+                buf: Some(b),
+                ..
+            })) => {
+                last_err = None;
+                match decode(&b) {
+                    Ok(v) => return Ok(Some(v)),
+                    Err(_) if b.iter().all(|&x| x == 0) => return Ok(None),
+                    Err(_) => continue,
+                }
+            }
+            Ok(Some(IoCompletion { result: Err(e), .. })) | Err(e) => last_err = Some(e),
+            Ok(_) => last_err = Some(IoError::Device("read completion without a buffer".into())),
+        }
+    }
+    match last_err {
+        Some(e) => Err(ShardError::Device(e)),
+        None => Ok(None),
+    }
+}
+
 fn check_all(done: Vec<IoCompletion>) -> Result<Vec<IoCompletion>, ShardError> {
     for c in &done {
         if let Err(e) = &c.result {
@@ -1838,5 +1963,143 @@ mod deferred_get_tests {
             Some(batch_buf_bytes(&ShardConfig::default())),
             "buffer recycled at full length"
         );
+    }
+}
+
+#[cfg(test)]
+mod damage_tests {
+    use super::*;
+    use crate::format::Superblock;
+    use hivefs_nvme::{SimDevice, SimFaults};
+    use std::sync::{Arc, Mutex};
+
+    /// A SimDevice the test keeps a handle to while a shard uses it.
+    #[derive(Clone)]
+    struct Shared(Arc<Mutex<SimDevice>>);
+    impl BlockDevice for Shared {
+        fn describe(&self) -> String {
+            "shared sim".into()
+        }
+        fn capacity_bytes(&self) -> u64 {
+            self.0.lock().unwrap().capacity_bytes()
+        }
+        fn submit(&mut self, reqs: &mut Vec<IoRequest>) -> Result<(), IoError> {
+            self.0.lock().unwrap().submit(reqs)
+        }
+        fn poll(&mut self, out: &mut Vec<IoCompletion>, wait: bool) -> usize {
+            self.0.lock().unwrap().poll(out, wait)
+        }
+        fn in_flight(&self) -> usize {
+            self.0.lock().unwrap().in_flight()
+        }
+    }
+
+    const KEY: DedupeKey = DedupeKey([8; 32]);
+
+    fn put_all(s: &mut ShardCore, from: u32, n: u32) -> Vec<ChunkId> {
+        let mut ids = Vec::new();
+        for i in from..from + n {
+            let data = format!("record {i} ").repeat(50).into_bytes();
+            let id = ChunkId::compute(&KEY, &data);
+            s.put(
+                i as u64,
+                vec![PutChunk {
+                    id,
+                    codec: Codec::Raw,
+                    raw_len: data.len() as u32,
+                    data,
+                }],
+            );
+            let mut out = Vec::new();
+            while out.is_empty() {
+                s.poll(&mut out, true);
+            }
+            ids.push(id);
+        }
+        ids
+    }
+
+    #[test]
+    fn damage_in_the_middle_of_the_open_segment_is_never_overwritten() {
+        let faults = SimFaults {
+            read_error_per_million: 0,
+            write_error_per_million: 0,
+            bit_flip_per_million: 0,
+            torn_writes: false,
+        };
+        let dev = Shared(Arc::new(Mutex::new(SimDevice::new(64 << 20, 9, faults))));
+        let sb = Superblock::plan(64 << 20, 1, 4 << 20, 16, KEY.0).unwrap();
+        let layout = sb.shard_layout(0);
+        ShardCore::format(&mut dev.clone(), &layout).unwrap();
+        let open =
+            || ShardCore::open(Box::new(dev.clone()), layout, KEY, ShardConfig::default()).unwrap();
+        let mut s = open();
+        let ids = put_all(&mut s, 0, 40);
+        let victim = s.index().get(&ids[5]).unwrap().loc;
+        drop(s);
+        // Bit rot in record 5's payload: records 6.. are valid but follow the damage.
+        let at = layout.segment_offset(victim.segment)
+            + victim.offset as u64
+            + RECORD_HEADER_BYTES as u64;
+        dev.0.lock().unwrap().corrupt_durable(at, 8);
+        let mut s = open();
+        assert_eq!(s.stats().segments_with_records_beyond, 1);
+        let mut present = Vec::new();
+        s.has(&ids, &mut present);
+        assert!(
+            present[..5].iter().all(|p| *p),
+            "records before the damage replay"
+        );
+        // New writes go to a new segment: the records after the damage stay on disk.
+        let more = put_all(&mut s, 100, 5);
+        assert!(more
+            .iter()
+            .all(|id| s.index().get(id).unwrap().loc.segment != victim.segment));
+        drop(s);
+        let img = dev.0.lock().unwrap().read_durable(
+            layout.segment_offset(victim.segment),
+            layout.segment_bytes as usize,
+        );
+        let last = ids[39];
+        let found = (0..img.len() - RECORD_HEADER_BYTES)
+            .step_by(8)
+            .any(|o| RecordHeader::decode(&img[o..]).is_ok_and(|h| h.id == last));
+        assert!(found, "the records after the damage were overwritten");
+    }
+
+    #[test]
+    fn a_clean_restart_resumes_the_open_segment() {
+        let faults = SimFaults {
+            read_error_per_million: 0,
+            write_error_per_million: 0,
+            bit_flip_per_million: 0,
+            torn_writes: false,
+        };
+        let dev = Shared(Arc::new(Mutex::new(SimDevice::new(64 << 20, 10, faults))));
+        let sb = Superblock::plan(64 << 20, 1, 4 << 20, 16, KEY.0).unwrap();
+        let layout = sb.shard_layout(0);
+        ShardCore::format(&mut dev.clone(), &layout).unwrap();
+        let open =
+            || ShardCore::open(Box::new(dev.clone()), layout, KEY, ShardConfig::default()).unwrap();
+        let mut s = open();
+        let a = put_all(&mut s, 0, 10);
+        let seg = s.index().get(&a[0]).unwrap().loc.segment;
+        drop(s);
+        let mut s = open();
+        assert_eq!(s.stats().segments_with_records_beyond, 0);
+        let b = put_all(&mut s, 50, 10);
+        assert_eq!(
+            s.index().get(&b[0]).unwrap().loc.segment,
+            seg,
+            "appending resumes in the same segment"
+        );
+        drop(s);
+        let s = open();
+        assert_eq!(s.stats().replayed_continuations, 1);
+        let mut present = Vec::new();
+        let all: Vec<ChunkId> = a.iter().chain(&b).copied().collect();
+        let mut s = s;
+        s.has(&all, &mut present);
+        assert!(present.iter().all(|p| *p));
     }
 }

@@ -14,7 +14,10 @@
 //!    poison never becomes readable;
 //! 3. a chunk whose tombstone was acknowledged never comes back (not after replay either).
 //!
-//! A failure names its seed; `run(&SimConfig { seed, .. })` reproduces it exactly.
+//! A failure names its seed; `run(&SimConfig { seed, .. })` reproduces it exactly. For a
+//! failing seed, `HIVE_SIM_DEBUG=1` prints every restart and dumps the device's records
+//! when a check after a restart fails, and `HIVE_SIM_TRACE_ID=<hex prefix>` traces the puts
+//! and deletes of one chunk.
 
 use crate::format::Superblock;
 use crate::index::EntryState;
@@ -265,6 +268,13 @@ impl World {
     fn complete(&mut self, c: Completion) -> Result<(), SimFailure> {
         match c {
             Completion::Put { ticket, result, .. } => {
+                if let Ok(t) = std::env::var("HIVE_SIM_TRACE_ID") {
+                    if let Some(Op::Put { ids }) = self.ops.get(&ticket) {
+                        if ids.iter().any(|i| i.to_hex().starts_with(&t)) {
+                            eprintln!("op {} put {ticket} -> {:?}", self.op_no, result);
+                        }
+                    }
+                }
                 let Some(Op::Put { ids }) = self.ops.remove(&ticket) else {
                     return Err(self.fail(format!("put completion for unknown ticket {ticket}")));
                 };
@@ -337,6 +347,25 @@ impl World {
                 let Some(Op::Delete { ids }) = self.ops.remove(&ticket) else {
                     return Err(self.fail(format!("delete completion for unknown ticket {ticket}")));
                 };
+                if let Ok(t) = std::env::var("HIVE_SIM_TRACE_ID") {
+                    if ids.iter().any(|i| i.to_hex().starts_with(&t)) {
+                        eprintln!(
+                            "op {} delete {:?} of {:?} -> {:?} pending {:?} known {:?}",
+                            self.op_no,
+                            ticket,
+                            ids,
+                            result,
+                            ids.iter()
+                                .map(|i| self.pending.get(i).map(|p| (
+                                    p.puts,
+                                    p.deletes,
+                                    p.conflicted
+                                )))
+                                .collect::<Vec<_>>(),
+                            ids.iter().map(|i| self.known.get(i)).collect::<Vec<_>>()
+                        );
+                    }
+                }
                 let acked = match result {
                     Ok(_) => {
                         self.report.deletes_acked += 1;
@@ -365,6 +394,7 @@ impl World {
         ask.push(ChunkId::compute(&self.key, b"never stored"));
         let mut present = Vec::new();
         shard.has(&ask, &mut present);
+        let failed = shard.stats().failed.is_some();
         for (id, hit) in ask.iter().zip(present) {
             if hit {
                 // Only verified entries may answer has.
@@ -388,9 +418,14 @@ impl World {
                     return Err(self.fail(format!("acknowledged chunk {id:?} does not answer has")))
                 }
                 (Some(false), true) => {
-                    return Err(self.fail(format!("deleted chunk {id:?} came back")))
+                    return Err(self.fail(format!(
+                        "deleted chunk {id:?} came back: {:?}",
+                        shard.index().get(id)
+                    )))
                 }
-                (None, _) if self.by_id.contains_key(id) => {
+                // Learn only from a healthy shard: a failed one has dropped deletions that
+                // never became durable from its memory, and a restart brings them back.
+                (None, _) if self.by_id.contains_key(id) && !failed => {
                     self.known.insert(*id, hit);
                 }
                 _ => {}
@@ -527,6 +562,40 @@ fn open_shard(
     ShardCore::open(Box::new(dev.clone()), sb.shard_layout(0), key, scfg)
 }
 
+fn debug_dump(dev: &SharedDevice, sb: &Superblock) {
+    use crate::format::*;
+    let d = dev.0.lock().expect("sim");
+    let l = sb.shard_layout(0);
+    for seg in 0..l.segment_count {
+        let img = d.read_durable(l.segment_offset(seg), l.segment_bytes as usize);
+        let Ok(h) = SegmentHeader::decode(&img) else {
+            continue;
+        };
+        eprintln!("seg {seg}: gen {} first_seq {}", h.generation, h.first_seq);
+        let mut at = 0;
+        while at + RECORD_HEADER_BYTES <= img.len() {
+            if at % 4096 == 0 {
+                if let Ok(c) = ContinuationBlock::decode(&img[at..]) {
+                    eprintln!(
+                        "  cont @{at}: gen {} prev {} first_seq {}",
+                        c.generation, c.prev_generation, c.first_seq
+                    );
+                }
+            }
+            if let Ok(r) = RecordHeader::decode(&img[at..]) {
+                let end = at + RECORD_HEADER_BYTES + r.stored_len as usize;
+                if end <= img.len() && r.check_crc(&img[at..end]).is_ok() {
+                    eprintln!(
+                        "  rec @{at}: gen {} seq {} {:?} {:?}",
+                        r.generation, r.seq, r.kind, r.id
+                    );
+                }
+            }
+            at += 8;
+        }
+    }
+}
+
 const NO_FAULTS: SimFaults = SimFaults {
     read_error_per_million: 0,
     write_error_per_million: 0,
@@ -593,7 +662,12 @@ pub fn run(cfg: &SimConfig) -> Result<SimReport, SimFailure> {
             {
                 let mut d = dev.0.lock().expect("sim");
                 d.crash();
-                d.set_faults(NO_FAULTS);
+                // Replay reads under the same read faults (bit flips, read errors) as the
+                // run: a transient misread must never end the log early.
+                d.set_faults(SimFaults {
+                    write_error_per_million: 0,
+                    ..cfg.faults
+                });
             }
             w.net.clear();
             w.ops.clear();
@@ -604,7 +678,16 @@ pub fn run(cfg: &SimConfig) -> Result<SimReport, SimFailure> {
             let use_summaries = w.rng.below(4) != 0;
             shard = open_shard(&dev, &sb, key, cfg, use_summaries)
                 .map_err(|e| w.fail(format!("reopen after crash: {e}")))?;
-            w.check_has(&mut shard)?;
+            if std::env::var_os("HIVE_SIM_DEBUG").is_some() {
+                let st = shard.stats();
+                eprintln!("op {} reopen: records {} summaries {} continuations {} beyond {} chunks {} segs {}", w.op_no, st.replayed_records, st.replayed_summaries, st.replayed_continuations, st.segments_with_records_beyond, st.chunks, st.segments_used);
+            }
+            if let Err(e) = w.check_has(&mut shard) {
+                if std::env::var_os("HIVE_SIM_DEBUG").is_some() {
+                    debug_dump(&dev, &sb);
+                }
+                return Err(e);
+            }
             dev.0.lock().expect("sim").set_faults(cfg.faults);
             continue;
         }
