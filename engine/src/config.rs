@@ -232,7 +232,7 @@ pub fn init(o: &InitOptions) -> Result<InitOutcome> {
         shards: o.shards,
         bucket_count: o.bucket_count,
         segment_bytes: o.segment_bytes,
-        commit_max_bytes: 1 << 20,
+        commit_max_bytes: 4 << 20,
         credits: DEFAULT_CREDITS,
         pin_cores: true,
         sqpoll: false,
