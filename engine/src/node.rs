@@ -41,13 +41,16 @@ use std::time::Duration;
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
-const FIRST_CONN: usize = 2;
+const IO_DONE: Token = Token(2);
+const FIRST_CONN: usize = 3;
 /// Connections one shard accepts at most.
 pub const MAX_CONNS_PER_SHARD: usize = 4096;
 /// Stop reading requests while this many chunks wait for a commit batch.
 const QUEUE_HIGH_WATER: usize = 8192;
 /// How long an idle shard parks before looking at its stop flag.
 const PARK: Duration = Duration::from_millis(200);
+/// How long a shard with I/O in flight sleeps at most before looking at its device anyway.
+const IO_RECHECK: Duration = Duration::from_millis(5);
 
 /// Per-run settings of `hive run`.
 #[derive(Clone, Copy, Debug, Default)]
@@ -287,6 +290,8 @@ enum Pending {
 
 struct ShardLoop {
     s: ShardSetup,
+    /// Device completions wake the poll (else the loop polls the device).
+    io_fd: bool,
     conns: HashMap<usize, Conn>,
     next_conn: usize,
     tickets: HashMap<u64, Pending>,
@@ -297,8 +302,27 @@ struct ShardLoop {
 }
 
 impl ShardLoop {
-    fn new(s: ShardSetup) -> ShardLoop {
+    fn new(mut s: ShardSetup) -> ShardLoop {
+        // Completions wake the same poll as the sockets when the device can signal them.
+        let io_fd = match s.core.completion_fd() {
+            Some(fd) => match s.poll.registry().register(
+                &mut mio::unix::SourceFd(&fd),
+                IO_DONE,
+                Interest::READABLE,
+            ) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(
+                        shard = s.shard,
+                        "cannot wait on device completions ({e}); polling instead"
+                    );
+                    false
+                }
+            },
+            None => false,
+        };
         ShardLoop {
+            io_fd,
             s,
             conns: HashMap::new(),
             next_conn: FIRST_CONN,
@@ -324,9 +348,20 @@ impl ShardLoop {
             if stopping && !self.s.core.busy() {
                 break;
             }
-            let busy = self.s.core.busy() || self.conns.values().any(|c| c.maybe_more);
+            // With a completion descriptor the loop sleeps in one place, woken by sockets or
+            // by I/O completions; without one it must not sleep while I/O is in flight.
+            let more = self.conns.values().any(|c| c.maybe_more);
+            let busy = if self.io_fd {
+                more || self.s.core.ready_now()
+            } else {
+                self.s.core.busy() || more
+            };
             let timeout = if busy {
                 Some(Duration::ZERO)
+            } else if self.s.core.busy() {
+                // I/O in flight: its completion wakes the poll; the short bound is a safety
+                // net for submissions the kernel deferred (they go with the next poll).
+                Some(IO_RECHECK)
             } else {
                 Some(PARK)
             };
@@ -340,7 +375,7 @@ impl ShardLoop {
                 match ev.token() {
                     LISTENER if !stopping => self.accept(),
                     LISTENER => {}
-                    WAKER => {}
+                    WAKER | IO_DONE => {}
                     Token(t) => ready.push(t),
                 }
             }
@@ -357,7 +392,8 @@ impl ShardLoop {
                 self.service(t);
             }
             // Drive the core; block on the device only if nothing else is ready.
-            let wait = events.is_empty() && !self.conns.values().any(|c| c.maybe_more);
+            let wait =
+                !self.io_fd && events.is_empty() && !self.conns.values().any(|c| c.maybe_more);
             self.s.core.poll(&mut self.completions, wait);
             let done = std::mem::take(&mut self.completions);
             for c in done {

@@ -1061,6 +1061,19 @@ impl ShardCore {
         out.append(&mut self.done);
     }
 
+    /// The device's completion descriptor (see `BlockDevice::completion_fd`): a node waits
+    /// on it together with its sockets.
+    pub fn completion_fd(&mut self) -> Option<std::os::fd::RawFd> {
+        self.dev.completion_fd()
+    }
+
+    /// Whether `poll` can make progress now without waiting for the device: completions to
+    /// hand out, or a built batch the idle device can take.
+    pub fn ready_now(&self) -> bool {
+        !self.done.is_empty()
+            || (self.failed.is_none() && self.inflight.is_none() && self.building.len > 0)
+    }
+
     /// Whether device I/O is in flight or work is waiting for it.
     pub fn busy(&self) -> bool {
         self.dev.in_flight() > 0

@@ -109,6 +109,14 @@ pub trait BlockDevice: Send {
     fn poll(&mut self, out: &mut Vec<IoCompletion>, wait: bool) -> usize;
     /// Requests submitted and not yet reported by `poll`.
     fn in_flight(&self) -> usize;
+
+    /// A file descriptor that becomes readable when completions may be ready, so an event
+    /// loop can wait for sockets and I/O at once (then `poll(.., false)` reaps them; `poll`
+    /// resets the descriptor). `None` where the backend cannot signal (the caller then
+    /// polls, or waits in `poll`).
+    fn completion_fd(&mut self) -> Option<std::os::fd::RawFd> {
+        None
+    }
 }
 
 /// Check alignment and range of a request against a device of `capacity` bytes.

@@ -172,6 +172,8 @@ pub struct UringDevice {
     /// Slots to (re)submit once the replacement ring is up.
     bounced: Vec<usize>,
     cqes: Vec<(u64, i32)>,
+    /// Signalled by the kernel for every completion once `completion_fd` was asked for.
+    eventfd: Option<std::os::fd::OwnedFd>,
 }
 
 fn is_transient(e: &io::Error) -> bool {
@@ -374,6 +376,7 @@ impl UringDevice {
             downgrading: false,
             bounced: Vec::new(),
             cqes: Vec::with_capacity(depth),
+            eventfd: None,
         })
     }
 
@@ -600,6 +603,13 @@ impl UringDevice {
                 self.ring = ring;
                 self.sqpoll = sqpoll;
                 self.iopoll = false;
+                if let Some(fd) = &self.eventfd {
+                    use std::os::fd::AsRawFd;
+                    if let Err(e) = self.ring.submitter().register_eventfd(fd.as_raw_fd()) {
+                        tracing::warn!(device = %self.name, error = %e, "eventfd lost with the IOPOLL ring");
+                        self.eventfd = None;
+                    }
+                }
                 for idx in bounced {
                     self.push_sqe(idx);
                 }
@@ -699,6 +709,19 @@ impl BlockDevice for UringDevice {
 
     fn poll(&mut self, out: &mut Vec<IoCompletion>, wait: bool) -> usize {
         let start = out.len();
+        if let Some(fd) = &self.eventfd {
+            // Reset the signal before reaping: a completion posted after the reap signals
+            // again, so none is missed.
+            let mut v = [0u8; 8];
+            // SAFETY: reading 8 bytes into a local buffer from an eventfd we own.
+            let _ = unsafe {
+                libc::read(
+                    std::os::fd::AsRawFd::as_raw_fd(fd),
+                    v.as_mut_ptr().cast(),
+                    8,
+                )
+            };
+        }
         loop {
             if self.unsubmitted || (self.iopoll && self.in_kernel > 0) {
                 self.submit_ring();
@@ -725,6 +748,29 @@ impl BlockDevice for UringDevice {
 
     fn in_flight(&self) -> usize {
         self.used
+    }
+
+    fn completion_fd(&mut self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        if self.iopoll {
+            return None; // polled completions post no signal
+        }
+        if self.eventfd.is_none() {
+            // SAFETY: eventfd has no memory-safety preconditions; the result is checked.
+            let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+            if raw < 0 {
+                tracing::warn!(device = %self.name, error = %io::Error::last_os_error(), "no eventfd for completions; the shard will poll");
+                return None;
+            }
+            // SAFETY: raw is a new descriptor that nothing else owns.
+            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+            if let Err(e) = self.ring.submitter().register_eventfd(fd.as_raw_fd()) {
+                tracing::warn!(device = %self.name, error = %e, "cannot register an eventfd with io_uring; the shard will poll");
+                return None;
+            }
+            self.eventfd = Some(fd);
+        }
+        self.eventfd.as_ref().map(|fd| fd.as_raw_fd())
     }
 }
 
