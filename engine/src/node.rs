@@ -23,12 +23,15 @@
 
 use crate::config::NodeConfig;
 use crate::format::Superblock;
-use crate::shard::{Completion, PutOutcome, ShardConfig, ShardCore, ShardError};
+use crate::shard::{ChunkBytes, Completion, PutOutcome, ShardConfig, ShardCore, ShardError};
 use anyhow::{bail, Context, Result};
 use hivefs_net::chunk::ChunkId;
 use hivefs_net::conn::{FramedConn, ReadStatus};
 use hivefs_net::frame::{Frame, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
-use hivefs_net::proto::{frame_response, ClusterMap, ErrorCode, PutResult, Request, Response};
+use hivefs_net::proto::{
+    decode_put_in_place, frame_response, ClusterMap, ErrorCode, Opcode, PutResult, Request,
+    Response,
+};
 use hivefs_nvme::{open_device, run_sync, AlignedBuf, IoOp, IoRequest, BLOCK_SIZE};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -553,6 +556,10 @@ impl ShardLoop {
             return;
         }
         let peer = c.peer;
+        if f.opcode == Opcode::Put as u16 && c.version.is_some() {
+            self.put_in_place(t, f);
+            return;
+        }
         let request = match Request::decode(f.opcode, &f.body) {
             Ok(r) => r,
             Err(e) => {
@@ -646,7 +653,7 @@ impl ShardLoop {
                         id: c.id,
                         codec: c.codec,
                         raw_len: c.raw_len,
-                        data: c.data,
+                        data: c.data.into(),
                     })
                     .collect();
                 self.s.core.put(ticket, chunks);
@@ -679,6 +686,43 @@ impl ShardLoop {
                 self.reply(t, req_id, &Response::MapReply { map });
             }
         }
+    }
+
+    /// A put whose chunks stay in the frame body they arrived in (no copy until the
+    /// commit batch).
+    fn put_in_place(&mut self, t: usize, f: Frame) {
+        let req_id = f.request_id;
+        let at = match decode_put_in_place(&f.body) {
+            Ok(at) => at,
+            Err(e) => {
+                let peer = self.conns.get(&t).map(|c| c.peer);
+                tracing::warn!(shard = self.s.shard, peer = ?peer, req = req_id, "bad request, closing the connection: {e}");
+                self.fail_conn(t, req_id, e.code(), &e.to_string());
+                return;
+            }
+        };
+        tracing::debug!(shard = self.s.shard, req = req_id, chunks = at.len(), "put");
+        let ids: Vec<ChunkId> = at.iter().map(|c| c.id).collect();
+        if let Some(bad) = self.wrong_shard(&ids) {
+            self.reply(t, req_id, &bad);
+            return;
+        }
+        let ticket = self.ticket(Pending::Put {
+            conn: t,
+            req: req_id,
+            n: at.len(),
+        });
+        let body = Arc::new(f.body);
+        let chunks = at
+            .into_iter()
+            .map(|c| crate::shard::PutChunk {
+                id: c.id,
+                codec: c.codec,
+                raw_len: c.raw_len,
+                data: ChunkBytes::shared(body.clone(), c.data),
+            })
+            .collect();
+        self.s.core.put(ticket, chunks);
     }
 
     fn wrong_shard(&self, ids: &[ChunkId]) -> Option<Response> {

@@ -100,7 +100,43 @@ pub struct PutChunk {
     pub id: ChunkId,
     pub codec: Codec,
     pub raw_len: u32,
-    pub data: Vec<u8>,
+    pub data: ChunkBytes,
+}
+
+/// A chunk's stored bytes, possibly a range of a received frame's body shared by all the
+/// chunks of that put: the node copies put data once, into the commit batch.
+#[derive(Clone, Debug)]
+pub struct ChunkBytes {
+    buf: std::sync::Arc<Vec<u8>>,
+    range: std::ops::Range<usize>,
+}
+
+impl ChunkBytes {
+    /// `range` of `buf` (which must hold it).
+    pub fn shared(buf: std::sync::Arc<Vec<u8>>, range: std::ops::Range<usize>) -> ChunkBytes {
+        assert!(
+            range.start <= range.end && range.end <= buf.len(),
+            "chunk range outside its buffer"
+        );
+        ChunkBytes { buf, range }
+    }
+}
+
+impl From<Vec<u8>> for ChunkBytes {
+    fn from(v: Vec<u8>) -> ChunkBytes {
+        let range = 0..v.len();
+        ChunkBytes {
+            buf: std::sync::Arc::new(v),
+            range,
+        }
+    }
+}
+
+impl std::ops::Deref for ChunkBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[self.range.clone()]
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1795,7 +1831,7 @@ mod tests {
             id: ChunkId::compute(&KEY, &data),
             codec: Codec::Raw,
             raw_len: len as u32,
-            data,
+            data: data.into(),
         }
     }
 
@@ -1889,7 +1925,7 @@ mod tests {
             .filter_map(|done| match done {
                 Completion::Put { ticket, result, .. } => Some((ticket, result.unwrap())),
                 Completion::Get { result, .. } => {
-                    assert_eq!(result.unwrap().data, c.data);
+                    assert_eq!(&result.unwrap().data[..], &c.data[..]);
                     None
                 }
                 other => panic!("{other:?}"),
@@ -1942,7 +1978,7 @@ mod deferred_get_tests {
                 id,
                 codec: Codec::Raw,
                 raw_len: data.len() as u32,
-                data: data.clone(),
+                data: data.clone().into(),
             }],
         );
         let mut out = Vec::new();
@@ -2022,7 +2058,7 @@ mod damage_tests {
                     id,
                     codec: Codec::Raw,
                     raw_len: data.len() as u32,
-                    data,
+                    data: data.into(),
                 }],
             );
             let mut out = Vec::new();

@@ -447,7 +447,7 @@ impl World {
             id: *id,
             codec,
             raw_len: plain.len() as u32,
-            data,
+            data: data.into(),
         }
     }
 
@@ -487,7 +487,7 @@ impl World {
                                     id: poison_id,
                                     codec,
                                     raw_len: data.len() as u32,
-                                    data: stored,
+                                    data: stored.into(),
                                 }],
                             ));
                             self.poison_tickets.insert(t);
@@ -498,7 +498,7 @@ impl World {
                             id: poison_id,
                             codec: Codec::Raw,
                             raw_len: data.len() as u32,
-                            data,
+                            data: data.into(),
                         });
                         continue;
                     }

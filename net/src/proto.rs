@@ -600,22 +600,16 @@ impl Request {
                 Request::Has { ids }
             }
             Opcode::Put => {
-                let n = r.count("put chunks", MAX_BATCH_CHUNKS, PUT_CHUNK_OVERHEAD_BYTES)?;
-                let mut chunks = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let id = r.chunk_id()?;
-                    let codec = r.codec()?;
-                    let raw_len = r.u32()?;
-                    let data = r.byte_string("chunk data", MAX_CHUNK_STORED_BYTES)?;
-                    chunk_lengths(raw_len, data.len())?;
-                    chunks.push(PutChunk {
-                        id,
-                        codec,
-                        raw_len,
-                        data: data.to_vec(),
-                    });
-                }
-                Request::Put { chunks }
+                let chunks = decode_put_in_place(body)?
+                    .into_iter()
+                    .map(|c| PutChunk {
+                        id: c.id,
+                        codec: c.codec,
+                        raw_len: c.raw_len,
+                        data: body[c.data].to_vec(),
+                    })
+                    .collect();
+                return Ok(Request::Put { chunks });
             }
             Opcode::Get => Request::Get { id: r.chunk_id()? },
             Opcode::Stats => Request::Stats,
@@ -823,6 +817,39 @@ impl Response {
 pub fn frame_request(version: u16, request_id: u64, req: &Request) -> Vec<u8> {
     let (op, body) = req.encode();
     encode_frame(version, op as u16, request_id, &body)
+}
+
+/// One chunk of a `Put` body, located rather than copied: `data` is a range of the body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PutChunkAt {
+    pub id: ChunkId,
+    pub codec: Codec,
+    pub raw_len: u32,
+    pub data: std::ops::Range<usize>,
+}
+
+/// Decode a `Put` body without copying chunk data (a node keeps the frame body and hands
+/// out ranges of it). Same checks as [`Request::decode`], which is built on it.
+pub fn decode_put_in_place(body: &[u8]) -> Result<Vec<PutChunkAt>, DecodeError> {
+    let mut r = Reader::new(body);
+    let n = r.count("put chunks", MAX_BATCH_CHUNKS, PUT_CHUNK_OVERHEAD_BYTES)?;
+    let mut chunks = Vec::with_capacity(n);
+    for _ in 0..n {
+        let id = r.chunk_id()?;
+        let codec = r.codec()?;
+        let raw_len = r.u32()?;
+        let data = r.byte_string("chunk data", MAX_CHUNK_STORED_BYTES)?;
+        chunk_lengths(raw_len, data.len())?;
+        let start = body.len() - r.remaining() - data.len();
+        chunks.push(PutChunkAt {
+            id,
+            codec,
+            raw_len,
+            data: start..start + data.len(),
+        });
+    }
+    r.finish()?;
+    Ok(chunks)
 }
 
 /// The body of a `Put` (the one place its layout is written).
