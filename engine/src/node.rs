@@ -29,8 +29,8 @@ use hivefs_net::chunk::ChunkId;
 use hivefs_net::conn::{FramedConn, ReadStatus};
 use hivefs_net::frame::{Frame, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
 use hivefs_net::proto::{
-    decode_put_in_place, frame_response, ClusterMap, ErrorCode, Opcode, PutResult, Request,
-    Response,
+    decode_put_in_place, frame_get_reply_into, frame_response, ClusterMap, ErrorCode, Opcode,
+    PutResult, Request, Response,
 };
 use hivefs_nvme::{open_device, run_sync, AlignedBuf, IoOp, IoRequest, BLOCK_SIZE};
 use mio::net::{TcpListener, TcpStream};
@@ -293,6 +293,8 @@ enum Pending {
 
 struct ShardLoop {
     s: ShardSetup,
+    /// Reused buffer for encoding large reply frames.
+    scratch: Vec<u8>,
     /// Device completions wake the poll (else the loop polls the device).
     io_fd: bool,
     conns: HashMap<usize, Conn>,
@@ -326,6 +328,7 @@ impl ShardLoop {
         };
         ShardLoop {
             io_fd,
+            scratch: Vec::new(),
             s,
             conns: HashMap::new(),
             next_conn: FIRST_CONN,
@@ -772,6 +775,29 @@ impl ShardLoop {
                     Err(e) => shard_error(&e),
                 };
                 (ticket, resp)
+            }
+            Completion::Get {
+                ticket,
+                result: Ok(ch),
+            } => {
+                // The common case goes straight from the chunk into the reply frame.
+                let Some(Pending::Get { conn, req }) = self.tickets.remove(&ticket) else {
+                    return;
+                };
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.in_flight = c.in_flight.saturating_sub(1);
+                    let v = c.version.unwrap_or(PROTOCOL_VERSION_MIN);
+                    self.scratch.clear();
+                    frame_get_reply_into(
+                        &mut self.scratch,
+                        v,
+                        req,
+                        Some((ch.codec, ch.raw_len, &ch.data)),
+                    );
+                    c.framed.queue_frame(&self.scratch);
+                    self.dirty.insert(conn);
+                }
+                return;
             }
             Completion::Get { ticket, result } => {
                 let resp = match result {

@@ -686,16 +686,9 @@ impl Response {
                 w.len(results.len());
                 w.0.extend(results.iter().map(|&r| r as u8));
             }
-            Response::GetReply { chunk } => match chunk {
-                None => w.u8(0),
-                Some((codec, raw_len, data)) => {
-                    w.0.reserve(10 + data.len());
-                    w.u8(1);
-                    w.u8(*codec as u8);
-                    w.u32(*raw_len);
-                    w.bytes(data);
-                }
-            },
+            Response::GetReply { chunk } => {
+                write_get_reply_body(&mut w.0, chunk.as_ref().map(|(c, r, d)| (*c, *r, &d[..])))
+            }
             Response::StatsReply { json } => w.bytes(json.as_bytes()),
             Response::MapReply { map } => {
                 w.u64(map.epoch);
@@ -870,6 +863,35 @@ fn write_put_body<'a>(
     *out = w.0;
 }
 
+/// The body of a `GetReply` (the one place its layout is written).
+fn write_get_reply_body(out: &mut Vec<u8>, chunk: Option<(Codec, u32, &[u8])>) {
+    let mut w = Writer(std::mem::take(out));
+    match chunk {
+        None => w.u8(0),
+        Some((codec, raw_len, data)) => {
+            w.0.reserve(10 + data.len());
+            w.u8(1);
+            w.u8(codec as u8);
+            w.u32(raw_len);
+            w.bytes(data);
+        }
+    }
+    *out = w.0;
+}
+
+/// Append a `GetReply` frame for borrowed chunk bytes to `out`, encoding the body in place
+/// (a node answers a get with one copy of the chunk, not three).
+pub fn frame_get_reply_into(
+    out: &mut Vec<u8>,
+    version: u16,
+    request_id: u64,
+    chunk: Option<(Codec, u32, &[u8])>,
+) {
+    encode_frame_with(out, version, Opcode::GetReply as u16, request_id, |body| {
+        write_get_reply_body(body, chunk)
+    });
+}
+
 /// Append a `Put` request frame for borrowed chunks to `out`, encoding the body in place
 /// (no clone of the chunks, no intermediate body buffer).
 pub fn frame_put_into(out: &mut Vec<u8>, version: u16, request_id: u64, chunks: &[&PutChunk]) {
@@ -887,6 +909,45 @@ pub fn frame_response(version: u16, request_id: u64, resp: &Response) -> Vec<u8>
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn in_place_frames_match_the_message_encoders() {
+        let data = vec![9u8; 3000];
+        let mut a = Vec::new();
+        frame_get_reply_into(&mut a, 1, 77, Some((Codec::Lz4, 5000, &data)));
+        let b = frame_response(
+            1,
+            77,
+            &Response::GetReply {
+                chunk: Some((Codec::Lz4, 5000, data.clone())),
+            },
+        );
+        assert_eq!(a, b);
+        let mut a = Vec::new();
+        frame_get_reply_into(&mut a, 1, 78, None);
+        assert_eq!(
+            a,
+            frame_response(1, 78, &Response::GetReply { chunk: None })
+        );
+        let c = PutChunk {
+            id: ChunkId([3; 33]),
+            codec: Codec::Raw,
+            raw_len: 4,
+            data: vec![1, 2, 3, 4],
+        };
+        let mut a = Vec::new();
+        frame_put_into(&mut a, 1, 79, &[&c, &c]);
+        assert_eq!(
+            a,
+            frame_request(
+                1,
+                79,
+                &Request::Put {
+                    chunks: vec![c.clone(), c]
+                }
+            )
+        );
+    }
 
     const KEY: DedupeKey = DedupeKey([9u8; 32]);
 
