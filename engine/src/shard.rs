@@ -2021,31 +2021,31 @@ mod deferred_get_tests {
 mod damage_tests {
     use super::*;
     use crate::format::Superblock;
+    use crate::sim::SharedDevice;
     use hivefs_nvme::{SimDevice, SimFaults};
     use std::sync::{Arc, Mutex};
 
-    /// A SimDevice the test keeps a handle to while a shard uses it.
-    #[derive(Clone)]
-    struct Shared(Arc<Mutex<SimDevice>>);
-    impl BlockDevice for Shared {
-        fn describe(&self) -> String {
-            "shared sim".into()
-        }
-        fn capacity_bytes(&self) -> u64 {
-            self.0.lock().unwrap().capacity_bytes()
-        }
-        fn submit(&mut self, reqs: &mut Vec<IoRequest>) -> Result<(), IoError> {
-            self.0.lock().unwrap().submit(reqs)
-        }
-        fn poll(&mut self, out: &mut Vec<IoCompletion>, wait: bool) -> usize {
-            self.0.lock().unwrap().poll(out, wait)
-        }
-        fn in_flight(&self) -> usize {
-            self.0.lock().unwrap().in_flight()
-        }
+    const KEY: DedupeKey = DedupeKey([8; 32]);
+
+    /// A formatted one-shard SimDevice (4 MiB segments) the test keeps a handle to.
+    fn formatted(seed: u64) -> (SharedDevice, ShardLayout) {
+        let faults = SimFaults {
+            read_error_per_million: 0,
+            write_error_per_million: 0,
+            bit_flip_per_million: 0,
+            torn_writes: false,
+        };
+        let dev = SharedDevice(Arc::new(Mutex::new(SimDevice::new(64 << 20, seed, faults))));
+        let layout = Superblock::plan(64 << 20, 1, 4 << 20, 16, KEY.0)
+            .unwrap()
+            .shard_layout(0);
+        ShardCore::format(&mut dev.clone(), &layout).unwrap();
+        (dev, layout)
     }
 
-    const KEY: DedupeKey = DedupeKey([8; 32]);
+    fn reopen(dev: &SharedDevice, layout: ShardLayout) -> ShardCore {
+        ShardCore::open(Box::new(dev.clone()), layout, KEY, ShardConfig::default()).unwrap()
+    }
 
     fn put_all(s: &mut ShardCore, from: u32, n: u32) -> Vec<ChunkId> {
         let mut ids = Vec::new();
@@ -2072,18 +2072,8 @@ mod damage_tests {
 
     #[test]
     fn damage_in_the_middle_of_the_open_segment_is_never_overwritten() {
-        let faults = SimFaults {
-            read_error_per_million: 0,
-            write_error_per_million: 0,
-            bit_flip_per_million: 0,
-            torn_writes: false,
-        };
-        let dev = Shared(Arc::new(Mutex::new(SimDevice::new(64 << 20, 9, faults))));
-        let sb = Superblock::plan(64 << 20, 1, 4 << 20, 16, KEY.0).unwrap();
-        let layout = sb.shard_layout(0);
-        ShardCore::format(&mut dev.clone(), &layout).unwrap();
-        let open =
-            || ShardCore::open(Box::new(dev.clone()), layout, KEY, ShardConfig::default()).unwrap();
+        let (dev, layout) = formatted(9);
+        let open = || reopen(&dev, layout);
         let mut s = open();
         let ids = put_all(&mut s, 0, 40);
         let victim = s.index().get(&ids[5]).unwrap().loc;
@@ -2120,18 +2110,8 @@ mod damage_tests {
 
     #[test]
     fn a_clean_restart_resumes_the_open_segment() {
-        let faults = SimFaults {
-            read_error_per_million: 0,
-            write_error_per_million: 0,
-            bit_flip_per_million: 0,
-            torn_writes: false,
-        };
-        let dev = Shared(Arc::new(Mutex::new(SimDevice::new(64 << 20, 10, faults))));
-        let sb = Superblock::plan(64 << 20, 1, 4 << 20, 16, KEY.0).unwrap();
-        let layout = sb.shard_layout(0);
-        ShardCore::format(&mut dev.clone(), &layout).unwrap();
-        let open =
-            || ShardCore::open(Box::new(dev.clone()), layout, KEY, ShardConfig::default()).unwrap();
+        let (dev, layout) = formatted(10);
+        let open = || reopen(&dev, layout);
         let mut s = open();
         let a = put_all(&mut s, 0, 10);
         let seg = s.index().get(&a[0]).unwrap().loc.segment;

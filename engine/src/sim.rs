@@ -25,24 +25,23 @@ use crate::shard::{
     Completion, PutChunk, PutOutcome, ShardConfig, ShardCore, ShardError, StoredChunk,
 };
 use hivefs_net::chunk::{self, ChunkId, Codec, DedupeKey};
+use hivefs_nvme::rng::SplitMix64;
 use hivefs_nvme::{BlockDevice, IoCompletion, IoError, IoRequest, SimDevice, SimFaults};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-/// SplitMix64: small, fast, and the same everywhere.
+/// The simulator's draws: the workspace generator (`hivefs_nvme::rng::SplitMix64`) with
+/// the simulator's own reductions. `below` stays a modulo so that recorded failing seeds
+/// keep reproducing the same runs.
 #[derive(Clone)]
-pub struct Rng(u64);
+pub struct Rng(SplitMix64);
 
 impl Rng {
     pub fn new(seed: u64) -> Rng {
-        Rng(seed)
+        Rng(SplitMix64::new(seed))
     }
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
     pub fn below(&mut self, n: u64) -> u64 {
         self.next_u64() % n.max(1)
@@ -109,9 +108,10 @@ pub struct SimFailure {
     pub message: String,
 }
 
-/// A SimDevice shared between the shard (as its device) and the simulator (to crash it).
+/// A SimDevice shared between the shard (as its device) and the simulator or a test (to
+/// crash it, corrupt it, or read what is durable).
 #[derive(Clone)]
-struct SharedDevice(Arc<Mutex<SimDevice>>);
+pub(crate) struct SharedDevice(pub(crate) Arc<Mutex<SimDevice>>);
 
 impl BlockDevice for SharedDevice {
     fn describe(&self) -> String {

@@ -770,51 +770,8 @@ fn drive_handshake(conn: &mut FramedConn<TcpStream>, timeout: Duration) -> Resul
     Ok(())
 }
 
-/// A small deterministic PRNG (SplitMix64), for reproducible test data and timings.
-#[derive(Clone, Debug)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (n > 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        assert!(n > 0);
-        ((self.next_u64() as u128 * n as u128) >> 64) as u64
-    }
-
-    /// Uniform in `lo..=hi`.
-    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
-
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        let mut it = buf.chunks_exact_mut(8);
-        for c in &mut it {
-            c.copy_from_slice(&self.next_u64().to_le_bytes());
-        }
-        let rest = it.into_remainder();
-        let last = self.next_u64().to_le_bytes();
-        let n = rest.len();
-        rest.copy_from_slice(&last[..n]);
-    }
-
-    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
-        let mut v = vec![0u8; n];
-        self.fill(&mut v);
-        v
-    }
-}
+/// The workspace's seeded PRNG, for reproducible test data and timings.
+pub use hivefs_nvme::rng::SplitMix64 as Rng;
 
 /// `HIVE_*`-style numeric setting from the environment, or `default`.
 pub fn env_u64(name: &str, default: u64) -> u64 {

@@ -30,7 +30,7 @@
 pub mod buf;
 mod os;
 pub mod portable;
-mod rng;
+pub mod rng;
 pub mod sim;
 #[cfg(test)]
 mod testkit;

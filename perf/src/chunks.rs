@@ -361,7 +361,9 @@ pub fn put_hive(
 /// `n` ids picked uniformly (with replacement) from `ids`.
 pub fn random_picks(ids: &[ChunkId], n: usize, seed: u64) -> Vec<ChunkId> {
     let mut rng = Rng::new(seed);
-    (0..n).map(|_| ids[rng.below(ids.len())]).collect()
+    (0..n)
+        .map(|_| ids[rng.below(ids.len() as u64) as usize])
+        .collect()
 }
 
 /// Timed random gets through the client library: `get_stored` (the node's work; the

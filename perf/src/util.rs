@@ -264,36 +264,8 @@ pub fn fmt_size(b: u64) -> String {
     }
 }
 
-/// wyrand: fast, good enough for benchmark payloads (not for anything secret).
-#[derive(Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed ^ 0x9e37_79b9_7f4a_7c15)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0xa076_1d64_78bd_642f);
-        let t = (self.0 as u128).wrapping_mul((self.0 ^ 0xe703_7ed1_a0b4_28db) as u128);
-        ((t >> 64) as u64) ^ (t as u64)
-    }
-
-    pub fn below(&mut self, n: usize) -> usize {
-        ((self.next_u64() as u128 * n as u128) >> 64) as usize
-    }
-
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        let mut it = buf.chunks_exact_mut(8);
-        for c in &mut it {
-            c.copy_from_slice(&self.next_u64().to_le_bytes());
-        }
-        let rem = it.into_remainder();
-        let v = self.next_u64().to_le_bytes();
-        let n = rem.len();
-        rem.copy_from_slice(&v[..n]);
-    }
-}
+/// The workspace's seeded PRNG (benchmark payloads, random get order).
+pub use hivefs_nvme::rng::SplitMix64 as Rng;
 
 /// A seed from the kernel, so that payloads differ between processes and runs.
 pub fn os_seed() -> u64 {
@@ -330,14 +302,5 @@ mod tests {
         assert_eq!(parse_size("1G").unwrap(), 1 << 30);
         assert_eq!(parse_size("64K").unwrap(), 65536);
         assert_eq!(parse_count("4M").unwrap(), 4_000_000);
-    }
-
-    #[test]
-    fn rng_fills_everything() {
-        let mut r = Rng::new(1);
-        let mut b = vec![0u8; 37];
-        r.fill(&mut b);
-        assert!(b.iter().filter(|&&x| x == 0).count() < 5);
-        assert!(r.below(10) < 10);
     }
 }
