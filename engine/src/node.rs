@@ -559,8 +559,13 @@ impl ShardLoop {
             return;
         }
         let peer = c.peer;
-        if f.opcode == Opcode::Put as u16 && c.version.is_some() {
-            self.put_in_place(t, f);
+        // Puts (the bulk of the bytes) are decoded in place, never copied into a Request.
+        if f.opcode == Opcode::Put as u16 {
+            if c.version.is_none() {
+                self.refuse_unauthenticated(t, peer, req_id);
+            } else {
+                self.put_in_place(t, peer, f);
+            }
             return;
         }
         let request = match Request::decode(f.opcode, &f.body) {
@@ -614,15 +619,7 @@ impl ShardLoop {
                 };
                 self.reply(t, req_id, &resp);
             }
-            _ if !authed => {
-                tracing::warn!(shard, %peer, req = req_id, "request before Hello");
-                self.fail_conn(
-                    t,
-                    req_id,
-                    ErrorCode::Unauthenticated,
-                    "the first frame must be Hello with a token",
-                );
-            }
+            _ if !authed => self.refuse_unauthenticated(t, peer, req_id),
             Request::Has { ids } => {
                 if let Some(bad) = self.wrong_shard(&ids) {
                     self.reply(t, req_id, &bad);
@@ -639,28 +636,7 @@ impl ShardLoop {
                     },
                 );
             }
-            Request::Put { chunks } => {
-                let ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
-                if let Some(bad) = self.wrong_shard(&ids) {
-                    self.reply(t, req_id, &bad);
-                    return;
-                }
-                let ticket = self.ticket(Pending::Put {
-                    conn: t,
-                    req: req_id,
-                    n: chunks.len(),
-                });
-                let chunks = chunks
-                    .into_iter()
-                    .map(|c| crate::shard::PutChunk {
-                        id: c.id,
-                        codec: c.codec,
-                        raw_len: c.raw_len,
-                        data: c.data.into(),
-                    })
-                    .collect();
-                self.s.core.put(ticket, chunks);
-            }
+            Request::Put { .. } => unreachable!("puts are routed to put_in_place above"),
             Request::Get { id } => {
                 if let Some(bad) = self.wrong_shard(&[id]) {
                     self.reply(t, req_id, &bad);
@@ -691,15 +667,24 @@ impl ShardLoop {
         }
     }
 
+    fn refuse_unauthenticated(&mut self, t: usize, peer: SocketAddr, req_id: u64) {
+        tracing::warn!(shard = self.s.shard, %peer, req = req_id, "request before Hello");
+        self.fail_conn(
+            t,
+            req_id,
+            ErrorCode::Unauthenticated,
+            "the first frame must be Hello with a token",
+        );
+    }
+
     /// A put whose chunks stay in the frame body they arrived in (no copy until the
     /// commit batch).
-    fn put_in_place(&mut self, t: usize, f: Frame) {
+    fn put_in_place(&mut self, t: usize, peer: SocketAddr, f: Frame) {
         let req_id = f.request_id;
         let at = match decode_put_in_place(&f.body) {
             Ok(at) => at,
             Err(e) => {
-                let peer = self.conns.get(&t).map(|c| c.peer);
-                tracing::warn!(shard = self.s.shard, peer = ?peer, req = req_id, "bad request, closing the connection: {e}");
+                tracing::warn!(shard = self.s.shard, %peer, req = req_id, "bad request, closing the connection: {e}");
                 self.fail_conn(t, req_id, e.code(), &e.to_string());
                 return;
             }

@@ -109,6 +109,15 @@ fn cases(token: &str, rng: &mut Rng) -> Vec<Case> {
     let mut body = 3u32.to_le_bytes().to_vec();
     body.extend_from_slice(&ChunkId::compute(&DedupeKey([0; 32]), b"x").0);
     short_has.extend_from_slice(&encode_frame(V, 10, 5, &body));
+    // A Put whose one chunk claims more data bytes than the body holds (decoded in place).
+    let mut short_put = good_hello.clone();
+    let mut body = 1u32.to_le_bytes().to_vec();
+    body.extend_from_slice(&ChunkId::compute(&DedupeKey([0; 32]), b"x").0);
+    body.push(Codec::Raw as u8);
+    body.extend_from_slice(&1u32.to_le_bytes()); // raw_len
+    body.extend_from_slice(&1000u32.to_le_bytes()); // data length, but only 1 byte follows
+    body.push(b'x');
+    short_put.extend_from_slice(&encode_frame(V, 12, 5, &body));
     let truncated = good_hello[..HEADER_BYTES + 8].to_vec();
     let mut second_hello = good_hello.clone();
     second_hello.extend_from_slice(&frame_request(
@@ -212,6 +221,33 @@ fn cases(token: &str, rng: &mut Rng) -> Vec<Case> {
             ok_replies: 0,
             expect: Some((ErrorCode::Unauthenticated, 5)),
             log: Some("request before Hello"),
+        },
+        Case {
+            name: "put before Hello (no token)",
+            bytes: frame_request(
+                V,
+                5,
+                &Request::Put {
+                    chunks: vec![PutChunk {
+                        id: ChunkId::compute(&DedupeKey([0; 32]), b"x"),
+                        codec: Codec::Raw,
+                        raw_len: 1,
+                        data: b"x".to_vec(),
+                    }],
+                },
+            ),
+            ending: Ending::Open,
+            ok_replies: 0,
+            expect: Some((ErrorCode::Unauthenticated, 5)),
+            log: Some("request before Hello"),
+        },
+        Case {
+            name: "Put body shorter than its chunk",
+            bytes: short_put,
+            ending: Ending::Open,
+            ok_replies: 1,
+            expect: Some((ErrorCode::BadRequest, 5)),
+            log: Some("bad request, closing the connection: message truncated"),
         },
         Case {
             name: "Hello with a bad token",
