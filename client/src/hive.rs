@@ -366,92 +366,95 @@ impl HiveClient {
         results.into_iter().collect()
     }
 
-    /// Which ids the hive holds (verified). Returns `(present, claim_epoch)`.
-    pub fn has(&mut self, ids: &[ChunkId]) -> Result<(Vec<bool>, u64), ClientError> {
-        let groups = split_by_shard(&self.map, ids.iter().copied().enumerate(), |id| *id);
+    /// Send `items` to the shards that own them, cut into requests by `batches`, pipelined
+    /// per shard and all shards in parallel. `answer` turns the reply to a batch into one
+    /// answer per item of the batch and the claim epoch, or hands back a reply of the wrong
+    /// kind; a count that does not match the batch is a protocol error. Returns the answers in the order of `items` and the highest claim epoch.
+    fn scatter<'a, T: Sync, A: Send + Clone>(
+        &mut self,
+        items: &'a [T],
+        id_of: impl Fn(&T) -> ChunkId,
+        batches: impl Fn(&[(usize, &'a T)]) -> Vec<Vec<(usize, &'a T)>> + Sync,
+        request: impl Fn(&[(usize, &'a T)]) -> Outgoing<'a> + Sync,
+        answer: impl Fn(Response) -> Result<(Vec<A>, u64), Response> + Sync,
+        unanswered: A,
+    ) -> Result<(Vec<A>, u64), ClientError> {
+        let groups = split_by_shard(&self.map, items.iter().enumerate(), |t| id_of(t));
         let answers = self.per_shard(groups, |sc, group| {
-            let reqs: Vec<Outgoing> = group
-                .chunks(HAS_BATCH_IDS.min(MAX_BATCH_IDS))
-                .map(|g| {
-                    Outgoing::Request(Request::Has {
-                        ids: g.iter().map(|(_, id)| *id).collect(),
-                    })
-                })
-                .collect();
+            let batches = batches(&group);
+            let reqs = batches.iter().map(|b| request(b)).collect();
             let mut out = Vec::with_capacity(group.len());
             let mut epoch = 0;
-            let batches: Vec<&[(usize, ChunkId)]> =
-                group.chunks(HAS_BATCH_IDS.min(MAX_BATCH_IDS)).collect();
             let shard = sc.shard;
-            sc.pipeline(reqs, |i, r| match r {
-                Response::HasReply {
-                    claim_epoch,
-                    present,
-                } if present.len() == batches[i].len() => {
-                    epoch = claim_epoch;
-                    out.extend(
-                        batches[i]
-                            .iter()
-                            .zip(present)
-                            .map(|((idx, _), p)| (*idx, p)),
-                    );
+            sc.pipeline(reqs, |i, r| match answer(r) {
+                Ok((values, e)) if values.len() == batches[i].len() => {
+                    epoch = epoch.max(e);
+                    out.extend(batches[i].iter().map(|(idx, _)| *idx).zip(values));
                     Ok(())
                 }
-                other => Err(sc_err(shard, other)),
+                Ok(_) => Err(ClientError::Protocol {
+                    shard,
+                    detail: "reply does not match its request's batch".into(),
+                }),
+                Err(other) => Err(sc_err(shard, other)),
             })?;
             Ok((out, epoch))
         })?;
-        let mut present = vec![false; ids.len()];
+        let mut results = vec![unanswered; items.len()];
         let mut epoch = 0;
         for (group, e) in answers {
             epoch = epoch.max(e);
-            for (i, p) in group {
-                present[i] = p;
+            for (i, a) in group {
+                results[i] = a;
             }
         }
-        Ok((present, epoch))
+        Ok((results, epoch))
+    }
+
+    /// Which ids the hive holds (verified). Returns `(present, claim_epoch)`.
+    pub fn has(&mut self, ids: &[ChunkId]) -> Result<(Vec<bool>, u64), ClientError> {
+        self.scatter(
+            ids,
+            |id| *id,
+            |group| {
+                group
+                    .chunks(HAS_BATCH_IDS.min(MAX_BATCH_IDS))
+                    .map(<[_]>::to_vec)
+                    .collect()
+            },
+            |b| {
+                Outgoing::Request(Request::Has {
+                    ids: b.iter().map(|(_, id)| **id).collect(),
+                })
+            },
+            |r| match r {
+                Response::HasReply {
+                    claim_epoch,
+                    present,
+                } => Ok((present, claim_epoch)),
+                other => Err(other),
+            },
+            false,
+        )
     }
 
     /// Store chunks (each to its owning shard), batched and pipelined. Returns one result
     /// per chunk and the claim epoch.
     pub fn put(&mut self, chunks: &[PutChunk]) -> Result<(Vec<PutResult>, u64), ClientError> {
-        let groups = split_by_shard(&self.map, chunks.iter().enumerate(), |c| c.id);
-        let answers = self.per_shard(groups, |sc, group| {
-            let batches = batch_puts(&group);
-            let reqs: Vec<Outgoing> = batches
-                .iter()
-                .map(|b| Outgoing::Put(b.iter().map(|(_, c)| *c).collect()))
-                .collect();
-            let mut out = Vec::with_capacity(group.len());
-            let mut epoch = 0;
-            let shard = sc.shard;
-            sc.pipeline(reqs, |i, r| match r {
+        self.scatter(
+            chunks,
+            |c| c.id,
+            batch_puts,
+            |b| Outgoing::Put(b.iter().map(|(_, c)| *c).collect()),
+            |r| match r {
                 Response::PutReply {
                     claim_epoch,
                     results,
-                } if results.len() == batches[i].len() => {
-                    epoch = claim_epoch;
-                    out.extend(
-                        batches[i]
-                            .iter()
-                            .zip(results)
-                            .map(|((idx, _), res)| (*idx, res)),
-                    );
-                    Ok(())
-                }
-                other => Err(sc_err(shard, other)),
-            })?;
-            Ok((out, epoch))
-        })?;
-        let mut results = vec![PutResult::Rejected; chunks.len()];
-        let mut epoch = 0;
-        for (group, e) in answers {
-            epoch = epoch.max(e);
-            for (i, r) in group {
-                results[i] = r;
-            }
-        }
-        Ok((results, epoch))
+                } => Ok((results, claim_epoch)),
+                other => Err(other),
+            },
+            PutResult::Rejected,
+        )
     }
 
     /// Has-then-put: ask which chunks the hive lacks and upload only those. A chunk the
@@ -515,30 +518,18 @@ impl HiveClient {
     /// Fetch chunks as stored (codec, raw length, bytes), unverified: for benchmarks that
     /// measure the node, and for callers that verify later.
     pub fn get_stored(&mut self, ids: &[ChunkId]) -> Result<Vec<Option<StoredReply>>, ClientError> {
-        let groups = split_by_shard(&self.map, ids.iter().copied().enumerate(), |id| *id);
-        let answers = self.per_shard(groups, |sc, group| {
-            let reqs: Vec<Outgoing> = group
-                .iter()
-                .map(|(_, id)| Outgoing::Request(Request::Get { id: *id }))
-                .collect();
-            let mut out = Vec::with_capacity(group.len());
-            let shard = sc.shard;
-            sc.pipeline(reqs, |i, r| match r {
-                Response::GetReply { chunk } => {
-                    out.push((group[i].0, chunk));
-                    Ok(())
-                }
-                other => Err(sc_err(shard, other)),
-            })?;
-            Ok(out)
-        })?;
-        let mut res: Vec<Option<StoredReply>> = vec![None; ids.len()];
-        for group in answers {
-            for (i, c) in group {
-                res[i] = c;
-            }
-        }
-        Ok(res)
+        let (chunks, _) = self.scatter(
+            ids,
+            |id| *id,
+            |group| group.iter().map(|g| vec![*g]).collect(),
+            |b| Outgoing::Request(Request::Get { id: *b[0].1 }),
+            |r| match r {
+                Response::GetReply { chunk } => Ok((vec![chunk], 0)),
+                other => Err(other),
+            },
+            None,
+        )?;
+        Ok(chunks)
     }
 
     /// Every shard's statistics (JSON objects as the node reports them).
