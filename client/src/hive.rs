@@ -207,14 +207,18 @@ impl ShardConn {
         Ok(id)
     }
 
-    fn recv(&mut self, expect_id: u64) -> Result<Response, ClientError> {
-        let (id, resp) = self
-            .conn
+    /// The next reply and the request id it answers.
+    fn recv_any(&mut self) -> Result<(u64, Response), ClientError> {
+        self.conn
             .recv_response()
             .map_err(|source| ClientError::Conn {
                 shard: self.shard,
                 source,
-            })?;
+            })
+    }
+
+    fn recv(&mut self, expect_id: u64) -> Result<Response, ClientError> {
+        let (id, resp) = self.recv_any()?;
         if id != expect_id {
             return Err(ClientError::Protocol {
                 shard: self.shard,
@@ -265,13 +269,7 @@ impl ShardConn {
             if in_flight.is_empty() {
                 return Ok(());
             }
-            let (id, resp) = self
-                .conn
-                .recv_response()
-                .map_err(|source| ClientError::Conn {
-                    shard: self.shard,
-                    source,
-                })?;
+            let (id, resp) = self.recv_any()?;
             let Some(i) = in_flight.remove(&id) else {
                 return Err(ClientError::Protocol {
                     shard: self.shard,

@@ -257,6 +257,20 @@ struct Batch {
 }
 
 impl Batch {
+    fn empty(no: u64, buf: AlignedBuf) -> Batch {
+        Batch {
+            no,
+            buf: Some(buf),
+            segment: 0,
+            start_off: 0,
+            len: 0,
+            records: Vec::new(),
+            waiters: Vec::new(),
+            delete_waiters: Vec::new(),
+            deferred_gets: Vec::new(),
+        }
+    }
+
     fn buf_mut(&mut self) -> &mut AlignedBuf {
         self.buf.as_mut().expect("a building batch owns its buffer")
     }
@@ -428,17 +442,7 @@ impl ShardCore {
         // 2. Reserve a generation range durably before any segment of it can be written.
         let first_gen = control.next_generation;
         let mut shard = ShardCore {
-            building: Batch {
-                no: 1,
-                buf: Some(AlignedBuf::new(batch_buf_bytes(&cfg))),
-                segment: 0,
-                start_off: 0,
-                len: 0,
-                records: Vec::new(),
-                waiters: Vec::new(),
-                delete_waiters: Vec::new(),
-                deferred_gets: Vec::new(),
-            },
+            building: Batch::empty(1, AlignedBuf::new(batch_buf_bytes(&cfg))),
             spare: Some(AlignedBuf::new(batch_buf_bytes(&cfg))),
             read_pool: Vec::new(),
             dev,
@@ -1612,20 +1616,7 @@ impl ShardCore {
         let Some(spare) = self.spare.take() else {
             return;
         };
-        let mut b = std::mem::replace(
-            &mut self.building,
-            Batch {
-                no: self.next_batch_no,
-                buf: Some(spare),
-                segment: 0,
-                start_off: 0,
-                len: 0,
-                records: Vec::new(),
-                waiters: Vec::new(),
-                delete_waiters: Vec::new(),
-                deferred_gets: Vec::new(),
-            },
-        );
+        let mut b = std::mem::replace(&mut self.building, Batch::empty(self.next_batch_no, spare));
         self.next_batch_no += 1;
         let write_len = b.len.next_multiple_of(BLOCK_SIZE);
         let filled = b.len;

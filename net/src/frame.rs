@@ -160,16 +160,10 @@ pub fn encode_frame_into(
     request_id: u64,
     body: &[u8],
 ) {
-    let header = FrameHeader {
-        version,
-        opcode,
-        request_id,
-        body_len: u32::try_from(body.len()).unwrap_or(u32::MAX),
-        body_crc32c: crc32c::crc32c(body),
-    };
     out.reserve(HEADER_BYTES + body.len());
-    out.extend_from_slice(&header.to_bytes());
-    out.extend_from_slice(body);
+    encode_frame_with(out, version, opcode, request_id, |o| {
+        o.extend_from_slice(body)
+    });
 }
 
 /// Append one frame whose body `write_body` appends to `out` directly: the body is built
