@@ -27,6 +27,10 @@ pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
 pub const DEFAULT_DEVICE_BYTES: u64 = 16 << 30;
 /// Requests a connection may have in flight (flow-control credits).
 pub const DEFAULT_CREDITS: u32 = 64;
+/// Bounds on `credits` and `commit_max_bytes` in hive.toml.
+pub const MAX_CREDITS: u32 = 1024;
+pub const MIN_COMMIT_BYTES: usize = 64 << 10;
+pub const MAX_COMMIT_BYTES: usize = 64 << 20;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct NodeConfig {
@@ -60,6 +64,21 @@ impl NodeConfig {
                 "{}: shards must be 1..={}",
                 p.display(),
                 crate::format::MAX_SHARDS
+            );
+        }
+        // Both size buffers every shard allocates at start: refuse values that would not fit.
+        if !(MIN_COMMIT_BYTES..=MAX_COMMIT_BYTES).contains(&cfg.commit_max_bytes) {
+            bail!(
+                "{}: commit_max_bytes must be {MIN_COMMIT_BYTES}..={MAX_COMMIT_BYTES}, not {}",
+                p.display(),
+                cfg.commit_max_bytes
+            );
+        }
+        if !(1..=MAX_CREDITS).contains(&cfg.credits) {
+            bail!(
+                "{}: credits must be 1..={MAX_CREDITS}, not {}",
+                p.display(),
+                cfg.credits
             );
         }
         Ok(cfg)
@@ -262,6 +281,50 @@ pub fn ca_fingerprint(dir: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_bounds_are_checked() {
+        let dir = std::env::temp_dir().join(format!("hive-cfg-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = NodeConfig {
+            node_id: "n".into(),
+            device: dir.join("dev"),
+            listen: "127.0.0.1".into(),
+            base_port: 1,
+            shards: 1,
+            bucket_count: 16,
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
+            commit_max_bytes: 4 << 20,
+            credits: DEFAULT_CREDITS,
+            pin_cores: false,
+            sqpoll: false,
+            iopoll: false,
+            admin_token_sha256: String::new(),
+            dedupe_key: String::new(),
+        };
+        let write = |c: &NodeConfig| {
+            std::fs::write(dir.join(CONFIG_FILE), toml::to_string(c).unwrap()).unwrap()
+        };
+        write(&good);
+        assert!(NodeConfig::load(&dir).is_ok());
+        write(&NodeConfig {
+            commit_max_bytes: 1 << 40,
+            ..good.clone()
+        });
+        assert!(NodeConfig::load(&dir)
+            .unwrap_err()
+            .to_string()
+            .contains("commit_max_bytes"));
+        write(&NodeConfig {
+            credits: 0,
+            ..good.clone()
+        });
+        assert!(NodeConfig::load(&dir)
+            .unwrap_err()
+            .to_string()
+            .contains("credits"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn sizes() {

@@ -899,11 +899,14 @@ impl ShardCore {
     pub fn has(&mut self, ids: &[ChunkId], out: &mut Vec<bool>) -> u64 {
         out.clear();
         for id in ids {
-            let hit = matches!(self.index.get(id), Some(e) if e.state == EntryState::Verified);
-            if hit {
-                self.stats.has_hits += 1;
-                self.stats.offered_bytes += self.index.get(id).map_or(0, |e| e.loc.raw_len as u64);
-            }
+            let hit = match self.index.get(id) {
+                Some(e) if e.state == EntryState::Verified => {
+                    self.stats.has_hits += 1;
+                    self.stats.offered_bytes += e.loc.raw_len as u64;
+                    true
+                }
+                _ => false,
+            };
             out.push(hit);
         }
         self.stats.has_ids += ids.len() as u64;
