@@ -186,7 +186,8 @@ impl ShardConn {
                 );
             }
             Outgoing::Put(chunks) => {
-                hivefs_net::proto::frame_put_into(&mut self.frame, self.version, id, chunks)
+                let check = self.conn.body_check();
+                hivefs_net::proto::frame_put_into(&mut self.frame, check, self.version, id, chunks)
             }
         }
         if self.frame.len() > MAX_BODY_BYTES + hivefs_net::frame::HEADER_BYTES {

@@ -29,13 +29,13 @@ use hivefs_net::chunk::ChunkId;
 use hivefs_net::conn::{FramedConn, ReadStatus};
 use hivefs_net::frame::{Frame, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
 use hivefs_net::proto::{
-    decode_put_in_place, frame_get_reply_into, frame_response, ClusterMap, ErrorCode, Opcode,
+    decode_put_in_place, frame_response, get_reply_head_into, ClusterMap, ErrorCode, Opcode,
     PutResult, Request, Response,
 };
 use hivefs_nvme::{open_device, run_sync, AlignedBuf, IoOp, IoRequest, BLOCK_SIZE};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -54,6 +54,11 @@ const QUEUE_HIGH_WATER: usize = 8192;
 const PARK: Duration = Duration::from_millis(200);
 /// How long a shard with I/O in flight sleeps at most before looking at its device anyway.
 const IO_RECHECK: Duration = Duration::from_millis(5);
+/// Reply bytes a loop turn produces before it goes back to the sockets. Encrypting and
+/// sending a reply costs far more than submitting a read, so a turn that answered every
+/// completed get at once would leave the device idle while it worked: new requests wait
+/// unread until the whole burst is out, and the queue depth collapses into bursts.
+const REPLY_QUANTUM_BYTES: usize = 256 * 1024;
 
 /// Per-run settings of `hive run`.
 #[derive(Clone, Copy, Debug, Default)]
@@ -303,6 +308,8 @@ struct ShardLoop {
     next_ticket: u64,
     frames: Vec<Frame>,
     completions: Vec<Completion>,
+    /// Completions not yet answered (a turn answers at most [`REPLY_QUANTUM_BYTES`]).
+    backlog: VecDeque<Completion>,
     dirty: HashSet<usize>,
 }
 
@@ -336,6 +343,7 @@ impl ShardLoop {
             next_ticket: 1,
             frames: Vec::new(),
             completions: Vec::new(),
+            backlog: VecDeque::new(),
             dirty: HashSet::new(),
         }
     }
@@ -351,12 +359,12 @@ impl ShardLoop {
         );
         loop {
             let stopping = self.s.stop.load(Ordering::SeqCst);
-            if stopping && !self.s.core.busy() {
+            if stopping && !self.s.core.busy() && self.backlog.is_empty() {
                 break;
             }
             // With a completion descriptor the loop sleeps in one place, woken by sockets or
             // by I/O completions; without one it must not sleep while I/O is in flight.
-            let more = self.conns.values().any(|c| c.maybe_more);
+            let more = !self.backlog.is_empty() || self.conns.values().any(|c| c.maybe_more);
             let busy = if self.io_fd {
                 more || self.s.core.ready_now()
             } else {
@@ -398,11 +406,18 @@ impl ShardLoop {
                 self.service(t);
             }
             // Drive the core; block on the device only if nothing else is ready.
-            let wait =
-                !self.io_fd && events.is_empty() && !self.conns.values().any(|c| c.maybe_more);
+            let wait = !self.io_fd
+                && events.is_empty()
+                && self.backlog.is_empty()
+                && !self.conns.values().any(|c| c.maybe_more);
             self.s.core.poll(&mut self.completions, wait);
-            let done = std::mem::take(&mut self.completions);
-            for c in done {
+            self.backlog.extend(self.completions.drain(..));
+            let mut budget = REPLY_QUANTUM_BYTES;
+            while budget > 0 {
+                let Some(c) = self.backlog.pop_front() else {
+                    break;
+                };
+                budget = budget.saturating_sub(reply_cost(&c));
                 self.complete(c);
             }
             // Stalled connections are read again once they have room.
@@ -773,21 +788,19 @@ impl ShardLoop {
                     c.in_flight = c.in_flight.saturating_sub(1);
                     let v = c.version.unwrap_or(PROTOCOL_VERSION_MIN);
                     self.scratch.clear();
-                    frame_get_reply_into(
-                        &mut self.scratch,
-                        v,
-                        req,
-                        Some((ch.codec, ch.raw_len, &ch.data)),
-                    );
-                    c.framed.queue_frame(&self.scratch);
+                    let chunk = Some((ch.codec, ch.raw_len, &ch.data[..]));
+                    let check = c.framed.body_check();
+                    get_reply_head_into(&mut self.scratch, check, v, req, chunk);
+                    c.framed.queue_frame_parts(&[&self.scratch, &ch.data]);
                     self.dirty.insert(conn);
                 }
+                self.s.core.recycle_read(ch.data);
                 return;
             }
             Completion::Get { ticket, result } => {
                 let resp = match result {
                     Ok(ch) => Response::GetReply {
-                        chunk: Some((ch.codec, ch.raw_len, ch.data)),
+                        chunk: Some((ch.codec, ch.raw_len, ch.data.to_vec())),
                     },
                     Err(ShardError::NotFound(_)) => Response::GetReply { chunk: None },
                     Err(e) => shard_error(&e),
@@ -847,6 +860,14 @@ impl ShardLoop {
         }
         // Replies for requests still in the core are dropped when they complete.
         self.tickets.retain(|_, p| !matches!(p, Pending::Put { conn, .. } | Pending::Get { conn, .. } if *conn == t));
+    }
+}
+
+/// Roughly what answering `c` costs, in reply bytes (a small reply counts as 4 KiB).
+fn reply_cost(c: &Completion) -> usize {
+    match c {
+        Completion::Get { result: Ok(ch), .. } => ch.data.len().max(4096),
+        _ => 4096,
     }
 }
 

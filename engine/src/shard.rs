@@ -150,11 +150,34 @@ pub enum PutOutcome {
 }
 
 /// A chunk as read back from the log (still compressed).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct StoredChunk {
     pub codec: Codec,
     pub raw_len: u32,
-    pub data: Vec<u8>,
+    pub data: ReadBytes,
+}
+
+/// A chunk's stored bytes as a get returns them: inside the read buffer the device filled
+/// (no copy; hand it back with [`ShardCore::recycle_read`] so the next get reuses it), or a copy
+/// (a chunk served from a commit batch still in memory).
+#[derive(Debug)]
+pub enum ReadBytes {
+    Owned(Vec<u8>),
+    InRead {
+        buf: AlignedBuf,
+        start: usize,
+        len: usize,
+    },
+}
+
+impl std::ops::Deref for ReadBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            ReadBytes::Owned(v) => v,
+            ReadBytes::InRead { buf, start, len } => &buf[*start..*start + *len],
+        }
+    }
 }
 
 /// What the shard reports back for a ticket.
@@ -1075,6 +1098,13 @@ impl ShardCore {
         }
     }
 
+    /// Give back the bytes of a finished get, so its read buffer serves the next one.
+    pub fn recycle_read(&mut self, bytes: ReadBytes) {
+        if let ReadBytes::InRead { buf, .. } = bytes {
+            self.return_read_buf(buf);
+        }
+    }
+
     fn return_read_buf(&mut self, buf: AlignedBuf) {
         if self.read_pool.len() < READ_POOL_MAX {
             self.read_pool.push(buf);
@@ -1237,11 +1267,21 @@ impl ShardCore {
                 skip,
             } => {
                 let result = match (c.result, c.buf) {
-                    (Ok(()), Some(buf)) => {
-                        let r = self.decode_get(&buf[skip..], &id, &loc);
-                        self.return_read_buf(buf);
-                        r
-                    }
+                    (Ok(()), Some(buf)) => match self.check_get(&buf[skip..], &id, &loc) {
+                        Ok((codec, raw_len)) => Ok(StoredChunk {
+                            codec,
+                            raw_len,
+                            data: ReadBytes::InRead {
+                                buf,
+                                start: skip + RECORD_HEADER_BYTES,
+                                len: loc.stored_len as usize,
+                            },
+                        }),
+                        Err(e) => {
+                            self.return_read_buf(buf);
+                            Err(e)
+                        }
+                    },
                     (Err(e), buf) => {
                         if let Some(buf) = buf {
                             self.return_read_buf(buf);
@@ -1260,12 +1300,14 @@ impl ShardCore {
         }
     }
 
-    fn decode_get(
+    /// Check the record a get read: it is this chunk's, and its CRC holds. Returns its
+    /// codec and raw length.
+    fn check_get(
         &self,
         rec: &[u8],
         id: &ChunkId,
         loc: &Location,
-    ) -> Result<StoredChunk, ShardError> {
+    ) -> Result<(Codec, u32), ShardError> {
         let bad = |detail: String| ShardError::CorruptRecord { id: *id, detail };
         let h = RecordHeader::decode(rec).map_err(|e| bad(e.to_string()))?;
         if h.id != *id || h.kind != RecordKind::Chunk || h.stored_len != loc.stored_len {
@@ -1275,12 +1317,7 @@ impl ShardCore {
             )));
         }
         h.check_crc(rec).map_err(|e| bad(e.to_string()))?;
-        let n = RECORD_HEADER_BYTES + h.stored_len as usize;
-        Ok(StoredChunk {
-            codec: h.codec,
-            raw_len: h.raw_len,
-            data: rec[RECORD_HEADER_BYTES..n].to_vec(),
-        })
+        Ok((h.codec, h.raw_len))
     }
 
     /// Move queued work into the building batch while it has room.
@@ -1751,7 +1788,7 @@ fn batch_chunk(buf: &AlignedBuf, start_off: u64, loc: &Location) -> StoredChunk 
     StoredChunk {
         codec: loc.codec,
         raw_len: loc.raw_len,
-        data: buf[at..at + loc.stored_len as usize].to_vec(),
+        data: ReadBytes::Owned(buf[at..at + loc.stored_len as usize].to_vec()),
     }
 }
 
@@ -1993,7 +2030,7 @@ mod deferred_get_tests {
         for c in out {
             match c {
                 Completion::Get { ticket: 2, result } => {
-                    assert_eq!(result.unwrap().data, data);
+                    assert_eq!(&result.unwrap().data[..], &data[..]);
                     got = true;
                 }
                 Completion::Put {

@@ -11,7 +11,8 @@ use hivefs_client::hive::HiveClient;
 use hivefs_harness::{finish_handshake, recv_until, NodeOptions, Rng, TestNode};
 use hivefs_net::chunk::{ChunkId, Codec, DedupeKey};
 use hivefs_net::frame::{
-    encode_frame, HEADER_BYTES, MAGIC, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
+    encode_frame, encode_frame_checked_with, BodyCheck, HEADER_BYTES, MAGIC, PROTOCOL_VERSION_MAX,
+    PROTOCOL_VERSION_MIN,
 };
 use hivefs_net::proto::{frame_request, ErrorCode, PutChunk, PutResult, Request, Response};
 use std::io::{Read, Write};
@@ -56,12 +57,14 @@ fn hello(token: &str, min: u16, max: u16) -> Request {
 
 /// Recompute the header checksum after editing header fields.
 fn fix_header_crc(f: &mut [u8]) {
-    let crc = crc32c(&f[..24]);
+    let mut covered = f[..24].to_vec();
+    covered.extend_from_slice(&f[28..32]);
+    let crc = crc32c(&covered);
     f[24..28].copy_from_slice(&crc.to_le_bytes());
 }
 
 fn crc32c(b: &[u8]) -> u32 {
-    // CRC-32C (Castagnoli), bitwise; only for 24-byte headers.
+    // CRC-32C (Castagnoli), bitwise; only for the 28 covered header bytes.
     let mut crc = !0u32;
     for &x in b {
         crc ^= x as u32;
@@ -76,7 +79,7 @@ fn crc32c(b: &[u8]) -> u32 {
     !crc
 }
 
-fn cases(token: &str, rng: &mut Rng) -> Vec<Case> {
+fn cases(token: &str, rng: &mut Rng, plain: bool) -> Vec<Case> {
     let good_hello = frame_request(
         V,
         1,
@@ -92,8 +95,16 @@ fn cases(token: &str, rng: &mut Rng) -> Vec<Case> {
     let mut version = frame_request(V, 1, &hello(token, 1, 1));
     version[4..6].copy_from_slice(&2u16.to_le_bytes());
     fix_header_crc(&mut version);
-    let mut reserved = frame_request(V, 1, &Request::Stats);
-    reserved[28] = 1;
+    let mut flags = frame_request(V, 1, &Request::Stats);
+    flags[28] = 2; // not a defined flag
+    fix_header_crc(&mut flags);
+    // A body flagged "the transport checks it": fine inside TLS, refused on plain TCP.
+    let mut unchecked = good_hello.clone();
+    let mut f = Vec::new();
+    encode_frame_checked_with(&mut f, BodyCheck::Transport, V, 10, 3, |b| {
+        b.extend_from_slice(&0u32.to_le_bytes())
+    });
+    unchecked.extend_from_slice(&f);
     let mut header_crc = frame_request(V, 1, &Request::Stats);
     header_crc[9] ^= 1; // the request id changes, the checksum is not fixed
     let mut body_crc = good_hello.clone();
@@ -125,7 +136,18 @@ fn cases(token: &str, rng: &mut Rng) -> Vec<Case> {
         2,
         &hello(token, PROTOCOL_VERSION_MIN, PROTOCOL_VERSION_MAX),
     ));
-    vec![
+    let mut list = Vec::new();
+    if plain {
+        list.push(Case {
+            name: "body without checksum on plain TCP",
+            bytes: unchecked,
+            ending: Ending::Open,
+            ok_replies: 0,
+            expect: Some((ErrorCode::BadFrame, 0)),
+            log: Some("transport that does not authenticate it"),
+        });
+    }
+    list.extend([
         Case {
             name: "random garbage",
             bytes: garbage,
@@ -159,12 +181,12 @@ fn cases(token: &str, rng: &mut Rng) -> Vec<Case> {
             log: Some("no common protocol version"),
         },
         Case {
-            name: "reserved header word non-zero",
-            bytes: reserved,
+            name: "unknown header flag",
+            bytes: flags,
             ending: Ending::Open,
             ok_replies: 0,
             expect: Some((ErrorCode::BadFrame, 0)),
-            log: Some("reserved header word is 0x1"),
+            log: Some("unknown frame flags 0x2"),
         },
         Case {
             name: "header checksum wrong",
@@ -281,7 +303,8 @@ fn cases(token: &str, rng: &mut Rng) -> Vec<Case> {
             expect: None,
             log: Some("stream ended inside a frame"),
         },
-    ]
+    ]);
+    list
 }
 
 /// The log line for `peer` containing `needle`, waiting up to 10 s for it to appear.
@@ -332,7 +355,7 @@ fn run_cases(node: &mut TestNode, label: &str) {
     round_trip(&mut good, &mut rng, "connecting");
     let token = node.token();
     let mut seen = Vec::new();
-    for case in cases(&token, &mut rng) {
+    for case in cases(&token, &mut rng, node.is_insecure()) {
         let what = format!("{label}: {}", case.name);
         let mut conn = node.raw_conn(0);
         let peer = conn.get_ref().local_addr().unwrap().to_string();

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, Connection, ServerConfig, ServerConnection};
 
-use crate::frame::{encode_frame_into, Frame, FrameDecoder, FrameError, MAX_BODY_BYTES};
+use crate::frame::{encode_frame_into, BodyCheck, Frame, FrameDecoder, FrameError, MAX_BODY_BYTES};
 use crate::proto::{DecodeError, ErrorCode, Request, Response};
 
 /// How much is read from the stream (or from rustls) in one call.
@@ -104,10 +104,12 @@ impl<S: Read + Write> FramedConn<S> {
             }
             plain => plain,
         };
+        let mut decoder = FrameDecoder::new();
+        decoder.set_authenticated_transport(matches!(security, Security::Tls(_)));
         FramedConn {
             stream,
             security,
-            decoder: FrameDecoder::new(),
+            decoder,
             out: Vec::new(),
             out_pos: 0,
             eof: false,
@@ -162,6 +164,16 @@ impl<S: Read + Write> FramedConn<S> {
         matches!(self.security, Security::Tls(_))
     }
 
+    /// How large bodies sent on this connection are protected: by TLS itself when there is
+    /// TLS (no second pass over the bytes), else by a CRC32C in the frame header.
+    pub fn body_check(&self) -> BodyCheck {
+        if self.is_tls() {
+            BodyCheck::Transport
+        } else {
+            BodyCheck::Crc32c
+        }
+    }
+
     /// True while a TLS handshake is in progress.
     pub fn is_handshaking(&self) -> bool {
         matches!(&self.security, Security::Tls(t) if t.is_handshaking())
@@ -186,6 +198,35 @@ impl<S: Read + Write> FramedConn<S> {
             Security::Tls(tls) => {
                 if let Err(e) = tls.writer().write_all(bytes) {
                     self.deferred.get_or_insert(ConnError::Io(e));
+                }
+            }
+        }
+    }
+
+    /// Queue one frame given in pieces (a header and prefix, then borrowed chunk bytes):
+    /// TLS encrypts straight from the pieces, so a large body is not first gathered into
+    /// one buffer.
+    pub fn queue_frame_parts(&mut self, parts: &[&[u8]]) {
+        match &mut self.security {
+            Security::Plain => {
+                for p in parts {
+                    self.queue_frame(p);
+                }
+            }
+            Security::Tls(tls) => {
+                let slices: Vec<std::io::IoSlice<'_>> =
+                    parts.iter().map(|p| std::io::IoSlice::new(p)).collect();
+                let total: usize = parts.iter().map(|p| p.len()).sum();
+                // With no buffer limit (see `new`) rustls takes every byte.
+                match tls.writer().write_vectored(&slices) {
+                    Ok(n) if n == total => {}
+                    Ok(n) => {
+                        let e = std::io::Error::other(format!("TLS took {n} of {total} bytes"));
+                        self.deferred.get_or_insert(ConnError::Io(e));
+                    }
+                    Err(e) => {
+                        self.deferred.get_or_insert(ConnError::Io(e));
+                    }
                 }
             }
         }
@@ -788,8 +829,7 @@ mod tests {
         let mut server = FramedConn::new_server(b, None).unwrap();
         let mut f = encode_frame(V, Opcode::Put as u16, 1, b"");
         f[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
-        let crc = crc32c::crc32c(&f[..24]);
-        f[24..28].copy_from_slice(&crc.to_le_bytes());
+        crate::frame::reseal_header(&mut f);
         a.write_all(&f).unwrap();
         let err = server.recv_request().unwrap_err();
         assert!(matches!(

@@ -8,15 +8,21 @@
 //! | 6      | 2    | opcode ([`crate::proto::Opcode`])           |
 //! | 8      | 8    | request id (a response echoes its request's)|
 //! | 16     | 4    | body length                                 |
-//! | 20     | 4    | CRC32C of the body                          |
-//! | 24     | 4    | CRC32C of bytes 0..24 of the header         |
-//! | 28     | 4    | reserved, must be 0                         |
+//! | 20     | 4    | CRC32C of the body, or 0 (see flags)        |
+//! | 24     | 4    | CRC32C of bytes 0..24 and 28..32            |
+//! | 28     | 4    | flags                                       |
 //!
-//! The header checksum covers every field before it; the reserved word follows it and is
-//! checked for zero separately.
+//! The header checksum covers every other header byte. One flag is defined,
+//! [`FLAG_BODY_UNCHECKED`]: the body carries no CRC because the transport authenticates
+//! every byte (TLS: an AEAD tag per record, far stronger than CRC32C). A receiver accepts it
+//! only on a connection it knows to be authenticated
+//! ([`FrameDecoder::set_authenticated_transport`]); on plain TCP the flag is a framing error,
+//! so a body is never taken unchecked from a transport that does not check it. Other flag
+//! bits must be 0. Senders use it only for the large bodies (puts and get replies), where
+//! the second pass over the bytes costs measurably.
 //!
 //! [`FrameDecoder`] is incremental (push bytes, pop frames). It validates a header
-//! completely (magic, header checksum, reserved word, version, body length) before it
+//! completely (magic, header checksum, flags, version, body length) before it
 //! reserves any room for the body, checks the body checksum once the body is in, and never
 //! holds more than [`MAX_FRAME_BYTES`] (one maximal frame, header included).
 
@@ -35,8 +41,32 @@ pub const MAX_BODY_BYTES: usize = 16 << 20;
 /// The largest frame, header included: also the most a [`FrameDecoder`] ever buffers.
 pub const MAX_FRAME_BYTES: usize = HEADER_BYTES + MAX_BODY_BYTES;
 
-/// Bytes of the header covered by the header checksum.
-const HEADER_CRC_COVERS: usize = 24;
+/// The header checksum covers bytes `0..24` and the flags word at `28..32`.
+const HEADER_CRC_AT: usize = 24;
+/// Header flag: the body has no CRC; the transport authenticates it (see the module docs).
+pub const FLAG_BODY_UNCHECKED: u32 = 1;
+const KNOWN_FLAGS: u32 = FLAG_BODY_UNCHECKED;
+
+fn header_crc(h: &[u8; HEADER_BYTES]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(&h[..HEADER_CRC_AT]), &h[HEADER_CRC_AT + 4..])
+}
+
+/// Recompute the header checksum of `frame` (at least [`HEADER_BYTES`] long) after its
+/// header fields were edited: for tests and tools that build bad frames on purpose.
+pub fn reseal_header(frame: &mut [u8]) {
+    let mut h = [0u8; HEADER_BYTES];
+    h.copy_from_slice(&frame[..HEADER_BYTES]);
+    frame[24..28].copy_from_slice(&header_crc(&h).to_le_bytes());
+}
+
+/// How a frame's body is protected on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyCheck {
+    /// CRC32C of the body in the header (plain TCP; any transport).
+    Crc32c,
+    /// No body CRC: the transport authenticates every byte (TLS only).
+    Transport,
+}
 
 /// Why a byte stream is not a valid sequence of frames. Every one of these ends the
 /// connection: after it the stream cannot be resynchronised.
@@ -52,8 +82,10 @@ pub enum FrameError {
     UnsupportedVersion(u16),
     #[error("frame body of {0} bytes exceeds the limit of {MAX_BODY_BYTES}")]
     TooLarge(u32),
-    #[error("reserved header word is {0:#x}, must be 0")]
-    ReservedNonZero(u32),
+    #[error("unknown frame flags {0:#x}")]
+    UnknownFlags(u32),
+    #[error("frame body sent without a checksum on a transport that does not authenticate it")]
+    UncheckedBody,
     #[error("stream ended inside a frame ({buffered} bytes of an incomplete frame)")]
     Truncated { buffered: usize },
 }
@@ -63,7 +95,8 @@ impl FrameError {
     pub fn code(&self) -> ErrorCode {
         match self {
             FrameError::BadMagic(_)
-            | FrameError::ReservedNonZero(_)
+            | FrameError::UnknownFlags(_)
+            | FrameError::UncheckedBody
             | FrameError::Truncated { .. } => ErrorCode::BadFrame,
             FrameError::BadHeaderChecksum | FrameError::BadBodyChecksum => ErrorCode::BadChecksum,
             FrameError::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
@@ -80,6 +113,7 @@ pub struct FrameHeader {
     pub request_id: u64,
     pub body_len: u32,
     pub body_crc32c: u32,
+    pub flags: u32,
 }
 
 impl FrameHeader {
@@ -92,14 +126,14 @@ impl FrameHeader {
         h[8..16].copy_from_slice(&self.request_id.to_le_bytes());
         h[16..20].copy_from_slice(&self.body_len.to_le_bytes());
         h[20..24].copy_from_slice(&self.body_crc32c.to_le_bytes());
-        let crc = crc32c::crc32c(&h[..HEADER_CRC_COVERS]);
+        h[28..32].copy_from_slice(&self.flags.to_le_bytes());
+        let crc = header_crc(&h);
         h[24..28].copy_from_slice(&crc.to_le_bytes());
-        // 28..32 reserved, zero.
         h
     }
 
-    /// Parse and validate a header: magic, header checksum, reserved word, version and
-    /// body length, in that order. Touches nothing but the 32 bytes.
+    /// Parse and validate a header: magic, header checksum, flags, version and body
+    /// length, in that order. Touches nothing but the 32 bytes.
     pub fn parse(h: &[u8; HEADER_BYTES]) -> Result<FrameHeader, FrameError> {
         let u16_at = |i: usize| u16::from_le_bytes([h[i], h[i + 1]]);
         let u32_at = |i: usize| u32::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
@@ -107,12 +141,12 @@ impl FrameHeader {
         if magic != MAGIC {
             return Err(FrameError::BadMagic(magic));
         }
-        if crc32c::crc32c(&h[..HEADER_CRC_COVERS]) != u32_at(24) {
+        if header_crc(h) != u32_at(24) {
             return Err(FrameError::BadHeaderChecksum);
         }
-        let reserved = u32_at(28);
-        if reserved != 0 {
-            return Err(FrameError::ReservedNonZero(reserved));
+        let flags = u32_at(28);
+        if flags & !KNOWN_FLAGS != 0 {
+            return Err(FrameError::UnknownFlags(flags));
         }
         let version = u16_at(4);
         if !(PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION_MAX).contains(&version) {
@@ -130,6 +164,7 @@ impl FrameHeader {
             request_id: u64::from_le_bytes(id),
             body_len,
             body_crc32c: u32_at(20),
+            flags,
         })
     }
 }
@@ -175,16 +210,41 @@ pub fn encode_frame_with(
     request_id: u64,
     write_body: impl FnOnce(&mut Vec<u8>),
 ) {
+    encode_frame_checked_with(
+        out,
+        BodyCheck::Crc32c,
+        version,
+        opcode,
+        request_id,
+        write_body,
+    )
+}
+
+/// [`encode_frame_with`], with the body protected as `check` says
+/// ([`BodyCheck::Transport`] only on a TLS connection).
+pub fn encode_frame_checked_with(
+    out: &mut Vec<u8>,
+    check: BodyCheck,
+    version: u16,
+    opcode: u16,
+    request_id: u64,
+    write_body: impl FnOnce(&mut Vec<u8>),
+) {
     let at = out.len();
     out.extend_from_slice(&[0u8; HEADER_BYTES]);
     write_body(out);
     let body = &out[at + HEADER_BYTES..];
+    let (body_crc32c, flags) = match check {
+        BodyCheck::Crc32c => (crc32c::crc32c(body), 0),
+        BodyCheck::Transport => (0, FLAG_BODY_UNCHECKED),
+    };
     let header = FrameHeader {
         version,
         opcode,
         request_id,
         body_len: u32::try_from(body.len()).unwrap_or(u32::MAX),
-        body_crc32c: crc32c::crc32c(body),
+        body_crc32c,
+        flags,
     };
     out[at..at + HEADER_BYTES].copy_from_slice(&header.to_bytes());
 }
@@ -211,11 +271,19 @@ pub struct FrameDecoder {
     /// The first frame's header, once validated.
     pending: Option<FrameHeader>,
     failed: Option<FrameError>,
+    /// The transport authenticates every byte: bodies flagged unchecked are accepted.
+    authenticated: bool,
 }
 
 impl FrameDecoder {
     pub fn new() -> FrameDecoder {
         FrameDecoder::default()
+    }
+
+    /// Declare the transport authenticated (TLS): frames flagged
+    /// [`FLAG_BODY_UNCHECKED`] are accepted without a body CRC. Never set it for plain TCP.
+    pub fn set_authenticated_transport(&mut self, yes: bool) {
+        self.authenticated = yes;
     }
 
     /// Bytes held and not yet returned as frames.
@@ -304,7 +372,11 @@ impl FrameDecoder {
             return Ok(None);
         }
         let body = &self.buf[self.start + HEADER_BYTES..self.start + total];
-        if crc32c::crc32c(body) != header.body_crc32c {
+        if header.flags & FLAG_BODY_UNCHECKED != 0 {
+            if !self.authenticated {
+                return Err(FrameError::UncheckedBody);
+            }
+        } else if crc32c::crc32c(body) != header.body_crc32c {
             return Err(FrameError::BadBodyChecksum);
         }
         let frame = Frame {
@@ -373,8 +445,14 @@ mod tests {
         assert_eq!(&f[8..16], &[8, 7, 6, 5, 4, 3, 2, 1]);
         assert_eq!(&f[16..20], &[3, 0, 0, 0]);
         assert_eq!(&f[20..24], &crc32c::crc32c(b"abc").to_le_bytes());
-        assert_eq!(&f[24..28], &crc32c::crc32c(&f[..24]).to_le_bytes());
+        let mut covered = f[..24].to_vec();
+        covered.extend_from_slice(&f[28..32]);
+        assert_eq!(&f[24..28], &crc32c::crc32c(&covered).to_le_bytes());
         assert_eq!(&f[28..32], &[0, 0, 0, 0]);
+        let mut u = Vec::new();
+        encode_frame_checked_with(&mut u, BodyCheck::Transport, 1, 14, 5, |b| b.push(1));
+        assert_eq!(&u[20..24], &[0, 0, 0, 0]);
+        assert_eq!(&u[28..32], &FLAG_BODY_UNCHECKED.to_le_bytes());
     }
 
     #[test]
@@ -427,8 +505,7 @@ mod tests {
     fn huge_length_is_rejected_from_the_header_alone() {
         let mut f = encode_frame(1, 10, 1, b"");
         f[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
-        let crc = crc32c::crc32c(&f[..24]);
-        f[24..28].copy_from_slice(&crc.to_le_bytes());
+        reseal_header(&mut f);
         let mut d = FrameDecoder::new();
         assert_eq!(d.push(&f), HEADER_BYTES);
         assert_eq!(d.pop(), Err(FrameError::TooLarge(u32::MAX)));
@@ -441,8 +518,7 @@ mod tests {
         // Just over the limit, too; exactly at it is fine.
         let mut g = f.clone();
         g[16..20].copy_from_slice(&(MAX_BODY_BYTES as u32 + 1).to_le_bytes());
-        let crc = crc32c::crc32c(&g[..24]);
-        g[24..28].copy_from_slice(&crc.to_le_bytes());
+        reseal_header(&mut g);
         assert_eq!(
             decode_all(&g),
             Err(FrameError::TooLarge(MAX_BODY_BYTES as u32 + 1))
@@ -463,11 +539,10 @@ mod tests {
     }
 
     #[test]
-    fn wrong_version_reserved_and_header_checksum() {
+    fn wrong_version_flags_and_header_checksum() {
         let good = encode_frame(1, 10, 1, b"x");
         let refresh = |mut f: Vec<u8>| {
-            let crc = crc32c::crc32c(&f[..24]);
-            f[24..28].copy_from_slice(&crc.to_le_bytes());
+            reseal_header(&mut f);
             f
         };
         let mut v = good.clone();
@@ -488,10 +563,36 @@ mod tests {
         );
         let mut r = good.clone();
         r[28] = 1;
-        assert_eq!(decode_all(&r), Err(FrameError::ReservedNonZero(1)));
+        assert_eq!(
+            decode_all(&r),
+            Err(FrameError::BadHeaderChecksum),
+            "flags are covered"
+        );
+        let mut r = good.clone();
+        r[28] = 4;
+        assert_eq!(decode_all(&refresh(r)), Err(FrameError::UnknownFlags(4)));
         let mut h = good.clone();
         h[9] ^= 1; // request id changed without fixing the checksum
         assert_eq!(decode_all(&h), Err(FrameError::BadHeaderChecksum));
+    }
+
+    #[test]
+    fn unchecked_bodies_only_on_authenticated_transports() {
+        let mut f = Vec::new();
+        encode_frame_checked_with(&mut f, BodyCheck::Transport, 1, 10, 1, |b| {
+            b.extend_from_slice(b"hello")
+        });
+        assert_eq!(decode_all(&f), Err(FrameError::UncheckedBody));
+        assert_eq!(FrameError::UncheckedBody.code(), ErrorCode::BadFrame);
+        let mut d = FrameDecoder::new();
+        d.set_authenticated_transport(true);
+        assert_eq!(d.push(&f), f.len());
+        assert_eq!(d.pop().unwrap().unwrap().body, b"hello");
+        // A checked frame is still checked on an authenticated transport.
+        let mut g = encode_frame(1, 10, 2, b"hello");
+        *g.last_mut().unwrap() ^= 1;
+        assert_eq!(d.push(&g), g.len());
+        assert_eq!(d.pop(), Err(FrameError::BadBodyChecksum));
     }
 
     #[test]

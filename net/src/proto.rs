@@ -24,7 +24,10 @@
 use crate::chunk::{
     ChunkId, Codec, DedupeKey, CHUNK_ID_BYTES, MAX_CHUNK_RAW_BYTES, MAX_CHUNK_STORED_BYTES,
 };
-use crate::frame::{encode_frame, encode_frame_with};
+use crate::frame::{
+    encode_frame, encode_frame_checked_with, BodyCheck, FrameHeader, FLAG_BODY_UNCHECKED,
+    HEADER_BYTES,
+};
 
 /// Most ids in one `Has` (and presence flags in one `HasReply`).
 pub const MAX_BATCH_IDS: usize = 8192;
@@ -863,39 +866,70 @@ fn write_put_body<'a>(
     *out = w.0;
 }
 
-/// The body of a `GetReply` (the one place its layout is written).
-fn write_get_reply_body(out: &mut Vec<u8>, chunk: Option<(Codec, u32, &[u8])>) {
-    let mut w = Writer(std::mem::take(out));
+/// The body of a `GetReply` up to the chunk's data (the one place its layout is written):
+/// present flag, then codec, raw length and the data's length.
+fn write_get_reply_prefix(out: &mut Vec<u8>, chunk: Option<(Codec, u32, usize)>) {
     match chunk {
-        None => w.u8(0),
-        Some((codec, raw_len, data)) => {
-            w.0.reserve(10 + data.len());
-            w.u8(1);
-            w.u8(codec as u8);
-            w.u32(raw_len);
-            w.bytes(data);
+        None => out.push(0),
+        Some((codec, raw_len, len)) => {
+            out.push(1);
+            out.push(codec as u8);
+            out.extend_from_slice(&raw_len.to_le_bytes());
+            out.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_le_bytes());
         }
     }
-    *out = w.0;
 }
 
-/// Append a `GetReply` frame for borrowed chunk bytes to `out`, encoding the body in place
-/// (a node answers a get with one copy of the chunk, not three).
-pub fn frame_get_reply_into(
+fn write_get_reply_body(out: &mut Vec<u8>, chunk: Option<(Codec, u32, &[u8])>) {
+    write_get_reply_prefix(out, chunk.map(|(c, r, d)| (c, r, d.len())));
+    if let Some((_, _, data)) = chunk {
+        out.extend_from_slice(data);
+    }
+}
+
+/// The head of a `GetReply` frame for borrowed chunk bytes: the frame header and the body
+/// up to the chunk's data, appended to `out`. The frame is `out` followed by the data; a
+/// node queues both pieces without gathering them (see `FramedConn::queue_frame_parts`).
+/// With [`BodyCheck::Crc32c`] the body CRC is computed over both pieces.
+pub fn get_reply_head_into(
     out: &mut Vec<u8>,
+    check: BodyCheck,
     version: u16,
     request_id: u64,
     chunk: Option<(Codec, u32, &[u8])>,
 ) {
-    encode_frame_with(out, version, Opcode::GetReply as u16, request_id, |body| {
-        write_get_reply_body(body, chunk)
-    });
+    let at = out.len();
+    out.extend_from_slice(&[0u8; HEADER_BYTES]);
+    write_get_reply_prefix(out, chunk.map(|(c, r, d)| (c, r, d.len())));
+    let data = chunk.map_or(&[][..], |(_, _, d)| d);
+    let prefix = &out[at + HEADER_BYTES..];
+    let body_len = prefix.len() + data.len();
+    let (body_crc32c, flags) = match check {
+        BodyCheck::Crc32c => (crc32c::crc32c_append(crc32c::crc32c(prefix), data), 0),
+        BodyCheck::Transport => (0, FLAG_BODY_UNCHECKED),
+    };
+    let header = FrameHeader {
+        version,
+        opcode: Opcode::GetReply as u16,
+        request_id,
+        body_len: u32::try_from(body_len).unwrap_or(u32::MAX),
+        body_crc32c,
+        flags,
+    };
+    out[at..at + HEADER_BYTES].copy_from_slice(&header.to_bytes());
 }
 
 /// Append a `Put` request frame for borrowed chunks to `out`, encoding the body in place
 /// (no clone of the chunks, no intermediate body buffer).
-pub fn frame_put_into(out: &mut Vec<u8>, version: u16, request_id: u64, chunks: &[&PutChunk]) {
-    encode_frame_with(out, version, Opcode::Put as u16, request_id, |body| {
+pub fn frame_put_into(
+    out: &mut Vec<u8>,
+    check: BodyCheck,
+    version: u16,
+    request_id: u64,
+    chunks: &[&PutChunk],
+) {
+    let op = Opcode::Put as u16;
+    encode_frame_checked_with(out, check, version, op, request_id, |body| {
         write_put_body(body, chunks.iter().copied())
     });
 }
@@ -914,7 +948,14 @@ pub(crate) mod tests {
     fn in_place_frames_match_the_message_encoders() {
         let data = vec![9u8; 3000];
         let mut a = Vec::new();
-        frame_get_reply_into(&mut a, 1, 77, Some((Codec::Lz4, 5000, &data)));
+        get_reply_head_into(
+            &mut a,
+            BodyCheck::Crc32c,
+            1,
+            77,
+            Some((Codec::Lz4, 5000, &data)),
+        );
+        a.extend_from_slice(&data);
         let b = frame_response(
             1,
             77,
@@ -924,7 +965,7 @@ pub(crate) mod tests {
         );
         assert_eq!(a, b);
         let mut a = Vec::new();
-        frame_get_reply_into(&mut a, 1, 78, None);
+        get_reply_head_into(&mut a, BodyCheck::Crc32c, 1, 78, None);
         assert_eq!(
             a,
             frame_response(1, 78, &Response::GetReply { chunk: None })
@@ -936,7 +977,7 @@ pub(crate) mod tests {
             data: vec![1, 2, 3, 4],
         };
         let mut a = Vec::new();
-        frame_put_into(&mut a, 1, 79, &[&c, &c]);
+        frame_put_into(&mut a, BodyCheck::Crc32c, 1, 79, &[&c, &c]);
         assert_eq!(
             a,
             frame_request(

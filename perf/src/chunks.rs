@@ -16,10 +16,12 @@ use anyhow::{bail, Context, Result};
 use hivefs_client::hive::HiveClient;
 use hivefs_net::chunk::{self, ChunkId, Codec, DedupeKey, CHUNK_ID_BYTES};
 use hivefs_net::conn::FramedConn;
-use hivefs_net::frame::{encode_frame, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
+use hivefs_net::frame::{
+    encode_frame_checked_with, BodyCheck, HEADER_BYTES, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
+};
 use hivefs_net::proto::{
-    ClusterMap, PutChunk, PutResult, Request, Response, MAX_BATCH_CHUNKS, PUT_BODY_HEADER_BYTES,
-    PUT_CHUNK_OVERHEAD_BYTES,
+    ClusterMap, Opcode, PutChunk, PutResult, Request, Response, MAX_BATCH_CHUNKS,
+    PUT_BODY_HEADER_BYTES, PUT_CHUNK_OVERHEAD_BYTES,
 };
 use std::collections::BTreeMap;
 use std::net::TcpStream;
@@ -553,7 +555,16 @@ impl RawConn {
                 let (op, body) = r.encode();
                 let id = self.next_id;
                 self.next_id += 1;
-                encode_frame(self.version, op as u16, id, &body)
+                // Large bodies as the client library sends them: unchecked inside TLS.
+                let check = match op {
+                    Opcode::Put => self.conn.body_check(),
+                    _ => BodyCheck::Crc32c,
+                };
+                let mut f = Vec::with_capacity(HEADER_BYTES + body.len());
+                encode_frame_checked_with(&mut f, check, self.version, op as u16, id, |b| {
+                    b.extend_from_slice(&body)
+                });
+                f
             })
             .collect()
     }

@@ -4,7 +4,7 @@
 use crate::node::pin_command;
 use anyhow::{bail, Context, Result};
 use hivefs_net::conn::{ConnError, FramedConn};
-use hivefs_net::frame::{encode_frame, PROTOCOL_VERSION_MIN};
+use hivefs_net::frame::{encode_frame, encode_frame_checked_with, PROTOCOL_VERSION_MIN};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -342,14 +342,24 @@ pub fn stream(
                 if pong.opcode != PING_OPCODE {
                     bail!("sink answered the ping with opcode {:#x}", pong.opcode);
                 }
+                let check = conn.body_check();
+                let mut frame: Vec<u8> = Vec::new();
                 let c0 = crate::util::self_cpu_secs();
                 let t0 = Instant::now();
                 let mut sent = 0u64;
                 let mut id = 1u64;
                 while t0.elapsed() < deadline {
-                    // Encode each frame (header and body CRC) as a real sender would.
-                    let f = encode_frame(PROTOCOL_VERSION_MIN, 3, id, &payload);
-                    conn.queue_frame(&f);
+                    // Encode each frame as a real sender would (body CRC on plain TCP only).
+                    frame.clear();
+                    encode_frame_checked_with(
+                        &mut frame,
+                        check,
+                        PROTOCOL_VERSION_MIN,
+                        3,
+                        id,
+                        |b| b.extend_from_slice(&payload),
+                    );
+                    conn.queue_frame(&frame);
                     conn.flush()?;
                     sent += payload.len() as u64;
                     id += 1;
