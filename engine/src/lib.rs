@@ -14,6 +14,7 @@
 pub mod config;
 pub mod format;
 pub mod index;
+pub mod meta;
 pub mod node;
 pub mod shard;
 pub mod sim;

@@ -18,6 +18,7 @@
 pub mod chunk;
 pub mod conn;
 pub mod frame;
+pub mod meta;
 pub mod proto;
 pub mod tls;
 

@@ -1,0 +1,2268 @@
+//! The namespace store: the metadata state machine, applied to redb.
+//!
+//! Raft ([`super::raft`]) hands committed [`MetaCommand`]s to [`MetaStore::apply_batch`],
+//! which applies a whole batch in one redb write transaction together with Raft's own
+//! bookkeeping, so after a crash the store and the log agree on what was applied.
+//!
+//! # Keys and versions
+//! Every key starts with a group id (group 0 is the cluster map; every volume lives in
+//! [`VOLUME_GROUP`] for now, and the code already speaks in groups so more Raft groups need
+//! no format change), then the volume id. Namespace records are *multi-version*: the key ends
+//! with the record's birth epoch and the value starts with its death epoch ([`LIVE`] while
+//! current). A change to a record born in the volume's current epoch rewrites it; a change
+//! to an older one (kept by a snapshot) ends it at the current epoch and writes a new
+//! version. A read at epoch `e` sees the version with `birth <= e < death`. Until snapshots
+//! exist the epoch stays 1, but the layout is the one they need.
+//!
+//! | table     | key (after group, volume)         | value                            |
+//! |-----------|-----------------------------------|----------------------------------|
+//! | inodes    | ino, birth                        | death, [`InodeRec`]              |
+//! | dirents   | parent, name len, name, birth     | death, ino, kind, cookie         |
+//! | cookies   | parent, cookie, birth             | death, name                      |
+//! | extents   | ino, file offset, birth           | death, len, chunk id, chunk off  |
+//! | xattrs    | ino, name len, name, birth        | death, value                     |
+//! | orphans   | ino                               | (unlinked, awaiting `Reclaim`)   |
+//! | sessions  | client, seq                       | the reply it got                 |
+//! | volumes   | name (group 0)                    | [`VolumeRec`]                    |
+//! | sys       | name                              | gc epoch, raft state, counters   |
+//!
+//! # Invariants (checked by [`MetaStore::check`], which `hive fsck` runs)
+//! - Every live dirent names a live inode of its kind; every directory has exactly one
+//!   dirent naming it (the root none) and its `parent` is that dirent's directory.
+//! - A directory's nlink is 2 + its subdirectories; a file's nlink is the number of dirents
+//!   naming it; an inode with nlink 0 is a directory being removed (never stored) or a file
+//!   listed in `orphans`.
+//! - Live extents of a file do not overlap; the volume's `logical_bytes` is their total.
+//! - A mutation's `(client, seq)` is applied at most once: its reply is stored in the same
+//!   transaction, and a retry gets the stored reply.
+//! - Applying is deterministic: nothing here reads a clock or randomness.
+
+use anyhow::{bail, Context, Result};
+use hivefs_net::chunk::ChunkId;
+use hivefs_net::meta::{
+    self, Answer, Attr, DirEntry, Errno, Extent, FileKind, MetaCommand, MetaReply, Mutation, Query,
+    RenameMode, SetAttr, SetTime, StatFs, Timespec, VolumeInfo, XattrMode, ROOT_INO,
+};
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+
+/// The metadata group every volume belongs to for now (group 0 is the cluster map).
+pub const VOLUME_GROUP: u32 = 1;
+/// Death epoch of a current record.
+pub const LIVE: u64 = u64::MAX;
+
+type Tbl = TableDefinition<'static, &'static [u8], &'static [u8]>;
+const INODES: Tbl = TableDefinition::new("inodes");
+const DIRENTS: Tbl = TableDefinition::new("dirents");
+const COOKIES: Tbl = TableDefinition::new("cookies");
+const EXTENTS: Tbl = TableDefinition::new("extents");
+const XATTRS: Tbl = TableDefinition::new("xattrs");
+const ORPHANS: Tbl = TableDefinition::new("orphans");
+const SESSIONS: Tbl = TableDefinition::new("sessions");
+const VOLUMES: Tbl = TableDefinition::new("volumes");
+const SYS: Tbl = TableDefinition::new("sys");
+const ALL_TABLES: [Tbl; 9] = [
+    INODES, DIRENTS, COOKIES, EXTENTS, XATTRS, ORPHANS, SESSIONS, VOLUMES, SYS,
+];
+
+const SYS_RAFT: &[u8] = b"raft_state";
+const SYS_GC_EPOCH: &[u8] = b"gc_epoch";
+const SYS_NEXT_VOLUME: &[u8] = b"next_volume";
+const SYS_FORMAT: &[u8] = b"format";
+/// On-disk format of this store (bumped on any incompatible change).
+pub const FORMAT_VERSION: u32 = 1;
+
+/// First cookie handed to a directory entry (0 = start, 1 and 2 are `.` and `..`).
+const FIRST_COOKIE: u64 = 3;
+
+/// An inode as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InodeRec {
+    pub gen: u64,
+    pub kind: FileKind,
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub atime: Timespec,
+    pub mtime: Timespec,
+    pub ctime: Timespec,
+    pub crtime: Timespec,
+    pub rdev: u32,
+    /// Symlink target.
+    pub target: Vec<u8>,
+    /// Directories: the directory holding their one name (the root: itself).
+    pub parent: u64,
+    /// Directories: the cookie the next entry gets.
+    pub next_cookie: u64,
+}
+
+impl InodeRec {
+    fn attr(&self, ino: u64) -> Attr {
+        Attr {
+            ino,
+            gen: self.gen,
+            kind: self.kind,
+            perm: self.perm,
+            nlink: self.nlink,
+            uid: self.uid,
+            gid: self.gid,
+            size: self.size,
+            atime: self.atime,
+            mtime: self.mtime,
+            ctime: self.ctime,
+            crtime: self.crtime,
+            rdev: self.rdev,
+        }
+    }
+}
+
+/// A volume as stored (group 0, keyed by name).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRec {
+    pub id: u32,
+    pub name: String,
+    pub copies: u8,
+    /// The epoch new records are born in (snapshots advance it).
+    pub epoch: u64,
+    pub next_ino: u64,
+    pub next_gen: u64,
+    pub files: u64,
+    pub logical_bytes: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct DirentVal {
+    ino: u64,
+    kind: FileKind,
+    cookie: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct ExtentVal {
+    len: u32,
+    #[serde(with = "hivefs_net::meta::chunk_id_serde")]
+    chunk: ChunkId,
+    chunk_offset: u32,
+}
+
+fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_allocvec(v).expect("postcard encodes store records")
+}
+
+fn dec<'a, T: Deserialize<'a>>(b: &'a [u8], what: &str) -> Result<T> {
+    postcard::from_bytes(b).with_context(|| format!("corrupt {what} record in the metadata store"))
+}
+
+// ---- keys ----------------------------------------------------------------------------
+
+fn k_vol(vol: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(64);
+    k.extend_from_slice(&VOLUME_GROUP.to_be_bytes());
+    k.extend_from_slice(&vol.to_be_bytes());
+    k
+}
+
+fn k_ino(vol: u32, ino: u64) -> Vec<u8> {
+    let mut k = k_vol(vol);
+    k.extend_from_slice(&ino.to_be_bytes());
+    k
+}
+
+fn k_named(vol: u32, ino: u64, name: &[u8]) -> Vec<u8> {
+    let mut k = k_ino(vol, ino);
+    k.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    k.extend_from_slice(name);
+    k
+}
+
+fn k_num(vol: u32, ino: u64, n: u64) -> Vec<u8> {
+    let mut k = k_ino(vol, ino);
+    k.extend_from_slice(&n.to_be_bytes());
+    k
+}
+
+fn k_volume_name(name: &str) -> Vec<u8> {
+    let mut k = 0u32.to_be_bytes().to_vec();
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+fn be_u64(b: &[u8]) -> u64 {
+    u64::from_be_bytes(b[..8].try_into().expect("8 bytes"))
+}
+
+/// Every key starting with `prefix`: `prefix ..= prefix ++ [0xff; 10]` covers the
+/// fixed-width suffixes used here (numbers and births).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut e = prefix.to_vec();
+    e.extend_from_slice(&[0xff; 16]);
+    e
+}
+
+// ---- versioned records ---------------------------------------------------------------
+
+/// The current version of the record at `base`: (birth, payload).
+fn current<T: ReadableTable<&'static [u8], &'static [u8]>>(
+    t: &T,
+    base: &[u8],
+) -> Result<Option<(u64, Vec<u8>)>> {
+    let end = prefix_end(base);
+    let mut r = t.range::<&[u8]>(base..end.as_slice())?;
+    if let Some(item) = r.next_back() {
+        let (k, v) = item?;
+        let (k, v) = (k.value(), v.value());
+        if k.len() == base.len() + 8 && v.len() >= 8 {
+            let death = u64::from_le_bytes(v[..8].try_into().expect("8"));
+            if death == LIVE {
+                return Ok(Some((be_u64(&k[base.len()..]), v[8..].to_vec())));
+            }
+        }
+    }
+    Ok(None)
+}
+
+fn versioned_key(base: &[u8], birth: u64) -> Vec<u8> {
+    let mut k = base.to_vec();
+    k.extend_from_slice(&birth.to_be_bytes());
+    k
+}
+
+fn versioned_val(death: u64, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + payload.len());
+    v.extend_from_slice(&death.to_le_bytes());
+    v.extend_from_slice(payload);
+    v
+}
+
+/// Make `payload` the current version at `base` in `epoch`.
+fn put_v(t: &mut redb::Table<&[u8], &[u8]>, base: &[u8], epoch: u64, payload: &[u8]) -> Result<()> {
+    if let Some((birth, old)) = current(t, base)? {
+        if birth != epoch {
+            let k = versioned_key(base, birth);
+            t.insert(k.as_slice(), versioned_val(epoch, &old).as_slice())?;
+        }
+    }
+    let k = versioned_key(base, epoch);
+    t.insert(k.as_slice(), versioned_val(LIVE, payload).as_slice())?;
+    Ok(())
+}
+
+/// End the current version at `base` (if any) in `epoch`.
+fn kill_v(t: &mut redb::Table<&[u8], &[u8]>, base: &[u8], epoch: u64) -> Result<bool> {
+    let Some((birth, old)) = current(t, base)? else {
+        return Ok(false);
+    };
+    let k = versioned_key(base, birth);
+    if birth == epoch {
+        t.remove(k.as_slice())?;
+    } else {
+        t.insert(k.as_slice(), versioned_val(epoch, &old).as_slice())?;
+    }
+    Ok(true)
+}
+
+/// Live records under `prefix` whose key suffix (after `prefix`, before the birth) is
+/// `>= from`, in key order: (suffix, payload). At most `max`.
+fn live_under<T: ReadableTable<&'static [u8], &'static [u8]>>(
+    t: &T,
+    prefix: &[u8],
+    from: &[u8],
+    max: usize,
+) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let mut start = prefix.to_vec();
+    start.extend_from_slice(from);
+    let end = prefix_end(prefix);
+    let mut out = Vec::new();
+    for item in t.range::<&[u8]>(start.as_slice()..end.as_slice())? {
+        let (k, v) = item?;
+        let (k, v) = (k.value(), v.value());
+        if !k.starts_with(prefix) || k.len() < prefix.len() + 8 || v.len() < 8 {
+            continue;
+        }
+        if u64::from_le_bytes(v[..8].try_into().expect("8")) != LIVE {
+            continue;
+        }
+        out.push((k[prefix.len()..k.len() - 8].to_vec(), v[8..].to_vec()));
+        if out.len() >= max {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+// ---- the store -----------------------------------------------------------------------
+
+/// A snapshot: every table's name and rows.
+type Snapshot = Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)>;
+
+/// The namespace store. See the module docs.
+pub struct MetaStore {
+    db: Database,
+}
+
+/// What one operation is refused with: an errno for the caller, or a store failure that
+/// aborts the whole batch (and stops the metadata service).
+enum OpError {
+    Errno(Errno),
+    Store(anyhow::Error),
+}
+
+impl From<Errno> for OpError {
+    fn from(e: Errno) -> OpError {
+        OpError::Errno(e)
+    }
+}
+
+macro_rules! store {
+    ($e:expr) => {
+        $e.map_err(|e| OpError::Store(anyhow::Error::from(e)))?
+    };
+}
+
+type OpResult<T> = std::result::Result<T, OpError>;
+
+/// Tables open in one write transaction.
+struct Tables<'t> {
+    inodes: redb::Table<'t, &'static [u8], &'static [u8]>,
+    dirents: redb::Table<'t, &'static [u8], &'static [u8]>,
+    cookies: redb::Table<'t, &'static [u8], &'static [u8]>,
+    extents: redb::Table<'t, &'static [u8], &'static [u8]>,
+    xattrs: redb::Table<'t, &'static [u8], &'static [u8]>,
+    orphans: redb::Table<'t, &'static [u8], &'static [u8]>,
+    sessions: redb::Table<'t, &'static [u8], &'static [u8]>,
+    volumes: redb::Table<'t, &'static [u8], &'static [u8]>,
+    sys: redb::Table<'t, &'static [u8], &'static [u8]>,
+}
+
+impl<'t> Tables<'t> {
+    fn open(tx: &'t redb::WriteTransaction) -> Result<Tables<'t>> {
+        Ok(Tables {
+            inodes: tx.open_table(INODES)?,
+            dirents: tx.open_table(DIRENTS)?,
+            cookies: tx.open_table(COOKIES)?,
+            extents: tx.open_table(EXTENTS)?,
+            xattrs: tx.open_table(XATTRS)?,
+            orphans: tx.open_table(ORPHANS)?,
+            sessions: tx.open_table(SESSIONS)?,
+            volumes: tx.open_table(VOLUMES)?,
+            sys: tx.open_table(SYS)?,
+        })
+    }
+
+    fn sys_u64(&self, key: &[u8], default: u64) -> Result<u64> {
+        Ok(match self.sys.get(key)? {
+            Some(v) => u64::from_le_bytes(v.value().try_into().context("sys counter")?),
+            None => default,
+        })
+    }
+
+    fn set_sys_u64(&mut self, key: &[u8], v: u64) -> Result<()> {
+        self.sys.insert(key, v.to_le_bytes().as_slice())?;
+        Ok(())
+    }
+}
+
+/// One mutation's view: the volume and the inodes it touched, written back at the end.
+struct Op<'a, 't> {
+    t: &'a mut Tables<'t>,
+    vol: VolumeRec,
+    now: Timespec,
+    inodes: BTreeMap<u64, Option<InodeRec>>,
+    dirty: HashSet<u64>,
+}
+
+impl<'a, 't> Op<'a, 't> {
+    fn epoch(&self) -> u64 {
+        self.vol.epoch
+    }
+
+    fn inode(&mut self, ino: u64) -> OpResult<&mut InodeRec> {
+        if !self.inodes.contains_key(&ino) {
+            let rec = match store!(current(&self.t.inodes, &k_ino(self.vol.id, ino))) {
+                Some((_, b)) => Some(store!(dec::<InodeRec>(&b, "inode"))),
+                None => None,
+            };
+            self.inodes.insert(ino, rec);
+        }
+        match self.inodes.get_mut(&ino).expect("loaded") {
+            Some(r) => Ok(r),
+            None => Err(Errno::NOENT.into()),
+        }
+    }
+
+    fn touch(&mut self, ino: u64) -> OpResult<&mut InodeRec> {
+        self.inode(ino)?;
+        self.dirty.insert(ino);
+        Ok(self
+            .inodes
+            .get_mut(&ino)
+            .expect("loaded")
+            .as_mut()
+            .expect("live"))
+    }
+
+    fn dir(&mut self, ino: u64) -> OpResult<&mut InodeRec> {
+        let d = self.inode(ino)?;
+        if d.kind != FileKind::Dir {
+            return Err(Errno::NOTDIR.into());
+        }
+        Ok(d)
+    }
+
+    fn dirent(&self, parent: u64, name: &[u8]) -> OpResult<Option<DirentVal>> {
+        match store!(current(
+            &self.t.dirents,
+            &k_named(self.vol.id, parent, name)
+        )) {
+            Some((_, b)) => Ok(Some(store!(dec(&b, "dirent")))),
+            None => Ok(None),
+        }
+    }
+
+    /// Add `name -> ino` to directory `parent` (which must be loaded and live).
+    fn link_name(&mut self, parent: u64, name: &[u8], ino: u64, kind: FileKind) -> OpResult<()> {
+        let epoch = self.epoch();
+        let now = self.now;
+        let p = self.touch(parent)?;
+        let cookie = p.next_cookie.max(FIRST_COOKIE);
+        p.next_cookie = cookie + 1;
+        p.mtime = now;
+        p.ctime = now;
+        let vol = self.vol.id;
+        let v = enc(&DirentVal { ino, kind, cookie });
+        store!(put_v(
+            &mut self.t.dirents,
+            &k_named(vol, parent, name),
+            epoch,
+            &v
+        ));
+        store!(put_v(
+            &mut self.t.cookies,
+            &k_num(vol, parent, cookie),
+            epoch,
+            name
+        ));
+        Ok(())
+    }
+
+    /// Remove the name `name` (with its `cookie`) from `parent`.
+    fn unlink_name(&mut self, parent: u64, name: &[u8], cookie: u64) -> OpResult<()> {
+        let epoch = self.epoch();
+        let now = self.now;
+        let p = self.touch(parent)?;
+        p.mtime = now;
+        p.ctime = now;
+        let vol = self.vol.id;
+        store!(kill_v(
+            &mut self.t.dirents,
+            &k_named(vol, parent, name),
+            epoch
+        ));
+        store!(kill_v(
+            &mut self.t.cookies,
+            &k_num(vol, parent, cookie),
+            epoch
+        ));
+        Ok(())
+    }
+
+    fn dir_is_empty(&self, ino: u64) -> OpResult<bool> {
+        let prefix = k_ino(self.vol.id, ino);
+        Ok(store!(live_under(&self.t.cookies, &prefix, &[], 1)).is_empty())
+    }
+
+    /// Is `ino` equal to `ancestor` or below it? (Walks parent pointers up to the root.)
+    fn within(&mut self, mut ino: u64, ancestor: u64) -> OpResult<bool> {
+        for _ in 0..100_000 {
+            if ino == ancestor {
+                return Ok(true);
+            }
+            if ino == ROOT_INO {
+                return Ok(false);
+            }
+            ino = self.dir(ino)?.parent;
+        }
+        Err(OpError::Store(anyhow::anyhow!(
+            "directory parent chain does not reach the root"
+        )))
+    }
+
+    fn new_inode(&mut self, kind: FileKind, perm: u16, uid: u32, gid: u32) -> (u64, InodeRec) {
+        let ino = self.vol.next_ino;
+        self.vol.next_ino += 1;
+        let gen = self.vol.next_gen;
+        self.vol.next_gen += 1;
+        self.vol.files += 1;
+        let now = self.now;
+        (
+            ino,
+            InodeRec {
+                gen,
+                kind,
+                perm: perm & 0o7777,
+                nlink: if kind == FileKind::Dir { 2 } else { 1 },
+                uid,
+                gid,
+                size: 0,
+                atime: now,
+                mtime: now,
+                ctime: now,
+                crtime: now,
+                rdev: 0,
+                target: Vec::new(),
+                parent: 0,
+                next_cookie: FIRST_COOKIE,
+            },
+        )
+    }
+
+    /// Drop a file's link; at nlink 0 it becomes an orphan (its bytes stay readable through
+    /// open handles until `Reclaim`).
+    fn drop_link(&mut self, ino: u64) -> OpResult<()> {
+        let now = self.now;
+        let r = self.touch(ino)?;
+        r.nlink = r.nlink.saturating_sub(1);
+        r.ctime = now;
+        if r.nlink == 0 {
+            let k = k_ino(self.vol.id, ino);
+            store!(self.t.orphans.insert(k.as_slice(), [].as_slice()));
+        }
+        Ok(())
+    }
+
+    /// Remove an inode and everything it owns (extents, xattrs).
+    fn destroy(&mut self, ino: u64) -> OpResult<()> {
+        let epoch = self.epoch();
+        let vol = self.vol.id;
+        let freed = self.truncate_extents(ino, 0)?;
+        self.vol.logical_bytes = self.vol.logical_bytes.saturating_sub(freed);
+        let prefix = k_ino(vol, ino);
+        let names = store!(live_under(&self.t.xattrs, &prefix, &[], usize::MAX));
+        for (suffix, _) in names {
+            let mut base = prefix.clone();
+            base.extend_from_slice(&suffix);
+            store!(kill_v(&mut self.t.xattrs, &base, epoch));
+        }
+        store!(kill_v(&mut self.t.inodes, &prefix, epoch));
+        store!(self.t.orphans.remove(prefix.as_slice()));
+        self.inodes.insert(ino, None);
+        self.dirty.remove(&ino);
+        self.vol.files = self.vol.files.saturating_sub(1);
+        Ok(())
+    }
+
+    /// Live extents of `ino` overlapping `[from, to)`, in offset order.
+    fn extents_in(&self, ino: u64, from: u64, to: u64) -> OpResult<Vec<Extent>> {
+        extents_in(&self.t.extents, self.vol.id, ino, from, to, usize::MAX)
+            .map(|(v, _)| v)
+            .map_err(OpError::Store)
+    }
+
+    fn put_extent(&mut self, ino: u64, e: &Extent) -> OpResult<()> {
+        let epoch = self.epoch();
+        let v = enc(&ExtentVal {
+            len: e.len,
+            chunk: e.chunk,
+            chunk_offset: e.chunk_offset,
+        });
+        store!(put_v(
+            &mut self.t.extents,
+            &k_num(self.vol.id, ino, e.offset),
+            epoch,
+            &v
+        ));
+        Ok(())
+    }
+
+    /// Cut `[from, to)` out of `ino`'s extents, keeping what lies outside; returns the bytes
+    /// removed.
+    fn punch(&mut self, ino: u64, from: u64, to: u64) -> OpResult<u64> {
+        let epoch = self.epoch();
+        let mut removed = 0u64;
+        for e in self.extents_in(ino, from, to)? {
+            store!(kill_v(
+                &mut self.t.extents,
+                &k_num(self.vol.id, ino, e.offset),
+                epoch
+            ));
+            let (start, end) = (e.offset.max(from), e.end().min(to));
+            removed += end - start;
+            if e.offset < from {
+                self.put_extent(
+                    ino,
+                    &Extent {
+                        len: (from - e.offset) as u32,
+                        ..e
+                    },
+                )?;
+            }
+            if e.end() > to {
+                let cut = (to - e.offset) as u32;
+                self.put_extent(
+                    ino,
+                    &Extent {
+                        offset: to,
+                        len: e.len - cut,
+                        chunk: e.chunk,
+                        chunk_offset: e.chunk_offset + cut,
+                    },
+                )?;
+            }
+        }
+        Ok(removed)
+    }
+
+    fn truncate_extents(&mut self, ino: u64, size: u64) -> OpResult<u64> {
+        self.punch(ino, size, u64::MAX)
+    }
+
+    fn finish(mut self) -> OpResult<()> {
+        let vol = self.vol.id;
+        let epoch = self.epoch();
+        for ino in std::mem::take(&mut self.dirty) {
+            if let Some(Some(r)) = self.inodes.get(&ino) {
+                store!(put_v(&mut self.t.inodes, &k_ino(vol, ino), epoch, &enc(r)));
+            }
+        }
+        store!(self.t.volumes.insert(
+            k_volume_name(&self.vol.name).as_slice(),
+            enc(&self.vol).as_slice()
+        ));
+        Ok(())
+    }
+}
+
+/// Live extents of `ino` overlapping `[from, to)` in offset order (at most `max`), and
+/// whether more follow.
+fn extents_in<T: ReadableTable<&'static [u8], &'static [u8]>>(
+    t: &T,
+    vol: u32,
+    ino: u64,
+    from: u64,
+    to: u64,
+    max: usize,
+) -> Result<(Vec<Extent>, bool)> {
+    let prefix = k_ino(vol, ino);
+    let mut out = Vec::new();
+    // The extent starting at or before `from` may reach into the range: find the last live
+    // one that starts at or before it.
+    let mut back_end = prefix.clone();
+    back_end.extend_from_slice(&from.to_be_bytes());
+    back_end.extend_from_slice(&[0xff; 8]);
+    let mut first = None;
+    for item in t
+        .range::<&[u8]>(prefix.as_slice()..=back_end.as_slice())?
+        .rev()
+    {
+        let (k, v) = item?;
+        let (k, v) = (k.value(), v.value());
+        if k.len() != prefix.len() + 16 || v.len() < 8 {
+            continue;
+        }
+        if u64::from_le_bytes(v[..8].try_into().expect("8")) != LIVE {
+            continue;
+        }
+        let off = be_u64(&k[prefix.len()..]);
+        let ev: ExtentVal = dec(&v[8..], "extent")?;
+        first = Some(Extent {
+            offset: off,
+            len: ev.len,
+            chunk: ev.chunk,
+            chunk_offset: ev.chunk_offset,
+        });
+        break;
+    }
+    if let Some(e) = first {
+        if e.end() > from && e.offset < to {
+            out.push(e);
+        }
+    }
+    // `first` is the last live extent starting at or before `from`: the rest start after.
+    let after = from.saturating_add(1);
+    if after < to {
+        for (suffix, payload) in live_under(t, &prefix, &after.to_be_bytes(), usize::MAX)? {
+            let off = be_u64(&suffix);
+            if off >= to {
+                break;
+            }
+            if out.len() >= max {
+                return Ok((out, true));
+            }
+            let ev: ExtentVal = dec(&payload, "extent")?;
+            out.push(Extent {
+                offset: off,
+                len: ev.len,
+                chunk: ev.chunk,
+                chunk_offset: ev.chunk_offset,
+            });
+        }
+    }
+    Ok((out, false))
+}
+
+impl MetaStore {
+    /// Open (or create) the store at `path`.
+    pub fn open(path: &Path) -> Result<MetaStore> {
+        let db = Database::create(path)
+            .with_context(|| format!("opening metadata store {}", path.display()))?;
+        let tx = db.begin_write()?;
+        {
+            for t in ALL_TABLES {
+                tx.open_table(t)?;
+            }
+            let mut sys = tx.open_table(SYS)?;
+            let stored = sys.get(SYS_FORMAT)?.map(|v| v.value().to_vec());
+            match stored {
+                None => {
+                    sys.insert(SYS_FORMAT, FORMAT_VERSION.to_le_bytes().as_slice())?;
+                }
+                Some(v) if v == FORMAT_VERSION.to_le_bytes() => {}
+                Some(v) => bail!(
+                    "metadata store {} has format {:?}; this build reads format {FORMAT_VERSION}",
+                    path.display(),
+                    v
+                ),
+            }
+        }
+        tx.commit()?;
+        Ok(MetaStore { db })
+    }
+
+    /// Raft's bookkeeping stored with the last applied batch.
+    pub fn raft_state(&self) -> Result<Option<Vec<u8>>> {
+        let tx = self.db.begin_read()?;
+        let sys = tx.open_table(SYS)?;
+        Ok(sys.get(SYS_RAFT)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Apply committed commands in order and record `raft_state`, in one transaction.
+    /// `cmds[i]` is `None` for log entries with nothing to apply. Returns one encoded
+    /// [`MetaReply`] per entry (empty for `None`).
+    pub fn apply_batch(&self, cmds: &[Option<&[u8]>], raft_state: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let tx = self.db.begin_write()?;
+        let mut out = Vec::with_capacity(cmds.len());
+        {
+            let mut t = Tables::open(&tx)?;
+            for c in cmds {
+                let Some(bytes) = c else {
+                    out.push(Vec::new());
+                    continue;
+                };
+                let reply = match meta::decode::<MetaCommand>(bytes) {
+                    Ok(cmd) => apply_one(&mut t, &cmd)?,
+                    // A command that does not decode was never proposed by this code; answer
+                    // it (deterministically) instead of stopping the service.
+                    Err(_) => Err(Errno::INVAL),
+                };
+                out.push(meta::encode(&reply));
+            }
+            t.sys.insert(SYS_RAFT, raft_state)?;
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Answer a query against the current state.
+    pub fn query(&self, volume: u32, q: &Query) -> Result<MetaReply> {
+        let tx = self.db.begin_read()?;
+        let inodes = tx.open_table(INODES)?;
+        let vols = tx.open_table(VOLUMES)?;
+        let load = |ino: u64| -> Result<Option<InodeRec>> {
+            match current(&inodes, &k_ino(volume, ino))? {
+                Some((_, b)) => Ok(Some(dec(&b, "inode")?)),
+                None => Ok(None),
+            }
+        };
+        let volume_info = |rec: VolumeRec| -> Result<Option<VolumeInfo>> {
+            let Some(root) = (match current(&inodes, &k_ino(rec.id, ROOT_INO))? {
+                Some((_, b)) => Some(dec::<InodeRec>(&b, "inode")?),
+                None => None,
+            }) else {
+                return Ok(None);
+            };
+            Ok(Some(VolumeInfo {
+                id: rec.id,
+                name: rec.name.clone(),
+                copies: rec.copies,
+                root: root.attr(ROOT_INO),
+            }))
+        };
+        Ok(match q {
+            Query::Volume { name } => match vols.get(k_volume_name(name).as_slice())? {
+                Some(v) => match volume_info(dec(v.value(), "volume")?)? {
+                    Some(i) => Ok(Answer::Volume(i)),
+                    None => Err(Errno::NOENT),
+                },
+                None => Err(Errno::NOENT),
+            },
+            Query::Volumes => {
+                let mut all = Vec::new();
+                for item in vols.iter()? {
+                    let (_, v) = item?;
+                    if let Some(i) = volume_info(dec(v.value(), "volume")?)? {
+                        all.push(i);
+                    }
+                }
+                Ok(Answer::Volumes(all))
+            }
+            Query::Lookup { parent, name } => {
+                let Some(p) = load(*parent)? else {
+                    return Ok(Err(Errno::NOENT));
+                };
+                if p.kind != FileKind::Dir {
+                    return Ok(Err(Errno::NOTDIR));
+                }
+                let dirents = tx.open_table(DIRENTS)?;
+                match current(&dirents, &k_named(volume, *parent, name))? {
+                    Some((_, b)) => {
+                        let d: DirentVal = dec(&b, "dirent")?;
+                        match load(d.ino)? {
+                            Some(r) => Ok(Answer::Attr(r.attr(d.ino))),
+                            None => bail!("dirent names inode {} which is gone", d.ino),
+                        }
+                    }
+                    None => Err(Errno::NOENT),
+                }
+            }
+            Query::GetAttr { ino } => match load(*ino)? {
+                Some(r) => Ok(Answer::Attr(r.attr(*ino))),
+                None => Err(Errno::NOENT),
+            },
+            Query::ReadDir { ino, after, max } => {
+                let Some(d) = load(*ino)? else {
+                    return Ok(Err(Errno::NOENT));
+                };
+                if d.kind != FileKind::Dir {
+                    return Ok(Err(Errno::NOTDIR));
+                }
+                let cookies = tx.open_table(COOKIES)?;
+                let dirents = tx.open_table(DIRENTS)?;
+                let from = after.saturating_add(1).max(FIRST_COOKIE);
+                let rows = live_under(
+                    &cookies,
+                    &k_ino(volume, *ino),
+                    &from.to_be_bytes(),
+                    *max as usize + 1,
+                )?;
+                let end = rows.len() <= *max as usize;
+                let mut entries = Vec::with_capacity(rows.len().min(*max as usize));
+                for (suffix, name) in rows.into_iter().take(*max as usize) {
+                    let cookie = be_u64(&suffix);
+                    let Some((_, b)) = current(&dirents, &k_named(volume, *ino, &name))? else {
+                        bail!("cookie {cookie} of directory {ino} names a missing entry");
+                    };
+                    let dv: DirentVal = dec(&b, "dirent")?;
+                    entries.push(DirEntry {
+                        name,
+                        ino: dv.ino,
+                        kind: dv.kind,
+                        cookie,
+                    });
+                }
+                Ok(Answer::Dir { entries, end })
+            }
+            Query::ReadLink { ino } => match load(*ino)? {
+                Some(r) if r.kind == FileKind::Symlink => Ok(Answer::Link(r.target)),
+                Some(_) => Err(Errno::INVAL),
+                None => Err(Errno::NOENT),
+            },
+            Query::GetXattr { ino, name } => {
+                if load(*ino)?.is_none() {
+                    return Ok(Err(Errno::NOENT));
+                }
+                let x = tx.open_table(XATTRS)?;
+                match current(&x, &k_named(volume, *ino, name))? {
+                    Some((_, v)) => Ok(Answer::Xattr(v)),
+                    None => Err(Errno::NODATA),
+                }
+            }
+            Query::ListXattr { ino } => {
+                if load(*ino)?.is_none() {
+                    return Ok(Err(Errno::NOENT));
+                }
+                let x = tx.open_table(XATTRS)?;
+                let names = live_under(&x, &k_ino(volume, *ino), &[], usize::MAX)?
+                    .into_iter()
+                    .map(|(suffix, _)| suffix[2..].to_vec())
+                    .collect();
+                Ok(Answer::XattrNames(names))
+            }
+            Query::Extents { ino, from, to, max } => {
+                let Some(r) = load(*ino)? else {
+                    return Ok(Err(Errno::NOENT));
+                };
+                if r.kind != FileKind::File {
+                    return Ok(Err(if r.kind == FileKind::Dir {
+                        Errno::ISDIR
+                    } else {
+                        Errno::INVAL
+                    }));
+                }
+                let ext = tx.open_table(EXTENTS)?;
+                let (extents, more) = extents_in(&ext, volume, *ino, *from, *to, *max as usize)?;
+                Ok(Answer::Extents {
+                    extents,
+                    size: r.size,
+                    more,
+                })
+            }
+            Query::StatFs => {
+                let mut found = None;
+                for item in vols.iter()? {
+                    let (_, v) = item?;
+                    let rec: VolumeRec = dec(v.value(), "volume")?;
+                    if rec.id == volume {
+                        found = Some(rec);
+                    }
+                }
+                match found {
+                    Some(v) => Ok(Answer::StatFs(StatFs {
+                        files: v.files,
+                        logical_bytes: v.logical_bytes,
+                        device_bytes: 0,
+                        device_free_bytes: 0,
+                    })),
+                    None => Err(Errno::NOENT),
+                }
+            }
+            Query::GcEpoch => {
+                let sys = tx.open_table(SYS)?;
+                let e = match sys.get(SYS_GC_EPOCH)? {
+                    Some(v) => u64::from_le_bytes(v.value().try_into().context("gc epoch")?),
+                    None => 1,
+                };
+                Ok(Answer::GcEpoch(e))
+            }
+        })
+    }
+
+    /// Every chunk id a live extent of any volume references (the GC mark).
+    pub fn referenced_chunks(&self) -> Result<HashSet<ChunkId>> {
+        let tx = self.db.begin_read()?;
+        let ext = tx.open_table(EXTENTS)?;
+        let mut out = HashSet::new();
+        for item in ext.iter()? {
+            let (_, v) = item?;
+            let v = v.value();
+            if v.len() < 8 {
+                bail!("short extent record");
+            }
+            let ev: ExtentVal = dec(&v[8..], "extent")?;
+            out.insert(ev.chunk);
+        }
+        Ok(out)
+    }
+
+    /// The whole store as bytes (a Raft snapshot): every table's rows.
+    pub fn export(&self) -> Result<Vec<u8>> {
+        let tx = self.db.begin_read()?;
+        let mut tables: Snapshot = Vec::new();
+        for def in ALL_TABLES {
+            let t = tx.open_table(def)?;
+            let mut rows = Vec::new();
+            for item in t.iter()? {
+                let (k, v) = item?;
+                rows.push((k.value().to_vec(), v.value().to_vec()));
+            }
+            tables.push((redb::TableHandle::name(&def).to_string(), rows));
+        }
+        Ok(postcard::to_allocvec(&tables)?)
+    }
+
+    /// Replace the whole store with a snapshot from [`export`](Self::export), recording
+    /// `raft_state`, in one transaction.
+    pub fn import(&self, data: &[u8], raft_state: &[u8]) -> Result<()> {
+        let tables: Snapshot =
+            postcard::from_bytes(data).context("metadata snapshot does not decode")?;
+        let tx = self.db.begin_write()?;
+        for def in ALL_TABLES {
+            tx.delete_table(def)?;
+            let mut t = tx.open_table(def)?;
+            let name = redb::TableHandle::name(&def);
+            if let Some((_, rows)) = tables.iter().find(|(n, _)| n == name) {
+                for (k, v) in rows {
+                    t.insert(k.as_slice(), v.as_slice())?;
+                }
+            }
+        }
+        {
+            let mut sys = tx.open_table(SYS)?;
+            sys.insert(SYS_RAFT, raft_state)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+/// Apply one command: exactly once per `(client, seq)`.
+fn apply_one(t: &mut Tables<'_>, cmd: &MetaCommand) -> Result<MetaReply> {
+    let mut skey = 0u32.to_be_bytes().to_vec();
+    skey.extend_from_slice(&cmd.client.to_be_bytes());
+    let floor_key = {
+        let mut k = skey.clone();
+        k.extend_from_slice(&[0xff; 8]);
+        k
+    };
+    let floor = match t.sessions.get(floor_key.as_slice())? {
+        Some(v) => u64::from_le_bytes(v.value().try_into().context("session floor")?),
+        None => 0,
+    };
+    if cmd.seq < floor {
+        // The client said it holds this answer: a stale duplicate, not to be applied again.
+        return Ok(Err(Errno::STALE));
+    }
+    let mut rkey = skey.clone();
+    rkey.extend_from_slice(&cmd.seq.to_be_bytes());
+    if let Some(v) = t.sessions.get(rkey.as_slice())? {
+        return meta::decode::<MetaReply>(v.value()).context("stored session reply");
+    }
+    // Forget the answers the client no longer needs.
+    if cmd.acked_below > floor {
+        let mut lo = skey.clone();
+        lo.extend_from_slice(&floor.to_be_bytes());
+        let mut hi = skey.clone();
+        hi.extend_from_slice(&cmd.acked_below.to_be_bytes());
+        let stale: Vec<Vec<u8>> = t
+            .sessions
+            .range::<&[u8]>(lo.as_slice()..hi.as_slice())?
+            .map(|r| r.map(|(k, _)| k.value().to_vec()))
+            .collect::<std::result::Result<_, _>>()?;
+        for k in stale {
+            t.sessions.remove(k.as_slice())?;
+        }
+        t.sessions.insert(
+            floor_key.as_slice(),
+            cmd.acked_below.min(u64::MAX - 1).to_le_bytes().as_slice(),
+        )?;
+    }
+    let reply = match mutate(t, cmd) {
+        Ok(a) => Ok(a),
+        Err(OpError::Errno(e)) => Err(e),
+        Err(OpError::Store(e)) => return Err(e),
+    };
+    t.sessions
+        .insert(rkey.as_slice(), meta::encode(&reply).as_slice())?;
+    Ok(reply)
+}
+
+fn set_time(t: SetTime, now: Timespec) -> Timespec {
+    match t {
+        SetTime::Now => now,
+        SetTime::At(ts) => ts,
+    }
+}
+
+fn mutate(t: &mut Tables<'_>, cmd: &MetaCommand) -> OpResult<Answer> {
+    let now = cmd.now;
+    match &cmd.op {
+        Mutation::CreateVolume { name, copies } => {
+            let key = k_volume_name(name);
+            if store!(t.volumes.get(key.as_slice())).is_some() {
+                return Err(Errno::EXIST.into());
+            }
+            let id = store!(t.sys_u64(SYS_NEXT_VOLUME, 1)) as u32;
+            store!(t.set_sys_u64(SYS_NEXT_VOLUME, id as u64 + 1));
+            let vol = VolumeRec {
+                id,
+                name: name.clone(),
+                copies: *copies,
+                epoch: 1,
+                next_ino: ROOT_INO + 1,
+                next_gen: 2,
+                files: 1,
+                logical_bytes: 0,
+            };
+            let root = InodeRec {
+                gen: 1,
+                kind: FileKind::Dir,
+                perm: 0o755,
+                nlink: 2,
+                uid: 0,
+                gid: 0,
+                size: 0,
+                atime: now,
+                mtime: now,
+                ctime: now,
+                crtime: now,
+                rdev: 0,
+                target: Vec::new(),
+                parent: ROOT_INO,
+                next_cookie: FIRST_COOKIE,
+            };
+            store!(put_v(&mut t.inodes, &k_ino(id, ROOT_INO), 1, &enc(&root)));
+            store!(t.volumes.insert(key.as_slice(), enc(&vol).as_slice()));
+            return Ok(Answer::Volume(VolumeInfo {
+                id,
+                name: name.clone(),
+                copies: *copies,
+                root: root.attr(ROOT_INO),
+            }));
+        }
+        Mutation::AdvanceGcEpoch => {
+            let e = store!(t.sys_u64(SYS_GC_EPOCH, 1)) + 1;
+            store!(t.set_sys_u64(SYS_GC_EPOCH, e));
+            return Ok(Answer::GcEpoch(e));
+        }
+        _ => {}
+    }
+    // Volume-scoped mutations.
+    let mut vol = None;
+    for item in store!(t.volumes.iter()) {
+        let (_, v) = store!(item);
+        let rec: VolumeRec = store!(dec(v.value(), "volume"));
+        if rec.id == cmd.volume {
+            vol = Some(rec);
+            break;
+        }
+    }
+    let Some(vol) = vol else {
+        return Err(Errno::NOENT.into());
+    };
+    let gc_epoch = store!(t.sys_u64(SYS_GC_EPOCH, 1));
+    let mut op = Op {
+        t,
+        vol,
+        now,
+        inodes: BTreeMap::new(),
+        dirty: HashSet::new(),
+    };
+    let answer = match &cmd.op {
+        Mutation::CreateVolume { .. } | Mutation::AdvanceGcEpoch => unreachable!("handled above"),
+        Mutation::Create {
+            parent,
+            name,
+            kind,
+            perm,
+            uid,
+            gid,
+            rdev,
+        } => {
+            op.dir(*parent)?;
+            if op.dirent(*parent, name)?.is_some() {
+                return Err(Errno::EXIST.into());
+            }
+            let (ino, mut rec) = op.new_inode(*kind, *perm, *uid, *gid);
+            rec.rdev = *rdev;
+            if *kind == FileKind::Dir {
+                rec.parent = *parent;
+                op.touch(*parent)?.nlink += 1;
+            }
+            op.inodes.insert(ino, Some(rec));
+            op.dirty.insert(ino);
+            op.link_name(*parent, name, ino, *kind)?;
+            Answer::Attr(op.inode(ino)?.attr(ino))
+        }
+        Mutation::Symlink {
+            parent,
+            name,
+            target,
+            uid,
+            gid,
+        } => {
+            op.dir(*parent)?;
+            if op.dirent(*parent, name)?.is_some() {
+                return Err(Errno::EXIST.into());
+            }
+            let (ino, mut rec) = op.new_inode(FileKind::Symlink, 0o777, *uid, *gid);
+            rec.size = target.len() as u64;
+            rec.target = target.clone();
+            op.inodes.insert(ino, Some(rec));
+            op.dirty.insert(ino);
+            op.link_name(*parent, name, ino, FileKind::Symlink)?;
+            Answer::Attr(op.inode(ino)?.attr(ino))
+        }
+        Mutation::Link { ino, parent, name } => {
+            let kind = op.inode(*ino)?.kind;
+            if kind == FileKind::Dir {
+                return Err(Errno::PERM.into());
+            }
+            op.dir(*parent)?;
+            if op.dirent(*parent, name)?.is_some() {
+                return Err(Errno::EXIST.into());
+            }
+            if op.inode(*ino)?.nlink >= 65_000 {
+                return Err(Errno::MLINK.into());
+            }
+            let r = op.touch(*ino)?;
+            let was_orphan = r.nlink == 0;
+            r.nlink += 1;
+            r.ctime = now;
+            if was_orphan {
+                store!(op.t.orphans.remove(k_ino(op.vol.id, *ino).as_slice()));
+            }
+            op.link_name(*parent, name, *ino, kind)?;
+            Answer::Attr(op.inode(*ino)?.attr(*ino))
+        }
+        Mutation::Unlink { parent, name } => {
+            op.dir(*parent)?;
+            let Some(d) = op.dirent(*parent, name)? else {
+                return Err(Errno::NOENT.into());
+            };
+            if d.kind == FileKind::Dir {
+                return Err(Errno::ISDIR.into());
+            }
+            op.unlink_name(*parent, name, d.cookie)?;
+            op.drop_link(d.ino)?;
+            Answer::Attr(op.inode(d.ino)?.attr(d.ino))
+        }
+        Mutation::Rmdir { parent, name } => {
+            op.dir(*parent)?;
+            let Some(d) = op.dirent(*parent, name)? else {
+                return Err(Errno::NOENT.into());
+            };
+            if d.kind != FileKind::Dir {
+                return Err(Errno::NOTDIR.into());
+            }
+            if !op.dir_is_empty(d.ino)? {
+                return Err(Errno::NOTEMPTY.into());
+            }
+            op.unlink_name(*parent, name, d.cookie)?;
+            op.touch(*parent)?.nlink -= 1;
+            op.destroy(d.ino)?;
+            Answer::Done
+        }
+        Mutation::Rename {
+            parent,
+            name,
+            new_parent,
+            new_name,
+            mode,
+        } => rename(&mut op, *parent, name, *new_parent, new_name, *mode)?,
+        Mutation::SetAttr { ino, set } => setattr(&mut op, *ino, set)?,
+        Mutation::SetXattr {
+            ino,
+            name,
+            value,
+            mode,
+        } => {
+            op.inode(*ino)?;
+            let base = k_named(op.vol.id, *ino, name);
+            let exists = store!(current(&op.t.xattrs, &base)).is_some();
+            match (mode, exists) {
+                (XattrMode::Create, true) => return Err(Errno::EXIST.into()),
+                (XattrMode::Replace, false) => return Err(Errno::NODATA.into()),
+                _ => {}
+            }
+            let epoch = op.epoch();
+            store!(put_v(&mut op.t.xattrs, &base, epoch, value));
+            op.touch(*ino)?.ctime = now;
+            Answer::Done
+        }
+        Mutation::RemoveXattr { ino, name } => {
+            op.inode(*ino)?;
+            let base = k_named(op.vol.id, *ino, name);
+            let epoch = op.epoch();
+            if !store!(kill_v(&mut op.t.xattrs, &base, epoch)) {
+                return Err(Errno::NODATA.into());
+            }
+            op.touch(*ino)?.ctime = now;
+            Answer::Done
+        }
+        Mutation::CommitWrite {
+            ino,
+            extents,
+            size_at_least,
+            claim_epoch,
+        } => {
+            let kind = op.inode(*ino)?.kind;
+            match kind {
+                FileKind::File => {}
+                FileKind::Dir => return Err(Errno::ISDIR.into()),
+                _ => return Err(Errno::INVAL.into()),
+            }
+            if *claim_epoch != gc_epoch {
+                // Claims from an older GC epoch may name chunks the sweep is removing.
+                return Err(Errno::AGAIN.into());
+            }
+            let mut end = *size_at_least;
+            for e in extents {
+                let removed = op.punch(*ino, e.offset, e.end())?;
+                op.put_extent(*ino, e)?;
+                op.vol.logical_bytes = op.vol.logical_bytes - removed + e.len as u64;
+                end = end.max(e.end());
+            }
+            let r = op.touch(*ino)?;
+            r.size = r.size.max(end);
+            r.mtime = now;
+            r.ctime = now;
+            Answer::Attr(op.inode(*ino)?.attr(*ino))
+        }
+        Mutation::Reclaim { ino } => {
+            match op.inode(*ino) {
+                Ok(r) if r.nlink == 0 => op.destroy(*ino)?,
+                Ok(_) | Err(OpError::Errno(_)) => {} // still linked, or already gone
+                Err(e) => return Err(e),
+            }
+            Answer::Done
+        }
+    };
+    op.finish()?;
+    Ok(answer)
+}
+
+fn setattr(op: &mut Op<'_, '_>, ino: u64, set: &SetAttr) -> OpResult<Answer> {
+    let now = op.now;
+    let kind = op.inode(ino)?.kind;
+    if let Some(size) = set.size {
+        match kind {
+            FileKind::File => {}
+            FileKind::Dir => return Err(Errno::ISDIR.into()),
+            _ => return Err(Errno::INVAL.into()),
+        }
+        let old = op.inode(ino)?.size;
+        if size < old {
+            let freed = op.truncate_extents(ino, size)?;
+            op.vol.logical_bytes = op.vol.logical_bytes.saturating_sub(freed);
+        }
+        let r = op.touch(ino)?;
+        r.size = size;
+        r.mtime = now;
+    }
+    let r = op.touch(ino)?;
+    if let Some(p) = set.perm {
+        r.perm = p & 0o7777;
+    }
+    if let Some(u) = set.uid {
+        r.uid = u;
+    }
+    if let Some(g) = set.gid {
+        r.gid = g;
+    }
+    if let Some(a) = set.atime {
+        r.atime = set_time(a, now);
+    }
+    if let Some(m) = set.mtime {
+        r.mtime = set_time(m, now);
+    }
+    r.ctime = now;
+    Ok(Answer::Attr(r.attr(ino)))
+}
+
+fn rename(
+    op: &mut Op<'_, '_>,
+    parent: u64,
+    name: &[u8],
+    new_parent: u64,
+    new_name: &[u8],
+    mode: RenameMode,
+) -> OpResult<Answer> {
+    let now = op.now;
+    op.dir(parent)?;
+    op.dir(new_parent)?;
+    let Some(src) = op.dirent(parent, name)? else {
+        return Err(Errno::NOENT.into());
+    };
+    let dst = op.dirent(new_parent, new_name)?;
+    if parent == new_parent && name == new_name {
+        return match (mode, dst) {
+            (RenameMode::NoReplace, Some(_)) => Err(Errno::EXIST.into()),
+            _ => Ok(Answer::Renamed {
+                moved: src.ino,
+                replaced: None,
+            }),
+        };
+    }
+    // A directory may not move below itself.
+    if src.kind == FileKind::Dir && op.within(new_parent, src.ino)? {
+        return Err(Errno::INVAL.into());
+    }
+    match (mode, dst) {
+        (RenameMode::NoReplace, Some(_)) => return Err(Errno::EXIST.into()),
+        (RenameMode::Exchange, None) => return Err(Errno::NOENT.into()),
+        (RenameMode::Exchange, Some(d)) => {
+            if d.kind == FileKind::Dir && op.within(parent, d.ino)? {
+                return Err(Errno::INVAL.into());
+            }
+            let epoch = op.epoch();
+            let vol = op.vol.id;
+            let a = enc(&DirentVal {
+                ino: d.ino,
+                kind: d.kind,
+                cookie: src.cookie,
+            });
+            let b = enc(&DirentVal {
+                ino: src.ino,
+                kind: src.kind,
+                cookie: d.cookie,
+            });
+            store!(put_v(
+                &mut op.t.dirents,
+                &k_named(vol, parent, name),
+                epoch,
+                &a
+            ));
+            store!(put_v(
+                &mut op.t.dirents,
+                &k_named(vol, new_parent, new_name),
+                epoch,
+                &b
+            ));
+            if parent != new_parent {
+                if src.kind == FileKind::Dir {
+                    op.touch(src.ino)?.parent = new_parent;
+                    op.touch(parent)?.nlink -= 1;
+                    op.touch(new_parent)?.nlink += 1;
+                }
+                if d.kind == FileKind::Dir {
+                    op.touch(d.ino)?.parent = parent;
+                    op.touch(new_parent)?.nlink -= 1;
+                    op.touch(parent)?.nlink += 1;
+                }
+            }
+            for ino in [src.ino, d.ino] {
+                op.touch(ino)?.ctime = now;
+            }
+            for p in [parent, new_parent] {
+                let r = op.touch(p)?;
+                r.mtime = now;
+                r.ctime = now;
+            }
+            return Ok(Answer::Renamed {
+                moved: src.ino,
+                replaced: Some(d.ino),
+            });
+        }
+        _ => {}
+    }
+    let mut replaced = None;
+    if let Some(d) = dst {
+        if d.ino == src.ino {
+            // Two names of one file: rename(2) does nothing and succeeds.
+            return Ok(Answer::Renamed {
+                moved: src.ino,
+                replaced: None,
+            });
+        }
+        match (src.kind == FileKind::Dir, d.kind == FileKind::Dir) {
+            (true, false) => return Err(Errno::NOTDIR.into()),
+            (false, true) => return Err(Errno::ISDIR.into()),
+            (true, true) if !op.dir_is_empty(d.ino)? => return Err(Errno::NOTEMPTY.into()),
+            _ => {}
+        }
+        op.unlink_name(new_parent, new_name, d.cookie)?;
+        if d.kind == FileKind::Dir {
+            op.touch(new_parent)?.nlink -= 1;
+            op.destroy(d.ino)?;
+        } else {
+            op.drop_link(d.ino)?;
+        }
+        replaced = Some(d.ino);
+    }
+    op.unlink_name(parent, name, src.cookie)?;
+    op.link_name(new_parent, new_name, src.ino, src.kind)?;
+    if src.kind == FileKind::Dir && parent != new_parent {
+        op.touch(src.ino)?.parent = new_parent;
+        op.touch(parent)?.nlink -= 1;
+        op.touch(new_parent)?.nlink += 1;
+    }
+    op.touch(src.ino)?.ctime = now;
+    Ok(Answer::Renamed {
+        moved: src.ino,
+        replaced,
+    })
+}
+
+/// A problem [`MetaStore::check`] found.
+pub type Finding = String;
+
+impl MetaStore {
+    /// Check the namespace invariants of every volume (see the module docs); returns what is
+    /// wrong, empty when all hold. Used by `hive fsck` and by every test as its oracle.
+    pub fn check(&self) -> Result<Vec<Finding>> {
+        let tx = self.db.begin_read()?;
+        let vols = tx.open_table(VOLUMES)?;
+        let inodes_t = tx.open_table(INODES)?;
+        let dirents_t = tx.open_table(DIRENTS)?;
+        let cookies_t = tx.open_table(COOKIES)?;
+        let extents_t = tx.open_table(EXTENTS)?;
+        let orphans_t = tx.open_table(ORPHANS)?;
+        let mut bad = Vec::new();
+        for item in vols.iter()? {
+            let (_, v) = item?;
+            let vol: VolumeRec = dec(v.value(), "volume")?;
+            let vp = k_vol(vol.id);
+            let mut inodes: HashMap<u64, InodeRec> = HashMap::new();
+            for (suffix, payload) in live_under(&inodes_t, &vp, &[], usize::MAX)? {
+                inodes.insert(be_u64(&suffix), dec(&payload, "inode")?);
+            }
+            let mut names: HashMap<u64, u32> = HashMap::new();
+            let mut subdirs: HashMap<u64, u32> = HashMap::new();
+            let mut dir_parent: HashMap<u64, u64> = HashMap::new();
+            let mut cookies_seen = 0usize;
+            for (suffix, payload) in live_under(&dirents_t, &vp, &[], usize::MAX)? {
+                let parent = be_u64(&suffix);
+                let name = &suffix[10..];
+                let d: DirentVal = dec(&payload, "dirent")?;
+                let what = format!(
+                    "volume {}: entry {:?} in directory {parent}",
+                    vol.name,
+                    String::from_utf8_lossy(name)
+                );
+                match inodes.get(&parent) {
+                    Some(p) if p.kind == FileKind::Dir => {}
+                    _ => bad.push(format!("{what}: its directory is not a live directory")),
+                }
+                match inodes.get(&d.ino) {
+                    None => bad.push(format!("{what}: names missing inode {}", d.ino)),
+                    Some(r) if r.kind != d.kind => bad.push(format!(
+                        "{what}: kind {:?} but inode is {:?}",
+                        d.kind, r.kind
+                    )),
+                    Some(_) => {}
+                }
+                *names.entry(d.ino).or_default() += 1;
+                if d.kind == FileKind::Dir {
+                    *subdirs.entry(parent).or_default() += 1;
+                    if dir_parent.insert(d.ino, parent).is_some() {
+                        bad.push(format!("{what}: directory {} has two names", d.ino));
+                    }
+                }
+                let ck = k_num(vol.id, parent, d.cookie);
+                match current(&cookies_t, &ck)? {
+                    Some((_, n)) if n == name => cookies_seen += 1,
+                    _ => bad.push(format!("{what}: cookie {} does not name it", d.cookie)),
+                }
+            }
+            let all_cookies = live_under(&cookies_t, &vp, &[], usize::MAX)?.len();
+            if all_cookies != cookies_seen {
+                bad.push(format!(
+                    "volume {}: {all_cookies} cookies for {cookies_seen} entries",
+                    vol.name
+                ));
+            }
+            let mut logical = 0u64;
+            for (&ino, r) in &inodes {
+                let what = format!("volume {}: inode {ino}", vol.name);
+                let n = names.get(&ino).copied().unwrap_or(0);
+                let orphan = orphans_t.get(k_ino(vol.id, ino).as_slice())?.is_some();
+                match r.kind {
+                    FileKind::Dir => {
+                        let want = 2 + subdirs.get(&ino).copied().unwrap_or(0);
+                        if r.nlink != want {
+                            bad.push(format!("{what}: directory nlink {} (want {want})", r.nlink));
+                        }
+                        if ino == ROOT_INO {
+                            if n != 0 {
+                                bad.push(format!("{what}: the root has a name"));
+                            }
+                        } else {
+                            if n != 1 {
+                                bad.push(format!("{what}: directory with {n} names"));
+                            }
+                            if dir_parent.get(&ino) != Some(&r.parent) {
+                                bad.push(format!("{what}: parent pointer {} is wrong", r.parent));
+                            }
+                        }
+                    }
+                    _ => {
+                        if r.nlink != n {
+                            bad.push(format!("{what}: nlink {} but {n} names", r.nlink));
+                        }
+                        if (n == 0) != orphan {
+                            bad.push(format!("{what}: orphan list disagrees (names {n})"));
+                        }
+                    }
+                }
+                // Extents: in order, not overlapping.
+                let (ext, _) = extents_in(&extents_t, vol.id, ino, 0, u64::MAX, usize::MAX)?;
+                let mut end = 0u64;
+                for e in &ext {
+                    if e.offset < end {
+                        bad.push(format!("{what}: extents overlap at {}", e.offset));
+                    }
+                    end = e.end();
+                    logical += e.len as u64;
+                }
+                if !ext.is_empty() && r.kind != FileKind::File {
+                    bad.push(format!("{what}: a {:?} with extents", r.kind));
+                }
+            }
+            // Reachability: every directory's parent chain reaches the root.
+            for &ino in dir_parent.keys() {
+                let mut cur = ino;
+                let mut steps = 0;
+                while cur != ROOT_INO && steps <= inodes.len() {
+                    cur = dir_parent.get(&cur).copied().unwrap_or(ROOT_INO);
+                    steps += 1;
+                }
+                if cur != ROOT_INO || steps > inodes.len() {
+                    bad.push(format!(
+                        "volume {}: directory {ino} is not below the root",
+                        vol.name
+                    ));
+                }
+            }
+            if logical != vol.logical_bytes {
+                bad.push(format!(
+                    "volume {}: logical bytes {} recorded, {logical} in extents",
+                    vol.name, vol.logical_bytes
+                ));
+            }
+            if inodes.len() as u64 != vol.files {
+                bad.push(format!(
+                    "volume {}: {} files recorded, {} inodes live",
+                    vol.name,
+                    vol.files,
+                    inodes.len()
+                ));
+            }
+        }
+        Ok(bad)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hivefs_net::chunk::CHUNK_ID_BYTES;
+    use hivefs_nvme::rng::SplitMix64;
+
+    /// A store in a fresh temp file, and a client that numbers its mutations.
+    struct Fixture {
+        store: MetaStore,
+        path: std::path::PathBuf,
+        vol: u32,
+        client: u64,
+        seq: u64,
+        clock: i64,
+        raft_n: u64,
+        /// Hold `acked_below` here (answers the client has not confirmed yet).
+        hold: Option<u64>,
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    fn fixture(tag: &str) -> Fixture {
+        let path = std::env::temp_dir().join(format!(
+            "hivefs-meta-{}-{tag}-{}.redb",
+            std::process::id(),
+            SplitMix64::new(tag.len() as u64 ^ 0x5eed).next_u64()
+        ));
+        let _ = std::fs::remove_file(&path);
+        let store = MetaStore::open(&path).unwrap();
+        let mut f = Fixture {
+            store,
+            path,
+            vol: 0,
+            client: 7,
+            seq: 0,
+            clock: 1_000,
+            raft_n: 0,
+            hold: None,
+        };
+        match f.m(Mutation::CreateVolume {
+            name: "v".into(),
+            copies: 1,
+        }) {
+            Ok(Answer::Volume(v)) => f.vol = v.id,
+            other => panic!("create volume: {other:?}"),
+        }
+        f
+    }
+
+    impl Fixture {
+        fn cmd(&mut self, op: Mutation) -> MetaCommand {
+            self.seq += 1;
+            self.clock += 1;
+            MetaCommand {
+                volume: self.vol,
+                client: self.client,
+                seq: self.seq,
+                acked_below: self.hold.unwrap_or(self.seq),
+                now: Timespec {
+                    sec: self.clock,
+                    nsec: 5,
+                },
+                op,
+            }
+        }
+
+        fn apply(&mut self, c: &MetaCommand) -> MetaReply {
+            self.raft_n += 1;
+            let bytes = meta::encode(c);
+            let out = self
+                .store
+                .apply_batch(&[Some(&bytes)], &self.raft_n.to_le_bytes())
+                .unwrap();
+            meta::decode(&out[0]).unwrap()
+        }
+
+        fn m(&mut self, op: Mutation) -> MetaReply {
+            let c = self.cmd(op);
+            self.apply(&c)
+        }
+
+        fn q(&self, q: Query) -> MetaReply {
+            self.store.query(self.vol, &q).unwrap()
+        }
+
+        fn create(&mut self, parent: u64, name: &str, kind: FileKind) -> MetaReply {
+            self.m(Mutation::Create {
+                parent,
+                name: name.into(),
+                kind,
+                perm: 0o644,
+                uid: 1,
+                gid: 2,
+                rdev: 0,
+            })
+        }
+
+        fn ino(&mut self, parent: u64, name: &str, kind: FileKind) -> u64 {
+            match self.create(parent, name, kind) {
+                Ok(Answer::Attr(a)) => a.ino,
+                other => panic!("create {name}: {other:?}"),
+            }
+        }
+
+        fn attr(&self, ino: u64) -> Attr {
+            match self.q(Query::GetAttr { ino }) {
+                Ok(Answer::Attr(a)) => a,
+                other => panic!("getattr {ino}: {other:?}"),
+            }
+        }
+
+        fn names(&self, dir: u64) -> Vec<String> {
+            match self.q(Query::ReadDir {
+                ino: dir,
+                after: 0,
+                max: 4096,
+            }) {
+                Ok(Answer::Dir { entries, .. }) => entries
+                    .into_iter()
+                    .map(|e| String::from_utf8(e.name).unwrap())
+                    .collect(),
+                other => panic!("readdir: {other:?}"),
+            }
+        }
+
+        fn clean(&self) {
+            let bad = self.store.check().unwrap();
+            assert!(bad.is_empty(), "fsck findings: {bad:#?}");
+        }
+
+        fn rename(&mut self, p: u64, n: &str, np: u64, nn: &str, mode: RenameMode) -> MetaReply {
+            self.m(Mutation::Rename {
+                parent: p,
+                name: n.into(),
+                new_parent: np,
+                new_name: nn.into(),
+                mode,
+            })
+        }
+
+        fn write(&mut self, ino: u64, offset: u64, len: u32, tag: u8) -> MetaReply {
+            self.m(Mutation::CommitWrite {
+                ino,
+                extents: vec![ext(offset, len, tag, 0)],
+                size_at_least: 0,
+                claim_epoch: 1,
+            })
+        }
+
+        fn extents(&self, ino: u64) -> Vec<Extent> {
+            match self.q(Query::Extents {
+                ino,
+                from: 0,
+                to: u64::MAX,
+                max: 16384,
+            }) {
+                Ok(Answer::Extents { extents, .. }) => extents,
+                other => panic!("extents: {other:?}"),
+            }
+        }
+    }
+
+    fn ext(offset: u64, len: u32, tag: u8, chunk_offset: u32) -> Extent {
+        Extent {
+            offset,
+            len,
+            chunk: ChunkId([tag; CHUNK_ID_BYTES]),
+            chunk_offset,
+        }
+    }
+
+    #[test]
+    fn files_directories_and_errors() {
+        let mut f = fixture("basic");
+        let d = f.ino(ROOT_INO, "d", FileKind::Dir);
+        let a = f.ino(d, "a", FileKind::File);
+        assert_eq!(f.create(d, "a", FileKind::File), Err(Errno::EXIST));
+        assert_eq!(f.create(a, "x", FileKind::File), Err(Errno::NOTDIR));
+        assert_eq!(f.create(999, "x", FileKind::File), Err(Errno::NOENT));
+        assert_eq!(f.attr(ROOT_INO).nlink, 3);
+        assert_eq!(f.attr(d).nlink, 2);
+        match f.q(Query::Lookup {
+            parent: d,
+            name: b"a".to_vec(),
+        }) {
+            Ok(Answer::Attr(at)) => {
+                assert_eq!(
+                    (at.ino, at.kind, at.perm, at.uid, at.gid),
+                    (a, FileKind::File, 0o644, 1, 2)
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            f.m(Mutation::Rmdir {
+                parent: ROOT_INO,
+                name: b"d".to_vec()
+            }),
+            Err(Errno::NOTEMPTY)
+        );
+        assert_eq!(
+            f.m(Mutation::Unlink {
+                parent: ROOT_INO,
+                name: b"d".to_vec()
+            }),
+            Err(Errno::ISDIR)
+        );
+        // Symlink and readlink.
+        let s = match f.m(Mutation::Symlink {
+            parent: d,
+            name: b"s".to_vec(),
+            target: b"../a/b".to_vec(),
+            uid: 0,
+            gid: 0,
+        }) {
+            Ok(Answer::Attr(at)) => at.ino,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            f.q(Query::ReadLink { ino: s }),
+            Ok(Answer::Link(b"../a/b".to_vec()))
+        );
+        assert_eq!(f.q(Query::ReadLink { ino: a }), Err(Errno::INVAL));
+        // Hard links: attributes shared, nlink counted; unlinking the last makes an orphan.
+        assert!(f
+            .m(Mutation::Link {
+                ino: a,
+                parent: ROOT_INO,
+                name: b"a2".to_vec()
+            })
+            .is_ok());
+        assert_eq!(f.attr(a).nlink, 2);
+        assert_eq!(
+            f.m(Mutation::Link {
+                ino: d,
+                parent: ROOT_INO,
+                name: b"d2".to_vec()
+            }),
+            Err(Errno::PERM)
+        );
+        f.clean();
+        for (p, n) in [(d, "a"), (ROOT_INO, "a2")] {
+            assert!(f
+                .m(Mutation::Unlink {
+                    parent: p,
+                    name: n.into()
+                })
+                .is_ok());
+        }
+        assert_eq!(
+            f.attr(a).nlink,
+            0,
+            "open handles still reach an unlinked file"
+        );
+        f.clean();
+        assert_eq!(f.m(Mutation::Reclaim { ino: a }), Ok(Answer::Done));
+        assert_eq!(f.q(Query::GetAttr { ino: a }), Err(Errno::NOENT));
+        f.clean();
+        f.m(Mutation::Unlink {
+            parent: d,
+            name: b"s".to_vec(),
+        })
+        .unwrap();
+        f.m(Mutation::Reclaim { ino: s }).unwrap();
+        f.m(Mutation::Rmdir {
+            parent: ROOT_INO,
+            name: b"d".to_vec(),
+        })
+        .unwrap();
+        assert_eq!(f.attr(ROOT_INO).nlink, 2);
+        assert!(f.names(ROOT_INO).is_empty());
+        f.clean();
+    }
+
+    #[test]
+    fn rename_modes() {
+        let mut f = fixture("rename");
+        let a = f.ino(ROOT_INO, "a", FileKind::Dir);
+        let b = f.ino(ROOT_INO, "b", FileKind::Dir);
+        let x = f.ino(a, "x", FileKind::File);
+        let y = f.ino(b, "y", FileKind::File);
+        let sub = f.ino(a, "sub", FileKind::Dir);
+        // Into its own subtree: EINVAL.
+        assert_eq!(
+            f.rename(ROOT_INO, "a", sub, "a", RenameMode::Replace),
+            Err(Errno::INVAL)
+        );
+        assert_eq!(
+            f.rename(ROOT_INO, "a", a, "self", RenameMode::Replace),
+            Err(Errno::INVAL)
+        );
+        // NOREPLACE over an existing name.
+        f.ino(b, "x", FileKind::File);
+        assert_eq!(
+            f.rename(a, "x", b, "x", RenameMode::NoReplace),
+            Err(Errno::EXIST)
+        );
+        // Replace a file: the old target loses its name.
+        let r = f.rename(a, "x", b, "x", RenameMode::Replace).unwrap();
+        assert!(matches!(r, Answer::Renamed { moved, replaced: Some(_) } if moved == x));
+        assert_eq!(f.names(a), vec!["sub"]);
+        // A file over a directory and a directory over a file.
+        assert_eq!(
+            f.rename(b, "x", a, "sub", RenameMode::Replace),
+            Err(Errno::ISDIR)
+        );
+        assert_eq!(
+            f.rename(a, "sub", b, "x", RenameMode::Replace),
+            Err(Errno::NOTDIR)
+        );
+        // A directory moves across parents: nlinks follow.
+        f.rename(a, "sub", b, "sub", RenameMode::Replace).unwrap();
+        assert_eq!((f.attr(a).nlink, f.attr(b).nlink), (2, 3));
+        // Over an empty directory: allowed; over a non-empty one: ENOTEMPTY.
+        let e = f.ino(a, "e", FileKind::Dir);
+        f.ino(e, "inner", FileKind::File);
+        assert_eq!(
+            f.rename(b, "sub", a, "e", RenameMode::Replace),
+            Err(Errno::NOTEMPTY)
+        );
+        f.ino(a, "empty", FileKind::Dir);
+        f.rename(b, "sub", a, "empty", RenameMode::Replace).unwrap();
+        assert_eq!((f.attr(a).nlink, f.attr(b).nlink), (4, 2));
+        f.clean();
+        // EXCHANGE a file and a directory across parents.
+        f.rename(b, "y", a, "e", RenameMode::Exchange).unwrap();
+        assert_eq!(f.names(b).iter().filter(|n| *n == "y").count(), 1);
+        match f.q(Query::Lookup {
+            parent: b,
+            name: b"y".to_vec(),
+        }) {
+            Ok(Answer::Attr(at)) => assert_eq!(at.ino, e),
+            other => panic!("{other:?}"),
+        }
+        match f.q(Query::Lookup {
+            parent: a,
+            name: b"e".to_vec(),
+        }) {
+            Ok(Answer::Attr(at)) => assert_eq!(at.ino, y),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!((f.attr(a).nlink, f.attr(b).nlink), (3, 3));
+        assert_eq!(
+            f.rename(a, "nope", b, "y", RenameMode::Exchange),
+            Err(Errno::NOENT)
+        );
+        assert_eq!(
+            f.rename(a, "e", b, "nope", RenameMode::Exchange),
+            Err(Errno::NOENT)
+        );
+        f.clean();
+    }
+
+    #[test]
+    fn commit_write_splits_old_extents_and_truncate_trims() {
+        let mut f = fixture("extents");
+        let ino = f.ino(ROOT_INO, "f", FileKind::File);
+        f.write(ino, 0, 100, 1).unwrap();
+        f.write(ino, 30, 20, 2).unwrap(); // inside: splits into 3
+        assert_eq!(
+            f.extents(ino),
+            vec![ext(0, 30, 1, 0), ext(30, 20, 2, 0), ext(50, 50, 1, 50)]
+        );
+        f.write(ino, 90, 20, 3).unwrap(); // over the end: trims the tail, grows the size
+        assert_eq!(f.attr(ino).size, 110);
+        f.write(ino, 1 << 33, 10, 4).unwrap(); // sparse, past 4 GiB
+        assert_eq!(f.attr(ino).size, (1 << 33) + 10);
+        // A write covering several extents exactly replaces them.
+        f.write(ino, 0, 95, 5).unwrap();
+        assert_eq!(
+            f.extents(ino),
+            vec![ext(0, 95, 5, 0), ext(95, 15, 3, 5), ext(1 << 33, 10, 4, 0)]
+        );
+        // Range query: only the overlapping extents.
+        match f.q(Query::Extents {
+            ino,
+            from: 100,
+            to: 101,
+            max: 10,
+        }) {
+            Ok(Answer::Extents { extents, .. }) => assert_eq!(extents, vec![ext(95, 15, 3, 5)]),
+            other => panic!("{other:?}"),
+        }
+        f.clean();
+        // Truncate down through the middle of an extent, then up (a hole).
+        f.m(Mutation::SetAttr {
+            ino,
+            set: SetAttr {
+                size: Some(50),
+                ..Default::default()
+            },
+        })
+        .unwrap();
+        assert_eq!(f.extents(ino), vec![ext(0, 50, 5, 0)]);
+        f.m(Mutation::SetAttr {
+            ino,
+            set: SetAttr {
+                size: Some(1000),
+                ..Default::default()
+            },
+        })
+        .unwrap();
+        assert_eq!(f.attr(ino).size, 1000);
+        assert_eq!(f.extents(ino), vec![ext(0, 50, 5, 0)]);
+        f.clean();
+        // An old GC epoch's claim is refused.
+        assert_eq!(
+            f.m(Mutation::CommitWrite {
+                ino,
+                extents: vec![ext(0, 1, 9, 0)],
+                size_at_least: 0,
+                claim_epoch: 0
+            }),
+            Err(Errno::AGAIN)
+        );
+        let refs = f.store.referenced_chunks().unwrap();
+        assert_eq!(refs, [ChunkId([5; CHUNK_ID_BYTES])].into_iter().collect());
+    }
+
+    #[test]
+    fn mutations_apply_exactly_once() {
+        let mut f = fixture("once");
+        let c = f.cmd(Mutation::Create {
+            parent: ROOT_INO,
+            name: b"once".to_vec(),
+            kind: FileKind::File,
+            perm: 0o600,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+        });
+        let first = f.apply(&c);
+        let again = f.apply(&c);
+        assert!(first.is_ok());
+        assert_eq!(first, again, "a retry gets the first answer");
+        assert_eq!(f.names(ROOT_INO), vec!["once"]);
+        assert_eq!(f.attr(ROOT_INO).nlink, 2);
+        // A failing mutation's retry gets the same error, not a new attempt.
+        f.hold = Some(f.seq + 1);
+        let u = f.cmd(Mutation::Unlink {
+            parent: ROOT_INO,
+            name: b"missing".to_vec(),
+        });
+        assert_eq!(f.apply(&u), Err(Errno::NOENT));
+        f.create(ROOT_INO, "missing", FileKind::File).unwrap();
+        assert_eq!(f.apply(&u), Err(Errno::NOENT), "replayed, not re-run");
+        f.hold = None;
+        // Once the client says it has the answers, an old seq is stale.
+        let next = f.cmd(Mutation::AdvanceGcEpoch);
+        f.apply(&next).unwrap();
+        assert_eq!(f.apply(&c), Err(Errno::STALE));
+        f.clean();
+    }
+
+    #[test]
+    fn readdir_pages_with_stable_cookies() {
+        let mut f = fixture("readdir");
+        let d = f.ino(ROOT_INO, "d", FileKind::Dir);
+        for i in 0..250 {
+            f.ino(d, &format!("f{i:03}"), FileKind::File);
+        }
+        let mut seen = Vec::new();
+        let mut after = 0;
+        let mut pages = 0;
+        loop {
+            let Ok(Answer::Dir { entries, end }) = f.q(Query::ReadDir {
+                ino: d,
+                after,
+                max: 64,
+            }) else {
+                panic!("readdir");
+            };
+            pages += 1;
+            if pages == 2 {
+                // Changes during the listing: a removed entry vanishes, a new one comes last.
+                f.m(Mutation::Unlink {
+                    parent: d,
+                    name: b"f200".to_vec(),
+                })
+                .unwrap();
+                f.ino(d, "new", FileKind::File);
+            }
+            for e in &entries {
+                assert!(e.cookie > after);
+                after = e.cookie;
+                seen.push(String::from_utf8(e.name.clone()).unwrap());
+            }
+            if end {
+                break;
+            }
+        }
+        assert_eq!(seen.len(), 250, "249 old names and the new one");
+        assert!(!seen.contains(&"f200".to_string()));
+        assert_eq!(seen.last().unwrap(), "new");
+        f.clean();
+    }
+
+    #[test]
+    fn xattrs_modes() {
+        let mut f = fixture("xattr");
+        let ino = f.ino(ROOT_INO, "f", FileKind::File);
+        let set = |name: &str, v: &str, mode| Mutation::SetXattr {
+            ino,
+            name: name.into(),
+            value: v.into(),
+            mode,
+        };
+        assert_eq!(
+            f.m(set("user.a", "1", XattrMode::Replace)),
+            Err(Errno::NODATA)
+        );
+        f.m(set("user.a", "1", XattrMode::Create)).unwrap();
+        assert_eq!(
+            f.m(set("user.a", "2", XattrMode::Create)),
+            Err(Errno::EXIST)
+        );
+        f.m(set("user.a", "3", XattrMode::Replace)).unwrap();
+        f.m(set("trusted.b", "", XattrMode::Any)).unwrap();
+        assert_eq!(
+            f.q(Query::GetXattr {
+                ino,
+                name: b"user.a".to_vec()
+            }),
+            Ok(Answer::Xattr(b"3".to_vec()))
+        );
+        let Ok(Answer::XattrNames(mut names)) = f.q(Query::ListXattr { ino }) else {
+            panic!("listxattr");
+        };
+        names.sort();
+        assert_eq!(names, vec![b"trusted.b".to_vec(), b"user.a".to_vec()]);
+        f.m(Mutation::RemoveXattr {
+            ino,
+            name: b"user.a".to_vec(),
+        })
+        .unwrap();
+        assert_eq!(
+            f.q(Query::GetXattr {
+                ino,
+                name: b"user.a".to_vec()
+            }),
+            Err(Errno::NODATA)
+        );
+        f.clean();
+    }
+
+    /// Random operations on a small tree; the invariants hold after every one, and a
+    /// snapshot export/import reproduces the state exactly.
+    #[test]
+    fn random_operations_keep_the_invariants() {
+        for seed in 0..4u64 {
+            let mut f = fixture(&format!("random{seed}"));
+            let mut rng = SplitMix64::new(seed);
+            let names = ["a", "b", "c", "d"];
+            let mut dirs = vec![ROOT_INO];
+            let mut files: Vec<u64> = Vec::new();
+            for step in 0..600 {
+                let p = dirs[rng.below(dirs.len() as u64) as usize];
+                let n = names[rng.below(4) as usize];
+                let p2 = dirs[rng.below(dirs.len() as u64) as usize];
+                let n2 = names[rng.below(4) as usize];
+                let r = match rng.below(10) {
+                    0 | 1 => f.create(p, n, FileKind::File),
+                    2 => f.create(p, n, FileKind::Dir),
+                    3 => f.m(Mutation::Unlink {
+                        parent: p,
+                        name: n.into(),
+                    }),
+                    4 => f.m(Mutation::Rmdir {
+                        parent: p,
+                        name: n.into(),
+                    }),
+                    5 | 6 => {
+                        let mode = [
+                            RenameMode::Replace,
+                            RenameMode::NoReplace,
+                            RenameMode::Exchange,
+                        ][rng.below(3) as usize];
+                        f.rename(p, n, p2, n2, mode)
+                    }
+                    7 if !files.is_empty() => {
+                        let ino = files[rng.below(files.len() as u64) as usize];
+                        f.m(Mutation::Link {
+                            ino,
+                            parent: p,
+                            name: n.into(),
+                        })
+                    }
+                    8 if !files.is_empty() => {
+                        let ino = files[rng.below(files.len() as u64) as usize];
+                        let off = rng.below(1 << 20);
+                        f.write(
+                            ino,
+                            off,
+                            1 + rng.below(1 << 16) as u32,
+                            rng.below(255) as u8,
+                        )
+                    }
+                    _ if !files.is_empty() => {
+                        let ino = files[rng.below(files.len() as u64) as usize];
+                        f.m(Mutation::SetAttr {
+                            ino,
+                            set: SetAttr {
+                                size: Some(rng.below(1 << 20)),
+                                ..Default::default()
+                            },
+                        })
+                    }
+                    _ => Ok(Answer::Done),
+                };
+                if let Ok(Answer::Attr(a)) = &r {
+                    match a.kind {
+                        FileKind::Dir if !dirs.contains(&a.ino) => dirs.push(a.ino),
+                        FileKind::File if !files.contains(&a.ino) => files.push(a.ino),
+                        _ => {}
+                    }
+                }
+                // Forget what is gone; reclaim orphans (no open handles here).
+                dirs.retain(|&d| f.q(Query::GetAttr { ino: d }).is_ok());
+                let mut live = Vec::new();
+                for &ino in &files {
+                    match f.q(Query::GetAttr { ino }) {
+                        Ok(Answer::Attr(a)) if a.nlink == 0 => {
+                            f.m(Mutation::Reclaim { ino }).unwrap();
+                        }
+                        Ok(_) => live.push(ino),
+                        Err(_) => {}
+                    }
+                }
+                files = live;
+                let bad = f.store.check().unwrap();
+                assert!(bad.is_empty(), "seed {seed} step {step}: {bad:#?}");
+            }
+            // Snapshot round trip.
+            let snap = f.store.export().unwrap();
+            let g = fixture(&format!("import{seed}"));
+            g.store.import(&snap, b"rs").unwrap();
+            assert_eq!(g.store.raft_state().unwrap(), Some(b"rs".to_vec()));
+            assert!(g.store.check().unwrap().is_empty());
+            for ino in &files {
+                assert_eq!(
+                    g.store.query(f.vol, &Query::GetAttr { ino: *ino }).unwrap(),
+                    f.q(Query::GetAttr { ino: *ino })
+                );
+            }
+        }
+    }
+}

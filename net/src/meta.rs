@@ -1,0 +1,591 @@
+//! Metadata messages: the namespace operations a client asks of the hive's metadata
+//! service, and their answers.
+//!
+//! They travel as postcard-encoded bodies inside frames with opcode `Meta` / `MetaReply`
+//! ([`crate::proto::Opcode`]); decoding is bounded by the frame body (at most
+//! [`crate::frame::MAX_BODY_BYTES`]) and every name, value and list is checked against the
+//! limits below by [`MetaRequest::validate`] before a node acts on it.
+//!
+//! A mutation ([`MetaCommand`]) is what goes into the metadata Raft log. It carries the
+//! caller's `(client, seq)` and `acked_below` (every seq under it has its answer), so a
+//! retried or replayed mutation applies exactly once and is answered with the answer it got
+//! the first time. Time comes in the command (`now`, stamped by the leader when it proposes),
+//! so applying a log is deterministic on every replica.
+//!
+//! Errors are Linux errno values ([`Errno`]): what a local filesystem would return, so the
+//! FUSE client hands them to the kernel unchanged.
+
+use crate::chunk::{ChunkId, CHUNK_ID_BYTES};
+use serde::{Deserialize, Serialize};
+
+/// Inode number of every volume's root directory.
+pub const ROOT_INO: u64 = 1;
+/// Longest name in a directory (bytes), as on ext4.
+pub const MAX_NAME_BYTES: usize = 255;
+/// Longest symlink target (bytes), PATH_MAX less the NUL.
+pub const MAX_SYMLINK_BYTES: usize = 4095;
+/// Longest xattr name (bytes) and value (bytes), as Linux's VFS allows.
+pub const MAX_XATTR_NAME_BYTES: usize = 255;
+pub const MAX_XATTR_VALUE_BYTES: usize = 64 * 1024;
+/// Most extents one commit-write carries.
+pub const MAX_COMMIT_EXTENTS: usize = 8192;
+/// Most entries one readdir answer carries.
+pub const MAX_READDIR_ENTRIES: u32 = 4096;
+/// Most extents one extent query answers (a client pages through larger files).
+pub const MAX_EXTENTS_ANSWER: u32 = 16384;
+/// Largest file offset + 1 (as ext4: 16 TiB with 4 KiB blocks; well within i64).
+pub const MAX_FILE_BYTES: u64 = 16 << 40;
+/// Longest volume name.
+pub const MAX_VOLUME_NAME_BYTES: usize = 64;
+
+/// A Linux errno value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Errno(pub i32);
+
+impl Errno {
+    pub const PERM: Errno = Errno(libc::EPERM);
+    pub const NOENT: Errno = Errno(libc::ENOENT);
+    pub const ACCES: Errno = Errno(libc::EACCES);
+    pub const EXIST: Errno = Errno(libc::EEXIST);
+    pub const XDEV: Errno = Errno(libc::EXDEV);
+    pub const NOTDIR: Errno = Errno(libc::ENOTDIR);
+    pub const ISDIR: Errno = Errno(libc::EISDIR);
+    pub const INVAL: Errno = Errno(libc::EINVAL);
+    pub const FBIG: Errno = Errno(libc::EFBIG);
+    pub const NOSPC: Errno = Errno(libc::ENOSPC);
+    pub const MLINK: Errno = Errno(libc::EMLINK);
+    pub const RANGE: Errno = Errno(libc::ERANGE);
+    pub const NAMETOOLONG: Errno = Errno(libc::ENAMETOOLONG);
+    pub const NOTEMPTY: Errno = Errno(libc::ENOTEMPTY);
+    pub const NODATA: Errno = Errno(libc::ENODATA);
+    pub const STALE: Errno = Errno(libc::ESTALE);
+    pub const AGAIN: Errno = Errno(libc::EAGAIN);
+    pub const IO: Errno = Errno(libc::EIO);
+    pub const NOTSUP: Errno = Errno(libc::EOPNOTSUPP);
+    pub const E2BIG: Errno = Errno(libc::E2BIG);
+}
+
+impl std::fmt::Display for Errno {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let msg = std::io::Error::from_raw_os_error(self.0);
+        write!(f, "errno {}: {msg}", self.0)
+    }
+}
+
+/// Seconds and nanoseconds since the Unix epoch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Timespec {
+    pub sec: i64,
+    pub nsec: u32,
+}
+
+impl Timespec {
+    /// The system clock now (only the proposer reads a clock; see the module docs).
+    pub fn now() -> Timespec {
+        let d = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Timespec {
+            sec: d.as_secs() as i64,
+            nsec: d.subsec_nanos(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDev,
+    BlockDev,
+}
+
+/// A file's attributes. `perm` holds the permission bits and setuid/setgid/sticky (07777).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attr {
+    pub ino: u64,
+    pub gen: u64,
+    pub kind: FileKind,
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub atime: Timespec,
+    pub mtime: Timespec,
+    pub ctime: Timespec,
+    pub crtime: Timespec,
+    pub rdev: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SetTime {
+    Now,
+    At(Timespec),
+}
+
+/// The attributes a setattr changes (`None`: unchanged). ctime is always set to now.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetAttr {
+    pub perm: Option<u16>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+}
+
+/// File bytes `[offset, offset + len)` are bytes `[chunk_offset, chunk_offset + len)` of the
+/// chunk's plaintext. Extents may reference part of a chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extent {
+    pub offset: u64,
+    pub len: u32,
+    #[serde(with = "chunk_id_serde")]
+    pub chunk: ChunkId,
+    pub chunk_offset: u32,
+}
+
+impl Extent {
+    pub fn end(&self) -> u64 {
+        self.offset + self.len as u64
+    }
+}
+
+/// Serde for a [`ChunkId`] as 33 bytes (serde derives arrays only up to 32).
+pub mod chunk_id_serde {
+    use super::{ChunkId, CHUNK_ID_BYTES};
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(id: &ChunkId, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&id.0)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ChunkId, D::Error> {
+        let b: &[u8] = Deserialize::deserialize(d)?;
+        let a: [u8; CHUNK_ID_BYTES] = b
+            .try_into()
+            .map_err(|_| D::Error::invalid_length(b.len(), &"a 33-byte chunk id"))?;
+        Ok(ChunkId(a))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    pub name: Vec<u8>,
+    pub ino: u64,
+    pub kind: FileKind,
+    /// Resume a readdir after this entry with `ReadDir { after: cookie }`. Cookies of a
+    /// directory only grow: entries added during a listing come after every older one.
+    pub cookie: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RenameMode {
+    /// Replace an existing target (plain rename(2)).
+    Replace,
+    /// RENAME_NOREPLACE: fail with EEXIST if the target exists.
+    NoReplace,
+    /// RENAME_EXCHANGE: swap source and target atomically; both must exist.
+    Exchange,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum XattrMode {
+    Any,
+    /// XATTR_CREATE: fail with EEXIST if it exists.
+    Create,
+    /// XATTR_REPLACE: fail with ENODATA if it does not.
+    Replace,
+}
+
+/// A namespace change (what the metadata log holds, inside a [`MetaCommand`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Mutation {
+    CreateVolume {
+        name: String,
+        copies: u8,
+    },
+    /// create(2)/mknod(2)/mkdir(2): a new inode of `kind` under `parent`.
+    Create {
+        parent: u64,
+        name: Vec<u8>,
+        kind: FileKind,
+        perm: u16,
+        uid: u32,
+        gid: u32,
+        rdev: u32,
+    },
+    Symlink {
+        parent: u64,
+        name: Vec<u8>,
+        target: Vec<u8>,
+        uid: u32,
+        gid: u32,
+    },
+    Link {
+        ino: u64,
+        parent: u64,
+        name: Vec<u8>,
+    },
+    Unlink {
+        parent: u64,
+        name: Vec<u8>,
+    },
+    Rmdir {
+        parent: u64,
+        name: Vec<u8>,
+    },
+    Rename {
+        parent: u64,
+        name: Vec<u8>,
+        new_parent: u64,
+        new_name: Vec<u8>,
+        mode: RenameMode,
+    },
+    SetAttr {
+        ino: u64,
+        set: SetAttr,
+    },
+    SetXattr {
+        ino: u64,
+        name: Vec<u8>,
+        value: Vec<u8>,
+        mode: XattrMode,
+    },
+    RemoveXattr {
+        ino: u64,
+        name: Vec<u8>,
+    },
+    /// New extents for exactly the written ranges (old extents are split around them), the
+    /// size raised to at least `size_at_least`, mtime and ctime set to now. The chunks were
+    /// claimed in GC epoch `claim_epoch`; only the current epoch is accepted (EAGAIN: claim
+    /// again).
+    CommitWrite {
+        ino: u64,
+        extents: Vec<Extent>,
+        size_at_least: u64,
+        claim_epoch: u64,
+    },
+    /// Drop an inode that no name references any more (nlink 0) once its last user is done
+    /// with it; its extents become garbage. Refused (EBUSY-like EINVAL) while linked.
+    Reclaim {
+        ino: u64,
+    },
+    /// Start a new GC epoch (the GC coordinator's, before its mark).
+    AdvanceGcEpoch,
+}
+
+/// A mutation as proposed to the log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaCommand {
+    /// Volume id (ignored by volume-level and hive-level mutations).
+    pub volume: u32,
+    pub client: u64,
+    /// This client's sequence number for the mutation (starts at 1).
+    pub seq: u64,
+    /// Every seq of this client below it has been answered and will not be retried.
+    pub acked_below: u64,
+    /// The leader's clock when it proposed.
+    pub now: Timespec,
+    pub op: Mutation,
+}
+
+/// A read of the namespace (answered by the leader after a read barrier: linearizable).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Query {
+    Volume {
+        name: String,
+    },
+    Volumes,
+    Lookup {
+        parent: u64,
+        name: Vec<u8>,
+    },
+    GetAttr {
+        ino: u64,
+    },
+    /// Entries with cookie > `after` (0: from the start; `.` and `..` are the client's).
+    ReadDir {
+        ino: u64,
+        after: u64,
+        max: u32,
+    },
+    ReadLink {
+        ino: u64,
+    },
+    GetXattr {
+        ino: u64,
+        name: Vec<u8>,
+    },
+    ListXattr {
+        ino: u64,
+    },
+    /// Extents overlapping `[from, to)`, at most `max`.
+    Extents {
+        ino: u64,
+        from: u64,
+        to: u64,
+        max: u32,
+    },
+    StatFs,
+    GcEpoch,
+}
+
+/// What a client sends to the metadata service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaRequest {
+    /// `now` in the command is ignored: the leader stamps its own.
+    Mutate(MetaCommand),
+    Query {
+        volume: u32,
+        query: Query,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    pub id: u32,
+    pub name: String,
+    pub copies: u8,
+    pub root: Attr,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatFs {
+    /// Inodes in use in the volume.
+    pub files: u64,
+    /// Logical bytes referenced by the volume's live extents.
+    pub logical_bytes: u64,
+    /// Device bytes in all and free (filled in by the node from its shards).
+    pub device_bytes: u64,
+    pub device_free_bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Answer {
+    Done,
+    Attr(Attr),
+    Volume(VolumeInfo),
+    Volumes(Vec<VolumeInfo>),
+    /// Up to `max` entries; `end` when none follow.
+    Dir {
+        entries: Vec<DirEntry>,
+        end: bool,
+    },
+    Link(Vec<u8>),
+    Xattr(Vec<u8>),
+    XattrNames(Vec<Vec<u8>>),
+    /// Extents in offset order, the file's size, and whether more extents follow in range.
+    Extents {
+        extents: Vec<Extent>,
+        size: u64,
+        more: bool,
+    },
+    StatFs(StatFs),
+    /// Rename answers the inodes it touched (for the client's cache invalidation).
+    Renamed {
+        moved: u64,
+        replaced: Option<u64>,
+    },
+    GcEpoch(u64),
+}
+
+/// The answer to a [`MetaRequest`].
+pub type MetaReply = Result<Answer, Errno>;
+
+/// A request or reply body that does not decode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bad metadata message: {0}")]
+pub struct MetaDecodeError(pub String);
+
+pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_allocvec(v).expect("postcard encodes every metadata message")
+}
+
+pub fn decode<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Result<T, MetaDecodeError> {
+    postcard::from_bytes(b).map_err(|e| MetaDecodeError(e.to_string()))
+}
+
+/// A name a directory entry may have: 1..=255 bytes, no `/`, no NUL, not `.` or `..`.
+pub fn check_name(name: &[u8]) -> Result<(), Errno> {
+    if name.len() > MAX_NAME_BYTES {
+        return Err(Errno::NAMETOOLONG);
+    }
+    if name.is_empty() || name == b"." || name == b".." || name.iter().any(|&b| b == b'/' || b == 0)
+    {
+        return Err(Errno::INVAL);
+    }
+    Ok(())
+}
+
+impl MetaRequest {
+    /// Check every bound a node relies on, before it acts on the request.
+    pub fn validate(&self) -> Result<(), Errno> {
+        let xname = |n: &[u8]| {
+            if n.is_empty() {
+                Err(Errno::INVAL)
+            } else if n.len() > MAX_XATTR_NAME_BYTES {
+                Err(Errno::RANGE)
+            } else {
+                Ok(())
+            }
+        };
+        match self {
+            MetaRequest::Mutate(c) => match &c.op {
+                Mutation::CreateVolume { name, copies } => {
+                    if name.is_empty()
+                        || name.len() > MAX_VOLUME_NAME_BYTES
+                        || !name
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                    {
+                        return Err(Errno::INVAL);
+                    }
+                    if !(1..=5).contains(copies) {
+                        return Err(Errno::INVAL);
+                    }
+                    Ok(())
+                }
+                Mutation::Create { name, .. }
+                | Mutation::Link { name, .. }
+                | Mutation::Unlink { name, .. }
+                | Mutation::Rmdir { name, .. } => check_name(name),
+                Mutation::Symlink { name, target, .. } => {
+                    check_name(name)?;
+                    if target.is_empty() || target.contains(&0) {
+                        return Err(Errno::INVAL);
+                    }
+                    if target.len() > MAX_SYMLINK_BYTES {
+                        return Err(Errno::NAMETOOLONG);
+                    }
+                    Ok(())
+                }
+                Mutation::Rename { name, new_name, .. } => {
+                    check_name(name)?;
+                    check_name(new_name)
+                }
+                Mutation::SetAttr { set, .. } => match set.size {
+                    Some(s) if s > MAX_FILE_BYTES => Err(Errno::FBIG),
+                    _ => Ok(()),
+                },
+                Mutation::SetXattr { name, value, .. } => {
+                    xname(name)?;
+                    if value.len() > MAX_XATTR_VALUE_BYTES {
+                        return Err(Errno::E2BIG);
+                    }
+                    Ok(())
+                }
+                Mutation::RemoveXattr { name, .. } => xname(name),
+                Mutation::CommitWrite {
+                    extents,
+                    size_at_least,
+                    ..
+                } => {
+                    if extents.len() > MAX_COMMIT_EXTENTS {
+                        return Err(Errno::E2BIG);
+                    }
+                    if *size_at_least > MAX_FILE_BYTES {
+                        return Err(Errno::FBIG);
+                    }
+                    for e in extents {
+                        if e.len == 0 {
+                            return Err(Errno::INVAL);
+                        }
+                        if e.offset
+                            .checked_add(e.len as u64)
+                            .is_none_or(|end| end > MAX_FILE_BYTES)
+                        {
+                            return Err(Errno::FBIG);
+                        }
+                        if e.chunk_offset.checked_add(e.len).is_none() {
+                            return Err(Errno::INVAL);
+                        }
+                    }
+                    Ok(())
+                }
+                Mutation::Reclaim { .. } | Mutation::AdvanceGcEpoch => Ok(()),
+            },
+            MetaRequest::Query { query, .. } => match query {
+                Query::Volume { name } if name.len() > MAX_VOLUME_NAME_BYTES => Err(Errno::INVAL),
+                Query::Lookup { name, .. } => {
+                    if name.len() > MAX_NAME_BYTES {
+                        Err(Errno::NAMETOOLONG)
+                    } else {
+                        Ok(())
+                    }
+                }
+                Query::GetXattr { name, .. } => xname(name),
+                Query::ReadDir { max, .. } if *max == 0 || *max > MAX_READDIR_ENTRIES => {
+                    Err(Errno::INVAL)
+                }
+                Query::Extents { from, to, max, .. }
+                    if from > to || *max == 0 || *max > MAX_EXTENTS_ANSWER =>
+                {
+                    Err(Errno::INVAL)
+                }
+                _ => Ok(()),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_and_bounds() {
+        let c = MetaCommand {
+            volume: 3,
+            client: 9,
+            seq: 4,
+            acked_below: 2,
+            now: Timespec { sec: 5, nsec: 6 },
+            op: Mutation::CommitWrite {
+                ino: 7,
+                extents: vec![Extent {
+                    offset: 1 << 33,
+                    len: 4096,
+                    chunk: ChunkId([7; CHUNK_ID_BYTES]),
+                    chunk_offset: 100,
+                }],
+                size_at_least: (1 << 33) + 4096,
+                claim_epoch: 1,
+            },
+        };
+        let r = MetaRequest::Mutate(c);
+        let b = encode(&r);
+        assert_eq!(decode::<MetaRequest>(&b).unwrap(), r);
+        assert!(r.validate().is_ok());
+        // Truncated and garbage bodies are errors, never panics or huge allocations.
+        for n in 0..b.len() {
+            let _ = decode::<MetaRequest>(&b[..n]);
+        }
+        let mut huge = vec![0u8, 0, 0, 0];
+        huge.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]);
+        assert!(decode::<MetaRequest>(&huge).is_err());
+        let bad = MetaRequest::Mutate(MetaCommand {
+            op: Mutation::Create {
+                parent: 1,
+                name: b"a/b".to_vec(),
+                kind: FileKind::File,
+                perm: 0o644,
+                uid: 0,
+                gid: 0,
+                rdev: 0,
+            },
+            ..match r {
+                MetaRequest::Mutate(c) => c,
+                _ => unreachable!(),
+            }
+        });
+        assert_eq!(bad.validate(), Err(Errno::INVAL));
+        assert_eq!(check_name(&[b'x'; 256]), Err(Errno::NAMETOOLONG));
+        assert_eq!(check_name(b".."), Err(Errno::INVAL));
+        assert!(check_name(&[b'x'; 255]).is_ok());
+    }
+}
