@@ -99,36 +99,7 @@ struct ShardConn {
 
 impl ShardConn {
     fn open(o: &ClientOptions, shard: u16) -> Result<(ShardConn, u16), ClientError> {
-        let addr = format!("{}:{}", o.host, o.base_port as u32 + shard as u32);
-        let sock = std::net::ToSocketAddrs::to_socket_addrs(&addr)
-            .map_err(|source| ClientError::Connect {
-                addr: addr.clone(),
-                source,
-            })?
-            .next()
-            .ok_or_else(|| ClientError::Connect {
-                addr: addr.clone(),
-                source: std::io::Error::other("no address"),
-            })?;
-        let stream = TcpStream::connect_timeout(&sock, o.connect_timeout).map_err(|source| {
-            ClientError::Connect {
-                addr: addr.clone(),
-                source,
-            }
-        })?;
-        let _ = stream.set_nodelay(true);
-        let tls = match &o.ca_fingerprint {
-            Some(fp) => {
-                let cfg = hivefs_net::tls::client_config_pinned(fp)
-                    .map_err(|e| ClientError::Tls(e.to_string()))?;
-                let name = hivefs_net::tls::server_name(&o.host)
-                    .map_err(|e| ClientError::Tls(e.to_string()))?;
-                Some((cfg, name))
-            }
-            None => None,
-        };
-        let conn = FramedConn::new_client(stream, tls)
-            .map_err(|source| ClientError::Conn { shard, source })?;
+        let conn = dial(o, o.base_port as u32 + shard as u32).map_err(|e| e.for_shard(shard))?;
         let mut sc = ShardConn {
             shard,
             conn,
@@ -297,6 +268,53 @@ pub struct UploadStats {
     pub sent_bytes: u64,
     /// Claim epoch of the last answer (the GC epoch the claims belong to).
     pub claim_epoch: u64,
+}
+
+/// Open a TCP connection to `o.host:port` and wrap it (TLS with the pinned CA unless
+/// `o.ca_fingerprint` is `None`); no Hello yet.
+pub(crate) fn dial(o: &ClientOptions, port: u32) -> Result<FramedConn<TcpStream>, ClientError> {
+    let addr = format!("{}:{port}", o.host);
+    let sock = std::net::ToSocketAddrs::to_socket_addrs(&addr)
+        .map_err(|source| ClientError::Connect {
+            addr: addr.clone(),
+            source,
+        })?
+        .next()
+        .ok_or_else(|| ClientError::Connect {
+            addr: addr.clone(),
+            source: std::io::Error::other("no address"),
+        })?;
+    let stream = TcpStream::connect_timeout(&sock, o.connect_timeout).map_err(|source| {
+        ClientError::Connect {
+            addr: addr.clone(),
+            source,
+        }
+    })?;
+    let _ = stream.set_nodelay(true);
+    let tls = match &o.ca_fingerprint {
+        Some(fp) => {
+            let cfg = hivefs_net::tls::client_config_pinned(fp)
+                .map_err(|e| ClientError::Tls(e.to_string()))?;
+            let name = hivefs_net::tls::server_name(&o.host)
+                .map_err(|e| ClientError::Tls(e.to_string()))?;
+            Some((cfg, name))
+        }
+        None => None,
+    };
+    FramedConn::new_client(stream, tls).map_err(|source| ClientError::Conn {
+        shard: u16::MAX,
+        source,
+    })
+}
+
+impl ClientError {
+    /// Name the shard in a connection error raised before the shard was known.
+    fn for_shard(self, shard: u16) -> ClientError {
+        match self {
+            ClientError::Conn { source, .. } => ClientError::Conn { shard, source },
+            e => e,
+        }
+    }
 }
 
 /// A connected client. See the module docs.

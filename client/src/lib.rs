@@ -8,6 +8,9 @@
 
 //! - [`hive`]: connections to a hive node (TLS with the pinned CA, token), the cluster map,
 //!   and shard-aware, pipelined has / put / get with verification of everything read.
+//! - [`meta`]: the metadata client: a pooled, thread-safe connection to the metadata port
+//!   with exactly-once mutations (retries keep their sequence number).
 
 pub mod hive;
+pub mod meta;
 pub mod pipeline;

@@ -38,6 +38,10 @@ pub struct NodeConfig {
     pub device: PathBuf,
     pub listen: String,
     pub base_port: u16,
+    /// The metadata service's port (the hive's front door for mounts); absent: the port
+    /// just below `base_port` (0 with an ephemeral `base_port`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta_port: Option<u16>,
     pub shards: u16,
     pub bucket_count: u32,
     pub segment_bytes: u64,
@@ -98,6 +102,11 @@ impl NodeConfig {
     }
 
     /// Does `token` match the admin token?
+    /// The metadata port (see the field).
+    pub fn meta_port(&self) -> u16 {
+        self.meta_port.unwrap_or(self.base_port.saturating_sub(1))
+    }
+
     pub fn token_ok(&self, token: &str) -> bool {
         let h = hex::encode(Sha256::digest(token.as_bytes()));
         // Constant-time comparison: the hashes have equal length.
@@ -117,6 +126,7 @@ pub struct InitOptions {
     pub size_bytes: Option<u64>,
     pub shards: u16,
     pub base_port: u16,
+    pub meta_port: Option<u16>,
     pub listen: String,
     pub node_id: String,
     pub bucket_count: u32,
@@ -248,6 +258,7 @@ pub fn init(o: &InitOptions) -> Result<InitOutcome> {
         device,
         listen: o.listen.clone(),
         base_port: o.base_port,
+        meta_port: o.meta_port,
         shards: o.shards,
         bucket_count: o.bucket_count,
         segment_bytes: o.segment_bytes,
@@ -291,6 +302,7 @@ mod tests {
             device: dir.join("dev"),
             listen: "127.0.0.1".into(),
             base_port: 1,
+            meta_port: None,
             shards: 1,
             bucket_count: 16,
             segment_bytes: DEFAULT_SEGMENT_BYTES,

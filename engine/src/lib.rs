@@ -6,6 +6,8 @@
 //!   no I/O of its own beyond the block device it is handed, no clock, no randomness.
 //! - [`sim`]: the deterministic simulator that runs shards over simulated devices with
 //!   crashes, torn and lost writes and bit flips, checking the safety invariants.
+//! - [`meta`]: the metadata service: the namespace store (redb), its Raft log (openraft)
+//!   and the metadata port.
 //!
 //! Architecture invariants: the engine does device I/O only through `hivefs-nvme` and
 //! speaks the wire only through `hivefs-net`; a shard's state is touched only by its own

@@ -23,6 +23,7 @@
 
 use crate::config::NodeConfig;
 use crate::format::Superblock;
+use crate::meta::server::{DeviceUse, MetaServer};
 use crate::shard::{ChunkBytes, Completion, PutOutcome, ShardConfig, ShardCore, ShardError};
 use anyhow::{bail, Context, Result};
 use hivefs_net::chunk::ChunkId;
@@ -77,6 +78,9 @@ pub struct Node {
     wakers: Vec<Arc<Waker>>,
     stop: Arc<AtomicBool>,
     pub ports: Vec<u16>,
+    meta: Option<MetaServer>,
+    /// The metadata service's port.
+    pub meta_port: u16,
 }
 
 struct ShardSetup {
@@ -89,6 +93,7 @@ struct ShardSetup {
     map: ClusterMap,
     stop: Arc<AtomicBool>,
     device_desc: String,
+    device_use: Arc<DeviceUse>,
 }
 
 impl Node {
@@ -165,6 +170,7 @@ impl Node {
                 .collect(),
         };
         let stop = Arc::new(AtomicBool::new(false));
+        let device_use = Arc::new(DeviceUse::new(cfg.shards as usize));
         let mut setups = Vec::new();
         let mut ports = Vec::new();
         for shard in 0..cfg.shards {
@@ -179,6 +185,10 @@ impl Node {
             let core = ShardCore::open(dev, sb.shard_layout(shard), key, scfg)
                 .with_context(|| format!("opening shard {shard}"))?;
             let st = core.stats();
+            device_use
+                .total_bytes
+                .fetch_add(st.device_bytes_total, Ordering::Relaxed);
+            device_use.used_bytes[shard as usize].store(st.device_bytes_used, Ordering::Relaxed);
             tracing::info!(shard, chunks = st.chunks, records = st.replayed_records, summaries = st.replayed_summaries, ms = t0.elapsed().as_millis() as u64, device = %device_desc, "shard replayed");
             let port = if cfg.base_port == 0 {
                 0
@@ -204,6 +214,7 @@ impl Node {
                 map: map.clone(),
                 stop: stop.clone(),
                 device_desc,
+                device_use: device_use.clone(),
             });
         }
         let mut threads = Vec::new();
@@ -226,16 +237,39 @@ impl Node {
                     })?,
             );
         }
-        Ok(Node {
+        let mut node = Node {
             threads,
             wakers,
             stop,
             ports,
-        })
+            meta: None,
+            meta_port: 0,
+        };
+        match MetaServer::start(dir, &cfg, tls, map, device_use) {
+            Ok(m) => {
+                node.meta_port = m.port;
+                node.meta = Some(m);
+                Ok(node)
+            }
+            Err(e) => {
+                let _ = node.shutdown();
+                Err(e.context("starting the metadata service"))
+            }
+        }
+    }
+
+    /// The metadata service (its store, for fsck and tests).
+    pub fn meta(&self) -> Option<&MetaServer> {
+        self.meta.as_ref()
     }
 
     /// Ask every shard to stop and wait for them (in-flight commits finish first).
-    pub fn shutdown(self) -> Result<()> {
+    pub fn shutdown(mut self) -> Result<()> {
+        if let Some(m) = self.meta.take() {
+            if let Err(e) = m.shutdown() {
+                tracing::warn!("stopping the metadata service: {e:#}");
+            }
+        }
         self.stop.store(true, Ordering::SeqCst);
         for w in &self.wakers {
             let _ = w.wake();
@@ -351,6 +385,7 @@ impl ShardLoop {
     fn run(mut self) -> Result<()> {
         let mut events = Events::with_capacity(1024);
         let shard = self.s.shard;
+        let mut turns = 0u64;
         tracing::info!(
             shard,
             port = self.s.listener.local_addr()?.port(),
@@ -434,6 +469,11 @@ impl ShardLoop {
             }
             for t in std::mem::take(&mut self.dirty) {
                 self.flush(t);
+            }
+            turns = turns.wrapping_add(1);
+            if turns.is_multiple_of(1024) || timeout == Some(PARK) {
+                let used = self.s.core.stats().device_bytes_used;
+                self.s.device_use.used_bytes[shard as usize].store(used, Ordering::Relaxed);
             }
         }
         tracing::info!(shard, "shard stopped");
@@ -678,6 +718,13 @@ impl ShardLoop {
             Request::Map => {
                 let map = self.s.map.clone();
                 self.reply(t, req_id, &Response::MapReply { map });
+            }
+            Request::Meta { .. } => {
+                let resp = Response::Error {
+                    code: ErrorCode::BadRequest,
+                    message: "metadata requests go to the metadata port, not a shard".into(),
+                };
+                self.reply(t, req_id, &resp);
             }
         }
     }

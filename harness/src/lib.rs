@@ -195,7 +195,8 @@ impl TestNode {
                 .unwrap_or_else(|e| panic!("removing stale {}: {e}", dir.display()));
         }
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
-        let base_port = free_base_port(opts.shards);
+        // The metadata port comes first, then one port per shard.
+        let base_port = free_base_port(opts.shards + 1) + 1;
         // From here on Drop cleans up, whatever fails.
         let node = TestNode {
             dir,
@@ -252,6 +253,11 @@ impl TestNode {
 
     pub fn base_port(&self) -> u16 {
         self.base_port
+    }
+
+    /// The metadata service's port.
+    pub fn meta_port(&self) -> u16 {
+        self.base_port - 1
     }
 
     /// The port of `shard`.
@@ -370,8 +376,8 @@ impl TestNode {
     pub fn run(&mut self) {
         assert!(self.child.is_none(), "node already running");
         for attempt in 0..5 {
-            if attempt > 0 || !ports_free(self.base_port, self.opts.shards) {
-                let p = free_base_port(self.opts.shards);
+            if attempt > 0 || !ports_free(self.meta_port(), self.opts.shards + 1) {
+                let p = free_base_port(self.opts.shards + 1) + 1;
                 self.set_base_port(p);
             }
             let log_start = std::fs::metadata(self.log_path())
@@ -383,7 +389,10 @@ impl TestNode {
                 Err(why) => {
                     let log = self.log();
                     let this_run = log.get(log_start as usize..).unwrap_or("");
-                    if this_run.contains("binding shard") && this_run.contains("in use") {
+                    if (this_run.contains("binding shard")
+                        || this_run.contains("binding the metadata port"))
+                        && this_run.contains("in use")
+                    {
                         // Lost a port race: pick other ports.
                         self.reap();
                         continue;
@@ -463,7 +472,10 @@ impl TestNode {
                     ready[s as usize] = true;
                 }
             }
-            if ready.iter().all(|r| *r) {
+            let meta = SocketAddr::from(([127, 0, 0, 1], self.meta_port()));
+            if ready.iter().all(|r| *r)
+                && TcpStream::connect_timeout(&meta, Duration::from_millis(500)).is_ok()
+            {
                 // A port that accepts could belong to someone else: the node must be alive.
                 std::thread::sleep(Duration::from_millis(50));
                 if let Some(c) = &mut self.child {

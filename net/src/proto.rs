@@ -66,6 +66,9 @@ pub enum Opcode {
     StatsReply = 17,
     Map = 18,
     MapReply = 19,
+    /// A metadata request ([`crate::meta::MetaRequest`]), on the metadata port only.
+    Meta = 20,
+    MetaReply = 21,
 }
 
 impl Opcode {
@@ -84,6 +87,8 @@ impl Opcode {
             17 => Opcode::StatsReply,
             18 => Opcode::Map,
             19 => Opcode::MapReply,
+            20 => Opcode::Meta,
+            21 => Opcode::MetaReply,
             _ => return None,
         })
     }
@@ -92,7 +97,13 @@ impl Opcode {
     pub fn is_request(self) -> bool {
         matches!(
             self,
-            Opcode::Hello | Opcode::Has | Opcode::Put | Opcode::Get | Opcode::Stats | Opcode::Map
+            Opcode::Hello
+                | Opcode::Has
+                | Opcode::Put
+                | Opcode::Get
+                | Opcode::Stats
+                | Opcode::Map
+                | Opcode::Meta
         )
     }
 }
@@ -413,6 +424,10 @@ pub enum Request {
     },
     Stats,
     Map,
+    /// A postcard-encoded [`crate::meta::MetaRequest`] (decoded by the metadata service).
+    Meta {
+        body: Vec<u8>,
+    },
 }
 
 /// The placement of buckets on one node's shards, and what a client needs to address
@@ -515,6 +530,10 @@ pub enum Response {
     StatsReply {
         json: String,
     },
+    /// A postcard-encoded [`crate::meta::MetaReply`].
+    MetaReply {
+        body: Vec<u8>,
+    },
     MapReply {
         map: ClusterMap,
     },
@@ -551,6 +570,7 @@ impl Request {
             Request::Get { .. } => Opcode::Get,
             Request::Stats => Opcode::Stats,
             Request::Map => Opcode::Map,
+            Request::Meta { .. } => Opcode::Meta,
         }
     }
 
@@ -580,6 +600,7 @@ impl Request {
             Request::Put { chunks } => write_put_body(&mut w.0, chunks),
             Request::Get { id } => w.0.extend_from_slice(&id.0),
             Request::Stats | Request::Map => {}
+            Request::Meta { body } => w.0.extend_from_slice(body),
         }
         (self.opcode(), w.0)
     }
@@ -617,6 +638,11 @@ impl Request {
             Opcode::Get => Request::Get { id: r.chunk_id()? },
             Opcode::Stats => Request::Stats,
             Opcode::Map => Request::Map,
+            Opcode::Meta => {
+                return Ok(Request::Meta {
+                    body: body.to_vec(),
+                })
+            }
             _ => return Err(DecodeError::UnexpectedOpcode(opcode)),
         };
         r.finish()?;
@@ -634,6 +660,7 @@ impl Response {
             Response::GetReply { .. } => Opcode::GetReply,
             Response::StatsReply { .. } => Opcode::StatsReply,
             Response::MapReply { .. } => Opcode::MapReply,
+            Response::MetaReply { .. } => Opcode::MetaReply,
         }
     }
 
@@ -693,6 +720,7 @@ impl Response {
                 write_get_reply_body(&mut w.0, chunk.as_ref().map(|(c, r, d)| (*c, *r, &d[..])))
             }
             Response::StatsReply { json } => w.bytes(json.as_bytes()),
+            Response::MetaReply { body } => w.0.extend_from_slice(body),
             Response::MapReply { map } => {
                 w.u64(map.epoch);
                 w.bytes(map.node_id.as_bytes());
@@ -772,6 +800,11 @@ impl Response {
             Opcode::StatsReply => Response::StatsReply {
                 json: r.named_string("stats json", MAX_STATS_JSON_BYTES)?,
             },
+            Opcode::MetaReply => {
+                return Ok(Response::MetaReply {
+                    body: body.to_vec(),
+                })
+            }
             Opcode::MapReply => {
                 let epoch = r.u64()?;
                 let node_id = r.named_string("node id", MAX_NAME_BYTES)?;

@@ -35,6 +35,9 @@ enum Cmd {
         shards: Option<u16>,
         #[arg(long, default_value_t = config::DEFAULT_BASE_PORT)]
         base_port: u16,
+        /// The metadata port (where mounts connect); default: base_port - 1.
+        #[arg(long)]
+        meta_port: Option<u16>,
         #[arg(long, default_value = "127.0.0.1")]
         listen: String,
         #[arg(long, default_value = "node-1")]
@@ -99,6 +102,7 @@ fn real_main() -> Result<()> {
             size,
             shards,
             base_port,
+            meta_port,
             listen,
             node_id,
             buckets,
@@ -115,6 +119,7 @@ fn real_main() -> Result<()> {
                 size_bytes: size.as_deref().map(config::parse_size).transpose()?,
                 shards,
                 base_port,
+                meta_port,
                 listen,
                 node_id,
                 bucket_count: buckets,
@@ -133,6 +138,7 @@ fn real_main() -> Result<()> {
                 out.config.base_port,
                 out.config.base_port + out.config.shards - 1
             );
+            println!("metadata      port {}", out.config.meta_port());
             println!("ca            {}", out.ca_fingerprint);
             println!("token         {}", out.admin_token);
             Ok(())

@@ -3,4 +3,11 @@
 //!
 //! - [`store`]: the state machine itself, applied to redb: multi-version records keyed by
 //!   group and volume, exactly-once mutations, the namespace invariants (`check`).
+//! - [`raft`] (with `raft_log`): the replicated log (openraft over a redb log file) whose
+//!   committed entries are applied to the store.
+//! - [`server`]: the metadata port: Hello/token, then mutations through Raft and
+//!   linearizable queries.
+pub mod raft;
+mod raft_log;
+pub mod server;
 pub mod store;
