@@ -1,0 +1,1347 @@
+//! The FUSE filesystem of `hi mount`: the kernel's requests turned into metadata calls
+//! (through [`MetaClient`]) and chunk reads and writes (through [`HiveClient`]s).
+//!
+//! # Writes
+//! Writes collect per inode in a dirty map of non-overlapping byte ranges (memory only:
+//! the on-disk journal comes with the client-disk issue). On flush, fsync, close, truncate,
+//! or when an inode's dirty bytes pass [`DIRTY_LIMIT`], each dirty range is cut into
+//! content-defined chunks, hashed, compressed, offered to the hive (has, then put of the
+//! missing ones), and committed as extents for exactly the written ranges. Bytes the
+//! application did not write are never rewritten, so two hosts writing different ranges of
+//! one file both survive. A write is acknowledged to `close`/`fsync` only once its commit
+//! is acknowledged by the metadata service (durable in its Raft log).
+//!
+//! # Reads
+//! A file's extents are loaded when it is opened (close-to-open: an open sees every write
+//! closed before it anywhere) and after each of our own commits. A read assembles its
+//! range from cached or fetched chunks (each verified against its id by the client
+//! library), zeros for holes, and this host's dirty bytes on top.
+//!
+//! # Invariants
+//! - Dirty ranges of an inode never overlap; they are applied on top of the extents.
+//! - An inode's state is locked while it flushes: reads and writes of that inode wait;
+//!   other inodes do not.
+//! - An unlinked inode still open here is reclaimed when its last handle closes.
+
+use crate::cache::ChunkCache;
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
+};
+use hivefs_client::hive::{ClientError, ClientOptions, HiveClient};
+use hivefs_client::meta::MetaClient;
+use hivefs_client::pipeline::{ChunkerConfig, Pipeline};
+use hivefs_net::chunk::{ChunkId, Codec};
+use hivefs_net::meta::{
+    self as m, Answer, Attr, Extent, FileKind, MetaReply, Mutation, Query, RenameMode, SetAttr,
+    SetTime, Timespec, XattrMode, MAX_COMMIT_EXTENTS,
+};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How long the kernel may cache attributes and names.
+const TTL: Duration = Duration::from_secs(1);
+/// Dirty bytes per inode before a write flushes them itself.
+pub const DIRTY_LIMIT: usize = 64 << 20;
+/// Chunk cache size.
+pub const CACHE_BYTES: usize = 256 << 20;
+/// Largest write the kernel sends.
+const MAX_WRITE: u32 = 1 << 20;
+/// Block size reported by stat (what `cp` and friends use as their buffer size).
+const BLKSIZE: u32 = 1 << 20;
+
+/// What `hi mount` needs to serve a volume.
+pub struct Mounted {
+    pub meta: Arc<MetaClient>,
+    pub volume: u32,
+}
+
+/// Per-inode state while it is open here.
+#[derive(Default)]
+struct FileState {
+    opens: u32,
+    /// offset -> bytes, non-overlapping.
+    dirty: BTreeMap<u64, Vec<u8>>,
+    dirty_bytes: usize,
+    /// Size as this host sees it (committed size, raised by dirty writes).
+    size: u64,
+    /// The committed extents, in offset order.
+    extents: Vec<Extent>,
+    /// No name references it any more (unlinked while open): reclaim at last close.
+    unlinked: bool,
+}
+
+/// Chunk connections, one `HiveClient` per concurrent user.
+struct ChunkPool {
+    opts: ClientOptions,
+    idle: Mutex<Vec<HiveClient>>,
+}
+
+impl ChunkPool {
+    fn with<R>(
+        &self,
+        f: impl Fn(&mut HiveClient) -> Result<R, ClientError>,
+    ) -> Result<R, ClientError> {
+        let mut last = None;
+        for _ in 0..3 {
+            let pooled = self.idle.lock().expect("pool lock").pop();
+            let mut c = match pooled {
+                Some(c) => c,
+                None => match HiveClient::connect(&self.opts) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        last = Some(e);
+                        std::thread::sleep(Duration::from_millis(200));
+                        continue;
+                    }
+                },
+            };
+            match f(&mut c) {
+                Ok(r) => {
+                    self.idle.lock().expect("pool lock").push(c);
+                    return Ok(r);
+                }
+                // A broken connection is dropped and the call tried on a fresh one; chunk
+                // calls are idempotent (put of the same bytes, get, has).
+                Err(e @ (ClientError::Conn { .. } | ClientError::Connect { .. })) => {
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.expect("three attempts"))
+    }
+}
+
+pub struct HiveFs {
+    meta: Arc<MetaClient>,
+    vol: u32,
+    chunks: ChunkPool,
+    pipeline: Pipeline,
+    cache: ChunkCache,
+    files: Mutex<HashMap<u64, Arc<Mutex<FileState>>>>,
+    next_fh: AtomicU64,
+    /// Set when the kernel ends the session (unmounted).
+    pub ended: Arc<AtomicBool>,
+}
+
+/// A failure turned into what the kernel gets.
+fn io_err(what: &str, e: impl std::fmt::Display) -> Errno {
+    tracing::warn!("{what}: {e}");
+    Errno::EIO
+}
+
+fn errno(e: m::Errno) -> Errno {
+    Errno::from_i32(e.0)
+}
+
+fn to_system_time(t: Timespec) -> SystemTime {
+    if t.sec >= 0 {
+        UNIX_EPOCH + Duration::new(t.sec as u64, t.nsec)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.sec.unsigned_abs()) + Duration::from_nanos(t.nsec as u64)
+    }
+}
+
+fn to_timespec(t: SystemTime) -> Timespec {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Timespec {
+            sec: d.as_secs() as i64,
+            nsec: d.subsec_nanos(),
+        },
+        Err(e) => {
+            let d = e.duration();
+            let mut sec = -(d.as_secs() as i64);
+            let mut nsec = d.subsec_nanos();
+            if nsec > 0 {
+                sec -= 1;
+                nsec = 1_000_000_000 - nsec;
+            }
+            Timespec { sec, nsec }
+        }
+    }
+}
+
+fn file_type(k: FileKind) -> FileType {
+    match k {
+        FileKind::File => FileType::RegularFile,
+        FileKind::Dir => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+        FileKind::CharDev => FileType::CharDevice,
+        FileKind::BlockDev => FileType::BlockDevice,
+    }
+}
+
+fn fuse_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: to_system_time(a.atime),
+        mtime: to_system_time(a.mtime),
+        ctime: to_system_time(a.ctime),
+        crtime: to_system_time(a.crtime),
+        kind: file_type(a.kind),
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        blksize: BLKSIZE,
+        flags: 0,
+    }
+}
+
+fn name_bytes(n: &OsStr) -> Vec<u8> {
+    n.as_bytes().to_vec()
+}
+
+/// Put `data` at `off` into a map of non-overlapping ranges. Returns the change in bytes
+/// held. Sequential appends extend the last range in place (no copy of what is there).
+fn dirty_insert(map: &mut BTreeMap<u64, Vec<u8>>, off: u64, data: &[u8]) -> isize {
+    let end = off + data.len() as u64;
+    // The range starting at or before `off` that reaches it, if any.
+    if let Some((&s, v)) = map.range_mut(..=off).next_back() {
+        let vend = s + v.len() as u64;
+        if vend >= off {
+            // Does any later range start at or before `end`? If not, write in place.
+            let later = map.range(off + 1..=end).next().map(|(&k, _)| k);
+            if later.is_none() {
+                let v = map.get_mut(&s).expect("present");
+                let at = (off - s) as usize;
+                let before = v.len();
+                if at + data.len() > v.len() {
+                    v.resize(at + data.len(), 0);
+                }
+                v[at..at + data.len()].copy_from_slice(data);
+                return v.len() as isize - before as isize;
+            }
+        }
+    }
+    // General case: merge every range overlapping or touching [off, end].
+    let mut start = off;
+    let mut stop = end;
+    let touching: Vec<u64> = {
+        let mut keys: Vec<u64> = map
+            .range(..=end)
+            .filter(|(&s, v)| s + v.len() as u64 >= off)
+            .map(|(&s, _)| s)
+            .collect();
+        keys.sort_unstable();
+        keys
+    };
+    for s in &touching {
+        let v = &map[s];
+        start = start.min(*s);
+        stop = stop.max(s + v.len() as u64);
+    }
+    let mut buf = vec![0u8; (stop - start) as usize];
+    let mut removed = 0usize;
+    for s in touching {
+        let v = map.remove(&s).expect("present");
+        removed += v.len();
+        let at = (s - start) as usize;
+        buf[at..at + v.len()].copy_from_slice(&v);
+    }
+    let at = (off - start) as usize;
+    buf[at..at + data.len()].copy_from_slice(data);
+    let added = buf.len();
+    map.insert(start, buf);
+    added as isize - removed as isize
+}
+
+/// Drop every dirty byte at or past `size`.
+fn dirty_truncate(map: &mut BTreeMap<u64, Vec<u8>>, size: u64) -> usize {
+    let mut freed = 0;
+    let keys: Vec<u64> = map.range(..).map(|(&k, _)| k).collect();
+    for k in keys {
+        let v = map.get_mut(&k).expect("present");
+        if k >= size {
+            freed += v.len();
+            map.remove(&k);
+        } else if k + v.len() as u64 > size {
+            let keep = (size - k) as usize;
+            freed += v.len() - keep;
+            v.truncate(keep);
+        }
+    }
+    freed
+}
+
+impl HiveFs {
+    pub fn new(mounted: Mounted) -> anyhow::Result<HiveFs> {
+        let map = mounted.meta.map().clone();
+        let pipeline = Pipeline::new(map.dedupe_key, ChunkerConfig::default(), Codec::Lz4, 0)
+            .map_err(|e| anyhow::anyhow!("chunker: {e}"))?;
+        Ok(HiveFs {
+            chunks: ChunkPool {
+                opts: mounted.meta.chunk_options(),
+                idle: Mutex::new(Vec::new()),
+            },
+            meta: mounted.meta,
+            vol: mounted.volume,
+            pipeline,
+            cache: ChunkCache::new(CACHE_BYTES),
+            files: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            ended: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    fn mutate(&self, op: Mutation) -> Result<Answer, Errno> {
+        match self.meta.mutate(self.vol, op) {
+            Ok(r) => r.map_err(errno),
+            Err(e) => Err(io_err("metadata", e)),
+        }
+    }
+
+    fn query(&self, q: Query) -> Result<Answer, Errno> {
+        match self.meta.query(self.vol, q) {
+            Ok(r) => r.map_err(errno),
+            Err(e) => Err(io_err("metadata", e)),
+        }
+    }
+
+    fn attr_of(r: Result<Answer, Errno>) -> Result<Attr, Errno> {
+        match r? {
+            Answer::Attr(a) => Ok(a),
+            _ => Err(Errno::EIO),
+        }
+    }
+
+    fn state(&self, ino: u64) -> Option<Arc<Mutex<FileState>>> {
+        self.files.lock().expect("files lock").get(&ino).cloned()
+    }
+
+    /// Attributes as this host sees them: the size raised by unflushed writes. (Every
+    /// attribute the kernel gets goes through here: it caches the size it is told.)
+    fn local(&self, mut a: Attr) -> Attr {
+        if let Some(st) = self.state(a.ino) {
+            if let Ok(st) = st.try_lock() {
+                if !st.dirty.is_empty() {
+                    a.size = st.size;
+                }
+            }
+        }
+        a
+    }
+
+    fn getattr_local(&self, ino: u64) -> Result<Attr, Errno> {
+        Ok(self.local(Self::attr_of(self.query(Query::GetAttr { ino }))?))
+    }
+
+    fn load_extents(&self, ino: u64) -> Result<(Vec<Extent>, u64), Errno> {
+        let mut out = Vec::new();
+        let mut from = 0u64;
+        loop {
+            match self.query(Query::Extents {
+                ino,
+                from,
+                to: u64::MAX,
+                max: m::MAX_EXTENTS_ANSWER,
+            })? {
+                Answer::Extents {
+                    extents,
+                    size,
+                    more,
+                } => {
+                    if let Some(last) = extents.last() {
+                        from = last.end();
+                    }
+                    for e in extents {
+                        if out_after(&out, &e) {
+                            out.push(e);
+                        }
+                    }
+                    if !more {
+                        return Ok((out, size));
+                    }
+                }
+                _ => return Err(Errno::EIO),
+            }
+        }
+    }
+
+    /// Upload and commit every dirty range of `ino` (state locked by the caller).
+    fn flush_locked(&self, ino: u64, st: &mut FileState) -> Result<(), Errno> {
+        if st.dirty.is_empty() {
+            return Ok(());
+        }
+        let ranges: Vec<(u64, Vec<u8>)> = std::mem::take(&mut st.dirty).into_iter().collect();
+        let result = self.commit_ranges(ino, &ranges);
+        match result {
+            Ok(()) => {
+                st.dirty_bytes = 0;
+                let (extents, size) = self.load_extents(ino)?;
+                st.extents = extents;
+                st.size = st.size.max(size);
+                Ok(())
+            }
+            Err(e) => {
+                // Keep the bytes: a later flush tries again; close reports the error.
+                for (off, data) in ranges {
+                    st.dirty.insert(off, data);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn commit_ranges(&self, ino: u64, ranges: &[(u64, Vec<u8>)]) -> Result<(), Errno> {
+        for (off, data) in ranges {
+            let chunks = self.pipeline.prepare(data);
+            for attempt in 0..3 {
+                let up = self
+                    .chunks
+                    .with(|c| c.upload(&chunks))
+                    .map_err(|e| io_err("uploading chunks", e))?;
+                let extents: Vec<Extent> = chunks
+                    .iter()
+                    .map(|c| Extent {
+                        offset: off + c.offset,
+                        len: c.raw_len,
+                        chunk: c.id,
+                        chunk_offset: 0,
+                    })
+                    .collect();
+                let mut stale = false;
+                for part in extents.chunks(MAX_COMMIT_EXTENTS) {
+                    let end = part.last().map_or(*off, |e| e.end());
+                    match self.mutate(Mutation::CommitWrite {
+                        ino,
+                        extents: part.to_vec(),
+                        size_at_least: end,
+                        claim_epoch: up.claim_epoch,
+                    }) {
+                        Ok(_) => {}
+                        // The GC epoch moved on between claim and commit: claim again.
+                        Err(e) if e == Errno::EAGAIN && attempt < 2 => {
+                            stale = true;
+                            break;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                if !stale {
+                    break;
+                }
+            }
+            // The chunks are in the hive: keep their plaintext for reads that follow.
+            for c in &chunks {
+                let at = c.offset as usize;
+                self.cache
+                    .insert(c.id, Arc::new(data[at..at + c.raw_len as usize].to_vec()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes `[off, off + len)` of `ino` as this host sees them.
+    fn read_range(&self, st: &FileState, off: u64, len: usize) -> Result<Vec<u8>, Errno> {
+        let end = (off + len as u64).min(st.size);
+        if off >= end {
+            return Ok(Vec::new());
+        }
+        let mut out = vec![0u8; (end - off) as usize];
+        // Committed extents.
+        let first = st.extents.partition_point(|e| e.end() <= off);
+        let wanted: Vec<&Extent> = st.extents[first..]
+            .iter()
+            .take_while(|e| e.offset < end)
+            .collect();
+        let mut have: HashMap<ChunkId, Arc<Vec<u8>>> = HashMap::new();
+        let mut missing: Vec<ChunkId> = Vec::new();
+        let mut seen = HashSet::new();
+        for e in &wanted {
+            if !seen.insert(e.chunk) {
+                continue;
+            }
+            match self.cache.get(&e.chunk) {
+                Some(d) => {
+                    have.insert(e.chunk, d);
+                }
+                None => missing.push(e.chunk),
+            }
+        }
+        if !missing.is_empty() {
+            let got = self
+                .chunks
+                .with(|c| c.get(&missing))
+                .map_err(|e| io_err("reading chunks", e))?;
+            for (id, d) in missing.iter().zip(got) {
+                match d {
+                    Some(d) => {
+                        let d = Arc::new(d);
+                        self.cache.insert(*id, d.clone());
+                        have.insert(*id, d);
+                    }
+                    None => {
+                        tracing::error!("chunk {id} of inode is missing from the hive");
+                        return Err(Errno::EIO);
+                    }
+                }
+            }
+        }
+        for e in wanted {
+            let data = &have[&e.chunk];
+            let s = e.offset.max(off);
+            let t = e.end().min(end);
+            let from = e.chunk_offset as usize + (s - e.offset) as usize;
+            let n = (t - s) as usize;
+            if from + n > data.len() {
+                tracing::error!(
+                    "extent reaches past its chunk ({} > {})",
+                    from + n,
+                    data.len()
+                );
+                return Err(Errno::EIO);
+            }
+            out[(s - off) as usize..(s - off) as usize + n].copy_from_slice(&data[from..from + n]);
+        }
+        // This host's unflushed bytes on top.
+        for (&s, v) in st.dirty.range(..end) {
+            let ve = s + v.len() as u64;
+            if ve <= off {
+                continue;
+            }
+            let a = s.max(off);
+            let b = ve.min(end);
+            out[(a - off) as usize..(b - off) as usize]
+                .copy_from_slice(&v[(a - s) as usize..(b - s) as usize]);
+        }
+        Ok(out)
+    }
+
+    /// Drop an inode no name references, unless it is still open here.
+    fn reclaim_if_orphan(&self, a: &Attr) {
+        if a.nlink != 0 || a.kind == FileKind::Dir {
+            return;
+        }
+        if let Some(st) = self.state(a.ino) {
+            st.lock().expect("file lock").unlinked = true;
+            return;
+        }
+        if let Err(e) = self.mutate(Mutation::Reclaim { ino: a.ino }) {
+            tracing::warn!(ino = a.ino, "reclaim: {e:?}");
+        }
+    }
+
+    fn open_state(&self, ino: u64) -> Result<(), Errno> {
+        let existing = self.state(ino);
+        let st = match existing {
+            Some(s) => s,
+            None => {
+                let s = Arc::new(Mutex::new(FileState::default()));
+                self.files
+                    .lock()
+                    .expect("files lock")
+                    .entry(ino)
+                    .or_insert(s)
+                    .clone()
+            }
+        };
+        let mut g = st.lock().expect("file lock");
+        if g.dirty.is_empty() {
+            // Close-to-open: see what others committed.
+            let (extents, size) = self.load_extents(ino)?;
+            g.extents = extents;
+            g.size = size;
+        }
+        g.opens += 1;
+        Ok(())
+    }
+
+    fn entry(&self, reply: ReplyEntry, r: Result<Answer, Errno>) {
+        match Self::attr_of(r).map(|a| self.local(a)) {
+            Ok(a) => reply.entry(&TTL, &fuse_attr(&a), Generation(a.gen)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    /// An access ACL sets the mode's permission bits (the kernel leaves that to us); one
+    /// that says no more than the mode is not kept as an xattr (as ext4 does).
+    fn set_access_acl(&self, ino: u64, value: &[u8], mode: XattrMode) -> Result<(), Errno> {
+        let acl = parse_acl(value).ok_or(Errno::EINVAL)?;
+        let cur = Self::attr_of(self.query(Query::GetAttr { ino }))?;
+        let perm = (cur.perm & !0o777) | acl.mode_bits;
+        if acl.extended {
+            self.mutate(Mutation::SetXattr {
+                ino,
+                name: b"system.posix_acl_access".to_vec(),
+                value: value.to_vec(),
+                mode,
+            })?;
+        } else {
+            match self.mutate(Mutation::RemoveXattr {
+                ino,
+                name: b"system.posix_acl_access".to_vec(),
+            }) {
+                Ok(_) => {}
+                Err(e) if e == Errno::ENODATA => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if perm != cur.perm {
+            self.mutate(Mutation::SetAttr {
+                ino,
+                set: SetAttr {
+                    perm: Some(perm),
+                    ..Default::default()
+                },
+            })?;
+        }
+        Ok(())
+    }
+
+    fn create_node(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        kind: FileKind,
+        perm: u16,
+        rdev: u32,
+    ) -> Result<Answer, Errno> {
+        self.mutate(Mutation::Create {
+            parent: parent.0,
+            name: name_bytes(name),
+            kind,
+            perm,
+            uid: req.uid(),
+            gid: req.gid(),
+            rdev,
+        })
+    }
+}
+
+/// Permission bits of a new inode: the mode less the umask.
+fn masked(mode: u32, umask: u32) -> u16 {
+    (mode & !umask & 0o7777) as u16
+}
+
+/// Keep extents in order without repeating the one a page boundary returned twice.
+fn out_after(out: &[Extent], e: &Extent) -> bool {
+    out.last().is_none_or(|l| e.offset >= l.end())
+}
+
+impl Filesystem for HiveFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(MAX_WRITE);
+        let _ = config.set_max_readahead(4 << 20);
+        // The kernel enforces POSIX ACLs stored in system.posix_acl_* xattrs (and keeps
+        // mode bits in step with them); needs default_permissions, which the mount sets.
+        if let Err(missing) = config.add_capabilities(fuser::InitFlags::FUSE_POSIX_ACL) {
+            tracing::warn!("kernel lacks {missing:?}: POSIX ACLs are stored but not enforced");
+        }
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        let (entries, bytes, hits, misses) = self.cache.stats();
+        tracing::info!(entries, bytes, hits, misses, "chunk cache at unmount");
+        self.ended.store(true, Ordering::SeqCst);
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let r = self.query(Query::Lookup {
+            parent: parent.0,
+            name: name_bytes(name),
+        });
+        self.entry(reply, r)
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.getattr_local(ino.0) {
+            Ok(a) => reply.attr(&TTL, &fuse_attr(&a)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let t = |x: Option<TimeOrNow>| {
+            x.map(|t| match t {
+                TimeOrNow::Now => SetTime::Now,
+                TimeOrNow::SpecificTime(s) => SetTime::At(to_timespec(s)),
+            })
+        };
+        let set = SetAttr {
+            perm: mode.map(|m| (m & 0o7777) as u16),
+            uid,
+            gid,
+            size,
+            atime: t(atime),
+            mtime: t(mtime),
+        };
+        let st = self.state(ino.0);
+        let mut guard = st.as_ref().map(|s| s.lock().expect("file lock"));
+        if let Some(g) = guard.as_deref_mut() {
+            // Unflushed bytes past a new size go; the rest is committed first, so the
+            // change applies after every write before it (a commit sets mtime: times set
+            // by `touch -r` or `cp -a` on an open file must come after it).
+            if let Some(new) = size {
+                let freed = dirty_truncate(&mut g.dirty, new);
+                g.dirty_bytes -= freed;
+            }
+            if let Err(e) = self.flush_locked(ino.0, g) {
+                return reply.error(e);
+            }
+        }
+        let r = Self::attr_of(self.mutate(Mutation::SetAttr { ino: ino.0, set }));
+        match r {
+            Ok(mut a) => {
+                // Unflushed writes of an open file count (the lock is ours already).
+                if let Some(g) = guard.as_deref() {
+                    if !g.dirty.is_empty() {
+                        a.size = g.size;
+                    }
+                }
+                if let (Some(g), Some(_)) = (guard.as_deref_mut(), size) {
+                    match self.load_extents(ino.0) {
+                        Ok((e, s)) => {
+                            g.extents = e;
+                            g.size = s;
+                        }
+                        Err(e) => return reply.error(e),
+                    }
+                }
+                reply.attr(&TTL, &fuse_attr(&a))
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.query(Query::ReadLink { ino: ino.0 }) {
+            Ok(Answer::Link(t)) => reply.data(&t),
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let kind = match mode & libc::S_IFMT {
+            libc::S_IFREG | 0 => FileKind::File,
+            libc::S_IFIFO => FileKind::Fifo,
+            libc::S_IFSOCK => FileKind::Socket,
+            libc::S_IFCHR => FileKind::CharDev,
+            libc::S_IFBLK => FileKind::BlockDev,
+            _ => return reply.error(Errno::EINVAL),
+        };
+        let r = self.create_node(req, parent, name, kind, masked(mode, umask), rdev);
+        self.entry(reply, r)
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = self.create_node(req, parent, name, FileKind::Dir, masked(mode, umask), 0);
+        self.entry(reply, r)
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match Self::attr_of(self.mutate(Mutation::Unlink {
+            parent: parent.0,
+            name: name_bytes(name),
+        })) {
+            Ok(a) => {
+                self.reclaim_if_orphan(&a);
+                reply.ok()
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.mutate(Mutation::Rmdir {
+            parent: parent.0,
+            name: name_bytes(name),
+        }) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let r = self.mutate(Mutation::Symlink {
+            parent: parent.0,
+            name: name_bytes(link_name),
+            target: target.as_os_str().as_bytes().to_vec(),
+            uid: req.uid(),
+            gid: req.gid(),
+        });
+        self.entry(reply, r)
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let mode = if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+            RenameMode::Exchange
+        } else if flags.contains(RenameFlags::RENAME_NOREPLACE) {
+            RenameMode::NoReplace
+        } else if flags.is_empty() {
+            RenameMode::Replace
+        } else {
+            return reply.error(Errno::EINVAL);
+        };
+        match self.mutate(Mutation::Rename {
+            parent: parent.0,
+            name: name_bytes(name),
+            new_parent: newparent.0,
+            new_name: name_bytes(newname),
+            mode,
+        }) {
+            Ok(Answer::Renamed {
+                replaced: Some(r), ..
+            }) if mode == RenameMode::Replace => {
+                if let Ok(a) = Self::attr_of(self.query(Query::GetAttr { ino: r })) {
+                    self.reclaim_if_orphan(&a);
+                }
+                reply.ok()
+            }
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let r = self.mutate(Mutation::Link {
+            ino: ino.0,
+            parent: newparent.0,
+            name: name_bytes(newname),
+        });
+        self.entry(reply, r)
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.open_state(ino.0) {
+            Ok(()) => reply.opened(
+                FileHandle(self.next_fh.fetch_add(1, Ordering::Relaxed)),
+                FopenFlags::empty(),
+            ),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some(st) = self.state(ino.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        let st = st.lock().expect("file lock");
+        match self.read_range(&st, offset, size as usize) {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let Some(st) = self.state(ino.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        if offset
+            .checked_add(data.len() as u64)
+            .is_none_or(|e| e > m::MAX_FILE_BYTES)
+        {
+            return reply.error(Errno::EFBIG);
+        }
+        let mut g = st.lock().expect("file lock");
+        let delta = dirty_insert(&mut g.dirty, offset, data);
+        g.dirty_bytes = (g.dirty_bytes as isize + delta) as usize;
+        g.size = g.size.max(offset + data.len() as u64);
+        if g.dirty_bytes >= DIRTY_LIMIT {
+            if let Err(e) = self.flush_locked(ino.0, &mut g) {
+                return reply.error(e);
+            }
+        }
+        reply.written(data.len() as u32)
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        match self.state(ino.0) {
+            Some(st) => {
+                let mut g = st.lock().expect("file lock");
+                match self.flush_locked(ino.0, &mut g) {
+                    Ok(()) => reply.ok(),
+                    Err(e) => reply.error(e),
+                }
+            }
+            None => reply.ok(),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let Some(st) = self.state(ino.0) else {
+            return reply.ok();
+        };
+        let mut g = st.lock().expect("file lock");
+        let flushed = self.flush_locked(ino.0, &mut g);
+        g.opens = g.opens.saturating_sub(1);
+        let last = g.opens == 0;
+        let unlinked = g.unlinked;
+        drop(g);
+        if last {
+            let mut files = self.files.lock().expect("files lock");
+            if let Some(s) = files.get(&ino.0) {
+                if s.lock().expect("file lock").opens == 0 {
+                    files.remove(&ino.0);
+                }
+            }
+            drop(files);
+            if unlinked {
+                if let Err(e) = self.mutate(Mutation::Reclaim { ino: ino.0 }) {
+                    tracing::warn!(ino = ino.0, "reclaim at close: {e:?}");
+                }
+            }
+        }
+        match flushed {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fsync(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.flush(req, ino, fh, LockOwner(0), reply)
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        if offset == 0 && reply.add(ino, 1, FileType::Directory, ".") {
+            return reply.ok();
+        }
+        if offset <= 1 && reply.add(ino, 2, FileType::Directory, "..") {
+            return reply.ok();
+        }
+        let mut after = offset.max(2);
+        loop {
+            let r = self.query(Query::ReadDir {
+                ino: ino.0,
+                after,
+                max: 256,
+            });
+            match r {
+                Ok(Answer::Dir { entries, end }) => {
+                    for e in entries {
+                        if reply.add(
+                            INodeNo(e.ino),
+                            e.cookie,
+                            file_type(e.kind),
+                            OsStr::from_bytes(&e.name),
+                        ) {
+                            return reply.ok();
+                        }
+                        after = e.cookie;
+                    }
+                    if end {
+                        return reply.ok();
+                    }
+                }
+                Ok(_) => return reply.error(Errno::EIO),
+                Err(e) => return reply.error(e),
+            }
+        }
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // Namespace changes are durable when they are answered.
+        reply.ok()
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.query(Query::StatFs) {
+            Ok(Answer::StatFs(s)) => {
+                let bsize = 4096u64;
+                reply.statfs(
+                    s.device_bytes / bsize,
+                    s.device_free_bytes / bsize,
+                    s.device_free_bytes / bsize,
+                    s.files + (1 << 32),
+                    1 << 32,
+                    bsize as u32,
+                    m::MAX_NAME_BYTES as u32,
+                    bsize as u32,
+                )
+            }
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let mode = match flags {
+            0 => XattrMode::Any,
+            libc::XATTR_CREATE => XattrMode::Create,
+            libc::XATTR_REPLACE => XattrMode::Replace,
+            _ => return reply.error(Errno::EINVAL),
+        };
+        if name.as_bytes() == b"system.posix_acl_access" {
+            return match self.set_access_acl(ino.0, value, mode) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            };
+        }
+        match self.mutate(Mutation::SetXattr {
+            ino: ino.0,
+            name: name_bytes(name),
+            value: value.to_vec(),
+            mode,
+        }) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.query(Query::GetXattr {
+            ino: ino.0,
+            name: name_bytes(name),
+        }) {
+            Ok(Answer::Xattr(v)) => xattr_reply(reply, size, &v),
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.query(Query::ListXattr { ino: ino.0 }) {
+            Ok(Answer::XattrNames(names)) => {
+                let mut buf = Vec::new();
+                for n in names {
+                    buf.extend_from_slice(&n);
+                    buf.push(0);
+                }
+                xattr_reply(reply, size, &buf)
+            }
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.mutate(Mutation::RemoveXattr {
+            ino: ino.0,
+            name: name_bytes(name),
+        }) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // The kernel checks permissions (mounted with default_permissions).
+        reply.ok()
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let r = self.create_node(req, parent, name, FileKind::File, masked(mode, umask), 0);
+        match Self::attr_of(r) {
+            Ok(a) => {
+                let st = Arc::new(Mutex::new(FileState {
+                    opens: 1,
+                    ..Default::default()
+                }));
+                self.files.lock().expect("files lock").insert(a.ino, st);
+                reply.created(
+                    &TTL,
+                    &fuse_attr(&a),
+                    Generation(a.gen),
+                    FileHandle(self.next_fh.fetch_add(1, Ordering::Relaxed)),
+                    FopenFlags::empty(),
+                )
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+}
+
+/// What a POSIX ACL in its xattr form (`system.posix_acl_access`) says about the mode.
+struct AclMode {
+    /// rwx bits for owner, group (the mask entry when there is one) and other.
+    mode_bits: u16,
+    /// Named users or groups, or a mask: more than the mode can say.
+    extended: bool,
+}
+
+/// Parse the Linux xattr ACL format: version 2, then (tag u16, perm u16, id u32) entries.
+fn parse_acl(v: &[u8]) -> Option<AclMode> {
+    const USER_OBJ: u16 = 0x01;
+    const USER: u16 = 0x02;
+    const GROUP_OBJ: u16 = 0x04;
+    const GROUP: u16 = 0x08;
+    const MASK: u16 = 0x10;
+    const OTHER: u16 = 0x20;
+    if v.len() < 4
+        || !(v.len() - 4).is_multiple_of(8)
+        || u32::from_le_bytes(v[..4].try_into().ok()?) != 2
+    {
+        return None;
+    }
+    let (mut user, mut group, mut mask, mut other) = (None, None, None, None);
+    let mut extended = false;
+    for e in v[4..].chunks_exact(8) {
+        let tag = u16::from_le_bytes([e[0], e[1]]);
+        let perm = u16::from_le_bytes([e[2], e[3]]) & 7;
+        match tag {
+            USER_OBJ => user = Some(perm),
+            GROUP_OBJ => group = Some(perm),
+            MASK => mask = Some(perm),
+            OTHER => other = Some(perm),
+            USER | GROUP => extended = true,
+            _ => return None,
+        }
+    }
+    let (user, group, other) = (user?, group?, other?);
+    let g = mask.unwrap_or(group);
+    Some(AclMode {
+        mode_bits: (user << 6) | (g << 3) | other,
+        extended: extended || mask.is_some(),
+    })
+}
+
+fn xattr_reply(reply: ReplyXattr, size: u32, v: &[u8]) {
+    if size == 0 {
+        reply.size(v.len() as u32)
+    } else if v.len() > size as usize {
+        reply.error(Errno::ERANGE)
+    } else {
+        reply.data(v)
+    }
+}
+
+/// The reply of a metadata call as an errno or the answer (for the CLI).
+pub fn answer(r: MetaReply) -> anyhow::Result<Answer> {
+    r.map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flat(map: &BTreeMap<u64, Vec<u8>>, len: usize) -> Vec<u8> {
+        let mut out = vec![b'.'; len];
+        for (&s, v) in map {
+            out[s as usize..s as usize + v.len()].copy_from_slice(v);
+        }
+        out
+    }
+
+    #[test]
+    fn dirty_ranges_merge_like_a_flat_buffer() {
+        let mut rng = splitmix(7);
+        for _ in 0..200 {
+            let mut map = BTreeMap::new();
+            let mut model = vec![b'.'; 400];
+            let mut written = vec![false; 400];
+            let mut held = 0isize;
+            for _ in 0..20 {
+                let off = (rng() % 300) as usize;
+                let len = 1 + (rng() % 60) as usize;
+                let byte = b'a' + (rng() % 26) as u8;
+                held += dirty_insert(&mut map, off as u64, &vec![byte; len]);
+                model[off..off + len].fill(byte);
+                written[off..off + len].fill(true);
+            }
+            assert_eq!(flat(&map, 400), model);
+            assert_eq!(held as usize, written.iter().filter(|w| **w).count());
+            // Ranges never overlap or touch.
+            let mut end = None;
+            for (&s, v) in &map {
+                if let Some(e) = end {
+                    assert!(s > e);
+                }
+                end = Some(s + v.len() as u64);
+            }
+            let cut = rng() % 400;
+            let freed = dirty_truncate(&mut map, cut);
+            let still: usize = map.values().map(|v| v.len()).sum();
+            assert_eq!(still + freed, held as usize);
+            assert!(map.iter().all(|(&s, v)| s + v.len() as u64 <= cut));
+        }
+    }
+
+    fn splitmix(seed: u64) -> impl FnMut() -> u64 {
+        let mut s = seed;
+        move || {
+            s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+    }
+
+    #[test]
+    fn acl_mode_bits() {
+        let entry = |tag: u16, perm: u16, id: u32| {
+            let mut e = tag.to_le_bytes().to_vec();
+            e.extend_from_slice(&perm.to_le_bytes());
+            e.extend_from_slice(&id.to_le_bytes());
+            e
+        };
+        let mut minimal = 2u32.to_le_bytes().to_vec();
+        for e in [entry(1, 7, !0), entry(4, 5, !0), entry(0x20, 5, !0)] {
+            minimal.extend(e);
+        }
+        let a = parse_acl(&minimal).unwrap();
+        assert_eq!((a.mode_bits, a.extended), (0o755, false));
+        let mut ext = minimal.clone();
+        ext.extend(entry(2, 6, 1000));
+        ext.extend(entry(0x10, 4, !0));
+        let a = parse_acl(&ext).unwrap();
+        assert_eq!((a.mode_bits, a.extended), (0o745, true));
+        assert!(parse_acl(&minimal[..7]).is_none());
+    }
+
+    #[test]
+    fn times_round_trip() {
+        for t in [
+            Timespec { sec: 0, nsec: 0 },
+            Timespec {
+                sec: 1_700_000_000,
+                nsec: 123_456_789,
+            },
+            Timespec {
+                sec: -5,
+                nsec: 250_000_000,
+            },
+        ] {
+            assert_eq!(to_timespec(to_system_time(t)), t);
+        }
+    }
+}

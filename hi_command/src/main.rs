@@ -1,0 +1,284 @@
+//! `hi`: the HiveFS client host command.
+//!
+//! - `hi mount --hive HOST:PORT --token T --ca FINGERPRINT --volume NAME MOUNTPOINT` (or
+//!   `--config FILE`): mounts a volume with FUSE and serves it until SIGINT/SIGTERM or
+//!   `hi umount`, then unmounts cleanly.
+//! - `hi umount MOUNTPOINT`
+//! - `hi volume create|list --hive ... [NAME]`
+
+mod cache;
+mod fs;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use fs::{HiveFs, Mounted};
+use hivefs_client::hive::ClientOptions;
+use hivefs_client::meta::MetaClient;
+use hivefs_net::meta::{Answer, Mutation, Query};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "hi", about = "HiveFS client host command")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// How to reach the hive (command line, or a TOML file with the same keys).
+#[derive(Args, Clone, Debug, Default)]
+struct HiveArgs {
+    /// The hive's metadata address, HOST:PORT.
+    #[arg(long)]
+    hive: Option<String>,
+    /// The access token.
+    #[arg(long)]
+    token: Option<String>,
+    /// A file holding the access token.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// SHA-256 fingerprint of the hive CA (pinned).
+    #[arg(long)]
+    ca: Option<String>,
+    /// Plain TCP (only for nodes run with --insecure).
+    #[arg(long)]
+    insecure: bool,
+    /// A TOML file with hive, token (or token_file), ca, volume.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Mount a volume and serve it until interrupted.
+    Mount {
+        #[command(flatten)]
+        hive: HiveArgs,
+        /// The volume to mount.
+        #[arg(long)]
+        volume: Option<String>,
+        /// FUSE worker threads.
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+        mountpoint: PathBuf,
+    },
+    /// Unmount a mounted volume.
+    Umount { mountpoint: PathBuf },
+    /// Volumes: create, list.
+    Volume {
+        #[command(subcommand)]
+        cmd: VolumeCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum VolumeCmd {
+    Create {
+        #[command(flatten)]
+        hive: HiveArgs,
+        name: String,
+        /// Copies of every chunk (1 = no redundancy: tests only).
+        #[arg(long, default_value_t = 1)]
+        copies: u8,
+    },
+    List {
+        #[command(flatten)]
+        hive: HiveArgs,
+    },
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn main() {
+    hivefs_net::tune_allocator();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HI_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = real_main() {
+        eprintln!("hi: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Settings from the command line, completed from `--config`.
+struct Resolved {
+    opts: ClientOptions,
+    port: u16,
+    volume: Option<String>,
+}
+
+fn resolve(h: &HiveArgs, volume: Option<String>) -> Result<Resolved> {
+    let mut h = h.clone();
+    let mut volume = volume;
+    if let Some(path) = &h.config {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let v: toml::Table =
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+        h.hive = h.hive.or(s("hive"));
+        h.token = h.token.or(s("token"));
+        h.token_file = h.token_file.or(s("token_file").map(PathBuf::from));
+        h.ca = h.ca.or(s("ca"));
+        h.insecure |= v.get("insecure").and_then(|x| x.as_bool()).unwrap_or(false);
+        volume = volume.or(s("volume"));
+    }
+    let hive = h
+        .hive
+        .context("--hive HOST:PORT is required (or hive = in --config)")?;
+    let (host, port) = hive
+        .rsplit_once(':')
+        .with_context(|| format!("--hive {hive:?}: expected HOST:PORT"))?;
+    let port: u16 = port
+        .parse()
+        .with_context(|| format!("bad port in {hive:?}"))?;
+    let token = match (&h.token, &h.token_file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .with_context(|| format!("reading {}", f.display()))?
+            .trim()
+            .to_string(),
+        (None, None) => bail!("--token or --token-file is required"),
+    };
+    let ca = match (&h.ca, h.insecure) {
+        (Some(c), false) => Some(c.as_str()),
+        (None, false) => bail!("--ca FINGERPRINT is required (or --insecure for plain TCP nodes)"),
+        (_, true) => None,
+    };
+    let mut opts = ClientOptions::new(host, 0, &token, ca);
+    opts.client_name = format!("hi/{}", std::process::id());
+    Ok(Resolved { opts, port, volume })
+}
+
+fn connect(r: &Resolved) -> Result<MetaClient> {
+    MetaClient::connect(&r.opts, r.port)
+        .with_context(|| format!("connecting to the hive at {}:{}", r.opts.host, r.port))
+}
+
+fn real_main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Mount {
+            hive,
+            volume,
+            threads,
+            mountpoint,
+        } => mount(&resolve(&hive, volume)?, threads, &mountpoint),
+        Cmd::Umount { mountpoint } => umount(&mountpoint),
+        Cmd::Volume {
+            cmd: VolumeCmd::Create { hive, name, copies },
+        } => {
+            let meta = connect(&resolve(&hive, None)?)?;
+            if copies == 1 {
+                eprintln!("hi: warning: volume {name} keeps ONE copy of its data: no redundancy");
+            }
+            match fs::answer(meta.mutate(
+                0,
+                Mutation::CreateVolume {
+                    name: name.clone(),
+                    copies,
+                },
+            )?)? {
+                Answer::Volume(v) => println!(
+                    "volume {} created (id {}, copies {})",
+                    v.name, v.id, v.copies
+                ),
+                other => bail!("unexpected answer {other:?}"),
+            }
+            Ok(())
+        }
+        Cmd::Volume {
+            cmd: VolumeCmd::List { hive },
+        } => {
+            let meta = connect(&resolve(&hive, None)?)?;
+            match fs::answer(meta.query(0, Query::Volumes)?)? {
+                Answer::Volumes(vs) => {
+                    for v in vs {
+                        println!("{}\tid {}\tcopies {}", v.name, v.id, v.copies);
+                    }
+                }
+                other => bail!("unexpected answer {other:?}"),
+            }
+            Ok(())
+        }
+    }
+}
+
+fn mount(r: &Resolved, threads: usize, mountpoint: &std::path::Path) -> Result<()> {
+    let name = r.volume.clone().context("--volume NAME is required")?;
+    let meta = Arc::new(connect(r)?);
+    let vol = match meta.query(0, Query::Volume { name: name.clone() })? {
+        Ok(Answer::Volume(v)) => v,
+        Ok(other) => bail!("unexpected answer {other:?}"),
+        Err(e) if e == hivefs_net::meta::Errno::NOENT => {
+            bail!("volume {name:?} does not exist (create it with `hi volume create`)")
+        }
+        Err(e) => bail!("looking up volume {name:?}: {e}"),
+    };
+    let fs = HiveFs::new(Mounted {
+        meta,
+        volume: vol.id,
+    })?;
+    let ended = fs.ended.clone();
+    let mut cfg = fuser::Config::default();
+    cfg.mount_options = vec![
+        fuser::MountOption::FSName(format!("hivefs:{name}")),
+        fuser::MountOption::Subtype("hivefs".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::Dev,
+        fuser::MountOption::Suid,
+    ];
+    cfg.acl = fuser::SessionACL::All;
+    cfg.n_threads = Some(threads.max(1));
+    // SAFETY: installing async-signal-safe handlers that only store to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let session = fuser::Session::new(fs, mountpoint, &cfg).with_context(|| {
+        format!(
+            "mounting {} (needs /dev/fuse and root)",
+            mountpoint.display()
+        )
+    })?;
+    let bg = session.spawn().context("starting the FUSE session")?;
+    println!("mounted {name} at {}", mountpoint.display());
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    while !STOP.load(Ordering::SeqCst) && !ended.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if ended.load(Ordering::SeqCst) {
+        let _ = bg.join();
+    } else {
+        bg.umount_and_join().context("unmounting")?;
+    }
+    eprintln!("hi: unmounted {}", mountpoint.display());
+    Ok(())
+}
+
+fn umount(mountpoint: &std::path::Path) -> Result<()> {
+    let c = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes())
+        .context("mountpoint path")?;
+    // SAFETY: plain syscall with a NUL-terminated path.
+    if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    let st = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg(mountpoint)
+        .status();
+    match st {
+        Ok(s) if s.success() => Ok(()),
+        _ => bail!("unmounting {}: {err}", mountpoint.display()),
+    }
+}
