@@ -62,6 +62,19 @@ enum Cmd {
         #[arg(long)]
         iopoll: bool,
     },
+    /// The embedded default: a one-node hive in DATA (made on first use), volume
+    /// `default`, mounted at MOUNTPOINT until Ctrl-C.
+    Up {
+        /// Where the hive keeps its files (created and initialised if it holds no hive).
+        #[arg(long, default_value = "hive-data")]
+        data: PathBuf,
+        /// Size of the chunk device file made on first use, e.g. 16G (sparse).
+        #[arg(long, default_value = "16G")]
+        size: String,
+        /// Where to mount volume `default`.
+        #[arg(default_value = "hive")]
+        mountpoint: PathBuf,
+    },
     /// Per-shard and total figures of a running node.
     Status {
         #[arg(long)]
@@ -84,7 +97,7 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HIVE_LOG")
-                .unwrap_or_else(|_| "info".into()),
+                .unwrap_or_else(|_| "info,openraft=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -170,7 +183,132 @@ fn real_main() -> Result<()> {
             json,
             insecure,
         } => status(&data, json, insecure),
+        Cmd::Up {
+            data,
+            size,
+            mountpoint,
+        } => up(&data, &size, &mountpoint),
     }
+}
+
+/// `hive up`: init if needed, run the node, make sure volume `default` exists, mount it
+/// with `hi`, and on Ctrl-C unmount and stop.
+fn up(data: &std::path::Path, size: &str, mountpoint: &std::path::Path) -> Result<()> {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    if !data.join(config::CONFIG_FILE).exists() {
+        let shards = std::thread::available_parallelism()
+            .map(|n| n.get() as u16)
+            .unwrap_or(1);
+        let o = InitOptions {
+            data_dir: data.to_path_buf(),
+            device: None,
+            size_bytes: Some(config::parse_size(size)?),
+            shards,
+            base_port: config::DEFAULT_BASE_PORT,
+            meta_port: None,
+            listen: "127.0.0.1".into(),
+            node_id: "node-1".into(),
+            bucket_count: config::DEFAULT_BUCKETS,
+            segment_bytes: config::DEFAULT_SEGMENT_BYTES,
+        };
+        config::init(&o)?;
+        println!("hive: initialised a one-node hive in {}", data.display());
+    }
+    let data = data.canonicalize()?;
+    let node = Node::start(&data, false)?;
+    let meta = node.meta().context("the metadata service did not start")?;
+    let (vol, made) = match meta.ensure_volume("default", 1) {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = node.shutdown();
+            return Err(e);
+        }
+    };
+    if made {
+        println!("hive: created volume default");
+    }
+    eprintln!(
+        "hive: WARNING: volume {} keeps copies = {}: a one-node hive has no redundancy; \
+         a lost disk loses its data",
+        vol.name, vol.copies
+    );
+    std::fs::create_dir_all(mountpoint)
+        .with_context(|| format!("creating {}", mountpoint.display()))?;
+    let mountpoint = mountpoint.canonicalize()?;
+    let cfg = NodeConfig::load(&data)?;
+    let hi = std::env::current_exe()?.with_file_name("hi");
+    let hi = if hi.exists() { hi } else { PathBuf::from("hi") };
+    let mut child = match std::process::Command::new(&hi)
+        .arg("mount")
+        .arg("--hive")
+        .arg(format!("{}:{}", cfg.listen, node.meta_port))
+        .arg("--token-file")
+        .arg(data.join("admin.token"))
+        .arg("--ca")
+        .arg(config::ca_fingerprint(&data)?)
+        .arg("--volume")
+        .arg("default")
+        .arg(&mountpoint)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = node.shutdown();
+            bail!(
+                "starting {} (build it with `cargo build --release`): {e}",
+                hi.display()
+            );
+        }
+    };
+    let stdout = child.stdout.take().context("hi stdout")?;
+    let mut line = String::new();
+    let mounted = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)
+        .map(|n| n > 0 && line.starts_with("mounted"))
+        .unwrap_or(false);
+    if !mounted {
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = node.shutdown();
+        bail!(
+            "`hi mount` did not mount {} (see its messages above)",
+            mountpoint.display()
+        );
+    }
+    println!(
+        "hive: volume default is mounted at {}",
+        mountpoint.display()
+    );
+    println!(
+        "hive: hive status: `hive status --data {}`; metadata at {}:{}; Ctrl-C to unmount and stop",
+        data.display(),
+        cfg.listen,
+        node.meta_port
+    );
+    loop {
+        if STOP.load(Ordering::SeqCst) {
+            break;
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            eprintln!("hive: hi exited ({st}); stopping");
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    if child.try_wait()?.is_none() {
+        // SAFETY: signalling our own child, not yet reaped.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let _ = child.wait();
+    }
+    node.shutdown()?;
+    println!("hive: unmounted and stopped");
+    Ok(())
 }
 
 fn status(dir: &std::path::Path, json: bool, insecure: bool) -> Result<()> {

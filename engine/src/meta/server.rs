@@ -18,7 +18,9 @@ use crate::config::NodeConfig;
 use anyhow::{Context, Result};
 use hivefs_net::conn::{ConnError, FramedConn, ReadStatus};
 use hivefs_net::frame::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
-use hivefs_net::meta::{self, Answer, MetaCommand, MetaReply, MetaRequest, Query, Timespec};
+use hivefs_net::meta::{
+    self, Answer, MetaCommand, MetaReply, MetaRequest, Mutation, Query, Timespec, VolumeInfo,
+};
 use hivefs_net::proto::{frame_response, ClusterMap, ErrorCode, Request, Response};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
@@ -145,6 +147,39 @@ impl MetaServer {
     /// The store (for `hive fsck` and tests).
     pub fn store(&self) -> &Arc<MetaStore> {
         &self.shared.store
+    }
+
+    /// Create volume `name` unless it exists (through Raft, like any client's request).
+    /// Returns the volume and whether it was made now.
+    pub fn ensure_volume(&self, name: &str, copies: u8) -> Result<(VolumeInfo, bool)> {
+        let q = MetaRequest::Query {
+            volume: 0,
+            query: Query::Volume { name: name.into() },
+        };
+        let ask = |req: MetaRequest| {
+            block_on(handle(&self.shared, req)).map_err(|e| anyhow::anyhow!("{e}"))
+        };
+        if let Ok(Answer::Volume(v)) = ask(q)? {
+            return Ok((v, false));
+        }
+        // A one-off client of its own: its one mutation is seq 1.
+        let client = u64::from_le_bytes(crate::config::random_bytes::<8>()?) | 1;
+        let create = MetaRequest::Mutate(MetaCommand {
+            volume: 0,
+            client,
+            seq: 1,
+            acked_below: 1,
+            now: Timespec::default(),
+            op: Mutation::CreateVolume {
+                name: name.into(),
+                copies,
+            },
+        });
+        match ask(create)? {
+            Ok(Answer::Volume(v)) => Ok((v, true)),
+            Ok(other) => anyhow::bail!("creating volume {name}: unexpected {other:?}"),
+            Err(e) => anyhow::bail!("creating volume {name}: {e}"),
+        }
     }
 
     /// Stop accepting, end every connection, stop Raft.
