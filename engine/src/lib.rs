@@ -13,6 +13,7 @@
 //! speaks the wire only through `hivefs-net`; a shard's state is touched only by its own
 //! thread.
 
+pub mod admin;
 pub mod config;
 pub mod format;
 pub mod index;

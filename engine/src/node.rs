@@ -245,7 +245,8 @@ impl Node {
             meta: None,
             meta_port: 0,
         };
-        match MetaServer::start(dir, &cfg, tls, map, device_use) {
+        let ports = node.ports.clone();
+        match MetaServer::start(dir, &cfg, tls, map, device_use, ports) {
             Ok(m) => {
                 node.meta_port = m.port;
                 node.meta = Some(m);

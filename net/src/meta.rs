@@ -333,6 +333,11 @@ pub enum Query {
     },
     StatFs,
     GcEpoch,
+    /// Check the whole hive (admin): the namespace invariants, and that every referenced
+    /// chunk is stored; with `verify`, also read each back and check it against its id.
+    Fsck {
+        verify: bool,
+    },
 }
 
 /// What a client sends to the metadata service.
@@ -392,6 +397,21 @@ pub enum Answer {
         replaced: Option<u64>,
     },
     GcEpoch(u64),
+    Fsck(FsckReport),
+}
+
+/// What `hive fsck` found. Clean when `findings` is empty.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsckReport {
+    pub volumes: u64,
+    pub inodes: u64,
+    /// Distinct chunk ids referenced by live extents.
+    pub referenced_chunks: u64,
+    /// Verified chunks the shards hold.
+    pub stored_chunks: u64,
+    /// Referenced chunks read back and checked against their ids (`verify`).
+    pub verified_chunks: u64,
+    pub findings: Vec<String>,
 }
 
 /// The answer to a [`MetaRequest`].

@@ -2,12 +2,11 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use hivefs_engine::admin::Link;
 use hivefs_engine::config::{self, InitOptions, NodeConfig};
 use hivefs_engine::node::Node;
-use hivefs_net::conn::FramedConn;
-use hivefs_net::frame::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
+use hivefs_net::meta::{self, Answer, MetaRequest, Query};
 use hivefs_net::proto::{Request, Response};
-use std::net::TcpStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -74,6 +73,17 @@ enum Cmd {
         /// Where to mount volume `default`.
         #[arg(default_value = "hive")]
         mountpoint: PathBuf,
+    },
+    /// Check a running node: the namespace (tree, link counts, extents) and that every
+    /// chunk a file references is stored (`--verify`: and reads back hashing to its id).
+    /// Exit status 1 when anything is wrong.
+    Fsck {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        verify: bool,
+        #[arg(long)]
+        insecure: bool,
     },
     /// Per-shard and total figures of a running node.
     Status {
@@ -188,6 +198,46 @@ fn real_main() -> Result<()> {
             size,
             mountpoint,
         } => up(&data, &size, &mountpoint),
+        Cmd::Fsck {
+            data,
+            verify,
+            insecure,
+        } => fsck(&data, verify, insecure),
+    }
+}
+
+fn fsck(dir: &std::path::Path, verify: bool, insecure: bool) -> Result<()> {
+    let cfg = NodeConfig::load(dir)?;
+    let mut link = Link::open(dir, &cfg, cfg.meta_port(), insecure, "hive fsck")?;
+    let req = MetaRequest::Query {
+        volume: 0,
+        query: Query::Fsck { verify },
+    };
+    let body = match link.call(&Request::Meta {
+        body: meta::encode(&req),
+    })? {
+        Response::MetaReply { body } => body,
+        Response::Error { code, message } => bail!("fsck refused: {code:?}: {message}"),
+        other => bail!("unexpected {:?}", other.opcode()),
+    };
+    let r = match meta::decode::<meta::MetaReply>(&body)? {
+        Ok(Answer::Fsck(r)) => r,
+        Ok(other) => bail!("unexpected answer {other:?}"),
+        Err(e) => bail!("fsck: {e}"),
+    };
+    println!(
+        "volumes {}  inodes {}  referenced chunks {}  stored chunks {}  verified {}",
+        r.volumes, r.inodes, r.referenced_chunks, r.stored_chunks, r.verified_chunks
+    );
+    for f in &r.findings {
+        println!("PROBLEM: {f}");
+    }
+    if r.findings.is_empty() {
+        println!("clean");
+        Ok(())
+    } else {
+        println!("{} problem(s)", r.findings.len());
+        std::process::exit(1);
     }
 }
 
@@ -313,43 +363,15 @@ fn up(data: &std::path::Path, size: &str, mountpoint: &std::path::Path) -> Resul
 
 fn status(dir: &std::path::Path, json: bool, insecure: bool) -> Result<()> {
     let cfg = NodeConfig::load(dir)?;
-    let token = std::fs::read_to_string(dir.join("admin.token")).context("reading admin.token")?;
-    let fp = config::ca_fingerprint(dir)?;
     let mut shards = Vec::new();
     for s in 0..cfg.shards {
-        let addr = format!("{}:{}", cfg.listen, cfg.base_port + s);
-        let stream = TcpStream::connect(&addr)
-            .with_context(|| format!("connecting to shard {s} at {addr} (is `hive run` up?)"))?;
-        let tls = if insecure {
-            None
-        } else {
-            Some((
-                hivefs_net::tls::client_config_pinned(&fp).map_err(|e| anyhow::anyhow!("{e}"))?,
-                hivefs_net::tls::server_name(&cfg.listen).map_err(|e| anyhow::anyhow!("{e}"))?,
-            ))
-        };
-        let mut conn = FramedConn::new_client(stream, tls)?;
-        conn.send_request(
-            PROTOCOL_VERSION_MIN,
-            1,
-            &Request::Hello {
-                min_version: PROTOCOL_VERSION_MIN,
-                max_version: PROTOCOL_VERSION_MAX,
-                token: token.trim().to_string(),
-                client_name: "hive status".into(),
-            },
-        )?;
-        match conn.recv_response()?.1 {
-            Response::HelloOk { .. } => {}
-            Response::Error { code, message } => bail!("shard {s}: {code:?}: {message}"),
-            other => bail!("shard {s}: unexpected {other:?}"),
-        }
-        conn.send_request(PROTOCOL_VERSION_MIN, 2, &Request::Stats)?;
-        match conn.recv_response()?.1 {
+        let mut link = Link::open(dir, &cfg, cfg.base_port + s, insecure, "hive status")
+            .with_context(|| format!("shard {s}"))?;
+        match link.call(&Request::Stats)? {
             Response::StatsReply { json } => {
                 shards.push(serde_json::from_str::<serde_json::Value>(&json)?)
             }
-            other => bail!("shard {s}: unexpected {other:?}"),
+            other => bail!("shard {s}: unexpected {:?}", other.opcode()),
         }
     }
     let ratio = |a: u64, b: u64| if b == 0 { 1.0 } else { a as f64 / b as f64 };

@@ -14,14 +14,17 @@
 
 use super::raft::{Applier, MetaRaft, RaftError};
 use super::store::MetaStore;
+use crate::admin::Link;
 use crate::config::NodeConfig;
 use anyhow::{Context, Result};
+use hivefs_net::chunk::{self, ChunkId};
 use hivefs_net::conn::{ConnError, FramedConn, ReadStatus};
 use hivefs_net::frame::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
 use hivefs_net::meta::{
-    self, Answer, MetaCommand, MetaReply, MetaRequest, Mutation, Query, Timespec, VolumeInfo,
+    self, Answer, FsckReport, MetaCommand, MetaReply, MetaRequest, Mutation, Query, Timespec,
+    VolumeInfo,
 };
-use hivefs_net::proto::{frame_response, ClusterMap, ErrorCode, Request, Response};
+use hivefs_net::proto::{frame_response, ClusterMap, ErrorCode, Request, Response, MAX_BATCH_IDS};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -74,6 +77,8 @@ impl Applier for StoreApplier {
 
 struct Shared {
     store: Arc<MetaStore>,
+    data_dir: std::path::PathBuf,
+    shard_ports: Vec<u16>,
     raft: MetaRaft,
     cfg: NodeConfig,
     map: ClusterMap,
@@ -104,6 +109,7 @@ impl MetaServer {
         tls: Option<Arc<rustls::ServerConfig>>,
         map: ClusterMap,
         device: Arc<DeviceUse>,
+        shard_ports: Vec<u16>,
     ) -> Result<MetaServer> {
         let dir = meta_dir(data_dir);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -124,6 +130,8 @@ impl MetaServer {
         listener.set_nonblocking(true)?;
         let shared = Arc::new(Shared {
             store,
+            data_dir: data_dir.to_path_buf(),
+            shard_ports,
             raft,
             cfg: cfg.clone(),
             map,
@@ -382,6 +390,72 @@ fn serve(sh: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     }
 }
 
+/// Check the namespace, then that every referenced chunk is held by its shard (and with
+/// `verify`, that it reads back hashing to its id). Asks the shards over their own ports,
+/// as any client would.
+fn fsck(sh: &Shared, verify: bool) -> Result<FsckReport> {
+    let mut r = FsckReport {
+        findings: sh.store.check()?,
+        ..Default::default()
+    };
+    (r.volumes, r.inodes) = sh.store.counts()?;
+    let refs = sh.store.referenced_chunks()?;
+    r.referenced_chunks = refs.len() as u64;
+    let mut by_shard: Vec<Vec<ChunkId>> = vec![Vec::new(); sh.shard_ports.len()];
+    for id in refs {
+        by_shard[sh.map.shard_of(&id) as usize].push(id);
+    }
+    let insecure = sh.tls.is_none();
+    for (shard, ids) in by_shard.iter().enumerate() {
+        let port = sh.shard_ports[shard];
+        let mut link = Link::open(&sh.data_dir, &sh.cfg, port, insecure, "fsck")?;
+        if let Response::StatsReply { json } = link.call(&Request::Stats)? {
+            let v: serde_json::Value = serde_json::from_str(&json)?;
+            r.stored_chunks += v["chunks"].as_u64().unwrap_or(0);
+        }
+        for batch in ids.chunks(MAX_BATCH_IDS) {
+            let present = match link.call(&Request::Has {
+                ids: batch.to_vec(),
+            })? {
+                Response::HasReply { present, .. } if present.len() == batch.len() => present,
+                other => anyhow::bail!("shard {shard}: has answered {:?}", other.opcode()),
+            };
+            for (id, p) in batch.iter().zip(present) {
+                if !p {
+                    r.findings.push(format!(
+                        "chunk {id} is referenced but shard {shard} does not hold it"
+                    ));
+                    continue;
+                }
+                if !verify {
+                    continue;
+                }
+                match link.call(&Request::Get { id: *id })? {
+                    Response::GetReply {
+                        chunk: Some((codec, raw_len, data)),
+                    } => {
+                        match chunk::verify(&sh.map.dedupe_key, id, codec, &data, raw_len as usize)
+                        {
+                            Ok(_) => r.verified_chunks += 1,
+                            Err(e) => r
+                                .findings
+                                .push(format!("chunk {id} on shard {shard} does not verify: {e}")),
+                        }
+                    }
+                    Response::GetReply { chunk: None } => r
+                        .findings
+                        .push(format!("chunk {id}: has said yes, get found nothing")),
+                    Response::Error { message, .. } => r
+                        .findings
+                        .push(format!("chunk {id} on shard {shard} unreadable: {message}")),
+                    other => anyhow::bail!("shard {shard}: get answered {:?}", other.opcode()),
+                }
+            }
+        }
+    }
+    Ok(r)
+}
+
 /// Answer one metadata request. `Err` is a service failure (no leader, storage); an
 /// errno is a normal answer.
 async fn handle(sh: &Shared, req: MetaRequest) -> Result<MetaReply, RaftError> {
@@ -397,6 +471,14 @@ async fn handle(sh: &Shared, req: MetaRequest) -> Result<MetaReply, RaftError> {
             let out = sh.raft.write(meta::encode(&cmd)).await?;
             meta::decode::<MetaReply>(&out)
                 .map_err(|e| RaftError::Unavailable(format!("store answered badly: {e}")))
+        }
+        MetaRequest::Query {
+            query: Query::Fsck { verify },
+            ..
+        } => {
+            sh.raft.read_barrier().await?;
+            let r = fsck(sh, verify).map_err(|e| RaftError::Unavailable(format!("fsck: {e:#}")))?;
+            Ok(Ok(Answer::Fsck(r)))
         }
         MetaRequest::Query { volume, query } => {
             sh.raft.read_barrier().await?;

@@ -929,6 +929,7 @@ impl MetaStore {
                     None => Err(Errno::NOENT),
                 }
             }
+            Query::Fsck { .. } => Err(Errno::NOTSUP), // the server runs it (it needs the shards)
             Query::GcEpoch => {
                 let sys = tx.open_table(SYS)?;
                 let e = match sys.get(SYS_GC_EPOCH)? {
@@ -938,6 +939,20 @@ impl MetaStore {
                 Ok(Answer::GcEpoch(e))
             }
         })
+    }
+
+    /// (volumes, live inodes in all of them).
+    pub fn counts(&self) -> Result<(u64, u64)> {
+        let tx = self.db.begin_read()?;
+        let vols = tx.open_table(VOLUMES)?;
+        let (mut n, mut files) = (0, 0);
+        for item in vols.iter()? {
+            let (_, v) = item?;
+            let rec: VolumeRec = dec(v.value(), "volume")?;
+            n += 1;
+            files += rec.files;
+        }
+        Ok((n, files))
     }
 
     /// Every chunk id a live extent of any volume references (the GC mark).
