@@ -29,6 +29,7 @@ use anyhow::{bail, Context, Result};
 use hivefs_net::chunk::ChunkId;
 use hivefs_net::conn::{FramedConn, ReadStatus};
 use hivefs_net::frame::{Frame, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
+use hivefs_net::meta::{self, ShardAdmin, ShardAdminReply};
 use hivefs_net::proto::{
     decode_put_in_place, frame_response, get_reply_head_into, ClusterMap, ErrorCode, Opcode,
     PutResult, Request, Response,
@@ -327,8 +328,22 @@ struct Conn {
 }
 
 enum Pending {
-    Put { conn: usize, req: u64, n: usize },
-    Get { conn: usize, req: u64 },
+    Put {
+        conn: usize,
+        req: u64,
+        n: usize,
+    },
+    Get {
+        conn: usize,
+        req: u64,
+    },
+    /// A GC sweep: answered when its tombstones are durable.
+    Sweep {
+        conn: usize,
+        req: u64,
+        spared: u64,
+        bytes: u64,
+    },
 }
 
 struct ShardLoop {
@@ -720,12 +735,85 @@ impl ShardLoop {
                 let map = self.s.map.clone();
                 self.reply(t, req_id, &Response::MapReply { map });
             }
+            Request::ShardAdmin { body } => self.shard_admin(t, req_id, &body),
             Request::Meta { .. } => {
                 let resp = Response::Error {
                     code: ErrorCode::BadRequest,
                     message: "metadata requests go to the metadata port, not a shard".into(),
                 };
                 self.reply(t, req_id, &resp);
+            }
+        }
+    }
+
+    /// A GC step from the metadata service (see [`ShardAdmin`]).
+    fn shard_admin(&mut self, t: usize, req_id: u64, body: &[u8]) {
+        let reply = |me: &mut Self, r: ShardAdminReply| me.reply(t, req_id, &admin_reply(&r));
+        let op = match meta::decode::<ShardAdmin>(body) {
+            Ok(op) => op,
+            Err(e) => return reply(self, ShardAdminReply::Refused(e.to_string())),
+        };
+        tracing::info!(shard = self.s.shard, step = op_name(&op), "gc step");
+        match op {
+            ShardAdmin::SetGcEpoch { epoch } => {
+                self.s.core.set_gc_epoch(epoch);
+                reply(self, ShardAdminReply::Done)
+            }
+            ShardAdmin::BeginGc { epoch } => {
+                self.s.core.begin_gc(epoch);
+                reply(self, ShardAdminReply::Done)
+            }
+            ShardAdmin::EndGc { epoch } => {
+                self.s.core.end_gc(epoch);
+                reply(self, ShardAdminReply::Done)
+            }
+            ShardAdmin::ListIds { after, max } => {
+                let after = match after.as_deref().map(meta::split_ids) {
+                    None => None,
+                    Some(Some(v)) if v.len() == 1 => Some(v[0]),
+                    Some(_) => return reply(self, ShardAdminReply::Refused("bad cursor".into())),
+                };
+                let max = max.min(meta::MAX_ADMIN_IDS) as usize;
+                let (ids, more) = self.s.core.list_ids(after.as_ref(), max);
+                reply(
+                    self,
+                    ShardAdminReply::Ids {
+                        ids: meta::join_ids(&ids),
+                        more,
+                    },
+                )
+            }
+            ShardAdmin::Sweep { epoch, ids } => {
+                let Some(ids) =
+                    meta::split_ids(&ids).filter(|v| v.len() <= meta::MAX_ADMIN_IDS as usize)
+                else {
+                    return reply(self, ShardAdminReply::Refused("bad id list".into()));
+                };
+                let ticket = self.ticket(Pending::Sweep {
+                    conn: t,
+                    req: req_id,
+                    spared: 0,
+                    bytes: 0,
+                });
+                match self.s.core.sweep(ticket, epoch, ids) {
+                    Ok((spared, bytes)) => {
+                        if let Some(Pending::Sweep {
+                            spared: s,
+                            bytes: b,
+                            ..
+                        }) = self.tickets.get_mut(&ticket)
+                        {
+                            (*s, *b) = (spared, bytes);
+                        }
+                    }
+                    Err(e) => {
+                        self.tickets.remove(&ticket);
+                        if let Some(c) = self.conns.get_mut(&t) {
+                            c.in_flight = c.in_flight.saturating_sub(1);
+                        }
+                        reply(self, ShardAdminReply::Refused(e.to_string()))
+                    }
+                }
             }
         }
     }
@@ -792,7 +880,9 @@ impl ShardLoop {
         let t = self.next_ticket;
         self.next_ticket += 1;
         let conn = match &p {
-            Pending::Put { conn, .. } | Pending::Get { conn, .. } => *conn,
+            Pending::Put { conn, .. } | Pending::Get { conn, .. } | Pending::Sweep { conn, .. } => {
+                *conn
+            }
         };
         if let Some(c) = self.conns.get_mut(&conn) {
             c.in_flight += 1;
@@ -855,13 +945,20 @@ impl ShardLoop {
                 };
                 (ticket, resp)
             }
-            Completion::Delete { ticket, .. } => (
-                ticket,
-                Response::Error {
-                    code: ErrorCode::Internal,
-                    message: "unexpected delete".into(),
-                },
-            ),
+            Completion::Delete { ticket, result } => {
+                let resp = match (self.tickets.get(&ticket), result) {
+                    (Some(Pending::Sweep { spared, bytes, .. }), Ok(removed)) => {
+                        admin_reply(&ShardAdminReply::Swept {
+                            removed: removed as u64,
+                            spared: *spared,
+                            bytes: *bytes,
+                        })
+                    }
+                    (_, Err(e)) => shard_error(&e),
+                    (_, Ok(_)) => Response::error(ErrorCode::Internal, "unexpected delete"),
+                };
+                (ticket, resp)
+            }
         };
         let Some(p) = self.tickets.remove(&ticket) else {
             return;
@@ -873,7 +970,7 @@ impl ShardLoop {
                 }
                 (conn, req)
             }
-            Pending::Get { conn, req } => (conn, req),
+            Pending::Get { conn, req } | Pending::Sweep { conn, req, .. } => (conn, req),
         };
         if let Response::Error { message, .. } = &resp {
             tracing::warn!(shard = self.s.shard, req, "request failed: {message}");
@@ -908,6 +1005,22 @@ impl ShardLoop {
         }
         // Replies for requests still in the core are dropped when they complete.
         self.tickets.retain(|_, p| !matches!(p, Pending::Put { conn, .. } | Pending::Get { conn, .. } if *conn == t));
+    }
+}
+
+fn admin_reply(r: &ShardAdminReply) -> Response {
+    Response::ShardAdminReply {
+        body: meta::encode(r),
+    }
+}
+
+fn op_name(op: &ShardAdmin) -> &'static str {
+    match op {
+        ShardAdmin::SetGcEpoch { .. } => "set-epoch",
+        ShardAdmin::BeginGc { .. } => "begin",
+        ShardAdmin::ListIds { .. } => "list",
+        ShardAdmin::Sweep { .. } => "sweep",
+        ShardAdmin::EndGc { .. } => "end",
     }
 }
 

@@ -34,7 +34,7 @@ use hivefs_net::chunk::{
 use hivefs_nvme::{
     run_sync, AlignedBuf, BlockDevice, IoCompletion, IoError, IoOp, IoRequest, BLOCK_SIZE,
 };
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 /// Generations reserved per control-block write.
 pub const GENERATION_RESERVE: u32 = 1 << 16;
@@ -341,6 +341,10 @@ pub struct ShardCore {
     cfg: ShardConfig,
     index: Index,
     gc_epoch: u64,
+    /// While a collection runs: its epoch and every id claimed since it began (has hits and
+    /// puts). The sweep spares them. Claims are recorded only in this process's life: a
+    /// restarted shard refuses a sweep for a window it did not open.
+    gc_window: Option<(u64, HashSet<ChunkId>)>,
     next_seq: u64,
     segments: Vec<SegmentState>,
     /// Generations this boot may use: [next_generation, generation_limit).
@@ -474,6 +478,7 @@ impl ShardCore {
             cfg,
             index: Index::default(),
             gc_epoch: 1,
+            gc_window: None,
             next_seq: 1,
             segments: vec![SegmentState::Free; layout.segment_count as usize],
             next_generation: first_gen,
@@ -910,6 +915,87 @@ impl ShardCore {
         self.gc_epoch
     }
 
+    /// Stamp claims with `epoch` from now on (the metadata service's current epoch).
+    pub fn set_gc_epoch(&mut self, epoch: u64) {
+        self.gc_epoch = epoch;
+    }
+
+    /// A collection begins: claims are stamped `epoch` and recorded until [`end_gc`].
+    ///
+    /// [`end_gc`]: Self::end_gc
+    pub fn begin_gc(&mut self, epoch: u64) {
+        self.gc_epoch = epoch;
+        self.gc_window = Some((epoch, HashSet::new()));
+    }
+
+    /// The collection of `epoch` is over: stop recording claims.
+    pub fn end_gc(&mut self, epoch: u64) {
+        if self.gc_window.as_ref().is_some_and(|(e, _)| *e == epoch) {
+            self.gc_window = None;
+        }
+    }
+
+    fn note_claim(&mut self, id: &ChunkId) {
+        if let Some((_, claimed)) = &mut self.gc_window {
+            claimed.insert(*id);
+        }
+    }
+
+    /// Verified ids in id order after `after`, at most `max`; and whether more follow.
+    pub fn list_ids(&self, after: Option<&ChunkId>, max: usize) -> (Vec<ChunkId>, bool) {
+        let mut ids: Vec<ChunkId> = self
+            .index
+            .iter()
+            .filter(|(id, e)| e.state == EntryState::Verified && after.is_none_or(|a| *id > a))
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort_unstable();
+        let more = ids.len() > max;
+        ids.truncate(max);
+        (ids, more)
+    }
+
+    /// The sweep of collection `epoch`: tombstone those of `ids` that are stored, verified
+    /// and not claimed since the collection began. The [`Completion::Delete`] for `ticket`
+    /// counts what was removed. Returns (spared, stored bytes of those being removed), or
+    /// an error if no collection of `epoch` is open here (a restart lost its claims).
+    pub fn sweep(
+        &mut self,
+        ticket: u64,
+        epoch: u64,
+        ids: Vec<ChunkId>,
+    ) -> Result<(u64, u64), ShardError> {
+        let Some((e, claimed)) = &self.gc_window else {
+            return Err(ShardError::BadRequest(format!(
+                "no collection of epoch {epoch} is open on this shard"
+            )));
+        };
+        if *e != epoch {
+            return Err(ShardError::BadRequest(format!(
+                "the open collection is of epoch {e}, not {epoch}"
+            )));
+        }
+        let mut doomed = Vec::new();
+        let (mut spared, mut bytes) = (0u64, 0u64);
+        for id in ids {
+            match self.index.get(&id) {
+                Some(entry) if entry.state == EntryState::Verified => {
+                    if claimed.contains(&id) {
+                        spared += 1;
+                    } else {
+                        bytes += entry.loc.stored_len as u64;
+                        doomed.push(id);
+                    }
+                }
+                // Pending (a put in flight) or gone: not ours to remove.
+                Some(_) => spared += 1,
+                None => {}
+            }
+        }
+        self.delete(ticket, doomed);
+        Ok((spared, bytes))
+    }
+
     pub fn index(&self) -> &Index {
         &self.index
     }
@@ -930,6 +1016,9 @@ impl ShardCore {
                 }
                 _ => false,
             };
+            if hit {
+                self.note_claim(id);
+            }
             out.push(hit);
         }
         self.stats.has_ids += ids.len() as u64;
@@ -960,6 +1049,10 @@ impl ShardCore {
             return;
         }
         let n = chunks.len();
+        for c in &chunks {
+            // Whatever becomes of it, a chunk being put is claimed: the sweep spares it.
+            self.note_claim(&c.id);
+        }
         self.puts.insert(
             ticket,
             PutTicket {

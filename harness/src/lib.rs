@@ -31,6 +31,8 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod mount;
+
 pub use hivefs_client;
 pub use hivefs_net;
 
@@ -105,6 +107,31 @@ pub fn hive_bin() -> PathBuf {
         p.is_file(),
         "the hive binary is missing at {}: build it with `cargo build -p hivefs-engine --bin hive` \
          (same profile and CARGO_TARGET_DIR as the tests), or set HIVE_BIN",
+        p.display()
+    );
+    p
+}
+
+/// The `hi` binary (the client host command: `hi mount`) to run: `$HI_BIN` if set, else
+/// `hi` next to the test executable's directory, as [`hive_bin`]. Panics with instructions
+/// when it is missing.
+pub fn hi_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("HI_BIN") {
+        let p = PathBuf::from(p);
+        assert!(p.is_file(), "HI_BIN={} is not a file", p.display());
+        return p;
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test-binary> -> target/<profile>/hi
+    let p = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("hi"))
+        .expect("test binary has no grandparent directory");
+    assert!(
+        p.is_file(),
+        "the hi binary is missing at {}: build it with `cargo build -p hivefs-hi --bin hi` \
+         (same profile and CARGO_TARGET_DIR as the tests), or set HI_BIN",
         p.display()
     );
     p
@@ -258,6 +285,30 @@ impl TestNode {
     /// The metadata service's port.
     pub fn meta_port(&self) -> u16 {
         self.base_port - 1
+    }
+
+    /// Run `hive fsck` (with `--verify`: every referenced chunk read back and checked) and
+    /// panic with its report unless it is clean. Returns the report.
+    pub fn fsck(&self, verify: bool) -> String {
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("fsck").arg("--data").arg(&self.dir);
+        if verify {
+            cmd.arg("--verify");
+        }
+        if self.opts.insecure {
+            cmd.arg("--insecure");
+        }
+        let out = cmd
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap_or_else(|e| panic!("running hive fsck: {e}"));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "hive fsck found problems:\n{text}");
+        text
     }
 
     /// The port of `shard`.

@@ -154,6 +154,18 @@ fn namespace_survives_kill9_and_restart() {
     let mut bad = node.client_options();
     bad.token = "not-the-token".into();
     assert!(MetaClient::connect(&bad, node.meta_port()).is_err());
+    // The extent names a chunk nobody stored: fsck must say so.
+    let out = std::process::Command::new(hivefs_harness::hive_bin())
+        .args(["fsck", "--data"])
+        .arg(node.dir())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success(),
+        "fsck missed a dangling extent:\n{text}"
+    );
+    assert!(text.contains("is referenced but shard"), "{text}");
     node.stop();
 }
 
@@ -205,5 +217,6 @@ fn mutations_apply_exactly_once_across_kill9() {
     assert_eq!(listed.len(), FILES, "every create present once");
     eprintln!("{FILES} creates, {kills} kill -9 restarts: all applied exactly once");
     assert!(kills > 0, "the node was never killed during the writes");
+    eprintln!("{}", node.fsck(true));
     node.stop();
 }

@@ -338,6 +338,8 @@ pub enum Query {
     Fsck {
         verify: bool,
     },
+    /// Run one garbage collection (admin): new GC epoch, mark, sweep (see `hive gc`).
+    Gc,
 }
 
 /// What a client sends to the metadata service.
@@ -398,6 +400,73 @@ pub enum Answer {
     },
     GcEpoch(u64),
     Fsck(FsckReport),
+    Gc(GcReport),
+}
+
+/// What one garbage collection did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcReport {
+    /// The epoch this collection ran in (claims from older epochs are now refused).
+    pub epoch: u64,
+    /// Distinct chunks live extents reference (the mark).
+    pub referenced_chunks: u64,
+    /// Chunks the shards held when the sweep listed them.
+    pub stored_chunks: u64,
+    /// Unreferenced chunks removed (tombstoned), and their stored bytes.
+    pub swept_chunks: u64,
+    pub swept_bytes: u64,
+    /// Unreferenced chunks kept because a client claimed them since the mark began.
+    pub spared_chunks: u64,
+}
+
+/// A GC step a node's metadata service asks of a shard (opcode `ShardAdmin`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ShardAdmin {
+    /// Stamp claims with this epoch (at start, from the metadata service).
+    SetGcEpoch { epoch: u64 },
+    /// A collection begins: claims are stamped `epoch` and recorded until `EndGc`.
+    BeginGc { epoch: u64 },
+    /// Verified chunk ids in id order after `after` (33-byte ids, concatenated).
+    ListIds { after: Option<Vec<u8>>, max: u32 },
+    /// Remove these ids (concatenated) unless claimed since `BeginGc { epoch }`.
+    Sweep { epoch: u64, ids: Vec<u8> },
+    /// The collection of `epoch` is over: stop recording claims.
+    EndGc { epoch: u64 },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ShardAdminReply {
+    Done,
+    Ids {
+        ids: Vec<u8>,
+        more: bool,
+    },
+    Swept {
+        removed: u64,
+        spared: u64,
+        bytes: u64,
+    },
+    Refused(String),
+}
+
+/// Most ids one `ListIds` or `Sweep` carries.
+pub const MAX_ADMIN_IDS: u32 = 65536;
+
+/// Split concatenated 33-byte ids; `None` if the length is not a multiple of 33.
+pub fn split_ids(b: &[u8]) -> Option<Vec<ChunkId>> {
+    if !b.len().is_multiple_of(CHUNK_ID_BYTES) {
+        return None;
+    }
+    Some(
+        b.chunks_exact(CHUNK_ID_BYTES)
+            .map(|c| ChunkId(c.try_into().expect("33 bytes")))
+            .collect(),
+    )
+}
+
+/// Concatenate ids for a [`ShardAdmin`] message.
+pub fn join_ids(ids: &[ChunkId]) -> Vec<u8> {
+    ids.iter().flat_map(|i| i.0).collect()
 }
 
 /// What `hive fsck` found. Clean when `findings` is empty.

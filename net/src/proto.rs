@@ -69,6 +69,9 @@ pub enum Opcode {
     /// A metadata request ([`crate::meta::MetaRequest`]), on the metadata port only.
     Meta = 20,
     MetaReply = 21,
+    /// A GC step for a shard ([`crate::meta::ShardAdmin`]), on shard ports.
+    ShardAdmin = 22,
+    ShardAdminReply = 23,
 }
 
 impl Opcode {
@@ -89,6 +92,8 @@ impl Opcode {
             19 => Opcode::MapReply,
             20 => Opcode::Meta,
             21 => Opcode::MetaReply,
+            22 => Opcode::ShardAdmin,
+            23 => Opcode::ShardAdminReply,
             _ => return None,
         })
     }
@@ -104,6 +109,7 @@ impl Opcode {
                 | Opcode::Stats
                 | Opcode::Map
                 | Opcode::Meta
+                | Opcode::ShardAdmin
         )
     }
 }
@@ -428,6 +434,10 @@ pub enum Request {
     Meta {
         body: Vec<u8>,
     },
+    /// A postcard-encoded [`crate::meta::ShardAdmin`].
+    ShardAdmin {
+        body: Vec<u8>,
+    },
 }
 
 /// The placement of buckets on one node's shards, and what a client needs to address
@@ -534,6 +544,10 @@ pub enum Response {
     MetaReply {
         body: Vec<u8>,
     },
+    /// A postcard-encoded [`crate::meta::ShardAdminReply`].
+    ShardAdminReply {
+        body: Vec<u8>,
+    },
     MapReply {
         map: ClusterMap,
     },
@@ -571,6 +585,7 @@ impl Request {
             Request::Stats => Opcode::Stats,
             Request::Map => Opcode::Map,
             Request::Meta { .. } => Opcode::Meta,
+            Request::ShardAdmin { .. } => Opcode::ShardAdmin,
         }
     }
 
@@ -600,7 +615,7 @@ impl Request {
             Request::Put { chunks } => write_put_body(&mut w.0, chunks),
             Request::Get { id } => w.0.extend_from_slice(&id.0),
             Request::Stats | Request::Map => {}
-            Request::Meta { body } => w.0.extend_from_slice(body),
+            Request::Meta { body } | Request::ShardAdmin { body } => w.0.extend_from_slice(body),
         }
         (self.opcode(), w.0)
     }
@@ -643,6 +658,11 @@ impl Request {
                     body: body.to_vec(),
                 })
             }
+            Opcode::ShardAdmin => {
+                return Ok(Request::ShardAdmin {
+                    body: body.to_vec(),
+                })
+            }
             _ => return Err(DecodeError::UnexpectedOpcode(opcode)),
         };
         r.finish()?;
@@ -661,6 +681,7 @@ impl Response {
             Response::StatsReply { .. } => Opcode::StatsReply,
             Response::MapReply { .. } => Opcode::MapReply,
             Response::MetaReply { .. } => Opcode::MetaReply,
+            Response::ShardAdminReply { .. } => Opcode::ShardAdminReply,
         }
     }
 
@@ -720,7 +741,9 @@ impl Response {
                 write_get_reply_body(&mut w.0, chunk.as_ref().map(|(c, r, d)| (*c, *r, &d[..])))
             }
             Response::StatsReply { json } => w.bytes(json.as_bytes()),
-            Response::MetaReply { body } => w.0.extend_from_slice(body),
+            Response::MetaReply { body } | Response::ShardAdminReply { body } => {
+                w.0.extend_from_slice(body)
+            }
             Response::MapReply { map } => {
                 w.u64(map.epoch);
                 w.bytes(map.node_id.as_bytes());
@@ -802,6 +825,11 @@ impl Response {
             },
             Opcode::MetaReply => {
                 return Ok(Response::MetaReply {
+                    body: body.to_vec(),
+                })
+            }
+            Opcode::ShardAdminReply => {
+                return Ok(Response::ShardAdminReply {
                     body: body.to_vec(),
                 })
             }

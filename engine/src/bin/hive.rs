@@ -85,6 +85,13 @@ enum Cmd {
         #[arg(long)]
         insecure: bool,
     },
+    /// Run one garbage collection on a running node and print what it freed.
+    Gc {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        insecure: bool,
+    },
     /// Per-shard and total figures of a running node.
     Status {
         #[arg(long)]
@@ -203,27 +210,42 @@ fn real_main() -> Result<()> {
             verify,
             insecure,
         } => fsck(&data, verify, insecure),
+        Cmd::Gc { data, insecure } => {
+            let r = match admin_query(&data, insecure, Query::Gc, "hive gc")? {
+                Answer::Gc(r) => r,
+                other => bail!("unexpected answer {other:?}"),
+            };
+            println!(
+                "gc epoch {}: {} chunks referenced, {} stored; swept {} chunks ({} stored bytes), spared {} claimed since the mark began",
+                r.epoch, r.referenced_chunks, r.stored_chunks, r.swept_chunks, r.swept_bytes, r.spared_chunks
+            );
+            Ok(())
+        }
     }
 }
 
-fn fsck(dir: &std::path::Path, verify: bool, insecure: bool) -> Result<()> {
+/// Ask the metadata service of the node in `dir` an admin query.
+fn admin_query(dir: &std::path::Path, insecure: bool, query: Query, who: &str) -> Result<Answer> {
     let cfg = NodeConfig::load(dir)?;
-    let mut link = Link::open(dir, &cfg, cfg.meta_port(), insecure, "hive fsck")?;
-    let req = MetaRequest::Query {
-        volume: 0,
-        query: Query::Fsck { verify },
-    };
+    let mut link = Link::open(dir, &cfg, cfg.meta_port(), insecure, who)?;
+    let req = MetaRequest::Query { volume: 0, query };
     let body = match link.call(&Request::Meta {
         body: meta::encode(&req),
     })? {
         Response::MetaReply { body } => body,
-        Response::Error { code, message } => bail!("fsck refused: {code:?}: {message}"),
-        other => bail!("unexpected {:?}", other.opcode()),
+        Response::Error { code, message } => bail!("{who}: {code:?}: {message}"),
+        other => bail!("{who}: unexpected {:?}", other.opcode()),
     };
-    let r = match meta::decode::<meta::MetaReply>(&body)? {
-        Ok(Answer::Fsck(r)) => r,
-        Ok(other) => bail!("unexpected answer {other:?}"),
-        Err(e) => bail!("fsck: {e}"),
+    match meta::decode::<meta::MetaReply>(&body)? {
+        Ok(a) => Ok(a),
+        Err(e) => bail!("{who}: {e}"),
+    }
+}
+
+fn fsck(dir: &std::path::Path, verify: bool, insecure: bool) -> Result<()> {
+    let r = match admin_query(dir, insecure, Query::Fsck { verify }, "hive fsck")? {
+        Answer::Fsck(r) => r,
+        other => bail!("unexpected answer {other:?}"),
     };
     println!(
         "volumes {}  inodes {}  referenced chunks {}  stored chunks {}  verified {}",

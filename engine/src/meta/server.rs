@@ -21,8 +21,8 @@ use hivefs_net::chunk::{self, ChunkId};
 use hivefs_net::conn::{ConnError, FramedConn, ReadStatus};
 use hivefs_net::frame::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
 use hivefs_net::meta::{
-    self, Answer, FsckReport, MetaCommand, MetaReply, MetaRequest, Mutation, Query, Timespec,
-    VolumeInfo,
+    self, Answer, FsckReport, GcReport, MetaCommand, MetaReply, MetaRequest, Mutation, Query,
+    ShardAdmin, ShardAdminReply, Timespec, VolumeInfo,
 };
 use hivefs_net::proto::{frame_response, ClusterMap, ErrorCode, Request, Response, MAX_BATCH_IDS};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -84,6 +84,8 @@ struct Shared {
     map: ClusterMap,
     tls: Option<Arc<rustls::ServerConfig>>,
     device: Arc<DeviceUse>,
+    /// Set while a collection runs (one at a time).
+    gc_running: AtomicBool,
     stop: AtomicBool,
     conns: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -137,6 +139,7 @@ impl MetaServer {
             map,
             tls,
             device,
+            gc_running: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             conns: Mutex::new(Vec::new()),
         });
@@ -144,6 +147,10 @@ impl MetaServer {
         let accept = std::thread::Builder::new()
             .name("meta-accept".into())
             .spawn(move || accept_loop(sh, listener))?;
+        // Shards stamp claims with the epoch commits accept.
+        if let Err(e) = block_on(sync_gc_epoch(&shared)) {
+            tracing::warn!("telling the shards the GC epoch: {e:#}");
+        }
         tracing::info!(port, "metadata service serving");
         Ok(MetaServer {
             shared,
@@ -390,6 +397,139 @@ fn serve(sh: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     }
 }
 
+fn shard_link(sh: &Shared, shard: usize, who: &str) -> Result<Link> {
+    Link::open(
+        &sh.data_dir,
+        &sh.cfg,
+        sh.shard_ports[shard],
+        sh.tls.is_none(),
+        who,
+    )
+}
+
+fn shard_admin(link: &mut Link, op: &ShardAdmin) -> Result<ShardAdminReply> {
+    match link.call(&Request::ShardAdmin {
+        body: meta::encode(op),
+    })? {
+        Response::ShardAdminReply { body } => match meta::decode::<ShardAdminReply>(&body)? {
+            ShardAdminReply::Refused(why) => anyhow::bail!("shard refused: {why}"),
+            r => Ok(r),
+        },
+        Response::Error { message, .. } => anyhow::bail!("shard: {message}"),
+        other => anyhow::bail!("shard answered {:?}", other.opcode()),
+    }
+}
+
+/// Tell every shard the GC epoch the store accepts claims from.
+async fn sync_gc_epoch(sh: &Shared) -> Result<()> {
+    let epoch = match sh.store.query(0, &Query::GcEpoch)? {
+        Ok(Answer::GcEpoch(e)) => e,
+        other => anyhow::bail!("gc epoch: {other:?}"),
+    };
+    for shard in 0..sh.shard_ports.len() {
+        let mut link = shard_link(sh, shard, "gc epoch")?;
+        shard_admin(&mut link, &ShardAdmin::SetGcEpoch { epoch })?;
+    }
+    Ok(())
+}
+
+/// One collection (DESIGN.md §3, epochs and claims, no clocks):
+/// 1. a new GC epoch through Raft: from now on a commit needs a claim from it;
+/// 2. every shard stamps claims with it and records each id claimed from now on;
+/// 3. the mark: every chunk a live extent references, read after a read barrier (every
+///    commit accepted before step 1 is in it; every later one used a claim recorded in 2);
+/// 4. the sweep: each shard lists its chunks, and removes the unmarked ones it has not
+///    seen claimed since step 2;
+/// 5. the shards stop recording.
+///
+/// A shard that restarts in between has lost its record and refuses the sweep; the
+/// collection then fails and nothing is removed there.
+async fn run_gc(sh: &Shared) -> Result<GcReport> {
+    struct Running<'a>(&'a AtomicBool);
+    impl Drop for Running<'_> {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::SeqCst);
+        }
+    }
+    if sh.gc_running.swap(true, Ordering::SeqCst) {
+        anyhow::bail!("a collection is already running");
+    }
+    let _running = Running(&sh.gc_running);
+    let client = u64::from_le_bytes(crate::config::random_bytes::<8>()?) | 1;
+    let cmd = MetaCommand {
+        volume: 0,
+        client,
+        seq: 1,
+        acked_below: 1,
+        now: Timespec::now(),
+        op: Mutation::AdvanceGcEpoch,
+    };
+    let out = sh.raft.write(meta::encode(&cmd)).await?;
+    let epoch = match meta::decode::<MetaReply>(&out)? {
+        Ok(Answer::GcEpoch(e)) => e,
+        other => anyhow::bail!("advancing the GC epoch: {other:?}"),
+    };
+    let mut links = Vec::new();
+    for shard in 0..sh.shard_ports.len() {
+        let mut link = shard_link(sh, shard, "gc")?;
+        shard_admin(&mut link, &ShardAdmin::BeginGc { epoch })?;
+        links.push(link);
+    }
+    sh.raft.read_barrier().await?;
+    let marked = sh.store.referenced_chunks()?;
+    let mut r = GcReport {
+        epoch,
+        referenced_chunks: marked.len() as u64,
+        ..Default::default()
+    };
+    for link in links.iter_mut() {
+        let mut after: Option<Vec<u8>> = None;
+        let mut doomed = Vec::new();
+        loop {
+            let (ids, more) = match shard_admin(
+                link,
+                &ShardAdmin::ListIds {
+                    after: after.clone(),
+                    max: meta::MAX_ADMIN_IDS,
+                },
+            )? {
+                ShardAdminReply::Ids { ids, more } => (ids, more),
+                other => anyhow::bail!("list ids answered {other:?}"),
+            };
+            let ids = meta::split_ids(&ids).context("bad id list from a shard")?;
+            r.stored_chunks += ids.len() as u64;
+            after = ids.last().map(|l| l.0.to_vec());
+            doomed.extend(ids.into_iter().filter(|id| !marked.contains(id)));
+            if !more {
+                break;
+            }
+        }
+        for batch in doomed.chunks(4096) {
+            match shard_admin(
+                link,
+                &ShardAdmin::Sweep {
+                    epoch,
+                    ids: meta::join_ids(batch),
+                },
+            )? {
+                ShardAdminReply::Swept {
+                    removed,
+                    spared,
+                    bytes,
+                } => {
+                    r.swept_chunks += removed;
+                    r.spared_chunks += spared;
+                    r.swept_bytes += bytes;
+                }
+                other => anyhow::bail!("sweep answered {other:?}"),
+            }
+        }
+        shard_admin(link, &ShardAdmin::EndGc { epoch })?;
+    }
+    tracing::info!(?r, "garbage collection done");
+    Ok(r)
+}
+
 /// Check the namespace, then that every referenced chunk is held by its shard (and with
 /// `verify`, that it reads back hashing to its id). Asks the shards over their own ports,
 /// as any client would.
@@ -405,10 +545,8 @@ fn fsck(sh: &Shared, verify: bool) -> Result<FsckReport> {
     for id in refs {
         by_shard[sh.map.shard_of(&id) as usize].push(id);
     }
-    let insecure = sh.tls.is_none();
     for (shard, ids) in by_shard.iter().enumerate() {
-        let port = sh.shard_ports[shard];
-        let mut link = Link::open(&sh.data_dir, &sh.cfg, port, insecure, "fsck")?;
+        let mut link = shard_link(sh, shard, "fsck")?;
         if let Response::StatsReply { json } = link.call(&Request::Stats)? {
             let v: serde_json::Value = serde_json::from_str(&json)?;
             r.stored_chunks += v["chunks"].as_u64().unwrap_or(0);
@@ -471,6 +609,21 @@ async fn handle(sh: &Shared, req: MetaRequest) -> Result<MetaReply, RaftError> {
             let out = sh.raft.write(meta::encode(&cmd)).await?;
             meta::decode::<MetaReply>(&out)
                 .map_err(|e| RaftError::Unavailable(format!("store answered badly: {e}")))
+        }
+        MetaRequest::Query {
+            query: Query::Gc, ..
+        } => {
+            match run_gc(sh).await {
+                Ok(r) => Ok(Ok(Answer::Gc(r))),
+                Err(e) => {
+                    // The epoch may have moved without every shard hearing of it: tell them,
+                    // or their claims would be refused until the next start.
+                    if let Err(e2) = sync_gc_epoch(sh).await {
+                        tracing::warn!("after a failed collection, syncing the epoch: {e2:#}");
+                    }
+                    Err(RaftError::Unavailable(format!("gc: {e:#}")))
+                }
+            }
         }
         MetaRequest::Query {
             query: Query::Fsck { verify },

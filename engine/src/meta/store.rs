@@ -929,7 +929,8 @@ impl MetaStore {
                     None => Err(Errno::NOENT),
                 }
             }
-            Query::Fsck { .. } => Err(Errno::NOTSUP), // the server runs it (it needs the shards)
+            // The server runs these (they need the shards).
+            Query::Fsck { .. } | Query::Gc => Err(Errno::NOTSUP),
             Query::GcEpoch => {
                 let sys = tx.open_table(SYS)?;
                 let e = match sys.get(SYS_GC_EPOCH)? {
