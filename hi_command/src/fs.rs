@@ -56,6 +56,10 @@ pub const CACHE_BYTES: usize = 256 << 20;
 const MAX_WRITE: u32 = 1 << 20;
 /// Block size reported by stat (what `cp` and friends use as their buffer size).
 const BLKSIZE: u32 = 1 << 20;
+/// Written ranges up to this size also go into the chunk cache when flushed.
+const CACHE_WRITES_UP_TO: usize = 1 << 20;
+/// How far a sequential reader's chunks are fetched ahead, in one batched get.
+const READ_AHEAD: u64 = 8 << 20;
 
 /// What `hi mount` needs to serve a volume.
 pub struct Mounted {
@@ -76,6 +80,11 @@ struct FileState {
     extents: Vec<Extent>,
     /// No name references it any more (unlinked while open): reclaim at last close.
     unlinked: bool,
+    /// Where the last read ended: a read starting there is sequential, and fetches ahead.
+    last_read_end: u64,
+    /// A flushed range's buffer, kept for the next range this file starts: a writer
+    /// streaming gigabytes reuses one buffer instead of faulting in fresh pages.
+    spare: Vec<u8>,
 }
 
 /// Chunk connections, one `HiveClient` per concurrent user.
@@ -381,6 +390,15 @@ impl HiveFs {
         match result {
             Ok(()) => {
                 st.dirty_bytes = 0;
+                if let Some(big) = ranges
+                    .into_iter()
+                    .map(|(_, v)| v)
+                    .max_by_key(|v| v.capacity())
+                {
+                    if big.capacity() > st.spare.capacity() {
+                        st.spare = big;
+                    }
+                }
                 let (extents, size) = self.load_extents(ino)?;
                 st.extents = extents;
                 st.size = st.size.max(size);
@@ -435,7 +453,11 @@ impl HiveFs {
                     break;
                 }
             }
-            // The chunks are in the hive: keep their plaintext for reads that follow.
+            // The chunks are in the hive: keep the plaintext of small writes for reads that
+            // follow (copying a streaming writer's gigabytes would only churn the cache).
+            if data.len() > CACHE_WRITES_UP_TO {
+                continue;
+            }
             for c in &chunks {
                 let at = c.offset as usize;
                 self.cache
@@ -446,11 +468,13 @@ impl HiveFs {
     }
 
     /// Bytes `[off, off + len)` of `ino` as this host sees them.
-    fn read_range(&self, st: &FileState, off: u64, len: usize) -> Result<Vec<u8>, Errno> {
+    fn read_range(&self, st: &mut FileState, off: u64, len: usize) -> Result<Vec<u8>, Errno> {
         let end = (off + len as u64).min(st.size);
         if off >= end {
             return Ok(Vec::new());
         }
+        let sequential = off == st.last_read_end && off > 0;
+        st.last_read_end = end;
         let mut out = vec![0u8; (end - off) as usize];
         // Committed extents.
         let first = st.extents.partition_point(|e| e.end() <= off);
@@ -472,18 +496,36 @@ impl HiveFs {
                 None => missing.push(e.chunk),
             }
         }
+        // A sequential reader that misses will want what follows: fetch it in the same
+        // batch (the shards serve it in parallel) and keep it in the cache.
+        let mut ahead = Vec::new();
+        if sequential && !missing.is_empty() {
+            let stop = end.saturating_add(READ_AHEAD);
+            for e in st.extents[first..].iter().skip_while(|e| e.offset < end) {
+                if e.offset >= stop {
+                    break;
+                }
+                if seen.insert(e.chunk) && self.cache.get(&e.chunk).is_none() {
+                    ahead.push(e.chunk);
+                }
+            }
+        }
         if !missing.is_empty() {
+            let wanted_n = missing.len();
+            missing.extend(ahead);
             let got = self
                 .chunks
                 .with(|c| c.get(&missing))
                 .map_err(|e| io_err("reading chunks", e))?;
-            for (id, d) in missing.iter().zip(got) {
+            for (i, (id, d)) in missing.iter().zip(got).enumerate() {
                 match d {
                     Some(d) => {
                         let d = Arc::new(d);
                         self.cache.insert(*id, d.clone());
                         have.insert(*id, d);
                     }
+                    // A chunk fetched ahead may be gone (the file changed): not an error.
+                    None if i >= wanted_n => {}
                     None => {
                         tracing::error!("chunk {id} of inode is missing from the hive");
                         return Err(Errno::EIO);
@@ -899,8 +941,8 @@ impl Filesystem for HiveFs {
         let Some(st) = self.state(ino.0) else {
             return reply.error(Errno::EBADF);
         };
-        let st = st.lock().expect("file lock");
-        match self.read_range(&st, offset, size as usize) {
+        let mut st = st.lock().expect("file lock");
+        match self.read_range(&mut st, offset, size as usize) {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(e),
         }
@@ -928,6 +970,16 @@ impl Filesystem for HiveFs {
             return reply.error(Errno::EFBIG);
         }
         let mut g = st.lock().expect("file lock");
+        if g.dirty.is_empty() && g.spare.capacity() >= data.len() {
+            // Start the new range in the spare buffer.
+            let mut buf = std::mem::take(&mut g.spare);
+            buf.clear();
+            buf.extend_from_slice(data);
+            g.dirty.insert(offset, buf);
+            g.dirty_bytes = data.len();
+            g.size = g.size.max(offset + data.len() as u64);
+            return reply.written(data.len() as u32);
+        }
         let delta = dirty_insert(&mut g.dirty, offset, data);
         g.dirty_bytes = (g.dirty_bytes as isize + delta) as usize;
         g.size = g.size.max(offset + data.len() as u64);
