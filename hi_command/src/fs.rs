@@ -835,13 +835,13 @@ impl Filesystem for HiveFs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.mutate(Mutation::Rmdir {
-            parent: parent.0,
-            name: name_bytes(name),
-        }) {
-            Ok(_) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        done(
+            reply,
+            self.mutate(Mutation::Rmdir {
+                parent: parent.0,
+                name: name_bytes(name),
+            }),
+        )
     }
 
     fn symlink(
@@ -1159,15 +1159,15 @@ impl Filesystem for HiveFs {
                 Err(e) => reply.error(e),
             };
         }
-        match self.mutate(Mutation::SetXattr {
-            ino: ino.0,
-            name: name_bytes(name),
-            value: value.to_vec(),
-            mode,
-        }) {
-            Ok(_) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        done(
+            reply,
+            self.mutate(Mutation::SetXattr {
+                ino: ino.0,
+                name: name_bytes(name),
+                value: value.to_vec(),
+                mode,
+            }),
+        )
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -1197,13 +1197,13 @@ impl Filesystem for HiveFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.mutate(Mutation::RemoveXattr {
-            ino: ino.0,
-            name: name_bytes(name),
-        }) {
-            Ok(_) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        done(
+            reply,
+            self.mutate(Mutation::RemoveXattr {
+                ino: ino.0,
+                name: name_bytes(name),
+            }),
+        )
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
@@ -1284,6 +1284,14 @@ fn parse_acl(v: &[u8]) -> Option<AclMode> {
         mode_bits: (user << 6) | (g << 3) | other,
         extended: extended || mask.is_some(),
     })
+}
+
+/// Answer a request whose reply is empty.
+fn done(reply: ReplyEmpty, r: Result<Answer, Errno>) {
+    match r {
+        Ok(_) => reply.ok(),
+        Err(e) => reply.error(e),
+    }
 }
 
 fn xattr_reply(reply: ReplyXattr, size: u32, v: &[u8]) {

@@ -432,20 +432,16 @@ impl<'a, 't> Op<'a, 't> {
         p.next_cookie = cookie + 1;
         p.mtime = now;
         p.ctime = now;
-        let vol = self.vol.id;
-        let v = enc(&DirentVal { ino, kind, cookie });
-        store!(put_v(
-            &mut self.t.dirents,
-            &k_named(vol, parent, name),
-            epoch,
-            &v
-        ));
-        store!(put_v(
-            &mut self.t.cookies,
-            &k_num(vol, parent, cookie),
-            epoch,
-            name
-        ));
+        self.put_dirent(parent, name, DirentVal { ino, kind, cookie })?;
+        let k = k_num(self.vol.id, parent, cookie);
+        store!(put_v(&mut self.t.cookies, &k, epoch, name));
+        Ok(())
+    }
+
+    /// Write the entry `name` of `parent` (its cookie index is the caller's business).
+    fn put_dirent(&mut self, parent: u64, name: &[u8], d: DirentVal) -> OpResult<()> {
+        let (k, epoch) = (k_named(self.vol.id, parent, name), self.epoch());
+        store!(put_v(&mut self.t.dirents, &k, epoch, &enc(&d)));
         Ok(())
     }
 
@@ -1393,30 +1389,18 @@ fn rename(
             if d.kind == FileKind::Dir && op.within(parent, d.ino)? {
                 return Err(Errno::INVAL.into());
             }
-            let epoch = op.epoch();
-            let vol = op.vol.id;
-            let a = enc(&DirentVal {
+            let a = DirentVal {
                 ino: d.ino,
                 kind: d.kind,
                 cookie: src.cookie,
-            });
-            let b = enc(&DirentVal {
+            };
+            let b = DirentVal {
                 ino: src.ino,
                 kind: src.kind,
                 cookie: d.cookie,
-            });
-            store!(put_v(
-                &mut op.t.dirents,
-                &k_named(vol, parent, name),
-                epoch,
-                &a
-            ));
-            store!(put_v(
-                &mut op.t.dirents,
-                &k_named(vol, new_parent, new_name),
-                epoch,
-                &b
-            ));
+            };
+            op.put_dirent(parent, name, a)?;
+            op.put_dirent(new_parent, new_name, b)?;
             if parent != new_parent {
                 if src.kind == FileKind::Dir {
                     op.touch(src.ino)?.parent = new_parent;
