@@ -21,7 +21,10 @@
 //! - Dirty ranges of an inode never overlap; they are applied on top of the extents.
 //! - An inode's state is locked while it flushes: reads and writes of that inode wait;
 //!   other inodes do not.
-//! - An unlinked inode still open here is reclaimed when its last handle closes.
+//! - An inode that lost its last name is reclaimed when the kernel forgets it (it holds
+//!   it while open or cached), or at unmount; never while a handle can reach it.
+//! - A file's state lives while it has handles; opens and closes count it under the
+//!   map's lock, so a late release never drops the state a newer open uses.
 
 use crate::cache::ChunkCache;
 use fuser::{
@@ -78,8 +81,6 @@ struct FileState {
     size: u64,
     /// The committed extents, in offset order.
     extents: Vec<Extent>,
-    /// No name references it any more (unlinked while open): reclaim at last close.
-    unlinked: bool,
     /// Where the last read ended: a read starting there is sequential, and fetches ahead.
     last_read_end: u64,
     /// A flushed range's buffer, kept for the next range this file starts: a writer
@@ -135,7 +136,13 @@ pub struct HiveFs {
     chunks: ChunkPool,
     pipeline: Pipeline,
     cache: ChunkCache,
+    /// Open files. Lock order: this map, then a file's state.
     files: Mutex<HashMap<u64, Arc<Mutex<FileState>>>>,
+    /// The kernel's lookup count per inode (entries handed out, less forgets).
+    lookups: Mutex<HashMap<u64, u64>>,
+    /// Inodes this host saw lose their last name: reclaimed when the kernel forgets them
+    /// (it holds them while any process has them open or cached).
+    orphans: Mutex<HashSet<u64>>,
     next_fh: AtomicU64,
     /// Set when the kernel ends the session (unmounted).
     pub ended: Arc<AtomicBool>,
@@ -175,6 +182,19 @@ fn to_timespec(t: SystemTime) -> Timespec {
             }
             Timespec { sec, nsec }
         }
+    }
+}
+
+/// A time the kernel sent. fuser 0.18 turns a pre-epoch (sec < 0, nsec) into
+/// `EPOCH - (|sec| s + nsec ns)` (its own TODO says so) instead of `EPOCH - |sec| s + nsec
+/// ns`; undo that, so `utimensat` round-trips before 1970 too.
+fn from_kernel_time(t: SystemTime) -> Timespec {
+    match UNIX_EPOCH.duration_since(t) {
+        Ok(before) if !before.is_zero() => Timespec {
+            sec: -(before.as_secs() as i64),
+            nsec: before.subsec_nanos(),
+        },
+        _ => to_timespec(t),
     }
 }
 
@@ -301,6 +321,8 @@ impl HiveFs {
             pipeline,
             cache: ChunkCache::new(CACHE_BYTES),
             files: Mutex::new(HashMap::new()),
+            lookups: Mutex::new(HashMap::new()),
+            orphans: Mutex::new(HashSet::new()),
             next_fh: AtomicU64::new(1),
             ended: Arc::new(AtomicBool::new(false)),
         })
@@ -335,10 +357,11 @@ impl HiveFs {
     /// attribute the kernel gets goes through here: it caches the size it is told.)
     fn local(&self, mut a: Attr) -> Attr {
         if let Some(st) = self.state(a.ino) {
-            if let Ok(st) = st.try_lock() {
-                if !st.dirty.is_empty() {
-                    a.size = st.size;
-                }
+            // Wait for a flush in progress: its size is the one to report. (No caller
+            // holds a file lock here.)
+            let st = st.lock().expect("file lock");
+            if !st.dirty.is_empty() {
+                a.size = st.size;
             }
         }
         a
@@ -563,48 +586,86 @@ impl HiveFs {
         Ok(out)
     }
 
-    /// Drop an inode no name references, unless it is still open here.
-    fn reclaim_if_orphan(&self, a: &Attr) {
-        if a.nlink != 0 || a.kind == FileKind::Dir {
+    /// An inode that lost its last name is reclaimed once the kernel forgets it; one the
+    /// kernel does not hold is reclaimed now.
+    fn note_orphan(&self, a: &Attr) {
+        if a.nlink != 0 {
             return;
         }
-        if let Some(st) = self.state(a.ino) {
-            st.lock().expect("file lock").unlinked = true;
-            return;
-        }
-        if let Err(e) = self.mutate(Mutation::Reclaim { ino: a.ino }) {
-            tracing::warn!(ino = a.ino, "reclaim: {e:?}");
+        let held = self
+            .lookups
+            .lock()
+            .expect("lookups lock")
+            .contains_key(&a.ino);
+        if held {
+            self.orphans.lock().expect("orphans lock").insert(a.ino);
+        } else {
+            self.reclaim(a.ino);
         }
     }
 
+    fn reclaim(&self, ino: u64) {
+        if let Err(e) = self.mutate(Mutation::Reclaim { ino }) {
+            tracing::warn!(ino, "reclaim: {e:?}");
+        }
+    }
+
+    /// The kernel now holds one more reference to `ino` (an entry reply).
+    fn remember(&self, ino: u64) {
+        *self
+            .lookups
+            .lock()
+            .expect("lookups lock")
+            .entry(ino)
+            .or_default() += 1;
+    }
+
     fn open_state(&self, ino: u64) -> Result<(), Errno> {
-        let existing = self.state(ino);
-        let st = match existing {
-            Some(s) => s,
-            None => {
-                let s = Arc::new(Mutex::new(FileState::default()));
-                self.files
-                    .lock()
-                    .expect("files lock")
-                    .entry(ino)
-                    .or_insert(s)
-                    .clone()
-            }
+        // Counted under the map's lock, so a late release of an earlier handle cannot
+        // drop the state this open is about to use.
+        let st = {
+            let mut files = self.files.lock().expect("files lock");
+            let st = files.entry(ino).or_default().clone();
+            st.lock().expect("file lock").opens += 1;
+            st
         };
         let mut g = st.lock().expect("file lock");
         if g.dirty.is_empty() {
             // Close-to-open: see what others committed.
-            let (extents, size) = self.load_extents(ino)?;
-            g.extents = extents;
-            g.size = size;
+            match self.load_extents(ino) {
+                Ok((extents, size)) => {
+                    g.extents = extents;
+                    g.size = size;
+                }
+                Err(e) => {
+                    drop(g);
+                    self.close_state(ino, &st);
+                    return Err(e);
+                }
+            }
         }
-        g.opens += 1;
         Ok(())
+    }
+
+    /// One handle of `ino` is gone; the state goes with the last.
+    fn close_state(&self, ino: u64, st: &Arc<Mutex<FileState>>) {
+        let mut files = self.files.lock().expect("files lock");
+        let mut g = st.lock().expect("file lock");
+        g.opens = g.opens.saturating_sub(1);
+        if g.opens == 0 {
+            drop(g);
+            if files.get(&ino).is_some_and(|s| Arc::ptr_eq(s, st)) {
+                files.remove(&ino);
+            }
+        }
     }
 
     fn entry(&self, reply: ReplyEntry, r: Result<Answer, Errno>) {
         match Self::attr_of(r).map(|a| self.local(a)) {
-            Ok(a) => reply.entry(&TTL, &fuse_attr(&a), Generation(a.gen)),
+            Ok(a) => {
+                self.remember(a.ino);
+                reply.entry(&TTL, &fuse_attr(&a), Generation(a.gen))
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -687,7 +748,32 @@ impl Filesystem for HiveFs {
         Ok(())
     }
 
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        let gone = {
+            let mut l = self.lookups.lock().expect("lookups lock");
+            match l.get_mut(&ino.0) {
+                Some(n) if *n > nlookup => {
+                    *n -= nlookup;
+                    false
+                }
+                Some(_) => {
+                    l.remove(&ino.0);
+                    true
+                }
+                None => false,
+            }
+        };
+        if gone && self.orphans.lock().expect("orphans lock").remove(&ino.0) {
+            self.reclaim(ino.0);
+        }
+    }
+
     fn destroy(&mut self) {
+        // Unmounting: the kernel holds nothing any more.
+        let orphans: Vec<u64> = self.orphans.lock().expect("orphans lock").drain().collect();
+        for ino in orphans {
+            self.reclaim(ino);
+        }
         let (entries, bytes, hits, misses) = self.cache.stats();
         tracing::info!(entries, bytes, hits, misses, "chunk cache at unmount");
         self.ended.store(true, Ordering::SeqCst);
@@ -729,7 +815,7 @@ impl Filesystem for HiveFs {
         let t = |x: Option<TimeOrNow>| {
             x.map(|t| match t {
                 TimeOrNow::Now => SetTime::Now,
-                TimeOrNow::SpecificTime(s) => SetTime::At(to_timespec(s)),
+                TimeOrNow::SpecificTime(s) => SetTime::At(from_kernel_time(s)),
             })
         };
         let set = SetAttr {
@@ -827,7 +913,7 @@ impl Filesystem for HiveFs {
             name: name_bytes(name),
         })) {
             Ok(a) => {
-                self.reclaim_if_orphan(&a);
+                self.note_orphan(&a);
                 reply.ok()
             }
             Err(e) => reply.error(e),
@@ -835,13 +921,16 @@ impl Filesystem for HiveFs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        done(
-            reply,
-            self.mutate(Mutation::Rmdir {
-                parent: parent.0,
-                name: name_bytes(name),
-            }),
-        )
+        match Self::attr_of(self.mutate(Mutation::Rmdir {
+            parent: parent.0,
+            name: name_bytes(name),
+        })) {
+            Ok(a) => {
+                self.note_orphan(&a);
+                reply.ok()
+            }
+            Err(e) => reply.error(e),
+        }
     }
 
     fn symlink(
@@ -892,7 +981,7 @@ impl Filesystem for HiveFs {
                 replaced: Some(r), ..
             }) if mode == RenameMode::Replace => {
                 if let Ok(a) = Self::attr_of(self.query(Query::GetAttr { ino: r })) {
-                    self.reclaim_if_orphan(&a);
+                    self.note_orphan(&a);
                 }
                 reply.ok()
             }
@@ -1024,26 +1113,11 @@ impl Filesystem for HiveFs {
         let Some(st) = self.state(ino.0) else {
             return reply.ok();
         };
-        let mut g = st.lock().expect("file lock");
-        let flushed = self.flush_locked(ino.0, &mut g);
-        g.opens = g.opens.saturating_sub(1);
-        let last = g.opens == 0;
-        let unlinked = g.unlinked;
-        drop(g);
-        if last {
-            let mut files = self.files.lock().expect("files lock");
-            if let Some(s) = files.get(&ino.0) {
-                if s.lock().expect("file lock").opens == 0 {
-                    files.remove(&ino.0);
-                }
-            }
-            drop(files);
-            if unlinked {
-                if let Err(e) = self.mutate(Mutation::Reclaim { ino: ino.0 }) {
-                    tracing::warn!(ino = ino.0, "reclaim at close: {e:?}");
-                }
-            }
-        }
+        let flushed = {
+            let mut g = st.lock().expect("file lock");
+            self.flush_locked(ino.0, &mut g)
+        };
+        self.close_state(ino.0, &st);
         match flushed {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
@@ -1224,11 +1298,12 @@ impl Filesystem for HiveFs {
         let r = self.create_node(req, parent, name, FileKind::File, masked(mode, umask), 0);
         match Self::attr_of(r) {
             Ok(a) => {
-                let st = Arc::new(Mutex::new(FileState {
-                    opens: 1,
-                    ..Default::default()
-                }));
-                self.files.lock().expect("files lock").insert(a.ino, st);
+                {
+                    let mut files = self.files.lock().expect("files lock");
+                    let st = files.entry(a.ino).or_default();
+                    st.lock().expect("file lock").opens += 1;
+                }
+                self.remember(a.ino);
                 reply.created(
                     &TTL,
                     &fuse_attr(&a),
@@ -1403,5 +1478,14 @@ mod tests {
         ] {
             assert_eq!(to_timespec(to_system_time(t)), t);
         }
+        // What fuser hands us for the kernel's (-86400 s, 5 ns).
+        let from_fuser = UNIX_EPOCH - Duration::new(86400, 5);
+        assert_eq!(
+            from_kernel_time(from_fuser),
+            Timespec {
+                sec: -86400,
+                nsec: 5
+            }
+        );
     }
 }

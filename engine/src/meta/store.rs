@@ -410,6 +410,10 @@ impl<'a, 't> Op<'a, 't> {
         if d.kind != FileKind::Dir {
             return Err(Errno::NOTDIR.into());
         }
+        if d.nlink == 0 {
+            // Removed, still open somewhere: nothing may be made in it (as on Linux).
+            return Err(Errno::NOENT.into());
+        }
         Ok(d)
     }
 
@@ -527,6 +531,18 @@ impl<'a, 't> Op<'a, 't> {
             let k = k_ino(self.vol.id, ino);
             store!(self.t.orphans.insert(k.as_slice(), [].as_slice()));
         }
+        Ok(())
+    }
+
+    /// A removed directory keeps its record, with nlink 0, as an orphan until `Reclaim`:
+    /// a process may still hold it open (fstat of it must work, as on a local filesystem).
+    fn orphan_dir(&mut self, ino: u64) -> OpResult<()> {
+        let now = self.now;
+        let r = self.touch(ino)?;
+        r.nlink = 0;
+        r.ctime = now;
+        let k = k_ino(self.vol.id, ino);
+        store!(self.t.orphans.insert(k.as_slice(), [].as_slice()));
         Ok(())
     }
 
@@ -1153,11 +1169,22 @@ fn mutate(t: &mut Tables<'_>, cmd: &MetaCommand) -> OpResult<Answer> {
             gid,
             rdev,
         } => {
-            op.dir(*parent)?;
+            let (pperm, pgid) = {
+                let p = op.dir(*parent)?;
+                (p.perm, p.gid)
+            };
             if op.dirent(*parent, name)?.is_some() {
                 return Err(Errno::EXIST.into());
             }
-            let (ino, mut rec) = op.new_inode(*kind, *perm, *uid, *gid);
+            // BSD group semantics in a setgid directory: the entry takes the directory's
+            // group, and a new subdirectory is setgid too.
+            let (perm, gid) = if pperm & 0o2000 != 0 {
+                let sgid = if *kind == FileKind::Dir { 0o2000 } else { 0 };
+                (*perm | sgid, pgid)
+            } else {
+                (*perm, *gid)
+            };
+            let (ino, mut rec) = op.new_inode(*kind, perm, *uid, gid);
             rec.rdev = *rdev;
             if *kind == FileKind::Dir {
                 rec.parent = *parent;
@@ -1175,11 +1202,15 @@ fn mutate(t: &mut Tables<'_>, cmd: &MetaCommand) -> OpResult<Answer> {
             uid,
             gid,
         } => {
-            op.dir(*parent)?;
+            let (pperm, pgid) = {
+                let p = op.dir(*parent)?;
+                (p.perm, p.gid)
+            };
             if op.dirent(*parent, name)?.is_some() {
                 return Err(Errno::EXIST.into());
             }
-            let (ino, mut rec) = op.new_inode(FileKind::Symlink, 0o777, *uid, *gid);
+            let gid = if pperm & 0o2000 != 0 { pgid } else { *gid };
+            let (ino, mut rec) = op.new_inode(FileKind::Symlink, 0o777, *uid, gid);
             rec.size = target.len() as u64;
             rec.target = target.clone();
             op.inodes.insert(ino, Some(rec));
@@ -1234,8 +1265,8 @@ fn mutate(t: &mut Tables<'_>, cmd: &MetaCommand) -> OpResult<Answer> {
             }
             op.unlink_name(*parent, name, d.cookie)?;
             op.touch(*parent)?.nlink -= 1;
-            op.destroy(d.ino)?;
-            Answer::Done
+            op.orphan_dir(d.ino)?;
+            Answer::Attr(op.inode(d.ino)?.attr(d.ino))
         }
         Mutation::Rename {
             parent,
@@ -1446,7 +1477,7 @@ fn rename(
         op.unlink_name(new_parent, new_name, d.cookie)?;
         if d.kind == FileKind::Dir {
             op.touch(new_parent)?.nlink -= 1;
-            op.destroy(d.ino)?;
+            op.orphan_dir(d.ino)?;
         } else {
             op.drop_link(d.ino)?;
         }
@@ -1540,6 +1571,14 @@ impl MetaStore {
                 let n = names.get(&ino).copied().unwrap_or(0);
                 let orphan = orphans_t.get(k_ino(vol.id, ino).as_slice())?.is_some();
                 match r.kind {
+                    FileKind::Dir if orphan => {
+                        if r.nlink != 0 || n != 0 {
+                            bad.push(format!(
+                                "{what}: removed directory with nlink {} and {n} names",
+                                r.nlink
+                            ));
+                        }
+                    }
                     FileKind::Dir => {
                         let want = 2 + subdirs.get(&ino).copied().unwrap_or(0);
                         if r.nlink != want {
@@ -2236,7 +2275,17 @@ mod tests {
                     }
                 }
                 // Forget what is gone; reclaim orphans (no open handles here).
-                dirs.retain(|&d| f.q(Query::GetAttr { ino: d }).is_ok());
+                let mut live_dirs = Vec::new();
+                for &d in &dirs {
+                    match f.q(Query::GetAttr { ino: d }) {
+                        Ok(Answer::Attr(a)) if a.nlink == 0 => {
+                            f.m(Mutation::Reclaim { ino: d }).unwrap();
+                        }
+                        Ok(_) => live_dirs.push(d),
+                        Err(_) => {}
+                    }
+                }
+                dirs = live_dirs;
                 let mut live = Vec::new();
                 for &ino in &files {
                     match f.q(Query::GetAttr { ino }) {
