@@ -266,7 +266,8 @@ pub struct UploadStats {
     pub raw_bytes: u64,
     /// Stored (compressed) bytes sent over the network.
     pub sent_bytes: u64,
-    /// Claim epoch of the last answer (the GC epoch the claims belong to).
+    /// The oldest claim epoch among the answers (the GC epoch every claim belongs to, at
+    /// the least; see `scatter`).
     pub claim_epoch: u64,
 }
 
@@ -386,7 +387,10 @@ impl HiveClient {
     /// Send `items` to the shards that own them, cut into requests by `batches`, pipelined
     /// per shard and all shards in parallel. `answer` turns the reply to a batch into one
     /// answer per item of the batch and the claim epoch, or hands back a reply of the wrong
-    /// kind; a count that does not match the batch is a protocol error. Returns the answers in the order of `items` and the highest claim epoch.
+    /// kind; a count that does not match the batch is a protocol error. Returns the answers in the order of `items` and the *oldest* claim epoch among the
+    /// answers: a claim is only as good as its oldest part (a shard that had not yet heard
+    /// of a new GC epoch stamps the old one, and its claim is not recorded by the new
+    /// collection; a commit must then be refused and the chunks claimed again).
     fn scatter<'a, T: Sync, A: Send + Clone>(
         &mut self,
         items: &'a [T],
@@ -401,11 +405,11 @@ impl HiveClient {
             let batches = batches(&group);
             let reqs = batches.iter().map(|b| request(b)).collect();
             let mut out = Vec::with_capacity(group.len());
-            let mut epoch = 0;
+            let mut epoch = u64::MAX;
             let shard = sc.shard;
             sc.pipeline(reqs, |i, r| match answer(r) {
                 Ok((values, e)) if values.len() == batches[i].len() => {
-                    epoch = epoch.max(e);
+                    epoch = epoch.min(e);
                     out.extend(batches[i].iter().map(|(idx, _)| *idx).zip(values));
                     Ok(())
                 }
@@ -418,14 +422,14 @@ impl HiveClient {
             Ok((out, epoch))
         })?;
         let mut results = vec![unanswered; items.len()];
-        let mut epoch = 0;
+        let mut epoch = u64::MAX;
         for (group, e) in answers {
-            epoch = epoch.max(e);
+            epoch = epoch.min(e);
             for (i, a) in group {
                 results[i] = a;
             }
         }
-        Ok((results, epoch))
+        Ok((results, if epoch == u64::MAX { 0 } else { epoch }))
     }
 
     /// Which ids the hive holds (verified). Returns `(present, claim_epoch)`.
@@ -504,7 +508,8 @@ impl HiveClient {
             return Ok(st);
         }
         let (results, epoch) = self.put(&missing)?;
-        st.claim_epoch = epoch;
+        // The has answers claimed the rest: the oldest epoch of all counts.
+        st.claim_epoch = st.claim_epoch.min(epoch);
         for (c, r) in missing.iter().zip(results) {
             match r {
                 PutResult::Stored => st.uploaded += 1,

@@ -31,7 +31,7 @@ impl Link {
             std::fs::read_to_string(dir.join("admin.token")).context("reading admin.token")?;
         let addr = format!("{}:{port}", cfg.listen);
         let stream = TcpStream::connect(&addr)
-            .with_context(|| format!("connecting to {addr} (is the node up?)"))?;
+            .with_context(|| format!("connecting to {addr} (is `hive run` up?)"))?;
         let _ = stream.set_nodelay(true);
         let tls = if insecure {
             None
