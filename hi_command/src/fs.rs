@@ -357,12 +357,11 @@ impl HiveFs {
     /// attribute the kernel gets goes through here: it caches the size it is told.)
     fn local(&self, mut a: Attr) -> Attr {
         if let Some(st) = self.state(a.ino) {
-            // Wait for a flush in progress: its size is the one to report. (No caller
-            // holds a file lock here.)
-            let st = st.lock().expect("file lock");
-            if !st.dirty.is_empty() {
-                a.size = st.size;
-            }
+            // While a file is open here, its size is this host's view (committed size
+            // raised by unflushed writes, kept up to date by every flush and truncate).
+            // Not only when dirty: a late RELEASE may flush between the metadata query
+            // above and this point, and the queried size would then be stale.
+            a.size = st.lock().expect("file lock").size;
         }
         a
     }
