@@ -895,6 +895,44 @@ fn close_to_open_across_two_mounts() {
     assert_eq!(md.len(), want.len() as u64);
 }
 
+/// A close whose commit fails (the hive is down) reports the error and keeps the bytes:
+/// the next open and close of the file commits them.
+#[test]
+fn a_failed_commit_at_close_keeps_the_bytes() {
+    let mut fx = fx!("fs-close-fails");
+    let p = fx.join("kept");
+    let data = Rng::new(12).bytes(300_000);
+    let mut f = File::create(&p).unwrap();
+    f.write_all(&data).unwrap();
+    let Some(node) = fx.node() else {
+        return; // local mode: nothing can fail underneath
+    };
+    assert!(node.stop().success());
+    let closed = f.sync_all();
+    assert!(
+        closed.is_err(),
+        "fsync with the hive down must fail, got {closed:?}"
+    );
+    drop(f);
+    // close(2) flushes again, and its release (asynchronous) a third time: wait until
+    // all three have failed, so the release cannot succeed once the hive is back.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while fx.logs().matches("uploading chunks").count() < 3 {
+        assert!(std::time::Instant::now() < deadline, "{}", fx.logs());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    fx.node().unwrap().run();
+    // Opening for writing and closing commits what the failed close kept.
+    drop(open(&p, libc::O_WRONLY, 0).unwrap());
+    assert_eq!(read_all(&p).unwrap(), data);
+    fx.kill9_and_remount();
+    assert_eq!(
+        read_all(&p).unwrap(),
+        data,
+        "committed, not just held in memory"
+    );
+}
+
 #[test]
 fn fsynced_data_survives_kill9_of_hi() {
     let mut fx = fx!("fs-kill9");

@@ -23,8 +23,9 @@
 //!   other inodes do not.
 //! - An inode that lost its last name is reclaimed when the kernel forgets it (it holds
 //!   it while open or cached), or at unmount; never while a handle can reach it.
-//! - A file's state lives while it has handles; opens and closes count it under the
-//!   map's lock, so a late release never drops the state a newer open uses.
+//! - A file's state lives while it has handles, or unflushed bytes (a flush that failed
+//!   at close keeps them for the next open or the unmount); opens and closes count it
+//!   under the map's lock, so a late release never drops the state a newer open uses.
 
 use crate::cache::ChunkCache;
 use fuser::{
@@ -651,7 +652,9 @@ impl HiveFs {
         let mut files = self.files.lock().expect("files lock");
         let mut g = st.lock().expect("file lock");
         g.opens = g.opens.saturating_sub(1);
-        if g.opens == 0 {
+        // Bytes a failed flush kept stay with the state: the next open of the file (or
+        // the unmount) commits them. Only a clean, unused state goes.
+        if g.opens == 0 && g.dirty.is_empty() {
             drop(g);
             if files.get(&ino).is_some_and(|s| Arc::ptr_eq(s, st)) {
                 files.remove(&ino);
@@ -768,7 +771,27 @@ impl Filesystem for HiveFs {
     }
 
     fn destroy(&mut self) {
-        // Unmounting: the kernel holds nothing any more.
+        // Unmounting: commit what failed to flush at close (each try is logged)...
+        let left: Vec<(u64, Arc<Mutex<FileState>>)> = self
+            .files
+            .lock()
+            .expect("files lock")
+            .iter()
+            .map(|(i, s)| (*i, s.clone()))
+            .collect();
+        for (ino, st) in left {
+            let mut g = st.lock().expect("file lock");
+            if !g.dirty.is_empty() {
+                if let Err(e) = self.flush_locked(ino, &mut g) {
+                    tracing::error!(
+                        ino,
+                        "unmounting with {} unflushed bytes: {e:?}",
+                        g.dirty_bytes
+                    );
+                }
+            }
+        }
+        // ... then the kernel holds nothing any more.
         let orphans: Vec<u64> = self.orphans.lock().expect("orphans lock").drain().collect();
         for ino in orphans {
             self.reclaim(ino);

@@ -125,6 +125,11 @@ impl Fx {
         m.remount();
     }
 
+    /// The node behind the mounts (`None` in local mode).
+    pub fn node(&mut self) -> Option<&mut TestNode> {
+        self.node.as_mut()
+    }
+
     /// The mounts' logs, for failure messages.
     pub fn logs(&self) -> String {
         self.mounts
