@@ -915,9 +915,12 @@ impl ShardCore {
         self.gc_epoch
     }
 
-    /// Stamp claims with `epoch` from now on (the metadata service's current epoch).
+    /// Stamp claims with `epoch` from now on (the metadata service's current epoch), with
+    /// no collection running: a window a failed collection left open is closed, so its
+    /// record of claims does not grow without end.
     pub fn set_gc_epoch(&mut self, epoch: u64) {
         self.gc_epoch = epoch;
+        self.gc_window = None;
     }
 
     /// A collection begins: claims are stamped `epoch` and recorded until [`end_gc`].
@@ -2256,5 +2259,93 @@ mod damage_tests {
         let mut s = s;
         s.has(&all, &mut present);
         assert!(present.iter().all(|p| *p));
+    }
+}
+
+#[cfg(test)]
+mod gc_window_tests {
+    use super::*;
+    use crate::format::Superblock;
+    use hivefs_nvme::{SimDevice, SimFaults};
+
+    fn shard(key: DedupeKey) -> ShardCore {
+        let faults = SimFaults {
+            read_error_per_million: 0,
+            write_error_per_million: 0,
+            bit_flip_per_million: 0,
+            torn_writes: false,
+        };
+        let mut dev = SimDevice::new(64 << 20, 5, faults);
+        let sb = Superblock::plan(64 << 20, 1, 1 << 20, 16, key.0).unwrap();
+        ShardCore::format(&mut dev, &sb.shard_layout(0)).unwrap();
+        ShardCore::open(
+            Box::new(dev),
+            sb.shard_layout(0),
+            key,
+            ShardConfig::default(),
+        )
+        .unwrap()
+    }
+
+    fn wait(s: &mut ShardCore, ticket: u64) -> Completion {
+        let mut out = Vec::new();
+        loop {
+            s.poll(&mut out, true);
+            if let Some(i) = out.iter().position(|c| match c {
+                Completion::Put { ticket: t, .. }
+                | Completion::Get { ticket: t, .. }
+                | Completion::Delete { ticket: t, .. } => *t == ticket,
+            }) {
+                return out.swap_remove(i);
+            }
+        }
+    }
+
+    #[test]
+    fn the_sweep_spares_what_was_claimed_in_its_window_only() {
+        let key = DedupeKey([8; 32]);
+        let mut s = shard(key);
+        let chunks: Vec<PutChunk> = (0..4u8)
+            .map(|i| {
+                let data = vec![i; 5000];
+                PutChunk {
+                    id: ChunkId::compute(&key, &data),
+                    codec: Codec::Raw,
+                    raw_len: data.len() as u32,
+                    data: data.into(),
+                }
+            })
+            .collect();
+        let ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
+        s.put(1, chunks);
+        assert!(matches!(
+            wait(&mut s, 1),
+            Completion::Put { result: Ok(_), .. }
+        ));
+        // No window open: a sweep is refused, nothing is removed.
+        assert!(s.sweep(2, 2, ids.clone()).is_err());
+        s.begin_gc(2);
+        let mut present = Vec::new();
+        assert_eq!(
+            s.has(&ids[..1], &mut present),
+            2,
+            "claims are stamped with the new epoch"
+        );
+        // A sweep for another epoch is refused.
+        assert!(s.sweep(3, 1, ids.clone()).is_err());
+        let (spared, _) = s.sweep(4, 2, ids.clone()).unwrap();
+        assert_eq!(spared, 1, "the id claimed by has is spared");
+        assert!(matches!(
+            wait(&mut s, 4),
+            Completion::Delete { result: Ok(3), .. }
+        ));
+        s.has(&ids, &mut present);
+        assert_eq!(present, vec![true, false, false, false]);
+        // Closing the window (the end of a collection, or a failed one) ends the record.
+        s.set_gc_epoch(2);
+        assert!(s.sweep(5, 2, ids[..1].to_vec()).is_err());
+        s.begin_gc(3);
+        s.end_gc(3);
+        assert!(s.sweep(6, 3, ids[..1].to_vec()).is_err());
     }
 }

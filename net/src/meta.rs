@@ -422,7 +422,8 @@ pub struct GcReport {
 /// A GC step a node's metadata service asks of a shard (opcode `ShardAdmin`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ShardAdmin {
-    /// Stamp claims with this epoch (at start, from the metadata service).
+    /// Stamp claims with this epoch, no collection running (at start, and after a failed
+    /// collection: it also closes any window left open).
     SetGcEpoch { epoch: u64 },
     /// A collection begins: claims are stamped `epoch` and recorded until `EndGc`.
     BeginGc { epoch: u64 },

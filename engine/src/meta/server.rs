@@ -420,7 +420,8 @@ fn shard_admin(link: &mut Link, op: &ShardAdmin) -> Result<ShardAdminReply> {
     }
 }
 
-/// Tell every shard the GC epoch the store accepts claims from.
+/// Tell every shard the GC epoch the store accepts claims from (no collection running:
+/// called at start, and after a failed collection, whose windows it closes).
 async fn sync_gc_epoch(sh: &Shared) -> Result<()> {
     let epoch = match sh.store.query(0, &Query::GcEpoch)? {
         Ok(Answer::GcEpoch(e)) => e,
