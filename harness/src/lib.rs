@@ -182,6 +182,37 @@ pub fn strip_ansi(s: &str) -> String {
     out
 }
 
+/// Start `cmd` with stdout and stderr appended to `log` (after a `banner` line), stdin
+/// closed, colours off, and `death_signal` sent to it if this test process dies first.
+pub fn spawn_logged(mut cmd: Command, log: &Path, banner: &str, death_signal: i32) -> Child {
+    let out = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap_or_else(|e| panic!("opening {}: {e}", log.display()));
+    let mut err = out.try_clone().expect("dup log");
+    let _ = writeln!(err, "{banner}");
+    cmd.stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .env("NO_COLOR", "1");
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                death_signal as libc::c_ulong,
+                0,
+                0,
+                0,
+            );
+            Ok(())
+        });
+    }
+    cmd.spawn()
+        .unwrap_or_else(|e| panic!("spawning {:?}: {e}", cmd.get_program()))
+}
+
 /// One hive node in its own data directory. See the module docs.
 pub struct TestNode {
     dir: PathBuf,
@@ -464,15 +495,8 @@ impl TestNode {
     }
 
     fn spawn(&mut self) {
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .expect("opening node.log");
-        let mut l2 = log.try_clone().expect("dup log");
         self.starts += 1;
-        let _ = writeln!(
-            l2,
+        let banner = format!(
             "=== harness: hive run #{} (base port {}) ===",
             self.starts, self.base_port
         );
@@ -481,30 +505,10 @@ impl TestNode {
         if self.opts.insecure {
             cmd.arg("--insecure");
         }
-        cmd.stdin(Stdio::null())
-            .stdout(l2)
-            .stderr(log)
-            .env("NO_COLOR", "1");
         if std::env::var_os("HIVE_LOG").is_none() {
             cmd.env("HIVE_LOG", "info");
         }
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(
-                    libc::PR_SET_PDEATHSIG,
-                    libc::SIGKILL as libc::c_ulong,
-                    0,
-                    0,
-                    0,
-                );
-                Ok(())
-            });
-        }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {} run: {e}", self.bin.display()));
-        self.child = Some(child);
+        self.child = Some(spawn_logged(cmd, &self.log_path(), &banner, libc::SIGKILL));
     }
 
     fn wait_ready(&mut self) -> Result<(), String> {

@@ -21,14 +21,13 @@
 //! gets its mounts unmounted by `hi`); as for [`TestNode`], start mounts on the thread that
 //! owns the `TestMount`.
 
-use crate::{hi_bin, strip_ansi, TestNode};
+use crate::{hi_bin, spawn_logged, strip_ansi, TestNode};
 use hivefs_client::meta::MetaClient;
 use hivefs_net::meta::{Answer, Errno, Mutation, Query};
 use std::ffi::{CString, OsString};
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -353,41 +352,16 @@ impl TestMount {
     }
 
     fn spawn(&mut self) {
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .expect("opening hi.log");
-        let mut l2 = log.try_clone().expect("dup log");
         self.starts += 1;
-        let _ = writeln!(l2, "=== harness: hi mount #{} ===", self.starts);
+        let banner = format!("=== harness: hi mount #{} ===", self.starts);
         let mut cmd = Command::new(&self.bin);
         cmd.arg("mount")
             .args(&self.hive_args)
             .arg("--volume")
             .arg(&self.volume)
-            .arg(&self.mnt)
-            .stdin(Stdio::null())
-            .stdout(l2)
-            .stderr(log)
-            .env("NO_COLOR", "1");
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(
-                    libc::PR_SET_PDEATHSIG,
-                    libc::SIGTERM as libc::c_ulong,
-                    0,
-                    0,
-                    0,
-                );
-                Ok(())
-            });
-        }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {} mount: {e}", self.bin.display()));
-        self.child = Some(child);
+            .arg(&self.mnt);
+        // SIGTERM, not SIGKILL: hi then unmounts itself.
+        self.child = Some(spawn_logged(cmd, &self.log_path(), &banner, libc::SIGTERM));
     }
 
     /// Start `hi mount` and wait until the mount is live.
