@@ -366,6 +366,14 @@ impl<'t> Tables<'t> {
     }
 }
 
+/// What a new inode is, as its creator asked.
+struct NewEntry {
+    kind: FileKind,
+    perm: u16,
+    uid: u32,
+    gid: u32,
+}
+
 /// One mutation's view: the volume and the inodes it touched, written back at the end.
 struct Op<'a, 't> {
     t: &'a mut Tables<'t>,
@@ -520,6 +528,41 @@ impl<'a, 't> Op<'a, 't> {
         )
     }
 
+    /// Make a new inode and name it `name` in `parent` (create, mknod, mkdir, symlink).
+    /// BSD group semantics in a setgid directory: the entry takes the directory's group,
+    /// and a new subdirectory is setgid too. `fill` sets what only its kind has.
+    fn add_entry(
+        &mut self,
+        parent: u64,
+        name: &[u8],
+        new: NewEntry,
+        fill: impl FnOnce(&mut InodeRec),
+    ) -> OpResult<Answer> {
+        let (pperm, pgid) = {
+            let p = self.dir(parent)?;
+            (p.perm, p.gid)
+        };
+        if self.dirent(parent, name)?.is_some() {
+            return Err(Errno::EXIST.into());
+        }
+        let (perm, gid) = if pperm & 0o2000 != 0 {
+            let sgid = if new.kind == FileKind::Dir { 0o2000 } else { 0 };
+            (new.perm | sgid, pgid)
+        } else {
+            (new.perm, new.gid)
+        };
+        let (ino, mut rec) = self.new_inode(new.kind, perm, new.uid, gid);
+        fill(&mut rec);
+        if new.kind == FileKind::Dir {
+            rec.parent = parent;
+            self.touch(parent)?.nlink += 1;
+        }
+        self.inodes.insert(ino, Some(rec));
+        self.dirty.insert(ino);
+        self.link_name(parent, name, ino, new.kind)?;
+        Ok(Answer::Attr(self.inode(ino)?.attr(ino)))
+    }
+
     /// Drop a file's link; at nlink 0 it becomes an orphan (its bytes stay readable through
     /// open handles until `Reclaim`).
     fn drop_link(&mut self, ino: u64) -> OpResult<()> {
@@ -646,6 +689,22 @@ impl<'a, 't> Op<'a, 't> {
         ));
         Ok(())
     }
+}
+
+/// The volume with id `id`. A scan of the volume table (keyed by name): volumes are few;
+/// an id index comes when they are not.
+fn volume_by_id<T: ReadableTable<&'static [u8], &'static [u8]>>(
+    t: &T,
+    id: u32,
+) -> Result<Option<VolumeRec>> {
+    for item in t.iter()? {
+        let (_, v) = item?;
+        let rec: VolumeRec = dec(v.value(), "volume")?;
+        if rec.id == id {
+            return Ok(Some(rec));
+        }
+    }
+    Ok(None)
 }
 
 /// Live extents of `ino` overlapping `[from, to)` in offset order (at most `max`), and
@@ -922,25 +981,15 @@ impl MetaStore {
                     more,
                 })
             }
-            Query::StatFs => {
-                let mut found = None;
-                for item in vols.iter()? {
-                    let (_, v) = item?;
-                    let rec: VolumeRec = dec(v.value(), "volume")?;
-                    if rec.id == volume {
-                        found = Some(rec);
-                    }
-                }
-                match found {
-                    Some(v) => Ok(Answer::StatFs(StatFs {
-                        files: v.files,
-                        logical_bytes: v.logical_bytes,
-                        device_bytes: 0,
-                        device_free_bytes: 0,
-                    })),
-                    None => Err(Errno::NOENT),
-                }
-            }
+            Query::StatFs => match volume_by_id(&vols, volume)? {
+                Some(v) => Ok(Answer::StatFs(StatFs {
+                    files: v.files,
+                    logical_bytes: v.logical_bytes,
+                    device_bytes: 0,
+                    device_free_bytes: 0,
+                })),
+                None => Err(Errno::NOENT),
+            },
             // The server runs these (they need the shards).
             Query::Fsck { .. } | Query::Gc => Err(Errno::NOTSUP),
             Query::GcEpoch => {
@@ -1138,16 +1187,7 @@ fn mutate(t: &mut Tables<'_>, cmd: &MetaCommand) -> OpResult<Answer> {
         _ => {}
     }
     // Volume-scoped mutations.
-    let mut vol = None;
-    for item in store!(t.volumes.iter()) {
-        let (_, v) = store!(item);
-        let rec: VolumeRec = store!(dec(v.value(), "volume"));
-        if rec.id == cmd.volume {
-            vol = Some(rec);
-            break;
-        }
-    }
-    let Some(vol) = vol else {
+    let Some(vol) = store!(volume_by_id(&t.volumes, cmd.volume)) else {
         return Err(Errno::NOENT.into());
     };
     let gc_epoch = store!(t.sys_u64(SYS_GC_EPOCH, 1));
@@ -1169,31 +1209,13 @@ fn mutate(t: &mut Tables<'_>, cmd: &MetaCommand) -> OpResult<Answer> {
             gid,
             rdev,
         } => {
-            let (pperm, pgid) = {
-                let p = op.dir(*parent)?;
-                (p.perm, p.gid)
+            let new = NewEntry {
+                kind: *kind,
+                perm: *perm,
+                uid: *uid,
+                gid: *gid,
             };
-            if op.dirent(*parent, name)?.is_some() {
-                return Err(Errno::EXIST.into());
-            }
-            // BSD group semantics in a setgid directory: the entry takes the directory's
-            // group, and a new subdirectory is setgid too.
-            let (perm, gid) = if pperm & 0o2000 != 0 {
-                let sgid = if *kind == FileKind::Dir { 0o2000 } else { 0 };
-                (*perm | sgid, pgid)
-            } else {
-                (*perm, *gid)
-            };
-            let (ino, mut rec) = op.new_inode(*kind, perm, *uid, gid);
-            rec.rdev = *rdev;
-            if *kind == FileKind::Dir {
-                rec.parent = *parent;
-                op.touch(*parent)?.nlink += 1;
-            }
-            op.inodes.insert(ino, Some(rec));
-            op.dirty.insert(ino);
-            op.link_name(*parent, name, ino, *kind)?;
-            Answer::Attr(op.inode(ino)?.attr(ino))
+            op.add_entry(*parent, name, new, |rec| rec.rdev = *rdev)?
         }
         Mutation::Symlink {
             parent,
@@ -1202,21 +1224,16 @@ fn mutate(t: &mut Tables<'_>, cmd: &MetaCommand) -> OpResult<Answer> {
             uid,
             gid,
         } => {
-            let (pperm, pgid) = {
-                let p = op.dir(*parent)?;
-                (p.perm, p.gid)
+            let new = NewEntry {
+                kind: FileKind::Symlink,
+                perm: 0o777,
+                uid: *uid,
+                gid: *gid,
             };
-            if op.dirent(*parent, name)?.is_some() {
-                return Err(Errno::EXIST.into());
-            }
-            let gid = if pperm & 0o2000 != 0 { pgid } else { *gid };
-            let (ino, mut rec) = op.new_inode(FileKind::Symlink, 0o777, *uid, gid);
-            rec.size = target.len() as u64;
-            rec.target = target.clone();
-            op.inodes.insert(ino, Some(rec));
-            op.dirty.insert(ino);
-            op.link_name(*parent, name, ino, FileKind::Symlink)?;
-            Answer::Attr(op.inode(ino)?.attr(ino))
+            op.add_entry(*parent, name, new, |rec| {
+                rec.size = target.len() as u64;
+                rec.target = target.clone();
+            })?
         }
         Mutation::Link { ino, parent, name } => {
             let kind = op.inode(*ino)?.kind;
