@@ -54,6 +54,11 @@ impl ChunkCache {
         Some(data)
     }
 
+    /// Whether `id` is cached, without counting a hit or a miss or refreshing it.
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.inner.lock().expect("cache lock").map.contains_key(id)
+    }
+
     pub fn insert(&self, id: ChunkId, data: Arc<Vec<u8>>) {
         if data.len() > self.cap {
             return;

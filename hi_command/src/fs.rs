@@ -528,7 +528,7 @@ impl HiveFs {
                 if e.offset >= stop {
                     break;
                 }
-                if seen.insert(e.chunk) && self.cache.get(&e.chunk).is_none() {
+                if seen.insert(e.chunk) && !self.cache.contains(&e.chunk) {
                     ahead.push(e.chunk);
                 }
             }
