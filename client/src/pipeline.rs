@@ -1,8 +1,10 @@
 //! The chunking pipeline: input bytes in, [`PreparedChunk`]s out, in input order.
 //!
-//! 1. **Cut** (one thread, the caller's): FastCDC 2020 (normalization level 1, the
-//!    crate's unseeded gear table) finds content-defined boundaries, so an insertion or an
-//!    edit only changes the chunks around it and everything else still deduplicates.
+//! 1. **Cut** (the caller's thread; for a large in-memory input, every thread first, see
+//!    `Cutter::cut_parallel`): FastCDC 2020 (normalization level 1, the crate's unseeded
+//!    gear table) finds content-defined boundaries, so an insertion or an edit only
+//!    changes the chunks around it and everything else still deduplicates. The boundaries
+//!    are those of one pass over the input, however many threads cut.
 //! 2. **Hash and compress** (`threads` workers): each chunk gets its id from
 //!    [`ChunkId::compute`] (keyed BLAKE3) and is compressed with
 //!    [`hivefs_net::chunk::compress`], which stores it raw when compression does not pay.
@@ -229,13 +231,27 @@ impl Pipeline {
     where
         F: FnMut(PreparedChunk) -> Result<(), E>,
     {
-        let pieces = SliceCuts {
-            data,
-            pos: 0,
-            cutter: &self.cutter,
-        };
         let parallel = data.len() >= PARALLEL_MIN_BYTES;
-        let chunks = self.drive(pieces, parallel, sink).map_err(|e| match e {
+        let chunks = if self.threads > 1 && data.len() >= self.parallel_cut_min() {
+            // Cut on every core first (exactly the one-pass boundaries), then hash and
+            // compress: the one-thread cut was half the pipeline's time.
+            let ends = self.cutter.cut_parallel(data, self.threads);
+            let mut start = 0usize;
+            let pieces = ends.into_iter().map(|end| {
+                let piece = (start as u64, &data[start..end]);
+                start = end;
+                Ok(piece)
+            });
+            self.drive(pieces, parallel, sink)
+        } else {
+            let pieces = SliceCuts {
+                data,
+                pos: 0,
+                cutter: &self.cutter,
+            };
+            self.drive(pieces, parallel, sink)
+        };
+        let chunks = chunks.map_err(|e| match e {
             PipelineError::Sink(e) => e,
             PipelineError::Read(e) => unreachable!("slices do not fail to read: {e}"),
         })?;
@@ -260,6 +276,13 @@ impl Pipeline {
         let chunks = self.drive(pieces.by_ref(), parallel, sink)?;
         tracing::debug!(bytes = pieces.total, chunks, parallel, "prepared stream");
         Ok(pieces.total)
+    }
+
+    /// Inputs at least this long are cut on several threads: each thread's stretch must
+    /// be long enough for its boundaries to fall into step with the one-pass cut (a few
+    /// chunks) and then save work.
+    fn parallel_cut_min(&self) -> usize {
+        self.cfg.max_bytes as usize * 16
     }
 
     /// Hash and compress one chunk.
@@ -439,6 +462,67 @@ impl Cutter {
             self.mask_l << 1,
         );
         len
+    }
+}
+
+impl Cutter {
+    /// Chunk end offsets of `data`, exactly those of one pass ([`SliceCuts`]), found on
+    /// `threads` threads.
+    ///
+    /// The input is split into `threads` stretches and each is cut from its own start, as
+    /// if a chunk began there. A chunk depends only on where it starts (FastCDC never looks
+    /// back), so every chunk a stretch finds starting at a true boundary *is* the true
+    /// chunk. The one-pass chain is then walked from offset 0: from each boundary, the
+    /// chunk some stretch found starting there is taken as it is; where none did (the few
+    /// chunks after a stretch start before its boundaries fall into step with the true
+    /// ones), the chunk is cut here.
+    fn cut_parallel(&self, data: &[u8], threads: usize) -> Vec<usize> {
+        let n = data.len();
+        let stretch = n.div_ceil(threads.max(1));
+        let starts: Vec<usize> = (0..n).step_by(stretch.max(1)).collect();
+        // Each stretch's chunk ends, cutting from its start until it passes the next start.
+        let found: Vec<Vec<usize>> = thread::scope(|s| {
+            let handles: Vec<_> = starts
+                .iter()
+                .map(|&from| {
+                    let until = (from + stretch).min(n);
+                    s.spawn(move || {
+                        let mut ends = Vec::with_capacity((until - from) / self.avg + 2);
+                        let mut pos = from;
+                        while pos < until {
+                            pos += self.cut(&data[pos..]);
+                            ends.push(pos);
+                        }
+                        ends
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| panic::resume_unwind(p)))
+                .collect()
+        });
+        let mut ends = Vec::with_capacity(n / self.avg + found.len());
+        let mut pos = 0usize;
+        while pos < n {
+            // The stretch whose range holds `pos`: did it find a chunk starting there?
+            let k = (pos / stretch).min(found.len() - 1);
+            let mine = &found[k];
+            let from = starts[k];
+            let hit = if pos == from {
+                mine.first().copied()
+            } else {
+                mine.binary_search(&pos)
+                    .ok()
+                    .and_then(|i| mine.get(i + 1).copied())
+            };
+            pos = match hit {
+                Some(end) => end,
+                None => pos + self.cut(&data[pos..]),
+            };
+            ends.push(pos);
+        }
+        ends
     }
 }
 

@@ -563,3 +563,32 @@ fn sink_errors_stop_the_pipeline() {
         assert!(got[..] == whole[..5]);
     }
 }
+
+/// Cutting on several threads finds exactly the one-pass boundaries, also where the
+/// stretches never fall into step (long runs of one byte cut at `max_bytes` from wherever
+/// a stretch starts).
+#[test]
+fn parallel_cut_matches_one_pass_on_any_content() {
+    let mut data = vec![0u8; 3 << 20];
+    data.extend(random_bytes(3 << 20, 3));
+    data.extend(vec![7u8; (2 << 20) + 12345]);
+    data.extend(mixed_bytes(5 << 20, 4));
+    for cfg in [SMALL, ChunkerConfig::default()] {
+        let want = reference_cuts(&data, cfg);
+        for threads in [2, 3, 4, 7] {
+            for len in [data.len(), data.len() - 777, 1 << 20, (1 << 20) + 1] {
+                let got = cuts(&pipeline(cfg, Codec::Raw, threads).prepare(&data[..len]));
+                assert_eq!(
+                    got,
+                    reference_cuts(&data[..len], cfg),
+                    "threads={threads} len={len} cfg={cfg:?}"
+                );
+            }
+        }
+        assert_eq!(
+            cuts(&pipeline(cfg, Codec::Raw, 2).prepare(&data)),
+            want,
+            "{cfg:?}"
+        );
+    }
+}

@@ -129,6 +129,9 @@ pub enum ChunkError {
 /// Compress `plaintext` with `preferred`, falling back to [`Codec::Raw`] when it does not
 /// save at least 1/32 of the size (incompressible data is stored and sent raw).
 pub fn compress(preferred: Codec, plaintext: &[u8]) -> (Codec, Vec<u8>) {
+    if preferred != Codec::Raw && !worth_compressing(plaintext) {
+        return (Codec::Raw, plaintext.to_vec());
+    }
     let packed = match preferred {
         Codec::Raw => None,
         Codec::Lz4 => Some(lz4_flex::block::compress(plaintext)),
@@ -138,6 +141,28 @@ pub fn compress(preferred: Codec, plaintext: &[u8]) -> (Codec, Vec<u8>) {
         Some(p) if p.len() + plaintext.len() / 32 < plaintext.len() => (preferred, p),
         _ => (Codec::Raw, plaintext.to_vec()),
     }
+}
+
+/// Bytes of each sample [`worth_compressing`] tries.
+const PROBE_BYTES: usize = 4096;
+
+/// Whether a chunk is worth a full compression attempt: three samples (start, middle, end)
+/// compressed with LZ4 must save at least 1/32 of their size, as the whole chunk must to be
+/// stored compressed. Random-looking data (media, archives, encrypted files) then costs one
+/// small probe instead of a full pass (as early-abort heuristics in ZFS and Btrfs do); a
+/// chunk whose samples are incompressible but whose rest is not is stored raw, and loses
+/// only that.
+pub fn worth_compressing(plaintext: &[u8]) -> bool {
+    let n = plaintext.len();
+    if n <= 4 * PROBE_BYTES {
+        return true;
+    }
+    let mut sample = Vec::with_capacity(3 * PROBE_BYTES);
+    for at in [0, n / 2 - PROBE_BYTES / 2, n - PROBE_BYTES] {
+        sample.extend_from_slice(&plaintext[at..at + PROBE_BYTES]);
+    }
+    let packed = lz4_flex::block::compress(&sample);
+    packed.len() + sample.len() / 32 < sample.len()
 }
 
 /// Decompress a stored chunk, bounding every length before allocating.
@@ -252,6 +277,19 @@ mod tests {
             })
             .collect();
         assert_eq!(compress(Codec::Lz4, &data).0, Codec::Raw);
+        assert!(!worth_compressing(&data), "the probe sees random bytes");
+        // Text with random bytes only where the probe does not look still compresses;
+        // random bytes where it looks make the chunk raw.
+        let mut mixed = b"hive ".repeat(13108);
+        mixed[20_000..24_000].copy_from_slice(&data[..4000]);
+        assert!(worth_compressing(&mixed));
+        assert_eq!(compress(Codec::Lz4, &mixed).0, Codec::Lz4);
+        mixed[..4096].copy_from_slice(&data[..4096]);
+        let mid = mixed.len() / 2 - 2048;
+        mixed[mid..mid + 4096].copy_from_slice(&data[4096..8192]);
+        let end = mixed.len() - 4096;
+        mixed[end..].copy_from_slice(&data[8192..12288]);
+        assert_eq!(compress(Codec::Lz4, &mixed).0, Codec::Raw);
     }
 
     #[test]
