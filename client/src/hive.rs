@@ -219,6 +219,74 @@ impl ShardConn {
         }
     }
 
+    /// The shard side of [`HiveClient::put_stream`]: send batches from `feed` keeping up
+    /// to `credits` in flight, until the feed closes and every reply is in.
+    fn put_stream(
+        &mut self,
+        feed: crossbeam_channel::Receiver<Vec<&PutChunk>>,
+    ) -> Result<PutStreamStats, ClientError> {
+        let mut st = PutStreamStats {
+            claim_epoch: u64::MAX,
+            ..Default::default()
+        };
+        let mut in_flight: HashMap<u64, (Vec<ChunkId>, std::time::Instant)> = HashMap::new();
+        let mut open = true;
+        loop {
+            while open && in_flight.len() < self.credits {
+                // Wait for work only when nothing is in flight; else answer replies first.
+                let next = if in_flight.is_empty() {
+                    feed.recv().ok()
+                } else {
+                    match feed.try_recv() {
+                        Ok(b) => Some(b),
+                        Err(crossbeam_channel::TryRecvError::Empty) => break,
+                        Err(crossbeam_channel::TryRecvError::Disconnected) => None,
+                    }
+                };
+                let Some(batch) = next else {
+                    open = false;
+                    break;
+                };
+                let ids = batch.iter().map(|c| c.id).collect();
+                let id = self.send_out(&Outgoing::Put(batch))?;
+                in_flight.insert(id, (ids, std::time::Instant::now()));
+            }
+            if in_flight.is_empty() {
+                return Ok(st);
+            }
+            let (id, resp) = self.recv_any()?;
+            let Some((ids, sent)) = in_flight.remove(&id) else {
+                return Err(ClientError::Protocol {
+                    shard: self.shard,
+                    detail: format!("reply to request {id}, which is not in flight"),
+                });
+            };
+            st.request_latency.push(sent.elapsed());
+            match resp {
+                Response::PutReply {
+                    claim_epoch,
+                    results,
+                } if results.len() == ids.len() => {
+                    st.claim_epoch = st.claim_epoch.min(claim_epoch);
+                    for (r, id) in results.into_iter().zip(ids) {
+                        match r {
+                            PutResult::Stored => st.stored += 1,
+                            PutResult::Duplicate => st.duplicate += 1,
+                            PutResult::Rejected => st.rejected.push(id),
+                        }
+                    }
+                }
+                Response::PutReply { .. } => {
+                    return Err(ClientError::Protocol {
+                        shard: self.shard,
+                        detail: "reply does not match its request's batch".into(),
+                    })
+                }
+                other => return Err(sc_err(self.shard, other)),
+            }
+        }
+    }
+
     /// Send `reqs` keeping up to `credits` in flight; `on_reply(i, response)` for each,
     /// in whatever order the node answers (a shard completes requests out of order).
     fn pipeline(
@@ -255,6 +323,29 @@ impl ShardConn {
 
 /// A chunk as the node stores it: codec, plaintext length, stored bytes.
 pub type StoredReply = (chunk::Codec, u32, Vec<u8>);
+
+/// What a [`HiveClient::put_stream`] did, over all its chunks.
+#[derive(Clone, Debug, Default)]
+pub struct PutStreamStats {
+    pub stored: u64,
+    pub duplicate: u64,
+    /// Chunks a shard refused (their bytes do not hash to their id).
+    pub rejected: Vec<ChunkId>,
+    /// The oldest claim epoch among the answers.
+    pub claim_epoch: u64,
+    /// Time from sending each `Put` request to its reply.
+    pub request_latency: Vec<Duration>,
+}
+
+impl PutStreamStats {
+    fn add(&mut self, o: PutStreamStats) {
+        self.stored += o.stored;
+        self.duplicate += o.duplicate;
+        self.rejected.extend(o.rejected);
+        self.claim_epoch = self.claim_epoch.min(o.claim_epoch);
+        self.request_latency.extend(o.request_latency);
+    }
+}
 
 /// What an upload did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -476,6 +567,65 @@ impl HiveClient {
             },
             PutResult::Rejected,
         )
+    }
+
+    /// Store a stream of chunk batches, keeping every shard's connection busy across them:
+    /// one thread per shard keeps up to its credits of `Put` requests in flight and takes
+    /// the next batch as soon as a slot frees, instead of waiting, as [`HiveClient::put`]
+    /// does, for the slowest shard before the next call. For bulk uploads (a stream of
+    /// calls whose results are wanted only in total).
+    pub fn put_stream<'a>(
+        &mut self,
+        calls: impl IntoIterator<Item = &'a [PutChunk]>,
+    ) -> Result<PutStreamStats, ClientError> {
+        let map = self.map.clone();
+        let shards = self.shards.len();
+        std::thread::scope(|scope| {
+            let mut feeds = Vec::with_capacity(shards);
+            let mut workers = Vec::with_capacity(shards);
+            for sc in self.shards.iter_mut() {
+                let (tx, rx) =
+                    crossbeam_channel::bounded::<Vec<&'a PutChunk>>(sc.credits.max(1) * 2);
+                feeds.push(tx);
+                workers.push(scope.spawn(move || sc.put_stream(rx)));
+            }
+            let mut fed = Ok(());
+            'calls: for call in calls {
+                let groups = split_by_shard(&map, call.iter().enumerate(), |c| c.id);
+                for (s, group) in groups.into_iter().enumerate() {
+                    for batch in batch_puts(&group) {
+                        let batch = batch.into_iter().map(|(_, c)| c).collect();
+                        // A worker that stopped on an error has dropped its end.
+                        if feeds[s].send(batch).is_err() {
+                            fed = Err(());
+                            break 'calls;
+                        }
+                    }
+                }
+            }
+            drop(feeds);
+            let mut total = PutStreamStats {
+                claim_epoch: u64::MAX,
+                ..Default::default()
+            };
+            let mut first_err = None;
+            for w in workers {
+                match w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)) {
+                    Ok(st) => total.add(st),
+                    Err(e) => {
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
+            if let Some(e) = first_err {
+                return Err(e);
+            }
+            debug_assert!(fed.is_ok(), "a feed closes only when its worker failed");
+            if total.claim_epoch == u64::MAX {
+                total.claim_epoch = 0;
+            }
+            Ok(total)
+        })
     }
 
     /// Has-then-put: ask which chunks the hive lacks and upload only those. A chunk the

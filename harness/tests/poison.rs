@@ -190,3 +190,40 @@ fn poisoned_puts_are_rejected_and_genuine_chunks_survive() {
     );
     println!("poison: {rejected} poisoned puts rejected, 2 wrong-bytes puts under stored ids answered Duplicate, genuine chunks intact after kill -9");
 }
+
+/// The streaming put counts what the shards did, rejects garbage as the plain put does,
+/// and leaves exactly the genuine chunks readable.
+#[test]
+fn streamed_puts_store_count_and_reject() {
+    let node = TestNode::start(NodeOptions::default().shards(2).name("put-stream"));
+    let mut c = node.client();
+    let key = c.map().dedupe_key;
+    let mut rng = Rng::new(0x5743_0001);
+    let mut chunks = Vec::new();
+    for _ in 0..300 {
+        let len = 20_000 + rng.below(40_000) as usize;
+        let d = rng.bytes(len);
+        chunks.push(raw(ChunkId::compute(&key, &d), &d));
+    }
+    // Every tenth chunk goes first in a call of its own; the rest follow in calls of 17,
+    // so the streamed calls overlap the duplicates.
+    let first: Vec<PutChunk> = chunks.iter().step_by(10).cloned().collect();
+    assert_eq!(c.put_stream([first.as_slice()]).unwrap().stored, 30);
+    let mut poisoned = chunks[5].clone();
+    poisoned.id.0[32] ^= 0x01;
+    let mut all = chunks.clone();
+    all.push(poisoned.clone());
+    let st = c.put_stream(all.chunks(17)).unwrap();
+    assert_eq!(st.stored, 270, "unique chunks stored");
+    assert_eq!(st.duplicate, 30, "chunks stored by the first stream");
+    assert_eq!(st.rejected, vec![poisoned.id]);
+    assert!(!st.request_latency.is_empty());
+    let ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
+    assert!(c.has(&ids).unwrap().0.iter().all(|p| *p));
+    assert_eq!(c.has(&[poisoned.id]).unwrap().0, vec![false]);
+    let got = c.get(&ids).unwrap();
+    for (g, want) in got.iter().zip(&chunks) {
+        assert_eq!(g.as_deref(), Some(want.data.as_slice()));
+    }
+    node.fsck(true);
+}

@@ -326,22 +326,24 @@ pub fn put_hive(
     set: &ChunkSet,
     call_bytes: u64,
 ) -> Result<Phase> {
+    // The calls are streamed (`put_stream`): every shard keeps its credits of requests in
+    // flight across them, as a bulk uploader does; latency is per `Put` request.
     let calls = calls(&set.chunks, call_bytes);
     let mut lat = Lat::new();
     let m = Meter::start(node);
-    let mut dup = 0usize;
-    for call in &calls {
-        let t = Instant::now();
-        let (results, _) = client.put(call).context("put")?;
-        lat.record(t.elapsed());
-        for r in results {
-            match r {
-                PutResult::Stored => {}
-                PutResult::Duplicate => dup += 1,
-                PutResult::Rejected => bail!("the node rejected a chunk (id does not verify)"),
-            }
-        }
+    let st = client
+        .put_stream(calls.iter().copied())
+        .context("put stream")?;
+    for l in &st.request_latency {
+        lat.record(*l);
     }
+    if !st.rejected.is_empty() {
+        bail!(
+            "the node rejected {} chunks (ids do not verify)",
+            st.rejected.len()
+        );
+    }
+    let dup = st.duplicate as usize;
     let p = m.finish(
         node,
         "put_unique",
@@ -349,7 +351,10 @@ pub fn put_hive(
         set.wire_bytes,
         set.chunks.len() as u64,
         lat,
-        format!("per call of {}", util::fmt_size(call_bytes)),
+        format!(
+            "per request of about {}, streamed",
+            util::fmt_size(hivefs_client::hive::PUT_BATCH_BYTES as u64)
+        ),
     );
     if dup > 0 {
         bail!(
