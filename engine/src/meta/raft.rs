@@ -11,8 +11,12 @@
 //!   transaction each (a purge records the last purged log id with the deletion).
 //! - Applying is the applier's business: [`Applier::apply_batch`] stores the effects of a
 //!   batch *and* Raft's bookkeeping (`raft_state`: last applied log id and last membership)
-//!   in one durable transaction, so the state and the applied position never disagree.
-//!   [`MetaRaft::write`] returns only after that transaction committed.
+//!   in one atomic transaction, so the state and the applied position never disagree.
+//!   [`MetaRaft::write`] returns only after that transaction committed. The applier may
+//!   commit it without an fsync (the entries are durable in the log already): a crash then
+//!   rolls it back to an earlier applied position, atomically, and Raft applies the entries
+//!   after it again. What [`Applier::export`] returns (a snapshot, behind which the log may
+//!   be purged) must be durable when it returns.
 //! - The commit index is not persisted (openraft's optional `save_committed` is not used).
 //!
 //! **What [`MetaRaft::open`] does on restart.** It reads the applier's `raft_state` (the
@@ -77,8 +81,8 @@ pub trait Applier: Send + Sync + 'static {
     /// the applier stored atomically with the effects of the entries applied; `None`
     /// before anything was applied.
     fn raft_state(&self) -> anyhow::Result<Option<Vec<u8>>>;
-    /// Apply committed entries in log order, then record `raft_state`, all in one durable
-    /// transaction. `cmds[i]` is `Some(command bytes)` for a normal entry, `None` for a
+    /// Apply committed entries in log order, then record `raft_state`, all in one atomic
+    /// transaction (durable now, or by the next `export`; see the module doc). `cmds[i]` is `Some(command bytes)` for a normal entry, `None` for a
     /// blank or membership entry (nothing to apply). Returns one response per entry
     /// (empty for `None`). Must be deterministic.
     fn apply_batch(
@@ -86,7 +90,7 @@ pub trait Applier: Send + Sync + 'static {
         cmds: &[Option<&[u8]>],
         raft_state: &[u8],
     ) -> anyhow::Result<Vec<Vec<u8>>>;
-    /// The whole state as bytes (for a snapshot).
+    /// The whole state as bytes (for a snapshot), made durable first.
     fn export(&self) -> anyhow::Result<Vec<u8>>;
     /// Replace the whole state with a snapshot's bytes, and record `raft_state`, durably.
     fn import(&self, data: &[u8], raft_state: &[u8]) -> anyhow::Result<()>;
