@@ -9,16 +9,22 @@
 //!
 //! The client is `Sync`: FUSE threads share it; each call takes an idle connection from
 //! the pool (or dials a new one) and returns it afterwards.
+//!
+//! [`LockClient`] is a mount's side of the lock service (`engine/src/meta/locks.rs`): one
+//! lock session per mount, its lease, and which `(inode, owner)` pairs hold locks here.
 
 use crate::hive::{dial, ClientError, ClientOptions};
 use hivefs_net::conn::FramedConn;
 use hivefs_net::frame::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
-use hivefs_net::meta::{self, MetaCommand, MetaReply, MetaRequest, Mutation, Query, Timespec};
+use hivefs_net::meta::{
+    self, Answer, Errno, LockInfo, LockKind, LockOp, LockRequest, LockType, MetaCommand, MetaReply,
+    MetaRequest, Mutation, Query, Timespec, LOCK_KEEPALIVE_MS, LOCK_LEASE_MS,
+};
 use hivefs_net::proto::{ClusterMap, Request, Response};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How long a call keeps retrying over broken connections before it gives up.
@@ -165,11 +171,33 @@ impl MetaClient {
         self.call(&MetaRequest::Query { volume, query })
     }
 
+    /// A lock operation of `session` (see [`LockClient`], which manages sessions),
+    /// retrying over broken connections for up to `retry_for`.
+    pub fn lock(
+        &self,
+        volume: u32,
+        session: u64,
+        op: LockOp,
+        retry_for: Duration,
+    ) -> Result<MetaReply, ClientError> {
+        let req = MetaRequest::Lock(LockRequest {
+            volume,
+            client: self.client_id,
+            session,
+            op,
+        });
+        self.call_for(&req, retry_for)
+    }
+
     /// Send `req` until it is answered (reconnecting over broken connections, for up to
     /// [`RETRY_FOR`]). A refusal by the service is returned at once.
     fn call(&self, req: &MetaRequest) -> Result<MetaReply, ClientError> {
+        self.call_for(req, RETRY_FOR)
+    }
+
+    fn call_for(&self, req: &MetaRequest, retry_for: Duration) -> Result<MetaReply, ClientError> {
         let body = meta::encode(req);
-        let deadline = Instant::now() + RETRY_FOR;
+        let deadline = Instant::now() + retry_for;
         let mut backoff = Duration::from_millis(20);
         loop {
             let pooled = self.pool.lock().expect("pool lock").pop();
@@ -202,6 +230,298 @@ impl MetaClient {
                 }
                 Err(e) => return Err(e),
             }
+        }
+    }
+}
+
+/// How long a lock keepalive keeps retrying over broken connections.
+const KEEPALIVE_RETRY: Duration = Duration::from_millis(LOCK_KEEPALIVE_MS);
+
+/// What a [`LockClient`] knows of its session. `held` and `lost` are `(inode, owner)`.
+#[derive(Default)]
+struct LockState {
+    /// The session the leader gave us (0: none).
+    session: u64,
+    /// When the last answered request of this session was *sent* (our side of the lease).
+    renewed: Option<Instant>,
+    /// Pairs that hold (or may hold) a lock in this session.
+    held: HashSet<(u64, u64)>,
+    /// Pairs whose locks a lost session took with it: their next lock operation is EIO.
+    lost: HashSet<(u64, u64)>,
+}
+
+/// A mount's lock session with the metadata leader (see `engine/src/meta/locks.rs`).
+///
+/// - The session is opened lazily by the first lock operation (one opener at a time), and
+///   kept alive by [`LockClient::keepalive`] (call it every [`LOCK_KEEPALIVE_MS`]) while
+///   this mount holds a lock; an idle session is left to expire.
+/// - The lease is also counted here, from the send time of the last answered request: if
+///   it runs out (leader unreachable), or the leader answers `ESTALE` (it expired the
+///   session, or restarted), every lock this mount held is lost: each `(inode, owner)`
+///   that held one gets EIO on its next `set` (once), and a new session is opened.
+/// - [`LockClient::release_owner`] is free when the pair holds nothing (no round trip):
+///   `hi` calls it on every close.
+///
+/// Errors are errnos for the kernel: `AGAIN` (conflict), `IO` (lost lock, or the service
+/// unreachable), `NOLCK` (the leader's limits).
+pub struct LockClient {
+    meta: Arc<MetaClient>,
+    volume: u32,
+    st: Mutex<LockState>,
+    /// Held while a session is being opened (one `Open` at a time).
+    opening: Mutex<()>,
+}
+
+impl LockClient {
+    pub fn new(meta: Arc<MetaClient>, volume: u32) -> LockClient {
+        LockClient {
+            meta,
+            volume,
+            st: Mutex::new(LockState::default()),
+            opening: Mutex::new(()),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, LockState> {
+        self.st.lock().expect("lock state")
+    }
+
+    /// The current session, opening one if there is none.
+    fn session(&self) -> Result<u64, Errno> {
+        let s = self.state().session;
+        if s != 0 {
+            return Ok(s);
+        }
+        let _one = self.opening.lock().expect("lock opening");
+        let s = self.state().session;
+        if s != 0 {
+            return Ok(s);
+        }
+        let sent = Instant::now();
+        match self.meta.lock(self.volume, 0, LockOp::Open, RETRY_FOR) {
+            Ok(Ok(Answer::LockSession(id))) => {
+                let mut st = self.state();
+                st.session = id;
+                st.renewed = Some(sent);
+                Ok(id)
+            }
+            Ok(Ok(other)) => {
+                tracing::warn!("lock open answered {other:?}");
+                Err(Errno::IO)
+            }
+            Ok(Err(e)) => Err(e),
+            Err(e) => {
+                tracing::warn!("lock open: {e}");
+                Err(Errno::IO)
+            }
+        }
+    }
+
+    /// `session` is gone: everything it held is lost.
+    fn lose(&self, session: u64, why: &str) {
+        let mut st = self.state();
+        if st.session != session || session == 0 {
+            return;
+        }
+        if !st.held.is_empty() {
+            tracing::warn!(
+                session,
+                locks = st.held.len(),
+                "lock session lost ({why}): its locks are gone; their owners get EIO"
+            );
+        }
+        let held = std::mem::take(&mut st.held);
+        st.lost.extend(held);
+        st.session = 0;
+        st.renewed = None;
+    }
+
+    /// Send `op` for the pair `key` in the current session (re-opening a lost one).
+    fn op(&self, key: (u64, u64), op: LockOp) -> Result<Answer, Errno> {
+        for _ in 0..3 {
+            let session = self.session()?;
+            let sent = Instant::now();
+            let r = self.meta.lock(self.volume, session, op.clone(), RETRY_FOR);
+            let r = match r {
+                Err(e) => {
+                    tracing::warn!("lock operation: {e}");
+                    return Err(Errno::IO);
+                }
+                Ok(Err(Errno::STALE)) => {
+                    self.lose(session, "the leader does not know it");
+                    if self.state().lost.remove(&key) {
+                        return Err(Errno::IO);
+                    }
+                    continue;
+                }
+                Ok(r) => r,
+            };
+            // Answered in this session: our lease is renewed from `sent`.
+            let mut st = self.state();
+            if st.session == session {
+                st.renewed = Some(st.renewed.map_or(sent, |t| t.max(sent)));
+            }
+            if let Ok(Answer::LockHeld(holds)) = r {
+                if st.session == session {
+                    if holds {
+                        st.held.insert(key);
+                    } else {
+                        st.held.remove(&key);
+                    }
+                } else if holds {
+                    // The session was declared lost while this was on its way.
+                    st.lost.insert(key);
+                }
+            }
+            return r;
+        }
+        Err(Errno::IO)
+    }
+
+    /// Set (`typ: Some`) or remove a lock of `owner` on `ino`; never waits (`AGAIN` on a
+    /// conflict). `start..=end` inclusive.
+    #[allow(clippy::too_many_arguments)]
+    pub fn set(
+        &self,
+        ino: u64,
+        kind: LockKind,
+        owner: u64,
+        typ: Option<LockType>,
+        start: u64,
+        end: u64,
+        pid: u32,
+    ) -> Result<(), Errno> {
+        let key = (ino, owner);
+        if self.state().lost.remove(&key) {
+            return Err(Errno::IO);
+        }
+        if typ.is_none() && !self.holds(ino, owner) {
+            return Ok(()); // nothing held here: nothing to remove
+        }
+        let op = LockOp::Set {
+            ino,
+            kind,
+            owner,
+            typ,
+            start,
+            end,
+            pid,
+        };
+        match self.op(key, op)? {
+            Answer::LockHeld(_) => Ok(()),
+            other => {
+                tracing::warn!("lock set answered {other:?}");
+                Err(Errno::IO)
+            }
+        }
+    }
+
+    /// The first lock of another owner that conflicts with this one (`F_GETLK`). During
+    /// the leader's grace after a restart (`AGAIN`), waits for it to end.
+    pub fn get(
+        &self,
+        ino: u64,
+        kind: LockKind,
+        owner: u64,
+        typ: LockType,
+        start: u64,
+        end: u64,
+    ) -> Result<Option<LockInfo>, Errno> {
+        let deadline = Instant::now() + Duration::from_millis(3 * LOCK_LEASE_MS);
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            let op = LockOp::Get {
+                ino,
+                kind,
+                owner,
+                typ,
+                start,
+                end,
+            };
+            match self.op((ino, owner), op) {
+                Ok(Answer::LockConflict(c)) => return Ok(c),
+                Ok(other) => {
+                    tracing::warn!("lock get answered {other:?}");
+                    return Err(Errno::IO);
+                }
+                Err(Errno::AGAIN) if Instant::now() < deadline => {
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_millis(100));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Does `owner` hold (or may it hold) a lock on `ino` here?
+    pub fn holds(&self, ino: u64, owner: u64) -> bool {
+        self.state().held.contains(&(ino, owner))
+    }
+
+    /// Remove every lock of `owner` on `ino` (close). Free when it holds none.
+    pub fn release_owner(&self, ino: u64, owner: u64) -> Result<(), Errno> {
+        let key = (ino, owner);
+        {
+            let mut st = self.state();
+            st.lost.remove(&key);
+            if !st.held.contains(&key) {
+                return Ok(());
+            }
+        }
+        self.op(key, LockOp::ReleaseOwner { ino, owner })
+            .map(|_| ())
+    }
+
+    /// Renew the lease while locks are held; notice a lease that ran out. Call every
+    /// [`LOCK_KEEPALIVE_MS`].
+    pub fn keepalive(&self) {
+        let (session, renewed, holding) = {
+            let st = self.state();
+            (st.session, st.renewed, !st.held.is_empty())
+        };
+        if session == 0 {
+            return;
+        }
+        if renewed.is_none_or(|t| t.elapsed() >= Duration::from_millis(LOCK_LEASE_MS)) {
+            self.lose(session, "lease ran out here");
+            return;
+        }
+        if !holding {
+            return; // an idle session may expire; the next operation opens another
+        }
+        let sent = Instant::now();
+        match self
+            .meta
+            .lock(self.volume, session, LockOp::KeepAlive, KEEPALIVE_RETRY)
+        {
+            Ok(Ok(_)) => {
+                let mut st = self.state();
+                if st.session == session {
+                    st.renewed = Some(st.renewed.map_or(sent, |t| t.max(sent)));
+                }
+            }
+            Ok(Err(Errno::STALE)) => self.lose(session, "the leader does not know it"),
+            Ok(Err(e)) => tracing::warn!("lock keepalive: {e}"),
+            Err(e) => tracing::warn!("lock keepalive: {e}"),
+        }
+    }
+
+    /// End the session, releasing every lock of this mount (unmount).
+    pub fn close(&self) {
+        let session = {
+            let mut st = self.state();
+            st.held.clear();
+            st.lost.clear();
+            std::mem::take(&mut st.session)
+        };
+        if session == 0 {
+            return;
+        }
+        let r = self
+            .meta
+            .lock(self.volume, session, LockOp::Close, Duration::from_secs(2));
+        if let Err(e) = r {
+            tracing::warn!("closing the lock session: {e} (its lease will run out)");
         }
     }
 }

@@ -3,24 +3,24 @@
 //!
 //! # Writes
 //! Writes collect per inode in a dirty map of non-overlapping byte ranges (memory only:
-//! the on-disk journal comes with the client-disk issue). On flush, fsync, close, truncate,
-//! or when an inode's dirty bytes pass [`DIRTY_LIMIT`], each dirty range is cut into
+//! the on-disk journal comes with the client-disk issue) and go to the hive through the
+//! background flusher of [`crate::writeback`]: sealed into batches as they grow, cut into
 //! content-defined chunks, hashed, compressed, offered to the hive (has, then put of the
 //! missing ones), and committed as extents for exactly the written ranges. Bytes the
 //! application did not write are never rewritten, so two hosts writing different ranges of
-//! one file both survive. A write is acknowledged to `close`/`fsync` only once its commit
-//! is acknowledged by the metadata service (durable in its Raft log).
+//! one file both survive. `close`, `fsync` and truncation wait until every write before
+//! them is committed by the metadata service (durable in its Raft log).
 //!
 //! # Reads
 //! A file's extents are loaded when it is opened (close-to-open: an open sees every write
-//! closed before it anywhere) and after each of our own commits. A read assembles its
-//! range from cached or fetched chunks (each verified against its id by the client
-//! library), zeros for holes, and this host's dirty bytes on top.
+//! closed before it anywhere); this host's own commits are spliced in as they land. A read
+//! assembles its range from cached or fetched chunks (each verified against its id by the
+//! client library), zeros for holes, and this host's uncommitted bytes on top.
 //!
 //! # Invariants
 //! - Dirty ranges of an inode never overlap; they are applied on top of the extents.
-//! - An inode's state is locked while it flushes: reads and writes of that inode wait;
-//!   other inodes do not.
+//! - An inode's state is locked only briefly by the flusher (to take a batch and splice
+//!   its extents); uploads run unlocked, so reads and writes go on meanwhile.
 //! - An inode that lost its last name is reclaimed when the kernel forgets it (it holds
 //!   it while open or cached), or at unmount; never while a handle can reach it.
 //! - A file's state lives while it has handles, or unflushed bytes (a flush that failed
@@ -28,21 +28,21 @@
 //!   under the map's lock, so a late release never drops the state a newer open uses.
 
 use crate::cache::ChunkCache;
+use crate::writeback::{dirty_truncate, FileState, Hive, OpenFile, Writeback};
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
-    Request, TimeOrNow, WriteFlags,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use hivefs_client::hive::{ClientError, ClientOptions, HiveClient};
 use hivefs_client::meta::MetaClient;
 use hivefs_client::pipeline::{ChunkerConfig, Pipeline};
 use hivefs_net::chunk::{ChunkId, Codec};
 use hivefs_net::meta::{
     self as m, Answer, Attr, Extent, FileKind, MetaReply, Mutation, Query, RenameMode, SetAttr,
-    SetTime, Timespec, XattrMode, MAX_COMMIT_EXTENTS,
+    SetTime, Timespec, XattrMode,
 };
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -52,16 +52,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How long the kernel may cache attributes and names.
 const TTL: Duration = Duration::from_secs(1);
-/// Dirty bytes per inode before a write flushes them itself.
-pub const DIRTY_LIMIT: usize = 64 << 20;
 /// Chunk cache size.
 pub const CACHE_BYTES: usize = 256 << 20;
 /// Largest write the kernel sends.
 const MAX_WRITE: u32 = 1 << 20;
 /// Block size reported by stat (what `cp` and friends use as their buffer size).
 const BLKSIZE: u32 = 1 << 20;
-/// Written ranges up to this size also go into the chunk cache when flushed.
-const CACHE_WRITES_UP_TO: usize = 1 << 20;
 /// How far a sequential reader's chunks are fetched ahead, in one batched get.
 const READ_AHEAD: u64 = 8 << 20;
 
@@ -71,74 +67,11 @@ pub struct Mounted {
     pub volume: u32,
 }
 
-/// Per-inode state while it is open here.
-#[derive(Default)]
-struct FileState {
-    opens: u32,
-    /// offset -> bytes, non-overlapping.
-    dirty: BTreeMap<u64, Vec<u8>>,
-    dirty_bytes: usize,
-    /// Size as this host sees it (committed size, raised by dirty writes).
-    size: u64,
-    /// The committed extents, in offset order.
-    extents: Vec<Extent>,
-    /// Where the last read ended: a read starting there is sequential, and fetches ahead.
-    last_read_end: u64,
-    /// A flushed range's buffer, kept for the next range this file starts: a writer
-    /// streaming gigabytes reuses one buffer instead of faulting in fresh pages.
-    spare: Vec<u8>,
-}
-
-/// Chunk connections, one `HiveClient` per concurrent user.
-struct ChunkPool {
-    opts: ClientOptions,
-    idle: Mutex<Vec<HiveClient>>,
-}
-
-impl ChunkPool {
-    fn with<R>(
-        &self,
-        f: impl Fn(&mut HiveClient) -> Result<R, ClientError>,
-    ) -> Result<R, ClientError> {
-        let mut last = None;
-        for _ in 0..3 {
-            let pooled = self.idle.lock().expect("pool lock").pop();
-            let mut c = match pooled {
-                Some(c) => c,
-                None => match HiveClient::connect(&self.opts) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        last = Some(e);
-                        std::thread::sleep(Duration::from_millis(200));
-                        continue;
-                    }
-                },
-            };
-            match f(&mut c) {
-                Ok(r) => {
-                    self.idle.lock().expect("pool lock").push(c);
-                    return Ok(r);
-                }
-                // A broken connection is dropped and the call tried on a fresh one; chunk
-                // calls are idempotent (put of the same bytes, get, has).
-                Err(e @ (ClientError::Conn { .. } | ClientError::Connect { .. })) => {
-                    last = Some(e);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Err(last.expect("three attempts"))
-    }
-}
-
 pub struct HiveFs {
-    meta: Arc<MetaClient>,
-    vol: u32,
-    chunks: ChunkPool,
-    pipeline: Pipeline,
-    cache: ChunkCache,
+    hive: Arc<Hive>,
+    wb: Writeback,
     /// Open files. Lock order: this map, then a file's state.
-    files: Mutex<HashMap<u64, Arc<Mutex<FileState>>>>,
+    files: Mutex<HashMap<u64, Arc<OpenFile>>>,
     /// The kernel's lookup count per inode (entries handed out, less forgets).
     lookups: Mutex<HashMap<u64, u64>>,
     /// Inodes this host saw lose their last name: reclaimed when the kernel forgets them
@@ -147,16 +80,8 @@ pub struct HiveFs {
     next_fh: AtomicU64,
     /// Set when the kernel ends the session (unmounted).
     pub ended: Arc<AtomicBool>,
-}
-
-/// A failure turned into what the kernel gets.
-fn io_err(what: &str, e: impl std::fmt::Display) -> Errno {
-    tracing::warn!("{what}: {e}");
-    Errno::EIO
-}
-
-fn errno(e: m::Errno) -> Errno {
-    Errno::from_i32(e.0)
+    /// flock and POSIX locks, exclusive across mounts (see locks.rs).
+    locks: crate::locks::Locks,
 }
 
 fn to_system_time(t: Timespec) -> SystemTime {
@@ -235,112 +160,35 @@ fn name_bytes(n: &OsStr) -> Vec<u8> {
     n.as_bytes().to_vec()
 }
 
-/// Put `data` at `off` into a map of non-overlapping ranges. Returns the change in bytes
-/// held. Sequential appends extend the last range in place (no copy of what is there).
-fn dirty_insert(map: &mut BTreeMap<u64, Vec<u8>>, off: u64, data: &[u8]) -> isize {
-    let end = off + data.len() as u64;
-    // The range starting at or before `off` that reaches it, if any.
-    if let Some((&s, v)) = map.range_mut(..=off).next_back() {
-        let vend = s + v.len() as u64;
-        if vend >= off {
-            // Does any later range start at or before `end`? If not, write in place.
-            let later = map.range(off + 1..=end).next().map(|(&k, _)| k);
-            if later.is_none() {
-                let v = map.get_mut(&s).expect("present");
-                let at = (off - s) as usize;
-                let before = v.len();
-                if at + data.len() > v.len() {
-                    v.resize(at + data.len(), 0);
-                }
-                v[at..at + data.len()].copy_from_slice(data);
-                return v.len() as isize - before as isize;
-            }
-        }
-    }
-    // General case: merge every range overlapping or touching [off, end].
-    let mut start = off;
-    let mut stop = end;
-    let touching: Vec<u64> = {
-        let mut keys: Vec<u64> = map
-            .range(..=end)
-            .filter(|(&s, v)| s + v.len() as u64 >= off)
-            .map(|(&s, _)| s)
-            .collect();
-        keys.sort_unstable();
-        keys
-    };
-    for s in &touching {
-        let v = &map[s];
-        start = start.min(*s);
-        stop = stop.max(s + v.len() as u64);
-    }
-    let mut buf = vec![0u8; (stop - start) as usize];
-    let mut removed = 0usize;
-    for s in touching {
-        let v = map.remove(&s).expect("present");
-        removed += v.len();
-        let at = (s - start) as usize;
-        buf[at..at + v.len()].copy_from_slice(&v);
-    }
-    let at = (off - start) as usize;
-    buf[at..at + data.len()].copy_from_slice(data);
-    let added = buf.len();
-    map.insert(start, buf);
-    added as isize - removed as isize
-}
-
-/// Drop every dirty byte at or past `size`.
-fn dirty_truncate(map: &mut BTreeMap<u64, Vec<u8>>, size: u64) -> usize {
-    let mut freed = 0;
-    let keys: Vec<u64> = map.range(..).map(|(&k, _)| k).collect();
-    for k in keys {
-        let v = map.get_mut(&k).expect("present");
-        if k >= size {
-            freed += v.len();
-            map.remove(&k);
-        } else if k + v.len() as u64 > size {
-            let keep = (size - k) as usize;
-            freed += v.len() - keep;
-            v.truncate(keep);
-        }
-    }
-    freed
-}
-
 impl HiveFs {
     pub fn new(mounted: Mounted) -> anyhow::Result<HiveFs> {
         let map = mounted.meta.map().clone();
         let pipeline = Pipeline::new(map.dedupe_key, ChunkerConfig::default(), Codec::Lz4, 0)
             .map_err(|e| anyhow::anyhow!("chunker: {e}"))?;
-        Ok(HiveFs {
-            chunks: ChunkPool {
-                opts: mounted.meta.chunk_options(),
-                idle: Mutex::new(Vec::new()),
-            },
-            meta: mounted.meta,
-            vol: mounted.volume,
+        let hive = Arc::new(Hive::new(
+            mounted.meta.clone(),
+            mounted.volume,
             pipeline,
-            cache: ChunkCache::new(CACHE_BYTES),
+            ChunkCache::new(CACHE_BYTES),
+        ));
+        Ok(HiveFs {
+            wb: Writeback::new(hive.clone())?,
+            hive,
             files: Mutex::new(HashMap::new()),
             lookups: Mutex::new(HashMap::new()),
             orphans: Mutex::new(HashSet::new()),
             next_fh: AtomicU64::new(1),
             ended: Arc::new(AtomicBool::new(false)),
+            locks: crate::locks::Locks::new(mounted.meta.clone(), mounted.volume),
         })
     }
 
     fn mutate(&self, op: Mutation) -> Result<Answer, Errno> {
-        match self.meta.mutate(self.vol, op) {
-            Ok(r) => r.map_err(errno),
-            Err(e) => Err(io_err("metadata", e)),
-        }
+        self.hive.mutate(op)
     }
 
     fn query(&self, q: Query) -> Result<Answer, Errno> {
-        match self.meta.query(self.vol, q) {
-            Ok(r) => r.map_err(errno),
-            Err(e) => Err(io_err("metadata", e)),
-        }
+        self.hive.query(q)
     }
 
     fn attr_of(r: Result<Answer, Errno>) -> Result<Attr, Errno> {
@@ -350,7 +198,7 @@ impl HiveFs {
         }
     }
 
-    fn state(&self, ino: u64) -> Option<Arc<Mutex<FileState>>> {
+    fn state(&self, ino: u64) -> Option<Arc<OpenFile>> {
         self.files.lock().expect("files lock").get(&ino).cloned()
     }
 
@@ -362,7 +210,7 @@ impl HiveFs {
             // raised by unflushed writes, kept up to date by every flush and truncate).
             // Not only when dirty: a late RELEASE may flush between the metadata query
             // above and this point, and the queried size would then be stale.
-            a.size = st.lock().expect("file lock").size;
+            a.size = st.lock().size;
         }
         a
     }
@@ -403,93 +251,6 @@ impl HiveFs {
         }
     }
 
-    /// Upload and commit every dirty range of `ino` (state locked by the caller).
-    fn flush_locked(&self, ino: u64, st: &mut FileState) -> Result<(), Errno> {
-        if st.dirty.is_empty() {
-            return Ok(());
-        }
-        let ranges: Vec<(u64, Vec<u8>)> = std::mem::take(&mut st.dirty).into_iter().collect();
-        let result = self.commit_ranges(ino, &ranges);
-        match result {
-            Ok(()) => {
-                st.dirty_bytes = 0;
-                if let Some(big) = ranges
-                    .into_iter()
-                    .map(|(_, v)| v)
-                    .max_by_key(|v| v.capacity())
-                {
-                    if big.capacity() > st.spare.capacity() {
-                        st.spare = big;
-                    }
-                }
-                let (extents, size) = self.load_extents(ino)?;
-                st.extents = extents;
-                st.size = st.size.max(size);
-                Ok(())
-            }
-            Err(e) => {
-                // Keep the bytes: a later flush tries again; close reports the error.
-                for (off, data) in ranges {
-                    st.dirty.insert(off, data);
-                }
-                Err(e)
-            }
-        }
-    }
-
-    fn commit_ranges(&self, ino: u64, ranges: &[(u64, Vec<u8>)]) -> Result<(), Errno> {
-        for (off, data) in ranges {
-            let chunks = self.pipeline.prepare(data);
-            for attempt in 0..3 {
-                let up = self
-                    .chunks
-                    .with(|c| c.upload(&chunks))
-                    .map_err(|e| io_err("uploading chunks", e))?;
-                let extents: Vec<Extent> = chunks
-                    .iter()
-                    .map(|c| Extent {
-                        offset: off + c.offset,
-                        len: c.raw_len,
-                        chunk: c.id,
-                        chunk_offset: 0,
-                    })
-                    .collect();
-                let mut stale = false;
-                for part in extents.chunks(MAX_COMMIT_EXTENTS) {
-                    let end = part.last().map_or(*off, |e| e.end());
-                    match self.mutate(Mutation::CommitWrite {
-                        ino,
-                        extents: part.to_vec(),
-                        size_at_least: end,
-                        claim_epoch: up.claim_epoch,
-                    }) {
-                        Ok(_) => {}
-                        // The GC epoch moved on between claim and commit: claim again.
-                        Err(e) if e == Errno::EAGAIN && attempt < 2 => {
-                            stale = true;
-                            break;
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
-                if !stale {
-                    break;
-                }
-            }
-            // The chunks are in the hive: keep the plaintext of small writes for reads that
-            // follow (copying a streaming writer's gigabytes would only churn the cache).
-            if data.len() > CACHE_WRITES_UP_TO {
-                continue;
-            }
-            for c in &chunks {
-                let at = c.offset as usize;
-                self.cache
-                    .insert(c.id, Arc::new(data[at..at + c.raw_len as usize].to_vec()));
-            }
-        }
-        Ok(())
-    }
-
     /// Bytes `[off, off + len)` of `ino` as this host sees them.
     fn read_range(&self, st: &mut FileState, off: u64, len: usize) -> Result<Vec<u8>, Errno> {
         let end = (off + len as u64).min(st.size);
@@ -512,7 +273,7 @@ impl HiveFs {
             if !seen.insert(e.chunk) {
                 continue;
             }
-            match self.cache.get(&e.chunk) {
+            match self.hive.cache.get(&e.chunk) {
                 Some(d) => {
                     have.insert(e.chunk, d);
                 }
@@ -528,7 +289,7 @@ impl HiveFs {
                 if e.offset >= stop {
                     break;
                 }
-                if seen.insert(e.chunk) && !self.cache.contains(&e.chunk) {
+                if seen.insert(e.chunk) && !self.hive.cache.contains(&e.chunk) {
                     ahead.push(e.chunk);
                 }
             }
@@ -536,15 +297,12 @@ impl HiveFs {
         if !missing.is_empty() {
             let wanted_n = missing.len();
             missing.extend(ahead);
-            let got = self
-                .chunks
-                .with(|c| c.get(&missing))
-                .map_err(|e| io_err("reading chunks", e))?;
+            let got = self.hive.get_chunks(&missing)?;
             for (i, (id, d)) in missing.iter().zip(got).enumerate() {
                 match d {
                     Some(d) => {
                         let d = Arc::new(d);
-                        self.cache.insert(*id, d.clone());
+                        self.hive.cache.insert(*id, d.clone());
                         have.insert(*id, d);
                     }
                     // A chunk fetched ahead may be gone (the file changed): not an error.
@@ -572,16 +330,14 @@ impl HiveFs {
             }
             out[(s - off) as usize..(s - off) as usize + n].copy_from_slice(&data[from..from + n]);
         }
-        // This host's unflushed bytes on top.
-        for (&s, v) in st.dirty.range(..end) {
-            let ve = s + v.len() as u64;
-            if ve <= off {
-                continue;
+        // This host's uncommitted bytes on top: sealed batches oldest first, then dirty.
+        for b in &st.sealed {
+            for (s, v) in &b.ranges {
+                overlay(&mut out, off, *s, v);
             }
-            let a = s.max(off);
-            let b = ve.min(end);
-            out[(a - off) as usize..(b - off) as usize]
-                .copy_from_slice(&v[(a - s) as usize..(b - s) as usize]);
+        }
+        for (&s, v) in st.dirty.range(..end) {
+            overlay(&mut out, off, s, v);
         }
         Ok(out)
     }
@@ -626,11 +382,11 @@ impl HiveFs {
         let st = {
             let mut files = self.files.lock().expect("files lock");
             let st = files.entry(ino).or_default().clone();
-            st.lock().expect("file lock").opens += 1;
+            st.lock().opens += 1;
             st
         };
-        let mut g = st.lock().expect("file lock");
-        if g.dirty.is_empty() {
+        let mut g = st.lock();
+        if g.clean() {
             // Close-to-open: see what others committed.
             match self.load_extents(ino) {
                 Ok((extents, size)) => {
@@ -648,13 +404,13 @@ impl HiveFs {
     }
 
     /// One handle of `ino` is gone; the state goes with the last.
-    fn close_state(&self, ino: u64, st: &Arc<Mutex<FileState>>) {
+    fn close_state(&self, ino: u64, st: &Arc<OpenFile>) {
         let mut files = self.files.lock().expect("files lock");
-        let mut g = st.lock().expect("file lock");
+        let mut g = st.lock();
         g.opens = g.opens.saturating_sub(1);
         // Bytes a failed flush kept stay with the state: the next open of the file (or
         // the unmount) commits them. Only a clean, unused state goes.
-        if g.opens == 0 && g.dirty.is_empty() {
+        if g.opens == 0 && g.clean() {
             drop(g);
             if files.get(&ino).is_some_and(|s| Arc::ptr_eq(s, st)) {
                 files.remove(&ino);
@@ -728,6 +484,19 @@ impl HiveFs {
     }
 }
 
+/// Copy the part of `v` (at file offset `s`) that falls in `out` (at file offset `off`).
+fn overlay(out: &mut [u8], off: u64, s: u64, v: &[u8]) {
+    let end = off + out.len() as u64;
+    let ve = s + v.len() as u64;
+    if ve <= off || s >= end {
+        return;
+    }
+    let a = s.max(off);
+    let b = ve.min(end);
+    out[(a - off) as usize..(b - off) as usize]
+        .copy_from_slice(&v[(a - s) as usize..(b - s) as usize]);
+}
+
 /// Permission bits of a new inode: the mode less the umask.
 fn masked(mode: u32, umask: u32) -> u16 {
     (mode & !umask & 0o7777) as u16
@@ -746,6 +515,15 @@ impl Filesystem for HiveFs {
         // mode bits in step with them); needs default_permissions, which the mount sets.
         if let Err(missing) = config.add_capabilities(fuser::InitFlags::FUSE_POSIX_ACL) {
             tracing::warn!("kernel lacks {missing:?}: POSIX ACLs are stored but not enforced");
+        }
+        // flock and fcntl locks come to us (locks.rs), so they hold across mounts.
+        for cap in [
+            fuser::InitFlags::FUSE_POSIX_LOCKS,
+            fuser::InitFlags::FUSE_FLOCK_LOCKS,
+        ] {
+            if let Err(missing) = config.add_capabilities(cap) {
+                tracing::warn!("kernel lacks {missing:?}: those locks are local to this mount");
+            }
         }
         Ok(())
     }
@@ -772,7 +550,7 @@ impl Filesystem for HiveFs {
 
     fn destroy(&mut self) {
         // Unmounting: commit what failed to flush at close (each try is logged)...
-        let left: Vec<(u64, Arc<Mutex<FileState>>)> = self
+        let left: Vec<(u64, Arc<OpenFile>)> = self
             .files
             .lock()
             .expect("files lock")
@@ -780,23 +558,26 @@ impl Filesystem for HiveFs {
             .map(|(i, s)| (*i, s.clone()))
             .collect();
         for (ino, st) in left {
-            let mut g = st.lock().expect("file lock");
-            if !g.dirty.is_empty() {
-                if let Err(e) = self.flush_locked(ino, &mut g) {
+            let g = st.lock();
+            if !g.clean() {
+                let (g, r) = self.wb.sync(ino, &st, g);
+                if let Err(e) = r {
+                    let held: usize = g.sealed.iter().map(|b| b.bytes()).sum();
                     tracing::error!(
                         ino,
-                        "unmounting with {} unflushed bytes: {e:?}",
-                        g.dirty_bytes
+                        "unmounting with {} uncommitted bytes: {e:?}",
+                        g.dirty_bytes + held
                     );
                 }
             }
         }
+        self.wb.shutdown();
         // ... then the kernel holds nothing any more.
         let orphans: Vec<u64> = self.orphans.lock().expect("orphans lock").drain().collect();
         for ino in orphans {
             self.reclaim(ino);
         }
-        let (entries, bytes, hits, misses) = self.cache.stats();
+        let (entries, bytes, hits, misses) = self.hive.cache.stats();
         tracing::info!(entries, bytes, hits, misses, "chunk cache at unmount");
         self.ended.store(true, Ordering::SeqCst);
     }
@@ -849,8 +630,9 @@ impl Filesystem for HiveFs {
             mtime: t(mtime),
         };
         let st = self.state(ino.0);
-        let mut guard = st.as_ref().map(|s| s.lock().expect("file lock"));
-        if let Some(g) = guard.as_deref_mut() {
+        let mut guard = None;
+        if let Some(f) = st.as_ref() {
+            let mut g = f.lock();
             // Unflushed bytes past a new size go; the rest is committed first, so the
             // change applies after every write before it (a commit sets mtime: times set
             // by `touch -r` or `cp -a` on an open file must come after it).
@@ -858,16 +640,18 @@ impl Filesystem for HiveFs {
                 let freed = dirty_truncate(&mut g.dirty, new);
                 g.dirty_bytes -= freed;
             }
-            if let Err(e) = self.flush_locked(ino.0, g) {
+            let (g, r) = self.wb.sync(ino.0, f, g);
+            if let Err(e) = r {
                 return reply.error(e);
             }
+            guard = Some(g);
         }
         let r = Self::attr_of(self.mutate(Mutation::SetAttr { ino: ino.0, set }));
         match r {
             Ok(mut a) => {
                 // Unflushed writes of an open file count (the lock is ours already).
                 if let Some(g) = guard.as_deref() {
-                    if !g.dirty.is_empty() {
+                    if !g.clean() {
                         a.size = g.size;
                     }
                 }
@@ -1052,7 +836,7 @@ impl Filesystem for HiveFs {
         let Some(st) = self.state(ino.0) else {
             return reply.error(Errno::EBADF);
         };
-        let mut st = st.lock().expect("file lock");
+        let mut st = st.lock();
         match self.read_range(&mut st, offset, size as usize) {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(e),
@@ -1080,26 +864,18 @@ impl Filesystem for HiveFs {
         {
             return reply.error(Errno::EFBIG);
         }
-        let mut g = st.lock().expect("file lock");
-        if g.dirty.is_empty() && g.spare.capacity() >= data.len() {
-            // Start the new range in the spare buffer.
-            let mut buf = std::mem::take(&mut g.spare);
-            buf.clear();
-            buf.extend_from_slice(data);
-            g.dirty.insert(offset, buf);
-            g.dirty_bytes = data.len();
-            g.size = g.size.max(offset + data.len() as u64);
-            return reply.written(data.len() as u32);
-        }
-        let delta = dirty_insert(&mut g.dirty, offset, data);
-        g.dirty_bytes = (g.dirty_bytes as isize + delta) as usize;
-        g.size = g.size.max(offset + data.len() as u64);
-        if g.dirty_bytes >= DIRTY_LIMIT {
-            if let Err(e) = self.flush_locked(ino.0, &mut g) {
-                return reply.error(e);
+        let mut g = st.lock();
+        match self.wb.write(ino.0, &st, &mut g, offset, data) {
+            Ok(throttle) => {
+                drop(g);
+                if throttle {
+                    // Before the reply: a writer waits here while the flusher catches up.
+                    self.wb.throttle();
+                }
+                reply.written(data.len() as u32)
             }
+            Err(e) => reply.error(e),
         }
-        reply.written(data.len() as u32)
     }
 
     fn flush(
@@ -1107,18 +883,18 @@ impl Filesystem for HiveFs {
         _req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
-        _lock_owner: LockOwner,
+        lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        match self.state(ino.0) {
-            Some(st) => {
-                let mut g = st.lock().expect("file lock");
-                match self.flush_locked(ino.0, &mut g) {
-                    Ok(()) => reply.ok(),
-                    Err(e) => reply.error(e),
-                }
-            }
-            None => reply.ok(),
+        let flushed = match self.state(ino.0) {
+            Some(st) => self.wb.sync(ino.0, &st, st.lock()).1,
+            None => Ok(()),
+        };
+        // POSIX: any close drops the process's locks on the file (after its data).
+        self.locks.close_owner(ino.0, lock_owner.0);
+        match flushed {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -1128,17 +904,18 @@ impl Filesystem for HiveFs {
         ino: INodeNo,
         _fh: FileHandle,
         _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
+        lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        // Set with FUSE_RELEASE_FLOCK_UNLOCK: the open file's flock locks go.
+        if let Some(o) = lock_owner {
+            self.locks.close_owner(ino.0, o.0);
+        }
         let Some(st) = self.state(ino.0) else {
             return reply.ok();
         };
-        let flushed = {
-            let mut g = st.lock().expect("file lock");
-            self.flush_locked(ino.0, &mut g)
-        };
+        let flushed = self.wb.sync(ino.0, &st, st.lock()).1;
         self.close_state(ino.0, &st);
         match flushed {
             Ok(()) => reply.ok(),
@@ -1155,6 +932,40 @@ impl Filesystem for HiveFs {
         reply: ReplyEmpty,
     ) {
         self.flush(req, ino, fh, LockOwner(0), reply)
+    }
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        _pid: u32,
+        reply: fuser::ReplyLock,
+    ) {
+        self.locks
+            .getlk(ino.0, lock_owner.0, start, end, typ, reply)
+    }
+
+    fn setlk(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        let (owner, tid) = (lock_owner.0, req.pid());
+        self.locks
+            .setlk(tid, ino.0, owner, start, end, typ, pid, sleep, reply)
     }
 
     fn readdir(
@@ -1302,6 +1113,26 @@ impl Filesystem for HiveFs {
         )
     }
 
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        // Only SEEK_DATA and SEEK_HOLE come here; the kernel does the others.
+        let Some(st) = self.state(ino.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        let r = st.lock().seek(offset, whence);
+        match r {
+            Ok(o) => reply.offset(o),
+            Err(e) => reply.error(e),
+        }
+    }
+
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
         // The kernel checks permissions (mounted with default_permissions).
         reply.ok()
@@ -1323,7 +1154,7 @@ impl Filesystem for HiveFs {
                 {
                     let mut files = self.files.lock().expect("files lock");
                     let st = files.entry(a.ino).or_default();
-                    st.lock().expect("file lock").opens += 1;
+                    st.lock().opens += 1;
                 }
                 self.remember(a.ino);
                 reply.created(
@@ -1409,59 +1240,6 @@ pub fn answer(r: MetaReply) -> anyhow::Result<Answer> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn flat(map: &BTreeMap<u64, Vec<u8>>, len: usize) -> Vec<u8> {
-        let mut out = vec![b'.'; len];
-        for (&s, v) in map {
-            out[s as usize..s as usize + v.len()].copy_from_slice(v);
-        }
-        out
-    }
-
-    #[test]
-    fn dirty_ranges_merge_like_a_flat_buffer() {
-        let mut rng = splitmix(7);
-        for _ in 0..200 {
-            let mut map = BTreeMap::new();
-            let mut model = vec![b'.'; 400];
-            let mut written = vec![false; 400];
-            let mut held = 0isize;
-            for _ in 0..20 {
-                let off = (rng() % 300) as usize;
-                let len = 1 + (rng() % 60) as usize;
-                let byte = b'a' + (rng() % 26) as u8;
-                held += dirty_insert(&mut map, off as u64, &vec![byte; len]);
-                model[off..off + len].fill(byte);
-                written[off..off + len].fill(true);
-            }
-            assert_eq!(flat(&map, 400), model);
-            assert_eq!(held as usize, written.iter().filter(|w| **w).count());
-            // Ranges never overlap or touch.
-            let mut end = None;
-            for (&s, v) in &map {
-                if let Some(e) = end {
-                    assert!(s > e);
-                }
-                end = Some(s + v.len() as u64);
-            }
-            let cut = rng() % 400;
-            let freed = dirty_truncate(&mut map, cut);
-            let still: usize = map.values().map(|v| v.len()).sum();
-            assert_eq!(still + freed, held as usize);
-            assert!(map.iter().all(|(&s, v)| s + v.len() as u64 <= cut));
-        }
-    }
-
-    fn splitmix(seed: u64) -> impl FnMut() -> u64 {
-        let mut s = seed;
-        move || {
-            s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-    }
 
     #[test]
     fn acl_mode_bits() {

@@ -8,6 +8,8 @@
 
 mod cache;
 mod fs;
+mod locks;
+mod writeback;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};

@@ -63,6 +63,7 @@ impl Errno {
     pub const IO: Errno = Errno(libc::EIO);
     pub const NOTSUP: Errno = Errno(libc::EOPNOTSUPP);
     pub const E2BIG: Errno = Errno(libc::E2BIG);
+    pub const NOLCK: Errno = Errno(libc::ENOLCK);
 }
 
 impl std::fmt::Display for Errno {
@@ -351,6 +352,87 @@ pub enum MetaRequest {
         volume: u32,
         query: Query,
     },
+    /// A file-lock operation (volatile leader state, not through Raft; see [`LockOp`]).
+    Lock(LockRequest),
+}
+
+/// A client's lock lease: the leader drops every lock of a client session that has sent
+/// nothing for this long.
+pub const LOCK_LEASE_MS: u64 = 10_000;
+/// How often a client holding a lock session renews it.
+pub const LOCK_KEEPALIVE_MS: u64 = 1_000;
+
+/// Which lock family: POSIX record locks (`fcntl`) or BSD whole-file locks (`flock`). The
+/// two never conflict with each other (as on Linux).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum LockKind {
+    Posix,
+    Flock,
+}
+
+/// Shared (read, `LOCK_SH`) or exclusive (write, `LOCK_EX`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum LockType {
+    Read,
+    Write,
+}
+
+/// A held lock as `F_GETLK` reports it: bytes `start..=end` (inclusive, as the kernel's
+/// `struct file_lock`; a flock lock is `0..=u64::MAX`), and the pid its holder gave.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockInfo {
+    pub typ: LockType,
+    pub start: u64,
+    pub end: u64,
+    pub pid: u32,
+}
+
+/// A lock operation. Every operation but `Open` names the session `Open` returned; a
+/// session the leader does not know (expired, or the leader restarted) is answered
+/// [`Errno::STALE`]: every lock of that session is gone.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LockOp {
+    /// Start a new session for this client id, ending (and releasing every lock of) any
+    /// session it had. Answer: [`Answer::LockSession`].
+    Open,
+    /// Renew the session's lease. Answer: `Done`.
+    KeepAlive,
+    /// Set (`typ: Some`) or remove (`None`) the lock of `owner` on `start..=end` (ignored
+    /// for flock). Never waits: a conflict is `AGAIN`. POSIX locks of one owner replace,
+    /// split and merge by range. Answer: [`Answer::LockHeld`].
+    Set {
+        ino: u64,
+        kind: LockKind,
+        owner: u64,
+        typ: Option<LockType>,
+        start: u64,
+        end: u64,
+        pid: u32,
+    },
+    /// The first lock (lowest start) of another owner that would conflict with this one.
+    /// Answer: [`Answer::LockConflict`].
+    Get {
+        ino: u64,
+        kind: LockKind,
+        owner: u64,
+        typ: LockType,
+        start: u64,
+        end: u64,
+    },
+    /// Remove every lock (both kinds) of `owner` on `ino`. Answer: `LockHeld(false)`.
+    ReleaseOwner { ino: u64, owner: u64 },
+    /// Remove every lock of the session and end it (unmount). Answer: `Done`.
+    Close,
+}
+
+/// A lock operation of one client session on one volume.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockRequest {
+    pub volume: u32,
+    pub client: u64,
+    /// The session `Open` returned (ignored by `Open`).
+    pub session: u64,
+    pub op: LockOp,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -401,6 +483,12 @@ pub enum Answer {
     GcEpoch(u64),
     Fsck(FsckReport),
     Gc(GcReport),
+    /// A new lock session.
+    LockSession(u64),
+    /// After a lock change: whether the owner still holds any lock on the inode.
+    LockHeld(bool),
+    /// `F_GETLK`: the first conflicting lock, if any.
+    LockConflict(Option<LockInfo>),
 }
 
 /// What one garbage collection did.
@@ -619,6 +707,17 @@ impl MetaRequest {
                 }
                 _ => Ok(()),
             },
+            MetaRequest::Lock(r) => match r.op {
+                LockOp::Set { start, end, .. } | LockOp::Get { start, end, .. } if start > end => {
+                    Err(Errno::INVAL)
+                }
+                LockOp::Open
+                | LockOp::KeepAlive
+                | LockOp::Set { .. }
+                | LockOp::Get { .. }
+                | LockOp::ReleaseOwner { .. }
+                | LockOp::Close => Ok(()),
+            },
         }
     }
 }
@@ -677,5 +776,41 @@ mod tests {
         assert_eq!(check_name(&[b'x'; 256]), Err(Errno::NAMETOOLONG));
         assert_eq!(check_name(b".."), Err(Errno::INVAL));
         assert!(check_name(&[b'x'; 255]).is_ok());
+    }
+
+    #[test]
+    fn lock_messages_roundtrip_and_bounds() {
+        let set = |start, end| {
+            MetaRequest::Lock(LockRequest {
+                volume: 1,
+                client: 2,
+                session: 3,
+                op: LockOp::Set {
+                    ino: 4,
+                    kind: LockKind::Posix,
+                    owner: 5,
+                    typ: Some(LockType::Write),
+                    start,
+                    end,
+                    pid: 6,
+                },
+            })
+        };
+        let r = set(10, u64::MAX);
+        let b = encode(&r);
+        assert_eq!(decode::<MetaRequest>(&b).unwrap(), r);
+        for n in 0..b.len() {
+            let _ = decode::<MetaRequest>(&b[..n]);
+        }
+        assert!(r.validate().is_ok());
+        assert!(set(7, 7).validate().is_ok());
+        assert_eq!(set(8, 7).validate(), Err(Errno::INVAL));
+        let a: MetaReply = Ok(Answer::LockConflict(Some(LockInfo {
+            typ: LockType::Read,
+            start: 0,
+            end: 9,
+            pid: 42,
+        })));
+        assert_eq!(decode::<MetaReply>(&encode(&a)).unwrap(), a);
     }
 }

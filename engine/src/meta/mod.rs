@@ -7,6 +7,8 @@
 //!   committed entries are applied to the store.
 //! - [`server`]: the metadata port: Hello/token, then mutations through Raft and
 //!   linearizable queries.
+//! - [`locks`]: flock and POSIX locks, volatile state of the leader (leased, not logged).
+pub mod locks;
 pub mod raft;
 mod raft_log;
 pub mod server;

@@ -11,7 +11,10 @@
 //! - A query waits for [`MetaRaft::read_barrier`] (linearizable: it sees every write
 //!   acknowledged before it), then reads the store.
 //! - `statfs` adds the device's real figures, published by the shard threads.
+//! - A lock request is answered by the [`LockService`] in memory, not through Raft (see
+//!   `locks.rs` for why that is sound, and what a restart does).
 
+use super::locks::LockService;
 use super::raft::{Applier, MetaRaft, RaftError};
 use super::store::MetaStore;
 use crate::admin::Link;
@@ -84,6 +87,8 @@ struct Shared {
     map: ClusterMap,
     tls: Option<Arc<rustls::ServerConfig>>,
     device: Arc<DeviceUse>,
+    /// flock and POSIX locks (volatile; see `locks.rs`).
+    locks: LockService,
     /// Set while a collection runs (one at a time).
     gc_running: AtomicBool,
     stop: AtomicBool,
@@ -130,6 +135,7 @@ impl MetaServer {
         ))
         .map_err(|e| anyhow::anyhow!("starting the metadata log: {e}"))?;
         listener.set_nonblocking(true)?;
+        let locks = LockService::start(&dir.join("locks.horizon"))?;
         let shared = Arc::new(Shared {
             store,
             data_dir: data_dir.to_path_buf(),
@@ -139,6 +145,7 @@ impl MetaServer {
             map,
             tls,
             device,
+            locks,
             gc_running: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             conns: Mutex::new(Vec::new()),
@@ -602,6 +609,7 @@ async fn handle(sh: &Shared, req: MetaRequest) -> Result<MetaReply, RaftError> {
         return Ok(Err(e));
     }
     match req {
+        MetaRequest::Lock(r) => Ok(sh.locks.handle(&r)),
         MetaRequest::Mutate(cmd) => {
             let cmd = MetaCommand {
                 now: Timespec::now(),

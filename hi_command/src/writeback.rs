@@ -1,0 +1,855 @@
+//! Write-back of file data: the per-inode write state of an open file and the background
+//! flusher that turns written bytes into committed extents.
+//!
+//! # The path of a written byte
+//! 1. `write` puts it into the inode's *dirty* map (non-overlapping byte ranges).
+//! 2. When the dirty bytes reach [`SEAL_BYTES`], they are *sealed*: moved, as a numbered
+//!    [`Batch`], to the back of the inode's `sealed` queue and handed to the flusher. The
+//!    writer goes on filling a new dirty map while the batch is prepared and uploaded; it
+//!    waits only when the mount's backlog passes [`BACKLOG_BYTES`].
+//! 3. The flusher has two stages, each one thread, joined by a one-slot channel, so a
+//!    batch is chunked, hashed and compressed (on every core, by the client pipeline) while
+//!    the batch before it is uploaded and committed:
+//!    - *prepare*: content-defined chunks of exactly the written ranges;
+//!    - *commit*: has-then-put of the missing chunks, then one commit-write per range (with
+//!      the claim epoch; a stale epoch is claimed again), then the committed extents are
+//!      spliced into the inode's extent list and the batch leaves `sealed`.
+//! 4. `fsync`, `flush` (close), truncation and unmount call [`Writeback::sync`]: it seals
+//!    what is dirty and waits until every batch up to it is committed. A small sync with
+//!    nothing in flight commits inline, without a hand-off.
+//!
+//! # Invariants
+//! - Batches of one inode commit in the order they were sealed (one commit thread, FIFO
+//!   from seal to commit), so a later write to the same bytes always lands last.
+//! - Reads see committed extents, then sealed batches oldest first, then dirty bytes.
+//! - After a failed commit the inode is *failed*: the flusher holds (does not commit) its
+//!   later batches, and writes stop sealing. The next sync retries the held batches in
+//!   order, then the dirty bytes; until one succeeds the bytes stay in memory and every
+//!   sync reports the error. Nothing written is dropped.
+//! - A batch counts in the backlog from seal until the flusher is done with it.
+
+use crate::cache::ChunkCache;
+use fuser::Errno;
+use hivefs_client::hive::{ClientError, ClientOptions, HiveClient};
+use hivefs_client::meta::MetaClient;
+use hivefs_client::pipeline::{Pipeline, PreparedChunk};
+use hivefs_net::meta::{self as m, Answer, Extent, Mutation, Query, MAX_COMMIT_EXTENTS};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// An inode's dirty bytes are sealed into a batch for the flusher at this size.
+pub const SEAL_BYTES: usize = 32 << 20;
+/// Sealed bytes a mount may have waiting for the flusher before writers wait.
+pub const BACKLOG_BYTES: usize = 64 << 20;
+/// While an inode is failed, its dirty bytes grow to this before a write retries inline.
+pub const DIRTY_LIMIT: usize = 64 << 20;
+/// A sync with no more than this dirty, and nothing sealed, commits on the caller's thread.
+const INLINE_BYTES: usize = 4 << 20;
+/// Written ranges up to this size also go into the chunk cache when committed.
+const CACHE_WRITES_UP_TO: usize = 1 << 20;
+/// Flushed range buffers kept for new dirty ranges (a streaming writer reuses them instead
+/// of faulting in fresh pages).
+const SPARE_BUFFERS: usize = 4;
+
+/// A failure turned into what the kernel gets.
+pub fn io_err(what: &str, e: impl std::fmt::Display) -> Errno {
+    tracing::warn!("{what}: {e}");
+    Errno::EIO
+}
+
+fn errno(e: m::Errno) -> Errno {
+    Errno::from_i32(e.0)
+}
+
+/// Sealed ranges of one inode, committed together.
+pub struct Batch {
+    /// Seal order within the inode, from 1.
+    no: u64,
+    pub ranges: Vec<(u64, Vec<u8>)>,
+    bytes: usize,
+}
+
+impl Batch {
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+/// Per-inode state while it is open here (or holds bytes not yet committed).
+#[derive(Default)]
+pub struct FileState {
+    pub opens: u32,
+    /// offset -> bytes, non-overlapping, not yet sealed.
+    pub dirty: BTreeMap<u64, Vec<u8>>,
+    pub dirty_bytes: usize,
+    /// Sealed batches not yet committed, oldest first.
+    pub sealed: VecDeque<Arc<Batch>>,
+    /// Number of the last batch sealed.
+    sealed_no: u64,
+    /// Number of the last batch the flusher finished with (committed or held).
+    done_no: u64,
+    /// Why a background commit failed; later batches are held until a sync retries.
+    failed: Option<Errno>,
+    /// Size as this host sees it (committed size, raised by dirty writes).
+    pub size: u64,
+    /// The committed extents, in offset order.
+    pub extents: Vec<Extent>,
+    /// Where the last read ended: a read starting there is sequential, and fetches ahead.
+    pub last_read_end: u64,
+}
+
+impl FileState {
+    /// Nothing here that the hive does not have.
+    pub fn clean(&self) -> bool {
+        self.dirty.is_empty() && self.sealed.is_empty()
+    }
+
+    /// `lseek` with SEEK_DATA or SEEK_HOLE from `off`, as this host sees the file: data is
+    /// what committed extents, sealed batches and dirty ranges cover; holes are the rest,
+    /// and the end of the file.
+    pub fn seek(&self, off: i64, whence: i32) -> Result<i64, Errno> {
+        let off = u64::try_from(off).map_err(|_| Errno::ENXIO)?;
+        if off >= self.size {
+            return Err(Errno::ENXIO);
+        }
+        let first = self.extents.partition_point(|e| e.end() <= off);
+        let mut covered: Vec<(u64, u64)> = self.extents[first..]
+            .iter()
+            .map(|e| (e.offset, e.end()))
+            .collect();
+        let sealed = self
+            .sealed
+            .iter()
+            .flat_map(|b| b.ranges.iter().map(|(s, v)| (*s, v)));
+        for (s, v) in sealed.chain(self.dirty.iter().map(|(s, v)| (*s, v))) {
+            let e = s + v.len() as u64;
+            if e > off {
+                covered.push((s, e));
+            }
+        }
+        covered.sort_unstable();
+        match whence {
+            libc::SEEK_DATA => covered
+                .iter()
+                .map(|&(s, _)| s.max(off))
+                .filter(|&p| p < self.size)
+                .min()
+                .map(|p| p as i64)
+                .ok_or(Errno::ENXIO),
+            libc::SEEK_HOLE => {
+                let mut p = off;
+                for &(s, e) in &covered {
+                    if s > p {
+                        break;
+                    }
+                    p = p.max(e);
+                }
+                Ok(p.min(self.size) as i64)
+            }
+            _ => Err(Errno::EINVAL),
+        }
+    }
+
+    /// The committed `extents` (ends past the current end of the file are the caller's).
+    fn splice(&mut self, committed: &[Extent]) {
+        splice_extents(&mut self.extents, committed);
+        if let Some(e) = committed.last() {
+            self.size = self.size.max(e.end());
+        }
+    }
+}
+
+/// An open file's state and the condition its syncs wait on.
+#[derive(Default)]
+pub struct OpenFile {
+    pub st: Mutex<FileState>,
+    done: Condvar,
+}
+
+impl OpenFile {
+    pub fn lock(&self) -> MutexGuard<'_, FileState> {
+        self.st.lock().expect("file lock")
+    }
+}
+
+/// Chunk connections, one `HiveClient` per concurrent user.
+struct ChunkPool {
+    opts: ClientOptions,
+    idle: Mutex<Vec<HiveClient>>,
+}
+
+impl ChunkPool {
+    fn with<R>(
+        &self,
+        f: impl Fn(&mut HiveClient) -> Result<R, ClientError>,
+    ) -> Result<R, ClientError> {
+        let mut last = None;
+        for _ in 0..3 {
+            let pooled = self.idle.lock().expect("pool lock").pop();
+            let mut c = match pooled {
+                Some(c) => c,
+                None => match HiveClient::connect(&self.opts) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        last = Some(e);
+                        std::thread::sleep(Duration::from_millis(200));
+                        continue;
+                    }
+                },
+            };
+            match f(&mut c) {
+                Ok(r) => {
+                    self.idle.lock().expect("pool lock").push(c);
+                    return Ok(r);
+                }
+                // A broken connection is dropped and the call tried on a fresh one; chunk
+                // calls are idempotent (put of the same bytes, get, has).
+                Err(e @ (ClientError::Conn { .. } | ClientError::Connect { .. })) => {
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.expect("three attempts"))
+    }
+}
+
+/// What the mount talks to: the metadata service, the chunk shards, and the chunk cache.
+pub struct Hive {
+    pub meta: Arc<MetaClient>,
+    pub vol: u32,
+    chunks: ChunkPool,
+    pipeline: Pipeline,
+    pub cache: ChunkCache,
+}
+
+impl Hive {
+    pub fn new(meta: Arc<MetaClient>, vol: u32, pipeline: Pipeline, cache: ChunkCache) -> Hive {
+        Hive {
+            chunks: ChunkPool {
+                opts: meta.chunk_options(),
+                idle: Mutex::new(Vec::new()),
+            },
+            meta,
+            vol,
+            pipeline,
+            cache,
+        }
+    }
+
+    pub fn mutate(&self, op: Mutation) -> Result<Answer, Errno> {
+        match self.meta.mutate(self.vol, op) {
+            Ok(r) => r.map_err(errno),
+            Err(e) => Err(io_err("metadata", e)),
+        }
+    }
+
+    pub fn query(&self, q: Query) -> Result<Answer, Errno> {
+        match self.meta.query(self.vol, q) {
+            Ok(r) => r.map_err(errno),
+            Err(e) => Err(io_err("metadata", e)),
+        }
+    }
+
+    /// Verified plaintext of `ids` (`None` where the hive has no such chunk).
+    pub fn get_chunks(
+        &self,
+        ids: &[hivefs_net::chunk::ChunkId],
+    ) -> Result<Vec<Option<Vec<u8>>>, Errno> {
+        self.chunks
+            .with(|c| c.get(ids))
+            .map_err(|e| io_err("reading chunks", e))
+    }
+
+    fn prepare(&self, ranges: &[(u64, Vec<u8>)]) -> Vec<Vec<PreparedChunk>> {
+        ranges
+            .iter()
+            .map(|(_, d)| self.pipeline.prepare(d))
+            .collect()
+    }
+
+    /// Upload prepared ranges and commit them as extents of `ino`, in order. Returns the
+    /// committed extents.
+    fn upload_commit(
+        &self,
+        ino: u64,
+        ranges: &[(u64, Vec<u8>)],
+        prepared: &[Vec<PreparedChunk>],
+    ) -> Result<Vec<Extent>, Errno> {
+        let mut committed = Vec::new();
+        for ((off, data), chunks) in ranges.iter().zip(prepared) {
+            let extents: Vec<Extent> = chunks
+                .iter()
+                .map(|c| Extent {
+                    offset: off + c.offset,
+                    len: c.raw_len,
+                    chunk: c.id,
+                    chunk_offset: 0,
+                })
+                .collect();
+            for attempt in 0..3 {
+                let up = self
+                    .chunks
+                    .with(|c| c.upload(chunks))
+                    .map_err(|e| io_err("uploading chunks", e))?;
+                let mut stale = false;
+                for part in extents.chunks(MAX_COMMIT_EXTENTS) {
+                    let end = part.last().map_or(*off, |e| e.end());
+                    match self.mutate(Mutation::CommitWrite {
+                        ino,
+                        extents: part.to_vec(),
+                        size_at_least: end,
+                        claim_epoch: up.claim_epoch,
+                    }) {
+                        Ok(_) => {}
+                        // The GC epoch moved on between claim and commit: claim again.
+                        Err(e) if e == Errno::EAGAIN && attempt < 2 => {
+                            stale = true;
+                            break;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                if !stale {
+                    break;
+                }
+            }
+            // The chunks are in the hive: keep the plaintext of small writes for reads that
+            // follow (copying a streaming writer's gigabytes would only churn the cache).
+            if data.len() <= CACHE_WRITES_UP_TO {
+                for c in chunks {
+                    let at = c.offset as usize;
+                    self.cache
+                        .insert(c.id, Arc::new(data[at..at + c.raw_len as usize].to_vec()));
+                }
+            }
+            committed.extend(extents);
+        }
+        Ok(committed)
+    }
+
+    fn commit(&self, ino: u64, ranges: &[(u64, Vec<u8>)]) -> Result<Vec<Extent>, Errno> {
+        self.upload_commit(ino, ranges, &self.prepare(ranges))
+    }
+}
+
+/// A batch on its way through the flusher.
+struct Job {
+    ino: u64,
+    file: Arc<OpenFile>,
+    batch: Arc<Batch>,
+}
+
+/// Sealed bytes not yet finished with, across the mount.
+#[derive(Default)]
+struct Backlog {
+    bytes: Mutex<usize>,
+    below: Condvar,
+}
+
+/// The mount's background flusher (see the module doc).
+pub struct Writeback {
+    hive: Arc<Hive>,
+    queue: Mutex<Option<mpsc::Sender<Job>>>,
+    backlog: Arc<Backlog>,
+    spares: Arc<Mutex<Vec<Vec<u8>>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Writeback {
+    pub fn new(hive: Arc<Hive>) -> std::io::Result<Writeback> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let (ptx, prx) = mpsc::sync_channel::<(Job, Vec<Vec<PreparedChunk>>)>(1);
+        let backlog = Arc::new(Backlog::default());
+        let spares = Arc::new(Mutex::new(Vec::new()));
+        let h = hive.clone();
+        let prepare = std::thread::Builder::new()
+            .name("hi-prepare".into())
+            .spawn(move || {
+                for job in rx {
+                    // A failed inode's batches are held, not committed: skip the work.
+                    let failed = job.file.lock().failed.is_some();
+                    let prepared = if failed {
+                        Vec::new()
+                    } else {
+                        h.prepare(&job.batch.ranges)
+                    };
+                    if ptx.send((job, prepared)).is_err() {
+                        return;
+                    }
+                }
+            })?;
+        let (h, b, s) = (hive.clone(), backlog.clone(), spares.clone());
+        let commit = std::thread::Builder::new()
+            .name("hi-commit".into())
+            .spawn(move || {
+                for (job, prepared) in prx {
+                    finish(&h, &b, &s, job, prepared);
+                }
+            })?;
+        Ok(Writeback {
+            hive,
+            queue: Mutex::new(Some(tx)),
+            backlog,
+            spares,
+            threads: Mutex::new(vec![prepare, commit]),
+        })
+    }
+
+    /// Put `data` at `off` into the inode's dirty bytes; seal them when they are enough.
+    /// Returns whether the caller should [`Writeback::throttle`] (after dropping the lock).
+    pub fn write(
+        &self,
+        ino: u64,
+        file: &Arc<OpenFile>,
+        g: &mut FileState,
+        off: u64,
+        data: &[u8],
+    ) -> Result<bool, Errno> {
+        if g.dirty.is_empty() {
+            // Start the new range in a spare buffer.
+            if let Some(mut buf) = self.spares.lock().expect("spares lock").pop() {
+                buf.clear();
+                buf.extend_from_slice(data);
+                g.dirty.insert(off, buf);
+                g.dirty_bytes = data.len();
+                g.size = g.size.max(off + data.len() as u64);
+                return Ok(false);
+            }
+        }
+        let delta = dirty_insert(&mut g.dirty, off, data);
+        g.dirty_bytes = (g.dirty_bytes as isize + delta) as usize;
+        g.size = g.size.max(off + data.len() as u64);
+        if g.dirty_bytes < SEAL_BYTES {
+            return Ok(false);
+        }
+        if g.failed.is_none() {
+            self.seal(ino, file, g);
+            return Ok(true);
+        }
+        // Failed: nothing goes to the flusher until a sync gets through. Past the limit,
+        // retry here, once the flusher has let go of every batch (it holds them quickly).
+        if g.dirty_bytes >= DIRTY_LIMIT && g.done_no == g.sealed_no {
+            self.retry_failed(ino, g)?;
+            self.commit_dirty_inline(ino, g)?;
+        }
+        Ok(false)
+    }
+
+    /// Wait while the mount's backlog is full (call without any file lock held).
+    pub fn throttle(&self) {
+        let mut b = self.backlog.bytes.lock().expect("backlog lock");
+        while *b > BACKLOG_BYTES {
+            b = self.backlog.below.wait(b).expect("backlog lock");
+        }
+    }
+
+    /// Hand the dirty bytes to the flusher as the next batch.
+    fn seal(&self, ino: u64, file: &Arc<OpenFile>, g: &mut FileState) {
+        if g.dirty.is_empty() {
+            return;
+        }
+        g.sealed_no += 1;
+        let batch = Arc::new(Batch {
+            no: g.sealed_no,
+            ranges: std::mem::take(&mut g.dirty).into_iter().collect(),
+            bytes: std::mem::take(&mut g.dirty_bytes),
+        });
+        g.sealed.push_back(batch.clone());
+        *self.backlog.bytes.lock().expect("backlog lock") += batch.bytes;
+        let job = Job {
+            ino,
+            file: file.clone(),
+            batch,
+        };
+        let sent = match self.queue.lock().expect("queue lock").as_ref() {
+            Some(q) => q.send(job).map_err(|e| e.0),
+            None => Err(job),
+        };
+        if let Err(job) = sent {
+            // The flusher is gone (unmounting): the batch stays sealed and held.
+            tracing::error!(ino, "flusher stopped; batch held for a sync");
+            g.failed.get_or_insert(Errno::EIO);
+            g.done_no = g.done_no.max(job.batch.no);
+            self.release_backlog(job.batch.bytes);
+        }
+    }
+
+    fn release_backlog(&self, bytes: usize) {
+        release_backlog(&self.backlog, bytes)
+    }
+
+    /// Commit everything written to `file` so far; the guard comes back locked.
+    pub fn sync<'a>(
+        &self,
+        ino: u64,
+        file: &'a Arc<OpenFile>,
+        mut g: MutexGuard<'a, FileState>,
+    ) -> (MutexGuard<'a, FileState>, Result<(), Errno>) {
+        loop {
+            if g.failed.is_none() {
+                if g.sealed.is_empty() && g.dirty_bytes <= INLINE_BYTES {
+                    let r = self.commit_dirty_inline(ino, &mut g);
+                    return (g, r);
+                }
+                self.seal(ino, file, &mut g);
+                let target = g.sealed_no;
+                while g.done_no < target {
+                    g = file.done.wait(g).expect("file lock");
+                }
+                if g.failed.is_none() {
+                    return (g, Ok(()));
+                }
+            }
+            // Failed: the flusher holds what it gets; wait until it has seen every batch,
+            // then retry them in order here. (Writes do not seal while failed.)
+            while g.done_no < g.sealed_no {
+                g = file.done.wait(g).expect("file lock");
+            }
+            if let Err(e) = self.retry_failed(ino, &mut g) {
+                return (g, Err(e));
+            }
+        }
+    }
+
+    /// Commit the held batches of a failed inode in order; clears the failure on success.
+    fn retry_failed(&self, ino: u64, g: &mut FileState) -> Result<(), Errno> {
+        while let Some(b) = g.sealed.front().cloned() {
+            // Only batches the flusher is done with (callers wait for it to let go of all).
+            if b.no > g.done_no {
+                return Err(Errno::EIO);
+            }
+            let committed = self.hive.commit(ino, &b.ranges)?;
+            g.sealed.pop_front();
+            g.splice(&committed);
+        }
+        g.failed = None;
+        Ok(())
+    }
+
+    /// Commit the dirty bytes on this thread (only when nothing is sealed).
+    fn commit_dirty_inline(&self, ino: u64, g: &mut FileState) -> Result<(), Errno> {
+        debug_assert!(g.sealed.is_empty());
+        if g.dirty.is_empty() {
+            return Ok(());
+        }
+        let ranges: Vec<(u64, Vec<u8>)> = std::mem::take(&mut g.dirty).into_iter().collect();
+        match self.hive.commit(ino, &ranges) {
+            Ok(committed) => {
+                g.dirty_bytes = 0;
+                g.splice(&committed);
+                keep_spares(&self.spares, ranges);
+                Ok(())
+            }
+            Err(e) => {
+                // Keep the bytes: a later sync tries again; close reports the error.
+                g.dirty.extend(ranges);
+                Err(e)
+            }
+        }
+    }
+
+    /// Stop the flusher threads once they have finished what they were given.
+    pub fn shutdown(&self) {
+        drop(self.queue.lock().expect("queue lock").take());
+        for t in self.threads.lock().expect("threads lock").drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn release_backlog(backlog: &Backlog, bytes: usize) {
+    let mut b = backlog.bytes.lock().expect("backlog lock");
+    *b -= bytes;
+    if *b <= BACKLOG_BYTES {
+        backlog.below.notify_all();
+    }
+}
+
+/// The commit stage of one batch.
+fn finish(
+    hive: &Hive,
+    backlog: &Backlog,
+    spares: &Mutex<Vec<Vec<u8>>>,
+    job: Job,
+    prepared: Vec<Vec<PreparedChunk>>,
+) {
+    let Job { ino, file, batch } = job;
+    let held = file.lock().failed.is_some();
+    let r = if held {
+        None
+    } else {
+        Some(hive.upload_commit(ino, &batch.ranges, &prepared))
+    };
+    {
+        let mut g = file.lock();
+        match r {
+            Some(Ok(committed)) => {
+                match g.sealed.iter().position(|b| Arc::ptr_eq(b, &batch)) {
+                    Some(0) => {
+                        g.sealed.pop_front();
+                    }
+                    at => {
+                        // Batches commit in seal order, and only this thread commits them
+                        // while the inode is not failed.
+                        tracing::error!(ino, ?at, "committed batch was not the oldest sealed");
+                        if let Some(i) = at {
+                            g.sealed.remove(i);
+                        }
+                    }
+                }
+                g.splice(&committed);
+            }
+            Some(Err(e)) => {
+                tracing::warn!(
+                    ino,
+                    "background commit failed ({e:?}); held for the next sync"
+                );
+                g.failed.get_or_insert(e);
+            }
+            None => {}
+        }
+        g.done_no = batch.no;
+        file.done.notify_all();
+    }
+    release_backlog(backlog, batch.bytes);
+    // The last reference to a committed batch: keep its buffers for new ranges.
+    if let Ok(b) = Arc::try_unwrap(batch) {
+        keep_spares(spares, b.ranges);
+    }
+}
+
+fn keep_spares(spares: &Mutex<Vec<Vec<u8>>>, ranges: Vec<(u64, Vec<u8>)>) {
+    let mut s = spares.lock().expect("spares lock");
+    for (_, v) in ranges {
+        if s.len() < SPARE_BUFFERS && v.capacity() >= (1 << 20) {
+            s.push(v);
+        }
+    }
+}
+
+/// Replace what `new` covers in `list` (both in offset order, non-overlapping) with `new`:
+/// the extents a commit-write of `new` leaves, as the metadata service computes them.
+pub fn splice_extents(list: &mut Vec<Extent>, new: &[Extent]) {
+    let mut i = 0;
+    while i < new.len() {
+        // A run of touching new extents replaces one stretch of the list.
+        let mut j = i + 1;
+        while j < new.len() && new[j].offset == new[j - 1].end() {
+            j += 1;
+        }
+        let (a, b) = (new[i].offset, new[j - 1].end());
+        let first = list.partition_point(|e| e.end() <= a);
+        let last = list.partition_point(|e| e.offset < b);
+        let mut with: Vec<Extent> = Vec::with_capacity(j - i + 2);
+        if first < last {
+            let head = &list[first];
+            if head.offset < a {
+                with.push(Extent {
+                    len: (a - head.offset) as u32,
+                    ..*head
+                });
+            }
+        }
+        with.extend_from_slice(&new[i..j]);
+        if first < last {
+            let tail = &list[last - 1];
+            if tail.end() > b {
+                let cut = b - tail.offset;
+                with.push(Extent {
+                    offset: b,
+                    len: (tail.end() - b) as u32,
+                    chunk: tail.chunk,
+                    chunk_offset: tail.chunk_offset + cut as u32,
+                });
+            }
+        }
+        list.splice(first..last, with);
+        i = j;
+    }
+}
+
+/// Put `data` at `off` into a map of non-overlapping ranges. Returns the change in bytes
+/// held. Sequential appends extend the last range in place (no copy of what is there).
+pub fn dirty_insert(map: &mut BTreeMap<u64, Vec<u8>>, off: u64, data: &[u8]) -> isize {
+    let end = off + data.len() as u64;
+    // The range starting at or before `off` that reaches it, if any.
+    if let Some((&s, v)) = map.range_mut(..=off).next_back() {
+        let vend = s + v.len() as u64;
+        if vend >= off {
+            // Does any later range start at or before `end`? If not, write in place.
+            let later = map.range(off + 1..=end).next().map(|(&k, _)| k);
+            if later.is_none() {
+                let v = map.get_mut(&s).expect("present");
+                let at = (off - s) as usize;
+                let before = v.len();
+                if at + data.len() > v.len() {
+                    v.resize(at + data.len(), 0);
+                }
+                v[at..at + data.len()].copy_from_slice(data);
+                return v.len() as isize - before as isize;
+            }
+        }
+    }
+    // General case: merge every range overlapping or touching [off, end].
+    let mut start = off;
+    let mut stop = end;
+    let touching: Vec<u64> = map
+        .range(..=end)
+        .filter(|(&s, v)| s + v.len() as u64 >= off)
+        .map(|(&s, _)| s)
+        .collect();
+    for s in &touching {
+        let v = &map[s];
+        start = start.min(*s);
+        stop = stop.max(s + v.len() as u64);
+    }
+    let mut buf = vec![0u8; (stop - start) as usize];
+    let mut removed = 0usize;
+    for s in touching {
+        let v = map.remove(&s).expect("present");
+        removed += v.len();
+        let at = (s - start) as usize;
+        buf[at..at + v.len()].copy_from_slice(&v);
+    }
+    let at = (off - start) as usize;
+    buf[at..at + data.len()].copy_from_slice(data);
+    let added = buf.len();
+    map.insert(start, buf);
+    added as isize - removed as isize
+}
+
+/// Drop every dirty byte at or past `size`.
+pub fn dirty_truncate(map: &mut BTreeMap<u64, Vec<u8>>, size: u64) -> usize {
+    let mut freed = 0;
+    // Ranges do not overlap: only the last one starting before `size` can cross it.
+    let crossing = map.range(..size).next_back().map(|(&k, _)| k);
+    let keys: Vec<u64> = crossing
+        .into_iter()
+        .chain(map.range(size..).map(|(&k, _)| k))
+        .collect();
+    for k in keys {
+        let v = map.get_mut(&k).expect("present");
+        if k >= size {
+            freed += v.len();
+            map.remove(&k);
+        } else if k + v.len() as u64 > size {
+            let keep = (size - k) as usize;
+            freed += v.len() - keep;
+            v.truncate(keep);
+        }
+    }
+    freed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hivefs_net::chunk::ChunkId;
+
+    pub fn splitmix(seed: u64) -> impl FnMut() -> u64 {
+        let mut s = seed;
+        move || {
+            s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+    }
+
+    fn flat(map: &BTreeMap<u64, Vec<u8>>, len: usize) -> Vec<u8> {
+        let mut out = vec![b'.'; len];
+        for (&s, v) in map {
+            out[s as usize..s as usize + v.len()].copy_from_slice(v);
+        }
+        out
+    }
+
+    #[test]
+    fn dirty_ranges_merge_like_a_flat_buffer() {
+        let mut rng = splitmix(7);
+        for _ in 0..200 {
+            let mut map = BTreeMap::new();
+            let mut model = vec![b'.'; 400];
+            let mut written = vec![false; 400];
+            let mut held = 0isize;
+            for _ in 0..20 {
+                let off = (rng() % 300) as usize;
+                let len = 1 + (rng() % 60) as usize;
+                let byte = b'a' + (rng() % 26) as u8;
+                held += dirty_insert(&mut map, off as u64, &vec![byte; len]);
+                model[off..off + len].fill(byte);
+                written[off..off + len].fill(true);
+            }
+            assert_eq!(flat(&map, 400), model);
+            assert_eq!(held as usize, written.iter().filter(|w| **w).count());
+            // Ranges never overlap or touch.
+            let mut end = None;
+            for (&s, v) in &map {
+                if let Some(e) = end {
+                    assert!(s > e);
+                }
+                end = Some(s + v.len() as u64);
+            }
+            let cut = rng() % 400;
+            let freed = dirty_truncate(&mut map, cut);
+            let still: usize = map.values().map(|v| v.len()).sum();
+            assert_eq!(still + freed, held as usize);
+            assert!(map.iter().all(|(&s, v)| s + v.len() as u64 <= cut));
+        }
+    }
+
+    /// What each byte of a file reads as: (chunk tag, offset in that chunk), or a hole.
+    fn bytes_of(list: &[Extent], len: usize) -> Vec<Option<(u8, u32)>> {
+        let mut out = vec![None; len];
+        for e in list {
+            for k in 0..e.len {
+                out[(e.offset + k as u64) as usize] = Some((e.chunk.0[1], e.chunk_offset + k));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn splicing_extents_matches_overwriting_bytes() {
+        let mut rng = splitmix(11);
+        let mut tag = 0u8;
+        for _ in 0..300 {
+            let mut list: Vec<Extent> = Vec::new();
+            let mut model = vec![None; 600];
+            for _ in 0..12 {
+                // One commit: a few ranges, each a run of touching extents.
+                let mut new = Vec::new();
+                let mut at = rng() % 100;
+                for _ in 0..1 + rng() % 3 {
+                    for _ in 0..1 + rng() % 3 {
+                        tag = tag.wrapping_add(1);
+                        let mut id = [0u8; 33];
+                        id[1] = tag;
+                        let len = 1 + (rng() % 40) as u32;
+                        let e = Extent {
+                            offset: at,
+                            len,
+                            chunk: ChunkId(id),
+                            chunk_offset: (rng() % 5) as u32,
+                        };
+                        for k in 0..len {
+                            model[(at + k as u64) as usize] = Some((tag, e.chunk_offset + k));
+                        }
+                        at += len as u64;
+                        new.push(e);
+                    }
+                    at += rng() % 60 + 1;
+                }
+                splice_extents(&mut list, &new);
+                assert_eq!(bytes_of(&list, 600), model);
+                assert!(list.windows(2).all(|w| w[0].end() <= w[1].offset));
+                assert!(list.iter().all(|e| e.len > 0));
+            }
+        }
+    }
+}
