@@ -79,6 +79,9 @@ pub enum ClientError {
     Verify { id: ChunkId, source: ChunkError },
     #[error("chunk {0} rejected by the node (bytes do not match the id)")]
     Rejected(ChunkId),
+    /// The shard has no room for new chunks (map to ENOSPC).
+    #[error("shard {shard} is out of space: {message}")]
+    NoSpace { shard: u16, message: String },
 }
 
 /// A request to send: an owned message, or a put of borrowed chunks (encoded in place).
@@ -207,6 +210,13 @@ impl ShardConn {
 
     fn unexpected(&self, r: Response) -> ClientError {
         match r {
+            Response::Error {
+                code: ErrorCode::NoSpace,
+                message,
+            } => ClientError::NoSpace {
+                shard: self.shard,
+                message,
+            },
             Response::Error { code, message } => ClientError::Refused {
                 shard: self.shard,
                 code,
@@ -716,6 +726,10 @@ impl HiveClient {
 
 fn sc_err(shard: u16, r: Response) -> ClientError {
     match r {
+        Response::Error {
+            code: ErrorCode::NoSpace,
+            message,
+        } => ClientError::NoSpace { shard, message },
         Response::Error { code, message } => ClientError::Refused {
             shard,
             code,
@@ -749,4 +763,26 @@ fn batch_puts<'a>(group: &[(usize, &'a PutChunk)]) -> Vec<Vec<(usize, &'a PutChu
         out.push(cur);
     }
     out
+}
+
+#[cfg(test)]
+mod no_space_tests {
+    use super::*;
+
+    #[test]
+    fn a_full_shard_is_a_distinct_error() {
+        let full = Response::Error {
+            code: ErrorCode::NoSpace,
+            message: "no free segment left on this shard".into(),
+        };
+        assert!(matches!(
+            sc_err(3, full),
+            ClientError::NoSpace { shard: 3, .. }
+        ));
+        let other = Response::Error {
+            code: ErrorCode::Internal,
+            message: "x".into(),
+        };
+        assert!(matches!(sc_err(3, other), ClientError::Refused { .. }));
+    }
 }

@@ -13,6 +13,11 @@
 //!
 //! Shard `s` owns segments `[s * segments_per_shard, (s + 1) * segments_per_shard)`.
 //!
+//! A segment is in use exactly when its first block is a valid [`SegmentHeader`] for its
+//! shard and position. A free segment's first block is all zeros (written at format, and
+//! by compaction, durably, before the segment is reused with a new generation); whatever
+//! records an earlier use left behind it carry an older generation and never replay.
+//!
 //! A segment starts with a header block and is followed by records, each 8-byte aligned:
 //!
 //! ```text

@@ -10,8 +10,13 @@
 //!
 //! Invariants:
 //! - only entries in state [`EntryState::Verified`] answer `has` or count as stored;
-//! - `Pending` entries belong to a commit batch not yet durable; their `batch` names it.
+//! - `Pending` entries belong to a commit batch not yet durable; their `batch` names it;
+//! - `live_bytes(s)` is the sum of `record_span(stored_len)` over every entry (pending or
+//!   verified) whose location is in segment `s`: the bytes of segment `s` compaction must
+//!   copy before the segment can be freed. It is kept by `insert` and `remove` alone, so no
+//!   caller can forget it (one table per segment: 8 bytes each).
 
+use crate::format::record_span;
 use hivefs_net::chunk::{ChunkId, Codec};
 use std::collections::HashMap;
 
@@ -50,14 +55,30 @@ pub struct Index {
     verified_chunks: u64,
     verified_raw_bytes: u64,
     verified_stored_bytes: u64,
+    /// Live record bytes per segment (see the module invariants).
+    segment_live_bytes: Vec<u64>,
 }
 
 impl Index {
-    pub fn with_capacity(n: usize) -> Index {
+    /// An empty index of a shard with `segments` segments.
+    pub fn new(segments: u32) -> Index {
         Index {
-            map: HashMap::with_capacity(n),
+            segment_live_bytes: vec![0; segments as usize],
             ..Default::default()
         }
+    }
+
+    /// Live record bytes in `segment` (0 for a segment this index does not know).
+    pub fn live_bytes(&self, segment: u32) -> u64 {
+        self.segment_live_bytes
+            .get(segment as usize)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Live record bytes in all segments.
+    pub fn live_bytes_total(&self) -> u64 {
+        self.segment_live_bytes.iter().sum()
     }
 
     pub fn get(&self, id: &ChunkId) -> Option<&IndexEntry> {
@@ -70,11 +91,14 @@ impl Index {
         out.extend(ids.iter().map(|id| self.map.get(id).copied()));
     }
 
-    pub fn insert(&mut self, id: ChunkId, entry: IndexEntry) {
-        if let Some(old) = self.map.insert(id, entry) {
-            self.account(&old, false);
+    /// Insert or replace `id`'s entry; returns the entry replaced.
+    pub fn insert(&mut self, id: ChunkId, entry: IndexEntry) -> Option<IndexEntry> {
+        let old = self.map.insert(id, entry);
+        if let Some(old) = &old {
+            self.account(old, false);
         }
         self.account(&entry, true);
+        old
     }
 
     pub fn remove(&mut self, id: &ChunkId) -> Option<IndexEntry> {
@@ -94,11 +118,24 @@ impl Index {
         }
         e.state = EntryState::Verified;
         let e = *e;
-        self.account(&e, true);
+        self.account_verified(&e, true);
         true
     }
 
     fn account(&mut self, e: &IndexEntry, add: bool) {
+        if let Some(live) = self.segment_live_bytes.get_mut(e.loc.segment as usize) {
+            let span = record_span(e.loc.stored_len as usize) as u64;
+            if add {
+                *live += span;
+            } else {
+                debug_assert!(*live >= span, "segment live bytes underflow");
+                *live -= span;
+            }
+        }
+        self.account_verified(e, add);
+    }
+
+    fn account_verified(&mut self, e: &IndexEntry, add: bool) {
         if e.state != EntryState::Verified {
             return;
         }
@@ -156,7 +193,7 @@ mod tests {
     /// The index against a BTreeMap model under random operations.
     #[test]
     fn matches_a_model() {
-        let mut idx = Index::default();
+        let mut idx = Index::new(1001);
         let mut model: BTreeMap<u8, (u32, bool, u64)> = BTreeMap::new();
         let mut x = 0x9e3779b97f4a7c15u64;
         for seq in 1..20_000u64 {
@@ -203,6 +240,12 @@ mod tests {
             assert_eq!(idx.verified_chunks(), vc);
             assert_eq!(idx.verified_raw_bytes(), vr);
             assert_eq!(idx.len(), model.len());
+            let live: u64 = model
+                .values()
+                .filter(|m| m.0 == 7)
+                .map(|m| record_span(m.0 as usize) as u64)
+                .sum();
+            assert_eq!(idx.live_bytes(7), live, "per-segment live bytes");
         }
     }
 }

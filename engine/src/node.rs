@@ -52,6 +52,8 @@ const FIRST_CONN: usize = 3;
 pub const MAX_CONNS_PER_SHARD: usize = 4096;
 /// Stop reading requests while this many chunks wait for a commit batch.
 const QUEUE_HIGH_WATER: usize = 8192;
+/// Compaction steps only while fewer chunks than this wait for a commit batch.
+const COMPACT_QUEUE_MAX: usize = 1024;
 /// How long an idle shard parks before looking at its stop flag.
 const PARK: Duration = Duration::from_millis(200);
 /// How long a shard with I/O in flight sleeps at most before looking at its device anyway.
@@ -181,6 +183,7 @@ impl Node {
                 commit_max_bytes: cfg.commit_max_bytes,
                 replication_level: 1,
                 use_summaries: true,
+                ..ShardConfig::default()
             };
             let t0 = std::time::Instant::now();
             let core = ShardCore::open(dev, sb.shard_layout(shard), key, scfg)
@@ -417,9 +420,9 @@ impl ShardLoop {
             // by I/O completions; without one it must not sleep while I/O is in flight.
             let more = !self.backlog.is_empty() || self.conns.values().any(|c| c.maybe_more);
             let busy = if self.io_fd {
-                more || self.s.core.ready_now()
+                more || self.s.core.ready_now() || self.s.core.compaction_ready()
             } else {
-                self.s.core.busy() || more
+                self.s.core.busy() || more || self.s.core.compaction_ready()
             };
             let timeout = if busy {
                 Some(Duration::ZERO)
@@ -463,6 +466,14 @@ impl ShardLoop {
                 && !self.conns.values().any(|c| c.maybe_more);
             self.s.core.poll(&mut self.completions, wait);
             self.backlog.extend(self.completions.drain(..));
+            // Compaction (asked for after a sweep, or when free segments run low) gets a
+            // bounded step per turn, and only while puts are not queueing up.
+            if self.s.core.compaction_pending()
+                && self.s.core.queued() < COMPACT_QUEUE_MAX
+                && !stopping
+            {
+                self.s.core.compact_step();
+            }
             let mut budget = REPLY_QUANTUM_BYTES;
             while budget > 0 {
                 let Some(c) = self.backlog.pop_front() else {
@@ -948,6 +959,10 @@ impl ShardLoop {
             Completion::Delete { ticket, result } => {
                 let resp = match (self.tickets.get(&ticket), result) {
                     (Some(Pending::Sweep { spared, bytes, .. }), Ok(removed)) => {
+                        // The swept space is reclaimed by compaction.
+                        if removed > 0 {
+                            self.s.core.request_compaction();
+                        }
                         admin_reply(&ShardAdminReply::Swept {
                             removed: removed as u64,
                             spared: *spared,
@@ -1036,6 +1051,7 @@ fn shard_error(e: &ShardError) -> Response {
     let code = match e {
         ShardError::NotFound(_) => ErrorCode::NotFound,
         ShardError::BadRequest(_) => ErrorCode::BadRequest,
+        ShardError::NoSpace => ErrorCode::NoSpace,
         _ => ErrorCode::Internal,
     };
     Response::Error {

@@ -17,10 +17,65 @@
 //!    completes its entries become `Verified` and their puts are acknowledged.
 //!
 //! Replay (at [`ShardCore::open`]) reads the control block, reserves a fresh range of
-//! segment generations (durably, before any new segment is written), then scans every
-//! segment in use in sequence order, stopping each at its first invalid record. A segment
-//! that was open at a crash is never appended to again: writing resumes in a new segment,
-//! so stale bytes beyond a torn tail can never be mistaken for new records.
+//! segment generations (durably, before any new segment is written), then replays every
+//! segment whose header is valid, in `first_seq` order: a sealed segment from its summary,
+//! an unsealed one by scanning its records up to the first invalid one. Sequence numbers
+//! grow across segments, so replay applies every record in sequence order and the last
+//! record of an id decides its state (a chunk record: present; a tombstone: absent).
+//! Appending resumes behind a continuation block in the last unsealed segment (see
+//! `format::ContinuationBlock`), or in a new segment.
+//!
+//! Compaction and space reuse ([`ShardCore::compact_step`]): a *sealed* segment `S` (not the
+//! active one, no valid records beyond a scan's end anywhere in it) whose live bytes
+//! ([`Index::live_bytes`]) are below `compact_live_percent` of the segment is emptied and
+//! freed, one segment at a time, in bounded steps:
+//! 1. its summary is read (footer, then entries);
+//! 2. every record of it the index still points at is read, checked (CRC, then decompressed
+//!    and hashed against its id) and appended again through the commit queue as a new
+//!    chunk record with a new sequence number. The index keeps pointing at `S` until the
+//!    batch holding the copy is durable; then it moves to the copy, unless the id changed
+//!    meanwhile (swept, so the copy is just one more dead record). Gets read `S` until
+//!    then, and `S` is not written while a get's read of it is in flight;
+//! 3. each tombstone of `S` is *carried* (appended again, new sequence number) or dropped,
+//!    decided when it reaches the head of the commit queue:
+//!    - the id is in the index (a put after the sweep, durable or in a batch that becomes
+//!      durable no later than this decision's barrier, step 4): dropped. Carrying it would
+//!      give it a sequence number above the re-put and delete the chunk at replay;
+//!    - the shard holds *dead chunk records* of the id (chunk records on the device that
+//!      the index does not point at: `dead_chunk_records`) outside `S`: carried, since
+//!      without it replay would bring one of them back. While any segment has valid
+//!      records beyond the end of its scan (not in the index, not counted), every
+//!      tombstone is carried;
+//!    - otherwise every record it shadows is gone: dropped;
+//! 4. barrier: every batch up to the one being built when the last item was decided must
+//!    be durable (copies, carried tombstones and any re-put a dropped tombstone relied on);
+//! 5. once no index entry points into `S` and no get of it is in flight, its header block
+//!    is overwritten with zeros and flushed; only when that flush completes is `S` free.
+//!    A free segment is reused by [`open`]ing it like a new one, with a fresh generation.
+//!
+//! Why a crash at any point is safe: until step 5's flush, `S` is still replayed and every
+//! copy or carried tombstone has a higher sequence number than the record it repeats, so
+//! replay ends in the same state (a copy durable without its move is the same chunk; a
+//! carried tombstone only repeats an absence that already holds). After the flush `S` is
+//! not replayed, and everything replay needed from it is durable elsewhere (step 4). A torn
+//! header write leaves either the old valid header (as if not freed) or an invalid block
+//! (freed). Stale records left in a reused segment carry an older generation than its new
+//! header and end its scan; its old footer fails the generation check.
+//!
+//! Dead chunk records are counted per id (`dead_chunk_records`, in memory, rebuilt by
+//! replay): +1 when a tombstone or a later chunk record supersedes an id's record, +1 when a
+//! copy takes over an id or a copy is made dead by a sweep, -1 for each of `S`'s dead
+//! chunk records when `S` is freed. It holds one entry per id with dead records (about 50
+//! bytes each), and dead records only exist until compaction frees their segment.
+//!
+//! ENOSPC: a put that needs a new segment is refused with [`ShardError::NoSpace`] while
+//! free segments are at or below the reserve (`compact_reserve_segments`). Tombstones may
+//! use the reserve but its last segment (with a reserve of two or more), which only
+//! compaction (copies, carried tombstones) takes; a compaction starts only when what it
+//! must copy surely fits, so a full shard can always still be swept and compacted.
+//! Running low on free segments, or refusing a put for lack of space, requests compaction.
+//!
+//! [`open`]: ShardCore::open
 
 use crate::format::{
     record_span, summary_span, ContinuationBlock, ControlBlock, RecordHeader, RecordKind,
@@ -50,6 +105,14 @@ const READ_BUF_BYTES: usize = (256 << 10) + 3 * BLOCK_SIZE;
 const READ_POOL_MAX: usize = 128;
 /// Requests per synchronous batch at format and open (within any queue depth).
 const SYNC_BATCH: usize = 32;
+/// Compaction: record reads in flight at most, and bytes read or waiting in the commit
+/// queue at most (puts and gets keep priority: a step adds at most this much work).
+const COMPACT_READS_MAX: usize = 8;
+const COMPACT_BYTES_MAX: usize = 1 << 20;
+/// Summary entries a compaction step examines at most.
+const COMPACT_ENTRIES_PER_STEP: usize = 4096;
+/// Attempts at reading one record to copy it before the segment's compaction is given up.
+const COMPACT_READ_ATTEMPTS: u8 = 3;
 
 /// Tunables of a shard.
 #[derive(Clone, Copy, Debug)]
@@ -63,6 +126,12 @@ pub struct ShardConfig {
     /// Replay sealed segments from their summaries (false: scan every record; the
     /// simulator compares both).
     pub use_summaries: bool,
+    /// A sealed segment whose live bytes are below this percentage of its size is
+    /// compacted (its live records copied forward, the segment freed).
+    pub compact_live_percent: u8,
+    /// Free segments puts may not take (at most half the shard's segments): kept for
+    /// tombstones and compaction, so a full shard can still be swept and compacted.
+    pub compact_reserve_segments: u32,
 }
 
 impl Default for ShardConfig {
@@ -71,6 +140,8 @@ impl Default for ShardConfig {
             commit_max_bytes: 4 << 20,
             replication_level: 1,
             use_summaries: true,
+            compact_live_percent: 50,
+            compact_reserve_segments: 2,
         }
     }
 }
@@ -217,9 +288,23 @@ pub struct ShardStats {
     pub commits: u64,
     pub commit_bytes: u64,
     pub segments_used: u32,
+    pub segments_free: u32,
     pub segments_total: u32,
     pub device_bytes_used: u64,
     pub device_bytes_total: u64,
+    /// Bytes of records the index points at (pending or verified).
+    pub live_bytes: u64,
+    /// Used device bytes that are not live records: dead records, headers, summaries,
+    /// padding (what compaction can reclaim, roughly).
+    pub dead_bytes: u64,
+    /// Puts refused because the shard is full (free segments at the reserve).
+    pub puts_no_space: u64,
+    pub segments_compacted: u64,
+    pub compactions_aborted: u64,
+    pub compaction_chunks_moved: u64,
+    pub compaction_bytes_moved: u64,
+    pub compaction_tombstones_carried: u64,
+    pub compaction_tombstones_dropped: u64,
     pub replayed_records: u64,
     pub replayed_summaries: u64,
     /// Continuation blocks followed during replay (segments resumed by earlier boots).
@@ -236,9 +321,75 @@ enum SegmentState {
     Free,
     /// Holds records; never appended to again unless it is the active segment.
     InUse {
+        /// The generation of its header.
         generation: u32,
         first_seq: u64,
+        /// Its summary and footer are durable: it is never appended to again, and it may
+        /// be compacted.
+        sealed: bool,
+        /// Valid records lie beyond the end of its scan: they are in no index and no
+        /// count, so the segment is never compacted and tombstones are always carried.
+        opaque: bool,
     },
+}
+
+impl SegmentState {
+    fn in_use(generation: u32, first_seq: u64) -> SegmentState {
+        SegmentState::InUse {
+            generation,
+            first_seq,
+            sealed: false,
+            opaque: false,
+        }
+    }
+}
+
+/// What log space is wanted for: each may take free segments down to its own floor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RoomFor {
+    Put,
+    Tombstone,
+    Compaction,
+}
+
+/// The compaction of one segment (see the module docs for the steps).
+struct Compaction {
+    segment: u32,
+    phase: CompactPhase,
+    /// The segment's records, from its summary.
+    entries: Vec<SummaryEntry>,
+    /// Chunk records of each tombstoned id in this segment (they go with it).
+    chunks_here: HashMap<ChunkId, u32>,
+    /// Next entry to examine.
+    next: usize,
+    /// Entries whose record read failed: (entry, attempts so far).
+    retry: Vec<(usize, u8)>,
+    /// Record reads in flight.
+    reads: usize,
+    /// Bytes read or queued for copying and not yet appended.
+    bytes_held: usize,
+    /// Items of this compaction in the commit queue, not yet appended or dropped.
+    queued: usize,
+    /// Something could not be copied: the segment is kept (what was copied stays valid).
+    aborted: bool,
+    /// ... because part of the segment cannot be read: not tried again in this process.
+    unreadable: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CompactPhase {
+    /// Reading the footer.
+    Footer,
+    /// Reading the summary.
+    Summary,
+    /// Reading records and queueing copies and tombstones.
+    Copy,
+    /// Waiting for batch `n` to be durable.
+    Barrier(u64),
+    /// Waiting for the segment to have no live entry and no get in flight.
+    Quiesce,
+    /// The header invalidation (zero block + flush) is in flight.
+    Invalidate,
 }
 
 /// Where the scan of an unsealed segment ended: appending resumes there after a restart.
@@ -271,6 +422,11 @@ struct Batch {
     len: usize,
     /// (id, seq) of each record, to mark entries verified when durable.
     records: Vec<(ChunkId, u64, RecordKind)>,
+    /// Compaction copies: (id, sequence number of the record copied, the entry the index
+    /// takes when this batch is durable if the id still names that record).
+    copies: Vec<(ChunkId, u64, IndexEntry)>,
+    /// The segment this batch seals (its summary and footer).
+    seals: Option<u32>,
     /// (ticket, index in the ticket, outcome to report) resolved when durable.
     waiters: Vec<(u64, usize, PutOutcome)>,
     /// Delete tickets resolved when durable.
@@ -288,6 +444,8 @@ impl Batch {
             start_off: 0,
             len: 0,
             records: Vec::new(),
+            copies: Vec::new(),
+            seals: None,
             waiters: Vec::new(),
             delete_waiters: Vec::new(),
             deferred_gets: Vec::new(),
@@ -320,6 +478,20 @@ enum Queued {
         ticket: u64,
         id: ChunkId,
     },
+    /// Compaction: the chunk record with sequence number `src_seq`, read back and checked.
+    Copy {
+        id: ChunkId,
+        src_seq: u64,
+        codec: Codec,
+        raw_len: u32,
+        data: Vec<u8>,
+    },
+    /// Compaction: a tombstone of the segment being freed; `chunks_here` of the id's chunk
+    /// records go with that segment.
+    Carry {
+        id: ChunkId,
+        chunks_here: u32,
+    },
 }
 
 enum IoPurpose {
@@ -331,6 +503,19 @@ enum IoPurpose {
         loc: Location,
         skip: usize,
     },
+    CompactFooter,
+    CompactSummary {
+        footer: SegmentFooter,
+    },
+    CompactRecord {
+        entry: usize,
+        attempts: u8,
+        src_seq: u64,
+        loc: Location,
+        skip: usize,
+    },
+    CompactInvalidate,
+    CompactInvalidateFlush,
 }
 
 /// The state machine of one shard. See the module docs.
@@ -372,6 +557,20 @@ pub struct ShardCore {
     failed: Option<String>,
     stats: ShardStats,
     done: Vec<Completion>,
+    /// Dead chunk records per id (see the module docs); ids with none are absent.
+    dead_chunk_records: HashMap<ChunkId, u32>,
+    /// In-use segments with valid records beyond the end of their scan.
+    opaque_segments: u32,
+    /// Gets whose read of a segment is in flight, per segment.
+    segment_reads: Vec<u32>,
+    /// The compaction in progress.
+    compaction: Option<Compaction>,
+    /// Compaction was asked for (after a sweep, low on space) and not yet found nothing to do.
+    compact_requested: bool,
+    /// Segments whose compaction failed in this process (a record that cannot be read).
+    compact_skip: HashSet<u32>,
+    /// The highest batch number made durable.
+    durable_batch: u64,
 }
 
 fn batch_buf_bytes(cfg: &ShardConfig) -> usize {
@@ -476,7 +675,7 @@ impl ShardCore {
             layout,
             key,
             cfg,
-            index: Index::default(),
+            index: Index::new(layout.segment_count),
             gc_epoch: 1,
             gc_window: None,
             next_seq: 1,
@@ -503,6 +702,13 @@ impl ShardCore {
                 ..Default::default()
             },
             done: Vec::new(),
+            dead_chunk_records: HashMap::new(),
+            opaque_segments: 0,
+            segment_reads: vec![0; layout.segment_count as usize],
+            compaction: None,
+            compact_requested: false,
+            compact_skip: HashSet::new(),
+            durable_batch: 0,
         };
         shard.reserve_generations()?;
 
@@ -550,12 +756,36 @@ impl ShardCore {
 
         // 4. Replay each in sequence order.
         for (seg, h) in in_use {
-            shard.segments[seg as usize] = SegmentState::InUse {
-                generation: h.generation,
-                first_seq: h.first_seq,
-            };
+            shard.segments[seg as usize] = SegmentState::in_use(h.generation, h.first_seq);
             if h.first_seq >= shard.next_seq {
-                if shard.cfg.use_summaries && shard.replay_summary(seg, &h)? {
+                let summary = shard.read_summary(seg, &h)?;
+                let sealed = summary.is_some();
+                if let SegmentState::InUse { sealed: s, .. } = &mut shard.segments[seg as usize] {
+                    *s = sealed;
+                }
+                if let (true, Some((entries, next_seq))) = (shard.cfg.use_summaries, summary) {
+                    for e in entries {
+                        let loc = Location {
+                            segment: seg,
+                            offset: e.offset,
+                            stored_len: e.stored_len,
+                            raw_len: e.raw_len,
+                            codec: e.codec,
+                        };
+                        shard.apply_replayed(e.kind, e.id, loc, e.seq);
+                    }
+                    shard.stats.replayed_summaries += 1;
+                    shard.next_seq = next_seq;
+                    shard.resumable = None;
+                } else if sealed {
+                    // Scanned for comparison; sealed, so never resumed.
+                    let end = shard.replay_segment(seg, &h)?;
+                    if shard
+                        .records_beyond(seg, end.end_off, h.generation, shard.next_seq)?
+                        .is_some()
+                    {
+                        shard.mark_opaque(seg);
+                    }
                     shard.resumable = None;
                 } else {
                     // Unsealed: the last one of these is where appending resumes, unless
@@ -569,7 +799,7 @@ impl ShardCore {
                         // the log (acknowledged records after it are missing from the index
                         // until repair). Either way appending here would overwrite them.
                         tracing::warn!(shard = layout.shard, segment = seg, end = end.end_off, valid_at = at, "valid records after the end of the log (a commit batch torn by a crash, or damage); they stay on disk and writing continues in a new segment");
-                        shard.stats.segments_with_records_beyond += 1;
+                        shard.mark_opaque(seg);
                         shard.resumable = None;
                     } else {
                         shard.resumable = Some(end);
@@ -590,6 +820,36 @@ impl ShardCore {
             .filter(|s| **s != SegmentState::Free)
             .count() as u32;
         Ok(shard)
+    }
+
+    fn mark_opaque(&mut self, seg: u32) {
+        if let SegmentState::InUse { opaque, .. } = &mut self.segments[seg as usize] {
+            if !*opaque {
+                *opaque = true;
+                self.opaque_segments += 1;
+                self.stats.segments_with_records_beyond += 1;
+            }
+        }
+    }
+
+    /// Apply one replayed record to the index, counting the records it supersedes.
+    fn apply_replayed(&mut self, kind: RecordKind, id: ChunkId, loc: Location, seq: u64) {
+        let superseded = match kind {
+            RecordKind::Chunk => self.index.insert(
+                id,
+                IndexEntry {
+                    loc,
+                    state: EntryState::Verified,
+                    seq,
+                    replication_level: self.cfg.replication_level,
+                },
+            ),
+            RecordKind::Tombstone => self.index.remove(&id),
+        };
+        if superseded.is_some() {
+            *self.dead_chunk_records.entry(id).or_insert(0) += 1;
+        }
+        self.stats.replayed_records += 1;
     }
 
     fn reserve_generations(&mut self) -> Result<(), ShardError> {
@@ -624,70 +884,21 @@ impl ShardCore {
         Ok(())
     }
 
-    /// Replay a sealed segment from its summary. `Ok(false)` if it has no valid summary
-    /// (not sealed, or the seal was torn): then its records are scanned instead.
-    fn replay_summary(&mut self, seg: u32, h: &SegmentHeader) -> Result<bool, ShardError> {
+    /// A sealed segment's summary: its records and the sequence number after them, or
+    /// `None` if it has no valid summary (not sealed, or the seal was torn).
+    fn read_summary(
+        &mut self,
+        seg: u32,
+        h: &SegmentHeader,
+    ) -> Result<Option<(Vec<SummaryEntry>, u64)>, ShardError> {
         let base = self.layout.segment_offset(seg);
         let seg_bytes = self.layout.segment_bytes;
         let fb = self.read_retrying(base + seg_bytes - BLOCK_SIZE as u64, BLOCK_SIZE)?;
-        let Ok(f) = SegmentFooter::decode(&fb) else {
-            return Ok(false);
+        let Some((f, offset, len)) = check_footer(&fb, h.generation, h.first_seq, seg_bytes) else {
+            return Ok(None);
         };
-        let span = summary_span(f.entries as usize);
-        if f.generation < h.generation
-            || f.first_seq != h.first_seq
-            || span > seg_bytes - BLOCK_SIZE as u64
-            || f.summary_offset != seg_bytes - span
-        {
-            return Ok(false);
-        }
-        let n = f.entries as usize * SUMMARY_ENTRY_BYTES;
-        let sb = self.read_retrying(
-            base + f.summary_offset,
-            (span as usize - BLOCK_SIZE).max(BLOCK_SIZE),
-        )?;
-        if crc32c::crc32c(&sb[..n]) != f.summary_crc {
-            return Ok(false);
-        }
-        let mut entries = Vec::with_capacity(f.entries as usize);
-        for (i, chunk) in sb[..n].chunks_exact(SUMMARY_ENTRY_BYTES).enumerate() {
-            let Ok(e) = SummaryEntry::decode(chunk) else {
-                return Ok(false);
-            };
-            if e.seq != h.first_seq + i as u64 || e.offset as u64 >= f.summary_offset {
-                return Ok(false);
-            }
-            entries.push(e);
-        }
-        for e in entries {
-            match e.kind {
-                RecordKind::Chunk => {
-                    let loc = Location {
-                        segment: seg,
-                        offset: e.offset,
-                        stored_len: e.stored_len,
-                        raw_len: e.raw_len,
-                        codec: e.codec,
-                    };
-                    self.index.insert(
-                        e.id,
-                        IndexEntry {
-                            loc,
-                            state: EntryState::Verified,
-                            seq: e.seq,
-                            replication_level: self.cfg.replication_level,
-                        },
-                    );
-                }
-                RecordKind::Tombstone => {
-                    self.index.remove(&e.id);
-                }
-            }
-            self.stats.replayed_records += 1;
-        }
-        self.stats.replayed_summaries += 1;
-        self.next_seq = h.first_seq + f.entries as u64;
-        Ok(true)
+        let sb = self.read_retrying(base + offset, len)?;
+        Ok(decode_summary(&f, &sb).map(|e| (e, h.first_seq + f.entries as u64)))
     }
 
     /// Read `len` bytes at device offset `offset`, retrying a failed read twice (startup
@@ -862,29 +1073,14 @@ impl ShardCore {
             }
             first_bad = None;
             let rh = header.expect("valid implies header");
-            match rh.kind {
-                RecordKind::Chunk => {
-                    let loc = Location {
-                        segment: seg,
-                        offset: pos as u32,
-                        stored_len: rh.stored_len,
-                        raw_len: rh.raw_len,
-                        codec: rh.codec,
-                    };
-                    self.index.insert(
-                        rh.id,
-                        IndexEntry {
-                            loc,
-                            state: EntryState::Verified,
-                            seq: rh.seq,
-                            replication_level: self.cfg.replication_level,
-                        },
-                    );
-                }
-                RecordKind::Tombstone => {
-                    self.index.remove(&rh.id);
-                }
-            }
+            let loc = Location {
+                segment: seg,
+                offset: pos as u32,
+                stored_len: rh.stored_len,
+                raw_len: rh.raw_len,
+                codec: rh.codec,
+            };
+            self.apply_replayed(rh.kind, rh.id, loc, rh.seq);
             summary.push(SummaryEntry {
                 kind: rh.kind,
                 codec: rh.codec,
@@ -894,7 +1090,6 @@ impl ShardCore {
                 seq: rh.seq,
                 id: rh.id,
             });
-            self.stats.replayed_records += 1;
             expect_seq += 1;
             pos += record_span(rh.stored_len as usize) as u64;
         }
@@ -1154,6 +1349,8 @@ impl ShardCore {
             loc: e.loc,
             skip: (abs - start) as usize,
         });
+        // The segment is not freed while this read is in flight.
+        self.segment_reads[e.loc.segment as usize] += 1;
         let mut reqs = vec![IoRequest {
             tag,
             op: IoOp::Read {
@@ -1163,6 +1360,7 @@ impl ShardCore {
         }];
         if let Err(err) = self.dev.submit(&mut reqs) {
             self.io.remove(&tag);
+            self.segment_reads[e.loc.segment as usize] -= 1;
             if let Some(IoRequest {
                 op: IoOp::Read { buf, .. },
                 ..
@@ -1240,7 +1438,10 @@ impl ShardCore {
     /// hand out, or a built batch the idle device can take.
     pub fn ready_now(&self) -> bool {
         !self.done.is_empty()
-            || (self.failed.is_none() && self.inflight.is_none() && self.building.len > 0)
+            || (self.failed.is_none()
+                && self.inflight.is_none()
+                && self.building.len > 0
+                && !self.hold_for_compaction())
     }
 
     /// Whether device I/O is in flight or work is waiting for it.
@@ -1249,6 +1450,554 @@ impl ShardCore {
             || self.building.len > 0
             || !self.queue.is_empty()
             || !self.done.is_empty()
+    }
+
+    /// Free segments (not holding records, header durably invalid).
+    pub fn free_segments(&self) -> u32 {
+        self.segments
+            .iter()
+            .filter(|s| **s == SegmentState::Free)
+            .count() as u32
+    }
+
+    /// Free segments kept from puts (see [`ShardConfig::compact_reserve_segments`]).
+    fn reserve_segments(&self) -> u32 {
+        self.cfg
+            .compact_reserve_segments
+            .min(self.layout.segment_count / 2)
+    }
+
+    /// Ask for compaction (after a sweep): [`compact_step`] then frees every segment below
+    /// the live threshold, one at a time.
+    ///
+    /// [`compact_step`]: Self::compact_step
+    pub fn request_compaction(&mut self) {
+        self.compact_requested = true;
+    }
+
+    /// Whether compaction is running or asked for: the caller should keep calling
+    /// [`compact_step`](Self::compact_step).
+    pub fn compaction_pending(&self) -> bool {
+        self.failed.is_none() && (self.compaction.is_some() || self.compact_requested)
+    }
+
+    /// Whether a [`compact_step`](Self::compact_step) could make progress now without
+    /// waiting for the device or the commit queue.
+    pub fn compaction_ready(&self) -> bool {
+        if self.failed.is_some() {
+            return false;
+        }
+        let Some(job) = &self.compaction else {
+            return self.compact_requested;
+        };
+        match job.phase {
+            CompactPhase::Footer | CompactPhase::Summary | CompactPhase::Invalidate => false,
+            CompactPhase::Copy if job.aborted => job.reads == 0 && job.queued == 0,
+            CompactPhase::Copy => {
+                let more = (job.next < job.entries.len() || !job.retry.is_empty())
+                    && job.reads < COMPACT_READS_MAX
+                    && job.bytes_held < COMPACT_BYTES_MAX;
+                more || (job.next >= job.entries.len()
+                    && job.retry.is_empty()
+                    && job.reads == 0
+                    && job.queued == 0)
+            }
+            CompactPhase::Barrier(b) => self.durable_batch >= b,
+            CompactPhase::Quiesce => self.segment_reads[job.segment as usize] == 0,
+        }
+    }
+
+    /// One bounded step of compaction (see the module docs): start on the emptiest sealed
+    /// segment below the threshold if asked to and none is running, or advance the running
+    /// one by at most [`COMPACT_READS_MAX`] reads and [`COMPACT_ENTRIES_PER_STEP`] entries.
+    /// Returns whether compaction work remains (call again after the next `poll`).
+    pub fn compact_step(&mut self) -> bool {
+        if self.failed.is_some() {
+            return false;
+        }
+        if self.compaction.is_none() {
+            if !self.compact_requested {
+                return false;
+            }
+            match self.compaction_candidate() {
+                Some(seg) => self.start_compaction(seg),
+                None => {
+                    self.compact_requested = false;
+                    return false;
+                }
+            }
+        }
+        self.advance_compaction();
+        self.compaction_pending()
+    }
+
+    /// The sealed segment with the fewest live bytes below the threshold, if any.
+    fn compaction_candidate(&self) -> Option<u32> {
+        let limit = self.layout.segment_bytes * self.cfg.compact_live_percent as u64 / 100;
+        let active = self.active.as_ref().map(|a| a.segment);
+        self.segments
+            .iter()
+            .enumerate()
+            .filter_map(|(i, st)| {
+                let seg = i as u32;
+                match st {
+                    SegmentState::InUse {
+                        sealed: true,
+                        opaque: false,
+                        ..
+                    } if Some(seg) != active
+                        && (self.building.len == 0 || self.building.segment != seg)
+                        && self.inflight.as_ref().is_none_or(|b| b.segment != seg)
+                        && !self.compact_skip.contains(&seg) =>
+                    {
+                        let live = self.index.live_bytes(seg);
+                        (live < limit && self.compaction_fits(live)).then_some((live, seg))
+                    }
+                    _ => None,
+                }
+            })
+            .min()
+            .map(|(_, seg)| seg)
+    }
+
+    /// Whether copying `live` bytes surely fits in the room compaction may use: the free
+    /// segments and the rest of the active one, less headers, summaries and the block
+    /// padding of many small commit batches (counted as half again the bytes). A
+    /// compaction that runs out of room anyway is given up, and what it copied stays valid.
+    fn compaction_fits(&self, live: u64) -> bool {
+        let seg = self.layout.segment_bytes;
+        let usable = seg.saturating_sub(seg / 8 + 2 * BLOCK_SIZE as u64);
+        let active = self.active.as_ref().map_or(0, |a| {
+            seg.saturating_sub(a.next_off + self.building.len as u64 + seg / 8)
+        });
+        let room = self.free_segments() as u64 * usable + active;
+        live + live / 2 + 4 * BLOCK_SIZE as u64 <= room
+    }
+
+    fn start_compaction(&mut self, seg: u32) {
+        tracing::debug!(
+            shard = self.layout.shard,
+            segment = seg,
+            live = self.index.live_bytes(seg),
+            "compacting segment"
+        );
+        self.compaction = Some(Compaction {
+            segment: seg,
+            phase: CompactPhase::Footer,
+            entries: Vec::new(),
+            chunks_here: HashMap::new(),
+            next: 0,
+            retry: Vec::new(),
+            reads: 0,
+            bytes_held: 0,
+            queued: 0,
+            aborted: false,
+            unreadable: false,
+        });
+        let off = self.layout.segment_offset(seg) + self.layout.segment_bytes - BLOCK_SIZE as u64;
+        self.compact_read(IoPurpose::CompactFooter, off, BLOCK_SIZE);
+    }
+
+    /// Submit one compaction read of `len` bytes at `offset` (record reads use the read
+    /// pool). A refused submission gives the compaction up for now (nothing of this read is
+    /// in flight); the segment stays a candidate.
+    fn compact_read(&mut self, purpose: IoPurpose, offset: u64, len: usize) -> bool {
+        let is_record = matches!(purpose, IoPurpose::CompactRecord { .. });
+        let tag = self.tag(purpose);
+        let buf = if is_record {
+            self.read_buf(len)
+        } else {
+            AlignedBuf::new(len)
+        };
+        let mut reqs = vec![IoRequest {
+            tag,
+            op: IoOp::Read { offset, buf },
+        }];
+        let Err(e) = self.dev.submit(&mut reqs) else {
+            return true;
+        };
+        let purpose = self.io.remove(&tag);
+        if let Some(IoRequest {
+            op: IoOp::Read { buf, .. },
+            ..
+        }) = reqs.pop()
+        {
+            if is_record {
+                self.return_read_buf(buf);
+            }
+        }
+        tracing::debug!(shard = self.layout.shard, "compaction read refused: {e}");
+        if let Some(job) = self.compaction.as_mut() {
+            job.aborted = true;
+            // Nothing of this read is in flight.
+            if matches!(job.phase, CompactPhase::Footer | CompactPhase::Summary) {
+                job.phase = CompactPhase::Copy;
+            }
+            if let Some(IoPurpose::CompactRecord { loc, .. }) = purpose {
+                job.reads -= 1;
+                job.bytes_held -= loc.stored_len as usize;
+            }
+        }
+        self.finish_aborted_compaction();
+        false
+    }
+
+    /// Overwrite the compacted segment's header with zeros and flush (step 5).
+    fn compact_invalidate(&mut self, seg: u32) {
+        let wt = self.tag(IoPurpose::CompactInvalidate);
+        let ft = self.tag(IoPurpose::CompactInvalidateFlush);
+        let mut reqs = vec![
+            IoRequest {
+                tag: wt,
+                op: IoOp::Write {
+                    offset: self.layout.segment_offset(seg),
+                    buf: AlignedBuf::new(BLOCK_SIZE),
+                },
+            },
+            IoRequest {
+                tag: ft,
+                op: IoOp::Flush,
+            },
+        ];
+        if let Err(e) = self.dev.submit(&mut reqs) {
+            // Nothing submitted: try again at the next step.
+            self.io.remove(&wt);
+            self.io.remove(&ft);
+            tracing::debug!(
+                shard = self.layout.shard,
+                "segment invalidation refused: {e}"
+            );
+            if let Some(job) = self.compaction.as_mut() {
+                job.phase = CompactPhase::Quiesce;
+            }
+        }
+    }
+
+    /// End a given-up compaction once nothing of it is in flight or queued. The segment
+    /// stays (anything already moved stays valid where it is); it is not tried again in
+    /// this process.
+    fn finish_aborted_compaction(&mut self) {
+        let Some(job) = self.compaction.as_mut() else {
+            return;
+        };
+        if job.aborted {
+            job.retry.clear(); // not copied: the segment is kept
+        }
+        if job.aborted
+            && job.reads == 0
+            && job.queued == 0
+            && !matches!(
+                job.phase,
+                CompactPhase::Footer | CompactPhase::Summary | CompactPhase::Invalidate
+            )
+        {
+            let seg = job.segment;
+            if job.unreadable {
+                tracing::warn!(
+                    shard = self.layout.shard,
+                    segment = seg,
+                    "compaction given up: part of the segment cannot be read; it is kept"
+                );
+                self.compact_skip.insert(seg);
+            }
+            self.stats.compactions_aborted += 1;
+            self.compaction = None;
+        }
+    }
+
+    fn advance_compaction(&mut self) {
+        let Some(job) = self.compaction.as_mut() else {
+            return;
+        };
+        let seg = job.segment;
+        match job.phase {
+            CompactPhase::Footer | CompactPhase::Summary | CompactPhase::Invalidate => {}
+            CompactPhase::Copy => {
+                if job.aborted {
+                    return self.finish_aborted_compaction();
+                }
+                let mut examined = 0;
+                loop {
+                    let Some(job) = self.compaction.as_mut() else {
+                        return;
+                    };
+                    if job.reads >= COMPACT_READS_MAX
+                        || job.bytes_held >= COMPACT_BYTES_MAX
+                        || examined >= COMPACT_ENTRIES_PER_STEP
+                    {
+                        break;
+                    }
+                    let (i, attempts) = match job.retry.pop() {
+                        Some(r) => r,
+                        None if job.next < job.entries.len() => {
+                            job.next += 1;
+                            (job.next - 1, 0)
+                        }
+                        None => break,
+                    };
+                    examined += 1;
+                    let e = job.entries[i];
+                    match e.kind {
+                        RecordKind::Tombstone => {
+                            let chunks_here = job.chunks_here.get(&e.id).copied().unwrap_or(0);
+                            job.queued += 1;
+                            self.queue.push_back(Queued::Carry {
+                                id: e.id,
+                                chunks_here,
+                            });
+                        }
+                        RecordKind::Chunk => {
+                            // Copied only if the index still points at this record.
+                            let Some(cur) = self.index.get(&e.id).copied() else {
+                                continue;
+                            };
+                            if cur.loc.segment != seg
+                                || cur.loc.offset != e.offset
+                                || cur.state != EntryState::Verified
+                            {
+                                continue;
+                            }
+                            let abs = self.layout.segment_offset(seg) + e.offset as u64;
+                            let start = abs / BLOCK_SIZE as u64 * BLOCK_SIZE as u64;
+                            let end = (abs
+                                + (RECORD_HEADER_BYTES + cur.loc.stored_len as usize) as u64)
+                                .next_multiple_of(BLOCK_SIZE as u64);
+                            job.reads += 1;
+                            job.bytes_held += cur.loc.stored_len as usize;
+                            let purpose = IoPurpose::CompactRecord {
+                                entry: i,
+                                attempts,
+                                src_seq: cur.seq,
+                                loc: cur.loc,
+                                skip: (abs - start) as usize,
+                            };
+                            if !self.compact_read(purpose, start, (end - start) as usize) {
+                                return;
+                            }
+                        }
+                    }
+                }
+                self.pump();
+                let Some(job) = self.compaction.as_mut() else {
+                    return;
+                };
+                if job.aborted {
+                    return self.finish_aborted_compaction();
+                }
+                if job.next >= job.entries.len()
+                    && job.retry.is_empty()
+                    && job.reads == 0
+                    && job.queued == 0
+                {
+                    // Every item is decided: wait for the batch that holds the last of them
+                    // (and every batch before it, with any re-put a dropped tombstone
+                    // relied on) to be durable.
+                    let barrier = if self.building.len > 0 {
+                        self.building.no
+                    } else if let Some(b) = &self.inflight {
+                        b.no
+                    } else {
+                        self.durable_batch
+                    };
+                    job.phase = CompactPhase::Barrier(barrier);
+                    self.advance_compaction();
+                }
+            }
+            CompactPhase::Barrier(b) => {
+                if self.durable_batch >= b {
+                    job.phase = CompactPhase::Quiesce;
+                    self.advance_compaction();
+                }
+            }
+            CompactPhase::Quiesce => {
+                if self.index.live_bytes(seg) > 0 {
+                    // Some record was not copied (it cannot be, when every copy was made
+                    // and became durable): keep the segment.
+                    debug_assert!(false, "segment {seg} still live after its copies");
+                    job.aborted = true;
+                    return self.finish_aborted_compaction();
+                }
+                if self.segment_reads[seg as usize] > 0 {
+                    return; // a get still reads it
+                }
+                job.phase = CompactPhase::Invalidate;
+                self.compact_invalidate(seg);
+            }
+        }
+    }
+
+    fn on_compact_io(&mut self, purpose: IoPurpose, c: IoCompletion) {
+        if self.failed.is_some() {
+            return;
+        }
+        let Some(job) = self.compaction.as_mut() else {
+            debug_assert!(false, "compaction I/O without a compaction");
+            return;
+        };
+        let seg = job.segment;
+        match purpose {
+            IoPurpose::CompactFooter => {
+                let (generation, first_seq) = match self.segments[seg as usize] {
+                    SegmentState::InUse {
+                        generation,
+                        first_seq,
+                        ..
+                    } => (generation, first_seq),
+                    SegmentState::Free => unreachable!("compacting a free segment"),
+                };
+                let footer = match (&c.result, &c.buf) {
+                    (Ok(()), Some(b)) => {
+                        check_footer(b, generation, first_seq, self.layout.segment_bytes)
+                    }
+                    _ => None,
+                };
+                let Some((footer, offset, len)) = footer else {
+                    // A failed read is tried again at a later request; a bad footer of a
+                    // segment sealed durably is damage.
+                    job.phase = CompactPhase::Copy;
+                    job.aborted = true;
+                    job.unreadable = c.result.is_ok();
+                    return self.finish_aborted_compaction();
+                };
+                job.phase = CompactPhase::Summary;
+                let off = self.layout.segment_offset(seg) + offset;
+                self.compact_read(IoPurpose::CompactSummary { footer }, off, len);
+            }
+            IoPurpose::CompactSummary { footer } => {
+                job.phase = CompactPhase::Copy;
+                let entries = match (&c.result, &c.buf) {
+                    (Ok(()), Some(b)) => decode_summary(&footer, b),
+                    _ => None,
+                };
+                let Some(entries) = entries else {
+                    job.aborted = true;
+                    job.unreadable = c.result.is_ok();
+                    return self.finish_aborted_compaction();
+                };
+                let tombstoned: HashSet<ChunkId> = entries
+                    .iter()
+                    .filter(|e| e.kind == RecordKind::Tombstone)
+                    .map(|e| e.id)
+                    .collect();
+                for e in &entries {
+                    if e.kind == RecordKind::Chunk && tombstoned.contains(&e.id) {
+                        *job.chunks_here.entry(e.id).or_insert(0) += 1;
+                    }
+                }
+                job.entries = entries;
+            }
+            IoPurpose::CompactRecord {
+                entry,
+                attempts,
+                src_seq,
+                loc,
+                skip,
+            } => {
+                job.reads -= 1;
+                let id = job.entries[entry].id;
+                let checked = match (c.result, c.buf) {
+                    (Ok(()), Some(buf)) => {
+                        let ok = self.check_get(&buf[skip..], &id, &loc).is_ok_and(|_| {
+                            let data =
+                                &buf[skip + RECORD_HEADER_BYTES..][..loc.stored_len as usize];
+                            chunk::check(&self.key, &id, loc.codec, data, loc.raw_len as usize)
+                                .is_ok()
+                        });
+                        let data = ok.then(|| {
+                            buf[skip + RECORD_HEADER_BYTES..][..loc.stored_len as usize].to_vec()
+                        });
+                        self.return_read_buf(buf);
+                        data
+                    }
+                    (_, buf) => {
+                        if let Some(buf) = buf {
+                            self.return_read_buf(buf);
+                        }
+                        None
+                    }
+                };
+                let job = self.compaction.as_mut().expect("checked above");
+                match checked {
+                    Some(data) => {
+                        job.queued += 1;
+                        self.queue.push_back(Queued::Copy {
+                            id,
+                            src_seq,
+                            codec: loc.codec,
+                            raw_len: loc.raw_len,
+                            data,
+                        });
+                    }
+                    None if attempts + 1 < COMPACT_READ_ATTEMPTS => {
+                        job.bytes_held -= loc.stored_len as usize;
+                        job.retry.push((entry, attempts + 1));
+                    }
+                    None => {
+                        job.bytes_held -= loc.stored_len as usize;
+                        tracing::warn!(shard = self.layout.shard, segment = seg, id = ?id, "compaction cannot read a live record back");
+                        job.aborted = true;
+                        job.unreadable = true;
+                        self.finish_aborted_compaction();
+                    }
+                }
+            }
+            IoPurpose::CompactInvalidate => {
+                if let Err(e) = c.result {
+                    self.fail(format!("freeing segment {seg} failed: {e}"));
+                }
+            }
+            IoPurpose::CompactInvalidateFlush => {
+                if let Err(e) = c.result {
+                    self.fail(format!("freeing segment {seg} failed: {e}"));
+                    return;
+                }
+                self.free_segment();
+            }
+            _ => unreachable!("not a compaction I/O"),
+        }
+    }
+
+    /// The header invalidation of the compacted segment is durable: it is free.
+    fn free_segment(&mut self) {
+        let job = self.compaction.take().expect("compaction");
+        let seg = job.segment;
+        debug_assert_eq!(self.index.live_bytes(seg), 0);
+        for e in job.entries.iter().filter(|e| e.kind == RecordKind::Chunk) {
+            debug_assert!(self.index.get(&e.id).is_none_or(|i| i.loc.segment != seg));
+            match self.dead_chunk_records.get_mut(&e.id) {
+                Some(n) if *n > 1 => *n -= 1,
+                Some(_) => {
+                    self.dead_chunk_records.remove(&e.id);
+                }
+                None => debug_assert!(false, "dead record of {:?} not counted", e.id),
+            }
+        }
+        self.segments[seg as usize] = SegmentState::Free;
+        self.stats.segments_compacted += 1;
+        tracing::debug!(shard = self.layout.shard, segment = seg, "segment freed");
+    }
+
+    /// Check the shard's bookkeeping against its index (for tests and the simulator): every
+    /// entry lies in a segment in use, and each segment's live bytes are the sum of its
+    /// entries' records.
+    pub fn audit(&self) -> Result<(), String> {
+        let mut live = vec![0u64; self.segments.len()];
+        for (id, e) in self.index.iter() {
+            let seg = e.loc.segment as usize;
+            if !matches!(self.segments.get(seg), Some(SegmentState::InUse { .. })) {
+                return Err(format!("{id:?} points into free segment {seg}"));
+            }
+            live[seg] += record_span(e.loc.stored_len as usize) as u64;
+        }
+        for (seg, l) in live.iter().enumerate() {
+            if self.index.live_bytes(seg as u32) != *l {
+                return Err(format!(
+                    "segment {seg}: live bytes {} but entries hold {l}",
+                    self.index.live_bytes(seg as u32)
+                ));
+            }
+        }
+        Ok(())
     }
 
     pub fn stats(&self) -> ShardStats {
@@ -1265,6 +2014,9 @@ impl ShardCore {
         let full = s.segments_used.saturating_sub(self.active.is_some() as u32) as u64
             * self.layout.segment_bytes;
         s.device_bytes_used = full + active_extra;
+        s.segments_free = s.segments_total - s.segments_used;
+        s.live_bytes = self.index.live_bytes_total();
+        s.dead_bytes = s.device_bytes_used.saturating_sub(s.live_bytes);
         s.gc_epoch = self.gc_epoch;
         s.failed = self.failed.clone();
         s
@@ -1313,6 +2065,7 @@ impl ShardCore {
             });
         }
         self.queue.clear();
+        self.compaction = None;
         // Pending entries will never become durable in this run.
         let pending: Vec<ChunkId> = self
             .index
@@ -1325,6 +2078,8 @@ impl ShardCore {
         }
         self.building.len = 0;
         self.building.records.clear();
+        self.building.copies.clear();
+        self.building.seals = None;
         self.building.waiters.clear();
         self.building.delete_waiters.clear();
     }
@@ -1362,6 +2117,7 @@ impl ShardCore {
                 loc,
                 skip,
             } => {
+                self.segment_reads[loc.segment as usize] -= 1;
                 let result = match (c.result, c.buf) {
                     (Ok(()), Some(buf)) => match self.check_get(&buf[skip..], &id, &loc) {
                         Ok((codec, raw_len)) => Ok(StoredChunk {
@@ -1393,6 +2149,11 @@ impl ShardCore {
                 }
                 self.done.push(Completion::Get { ticket, result });
             }
+            IoPurpose::CompactFooter
+            | IoPurpose::CompactSummary { .. }
+            | IoPurpose::CompactRecord { .. }
+            | IoPurpose::CompactInvalidate
+            | IoPurpose::CompactInvalidateFlush => self.on_compact_io(purpose, c),
         }
     }
 
@@ -1420,14 +2181,25 @@ impl ShardCore {
     fn pump(&mut self) {
         while self.failed.is_none() {
             let Some(q) = self.queue.front() else { break };
-            let (id, span) = match q {
-                Queued::Put { chunk, .. } => (chunk.id, record_span(chunk.data.len())),
-                Queued::Delete { id, .. } => (*id, record_span(0)),
+            let (id, span, room) = match q {
+                Queued::Put { chunk, .. } => {
+                    (chunk.id, record_span(chunk.data.len()), RoomFor::Put)
+                }
+                Queued::Delete { id, .. } => (*id, record_span(0), RoomFor::Tombstone),
+                Queued::Carry { id, .. } => (*id, record_span(0), RoomFor::Compaction),
+                Queued::Copy { id, data, .. } => {
+                    (*id, record_span(data.len()), RoomFor::Compaction)
+                }
             };
             // Resolve what needs no log space first.
             match self.queue.front().expect("front") {
                 Queued::Put { ticket, idx, .. } => {
                     let (ticket, idx) = (*ticket, *idx);
+                    if !self.puts.contains_key(&ticket) {
+                        // The rest of a put already refused (no space).
+                        self.queue.pop_front();
+                        continue;
+                    }
                     match self.index.get(&id).map(|e| e.state) {
                         Some(EntryState::Verified) => {
                             self.queue.pop_front();
@@ -1473,13 +2245,59 @@ impl ShardCore {
                         continue;
                     }
                 }
+                Queued::Copy { src_seq, .. } => {
+                    // Copied only while the index still names the record read.
+                    let current = self
+                        .index
+                        .get(&id)
+                        .is_some_and(|e| e.seq == *src_seq && e.state == EntryState::Verified);
+                    if !current {
+                        let q = self.queue.pop_front().expect("front");
+                        self.compact_item_done(&q);
+                        continue;
+                    }
+                }
+                Queued::Carry { chunks_here, .. } => {
+                    if !self.tombstone_needed(&id, *chunks_here) {
+                        let q = self.queue.pop_front().expect("front");
+                        self.stats.compaction_tombstones_dropped += 1;
+                        self.compact_item_done(&q);
+                        continue;
+                    }
+                }
             }
             // Needs log space.
-            if !self.make_room(span) {
+            if !self.make_room(span, room) {
                 break;
             }
             let q = self.queue.pop_front().expect("front");
             self.append(q);
+        }
+    }
+
+    /// Whether a tombstone of `id` in the segment being freed (which also holds
+    /// `chunks_here` of `id`'s chunk records) must be carried forward. See the module docs.
+    fn tombstone_needed(&self, id: &ChunkId, chunks_here: u32) -> bool {
+        if self.index.get(id).is_some() {
+            // Put again after the sweep: that record is newer than any the tombstone
+            // shadows, and durable no later than the compaction's barrier. Carrying the
+            // tombstone would put it after the re-put and delete the chunk at replay.
+            return false;
+        }
+        let dead = self.dead_chunk_records.get(id).copied().unwrap_or(0);
+        debug_assert!(dead >= chunks_here, "dead record count of {id:?} too low");
+        self.opaque_segments > 0 || dead > chunks_here
+    }
+
+    /// A compaction item left the queue (appended, dropped or refused).
+    fn compact_item_done(&mut self, q: &Queued) {
+        let Some(job) = self.compaction.as_mut() else {
+            debug_assert!(false, "compaction item without a compaction");
+            return;
+        };
+        job.queued -= 1;
+        if let Queued::Copy { data, .. } = q {
+            job.bytes_held -= data.len();
         }
     }
 
@@ -1491,7 +2309,7 @@ impl ShardCore {
 
     /// Make sure the building batch can take a record of `span` bytes. False when it must
     /// wait (batch full, or the segment is full and the in-flight batch must finish first).
-    fn make_room(&mut self, span: usize) -> bool {
+    fn make_room(&mut self, span: usize, room: RoomFor) -> bool {
         let b = &self.building;
         if b.len >= self.cfg.commit_max_bytes {
             return false;
@@ -1522,10 +2340,10 @@ impl ShardCore {
         if let Some(r) = self.resumable.take() {
             return self.resume_segment(r, span);
         }
-        match self.open_segment() {
+        match self.open_segment(room) {
             Ok(()) => true,
             Err(e) => {
-                self.reject_queue(e);
+                self.reject_queue(e, room == RoomFor::Put);
                 false
             }
         }
@@ -1548,7 +2366,7 @@ impl ShardCore {
         }
         if self.next_generation >= self.generation_limit {
             if let Err(e) = self.reserve_generations() {
-                self.reject_queue(e);
+                self.reject_queue(e, false);
                 return false;
             }
         }
@@ -1583,6 +2401,7 @@ impl ShardCore {
         let b = &mut self.building;
         b.segment = a.segment;
         b.start_off = start_off;
+        b.seals = Some(a.segment);
         let summary_bytes = a.summary.len() * SUMMARY_ENTRY_BYTES;
         for (i, e) in a.summary.iter().enumerate() {
             e.encode_into(&mut b.buf_mut()[i * SUMMARY_ENTRY_BYTES..]);
@@ -1603,12 +2422,23 @@ impl ShardCore {
         b.len = span;
     }
 
-    fn reject_queue(&mut self, e: ShardError) {
-        tracing::error!(shard = self.layout.shard, "{e}");
+    /// Refuse queued work with `e`: only the puts if `puts_only` (the reserve is kept for
+    /// tombstones and compaction), else everything.
+    fn reject_queue(&mut self, e: ShardError, puts_only: bool) {
+        if e == ShardError::NoSpace {
+            tracing::warn!(shard = self.layout.shard, "{e}: refusing puts");
+            self.compact_requested = true;
+        } else {
+            tracing::error!(shard = self.layout.shard, "{e}");
+        }
+        let mut keep = VecDeque::new();
         while let Some(q) = self.queue.pop_front() {
             match q {
                 Queued::Put { ticket, .. } => {
                     if let Some(p) = self.puts.remove(&ticket) {
+                        if e == ShardError::NoSpace {
+                            self.stats.puts_no_space += 1;
+                        }
                         self.done.push(Completion::Put {
                             ticket,
                             claim_epoch: p.claim_epoch,
@@ -1616,6 +2446,7 @@ impl ShardCore {
                         });
                     }
                 }
+                q if puts_only => keep.push_back(q),
                 Queued::Delete { ticket, .. } => {
                     if self.deletes.remove(&ticket).is_some() {
                         self.done.push(Completion::Delete {
@@ -1624,12 +2455,36 @@ impl ShardCore {
                         });
                     }
                 }
+                q @ (Queued::Copy { .. } | Queued::Carry { .. }) => {
+                    self.compact_item_done(&q);
+                    if let Some(job) = self.compaction.as_mut() {
+                        job.aborted = true;
+                    }
+                    // Not again until something frees space or asks anew.
+                    self.compact_requested = false;
+                }
             }
         }
+        self.queue = keep;
     }
 
     /// Start a new segment: its header is the first block of the building batch.
-    fn open_segment(&mut self) -> Result<(), ShardError> {
+    fn open_segment(&mut self, room: RoomFor) -> Result<(), ShardError> {
+        let free = self.free_segments();
+        if free <= self.reserve_segments() + 1 {
+            self.compact_requested = true;
+        }
+        // Puts leave the reserve; tombstones leave its last segment (when the reserve has
+        // more than one), which only compaction takes (a compaction needs less than a
+        // segment: see `compaction_fits`).
+        let keep = match room {
+            RoomFor::Put => self.reserve_segments(),
+            RoomFor::Tombstone => self.reserve_segments().saturating_sub(1).min(1),
+            RoomFor::Compaction => 0,
+        };
+        if free <= keep {
+            return Err(ShardError::NoSpace);
+        }
         let seg = self
             .segments
             .iter()
@@ -1651,10 +2506,7 @@ impl ShardCore {
         self.building.segment = seg;
         self.building.start_off = 0;
         self.building.len = BLOCK_SIZE;
-        self.segments[seg as usize] = SegmentState::InUse {
-            generation,
-            first_seq: self.next_seq,
-        };
+        self.segments[seg as usize] = SegmentState::in_use(generation, self.next_seq);
         self.active = Some(Active {
             segment: seg,
             generation,
@@ -1735,11 +2587,76 @@ impl ShardCore {
                     id,
                 });
                 b.delete_waiters.push(ticket);
-                self.index.remove(&id);
+                if self.index.remove(&id).is_some() {
+                    // Its chunk record (on the device or in a batch) is dead now.
+                    *self.dead_chunk_records.entry(id).or_insert(0) += 1;
+                }
                 self.stats.tombstones += 1;
                 if let Some(d) = self.deletes.get_mut(&ticket) {
                     d.removed += 1;
                 }
+            }
+            Queued::Copy {
+                id,
+                src_seq,
+                codec,
+                raw_len,
+                ref data,
+            } => {
+                let span = record_span(data.len());
+                RecordHeader::new(RecordKind::Chunk, codec, generation, seq, id, raw_len)
+                    .write(data, &mut b.buf_mut()[at..at + span]);
+                b.len += span;
+                active.summary.push(SummaryEntry {
+                    kind: RecordKind::Chunk,
+                    codec,
+                    offset: off as u32,
+                    stored_len: data.len() as u32,
+                    raw_len,
+                    seq,
+                    id,
+                });
+                let level = self
+                    .index
+                    .get(&id)
+                    .map_or(self.cfg.replication_level, |e| e.replication_level);
+                b.copies.push((
+                    id,
+                    src_seq,
+                    IndexEntry {
+                        loc: Location {
+                            segment: b.segment,
+                            offset: off as u32,
+                            stored_len: data.len() as u32,
+                            raw_len,
+                            codec,
+                        },
+                        state: EntryState::Verified,
+                        seq,
+                        replication_level: level,
+                    },
+                ));
+                self.stats.compaction_chunks_moved += 1;
+                self.stats.compaction_bytes_moved += span as u64;
+                self.compact_item_done(&q);
+            }
+            Queued::Carry { id, .. } => {
+                let span = record_span(0);
+                RecordHeader::new(RecordKind::Tombstone, Codec::Raw, generation, seq, id, 0)
+                    .write(&[], &mut b.buf_mut()[at..at + span]);
+                b.len += span;
+                b.records.push((id, seq, RecordKind::Tombstone));
+                active.summary.push(SummaryEntry {
+                    kind: RecordKind::Tombstone,
+                    codec: Codec::Raw,
+                    offset: off as u32,
+                    stored_len: 0,
+                    raw_len: 0,
+                    seq,
+                    id,
+                });
+                self.stats.compaction_tombstones_carried += 1;
+                self.compact_item_done(&q);
             }
         }
     }
@@ -1747,6 +2664,9 @@ impl ShardCore {
     /// Submit the building batch if the device has no commit in flight.
     fn maybe_submit(&mut self) {
         if self.failed.is_some() || self.inflight.is_some() || self.building.len == 0 {
+            return;
+        }
+        if self.hold_for_compaction() {
             return;
         }
         let Some(spare) = self.spare.take() else {
@@ -1800,6 +2720,23 @@ impl ShardCore {
         }
     }
 
+    /// Whether the building batch waits for compaction reads in flight: a batch of nothing
+    /// but copies is not worth a commit of its own per record (each commit pads to a block,
+    /// and a segment of padded copies could qualify for compaction again). Never held when
+    /// anyone waits for it, when it seals a segment, or when queued work needs it written.
+    fn hold_for_compaction(&self) -> bool {
+        let b = &self.building;
+        self.compaction.as_ref().is_some_and(|job| {
+            job.reads > 0 && !job.aborted && matches!(job.phase, CompactPhase::Copy)
+        }) && self.queue.is_empty()
+            && b.len < self.cfg.commit_max_bytes
+            && b.seals.is_none()
+            && b.waiters.is_empty()
+            && b.delete_waiters.is_empty()
+            && b.deferred_gets.is_empty()
+            && b.records.iter().all(|r| r.2 == RecordKind::Tombstone)
+    }
+
     /// A commit buffer is free again: restore its full length and keep it as the spare.
     fn recycle(&mut self, mut buf: AlignedBuf) {
         buf.set_len(buf.capacity());
@@ -1819,10 +2756,28 @@ impl ShardCore {
             });
         }
         self.recycle(buf);
+        self.durable_batch = b.no;
+        if let Some(seg) = b.seals {
+            if let SegmentState::InUse { sealed, .. } = &mut self.segments[seg as usize] {
+                *sealed = true;
+            }
+        }
         for (id, seq, kind) in &b.records {
             if *kind == RecordKind::Chunk {
                 self.index.mark_verified(id, *seq);
             }
+        }
+        // Copies are durable: the index moves to them, unless the id changed meanwhile.
+        // Either way one chunk record of the id is now dead (the original or the copy).
+        for (id, src_seq, entry) in std::mem::take(&mut b.copies) {
+            let current = self
+                .index
+                .get(&id)
+                .is_some_and(|e| e.seq == src_seq && e.state == EntryState::Verified);
+            if current {
+                self.index.insert(id, entry);
+            }
+            *self.dead_chunk_records.entry(id).or_insert(0) += 1;
         }
         for (ticket, idx, outcome) in b.waiters {
             self.resolve_put(ticket, idx, outcome);
@@ -1886,6 +2841,48 @@ fn batch_chunk(buf: &AlignedBuf, start_off: u64, loc: &Location) -> StoredChunk 
         raw_len: loc.raw_len,
         data: ReadBytes::Owned(buf[at..at + loc.stored_len as usize].to_vec()),
     }
+}
+
+/// Validate a segment footer block against the segment's header (`generation`,
+/// `first_seq`): `(footer, summary offset, bytes to read for the summary)`.
+fn check_footer(
+    block: &[u8],
+    generation: u32,
+    first_seq: u64,
+    seg_bytes: u64,
+) -> Option<(SegmentFooter, u64, usize)> {
+    let f = SegmentFooter::decode(block).ok()?;
+    let span = summary_span(f.entries as usize);
+    if f.generation < generation
+        || f.first_seq != first_seq
+        || span > seg_bytes - BLOCK_SIZE as u64
+        || f.summary_offset != seg_bytes - span
+    {
+        return None;
+    }
+    Some((
+        f,
+        f.summary_offset,
+        (span as usize - BLOCK_SIZE).max(BLOCK_SIZE),
+    ))
+}
+
+/// Decode the summary `footer` describes from `bytes` (read at its offset): `None` if its
+/// CRC, an entry, or the sequence of entries is wrong.
+fn decode_summary(f: &SegmentFooter, bytes: &[u8]) -> Option<Vec<SummaryEntry>> {
+    let n = f.entries as usize * SUMMARY_ENTRY_BYTES;
+    if bytes.len() < n || crc32c::crc32c(&bytes[..n]) != f.summary_crc {
+        return None;
+    }
+    let mut entries = Vec::with_capacity(f.entries as usize);
+    for (i, chunk) in bytes[..n].chunks_exact(SUMMARY_ENTRY_BYTES).enumerate() {
+        let e = SummaryEntry::decode(chunk).ok()?;
+        if e.seq != f.first_seq + i as u64 || e.offset as u64 >= f.summary_offset {
+            return None;
+        }
+        entries.push(e);
+    }
+    Some(entries)
 }
 
 /// Read one block and decode it. An I/O error or an invalid block that is not all zeros is
@@ -1988,8 +2985,9 @@ mod tests {
 
     #[test]
     fn a_full_device_refuses_puts_and_keeps_serving() {
-        // 2 segments of 256 KiB: room for a few 60 KiB chunks only.
-        let mut s = shard(crate::format::DATA_START + (512 << 10), 256 << 10);
+        // 3 segments of 256 KiB, one kept in reserve for tombstones and compaction: room
+        // for a few 60 KiB chunks only.
+        let mut s = shard(crate::format::DATA_START + (768 << 10), 256 << 10);
         let mut stored = Vec::new();
         let mut refused = 0;
         for i in 0..20 {
@@ -2028,6 +3026,14 @@ mod tests {
         let mut present = Vec::new();
         s.has(&stored, &mut present);
         assert!(present.iter().all(|p| *p));
+        assert_eq!(s.free_segments(), 1, "the reserve is kept from puts");
+        assert_eq!(s.stats().puts_no_space, refused);
+        // Tombstones may still use the reserve: a full shard can be swept.
+        s.delete(5000, stored.clone());
+        match drain(&mut s).pop() {
+            Some(Completion::Delete { result: Ok(n), .. }) => assert_eq!(n as usize, stored.len()),
+            other => panic!("sweep of a full shard: {other:?}"),
+        }
     }
 
     #[test]
@@ -2347,5 +3353,365 @@ mod gc_window_tests {
         s.begin_gc(3);
         s.end_gc(3);
         assert!(s.sweep(6, 3, ids[..1].to_vec()).is_err());
+    }
+}
+
+#[cfg(test)]
+mod compaction_tests {
+    use super::*;
+    use crate::format::Superblock;
+    use crate::sim::SharedDevice;
+    use hivefs_nvme::{SimDevice, SimFaults};
+    use std::sync::{Arc, Mutex};
+
+    const KEY: DedupeKey = DedupeKey([11; 32]);
+    const SEG: u64 = 256 << 10;
+
+    fn cfg() -> ShardConfig {
+        ShardConfig {
+            commit_max_bytes: 64 << 10,
+            compact_reserve_segments: 1,
+            ..ShardConfig::default()
+        }
+    }
+
+    /// A formatted one-shard device of `segments` segments that the test keeps a handle to.
+    fn formatted(segments: u64) -> (SharedDevice, ShardLayout) {
+        let faults = SimFaults {
+            read_error_per_million: 0,
+            write_error_per_million: 0,
+            bit_flip_per_million: 0,
+            torn_writes: false,
+        };
+        let bytes = crate::format::DATA_START + segments * SEG;
+        let dev = SharedDevice(Arc::new(Mutex::new(SimDevice::new(bytes, 21, faults))));
+        let layout = Superblock::plan(bytes, 1, SEG, 16, KEY.0)
+            .unwrap()
+            .shard_layout(0);
+        ShardCore::format(&mut dev.clone(), &layout).unwrap();
+        (dev, layout)
+    }
+
+    fn open(dev: &SharedDevice, layout: ShardLayout) -> ShardCore {
+        ShardCore::open(Box::new(dev.clone()), layout, KEY, cfg()).unwrap()
+    }
+
+    /// Incompressible bytes, different for each `i`.
+    fn chunk(i: u32, len: usize) -> PutChunk {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (i as u64) << 20;
+        let data: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        PutChunk {
+            id: ChunkId::compute(&KEY, &data),
+            codec: Codec::Raw,
+            raw_len: len as u32,
+            data: data.into(),
+        }
+    }
+
+    fn wait(s: &mut ShardCore, ticket: u64) -> Completion {
+        let mut out = Vec::new();
+        for _ in 0..100_000 {
+            s.poll(&mut out, true);
+            if let Some(i) = out.iter().position(|c| match c {
+                Completion::Put { ticket: t, .. }
+                | Completion::Get { ticket: t, .. }
+                | Completion::Delete { ticket: t, .. } => *t == ticket,
+            }) {
+                return out.swap_remove(i);
+            }
+        }
+        panic!("ticket {ticket} never completed");
+    }
+
+    fn put(s: &mut ShardCore, t: &mut u64, c: &PutChunk) -> Result<Vec<PutOutcome>, ShardError> {
+        *t += 1;
+        s.put(*t, vec![c.clone()]);
+        match wait(s, *t) {
+            Completion::Put { result, .. } => result,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn delete(s: &mut ShardCore, t: &mut u64, ids: Vec<ChunkId>) -> u32 {
+        *t += 1;
+        s.delete(*t, ids);
+        match wait(s, *t) {
+            Completion::Delete { result, .. } => result.unwrap(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The chunk's bytes as the shard returns them, checked against its id.
+    fn read_ok(s: &mut ShardCore, t: &mut u64, c: &PutChunk) {
+        *t += 1;
+        s.get(*t, c.id);
+        match wait(s, *t) {
+            Completion::Get {
+                result: Ok(got), ..
+            } => {
+                assert_eq!(&got.data[..], &c.data[..], "bytes of {:?}", c.id);
+                chunk::verify(&KEY, &c.id, got.codec, &got.data, got.raw_len as usize).unwrap();
+            }
+            other => panic!("get {:?}: {other:?}", c.id),
+        }
+    }
+
+    fn has(s: &mut ShardCore, id: &ChunkId) -> bool {
+        let mut out = Vec::new();
+        s.has(&[*id], &mut out);
+        out[0]
+    }
+
+    /// Compact until nothing qualifies; after every step, read `live` back (gets racing
+    /// the moves).
+    fn compact_all(s: &mut ShardCore, t: &mut u64, live: &[PutChunk]) {
+        s.request_compaction();
+        let mut out = Vec::new();
+        for round in 0..100_000 {
+            let more = s.compact_step();
+            if let Some(c) = live.get(round % live.len().max(1)) {
+                read_ok(s, t, c);
+            }
+            s.poll(&mut out, true);
+            assert!(out.is_empty(), "{out:?}");
+            s.audit().unwrap();
+            if !more && !s.busy() {
+                return;
+            }
+        }
+        panic!("compaction never finished");
+    }
+
+    #[test]
+    fn fill_sweep_compact_and_the_device_has_room_again() {
+        let (dev, layout) = formatted(6);
+        let mut s = open(&dev, layout);
+        let mut t = 0;
+        // Fill until puts are refused: the reserve (1 segment) is kept from them.
+        let mut stored = Vec::new();
+        let mut refused = 0;
+        for i in 0..200 {
+            let c = chunk(i, 20_000);
+            match put(&mut s, &mut t, &c) {
+                Ok(o) => {
+                    assert_eq!(o, vec![PutOutcome::Stored]);
+                    stored.push(c);
+                }
+                Err(ShardError::NoSpace) => {
+                    refused += 1;
+                    if refused > 3 {
+                        break;
+                    }
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(refused > 0 && stored.len() > 40, "stored {}", stored.len());
+        assert_eq!(s.free_segments(), 1, "the reserve is left");
+        assert!(s.stats().puts_no_space > 0);
+        // A full device can still be swept: tombstones may use the reserve.
+        let mut keep = Vec::new();
+        let mut gone = Vec::new();
+        for (i, c) in stored.into_iter().enumerate() {
+            if i % 5 == 0 {
+                keep.push(c);
+            } else {
+                gone.push(c);
+            }
+        }
+        assert_eq!(
+            delete(&mut s, &mut t, gone.iter().map(|c| c.id).collect()) as usize,
+            gone.len()
+        );
+        let before = s.stats();
+        compact_all(&mut s, &mut t, &keep);
+        let after = s.stats();
+        assert!(
+            after.segments_compacted >= 3,
+            "compacted {}",
+            after.segments_compacted
+        );
+        assert!(after.segments_free > before.segments_free + 1, "{after:?}");
+        assert!(after.compaction_chunks_moved > 0);
+        assert!(after.dead_bytes < before.dead_bytes);
+        for c in &keep {
+            read_ok(&mut s, &mut t, c);
+        }
+        // Room again: new puts are stored.
+        let fresh: Vec<PutChunk> = (1000..1010).map(|i| chunk(i, 20_000)).collect();
+        for c in &fresh {
+            assert_eq!(put(&mut s, &mut t, c).unwrap(), vec![PutOutcome::Stored]);
+        }
+        drop(s);
+        // The same state after a restart, from the same device.
+        let mut s = open(&dev, layout);
+        s.audit().unwrap();
+        for c in keep.iter().chain(&fresh) {
+            assert!(has(&mut s, &c.id));
+            read_ok(&mut s, &mut t, c);
+        }
+        for c in &gone {
+            assert!(!has(&mut s, &c.id), "swept chunk came back");
+        }
+        assert_eq!(s.stats().chunks as usize, keep.len() + fresh.len());
+    }
+
+    /// Segment A: `x` and live fillers (above the threshold, never compacted). Segment B:
+    /// `x`'s tombstone, then (if `reput`) `x` put again, then fillers that are swept, so B
+    /// is mostly dead and is compacted. Returns the shard, x and A's fillers.
+    fn tombstone_in_a_dead_segment(
+        dev: &SharedDevice,
+        layout: ShardLayout,
+        reput: bool,
+    ) -> (ShardCore, PutChunk, Vec<PutChunk>) {
+        let mut s = open(dev, layout);
+        let mut t = 0;
+        let x = chunk(1, 2000);
+        put(&mut s, &mut t, &x).unwrap();
+        let a_seg = s.index().get(&x.id).unwrap().loc.segment;
+        let fillers: Vec<PutChunk> = (10..16).map(|i| chunk(i, 30_000)).collect();
+        for c in &fillers {
+            put(&mut s, &mut t, c).unwrap();
+            assert_eq!(s.index().get(&c.id).unwrap().loc.segment, a_seg);
+        }
+        // Fill A up so the next records go to B.
+        let mut b_fill = Vec::new();
+        let mut i = 100;
+        loop {
+            let c = chunk(i, 30_000);
+            i += 1;
+            put(&mut s, &mut t, &c).unwrap();
+            let seg = s.index().get(&c.id).unwrap().loc.segment;
+            b_fill.push(c);
+            if seg != a_seg {
+                break;
+            }
+        }
+        let in_a: Vec<ChunkId> = b_fill[..b_fill.len() - 1].iter().map(|c| c.id).collect();
+        assert_eq!(delete(&mut s, &mut t, vec![x.id]), 1);
+        if reput {
+            assert_eq!(put(&mut s, &mut t, &x).unwrap(), vec![PutOutcome::Stored]);
+        }
+        let b_seg = s
+            .index()
+            .get(&b_fill.last().unwrap().id)
+            .unwrap()
+            .loc
+            .segment;
+        // Fill B until it is sealed.
+        loop {
+            let c = chunk(i, 30_000);
+            i += 1;
+            put(&mut s, &mut t, &c).unwrap();
+            let seg = s.index().get(&c.id).unwrap().loc.segment;
+            b_fill.push(c);
+            if seg != b_seg {
+                break;
+            }
+        }
+        // Sweep B's fillers (and the ones that spilled into A's tail stay: A stays live).
+        let doomed: Vec<ChunkId> = b_fill
+            .iter()
+            .map(|c| c.id)
+            .filter(|id| !in_a.contains(id))
+            .collect();
+        delete(&mut s, &mut t, doomed);
+        assert!(
+            s.index().live_bytes(a_seg) > SEG / 2,
+            "A stays above the threshold"
+        );
+        let mut a_live = fillers;
+        a_live.extend(b_fill.into_iter().filter(|c| in_a.contains(&c.id)));
+        (s, x, a_live)
+    }
+
+    #[test]
+    fn a_tombstone_shadowing_a_record_in_another_segment_is_carried() {
+        let (dev, layout) = formatted(8);
+        let (mut s, x, a_live) = tombstone_in_a_dead_segment(&dev, layout, false);
+        let mut t = 1000;
+        compact_all(&mut s, &mut t, &a_live);
+        let st = s.stats();
+        assert_eq!(st.segments_compacted, 1, "{st:?}");
+        assert_eq!(st.compaction_tombstones_carried, 1, "{st:?}");
+        assert!(!has(&mut s, &x.id));
+        drop(s);
+        let mut s = open(&dev, layout);
+        assert!(
+            !has(&mut s, &x.id),
+            "the swept chunk came back after replay"
+        );
+        for c in &a_live {
+            read_ok(&mut s, &mut t, c);
+        }
+        // Put again after all that: stored, and it survives a restart.
+        assert_eq!(put(&mut s, &mut t, &x).unwrap(), vec![PutOutcome::Stored]);
+        drop(s);
+        let mut s = open(&dev, layout);
+        read_ok(&mut s, &mut t, &x);
+    }
+
+    #[test]
+    fn a_chunk_put_again_after_its_sweep_survives_compaction_and_replay() {
+        let (dev, layout) = formatted(8);
+        let (mut s, x, a_live) = tombstone_in_a_dead_segment(&dev, layout, true);
+        let mut t = 1000;
+        compact_all(&mut s, &mut t, &a_live);
+        let st = s.stats();
+        assert_eq!(st.segments_compacted, 1, "{st:?}");
+        assert_eq!(st.compaction_tombstones_carried, 0, "{st:?}");
+        assert_eq!(st.compaction_tombstones_dropped, 1, "{st:?}");
+        assert!(
+            st.compaction_chunks_moved >= 1,
+            "the re-put x moved: {st:?}"
+        );
+        read_ok(&mut s, &mut t, &x);
+        drop(s);
+        let mut s = open(&dev, layout);
+        assert!(has(&mut s, &x.id), "the re-put chunk was lost at replay");
+        read_ok(&mut s, &mut t, &x);
+        for c in &a_live {
+            read_ok(&mut s, &mut t, c);
+        }
+    }
+
+    #[test]
+    fn a_tombstone_whose_records_are_gone_is_dropped() {
+        let (dev, layout) = formatted(8);
+        let mut s = open(&dev, layout);
+        let mut t = 0;
+        // Everything in one segment, all swept: nothing to carry.
+        let cs: Vec<PutChunk> = (0..6).map(|i| chunk(i, 30_000)).collect();
+        for c in &cs {
+            put(&mut s, &mut t, c).unwrap();
+        }
+        delete(&mut s, &mut t, cs.iter().map(|c| c.id).collect());
+        // Fill on so that segment is sealed.
+        let mut more = Vec::new();
+        for i in 50..70 {
+            let c = chunk(i, 30_000);
+            put(&mut s, &mut t, &c).unwrap();
+            more.push(c);
+        }
+        compact_all(&mut s, &mut t, &more);
+        let st = s.stats();
+        assert!(st.segments_compacted >= 1, "{st:?}");
+        assert_eq!(st.compaction_tombstones_carried, 0, "{st:?}");
+        assert_eq!(st.compaction_tombstones_dropped, 6, "{st:?}");
+        drop(s);
+        let mut s = open(&dev, layout);
+        for c in &cs {
+            assert!(!has(&mut s, &c.id));
+        }
+        for c in &more {
+            read_ok(&mut s, &mut t, c);
+        }
     }
 }

@@ -3,16 +3,26 @@
 //! One thread, one seed: a [`ShardCore`] runs over a [`SimDevice`] (reordered completions,
 //! I/O errors, bit flips on reads, and at a crash the loss or tearing of everything not
 //! flushed). Simulated clients send puts (fresh chunks, duplicates, and poison: garbage
-//! under a valid-looking id or wrong bytes under a genuine id), has, get, delete (the GC
-//! sweep) and retries of acknowledged puts (puts are idempotent) through a simulated
-//! network that delays and reorders requests; a crash loses every request in flight.
+//! under a valid-looking id or wrong bytes under a genuine id), has, get, delete (the
+//! tombstones of a GC sweep: ids the model then holds unreferenced) and retries of
+//! acknowledged puts (puts are idempotent) through a simulated network that delays and
+//! reorders requests; a crash loses every request in flight.
+//!
+//! Space is tight (a few dozen small segments), so the shard fills up, refuses puts with
+//! `NoSpace`, and must compact: the simulator asks for compaction now and then (as a node
+//! does after a sweep) and drives [`ShardCore::compact_step`] at random moments between
+//! other work, so crashes land in every step of it (copies in a batch, barrier, header
+//! invalidation, reuse of the freed segment).
 //!
 //! The oracle, checked after every completion and after every restart:
 //! 1. every acknowledged chunk (put acked, no delete acked since) answers `has` and `get`
-//!    returns bytes that verify against its id;
+//!    returns bytes that verify against its id (also while compaction moves it);
 //! 2. nothing that does not verify answers `has` (every `has` hit is fetched and checked);
 //!    poison never becomes readable;
-//! 3. a chunk whose tombstone was acknowledged never comes back (not after replay either).
+//! 3. a chunk whose tombstone was acknowledged never comes back, not after replay either,
+//!    unless it was put (and acknowledged) again after the tombstone;
+//! 4. the shard's bookkeeping holds ([`ShardCore::audit`]: no entry in a free segment,
+//!    per-segment live bytes match the index).
 //!
 //! A failure names its seed; `run(&SimConfig { seed, .. })` reproduces it exactly. For a
 //! failing seed, `HIVE_SIM_DEBUG=1` prints every restart and dumps the device's records
@@ -64,6 +74,12 @@ pub struct SimConfig {
     pub segment_bytes: u64,
     pub device_bytes: u64,
     pub commit_max_bytes: usize,
+    /// Per million operations: ask the shard to compact (as a node does after a sweep).
+    pub compact_request_per_million: u64,
+    /// Per million operations: drive compaction steps in this turn.
+    pub compact_step_per_million: u64,
+    pub compact_live_percent: u8,
+    pub compact_reserve_segments: u32,
 }
 
 impl SimConfig {
@@ -80,8 +96,15 @@ impl SimConfig {
                 torn_writes: true,
             },
             segment_bytes: 256 << 10,
-            device_bytes: 64 << 20,
+            // 28 segments: the log fills and must be compacted many times per seed.
+            device_bytes: crate::format::DATA_START + 28 * (256 << 10),
             commit_max_bytes: 32 << 10,
+            compact_request_per_million: 20_000,
+            // One seed in four compacts rarely, so the device fills and puts are refused.
+            compact_step_per_million: if seed % 4 == 3 { 2_000 } else { 500_000 },
+            // Thresholds from the default to nearly everything (more copying).
+            compact_live_percent: [50, 60, 70][(seed / 4 % 3) as usize],
+            compact_reserve_segments: 2,
         }
     }
 }
@@ -98,6 +121,41 @@ pub struct SimReport {
     pub device_full: u64,
     pub summaries_replayed: u64,
     pub continuations_replayed: u64,
+    pub segments_compacted: u64,
+    pub compaction_chunks_moved: u64,
+    pub tombstones_carried: u64,
+    pub tombstones_dropped: u64,
+    pub puts_no_space: u64,
+}
+
+impl SimReport {
+    /// Add what a shard counted in its life (before a crash or at the end).
+    fn absorb(&mut self, st: &crate::shard::ShardStats) {
+        self.segments_compacted += st.segments_compacted;
+        self.compaction_chunks_moved += st.compaction_chunks_moved;
+        self.tombstones_carried += st.compaction_tombstones_carried;
+        self.tombstones_dropped += st.compaction_tombstones_dropped;
+        self.puts_no_space += st.puts_no_space;
+    }
+
+    /// Sum of several runs' reports.
+    pub fn add(&mut self, r: &SimReport) {
+        self.ops += r.ops;
+        self.crashes += r.crashes;
+        self.puts_acked += r.puts_acked;
+        self.poison_rejected += r.poison_rejected;
+        self.gets_checked += r.gets_checked;
+        self.deletes_acked += r.deletes_acked;
+        self.io_errors_seen += r.io_errors_seen;
+        self.device_full += r.device_full;
+        self.summaries_replayed += r.summaries_replayed;
+        self.continuations_replayed += r.continuations_replayed;
+        self.segments_compacted += r.segments_compacted;
+        self.compaction_chunks_moved += r.compaction_chunks_moved;
+        self.tombstones_carried += r.tombstones_carried;
+        self.tombstones_dropped += r.tombstones_dropped;
+        self.puts_no_space += r.puts_no_space;
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -434,6 +492,26 @@ impl World {
         Ok(())
     }
 
+    /// The shard's own bookkeeping (oracle 4).
+    fn check_audit(&self, shard: &ShardCore) -> Result<(), SimFailure> {
+        shard
+            .audit()
+            .map_err(|e| self.fail(format!("shard bookkeeping: {e}")))
+    }
+
+    /// Compaction as a node drives it: asked for now and then, and advanced by bounded
+    /// steps at random moments between client work (so crashes hit every step of it).
+    fn drive_compaction(&mut self, shard: &mut ShardCore) {
+        if self.rng.chance(self.cfg.compact_request_per_million) {
+            shard.request_compaction();
+        }
+        if shard.compaction_pending() && self.rng.chance(self.cfg.compact_step_per_million) {
+            for _ in 0..1 + self.rng.below(3) {
+                shard.compact_step();
+            }
+        }
+    }
+
     fn put_chunk(&self, id: &ChunkId) -> PutChunk {
         let i = self.by_id[id];
         let plain = &self.contents[i];
@@ -558,6 +636,8 @@ fn open_shard(
         commit_max_bytes: cfg.commit_max_bytes,
         replication_level: 1,
         use_summaries,
+        compact_live_percent: cfg.compact_live_percent,
+        compact_reserve_segments: cfg.compact_reserve_segments,
     };
     ShardCore::open(Box::new(dev.clone()), sb.shard_layout(0), key, scfg)
 }
@@ -658,6 +738,7 @@ pub fn run(cfg: &SimConfig) -> Result<SimReport, SimFailure> {
             // Crash (or the operator restarts a failed shard): the shard's memory, the
             // requests on the network and whatever the device had not flushed are lost.
             w.report.crashes += 1;
+            w.report.absorb(&shard.stats());
             drop(shard);
             {
                 let mut d = dev.0.lock().expect("sim");
@@ -682,7 +763,7 @@ pub fn run(cfg: &SimConfig) -> Result<SimReport, SimFailure> {
                 let st = shard.stats();
                 eprintln!("op {} reopen: records {} summaries {} continuations {} beyond {} chunks {} segs {}", w.op_no, st.replayed_records, st.replayed_summaries, st.replayed_continuations, st.segments_with_records_beyond, st.chunks, st.segments_used);
             }
-            if let Err(e) = w.check_has(&mut shard) {
+            if let Err(e) = w.check_has(&mut shard).and_then(|()| w.check_audit(&shard)) {
                 if std::env::var_os("HIVE_SIM_DEBUG").is_some() {
                     debug_dump(&dev, &sb);
                 }
@@ -702,6 +783,7 @@ pub fn run(cfg: &SimConfig) -> Result<SimReport, SimFailure> {
             }
         }
         for _ in 0..1 + w.rng.below(3) {
+            w.drive_compaction(&mut shard);
             shard.poll(&mut out, false);
             for c in out.drain(..) {
                 w.complete(c)?;
@@ -709,6 +791,7 @@ pub fn run(cfg: &SimConfig) -> Result<SimReport, SimFailure> {
         }
         if w.rng.below(50) == 0 {
             w.check_has(&mut shard)?;
+            w.check_audit(&shard)?;
         }
     }
     // Deliver everything, drain, then restart without a crash: the log alone must rebuild
@@ -721,16 +804,27 @@ pub fn run(cfg: &SimConfig) -> Result<SimReport, SimFailure> {
         }
     }
     dev.0.lock().expect("sim").set_faults(NO_FAULTS);
-    for _ in 0..100_000 {
+    // Then compact whatever qualifies, to the end: the restart below replays the result.
+    shard.request_compaction();
+    let mut settled = false;
+    for _ in 0..200_000 {
+        let more = shard.compact_step();
         shard.poll(&mut out, true);
         for c in out.drain(..) {
             w.complete(c)?;
         }
-        if !shard.busy() {
+        if !more && !shard.busy() {
+            settled = true;
             break;
         }
     }
+    if !settled {
+        // Compaction must converge: each round frees more than it writes.
+        return Err(w.fail(format!("compaction did not settle: {:?}", shard.stats())));
+    }
     w.check_has(&mut shard)?;
+    w.check_audit(&shard)?;
+    w.report.absorb(&shard.stats());
     drop(shard);
     let mut shard =
         open_shard(&dev, &sb, key, cfg, true).map_err(|e| w.fail(format!("final reopen: {e}")))?;
@@ -754,6 +848,7 @@ pub fn run(cfg: &SimConfig) -> Result<SimReport, SimFailure> {
         w.report.continuations_replayed += scanned.stats().replayed_continuations;
     }
     w.check_has(&mut shard)?;
+    w.check_audit(&shard)?;
     let present: Vec<ChunkId> = w
         .known
         .iter()

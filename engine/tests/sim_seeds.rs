@@ -24,15 +24,7 @@ fn one_million_operations_across_seeds() {
         let r = run(&SimConfig::new(seed, ops_per_seed)).unwrap_or_else(|e| {
             panic!("{e}\nreplay: HIVE_SIM_SEED={seed} cargo test -p hivefs-engine --test sim_seeds")
         });
-        sum.ops += r.ops;
-        sum.crashes += r.crashes;
-        sum.puts_acked += r.puts_acked;
-        sum.poison_rejected += r.poison_rejected;
-        sum.gets_checked += r.gets_checked;
-        sum.deletes_acked += r.deletes_acked;
-        sum.io_errors_seen += r.io_errors_seen;
-        sum.summaries_replayed += r.summaries_replayed;
-        sum.continuations_replayed += r.continuations_replayed;
+        sum.add(&r);
     }
     eprintln!("{seeds} seeds: {sum:?}");
     assert!(sum.ops >= total);
@@ -46,6 +38,15 @@ fn one_million_operations_across_seeds() {
         sum.continuations_replayed > 0,
         "segments resumed after restarts must replay: {sum:?}"
     );
+    assert!(
+        sum.segments_compacted > seeds && sum.compaction_chunks_moved > 0,
+        "segments must be compacted and reused: {sum:?}"
+    );
+    assert!(
+        sum.tombstones_carried > 0 && sum.tombstones_dropped > 0,
+        "compaction must both carry and drop tombstones: {sum:?}"
+    );
+    assert!(sum.puts_no_space > 0, "the device must fill up: {sum:?}");
 }
 
 /// Seeds that once failed stay here as regression tests.

@@ -131,6 +131,9 @@ pub enum ErrorCode {
     Internal = 11,
     BadRequest = 12,
     WrongShard = 13,
+    /// The shard is out of space for new chunks (ENOSPC): retrying later may succeed once
+    /// a collection has freed space.
+    NoSpace = 14,
 }
 
 impl ErrorCode {
@@ -151,6 +154,7 @@ impl ErrorCode {
             11 => ErrorCode::Internal,
             12 => ErrorCode::BadRequest,
             13 => ErrorCode::WrongShard,
+            14 => ErrorCode::NoSpace,
             _ => return None,
         })
     }
@@ -1167,6 +1171,7 @@ pub(crate) mod tests {
         }
         assert_eq!(Opcode::MapReply as u16, 19);
         assert_eq!(ErrorCode::WrongShard as u16, 13);
+        assert_eq!(ErrorCode::NoSpace as u16, 14);
     }
 
     #[test]

@@ -423,6 +423,17 @@ fn status(dir: &std::path::Path, json: bool, insecure: bool) -> Result<()> {
         "device_bytes_total": sum("device_bytes_total"),
         "puts_rejected": sum("puts_rejected"),
         "gets_corrupt": sum("gets_corrupt"),
+        "segments_used": sum("segments_used"),
+        "segments_free": sum("segments_free"),
+        "segments_total": sum("segments_total"),
+        "live_bytes": sum("live_bytes"),
+        "dead_bytes": sum("dead_bytes"),
+        "puts_no_space": sum("puts_no_space"),
+        "segments_compacted": sum("segments_compacted"),
+        "compaction_chunks_moved": sum("compaction_chunks_moved"),
+        "compaction_bytes_moved": sum("compaction_bytes_moved"),
+        "compaction_tombstones_carried": sum("compaction_tombstones_carried"),
+        "compaction_tombstones_dropped": sum("compaction_tombstones_dropped"),
     });
     if json {
         println!(
@@ -443,13 +454,22 @@ fn status(dir: &std::path::Path, json: bool, insecure: bool) -> Result<()> {
             .unwrap_or("?")
     );
     println!(
-        "{:>6} {:>12} {:>12} {:>12} {:>8} {:>8} {:>14}",
-        "shard", "chunks", "logical GiB", "stored GiB", "dedupe", "compr", "device used"
+        "{:>6} {:>12} {:>12} {:>12} {:>8} {:>8} {:>14} {:>10} {:>10} {:>10}",
+        "shard",
+        "chunks",
+        "logical GiB",
+        "stored GiB",
+        "dedupe",
+        "compr",
+        "device used",
+        "dead GiB",
+        "free segs",
+        "compacted"
     );
     for v in &shards {
         let g = |k: &str| v[k].as_u64().unwrap_or(0);
         println!(
-            "{:>6} {:>12} {:>12.3} {:>12.3} {:>8.2} {:>8.2} {:>13.1}%{}",
+            "{:>6} {:>12} {:>12.3} {:>12.3} {:>8.2} {:>8.2} {:>13.1}% {:>10.3} {:>10} {:>10}{}",
             g("shard"),
             g("chunks"),
             gib(g("logical_bytes")),
@@ -457,6 +477,9 @@ fn status(dir: &std::path::Path, json: bool, insecure: bool) -> Result<()> {
             ratio(g("offered_bytes"), g("logical_bytes")),
             ratio(g("logical_bytes"), g("stored_bytes")),
             100.0 * ratio(g("device_bytes_used"), g("device_bytes_total").max(1)),
+            gib(g("dead_bytes")),
+            format!("{}/{}", g("segments_free"), g("segments_total")),
+            g("segments_compacted"),
             v["failed"]
                 .as_str()
                 .map(|f| format!("  FAILED: {f}"))
@@ -465,15 +488,24 @@ fn status(dir: &std::path::Path, json: bool, insecure: bool) -> Result<()> {
     }
     let t = |k: &str| total[k].as_u64().unwrap_or(0);
     println!(
-        "{:>6} {:>12} {:>12.3} {:>12.3} {:>8.2} {:>8.2} {:>13.1}%",
+        "{:>6} {:>12} {:>12.3} {:>12.3} {:>8.2} {:>8.2} {:>13.1}% {:>10.3} {:>10} {:>10}",
         "total",
         t("chunks"),
         gib(t("logical_bytes")),
         gib(t("stored_bytes")),
         total["dedupe_ratio"].as_f64().unwrap_or(1.0),
         total["compression_ratio"].as_f64().unwrap_or(1.0),
-        100.0 * ratio(t("device_bytes_used"), t("device_bytes_total").max(1))
+        100.0 * ratio(t("device_bytes_used"), t("device_bytes_total").max(1)),
+        gib(t("dead_bytes")),
+        format!("{}/{}", t("segments_free"), t("segments_total")),
+        t("segments_compacted")
     );
     println!("(dedupe = bytes offered by puts and has hits since start / unique bytes stored)");
+    println!(
+        "(compaction since start: {} chunks, {:.3} GiB moved; {} puts refused for lack of space)",
+        t("compaction_chunks_moved"),
+        gib(t("compaction_bytes_moved")),
+        t("puts_no_space")
+    );
     Ok(())
 }
