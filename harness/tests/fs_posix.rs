@@ -91,7 +91,11 @@ fn seek_data_and_seek_hole_find_the_written_ranges() {
         assert_eq!(seek(f, 0, libc::SEEK_DATA), Ok(0), "{round}");
         assert_eq!(seek(f, 100, libc::SEEK_DATA), Ok(100), "{round}");
         assert_eq!(seek(f, 0, libc::SEEK_HOLE), Ok(64 << 10), "{round}");
-        assert_eq!(seek(f, 64 << 10, libc::SEEK_DATA), Ok(far as i64), "{round}");
+        assert_eq!(
+            seek(f, 64 << 10, libc::SEEK_DATA),
+            Ok(far as i64),
+            "{round}"
+        );
         assert_eq!(seek(f, 64 << 10, libc::SEEK_HOLE), Ok(64 << 10), "{round}");
         assert_eq!(seek(f, far as i64, libc::SEEK_HOLE), Ok(size), "{round}");
         assert_eq!(seek(f, size, libc::SEEK_DATA), Err(libc::ENXIO), "{round}");
