@@ -27,6 +27,8 @@ pub enum FioJob {
     SeqWrite,
     /// Random 64 KiB O_DIRECT reads at depth 16.
     RandRead,
+    /// Sequential 1 MiB O_DIRECT reads at depth 16 (of a file an earlier job laid out).
+    SeqRead,
 }
 
 /// The fio binary, installing the Debian package if it is missing. `Err` says why not.
@@ -89,6 +91,7 @@ pub fn fio_run(
         let (rw, bs) = match job {
             FioJob::SeqWrite => ("write", "1M"),
             FioJob::RandRead => ("randread", "64k"),
+            FioJob::SeqRead => ("read", "1M"),
         };
         let out = Command::new(fio)
             .arg(format!("--name=hive-perf-{rw}"))

@@ -1,6 +1,7 @@
 //! `hive-perf`: HiveFS benchmarks. See perf/README.md.
 
 mod chunks;
+mod fs;
 mod limits;
 mod node;
 mod pipeline;
@@ -80,9 +81,10 @@ struct Opts {
     /// (default: both for `bench all`, client otherwise).
     #[arg(long, global = true, value_enum)]
     driver: Option<Driver>,
-    /// Bytes of unique chunks per put phase.
-    #[arg(long, global = true, default_value = "1G")]
-    bytes: String,
+    /// Bytes of unique chunks per put phase (default 1G); `fs`: bytes of the file written
+    /// and read (default 2G).
+    #[arg(long, global = true)]
+    bytes: Option<String>,
     /// Bytes of random gets per get phase.
     #[arg(long, global = true, default_value = "1G")]
     get_bytes: String,
@@ -162,6 +164,13 @@ enum Cmd {
     Bench {
         #[command(subcommand)]
         what: BenchCmd,
+    },
+    /// File-system benchmarks through a FUSE mount (`hi`), each against its ceiling.
+    Fs {
+        #[command(subcommand)]
+        what: fs::FsCmd,
+        #[command(flatten)]
+        args: fs::FsArgs,
     },
     /// (internal) Receiver of a loopback stream.
     #[command(hide = true)]
@@ -344,6 +353,10 @@ fn real_main(cli: Cli) -> Result<()> {
     if o.runs == 0 {
         bail!("--runs must be at least 1");
     }
+    if let Cmd::Fs { what, args } = &cli.cmd {
+        // Nothing is pinned: hi, the node and the benchmark share the cores as on a host.
+        return fs::run(*what, args, &o);
+    }
     // Pin before any thread exists: every thread spawned later inherits it.
     util::pin_current_thread(&[o.client_core])?;
 
@@ -372,7 +385,7 @@ fn real_main(cli: Cli) -> Result<()> {
             plan.get = true;
             plan.has = true;
         }
-        Cmd::TcpSink { .. } => unreachable!(),
+        Cmd::TcpSink { .. } | Cmd::Fs { .. } => unreachable!(),
     }
     let needs_node = plan.put || plan.get || plan.has;
     if needs_node {
@@ -385,7 +398,7 @@ fn real_main(cli: Cli) -> Result<()> {
         }
     }
 
-    let bytes = util::parse_size(&o.bytes)?;
+    let bytes = util::parse_size(o.bytes.as_deref().unwrap_or("1G"))?;
     let get_bytes = util::parse_size(&o.get_bytes)?;
     let chunk_bytes = util::parse_size(&o.chunk_size)? as usize;
     if chunk_bytes == 0 || chunk_bytes > hivefs_net::chunk::MAX_CHUNK_RAW_BYTES {
@@ -493,7 +506,7 @@ fn real_main(cli: Cli) -> Result<()> {
                     &o.node_size,
                     o.shards,
                     insecure,
-                    o.node_core,
+                    Some(o.node_core),
                     o.keep,
                     &overrides,
                 )?;

@@ -139,6 +139,34 @@ pub fn free_base_port(n: u16) -> Result<u16> {
     bail!("no {n} consecutive free ports found")
 }
 
+/// Make `cmd` a child this process owns: in its own process group (a terminal's Ctrl-C
+/// reaches only `hive-perf`, which then stops its children in order: unmount before the
+/// node) and sent `death_signal` if this process dies first (`PR_SET_PDEATHSIG`: fires
+/// when the spawning *thread* ends, so spawn from the main thread).
+pub fn own_child(cmd: &mut Command, death_signal: libc::c_int) {
+    cmd.process_group(0);
+    // SAFETY: prctl and getppid are async-signal-safe; nothing else runs before exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                death_signal as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() == 1 {
+                // The parent died before prctl took effect.
+                return Err(std::io::Error::other("parent exited"));
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Run `cmd` pinned to `cpu` (the child sets its own affinity before exec).
 pub fn pin_command(cmd: &mut Command, cpu: usize) {
     // SAFETY: the closure calls only async-signal-safe libc functions.
@@ -156,7 +184,8 @@ pub fn pin_command(cmd: &mut Command, cpu: usize) {
 
 impl SpawnedNode {
     /// `hive init` a one-off node in `dir` (device `dir/chunks.dev`, sparse `size`), turn
-    /// off its own core pinning, and `hive run` it pinned to `core`.
+    /// off its own core pinning, and `hive run` it pinned to `core` (`None`: unpinned).
+    /// Its metadata port (`base_port - 1`) is free too.
     #[allow(clippy::too_many_arguments)]
     pub fn spawn(
         hive_bin: &Path,
@@ -164,14 +193,15 @@ impl SpawnedNode {
         size: &str,
         shards: u16,
         insecure: bool,
-        core: usize,
+        core: Option<usize>,
         keep: bool,
         overrides: &[(String, String)],
     ) -> Result<SpawnedNode> {
         if dir.exists() {
             bail!("{} already exists", dir.display());
         }
-        let base_port = free_base_port(shards)?;
+        // One more port below the shards' for the metadata service.
+        let base_port = free_base_port(shards + 1)? + 1;
         let out = Command::new(hive_bin)
             .args(["init", "--data"])
             .arg(dir)
@@ -239,15 +269,19 @@ impl SpawnedNode {
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
-        pin_command(&mut cmd, core);
+        if let Some(core) = core {
+            pin_command(&mut cmd, core);
+        }
+        own_child(&mut cmd, libc::SIGTERM);
         let child = cmd
             .spawn()
             .with_context(|| format!("starting {} run", hive_bin.display()))?;
         let pid = child.id() as i32;
         let mut info = NodeInfo::from_dir(dir, insecure, Some(pid))?;
         info.label = format!(
-            "spawned {} node (pid {pid}, core {core}, port {base_port})",
-            if insecure { "insecure" } else { "tls" }
+            "spawned {} node (pid {pid}, {}, port {base_port})",
+            if insecure { "insecure" } else { "tls" },
+            core.map_or("unpinned".to_string(), |c| format!("core {c}"))
         );
         let mut node = SpawnedNode {
             child: Some(child),
