@@ -689,7 +689,7 @@ impl HiveClient {
             .map(|(id, s)| match s {
                 None => Ok(None),
                 Some((codec, raw_len, data)) => {
-                    chunk::verify(&self.map.dedupe_key, id, codec, &data, raw_len as usize)
+                    chunk::verify_owned(&self.map.dedupe_key, id, codec, data, raw_len as usize)
                         .map(Some)
                         .map_err(|source| ClientError::Verify { id: *id, source })
                 }

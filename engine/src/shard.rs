@@ -103,6 +103,9 @@ const REPLAY_READ_BYTES: usize = 4 << 20;
 const READ_BUF_BYTES: usize = (256 << 10) + 3 * BLOCK_SIZE;
 /// Read buffers a shard keeps for reuse (about its connections' credits of gets).
 const READ_POOL_MAX: usize = 128;
+/// Device queue slots gets leave free: a commit (write + flush) and a compaction step's
+/// reads must always find room, or a burst of reads would fail the shard.
+const RESERVED_IO_SLOTS: usize = 12;
 /// Requests per synchronous batch at format and open (within any queue depth).
 const SYNC_BATCH: usize = 32;
 /// Compaction: record reads in flight at most, and bytes read or waiting in the commit
@@ -547,6 +550,9 @@ pub struct ShardCore {
     inflight: Option<Batch>,
     spare: Option<AlignedBuf>,
     read_pool: Vec<AlignedBuf>,
+    /// Gets waiting for a free device slot (FIFO): gets never take the last
+    /// [`RESERVED_IO_SLOTS`] of the device's queue, which commits and compaction need.
+    waiting_gets: VecDeque<(u64, ChunkId)>,
     next_batch_no: u64,
     queue: VecDeque<Queued>,
     puts: HashMap<u64, PutTicket>,
@@ -671,6 +677,7 @@ impl ShardCore {
             building: Batch::empty(1, AlignedBuf::new(batch_buf_bytes(&cfg))),
             spare: Some(AlignedBuf::new(batch_buf_bytes(&cfg))),
             read_pool: Vec::new(),
+            waiting_gets: VecDeque::new(),
             dev,
             layout,
             key,
@@ -1302,6 +1309,30 @@ impl ShardCore {
     /// memory).
     pub fn get(&mut self, ticket: u64, id: ChunkId) {
         self.stats.gets += 1;
+        if !self.waiting_gets.is_empty() || self.dev.in_flight() >= self.get_slots() {
+            self.waiting_gets.push_back((ticket, id));
+            return;
+        }
+        self.get_now(ticket, id);
+    }
+
+    /// Device queue slots gets may use.
+    fn get_slots(&self) -> usize {
+        self.dev
+            .queue_depth()
+            .saturating_sub(RESERVED_IO_SLOTS)
+            .max(1)
+    }
+
+    /// Start waiting gets while the device has slots for them.
+    fn start_waiting_gets(&mut self) {
+        while !self.waiting_gets.is_empty() && self.dev.in_flight() < self.get_slots() {
+            let (ticket, id) = self.waiting_gets.pop_front().expect("not empty");
+            self.get_now(ticket, id);
+        }
+    }
+
+    fn get_now(&mut self, ticket: u64, id: ChunkId) {
         let Some(e) = self.index.get(&id).copied() else {
             self.done.push(Completion::Get {
                 ticket,
@@ -1425,6 +1456,7 @@ impl ShardCore {
         self.maybe_submit();
         self.pump();
         self.maybe_submit();
+        self.start_waiting_gets();
         out.append(&mut self.done);
     }
 
@@ -1438,6 +1470,7 @@ impl ShardCore {
     /// hand out, or a built batch the idle device can take.
     pub fn ready_now(&self) -> bool {
         !self.done.is_empty()
+            || (!self.waiting_gets.is_empty() && self.dev.in_flight() < self.get_slots())
             || (self.failed.is_none()
                 && self.inflight.is_none()
                 && self.building.len > 0
@@ -1450,6 +1483,7 @@ impl ShardCore {
             || self.building.len > 0
             || !self.queue.is_empty()
             || !self.done.is_empty()
+            || !self.waiting_gets.is_empty()
     }
 
     /// Free segments (not holding records, header durably invalid).
@@ -2981,6 +3015,47 @@ mod tests {
             ShardConfig::default(),
         )
         .unwrap()
+    }
+
+    /// More gets at once than the device's queue holds: they wait for slots instead of
+    /// failing, and a commit submitted meanwhile still finds room (a burst of reads must
+    /// never fail the shard).
+    #[test]
+    fn a_burst_of_gets_beyond_the_queue_depth_waits_and_commits_go_on() {
+        let mut s = shard(64 << 20, 1 << 20);
+        let stored: Vec<PutChunk> = (0..40).map(|i| chunk(i, 3000)).collect();
+        s.put(1, stored.clone());
+        drain(&mut s);
+        let depth = s.dev.queue_depth();
+        let n = depth * 3;
+        for t in 0..n {
+            s.get(100 + t as u64, stored[t % stored.len()].id);
+        }
+        assert!(
+            s.dev.in_flight() <= s.get_slots(),
+            "gets keep the reserve free"
+        );
+        let late = chunk(1000, 5000);
+        s.put(2, vec![late.clone()]);
+        let out = drain(&mut s);
+        let mut gets = 0;
+        for c in out {
+            match c {
+                Completion::Get { ticket, result } => {
+                    let want = &stored[(ticket - 100) as usize % stored.len()];
+                    assert_eq!(&result.expect("get").data[..], &want.data[..]);
+                    gets += 1;
+                }
+                Completion::Put {
+                    ticket: 2, result, ..
+                } => {
+                    assert_eq!(result.expect("put"), vec![PutOutcome::Stored]);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(gets, n);
+        assert!(s.failed.is_none());
     }
 
     #[test]

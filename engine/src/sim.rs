@@ -187,6 +187,9 @@ impl BlockDevice for SharedDevice {
     fn in_flight(&self) -> usize {
         self.0.lock().expect("sim device").in_flight()
     }
+    fn queue_depth(&self) -> usize {
+        self.0.lock().expect("sim device").queue_depth()
+    }
 }
 
 enum Op {

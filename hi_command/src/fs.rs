@@ -28,6 +28,7 @@
 //!   under the map's lock, so a late release never drops the state a newer open uses.
 
 use crate::cache::ChunkCache;
+use crate::fetch::Fetcher;
 use crate::writeback::{dirty_truncate, FileState, Hive, OpenFile, Writeback};
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
@@ -58,8 +59,8 @@ pub const CACHE_BYTES: usize = 256 << 20;
 const MAX_WRITE: u32 = 1 << 20;
 /// Block size reported by stat (what `cp` and friends use as their buffer size).
 const BLKSIZE: u32 = 1 << 20;
-/// How far a sequential reader's chunks are fetched ahead, in one batched get.
-const READ_AHEAD: u64 = 8 << 20;
+/// How far ahead of a sequential reader chunks are fetched (in the background).
+const READ_AHEAD: u64 = 32 << 20;
 
 /// What `hi mount` needs to serve a volume.
 pub struct Mounted {
@@ -70,6 +71,7 @@ pub struct Mounted {
 pub struct HiveFs {
     hive: Arc<Hive>,
     wb: Writeback,
+    fetch: Fetcher,
     /// Open files. Lock order: this map, then a file's state.
     files: Mutex<HashMap<u64, Arc<OpenFile>>>,
     /// The kernel's lookup count per inode (entries handed out, less forgets).
@@ -173,6 +175,7 @@ impl HiveFs {
         ));
         Ok(HiveFs {
             wb: Writeback::new(hive.clone())?,
+            fetch: Fetcher::new(hive.clone())?,
             hive,
             files: Mutex::new(HashMap::new()),
             lookups: Mutex::new(HashMap::new()),
@@ -251,73 +254,24 @@ impl HiveFs {
         }
     }
 
-    /// Bytes `[off, off + len)` of `ino` as this host sees them.
-    fn read_range(&self, st: &mut FileState, off: u64, len: usize) -> Result<Vec<u8>, Errno> {
-        let end = (off + len as u64).min(st.size);
-        if off >= end {
-            return Ok(Vec::new());
+    /// Bytes `[off, off + len)` as this host sees them: planned under the file's lock,
+    /// fetched and assembled without it (readers of one file run in parallel).
+    fn read_range(&self, file: &OpenFile, off: u64, len: usize) -> Result<Vec<u8>, Errno> {
+        let plan = plan_read(&mut file.lock(), off, len);
+        if !plan.ahead.is_empty() {
+            self.fetch.read_ahead(plan.ahead);
         }
-        let sequential = off == st.last_read_end && off > 0;
-        st.last_read_end = end;
-        let mut out = vec![0u8; (end - off) as usize];
-        // Committed extents.
-        let first = st.extents.partition_point(|e| e.end() <= off);
-        let wanted: Vec<&Extent> = st.extents[first..]
-            .iter()
-            .take_while(|e| e.offset < end)
-            .collect();
-        let mut have: HashMap<ChunkId, Arc<Vec<u8>>> = HashMap::new();
-        let mut missing: Vec<ChunkId> = Vec::new();
-        let mut seen = HashSet::new();
-        for e in &wanted {
-            if !seen.insert(e.chunk) {
-                continue;
-            }
-            match self.hive.cache.get(&e.chunk) {
-                Some(d) => {
-                    have.insert(e.chunk, d);
-                }
-                None => missing.push(e.chunk),
-            }
-        }
-        // A sequential reader that misses will want what follows: fetch it in the same
-        // batch (the shards serve it in parallel) and keep it in the cache.
-        let mut ahead = Vec::new();
-        if sequential && !missing.is_empty() {
-            let stop = end.saturating_add(READ_AHEAD);
-            for e in st.extents[first..].iter().skip_while(|e| e.offset < end) {
-                if e.offset >= stop {
-                    break;
-                }
-                if seen.insert(e.chunk) && !self.hive.cache.contains(&e.chunk) {
-                    ahead.push(e.chunk);
-                }
-            }
-        }
-        if !missing.is_empty() {
-            let wanted_n = missing.len();
-            missing.extend(ahead);
-            let got = self.hive.get_chunks(&missing)?;
-            for (i, (id, d)) in missing.iter().zip(got).enumerate() {
-                match d {
-                    Some(d) => {
-                        let d = Arc::new(d);
-                        self.hive.cache.insert(*id, d.clone());
-                        have.insert(*id, d);
-                    }
-                    // A chunk fetched ahead may be gone (the file changed): not an error.
-                    None if i >= wanted_n => {}
-                    None => {
-                        tracing::error!("chunk {id} of inode is missing from the hive");
-                        return Err(Errno::EIO);
-                    }
-                }
-            }
-        }
-        for e in wanted {
+        let mut out = vec![0u8; (plan.end - off) as usize];
+        let ids: Vec<ChunkId> = plan.extents.iter().map(|e| e.chunk).collect();
+        let have = if ids.is_empty() {
+            HashMap::new()
+        } else {
+            self.fetch.get(&ids)?
+        };
+        for e in &plan.extents {
             let data = &have[&e.chunk];
             let s = e.offset.max(off);
-            let t = e.end().min(end);
+            let t = e.end().min(plan.end);
             let from = e.chunk_offset as usize + (s - e.offset) as usize;
             let n = (t - s) as usize;
             if from + n > data.len() {
@@ -330,14 +284,8 @@ impl HiveFs {
             }
             out[(s - off) as usize..(s - off) as usize + n].copy_from_slice(&data[from..from + n]);
         }
-        // This host's uncommitted bytes on top: sealed batches oldest first, then dirty.
-        for b in &st.sealed {
-            for (s, v) in &b.ranges {
-                overlay(&mut out, off, *s, v);
-            }
-        }
-        for (&s, v) in st.dirty.range(..end) {
-            overlay(&mut out, off, s, v);
+        for (s, v) in &plan.overlays {
+            overlay(&mut out, off, *s, v);
         }
         Ok(out)
     }
@@ -484,6 +432,74 @@ impl HiveFs {
     }
 }
 
+/// What a read needs from an open file's state, taken under its lock.
+struct ReadPlan {
+    /// The read ends here (clipped to the size).
+    end: u64,
+    /// Committed extents overlapping the read, in offset order.
+    extents: Vec<Extent>,
+    /// This host's uncommitted bytes in the read, to lay on top in order (sealed batches
+    /// oldest first, then dirty ranges).
+    overlays: Vec<(u64, Vec<u8>)>,
+    /// Chunks a sequential reader will want next, to fetch in the background.
+    ahead: Vec<ChunkId>,
+}
+
+fn plan_read(st: &mut FileState, off: u64, len: usize) -> ReadPlan {
+    let end = (off + len as u64).min(st.size).max(off);
+    let mut plan = ReadPlan {
+        end,
+        extents: Vec::new(),
+        overlays: Vec::new(),
+        ahead: Vec::new(),
+    };
+    if off >= end {
+        return plan;
+    }
+    let sequential = off == st.last_read_end && off > 0;
+    st.last_read_end = end;
+    let first = st.extents.partition_point(|e| e.end() <= off);
+    plan.extents = st.extents[first..]
+        .iter()
+        .take_while(|e| e.offset < end)
+        .copied()
+        .collect();
+    let mut keep = |s: u64, v: &[u8]| {
+        let ve = s + v.len() as u64;
+        if ve > off && s < end {
+            let (a, b) = (s.max(off), ve.min(end));
+            plan.overlays
+                .push((a, v[(a - s) as usize..(b - s) as usize].to_vec()));
+        }
+    };
+    for b in &st.sealed {
+        for (s, v) in &b.ranges {
+            keep(*s, v);
+        }
+    }
+    for (&s, v) in st.dirty.range(..end) {
+        keep(s, v);
+    }
+    // A sequential reader gets the next READ_AHEAD fetched in the background, asked for
+    // in steps of half of it (not on every read).
+    if !sequential {
+        st.ahead_until = end;
+    } else if st.ahead_until < end + READ_AHEAD / 2 {
+        let from = st.ahead_until.max(end);
+        let stop = end + READ_AHEAD;
+        let at = st.extents.partition_point(|e| e.end() <= from);
+        let mut seen = HashSet::new();
+        plan.ahead = st.extents[at..]
+            .iter()
+            .take_while(|e| e.offset < stop)
+            .map(|e| e.chunk)
+            .filter(|c| seen.insert(*c))
+            .collect();
+        st.ahead_until = stop;
+    }
+    plan
+}
+
 /// Copy the part of `v` (at file offset `s`) that falls in `out` (at file offset `off`).
 fn overlay(out: &mut [u8], off: u64, s: u64, v: &[u8]) {
     let end = off + out.len() as u64;
@@ -572,6 +588,7 @@ impl Filesystem for HiveFs {
             }
         }
         self.wb.shutdown();
+        self.fetch.shutdown();
         // ... then the kernel holds nothing any more.
         let orphans: Vec<u64> = self.orphans.lock().expect("orphans lock").drain().collect();
         for ino in orphans {
@@ -836,8 +853,7 @@ impl Filesystem for HiveFs {
         let Some(st) = self.state(ino.0) else {
             return reply.error(Errno::EBADF);
         };
-        let mut st = st.lock();
-        match self.read_range(&mut st, offset, size as usize) {
+        match self.read_range(&st, offset, size as usize) {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(e),
         }

@@ -7,6 +7,7 @@
 //! - `hi volume create|list --hive ... [NAME]`
 
 mod cache;
+mod fetch;
 mod fs;
 mod locks;
 mod writeback;

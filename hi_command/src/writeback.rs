@@ -60,6 +60,17 @@ pub fn io_err(what: &str, e: impl std::fmt::Display) -> Errno {
     Errno::EIO
 }
 
+/// A chunk call's failure as the kernel gets it: a full hive is ENOSPC, the rest EIO.
+fn chunk_err(what: &str, e: ClientError) -> Errno {
+    match e {
+        ClientError::NoSpace { .. } => {
+            tracing::warn!("{what}: {e}");
+            Errno::ENOSPC
+        }
+        e => io_err(what, e),
+    }
+}
+
 fn errno(e: m::Errno) -> Errno {
     Errno::from_i32(e.0)
 }
@@ -99,6 +110,8 @@ pub struct FileState {
     pub extents: Vec<Extent>,
     /// Where the last read ended: a read starting there is sequential, and fetches ahead.
     pub last_read_end: u64,
+    /// Read-ahead has been asked for up to here.
+    pub ahead_until: u64,
 }
 
 impl FileState {
@@ -294,7 +307,7 @@ impl Hive {
                 let up = self
                     .chunks
                     .with(|c| c.upload(chunks))
-                    .map_err(|e| io_err("uploading chunks", e))?;
+                    .map_err(|e| chunk_err("uploading chunks", e))?;
                 let mut stale = false;
                 for part in extents.chunks(MAX_COMMIT_EXTENTS) {
                     let end = part.last().map_or(*off, |e| e.end());

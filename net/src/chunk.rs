@@ -248,11 +248,64 @@ pub fn verify(
     Ok(plain)
 }
 
+/// [`verify`] of stored bytes the caller owns: a raw chunk's bytes are checked and handed
+/// back as they are, without a copy.
+pub fn verify_owned(
+    key: &DedupeKey,
+    id: &ChunkId,
+    codec: Codec,
+    stored: Vec<u8>,
+    raw_len: usize,
+) -> Result<Vec<u8>, ChunkError> {
+    if codec != Codec::Raw {
+        return verify(key, id, codec, &stored, raw_len);
+    }
+    if raw_len > MAX_CHUNK_RAW_BYTES {
+        return Err(ChunkError::TooLarge(raw_len));
+    }
+    if stored.len() != raw_len {
+        return Err(ChunkError::RawLengthMismatch {
+            stored: stored.len(),
+            raw: raw_len,
+        });
+    }
+    if id.version() != ID_VERSION_BLAKE3_KEYED || ChunkId::compute(key, &stored) != *id {
+        return Err(ChunkError::HashMismatch(*id));
+    }
+    Ok(stored)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const KEY: DedupeKey = DedupeKey([7u8; 32]);
+
+    #[test]
+    fn verify_owned_agrees_with_verify() {
+        let text = b"owned bytes ".repeat(3000);
+        let id = ChunkId::compute(&KEY, &text);
+        for c in [Codec::Raw, Codec::Lz4, Codec::Zstd] {
+            let (used, stored) = compress(c, &text);
+            assert_eq!(
+                verify_owned(&KEY, &id, used, stored.clone(), text.len()).unwrap(),
+                text
+            );
+            let mut bad = stored;
+            let last = bad.len() - 1;
+            bad[last] ^= 1;
+            assert!(verify_owned(&KEY, &id, used, bad.clone(), text.len()).is_err());
+            assert_eq!(
+                verify_owned(&KEY, &id, used, bad.clone(), text.len()).is_err(),
+                verify(&KEY, &id, used, &bad, text.len()).is_err()
+            );
+        }
+        let (_, raw) = compress(Codec::Raw, &text);
+        assert!(matches!(
+            verify_owned(&KEY, &id, Codec::Raw, raw[..10].to_vec(), text.len()),
+            Err(ChunkError::RawLengthMismatch { .. })
+        ));
+    }
 
     #[test]
     fn roundtrip_each_codec() {

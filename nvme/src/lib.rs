@@ -87,7 +87,7 @@ pub enum IoError {
         len: usize,
         capacity: u64,
     },
-    #[error("too many requests in flight (limit {MAX_IN_FLIGHT})")]
+    #[error("too many requests in flight (beyond the device's queue depth)")]
     QueueFull,
     #[error("device I/O error: {0}")]
     Device(String),
@@ -109,6 +109,11 @@ pub trait BlockDevice: Send {
     fn poll(&mut self, out: &mut Vec<IoCompletion>, wait: bool) -> usize;
     /// Requests submitted and not yet reported by `poll`.
     fn in_flight(&self) -> usize;
+    /// Requests that may be in flight at once (a submit beyond it is refused with
+    /// [`IoError::QueueFull`]).
+    fn queue_depth(&self) -> usize {
+        MAX_IN_FLIGHT
+    }
 
     /// A file descriptor that becomes readable when completions may be ready, so an event
     /// loop can wait for sockets and I/O at once (then `poll(.., false)` reaps them; `poll`

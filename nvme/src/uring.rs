@@ -750,6 +750,10 @@ impl BlockDevice for UringDevice {
         self.used
     }
 
+    fn queue_depth(&self) -> usize {
+        self.depth
+    }
+
     fn completion_fd(&mut self) -> Option<std::os::fd::RawFd> {
         use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
         if self.iopoll {
