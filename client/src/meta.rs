@@ -12,18 +12,24 @@
 //!
 //! [`LockClient`] is a mount's side of the lock service (`engine/src/meta/locks.rs`): one
 //! lock session per mount, its lease, and which `(inode, owner)` pairs hold locks here.
+//!
+//! [`MetaWatch`] is a mount's watch stream (`engine/src/meta/watch.rs`): invalidations of
+//! other clients' mutations, on a connection of its own that is re-established when it
+//! breaks (or goes silent past [`WATCH_DEAD_MS`]); a gap is reported as [`Watched::Lost`].
 
 use crate::hive::{dial, ClientError, ClientOptions};
 use hivefs_net::conn::FramedConn;
 use hivefs_net::frame::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
+pub use hivefs_net::meta::Invalidation;
 use hivefs_net::meta::{
     self, Answer, Errno, LockInfo, LockKind, LockOp, LockRequest, LockType, MetaCommand, MetaReply,
-    MetaRequest, Mutation, Query, Timespec, LOCK_KEEPALIVE_MS, LOCK_LEASE_MS,
+    MetaRequest, Mutation, Query, Timespec, WatchEvent, LOCK_KEEPALIVE_MS, LOCK_LEASE_MS,
+    WATCH_DEAD_MS,
 };
 use hivefs_net::proto::{ClusterMap, Request, Response};
 use std::collections::{BTreeSet, HashSet};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -166,6 +172,22 @@ impl MetaClient {
         r
     }
 
+    /// A watch stream of `volume` on a connection of its own (see [`MetaWatch`]): what other
+    /// clients' mutations make stale (this client's own are left out). Connects lazily, at
+    /// the first [`MetaWatch::recv`].
+    pub fn watch(&self, volume: u32) -> MetaWatch {
+        MetaWatch {
+            opts: self.opts.clone(),
+            port: self.port,
+            volume,
+            client: self.client_id,
+            conn: None,
+            connected_before: false,
+            stop: Arc::new(AtomicBool::new(false)),
+            frames: Vec::with_capacity(1),
+        }
+    }
+
     /// A linearizable read of `volume`.
     pub fn query(&self, volume: u32, query: Query) -> Result<MetaReply, ClientError> {
         self.call(&MetaRequest::Query { volume, query })
@@ -229,6 +251,189 @@ impl MetaClient {
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
                 Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// What a [`MetaWatch`] delivers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Watched {
+    /// These names and inodes changed through another client.
+    Invalidate(Invalidation),
+    /// Invalidations were lost (the hive dropped them for a slow watcher, or the stream
+    /// broke and was re-established): anything may have changed; which is unknown.
+    Lost,
+}
+
+/// How often a blocked [`MetaWatch::recv`] looks at its stop flag.
+const WATCH_POLL: Duration = Duration::from_millis(200);
+/// Longest wait between reconnection attempts of a watch stream.
+const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// A watch stream (see [`MetaClient::watch`]). Blocking; one consumer thread.
+pub struct MetaWatch {
+    opts: ClientOptions,
+    port: u16,
+    volume: u32,
+    client: u64,
+    /// The stream and the request id its frames answer.
+    conn: Option<(MetaConn, u64)>,
+    /// A stream was up before: a new one means a gap.
+    connected_before: bool,
+    stop: Arc<AtomicBool>,
+    frames: Vec<hivefs_net::frame::Frame>,
+}
+
+impl MetaWatch {
+    /// Set the returned flag to make [`MetaWatch::recv`] return `None` (within
+    /// [`WATCH_POLL`] or one connection attempt).
+    pub fn stopper(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// Open a stream: Hello, then `Watch`, answered `Done`.
+    fn open(&self) -> Result<(MetaConn, u64), ClientError> {
+        let mut c = MetaConn::open(&self.opts, self.port)?;
+        let body = meta::encode(&MetaRequest::Watch {
+            volume: self.volume,
+            client: self.client,
+        });
+        let id = c.next_req;
+        match c.call(&Request::Meta { body })? {
+            Response::MetaReply { body } => match meta::decode::<MetaReply>(&body) {
+                Ok(Ok(Answer::Done)) => {}
+                Ok(other) => {
+                    return Err(ClientError::Protocol {
+                        shard: u16::MAX,
+                        detail: format!("watch answered {other:?}"),
+                    })
+                }
+                Err(e) => {
+                    return Err(ClientError::Protocol {
+                        shard: u16::MAX,
+                        detail: e.to_string(),
+                    })
+                }
+            },
+            other => return Err(unexpected(other)),
+        }
+        c.conn
+            .get_ref()
+            .set_read_timeout(Some(WATCH_POLL))
+            .map_err(|source| ClientError::Conn {
+                shard: u16::MAX,
+                source: source.into(),
+            })?;
+        Ok((c, id))
+    }
+
+    /// The next event of the stream `c`; `Ok(None)` when stopped; an error when the stream
+    /// broke or was silent for [`WATCH_DEAD_MS`] (not even a heartbeat).
+    fn read_event(&mut self, c: &mut MetaConn, id: u64) -> Result<Option<WatchEvent>, ClientError> {
+        let proto = |detail: String| ClientError::Protocol {
+            shard: u16::MAX,
+            detail,
+        };
+        let conn_err = |source| ClientError::Conn {
+            shard: u16::MAX,
+            source,
+        };
+        let since = Instant::now();
+        loop {
+            if self.stopped() {
+                return Ok(None);
+            }
+            if since.elapsed() >= Duration::from_millis(WATCH_DEAD_MS) {
+                return Err(proto("watch stream silent (no heartbeat)".into()));
+            }
+            let status = match c.conn.read_frames(&mut self.frames, 1) {
+                Ok(s) => s,
+                Err(hivefs_net::conn::ConnError::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    continue;
+                }
+                Err(e) => return Err(conn_err(e)),
+            };
+            let Some(f) = self.frames.pop() else {
+                if status == hivefs_net::conn::ReadStatus::Closed {
+                    return Err(conn_err(hivefs_net::conn::ConnError::Closed));
+                }
+                continue;
+            };
+            if f.request_id != id {
+                return Err(proto(format!("watch frame for request {}", f.request_id)));
+            }
+            let body = match Response::decode(f.opcode, &f.body).map_err(|e| conn_err(e.into()))? {
+                Response::MetaReply { body } => body,
+                other => return Err(unexpected(other)),
+            };
+            let ev = meta::decode_watch_event(&body).map_err(|e| proto(e.to_string()))?;
+            return Ok(Some(ev));
+        }
+    }
+
+    /// Open the stream now if it is not open (once this returns `Ok`, every mutation
+    /// answered later is heard).
+    pub fn connect(&mut self) -> Result<(), ClientError> {
+        if self.conn.is_none() {
+            self.conn = Some(self.open()?);
+            self.connected_before = true;
+        }
+        Ok(())
+    }
+
+    /// The next invalidation (or [`Watched::Lost`]), blocking; reconnects with backoff
+    /// while the hive is unreachable. `None` once stopped.
+    pub fn recv(&mut self) -> Option<Watched> {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            if self.stopped() {
+                return None;
+            }
+            let Some((mut c, id)) = self.conn.take() else {
+                match self.open() {
+                    Ok(c) => {
+                        self.conn = Some(c);
+                        if std::mem::replace(&mut self.connected_before, true) {
+                            tracing::info!("watch stream re-established");
+                            return Some(Watched::Lost);
+                        }
+                        tracing::debug!("watch stream open");
+                    }
+                    Err(e) => {
+                        tracing::debug!("watch stream: {e}; retrying in {backoff:?}");
+                        let until = Instant::now() + backoff;
+                        while Instant::now() < until && !self.stopped() {
+                            std::thread::sleep(WATCH_POLL.min(backoff));
+                        }
+                        backoff = (backoff * 2).min(WATCH_BACKOFF_MAX);
+                    }
+                }
+                continue;
+            };
+            match self.read_event(&mut c, id) {
+                Ok(None) => return None,
+                Ok(Some(ev)) => {
+                    self.conn = Some((c, id));
+                    match ev {
+                        WatchEvent::Heartbeat => {}
+                        WatchEvent::Overflow => return Some(Watched::Lost),
+                        WatchEvent::Invalidate(inv) => return Some(Watched::Invalidate(inv)),
+                    }
+                }
+                Err(e) => {
+                    tracing::info!("watch stream broke: {e}; reconnecting");
+                    // Dropped: the next turn reconnects.
+                }
             }
         }
     }

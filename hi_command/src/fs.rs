@@ -51,8 +51,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// How long the kernel may cache attributes and names.
-const TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may cache attributes and names (negative entries too). Long,
+/// because other mounts' changes are pushed (`invalidate.rs`: the hive's watch stream
+/// drops them from this kernel at once); bounded, because a push can be lost (a slow
+/// watcher's overflow, a broken stream, a hive restart, a lookup racing its
+/// invalidation): then this is how long another mount's change may stay unseen here.
+const TTL: Duration = Duration::from_secs(30);
 /// Chunk cache size.
 pub const CACHE_BYTES: usize = 256 << 20;
 /// Largest write the kernel sends.

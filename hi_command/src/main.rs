@@ -9,6 +9,7 @@
 mod cache;
 mod fetch;
 mod fs;
+mod invalidate;
 mod locks;
 mod writeback;
 
@@ -227,7 +228,7 @@ fn mount(r: &Resolved, threads: usize, mountpoint: &std::path::Path) -> Result<(
         Err(e) => bail!("looking up volume {name:?}: {e}"),
     };
     let fs = HiveFs::new(Mounted {
-        meta,
+        meta: meta.clone(),
         volume: vol.id,
     })?;
     let ended = fs.ended.clone();
@@ -253,11 +254,16 @@ fn mount(r: &Resolved, threads: usize, mountpoint: &std::path::Path) -> Result<(
         )
     })?;
     let bg = session.spawn().context("starting the FUSE session")?;
+    // Other mounts' changes, pushed by the hive, into this kernel's caches.
+    let invalidator = invalidate::Invalidator::start(&meta, vol.id, bg.notifier());
     println!("mounted {name} at {}", mountpoint.display());
     use std::io::Write;
     let _ = std::io::stdout().flush();
     while !STOP.load(Ordering::SeqCst) && !ended.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(100));
+    }
+    if let Some(inv) = invalidator {
+        inv.stop();
     }
     if ended.load(Ordering::SeqCst) {
         let _ = bg.join();

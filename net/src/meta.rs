@@ -354,6 +354,114 @@ pub enum MetaRequest {
     },
     /// A file-lock operation (volatile leader state, not through Raft; see [`LockOp`]).
     Lock(LockRequest),
+    /// Turn this connection into a stream of [`WatchEvent`]s for `volume`: what other
+    /// clients' mutations invalidate (`client`'s own are left out: its caches learn them
+    /// from the answers). Answered `Done` (or an errno) like any request, then every later
+    /// frame on the connection is a `MetaReply` frame with that request id whose body is a
+    /// [`WatchEvent`] (decode with [`decode_watch_event`]); the client sends nothing more.
+    Watch {
+        volume: u32,
+        client: u64,
+    },
+}
+
+/// Most items (entries plus inodes) one [`Invalidation`] carries.
+pub const MAX_WATCH_BATCH: usize = 4096;
+/// How often the hive sends [`WatchEvent::Heartbeat`] on a watch stream with nothing else
+/// to send.
+pub const WATCH_HEARTBEAT_MS: u64 = 1_000;
+/// A watcher that has received nothing (not even a heartbeat) for this long takes the
+/// stream for dead and reconnects (events in between are lost: as an overflow).
+pub const WATCH_DEAD_MS: u64 = 5_000;
+
+/// What a batch of other clients' mutations made stale: directory entries (a name under a
+/// parent inode: it may now point elsewhere, or nowhere, or exist where a lookup found
+/// nothing) and inodes (attributes, and for files the cached bytes).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Invalidation {
+    #[serde(deserialize_with = "de_bounded::<_, _, MAX_WATCH_BATCH>")]
+    pub entries: Vec<(u64, Vec<u8>)>,
+    #[serde(deserialize_with = "de_bounded::<_, _, MAX_WATCH_BATCH>")]
+    pub inodes: Vec<u64>,
+}
+
+impl Invalidation {
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty() && self.inodes.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len() + self.inodes.len()
+    }
+}
+
+/// One frame of a watch stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WatchEvent {
+    Invalidate(Invalidation),
+    /// Nothing happened; the stream is alive (every [`WATCH_HEARTBEAT_MS`] when idle).
+    Heartbeat,
+    /// The hive dropped events for this watcher (it did not keep up): anything may have
+    /// changed. The client cannot know what; its caches' TTL is the bound that remains.
+    Overflow,
+}
+
+impl WatchEvent {
+    /// Check the bounds a watcher relies on: at most [`MAX_WATCH_BATCH`] items in all, names
+    /// as [`check_name`] allows.
+    pub fn validate(&self) -> Result<(), Errno> {
+        match self {
+            WatchEvent::Invalidate(inv) => {
+                if inv.len() > MAX_WATCH_BATCH {
+                    return Err(Errno::E2BIG);
+                }
+                for (_, name) in &inv.entries {
+                    check_name(name)?;
+                }
+                Ok(())
+            }
+            WatchEvent::Heartbeat | WatchEvent::Overflow => Ok(()),
+        }
+    }
+}
+
+/// Decode and validate one watch-stream body.
+pub fn decode_watch_event(b: &[u8]) -> Result<WatchEvent, MetaDecodeError> {
+    let ev: WatchEvent = decode(b)?;
+    ev.validate()
+        .map_err(|e| MetaDecodeError(format!("watch event out of bounds: {e}")))?;
+    Ok(ev)
+}
+
+/// A list of at most `MAX` items, refused from its length prefix, before anything is
+/// allocated or read (postcard gives the exact length up front).
+fn de_bounded<'de, D, T, const MAX: usize>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct V<T, const MAX: usize>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>, const MAX: usize> serde::de::Visitor<'de> for V<T, MAX> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "a list of at most {MAX} items")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let n = seq.size_hint().unwrap_or(0);
+            if n > MAX {
+                return Err(serde::de::Error::invalid_length(n, &self));
+            }
+            let mut out = Vec::with_capacity(n);
+            while let Some(x) = seq.next_element()? {
+                if out.len() == MAX {
+                    return Err(serde::de::Error::invalid_length(MAX + 1, &self));
+                }
+                out.push(x);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_seq(V::<T, MAX>(std::marker::PhantomData))
 }
 
 /// A client's lock lease: the leader drops every lock of a client session that has sent
@@ -718,6 +826,7 @@ impl MetaRequest {
                 | LockOp::ReleaseOwner { .. }
                 | LockOp::Close => Ok(()),
             },
+            MetaRequest::Watch { .. } => Ok(()),
         }
     }
 }
@@ -776,6 +885,51 @@ mod tests {
         assert_eq!(check_name(&[b'x'; 256]), Err(Errno::NAMETOOLONG));
         assert_eq!(check_name(b".."), Err(Errno::INVAL));
         assert!(check_name(&[b'x'; 255]).is_ok());
+    }
+
+    #[test]
+    fn watch_events_roundtrip_and_bounds() {
+        let ev = WatchEvent::Invalidate(Invalidation {
+            entries: vec![(1, b"a".to_vec()), (7, vec![b'x'; MAX_NAME_BYTES])],
+            inodes: vec![1, 7, 9],
+        });
+        let b = encode(&ev);
+        assert_eq!(decode_watch_event(&b).unwrap(), ev);
+        for n in 0..b.len() {
+            let _ = decode_watch_event(&b[..n]);
+        }
+        for e in [WatchEvent::Heartbeat, WatchEvent::Overflow] {
+            assert_eq!(decode_watch_event(&encode(&e)).unwrap(), e);
+        }
+        // A length prefix over the bound is refused before anything is read.
+        let mut huge = vec![0u8]; // variant Invalidate
+        huge.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]);
+        assert!(decode_watch_event(&huge).is_err());
+        let over = |entries: usize, inodes: usize| {
+            WatchEvent::Invalidate(Invalidation {
+                entries: vec![(1, b"n".to_vec()); entries],
+                inodes: vec![3; inodes],
+            })
+        };
+        assert!(decode_watch_event(&encode(&over(MAX_WATCH_BATCH, 0))).is_ok());
+        assert!(decode_watch_event(&encode(&over(MAX_WATCH_BATCH + 1, 0))).is_err());
+        assert!(decode_watch_event(&encode(&over(0, MAX_WATCH_BATCH + 1))).is_err());
+        // Together over the bound: refused by validate.
+        assert!(decode_watch_event(&encode(&over(MAX_WATCH_BATCH, 1))).is_err());
+        let bad = |name: Vec<u8>| {
+            WatchEvent::Invalidate(Invalidation {
+                entries: vec![(1, name)],
+                inodes: vec![],
+            })
+        };
+        assert!(decode_watch_event(&encode(&bad(vec![b'x'; MAX_NAME_BYTES + 1]))).is_err());
+        assert!(decode_watch_event(&encode(&bad(b"a/b".to_vec()))).is_err());
+        let w = MetaRequest::Watch {
+            volume: 1,
+            client: 2,
+        };
+        assert_eq!(decode::<MetaRequest>(&encode(&w)).unwrap(), w);
+        assert!(w.validate().is_ok());
     }
 
     #[test]

@@ -8,8 +8,11 @@
 //! - [`server`]: the metadata port: Hello/token, then mutations through Raft and
 //!   linearizable queries.
 //! - [`locks`]: flock and POSIX locks, volatile state of the leader (leased, not logged).
+//! - [`watch`]: watch streams: which cached names and inodes each mutation makes stale,
+//!   pushed to the other mounts of the volume.
 pub mod locks;
 pub mod raft;
 mod raft_log;
 pub mod server;
 pub mod store;
+pub mod watch;

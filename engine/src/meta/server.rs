@@ -13,10 +13,14 @@
 //! - `statfs` adds the device's real figures, published by the shard threads.
 //! - A lock request is answered by the [`LockService`] in memory, not through Raft (see
 //!   `locks.rs` for why that is sound, and what a restart does).
+//! - A `Watch` turns its connection into a stream of invalidations (`watch.rs`): every
+//!   mutation answered OK is published to the other clients' watchers of its volume
+//!   before its answer is sent, and the connection's thread sends them (or a heartbeat).
 
 use super::locks::LockService;
 use super::raft::{Applier, MetaRaft, RaftError};
 use super::store::MetaStore;
+use super::watch::{self, Watchers};
 use crate::admin::Link;
 use crate::config::NodeConfig;
 use anyhow::{Context, Result};
@@ -24,8 +28,8 @@ use hivefs_net::chunk::{self, ChunkId};
 use hivefs_net::conn::{ConnError, FramedConn, ReadStatus};
 use hivefs_net::frame::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
 use hivefs_net::meta::{
-    self, Answer, FsckReport, GcReport, MetaCommand, MetaReply, MetaRequest, Mutation, Query,
-    ShardAdmin, ShardAdminReply, Timespec, VolumeInfo,
+    self, Answer, Errno, FsckReport, GcReport, MetaCommand, MetaReply, MetaRequest, Mutation,
+    Query, ShardAdmin, ShardAdminReply, Timespec, VolumeInfo, WatchEvent, WATCH_HEARTBEAT_MS,
 };
 use hivefs_net::proto::{frame_response, ClusterMap, ErrorCode, Request, Response, MAX_BATCH_IDS};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -33,12 +37,15 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Most metadata connections served at once (each is a thread).
 pub const MAX_META_CONNS: usize = 512;
 /// How often an idle connection thread looks at the stop flag.
 const STOP_CHECK: Duration = Duration::from_millis(250);
+/// A watch stream whose client has not taken an event for this long is ended (the
+/// client reconnects and treats the gap as an overflow).
+const WATCH_SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Device figures the shard threads publish for `statfs`.
 #[derive(Debug, Default)]
@@ -89,6 +96,8 @@ struct Shared {
     device: Arc<DeviceUse>,
     /// flock and POSIX locks (volatile; see `locks.rs`).
     locks: LockService,
+    /// Watch streams: where applied mutations' invalidations go (see `watch.rs`).
+    watchers: Watchers,
     /// Set while a collection runs (one at a time).
     gc_running: AtomicBool,
     stop: AtomicBool,
@@ -146,6 +155,7 @@ impl MetaServer {
             tls,
             device,
             locks,
+            watchers: Watchers::default(),
             gc_running: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             conns: Mutex::new(Vec::new()),
@@ -370,6 +380,10 @@ fn serve(sh: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
                 false,
             ),
             Ok(Request::Meta { body }) => match meta::decode::<MetaRequest>(&body) {
+                Ok(MetaRequest::Watch { volume, client }) => {
+                    watch_stream(&sh, &mut conn, v, f.request_id, volume, client, peer);
+                    return;
+                }
                 Ok(req) => match rt.block_on(handle(&sh, req)) {
                     Ok(reply) => (
                         Response::MetaReply {
@@ -401,6 +415,59 @@ fn serve(sh: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
         if conn.flush().is_err() || close {
             return;
         }
+    }
+}
+
+/// Serve a watch stream on this connection until it fails or the service stops: the
+/// `Done` answer, then [`WatchEvent`]s in `MetaReply` frames answering `request_id`.
+fn watch_stream(
+    sh: &Shared,
+    conn: &mut FramedConn<TcpStream>,
+    version: u16,
+    request_id: u64,
+    volume: u32,
+    client: u64,
+    peer: SocketAddr,
+) {
+    let send = |conn: &mut FramedConn<TcpStream>, body: Vec<u8>| {
+        let resp = Response::MetaReply { body };
+        conn.queue_frame(&frame_response(version, request_id, &resp));
+        // Ok(false): the write timed out with the client not reading.
+        matches!(conn.flush(), Ok(true))
+    };
+    if conn
+        .get_ref()
+        .set_write_timeout(Some(WATCH_SEND_TIMEOUT))
+        .is_err()
+    {
+        return;
+    }
+    let Some(reg) = sh.watchers.register(volume, client) else {
+        tracing::warn!(%peer, "watch refused: {} watchers already", watch::MAX_WATCHERS);
+        send(conn, meta::encode(&MetaReply::Err(Errno::AGAIN)));
+        return;
+    };
+    if !send(conn, meta::encode(&MetaReply::Ok(Answer::Done))) {
+        return;
+    }
+    tracing::debug!(%peer, volume, "watch stream started");
+    let heartbeat = Duration::from_millis(WATCH_HEARTBEAT_MS);
+    let mut sent = Instant::now();
+    while !sh.stop.load(Ordering::SeqCst) {
+        let wait = heartbeat.saturating_sub(sent.elapsed()).min(STOP_CHECK);
+        let ev = match reg.watcher.next(wait) {
+            Some(ev) => ev,
+            None if sent.elapsed() >= heartbeat => WatchEvent::Heartbeat,
+            None => continue,
+        };
+        if let WatchEvent::Overflow = ev {
+            tracing::info!(%peer, volume, "watcher fell behind: events dropped (overflow)");
+        }
+        if !send(conn, meta::encode(&ev)) {
+            tracing::info!(%peer, volume, "watch stream ended");
+            return;
+        }
+        sent = Instant::now();
     }
 }
 
@@ -616,9 +683,19 @@ async fn handle(sh: &Shared, req: MetaRequest) -> Result<MetaReply, RaftError> {
                 ..cmd
             };
             let out = sh.raft.write(meta::encode(&cmd)).await?;
-            meta::decode::<MetaReply>(&out)
-                .map_err(|e| RaftError::Unavailable(format!("store answered badly: {e}")))
+            let reply = meta::decode::<MetaReply>(&out)
+                .map_err(|e| RaftError::Unavailable(format!("store answered badly: {e}")))?;
+            // Before the answer goes out: a client that hears "done" and tells another
+            // mount finds the invalidation already on its way there.
+            if let Ok(answer) = &reply {
+                if let Some(inv) = watch::invalidations(&cmd.op, answer) {
+                    sh.watchers.publish(cmd.volume, cmd.client, &inv);
+                }
+            }
+            Ok(reply)
         }
+        // A watch is a connection of its own (served by `serve`), never a single answer.
+        MetaRequest::Watch { .. } => Ok(Err(Errno::INVAL)),
         MetaRequest::Query {
             query: Query::Gc, ..
         } => {

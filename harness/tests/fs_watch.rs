@@ -1,0 +1,182 @@
+//! Pushed invalidations across two mounts of one volume: mount B caches a name or an
+//! attribute (the kernel keeps it for `hi`'s 30 s TTL), mount A changes it, and B must see
+//! the change within [`DEADLINE`] (polling). Without the push (`HIVE_HI_NO_WATCH=1` in the
+//! environment, honoured by `hi`) B keeps the stale answer for the TTL and these tests
+//! fail (except the negative-entry case: the kernel does not cache `hi`'s ENOENT answers).
+//!
+//! Prints each case's latency (A's syscall returned -> B saw the change).
+
+mod common;
+
+use common::*;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// How soon B must see A's change (issue 3: "within 1 s").
+const DEADLINE: Duration = Duration::from_secs(1);
+
+macro_rules! fx {
+    ($name:expr) => {
+        match Fx::new($name) {
+            Some(f) => f,
+            None => return,
+        }
+    };
+}
+
+/// Poll `seen` until true for at most [`DEADLINE`]; returns how long it took, or records
+/// the case in `stale` (every case runs; the test fails at the end naming them all).
+fn wait_seen(what: &str, stale: &mut Vec<String>, mut seen: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        if seen() {
+            let took = t0.elapsed();
+            eprintln!("latency {what}: {:.1} ms", took.as_secs_f64() * 1e3);
+            return took;
+        }
+        if t0.elapsed() > DEADLINE {
+            eprintln!("STALE {what}: not seen within {DEADLINE:?}");
+            stale.push(what.to_string());
+            return t0.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn exists(p: &Path) -> bool {
+    lstat(p).is_ok()
+}
+
+#[test]
+fn changes_through_one_mount_show_at_once_through_another() {
+    let mut fx = fx!("fs-watch");
+    if fx.is_local() {
+        return; // one directory: nothing is cached apart
+    }
+    let b = fx.second_mount();
+    let a = fx.root().to_path_buf();
+    let mut took = Vec::new();
+    let mut stale = Vec::new();
+
+    // Rename: B holds the old name and its attributes.
+    std::fs::write(a.join("r1"), b"x").unwrap();
+    assert!(exists(&b.join("r1")));
+    std::fs::rename(a.join("r1"), a.join("r2")).unwrap();
+    took.push(wait_seen("rename", &mut stale, || {
+        !exists(&b.join("r1")) && exists(&b.join("r2"))
+    }));
+
+    // Unlink.
+    std::fs::write(a.join("u"), b"x").unwrap();
+    assert!(exists(&b.join("u")));
+    std::fs::remove_file(a.join("u")).unwrap();
+    took.push(wait_seen("unlink", &mut stale, || !exists(&b.join("u"))));
+
+    // Rmdir.
+    std::fs::create_dir(a.join("d")).unwrap();
+    assert!(exists(&b.join("d")));
+    std::fs::remove_dir(a.join("d")).unwrap();
+    took.push(wait_seen("rmdir", &mut stale, || !exists(&b.join("d"))));
+
+    // Chmod: B holds the attributes.
+    std::fs::write(a.join("m"), b"x").unwrap();
+    chmod(&a.join("m"), 0o644).unwrap();
+    assert_eq!(lstat(&b.join("m")).unwrap().st_mode & 0o7777, 0o644);
+    chmod(&a.join("m"), 0o600).unwrap();
+    took.push(wait_seen("chmod", &mut stale, || {
+        lstat(&b.join("m")).is_ok_and(|s| s.st_mode & 0o7777 == 0o600)
+    }));
+
+    // Write and close: the size B holds grows.
+    std::fs::write(a.join("w"), b"").unwrap();
+    assert_eq!(std::fs::metadata(b.join("w")).unwrap().len(), 0);
+    std::fs::write(a.join("w"), vec![7u8; 5000]).unwrap();
+    took.push(wait_seen("write+close", &mut stale, || {
+        std::fs::metadata(b.join("w")).is_ok_and(|m| m.len() == 5000)
+    }));
+
+    // Hard link: the link count B holds.
+    std::fs::write(a.join("h"), b"x").unwrap();
+    assert_eq!(std::fs::metadata(b.join("h")).unwrap().nlink(), 1);
+    std::fs::hard_link(a.join("h"), a.join("h2")).unwrap();
+    took.push(wait_seen("link", &mut stale, || {
+        std::fs::metadata(b.join("h")).is_ok_and(|m| m.nlink() == 2)
+    }));
+
+    // Rename over an existing name B holds: it now names the moved file.
+    std::fs::write(a.join("o1"), b"one").unwrap();
+    std::fs::write(a.join("o2"), b"second").unwrap();
+    let old_ino = std::fs::metadata(b.join("o2")).unwrap().ino();
+    std::fs::rename(a.join("o1"), a.join("o2")).unwrap();
+    took.push(wait_seen("rename over", &mut stale, || {
+        std::fs::metadata(b.join("o2")).is_ok_and(|m| m.ino() != old_ino)
+    }));
+
+    // A name B looked up and did not find, created through A.
+    assert!(!exists(&b.join("n")));
+    std::fs::write(a.join("n"), b"x").unwrap();
+    took.push(wait_seen("create (negative entry)", &mut stale, || {
+        exists(&b.join("n"))
+    }));
+
+    let max = took.iter().max().unwrap();
+    let mean = took.iter().sum::<Duration>() / took.len() as u32;
+    eprintln!(
+        "invalidation latency over {} cases: mean {:.1} ms, max {:.1} ms",
+        took.len(),
+        mean.as_secs_f64() * 1e3,
+        max.as_secs_f64() * 1e3
+    );
+    assert!(
+        stale.is_empty(),
+        "not seen through the second mount within {DEADLINE:?}: {stale:?}\n{}",
+        fx.logs()
+    );
+}
+
+/// The changes B makes itself are not pushed back to it, and do not need to be: its own
+/// kernel learns them from the answers. A long-TTL mount still sees its own changes.
+#[test]
+fn a_mount_sees_its_own_changes_with_the_long_ttl() {
+    let mut fx = fx!("fs-watch-own");
+    if fx.is_local() {
+        return;
+    }
+    let a = fx.root().to_path_buf();
+    std::fs::write(a.join("f"), b"x").unwrap();
+    assert_eq!(std::fs::metadata(a.join("f")).unwrap().len(), 1);
+    std::fs::write(a.join("f"), vec![1u8; 3000]).unwrap();
+    assert_eq!(std::fs::metadata(a.join("f")).unwrap().len(), 3000);
+    chmod(&a.join("f"), 0o600).unwrap();
+    assert_eq!(lstat(&a.join("f")).unwrap().st_mode & 0o7777, 0o600);
+    std::fs::rename(a.join("f"), a.join("g")).unwrap();
+    assert!(!exists(&a.join("f")) && exists(&a.join("g")));
+    std::fs::hard_link(a.join("g"), a.join("g2")).unwrap();
+    assert_eq!(std::fs::metadata(a.join("g")).unwrap().nlink(), 2);
+    std::fs::remove_file(a.join("g2")).unwrap();
+    assert_eq!(std::fs::metadata(a.join("g")).unwrap().nlink(), 1);
+    // The hive restarting breaks the watch stream; the mount reconnects, and hears the
+    // changes of a mount made afterwards.
+    if let Some(node) = fx.node() {
+        assert!(node.stop().success());
+        node.run();
+    }
+    let t0 = Instant::now();
+    while !fx.logs().contains("watch stream re-established") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no reconnection\n{}",
+            fx.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let b = fx.second_mount();
+    assert!(exists(&a.join("g")));
+    std::fs::remove_file(b.join("g")).unwrap();
+    let mut stale = Vec::new();
+    wait_seen("unlink after a hive restart", &mut stale, || {
+        !exists(&a.join("g"))
+    });
+    assert!(stale.is_empty(), "{}", fx.logs());
+}

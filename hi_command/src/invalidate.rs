@@ -1,0 +1,92 @@
+//! Pushed invalidations: a thread that follows the hive's watch stream for this mount's
+//! volume (`MetaClient::watch`) and tells the kernel to drop what other mounts changed:
+//! `inval_entry(parent, name)` for names (a renamed, removed or newly created name, also
+//! a negative entry) and `inval_inode(ino, 0, 0)` for inodes (attributes and cached pages).
+//!
+//! This is what lets `fs.rs` hand the kernel long TTLs: a change made through another
+//! mount reaches this kernel within a round trip or so, not after the TTL. The TTL stays
+//! the bound where the push cannot help:
+//! - events lost (the hive dropped them for a slow watcher, or the stream broke and was
+//!   re-established, or the hive restarted): this mount cannot know what changed, so it
+//!   logs it and relies on the TTL;
+//! - a lookup or getattr already on its way when the invalidation arrives may put the old
+//!   answer back in the cache (the kernel guards attributes against this with its
+//!   attribute version, not names).
+//!
+//! Open files are governed by close-to-open, not by this: extents are reloaded at open,
+//! and the kernel's page cache of a file is dropped at open (no `FOPEN_KEEP_CACHE`).
+//!
+//! The kernel answers ENOENT for what it does not hold; fuser drops that, and any other
+//! error is only logged (an invalidation that fails leaves the TTL bound).
+//! `HIVE_HI_NO_WATCH=1` turns the thread off (tests prove with it that they can fail).
+
+use fuser::{INodeNo, Notifier};
+use hivefs_client::meta::{MetaClient, Watched};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// The running invalidation thread; [`Invalidator::stop`] ends it (at unmount).
+pub struct Invalidator {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+impl Invalidator {
+    /// Follow `volume`'s watch stream and invalidate through `notifier`; `None` when
+    /// turned off by `HIVE_HI_NO_WATCH=1` (or the thread cannot start).
+    pub fn start(meta: &MetaClient, volume: u32, notifier: Notifier) -> Option<Invalidator> {
+        if std::env::var_os("HIVE_HI_NO_WATCH").is_some_and(|v| v == "1") {
+            tracing::warn!("HIVE_HI_NO_WATCH=1: no pushed invalidations (other mounts' changes show after the TTL)");
+            return None;
+        }
+        let mut watch = meta.watch(volume);
+        // Registered before the mount is announced: every change answered from then on
+        // reaches it. (If the hive is unreachable now, the thread keeps trying.)
+        if let Err(e) = watch.connect() {
+            tracing::warn!("opening the watch stream: {e} (retrying in the background)");
+        }
+        let stop = watch.stopper();
+        let thread = std::thread::Builder::new()
+            .name("hi-invalidate".into())
+            .spawn(move || {
+                while let Some(w) = watch.recv() {
+                    match w {
+                        Watched::Invalidate(inv) => {
+                            for (parent, name) in &inv.entries {
+                                let r =
+                                    notifier.inval_entry(INodeNo(*parent), OsStr::from_bytes(name));
+                                if let Err(e) = r {
+                                    tracing::debug!(parent, "invalidating an entry: {e}");
+                                }
+                            }
+                            for &ino in &inv.inodes {
+                                if let Err(e) = notifier.inval_inode(INodeNo(ino), 0, 0) {
+                                    tracing::debug!(ino, "invalidating an inode: {e}");
+                                }
+                            }
+                        }
+                        Watched::Lost => tracing::info!(
+                            "invalidations from the hive were lost: other mounts' changes \
+                             may show only after the cache TTL"
+                        ),
+                    }
+                }
+            });
+        match thread {
+            Ok(thread) => Some(Invalidator { stop, thread }),
+            Err(e) => {
+                tracing::warn!("cannot start the invalidation thread: {e}");
+                None
+            }
+        }
+    }
+
+    /// End the thread and wait for it.
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.thread.join();
+    }
+}
