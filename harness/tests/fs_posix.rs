@@ -1008,8 +1008,10 @@ fn background_commits_that_fail_are_retried_in_order() {
     let mut fx = fx!("fs-flusher-fails");
     let p = fx.join("big");
     let mut rng = Rng::new(13);
-    // 100 MiB: several sealed batches go to the flusher while writing.
-    let mut data = rng.bytes(100 << 20);
+    // 105 MiB: three sealed batches go to the flusher while writing, and the 9 MiB left
+    // for fsync are more than a sync commits inline, so they are sealed too and their
+    // commit fails in the background.
+    let mut data = rng.bytes(105 << 20);
     let f = OpenOptions::new()
         .read(true)
         .write(true)
