@@ -3,10 +3,12 @@
 //! Owned by one shard and touched only by its thread. It lives in memory; the interface is
 //! batched (`lookup_batch`) so an SSD-resident index can replace it without changing callers.
 //!
-//! Memory bound: an entry is the 33-byte id plus a 24-byte [`IndexEntry`] in a hashbrown
-//! table (1 control byte per slot, load factor <= 7/8): about 66 bytes per chunk in the
-//! worst case. At the default 64 KiB average chunk, one TiB of unique data is 16.8 M chunks,
-//! so about 1.1 GiB of index per TiB stored (0.55 GiB at half-full tables).
+//! Memory bound: an entry is the 33-byte id plus a 56-byte [`IndexEntry`] in a hashbrown
+//! table: a 96-byte slot (the pair is padded to the entry's 8-byte alignment) and 1 control
+//! byte, at a load factor between 7/16 (just after growing) and 7/8. That is 111 bytes per
+//! chunk at a full table and 222 just after growth (`claimed_epoch` added 8 bytes per slot:
+//! about 9 to 18 bytes per chunk). At the default 64 KiB average chunk, one TiB of unique
+//! data is 16.8 M chunks: 1.7 to 3.5 GiB of index per TiB stored.
 //!
 //! Invariants:
 //! - only entries in state [`EntryState::Verified`] answer `has` or count as stored;
@@ -47,6 +49,10 @@ pub struct IndexEntry {
     pub seq: u64,
     /// Copies this chunk must have (the highest any referencing volume asks for).
     pub replication_level: u8,
+    /// GC epoch of the latest claim of this chunk (its put, a duplicate put, a `has` hit);
+    /// 0 = replayed at open and not claimed since (the shard reads it as the first epoch
+    /// it heard after opening). Kept by compaction copies.
+    pub claimed_epoch: u64,
 }
 
 #[derive(Default)]
@@ -105,6 +111,19 @@ impl Index {
         let old = self.map.remove(id)?;
         self.account(&old, false);
         Some(old)
+    }
+
+    /// A claim of `id` in GC epoch `epoch`: its `claimed_epoch` becomes at least `epoch`
+    /// (epochs only advance; a late claim stamped with an older epoch never moves it back).
+    /// Returns whether `id` has an entry.
+    pub fn claim(&mut self, id: &ChunkId, epoch: u64) -> bool {
+        match self.map.get_mut(id) {
+            Some(e) => {
+                e.claimed_epoch = e.claimed_epoch.max(epoch);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Mark the entry created by record `seq` durable and verified. A later record for the
@@ -190,6 +209,40 @@ mod tests {
         }
     }
 
+    /// The per-entry size the module's memory bound states.
+    #[test]
+    fn entry_size_is_what_the_memory_bound_says() {
+        assert_eq!(std::mem::size_of::<IndexEntry>(), 56);
+        assert_eq!(std::mem::size_of::<(ChunkId, IndexEntry)>(), 96);
+    }
+
+    #[test]
+    fn claims_only_move_forward() {
+        let mut idx = Index::new(4);
+        let id = ChunkId([7; 33]);
+        assert!(!idx.claim(&id, 3), "no entry, nothing claimed");
+        idx.insert(
+            id,
+            IndexEntry {
+                loc: loc(1),
+                state: EntryState::Verified,
+                seq: 1,
+                replication_level: 1,
+                claimed_epoch: 0,
+            },
+        );
+        assert!(idx.claim(&id, 3));
+        assert_eq!(idx.get(&id).unwrap().claimed_epoch, 3);
+        idx.claim(&id, 2);
+        assert_eq!(
+            idx.get(&id).unwrap().claimed_epoch,
+            3,
+            "an older claim never wins"
+        );
+        idx.claim(&id, 5);
+        assert_eq!(idx.get(&id).unwrap().claimed_epoch, 5);
+    }
+
     /// The index against a BTreeMap model under random operations.
     #[test]
     fn matches_a_model() {
@@ -213,6 +266,7 @@ mod tests {
                             state: EntryState::Pending { batch: 1 },
                             seq,
                             replication_level: 1,
+                            claimed_epoch: seq,
                         },
                     );
                     model.insert(k, (n, false, seq));

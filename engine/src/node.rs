@@ -794,6 +794,26 @@ impl ShardLoop {
                     },
                 )
             }
+            ShardAdmin::ListStale {
+                before_epoch,
+                after,
+                max,
+            } => {
+                let after = match after.as_deref().map(meta::split_ids) {
+                    None => None,
+                    Some(Some(v)) if v.len() == 1 => Some(v[0]),
+                    Some(_) => return reply(self, ShardAdminReply::Refused("bad cursor".into())),
+                };
+                let max = max.min(meta::MAX_ADMIN_IDS) as usize;
+                let (ids, more) = self.s.core.list_stale(before_epoch, after.as_ref(), max);
+                reply(
+                    self,
+                    ShardAdminReply::Ids {
+                        ids: meta::join_ids(&ids),
+                        more,
+                    },
+                )
+            }
             ShardAdmin::Sweep { epoch, ids } => {
                 let Some(ids) =
                     meta::split_ids(&ids).filter(|v| v.len() <= meta::MAX_ADMIN_IDS as usize)
@@ -1034,6 +1054,7 @@ fn op_name(op: &ShardAdmin) -> &'static str {
         ShardAdmin::SetGcEpoch { .. } => "set-epoch",
         ShardAdmin::BeginGc { .. } => "begin",
         ShardAdmin::ListIds { .. } => "list",
+        ShardAdmin::ListStale { .. } => "list-stale",
         ShardAdmin::Sweep { .. } => "sweep",
         ShardAdmin::EndGc { .. } => "end",
     }

@@ -533,6 +533,10 @@ pub struct ShardCore {
     /// puts). The sweep spares them. Claims are recorded only in this process's life: a
     /// restarted shard refuses a sweep for a window it did not open.
     gc_window: Option<(u64, HashSet<ChunkId>)>,
+    /// The first GC epoch this process heard (`set_gc_epoch` or `begin_gc`): what an entry
+    /// replayed at open (`claimed_epoch` 0, claimed before the restart at the latest)
+    /// counts as. `None`: none heard yet, and such an entry counts as claimed now.
+    first_heard_epoch: Option<u64>,
     next_seq: u64,
     segments: Vec<SegmentState>,
     /// Generations this boot may use: [next_generation, generation_limit).
@@ -685,6 +689,7 @@ impl ShardCore {
             index: Index::new(layout.segment_count),
             gc_epoch: 1,
             gc_window: None,
+            first_heard_epoch: None,
             next_seq: 1,
             segments: vec![SegmentState::Free; layout.segment_count as usize],
             next_generation: first_gen,
@@ -849,6 +854,7 @@ impl ShardCore {
                     state: EntryState::Verified,
                     seq,
                     replication_level: self.cfg.replication_level,
+                    claimed_epoch: 0,
                 },
             ),
             RecordKind::Tombstone => self.index.remove(&id),
@@ -1123,6 +1129,7 @@ impl ShardCore {
     pub fn set_gc_epoch(&mut self, epoch: u64) {
         self.gc_epoch = epoch;
         self.gc_window = None;
+        self.first_heard_epoch.get_or_insert(epoch);
     }
 
     /// A collection begins: claims are stamped `epoch` and recorded until [`end_gc`].
@@ -1131,6 +1138,7 @@ impl ShardCore {
     pub fn begin_gc(&mut self, epoch: u64) {
         self.gc_epoch = epoch;
         self.gc_window = Some((epoch, HashSet::new()));
+        self.first_heard_epoch.get_or_insert(epoch);
     }
 
     /// The collection of `epoch` is over: stop recording claims.
@@ -1144,6 +1152,51 @@ impl ShardCore {
         if let Some((_, claimed)) = &mut self.gc_window {
             claimed.insert(*id);
         }
+    }
+
+    /// The GC epoch of `e`'s latest claim as this process knows it: a replayed entry not
+    /// claimed since (`claimed_epoch` 0) counts as claimed in the first epoch heard after
+    /// open, or now (`None`: younger than any epoch) if none was heard yet.
+    fn effective_claim_epoch(&self, e: &IndexEntry) -> Option<u64> {
+        match e.claimed_epoch {
+            0 => self.first_heard_epoch,
+            c => Some(c),
+        }
+    }
+
+    /// The GC epoch of `id`'s latest claim (see [`IndexEntry::claimed_epoch`]); `None` if
+    /// it is not stored or counts as claimed now.
+    pub fn claimed_epoch(&self, id: &ChunkId) -> Option<u64> {
+        self.index
+            .get(id)
+            .and_then(|e| self.effective_claim_epoch(e))
+    }
+
+    /// Verified ids in id order after `after`, at most `max`, whose latest claim is of an
+    /// epoch before `before_epoch`; and whether more follow. fsck's "outlived two
+    /// collections" check.
+    pub fn list_stale(
+        &self,
+        before_epoch: u64,
+        after: Option<&ChunkId>,
+        max: usize,
+    ) -> (Vec<ChunkId>, bool) {
+        let mut ids: Vec<ChunkId> = self
+            .index
+            .iter()
+            .filter(|(id, e)| {
+                e.state == EntryState::Verified
+                    && after.is_none_or(|a| *id > a)
+                    && self
+                        .effective_claim_epoch(e)
+                        .is_some_and(|c| c < before_epoch)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort_unstable();
+        let more = ids.len() > max;
+        ids.truncate(max);
+        (ids, more)
     }
 
     /// Verified ids in id order after `after`, at most `max`; and whether more follow.
@@ -1223,6 +1276,7 @@ impl ShardCore {
             };
             if hit {
                 self.note_claim(id);
+                self.index.claim(id, self.gc_epoch);
             }
             out.push(hit);
         }
@@ -2238,6 +2292,7 @@ impl ShardCore {
                         Some(EntryState::Verified) => {
                             self.queue.pop_front();
                             self.stats.puts_duplicate += 1;
+                            self.index.claim(&id, self.gc_epoch);
                             self.stats.offered_bytes +=
                                 self.index.get(&id).map_or(0, |e| e.loc.raw_len as u64);
                             self.resolve_put(ticket, idx, PutOutcome::Duplicate);
@@ -2246,6 +2301,7 @@ impl ShardCore {
                         Some(EntryState::Pending { batch }) => {
                             self.queue.pop_front();
                             self.stats.puts_duplicate += 1;
+                            self.index.claim(&id, self.gc_epoch);
                             let b = if self.building.no == batch {
                                 &mut self.building
                             } else {
@@ -2600,6 +2656,7 @@ impl ShardCore {
                         state: EntryState::Pending { batch },
                         seq,
                         replication_level: self.cfg.replication_level,
+                        claimed_epoch: self.gc_epoch,
                     },
                 );
                 self.stats.puts_stored += 1;
@@ -2650,10 +2707,12 @@ impl ShardCore {
                     seq,
                     id,
                 });
-                let level = self
+                let (level, claimed_epoch) = self
                     .index
                     .get(&id)
-                    .map_or(self.cfg.replication_level, |e| e.replication_level);
+                    .map_or((self.cfg.replication_level, 0), |e| {
+                        (e.replication_level, e.claimed_epoch)
+                    });
                 b.copies.push((
                     id,
                     src_seq,
@@ -2668,6 +2727,7 @@ impl ShardCore {
                         state: EntryState::Verified,
                         seq,
                         replication_level: level,
+                        claimed_epoch,
                     },
                 ));
                 self.stats.compaction_chunks_moved += 1;
@@ -2807,9 +2867,18 @@ impl ShardCore {
             let current = self
                 .index
                 .get(&id)
-                .is_some_and(|e| e.seq == src_seq && e.state == EntryState::Verified);
-            if current {
-                self.index.insert(id, entry);
+                .filter(|e| e.seq == src_seq && e.state == EntryState::Verified)
+                .map(|e| e.claimed_epoch);
+            if let Some(claimed) = current {
+                // A claim that came while the copy was in flight went to the original.
+                let claimed_epoch = claimed.max(entry.claimed_epoch);
+                self.index.insert(
+                    id,
+                    IndexEntry {
+                        claimed_epoch,
+                        ..entry
+                    },
+                );
             }
             *self.dead_chunk_records.entry(id).or_insert(0) += 1;
         }
@@ -3636,6 +3705,107 @@ mod compaction_tests {
             assert!(!has(&mut s, &c.id), "swept chunk came back");
         }
         assert_eq!(s.stats().chunks as usize, keep.len() + fresh.len());
+    }
+
+    /// `claimed_epoch`: a put stamps the shard's epoch, a `has` hit and a duplicate put
+    /// refresh it, a compaction copy keeps it, replay resets it to the first epoch heard
+    /// after open; `list_stale` lists by it, in id order, in pages.
+    #[test]
+    fn claims_are_stamped_kept_by_copies_and_replayed_as_the_first_epoch_heard() {
+        let (dev, layout) = formatted(8);
+        let mut s = open(&dev, layout);
+        let mut t = 0;
+        s.set_gc_epoch(1);
+        let (a, b, c) = (chunk(1, 20_000), chunk(2, 20_000), chunk(3, 20_000));
+        for x in [&a, &b, &c] {
+            assert_eq!(put(&mut s, &mut t, x).unwrap(), vec![PutOutcome::Stored]);
+        }
+        // Fillers after them in the same segments, swept below so compaction moves a, b, c.
+        let fillers: Vec<PutChunk> = (100..130).map(|i| chunk(i, 20_000)).collect();
+        for f in &fillers {
+            put(&mut s, &mut t, f).unwrap();
+        }
+        for x in [&a, &b, &c] {
+            assert_eq!(s.claimed_epoch(&x.id), Some(1), "a put stamps the epoch");
+        }
+        s.set_gc_epoch(3);
+        assert!(has(&mut s, &b.id));
+        assert_eq!(
+            put(&mut s, &mut t, &c).unwrap(),
+            vec![PutOutcome::Duplicate]
+        );
+        assert_eq!(s.claimed_epoch(&a.id), Some(1), "not claimed since epoch 1");
+        assert_eq!(
+            s.claimed_epoch(&b.id),
+            Some(3),
+            "a has hit refreshes the claim"
+        );
+        assert_eq!(
+            s.claimed_epoch(&c.id),
+            Some(3),
+            "a duplicate put refreshes it"
+        );
+        let sorted = |mut v: Vec<ChunkId>| {
+            v.sort_unstable();
+            v
+        };
+        let fids: Vec<ChunkId> = fillers.iter().map(|f| f.id).collect();
+        let stale = |s: &ShardCore, before: u64| -> Vec<ChunkId> {
+            let (ids, more) = s.list_stale(before, None, 1000);
+            assert!(!more);
+            ids.into_iter().filter(|i| !fids.contains(i)).collect()
+        };
+        assert_eq!(stale(&s, 1), vec![], "nothing claimed before epoch 1");
+        assert_eq!(stale(&s, 2), vec![a.id]);
+        assert_eq!(stale(&s, 3), vec![a.id]);
+        assert_eq!(stale(&s, 4), sorted(vec![a.id, b.id, c.id]));
+        // Pages in id order, like list_ids.
+        let (p1, more) = s.list_stale(4, None, 2);
+        assert!(more);
+        let (p2, _) = s.list_stale(4, p1.last(), 1000);
+        let mut all = p1.clone();
+        all.extend(p2);
+        assert_eq!(all, s.list_stale(4, None, 1000).0);
+        assert_eq!(all.len(), 3 + fillers.len());
+
+        // Compaction copies a, b and c and keeps their claims.
+        let seqs: Vec<u64> = [&a, &b, &c]
+            .iter()
+            .map(|x| s.index().get(&x.id).unwrap().seq)
+            .collect();
+        assert_eq!(delete(&mut s, &mut t, fids.clone()) as usize, fillers.len());
+        let live = [a.clone(), b.clone(), c.clone()];
+        compact_all(&mut s, &mut t, &live);
+        for (x, seq) in live.iter().zip(&seqs) {
+            assert_ne!(
+                s.index().get(&x.id).unwrap().seq,
+                *seq,
+                "compaction moved {:?}",
+                x.id
+            );
+        }
+        assert_eq!(s.claimed_epoch(&a.id), Some(1), "a copy keeps the claim");
+        assert_eq!(s.claimed_epoch(&b.id), Some(3));
+        assert_eq!(stale(&s, 2), vec![a.id]);
+        drop(s);
+
+        // Replayed entries: claimed "now" until an epoch is heard, then that epoch.
+        let mut s = open(&dev, layout);
+        assert_eq!(s.claimed_epoch(&a.id), None);
+        assert_eq!(
+            stale(&s, u64::MAX),
+            vec![],
+            "no epoch heard: nothing is stale"
+        );
+        s.set_gc_epoch(5);
+        assert_eq!(s.claimed_epoch(&a.id), Some(5), "the first epoch heard");
+        s.begin_gc(7);
+        assert_eq!(s.claimed_epoch(&a.id), Some(5), "only the first one counts");
+        assert!(has(&mut s, &b.id));
+        assert_eq!(s.claimed_epoch(&b.id), Some(7));
+        assert_eq!(stale(&s, 5), vec![]);
+        assert_eq!(stale(&s, 6), sorted(vec![a.id, c.id]));
+        assert_eq!(stale(&s, 8), sorted(vec![a.id, b.id, c.id]));
     }
 
     /// Segment A: `x` and live fillers (above the threshold, never compacted). Segment B:

@@ -250,3 +250,136 @@ fn gc_sweeps_garbage_and_spares_racing_writers() {
     assert_eq!(swept(&last), 0, "{last}");
     node.fsck(true);
 }
+
+/// A node with volume `v`, and a metadata client.
+fn node_with_volume(name: &str) -> (TestNode, Arc<MetaClient>, u32) {
+    let node = TestNode::start(NodeOptions::default().shards(2).name(name));
+    let meta = Arc::new(
+        MetaClient::connect(&node.client_options(), node.meta_port()).expect("meta connect"),
+    );
+    let vol = match meta
+        .mutate(
+            0,
+            Mutation::CreateVolume {
+                name: "v".into(),
+                copies: 1,
+            },
+        )
+        .unwrap()
+    {
+        Ok(Answer::Volume(v)) => v.id,
+        other => panic!("{other:?}"),
+    };
+    (node, meta, vol)
+}
+
+/// `hive fsck` whatever its exit status: (exit code, output).
+fn fsck_any(node: &TestNode) -> (Option<i32>, String) {
+    let mut args = vec!["fsck"];
+    if node.is_insecure() {
+        args.push("--insecure");
+    }
+    let out = node.hive(&args);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+/// The number after `label` in an fsck report ("... stored chunks 12  verified 0  stale 3").
+fn count(report: &str, label: &str) -> u64 {
+    report
+        .split(label)
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {label:?} count in {report:?}"))
+}
+
+fn gc_epoch(meta: &MetaClient) -> u64 {
+    match meta.query(0, Query::GcEpoch).unwrap() {
+        Ok(Answer::GcEpoch(e)) => e,
+        other => panic!("gc epoch: {other:?}"),
+    }
+}
+
+/// Uploaded and never committed: two collections remove it, so fsck's "no unreferenced
+/// chunk outlives two GC epochs" holds; garbage claimed in the current epoch is no finding.
+#[test]
+fn garbage_does_not_outlive_two_collections() {
+    let (node, meta, vol) = node_with_volume("gc-stale-clean");
+    let mut rng = Rng::new(0x5a1e);
+    let mut w = Writer::new(meta.clone(), vol);
+    let keep = rng.bytes(1 << 20);
+    let (keep_ino, _) = w.write_file("keep", &keep);
+    let garbage = w.upload_only(&rng.bytes(1 << 20)) as u64;
+    let e0 = gc_epoch(&meta);
+    let first = gc(&node);
+    let second = gc(&node);
+    eprintln!("{first}{second}");
+    assert!(swept(&first) >= garbage, "{first}");
+    assert_eq!(gc_epoch(&meta), e0 + 2);
+    // Fresh garbage, claimed in the current epoch: stored, unreferenced, not stale.
+    let fresh = w.upload_only(&rng.bytes(1 << 20)) as u64;
+    let report = node.fsck(false);
+    eprintln!("{report}");
+    assert_eq!(count(&report, "  stale "), 0, "{report}");
+    assert_eq!(
+        count(&report, "stored chunks "),
+        count(&report, "referenced chunks ") + fresh,
+        "only the fresh garbage is extra: {report}"
+    );
+    assert_eq!(w.read_file(keep_ino), keep);
+}
+
+/// The check fires: the GC epoch advances twice with no collection (as two collections
+/// that advanced it and failed before their sweep), so garbage uploaded before is
+/// unreferenced and unclaimed since two epochs ago. fsck names each such chunk and exits
+/// 1; the next real collection removes them and fsck is clean again.
+#[test]
+fn fsck_reports_garbage_that_outlived_two_epochs() {
+    let (node, meta, vol) = node_with_volume("gc-stale-fires");
+    let mut rng = Rng::new(0xf1e5);
+    let mut w = Writer::new(meta.clone(), vol);
+    let keep = rng.bytes(1 << 20);
+    let (keep_ino, _) = w.write_file("keep", &keep);
+    let garbage = w.upload_only(&rng.bytes(1 << 20)) as u64;
+    let e0 = gc_epoch(&meta);
+    let (code, report) = fsck_any(&node);
+    assert_eq!(code, Some(0), "young garbage is no finding: {report}");
+    let advance = |want: u64| match meta.mutate(0, Mutation::AdvanceGcEpoch).unwrap() {
+        Ok(Answer::GcEpoch(e)) => assert_eq!(e, want),
+        other => panic!("advance: {other:?}"),
+    };
+    // One advance: within the slack (a collection may fail midway).
+    advance(e0 + 1);
+    let (code, report) = fsck_any(&node);
+    assert_eq!(code, Some(0), "one epoch of slack: {report}");
+    advance(e0 + 2);
+    let (code, report) = fsck_any(&node);
+    eprintln!("{report}");
+    assert_eq!(code, Some(1), "fsck must fail: {report}");
+    assert_eq!(count(&report, "  stale "), garbage, "{report}");
+    let findings = report
+        .lines()
+        .filter(|l| {
+            l.starts_with("PROBLEM: chunk ")
+                && l.ends_with(&format!(
+                    "is unreferenced and unclaimed since before epoch {}: it outlived two \
+                     collections",
+                    e0 + 1
+                ))
+        })
+        .count() as u64;
+    assert_eq!(findings, garbage, "{report}");
+    // The referenced file is no finding, and reads back.
+    assert_eq!(w.read_file(keep_ino), keep);
+    // A real collection removes the garbage: clean again.
+    let swept_now = gc(&node);
+    eprintln!("{swept_now}");
+    assert!(swept(&swept_now) >= garbage, "{swept_now}");
+    let report = node.fsck(true);
+    assert_eq!(count(&report, "  stale "), 0, "{report}");
+}

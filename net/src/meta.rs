@@ -625,6 +625,14 @@ pub enum ShardAdmin {
     BeginGc { epoch: u64 },
     /// Verified chunk ids in id order after `after` (33-byte ids, concatenated).
     ListIds { after: Option<Vec<u8>>, max: u32 },
+    /// Like `ListIds`, only the chunks whose latest claim (put, duplicate put, `has` hit)
+    /// is of a GC epoch before `before_epoch` (fsck: garbage that outlived collections).
+    /// Answered by `Ids`; at most `MAX_ADMIN_IDS` per answer.
+    ListStale {
+        before_epoch: u64,
+        after: Option<Vec<u8>>,
+        max: u32,
+    },
     /// Remove these ids (concatenated) unless claimed since `BeginGc { epoch }`.
     Sweep { epoch: u64, ids: Vec<u8> },
     /// The collection of `epoch` is over: stop recording claims.
@@ -646,7 +654,7 @@ pub enum ShardAdminReply {
     Refused(String),
 }
 
-/// Most ids one `ListIds` or `Sweep` carries.
+/// Most ids one `ListIds`, `ListStale` or `Sweep` carries.
 pub const MAX_ADMIN_IDS: u32 = 65536;
 
 /// Split concatenated 33-byte ids; `None` if the length is not a multiple of 33.
@@ -677,6 +685,9 @@ pub struct FsckReport {
     pub stored_chunks: u64,
     /// Referenced chunks read back and checked against their ids (`verify`).
     pub verified_chunks: u64,
+    /// Stored chunks no live extent references and nobody claimed since before the epoch
+    /// before the current one: garbage that outlived two collections (each is a finding).
+    pub stale_chunks: u64,
     pub findings: Vec<String>,
 }
 

@@ -248,8 +248,13 @@ fn fsck(dir: &std::path::Path, verify: bool, insecure: bool) -> Result<()> {
         other => bail!("unexpected answer {other:?}"),
     };
     println!(
-        "volumes {}  inodes {}  referenced chunks {}  stored chunks {}  verified {}",
-        r.volumes, r.inodes, r.referenced_chunks, r.stored_chunks, r.verified_chunks
+        "volumes {}  inodes {}  referenced chunks {}  stored chunks {}  verified {}  stale {}",
+        r.volumes,
+        r.inodes,
+        r.referenced_chunks,
+        r.stored_chunks,
+        r.verified_chunks,
+        r.stale_chunks
     );
     for f in &r.findings {
         println!("PROBLEM: {f}");

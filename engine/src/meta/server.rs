@@ -616,12 +616,48 @@ fn fsck(sh: &Shared, verify: bool) -> Result<FsckReport> {
     (r.volumes, r.inodes) = sh.store.counts()?;
     let refs = sh.store.referenced_chunks()?;
     r.referenced_chunks = refs.len() as u64;
+    // Garbage must not outlive two collections: after collection E completes, every
+    // unreferenced chunk last claimed before E is gone. One epoch of slack more (a
+    // collection may fail midway): what was last claimed before E-1 is a finding.
+    let epoch = match sh.store.query(0, &Query::GcEpoch)? {
+        Ok(Answer::GcEpoch(e)) => e,
+        other => anyhow::bail!("gc epoch: {other:?}"),
+    };
     let mut by_shard: Vec<Vec<ChunkId>> = vec![Vec::new(); sh.shard_ports.len()];
-    for id in refs {
-        by_shard[sh.map.shard_of(&id) as usize].push(id);
+    for id in &refs {
+        by_shard[sh.map.shard_of(id) as usize].push(*id);
     }
     for (shard, ids) in by_shard.iter().enumerate() {
         let mut link = shard_link(sh, shard, "fsck")?;
+        if epoch >= 2 {
+            let before_epoch = epoch - 1;
+            let mut after: Option<Vec<u8>> = None;
+            loop {
+                let (ids, more) = match shard_admin(
+                    &mut link,
+                    &ShardAdmin::ListStale {
+                        before_epoch,
+                        after: after.clone(),
+                        max: meta::MAX_ADMIN_IDS,
+                    },
+                )? {
+                    ShardAdminReply::Ids { ids, more } => (ids, more),
+                    other => anyhow::bail!("shard {shard}: list stale answered {other:?}"),
+                };
+                let ids = meta::split_ids(&ids).context("bad id list from a shard")?;
+                after = ids.last().map(|l| l.0.to_vec());
+                for id in ids.iter().filter(|id| !refs.contains(id)) {
+                    r.stale_chunks += 1;
+                    r.findings.push(format!(
+                        "chunk {id} on shard {shard} is unreferenced and unclaimed since \
+                         before epoch {before_epoch}: it outlived two collections"
+                    ));
+                }
+                if !more {
+                    break;
+                }
+            }
+        }
         if let Response::StatsReply { json } = link.call(&Request::Stats)? {
             let v: serde_json::Value = serde_json::from_str(&json)?;
             r.stored_chunks += v["chunks"].as_u64().unwrap_or(0);
