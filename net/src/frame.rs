@@ -256,6 +256,9 @@ pub fn encode_frame(version: u16, opcode: u16, request_id: u64, body: &[u8]) -> 
     out
 }
 
+/// Bodies at least this long are received into their own buffer (see `FrameDecoder`).
+const DIRECT_BODY_MIN: usize = 16 << 10;
+
 /// Incremental frame decoder: [`push`](Self::push) bytes as they arrive,
 /// [`pop`](Self::pop) complete frames.
 ///
@@ -270,6 +273,10 @@ pub struct FrameDecoder {
     start: usize,
     /// The first frame's header, once validated.
     pending: Option<FrameHeader>,
+    /// The pending frame's body, when it is large: its bytes go straight here (allocated
+    /// once at its full length when the header passed validation), and `pop` hands it
+    /// over without copying it out of `buf`.
+    body: Option<Vec<u8>>,
     failed: Option<FrameError>,
     /// The transport authenticates every byte: bodies flagged unchecked are accepted.
     authenticated: bool,
@@ -288,7 +295,8 @@ impl FrameDecoder {
 
     /// Bytes held and not yet returned as frames.
     pub fn buffered(&self) -> usize {
-        self.buf.len() - self.start
+        // A direct body's header bytes were taken from `buf`; they still count.
+        self.buf.len() - self.start + self.body.as_ref().map_or(0, |b| HEADER_BYTES + b.len())
     }
 
     /// How many more bytes [`push`](Self::push) accepts now.
@@ -306,10 +314,22 @@ impl FrameDecoder {
     /// that only by the body length of a header that passed validation.
     #[must_use = "push may take fewer bytes than offered"]
     pub fn push(&mut self, bytes: &[u8]) -> usize {
-        let n = bytes.len().min(self.room());
+        let mut n = bytes.len().min(self.room());
         if n == 0 {
             return 0;
         }
+        let mut bytes = &bytes[..n];
+        // The rest of a large pending body goes straight into it.
+        if let (Some(body), Some(h)) = (self.body.as_mut(), self.pending) {
+            let k = (h.body_len as usize - body.len()).min(bytes.len());
+            body.extend_from_slice(&bytes[..k]);
+            bytes = &bytes[k..];
+            if bytes.is_empty() {
+                return n;
+            }
+        }
+        let taken = n;
+        n = bytes.len();
         if self.start > 0
             && (self.start == self.buf.len()
                 || self.start >= (64 << 10)
@@ -327,7 +347,7 @@ impl FrameDecoder {
             self.buf.reserve_exact(target.max(need) - self.buf.len());
         }
         self.buf.extend_from_slice(&bytes[..n]);
-        n
+        taken
     }
 
     /// The next complete frame: `Ok(None)` until enough bytes are in.
@@ -359,6 +379,30 @@ impl FrameDecoder {
             }
         };
         let total = HEADER_BYTES + header.body_len as usize;
+        if let Some(body) = &self.body {
+            if body.len() < header.body_len as usize {
+                return Ok(None);
+            }
+            let body = self.body.take().expect("checked");
+            self.check_body(&header, &body)?;
+            self.pending = None;
+            return Ok(Some(Frame {
+                version: header.version,
+                opcode: header.opcode,
+                request_id: header.request_id,
+                body,
+            }));
+        }
+        if self.buffered() < total && header.body_len as usize >= DIRECT_BODY_MIN {
+            // A large body: allocate it whole (the header passed validation) and move what
+            // arrived of it so far; the rest is pushed straight into it.
+            let mut body = Vec::with_capacity(header.body_len as usize);
+            body.extend_from_slice(&self.buf[self.start + HEADER_BYTES..]);
+            self.buf.clear();
+            self.start = 0;
+            self.body = Some(body);
+            return Ok(None);
+        }
         if self.buffered() < total {
             // The header is valid: now it is safe to make room for the whole frame.
             let missing = total - self.buffered();
@@ -372,13 +416,7 @@ impl FrameDecoder {
             return Ok(None);
         }
         let body = &self.buf[self.start + HEADER_BYTES..self.start + total];
-        if header.flags & FLAG_BODY_UNCHECKED != 0 {
-            if !self.authenticated {
-                return Err(FrameError::UncheckedBody);
-            }
-        } else if crc32c::crc32c(body) != header.body_crc32c {
-            return Err(FrameError::BadBodyChecksum);
-        }
+        self.check_body(&header, body)?;
         let frame = Frame {
             version: header.version,
             opcode: header.opcode,
@@ -396,6 +434,18 @@ impl FrameDecoder {
             }
         }
         Ok(Some(frame))
+    }
+
+    /// A body's checksum, or the transport's word for it.
+    fn check_body(&self, header: &FrameHeader, body: &[u8]) -> Result<(), FrameError> {
+        if header.flags & FLAG_BODY_UNCHECKED != 0 {
+            if !self.authenticated {
+                return Err(FrameError::UncheckedBody);
+            }
+        } else if crc32c::crc32c(body) != header.body_crc32c {
+            return Err(FrameError::BadBodyChecksum);
+        }
+        Ok(())
     }
 
     /// Call at end of stream: an error if part of a frame is still buffered (or the decoder
@@ -477,6 +527,95 @@ mod tests {
             assert_eq!(f.body, vec![i as u8; i * 37]);
         }
         assert_eq!(decode_all(&stream).unwrap(), got);
+    }
+
+    /// Push `stream` in pieces of random sizes, popping whatever is complete in between
+    /// (as a connection does).
+    fn decode_in_pieces(
+        stream: &[u8],
+        seed: u64,
+        authenticated: bool,
+    ) -> Result<Vec<Frame>, FrameError> {
+        let mut x = seed | 1;
+        let mut d = FrameDecoder::new();
+        d.set_authenticated_transport(authenticated);
+        let mut out = Vec::new();
+        let mut rest = stream;
+        while !rest.is_empty() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let want = 1 + (x % 150_000) as usize;
+            let n = d.push(&rest[..want.min(rest.len())]);
+            rest = &rest[n..];
+            while let Some(f) = d.pop()? {
+                out.push(f);
+            }
+        }
+        d.finish()?;
+        Ok(out)
+    }
+
+    #[test]
+    fn large_bodies_received_in_pieces_come_out_whole() {
+        let sizes = [
+            0,
+            100,
+            DIRECT_BODY_MIN - 1,
+            DIRECT_BODY_MIN,
+            DIRECT_BODY_MIN + 1,
+            70_000,
+            1 << 20,
+            3,
+            MAX_BODY_BYTES,
+            200_000,
+        ];
+        let mut stream = Vec::new();
+        let mut want = Vec::new();
+        for (i, n) in sizes.iter().enumerate() {
+            let body: Vec<u8> = (0..*n).map(|j| (j * 7 + i) as u8).collect();
+            if i % 2 == 0 {
+                encode_frame_into(&mut stream, 1, 20, i as u64, &body);
+            } else {
+                encode_frame_checked_with(
+                    &mut stream,
+                    BodyCheck::Transport,
+                    1,
+                    20,
+                    i as u64,
+                    |b| b.extend_from_slice(&body),
+                );
+            }
+            want.push(body);
+        }
+        for seed in 1..40 {
+            let got = decode_in_pieces(&stream, seed, true).unwrap();
+            assert_eq!(got.len(), want.len(), "seed {seed}");
+            for (i, (f, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(f.request_id, i as u64);
+                assert!(f.body == *w, "seed {seed}: body {i} differs");
+            }
+        }
+        // Unchecked large bodies on plain TCP, a flipped byte in a large checked body, and
+        // a large frame cut short are each caught, in pieces too.
+        assert_eq!(
+            decode_in_pieces(&stream, 7, false).unwrap_err(),
+            FrameError::UncheckedBody
+        );
+        let mut bad = encode_frame(1, 20, 1, &vec![9u8; 300_000]);
+        bad[HEADER_BYTES + 250_000] ^= 1;
+        for seed in 1..10 {
+            assert_eq!(
+                decode_in_pieces(&bad, seed, true).unwrap_err(),
+                FrameError::BadBodyChecksum
+            );
+        }
+        let good = encode_frame(1, 20, 1, &vec![9u8; 300_000]);
+        let cut = &good[..good.len() - 1];
+        assert!(matches!(
+            decode_in_pieces(cut, 3, true).unwrap_err(),
+            FrameError::Truncated { buffered } if buffered == cut.len()
+        ));
     }
 
     #[test]
