@@ -318,6 +318,23 @@ impl TestNode {
         self.base_port - 1
     }
 
+    /// Run `hive gc` and return what it printed; panics if it fails.
+    pub fn gc(&self) -> String {
+        let out = Command::new(&self.bin)
+            .args(["gc", "--data"])
+            .arg(&self.dir)
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap_or_else(|e| panic!("running hive gc: {e}"));
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "hive gc failed: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    }
+
     /// Run `hive fsck` (with `--verify`: every referenced chunk read back and checked) and
     /// panic with its report unless it is clean. Returns the report.
     pub fn fsck(&self, verify: bool) -> String {

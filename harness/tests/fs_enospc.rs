@@ -7,7 +7,6 @@ use hivefs_harness::mount::{fuse_unavailable, skip, TestMount};
 use hivefs_harness::{NodeOptions, Rng, TestNode};
 use std::fs::File;
 use std::io::Write;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// One file: 24 MiB of unique bytes.
@@ -20,21 +19,6 @@ fn write_synced(path: &std::path::Path, data: &[u8]) -> Result<(), i32> {
     f.write_all(data).map_err(errno)?;
     f.sync_all().map_err(errno)?;
     Ok(())
-}
-
-fn gc(node: &TestNode) -> String {
-    let out = Command::new(hivefs_harness::hive_bin())
-        .args(["gc", "--data"])
-        .arg(node.dir())
-        .output()
-        .expect("running hive gc");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "hive gc failed: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
 }
 
 #[test]
@@ -88,8 +72,8 @@ fn a_full_hive_answers_enospc_and_takes_writes_again_after_gc() {
     for (p, _) in &gone {
         std::fs::remove_file(p).unwrap();
     }
-    println!("fs-enospc: gc: {}", gc(&node).trim());
-    println!("fs-enospc: gc: {}", gc(&node).trim());
+    println!("fs-enospc: gc: {}", node.gc().trim());
+    println!("fs-enospc: gc: {}", node.gc().trim());
     // Compaction runs in the background after the sweep: new writes succeed within a
     // deadline.
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -9,7 +9,6 @@ use hivefs_client::pipeline::{ChunkerConfig, Pipeline};
 use hivefs_harness::{NodeOptions, Rng, TestNode};
 use hivefs_net::chunk::Codec;
 use hivefs_net::meta::{Answer, Errno, Extent, FileKind, Mutation, Query, ROOT_INO};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -129,21 +128,6 @@ impl Writer {
     }
 }
 
-fn gc(node: &TestNode) -> String {
-    let out = Command::new(hivefs_harness::hive_bin())
-        .args(["gc", "--data"])
-        .arg(node.dir())
-        .output()
-        .expect("running hive gc");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "hive gc failed: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
-}
-
 /// "gc epoch 3: 10 chunks referenced, 12 stored; swept 2 chunks (...)" -> swept count.
 fn swept(report: &str) -> u64 {
     report
@@ -197,7 +181,7 @@ fn gc_sweeps_garbage_and_spares_racing_writers() {
         .unwrap()
         .unwrap();
     node.fsck(true);
-    let first = gc(&node);
+    let first = node.gc();
     eprintln!("{first}");
     assert!(
         swept(&first) >= garbage as u64,
@@ -227,7 +211,7 @@ fn gc_sweeps_garbage_and_spares_racing_writers() {
     };
     let mut reports = Vec::new();
     for _ in 0..4 {
-        reports.push(gc(&node));
+        reports.push(node.gc());
     }
     done.store(true, Ordering::SeqCst);
     let (files, retries) = racer.join().expect("racer");
@@ -245,8 +229,8 @@ fn gc_sweeps_garbage_and_spares_racing_writers() {
         assert!(w.read_file(*ino) == *data, "race file {ino} differs");
     }
     // Two more collections with nothing new: nothing referenced goes, nothing is left.
-    gc(&node);
-    let last = gc(&node);
+    node.gc();
+    let last = node.gc();
     assert_eq!(swept(&last), 0, "{last}");
     node.fsck(true);
 }
@@ -316,8 +300,8 @@ fn garbage_does_not_outlive_two_collections() {
     let (keep_ino, _) = w.write_file("keep", &keep);
     let garbage = w.upload_only(&rng.bytes(1 << 20)) as u64;
     let e0 = gc_epoch(&meta);
-    let first = gc(&node);
-    let second = gc(&node);
+    let first = node.gc();
+    let second = node.gc();
     eprintln!("{first}{second}");
     assert!(swept(&first) >= garbage, "{first}");
     assert_eq!(gc_epoch(&meta), e0 + 2);
@@ -377,7 +361,7 @@ fn fsck_reports_garbage_that_outlived_two_epochs() {
     // The referenced file is no finding, and reads back.
     assert_eq!(w.read_file(keep_ino), keep);
     // A real collection removes the garbage: clean again.
-    let swept_now = gc(&node);
+    let swept_now = node.gc();
     eprintln!("{swept_now}");
     assert!(swept(&swept_now) >= garbage, "{swept_now}");
     let report = node.fsck(true);

@@ -260,18 +260,7 @@ pub fn verify_owned(
     if codec != Codec::Raw {
         return verify(key, id, codec, &stored, raw_len);
     }
-    if raw_len > MAX_CHUNK_RAW_BYTES {
-        return Err(ChunkError::TooLarge(raw_len));
-    }
-    if stored.len() != raw_len {
-        return Err(ChunkError::RawLengthMismatch {
-            stored: stored.len(),
-            raw: raw_len,
-        });
-    }
-    if id.version() != ID_VERSION_BLAKE3_KEYED || ChunkId::compute(key, &stored) != *id {
-        return Err(ChunkError::HashMismatch(*id));
-    }
+    check(key, id, codec, &stored, raw_len)?;
     Ok(stored)
 }
 
