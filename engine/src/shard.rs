@@ -2617,40 +2617,54 @@ impl ShardCore {
         let b = &mut self.building;
         let at = b.len;
         let off = b.start_off + at as u64;
+        // Every queued item is one record: write it, and its entry in the segment summary.
+        let (kind, codec, id, raw_len, data): (RecordKind, Codec, ChunkId, u32, &[u8]) = match &q {
+            Queued::Put { chunk, .. } => (
+                RecordKind::Chunk,
+                chunk.codec,
+                chunk.id,
+                chunk.raw_len,
+                &chunk.data[..],
+            ),
+            Queued::Copy {
+                id,
+                codec,
+                raw_len,
+                data,
+                ..
+            } => (RecordKind::Chunk, *codec, *id, *raw_len, &data[..]),
+            Queued::Delete { id, .. } | Queued::Carry { id, .. } => {
+                (RecordKind::Tombstone, Codec::Raw, *id, 0, &[])
+            }
+        };
+        let span = record_span(data.len());
+        let stored_len = data.len() as u32;
+        RecordHeader::new(kind, codec, generation, seq, id, raw_len)
+            .write(data, &mut b.buf_mut()[at..at + span]);
+        b.len += span;
+        active.summary.push(SummaryEntry {
+            kind,
+            codec,
+            offset: off as u32,
+            stored_len,
+            raw_len,
+            seq,
+            id,
+        });
+        let loc = Location {
+            segment: b.segment,
+            offset: off as u32,
+            stored_len,
+            raw_len,
+            codec,
+        };
         match q {
-            Queued::Put { ticket, idx, chunk } => {
-                let span = record_span(chunk.data.len());
-                RecordHeader::new(
-                    RecordKind::Chunk,
-                    chunk.codec,
-                    generation,
-                    seq,
-                    chunk.id,
-                    chunk.raw_len,
-                )
-                .write(&chunk.data, &mut b.buf_mut()[at..at + span]);
-                b.len += span;
-                b.records.push((chunk.id, seq, RecordKind::Chunk));
-                active.summary.push(SummaryEntry {
-                    kind: RecordKind::Chunk,
-                    codec: chunk.codec,
-                    offset: off as u32,
-                    stored_len: chunk.data.len() as u32,
-                    raw_len: chunk.raw_len,
-                    seq,
-                    id: chunk.id,
-                });
+            Queued::Put { ticket, idx, .. } => {
+                b.records.push((id, seq, RecordKind::Chunk));
                 b.waiters.push((ticket, idx, PutOutcome::Stored));
-                let loc = Location {
-                    segment: b.segment,
-                    offset: off as u32,
-                    stored_len: chunk.data.len() as u32,
-                    raw_len: chunk.raw_len,
-                    codec: chunk.codec,
-                };
                 let batch = b.no;
                 self.index.insert(
-                    chunk.id,
+                    id,
                     IndexEntry {
                         loc,
                         state: EntryState::Pending { batch },
@@ -2660,23 +2674,10 @@ impl ShardCore {
                     },
                 );
                 self.stats.puts_stored += 1;
-                self.stats.offered_bytes += chunk.raw_len as u64;
+                self.stats.offered_bytes += raw_len as u64;
             }
-            Queued::Delete { ticket, id } => {
-                let span = record_span(0);
-                RecordHeader::new(RecordKind::Tombstone, Codec::Raw, generation, seq, id, 0)
-                    .write(&[], &mut b.buf_mut()[at..at + span]);
-                b.len += span;
+            Queued::Delete { ticket, .. } => {
                 b.records.push((id, seq, RecordKind::Tombstone));
-                active.summary.push(SummaryEntry {
-                    kind: RecordKind::Tombstone,
-                    codec: Codec::Raw,
-                    offset: off as u32,
-                    stored_len: 0,
-                    raw_len: 0,
-                    seq,
-                    id,
-                });
                 b.delete_waiters.push(ticket);
                 if self.index.remove(&id).is_some() {
                     // Its chunk record (on the device or in a batch) is dead now.
@@ -2687,26 +2688,7 @@ impl ShardCore {
                     d.removed += 1;
                 }
             }
-            Queued::Copy {
-                id,
-                src_seq,
-                codec,
-                raw_len,
-                ref data,
-            } => {
-                let span = record_span(data.len());
-                RecordHeader::new(RecordKind::Chunk, codec, generation, seq, id, raw_len)
-                    .write(data, &mut b.buf_mut()[at..at + span]);
-                b.len += span;
-                active.summary.push(SummaryEntry {
-                    kind: RecordKind::Chunk,
-                    codec,
-                    offset: off as u32,
-                    stored_len: data.len() as u32,
-                    raw_len,
-                    seq,
-                    id,
-                });
+            Queued::Copy { src_seq, .. } => {
                 let (level, claimed_epoch) = self
                     .index
                     .get(&id)
@@ -2717,13 +2699,7 @@ impl ShardCore {
                     id,
                     src_seq,
                     IndexEntry {
-                        loc: Location {
-                            segment: b.segment,
-                            offset: off as u32,
-                            stored_len: data.len() as u32,
-                            raw_len,
-                            codec,
-                        },
+                        loc,
                         state: EntryState::Verified,
                         seq,
                         replication_level: level,
@@ -2734,21 +2710,8 @@ impl ShardCore {
                 self.stats.compaction_bytes_moved += span as u64;
                 self.compact_item_done(&q);
             }
-            Queued::Carry { id, .. } => {
-                let span = record_span(0);
-                RecordHeader::new(RecordKind::Tombstone, Codec::Raw, generation, seq, id, 0)
-                    .write(&[], &mut b.buf_mut()[at..at + span]);
-                b.len += span;
+            Queued::Carry { .. } => {
                 b.records.push((id, seq, RecordKind::Tombstone));
-                active.summary.push(SummaryEntry {
-                    kind: RecordKind::Tombstone,
-                    codec: Codec::Raw,
-                    offset: off as u32,
-                    stored_len: 0,
-                    raw_len: 0,
-                    seq,
-                    id,
-                });
                 self.stats.compaction_tombstones_carried += 1;
                 self.compact_item_done(&q);
             }
