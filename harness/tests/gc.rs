@@ -140,23 +140,7 @@ fn swept(report: &str) -> u64 {
 
 #[test]
 fn gc_sweeps_garbage_and_spares_racing_writers() {
-    let node = TestNode::start(NodeOptions::default().shards(2).name("gc"));
-    let meta = Arc::new(
-        MetaClient::connect(&node.client_options(), node.meta_port()).expect("meta connect"),
-    );
-    let vol = match meta
-        .mutate(
-            0,
-            Mutation::CreateVolume {
-                name: "v".into(),
-                copies: 1,
-            },
-        )
-        .unwrap()
-    {
-        Ok(Answer::Volume(v)) => v.id,
-        other => panic!("{other:?}"),
-    };
+    let (node, meta, vol) = node_with_volume("gc");
     let mut rng = Rng::new(0x6c);
     let mut w = Writer::new(meta.clone(), vol);
     let keep = rng.bytes(3 << 20);
