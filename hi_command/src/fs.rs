@@ -415,6 +415,17 @@ impl HiveFs {
         Ok(())
     }
 
+    /// Unlink or rmdir: the inode that lost a name may be an orphan now.
+    fn remove_name(&self, op: Mutation, reply: ReplyEmpty) {
+        match Self::attr_of(self.mutate(op)) {
+            Ok(a) => {
+                self.note_orphan(&a);
+                reply.ok()
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
     fn create_node(
         &self,
         req: &Request,
@@ -735,29 +746,19 @@ impl Filesystem for HiveFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match Self::attr_of(self.mutate(Mutation::Unlink {
+        let op = Mutation::Unlink {
             parent: parent.0,
             name: name_bytes(name),
-        })) {
-            Ok(a) => {
-                self.note_orphan(&a);
-                reply.ok()
-            }
-            Err(e) => reply.error(e),
-        }
+        };
+        self.remove_name(op, reply)
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match Self::attr_of(self.mutate(Mutation::Rmdir {
+        let op = Mutation::Rmdir {
             parent: parent.0,
             name: name_bytes(name),
-        })) {
-            Ok(a) => {
-                self.note_orphan(&a);
-                reply.ok()
-            }
-            Err(e) => reply.error(e),
-        }
+        };
+        self.remove_name(op, reply)
     }
 
     fn symlink(
