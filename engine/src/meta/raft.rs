@@ -177,8 +177,8 @@ struct SmShared {
     state: Mutex<SmState>,
 }
 
-/// openraft's state machine (and snapshot builder) over an [`Applier`]. Every call runs on
-/// the blocking pool: appliers commit to disk.
+/// openraft's state machine (and snapshot builder) over an [`Applier`]. Every call runs
+/// inline on the Raft runtime's worker (appliers commit to disk, which blocks it briefly).
 #[derive(Clone)]
 struct StateMachine {
     shared: Arc<SmShared>,
@@ -201,20 +201,18 @@ impl StateMachine {
         })
     }
 
+    /// Runs `f` under the state lock, inline on the Raft runtime's worker (not on the
+    /// blocking pool: see `LogStore::blocking` in `raft_log.rs` for the measurement).
     async fn blocking<R: Send + 'static>(
         &self,
         f: impl FnOnce(&dyn Applier, &mut SmState) -> Result<R, SmError> + Send + 'static,
     ) -> Result<R, SmError> {
-        let shared = self.shared.clone();
-        let task = tokio::task::spawn_blocking(move || {
-            let mut state = shared
-                .state
-                .lock()
-                .map_err(|_| sm_error("state machine lock poisoned by an earlier panic"))?;
-            f(shared.applier.as_ref(), &mut state)
-        });
-        task.await
-            .unwrap_or_else(|e| Err(sm_error(format_args!("applier call failed: {e}"))))
+        let mut state = self
+            .shared
+            .state
+            .lock()
+            .map_err(|_| sm_error("state machine lock poisoned by an earlier panic"))?;
+        f(self.shared.applier.as_ref(), &mut state)
     }
 }
 
@@ -467,12 +465,13 @@ fn not_leader(f: &ForwardToLeader<u64, BasicNode>) -> RaftError {
 /// A running metadata Raft node.
 ///
 /// **Runtime.** Raft runs on a private tokio runtime owned by this value: multi-thread
-/// flavour with one worker thread (`hivefs-meta-raft`) plus tokio's blocking pool, where
-/// every redb commit and every applier call runs. Why: the rest of the engine is
-/// thread-per-shard with mio and no async runtime, so Raft brings its own; one worker is
-/// plenty for Raft's bookkeeping on a 2-core machine and keeps Raft off the shards' cores;
-/// the multi-thread flavour drives itself (no thread has to sit in `block_on`), and the
-/// blocking pool means an fsync never stalls Raft's timers. Every public method runs its
+/// flavour with one worker thread (`hivefs-meta-raft`), which also runs every redb commit
+/// and every applier call inline. Why: the rest of the engine is thread-per-shard with mio
+/// and no async runtime, so Raft brings its own; one worker is plenty for Raft's bookkeeping
+/// on a 2-core machine and keeps Raft off the shards' cores; the multi-thread flavour drives
+/// itself (no thread has to sit in `block_on`). Storage calls stall Raft's timers for the
+/// length of one small commit (well under its heartbeat interval), and save two thread
+/// handoffs each (see `LogStore::blocking`). Every public method runs its
 /// work as a task on that runtime and awaits its result, so callers may await them from any
 /// executor (or none of tokio's).
 ///
@@ -553,7 +552,18 @@ impl MetaRaft {
 
     /// Linearizable read barrier (leader read index): after it returns Ok, a read of the
     /// applier's state sees every write acknowledged before the call.
+    ///
+    /// A node that leads a cluster whose only voter it is needs no round through Raft: no
+    /// other node can commit anything, and every write acknowledged so far was applied here
+    /// before it was acknowledged ([`MetaRaft::write`]), so the applier's state already
+    /// holds it. That path is taken only while the metrics say so (leader, running, a
+    /// membership, joint or not, with no voter but this node); a cluster with more voters
+    /// always goes through openraft's `ensure_linearizable`. It saves two thread handoffs
+    /// per metadata query (every lookup and getattr a mount sends).
     pub async fn read_barrier(&self) -> Result<(), RaftError> {
+        if self.sole_voter_leader() {
+            return Ok(());
+        }
         let raft = self.raft.clone();
         match self
             .run(async move { raft.ensure_linearizable().await })
@@ -566,6 +576,19 @@ impl MetaRaft {
             }
             Err(OrError::Fatal(f)) => Err(from_fatal(&f)),
         }
+    }
+
+    /// This node leads, Raft is running, and no other node is a voter.
+    fn sole_voter_leader(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.running_state.is_ok()
+            && m.state == ServerState::Leader
+            && m.current_leader == Some(self.id)
+            && m.membership_config
+                .membership()
+                .voter_ids()
+                .all(|v| v == self.id)
     }
 
     /// Is this node the leader now (cheap, for status)?
