@@ -463,23 +463,41 @@ impl HiveClient {
         &self.map
     }
 
-    /// Run `work[s]` on shard `s`'s connection, all shards in parallel.
+    /// Run `work[s]` on shard `s`'s connection for every shard that has work (`Some`), all
+    /// in parallel; results in shard order. The first busy shard runs on the caller's
+    /// thread, each other one on a scoped thread: a call that touches one shard (a small
+    /// get, as a mount's reads make) starts no thread at all. Starting one per shard for
+    /// every call was a visible share of `hi`'s CPU on reads.
     fn per_shard<W: Send, R: Send>(
         &mut self,
-        work: Vec<W>,
+        work: Vec<Option<W>>,
         f: impl Fn(&mut ShardConn, W) -> Result<R, ClientError> + Sync,
     ) -> Result<Vec<R>, ClientError> {
         let f = &f;
+        let mut busy = self
+            .shards
+            .iter_mut()
+            .zip(work)
+            .filter_map(|(sc, w)| w.map(|w| (sc, w)));
+        let Some((first, w)) = busy.next() else {
+            return Ok(Vec::new());
+        };
+        let rest: Vec<_> = busy.collect();
+        if rest.is_empty() {
+            return Ok(vec![f(first, w)?]);
+        }
         let results: Vec<Result<R, ClientError>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = self
-                .shards
-                .iter_mut()
-                .zip(work)
+            let handles: Vec<_> = rest
+                .into_iter()
                 .map(|(sc, w)| scope.spawn(move || f(sc, w)))
                 .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            let mine = f(first, w);
+            std::iter::once(mine)
+                .chain(
+                    handles
+                        .into_iter()
+                        .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))),
+                )
                 .collect()
         });
         results.into_iter().collect()
@@ -501,7 +519,10 @@ impl HiveClient {
         answer: impl Fn(Response) -> Result<(Vec<A>, u64), Response> + Sync,
         unanswered: A,
     ) -> Result<(Vec<A>, u64), ClientError> {
-        let groups = split_by_shard(&self.map, items.iter().enumerate(), |t| id_of(t));
+        let groups = split_by_shard(&self.map, items.iter().enumerate(), |t| id_of(t))
+            .into_iter()
+            .map(|g| (!g.is_empty()).then_some(g))
+            .collect();
         let answers = self.per_shard(groups, |sc, group| {
             let batches = batches(&group);
             let reqs = batches.iter().map(|b| request(b)).collect();
@@ -640,17 +661,33 @@ impl HiveClient {
 
     /// Has-then-put: ask which chunks the hive lacks and upload only those. A chunk the
     /// node rejects is an error (it means this client computed a wrong id).
+    ///
+    /// Copies every chunk; a caller that owns its chunks uses
+    /// [`HiveClient::upload_in_place`], which copies none.
     pub fn upload(&mut self, chunks: &[PreparedChunk]) -> Result<UploadStats, ClientError> {
+        self.upload_in_place(&mut chunks.to_vec())
+    }
+
+    /// [`HiveClient::upload`] without copying chunk bytes: the stored bytes of each missing
+    /// chunk are moved into the put request and moved back into `chunks` before this
+    /// returns, on success and on error alike (so a caller can retry with the same
+    /// chunks). The copy this avoids was 10% of `hi`'s CPU during a sequential write.
+    pub fn upload_in_place(
+        &mut self,
+        chunks: &mut [PreparedChunk],
+    ) -> Result<UploadStats, ClientError> {
         let ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
         let (present, epoch) = self.has(&ids)?;
         let mut missing: Vec<PutChunk> = Vec::new();
+        // Where each of `missing` came from, to give its bytes back.
+        let mut from: Vec<usize> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         let mut st = UploadStats {
             chunks: chunks.len() as u64,
             claim_epoch: epoch,
             ..Default::default()
         };
-        for (c, p) in chunks.iter().zip(&present) {
+        for (i, (c, p)) in chunks.iter_mut().zip(&present).enumerate() {
             st.raw_bytes += c.raw_len as u64;
             if *p || !seen.insert(c.id) {
                 st.deduped += 1;
@@ -661,20 +698,36 @@ impl HiveClient {
                 id: c.id,
                 codec: c.codec,
                 raw_len: c.raw_len,
-                data: c.stored.clone(),
+                data: std::mem::take(&mut c.stored),
             });
+            from.push(i);
         }
         if missing.is_empty() {
             return Ok(st);
         }
-        let (results, epoch) = self.put(&missing)?;
+        let put = self.put(&missing);
+        let rejected = match &put {
+            Ok((results, _)) => missing
+                .iter()
+                .zip(results)
+                .find(|(_, r)| **r == PutResult::Rejected)
+                .map(|(c, _)| c.id),
+            Err(_) => None,
+        };
+        for (c, i) in missing.into_iter().zip(from) {
+            chunks[i].stored = c.data;
+        }
+        let (results, epoch) = put?;
+        if let Some(id) = rejected {
+            return Err(ClientError::Rejected(id));
+        }
         // The has answers claimed the rest: the oldest epoch of all counts.
         st.claim_epoch = st.claim_epoch.min(epoch);
-        for (c, r) in missing.iter().zip(results) {
+        for r in results {
             match r {
                 PutResult::Stored => st.uploaded += 1,
                 PutResult::Duplicate => st.deduped += 1,
-                PutResult::Rejected => return Err(ClientError::Rejected(c.id)),
+                PutResult::Rejected => unreachable!("checked above"),
             }
         }
         Ok(st)
@@ -716,7 +769,7 @@ impl HiveClient {
 
     /// Every shard's statistics (JSON objects as the node reports them).
     pub fn stats(&mut self) -> Result<Vec<String>, ClientError> {
-        let work = vec![(); self.shards.len()];
+        let work = vec![Some(()); self.shards.len()];
         self.per_shard(work, |sc, ()| match sc.call(&Request::Stats)? {
             Response::StatsReply { json } => Ok(json),
             other => Err(sc.unexpected(other)),

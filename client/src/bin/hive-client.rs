@@ -147,8 +147,8 @@ fn put(client: &mut HiveClient, file: &Path, manifest: Option<PathBuf>, codec: &
         std::thread::scope(|scope| -> Result<(u64, hivefs_client::hive::UploadStats)> {
             let uploader = scope.spawn(move || -> Result<hivefs_client::hive::UploadStats> {
                 let mut total = hivefs_client::hive::UploadStats::default();
-                for batch in rx {
-                    let st = client.upload(&batch)?;
+                for mut batch in rx {
+                    let st = client.upload_in_place(&mut batch)?;
                     total.chunks += st.chunks;
                     total.deduped += st.deduped;
                     total.uploaded += st.uploaded;
