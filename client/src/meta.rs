@@ -153,20 +153,35 @@ impl MetaClient {
 
     /// Apply a mutation to `volume` exactly once.
     pub fn mutate(&self, volume: u32, op: Mutation) -> Result<MetaReply, ClientError> {
+        self.mutate_as(volume, op, false)
+    }
+
+    /// [`MetaClient::mutate`], answered with the directory's attributes after it where
+    /// the mutation adds or removes a name ([`MetaRequest::MutateInDir`]).
+    pub fn mutate_in_dir(&self, volume: u32, op: Mutation) -> Result<MetaReply, ClientError> {
+        self.mutate_as(volume, op, true)
+    }
+
+    fn mutate_as(&self, volume: u32, op: Mutation, in_dir: bool) -> Result<MetaReply, ClientError> {
         let seq = self.next_seq.fetch_add(1, Ordering::SeqCst);
         let acked_below = {
             let mut w = self.waiting.lock().expect("waiting lock");
             w.insert(seq);
             *w.iter().next().expect("just inserted")
         };
-        let req = MetaRequest::Mutate(MetaCommand {
+        let cmd = MetaCommand {
             volume,
             client: self.client_id,
             seq,
             acked_below,
             now: Timespec::default(),
             op,
-        });
+        };
+        let req = if in_dir {
+            MetaRequest::MutateInDir(cmd)
+        } else {
+            MetaRequest::Mutate(cmd)
+        };
         let r = self.call(&req);
         self.waiting.lock().expect("waiting lock").remove(&seq);
         r

@@ -220,3 +220,79 @@ fn mutations_apply_exactly_once_across_kill9() {
     eprintln!("{}", node.fsck(true));
     node.stop();
 }
+
+/// `MutateInDir`: a name change is answered with the directory's attributes as read after
+/// it applied (what `hi` answers the kernel's next getattr of the directory with), the
+/// same as a getattr right after says; other mutations answer as `Mutate` does.
+#[test]
+fn mutate_in_dir_answers_the_directory_after_the_change() {
+    let node = TestNode::start(NodeOptions::default().name("meta-in-dir"));
+    let m = connect(&node);
+    let vol = create_volume(&m, "default");
+    let getattr = |ino: u64| match m.query(vol, Query::GetAttr { ino }) {
+        Ok(Ok(Answer::Attr(a))) => a,
+        other => panic!("getattr {ino}: {other:?}"),
+    };
+    let before = getattr(ROOT_INO);
+    let in_dir = |op: Mutation| match m.mutate_in_dir(vol, op) {
+        Ok(Ok(Answer::InDir { attr, dir })) => (attr, dir),
+        other => panic!("mutate_in_dir: {other:?}"),
+    };
+    let (sub, root) = in_dir(Mutation::Create {
+        parent: ROOT_INO,
+        name: b"sub".to_vec(),
+        kind: FileKind::Dir,
+        perm: 0o755,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+    });
+    assert_eq!(sub.kind, FileKind::Dir);
+    assert_eq!(root, getattr(ROOT_INO), "the answer is the directory as it now is");
+    assert_eq!(root.nlink, before.nlink + 1, "mkdir adds the child's `..`");
+    assert!(root.mtime >= before.mtime && root.ctime >= before.ctime);
+    let (file, sub_after) = in_dir(Mutation::Create {
+        parent: sub.ino,
+        name: b"f".to_vec(),
+        kind: FileKind::File,
+        perm: 0o644,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+    });
+    assert_eq!(sub_after.ino, sub.ino);
+    assert_eq!(sub_after, getattr(sub.ino));
+    let (gone, sub_after) = in_dir(Mutation::Unlink {
+        parent: sub.ino,
+        name: b"f".to_vec(),
+    });
+    assert_eq!((gone.ino, gone.nlink), (file.ino, 0));
+    assert_eq!(sub_after, getattr(sub.ino));
+    let (_, root_after) = in_dir(Mutation::Rmdir {
+        parent: ROOT_INO,
+        name: b"sub".to_vec(),
+    });
+    assert_eq!(root_after.nlink, before.nlink);
+    // Not a name change: answered as a plain mutation.
+    match m.mutate_in_dir(
+        vol,
+        Mutation::SetAttr {
+            ino: ROOT_INO,
+            set: Default::default(),
+        },
+    ) {
+        Ok(Ok(Answer::Attr(a))) => assert_eq!(a.ino, ROOT_INO),
+        other => panic!("setattr: {other:?}"),
+    }
+    // Errors stay errors.
+    match m.mutate_in_dir(
+        vol,
+        Mutation::Unlink {
+            parent: ROOT_INO,
+            name: b"absent".to_vec(),
+        },
+    ) {
+        Ok(Err(e)) => assert_eq!(e, Errno::NOENT),
+        other => panic!("unlink of nothing: {other:?}"),
+    }
+}

@@ -280,6 +280,21 @@ pub enum Mutation {
     AdvanceGcEpoch,
 }
 
+impl Mutation {
+    /// The directory this mutation adds a name to or removes one from (not a rename: it
+    /// may touch two).
+    pub fn dir(&self) -> Option<u64> {
+        match self {
+            Mutation::Create { parent, .. }
+            | Mutation::Symlink { parent, .. }
+            | Mutation::Link { parent, .. }
+            | Mutation::Unlink { parent, .. }
+            | Mutation::Rmdir { parent, .. } => Some(*parent),
+            _ => None,
+        }
+    }
+}
+
 /// A mutation as proposed to the log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MetaCommand {
@@ -363,6 +378,12 @@ pub enum MetaRequest {
         volume: u32,
         client: u64,
     },
+    /// As `Mutate`; and where the mutation adds or removes a name in a directory
+    /// ([`Mutation::dir`]), an `Ok` answer comes as [`Answer::InDir`], with that directory's
+    /// attributes as read right after the mutation applied: the kernel asks for them next
+    /// (it drops its copy after every change to a directory), and the client can answer
+    /// from this instead of another round trip.
+    MutateInDir(MetaCommand),
 }
 
 /// Most items (entries plus inodes) one [`Invalidation`] carries.
@@ -597,6 +618,10 @@ pub enum Answer {
     LockHeld(bool),
     /// `F_GETLK`: the first conflicting lock, if any.
     LockConflict(Option<LockInfo>),
+    /// The answer to a [`MetaRequest::MutateInDir`] (`attr`: the inode named or unnamed, as
+    /// `Attr` would carry it) and the directory's attributes read after it applied (they
+    /// include this mutation, and maybe later ones).
+    InDir { attr: Attr, dir: Attr },
 }
 
 /// What one garbage collection did.
@@ -732,7 +757,7 @@ impl MetaRequest {
             }
         };
         match self {
-            MetaRequest::Mutate(c) => match &c.op {
+            MetaRequest::Mutate(c) | MetaRequest::MutateInDir(c) => match &c.op {
                 Mutation::CreateVolume { name, copies } => {
                     if name.is_empty()
                         || name.len() > MAX_VOLUME_NAME_BYTES

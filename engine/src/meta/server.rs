@@ -705,6 +705,38 @@ fn fsck(sh: &Shared, verify: bool) -> Result<FsckReport> {
     Ok(r)
 }
 
+/// Propose a mutation through Raft, publish what it invalidates, and answer; with
+/// `in_dir`, add the attributes of the directory it changed, read after it applied.
+async fn mutate(sh: &Shared, cmd: MetaCommand, in_dir: bool) -> Result<MetaReply, RaftError> {
+    let cmd = MetaCommand {
+        now: Timespec::now(),
+        ..cmd
+    };
+    let out = sh.raft.write(meta::encode(&cmd)).await?;
+    let reply = meta::decode::<MetaReply>(&out)
+        .map_err(|e| RaftError::Unavailable(format!("store answered badly: {e}")))?;
+    // Before the answer goes out: a client that hears "done" and tells another mount
+    // finds the invalidation already on its way there.
+    if let Ok(answer) = &reply {
+        if let Some(inv) = watch::invalidations(&cmd.op, answer) {
+            sh.watchers.publish(cmd.volume, cmd.client, &inv);
+        }
+    }
+    let (true, Ok(Answer::Attr(attr)), Some(dir)) = (in_dir, &reply, cmd.op.dir()) else {
+        return Ok(reply);
+    };
+    // Read from the store directly: the write above has applied, so this sees it (and
+    // perhaps later writes: never an older state).
+    match sh.store.query(cmd.volume, &Query::GetAttr { ino: dir }) {
+        Ok(Ok(Answer::Attr(d))) => Ok(Ok(Answer::InDir {
+            attr: attr.clone(),
+            dir: d,
+        })),
+        // The directory is gone already (removed by a later write): no attributes to give.
+        _ => Ok(reply),
+    }
+}
+
 /// Answer one metadata request. `Err` is a service failure (no leader, storage); an
 /// errno is a normal answer.
 async fn handle(sh: &Shared, req: MetaRequest) -> Result<MetaReply, RaftError> {
@@ -713,23 +745,8 @@ async fn handle(sh: &Shared, req: MetaRequest) -> Result<MetaReply, RaftError> {
     }
     match req {
         MetaRequest::Lock(r) => Ok(sh.locks.handle(&r)),
-        MetaRequest::Mutate(cmd) => {
-            let cmd = MetaCommand {
-                now: Timespec::now(),
-                ..cmd
-            };
-            let out = sh.raft.write(meta::encode(&cmd)).await?;
-            let reply = meta::decode::<MetaReply>(&out)
-                .map_err(|e| RaftError::Unavailable(format!("store answered badly: {e}")))?;
-            // Before the answer goes out: a client that hears "done" and tells another
-            // mount finds the invalidation already on its way there.
-            if let Ok(answer) = &reply {
-                if let Some(inv) = watch::invalidations(&cmd.op, answer) {
-                    sh.watchers.publish(cmd.volume, cmd.client, &inv);
-                }
-            }
-            Ok(reply)
-        }
+        MetaRequest::Mutate(cmd) => mutate(sh, cmd, false).await,
+        MetaRequest::MutateInDir(cmd) => mutate(sh, cmd, true).await,
         // A watch is a connection of its own (served by `serve`), never a single answer.
         MetaRequest::Watch { .. } => Ok(Err(Errno::INVAL)),
         MetaRequest::Query {
