@@ -28,6 +28,7 @@
 //!   under the map's lock, so a late release never drops the state a newer open uses.
 
 use crate::cache::ChunkCache;
+use crate::hints::{self, Hints};
 use crate::fetch::Fetcher;
 use crate::writeback::{dirty_truncate, FileState, Hive, OpenFile, Writeback};
 use fuser::{
@@ -88,6 +89,8 @@ pub struct HiveFs {
     pub ended: Arc<AtomicBool>,
     /// flock and POSIX locks, exclusive across mounts (see locks.rs).
     locks: crate::locks::Locks,
+    /// Answers kept from the hive for what the kernel asks next (hints.rs).
+    pub hints: Arc<Hints>,
 }
 
 fn to_system_time(t: Timespec) -> SystemTime {
@@ -187,11 +190,33 @@ impl HiveFs {
             next_fh: AtomicU64::new(1),
             ended: Arc::new(AtomicBool::new(false)),
             locks: crate::locks::Locks::new(mounted.meta.clone(), mounted.volume),
+            hints: Arc::new(Hints::new(TTL)),
         })
     }
 
+    /// Every change goes through here: a name change asks for its directory's attributes
+    /// with the answer and keeps them for the kernel's next getattr (hints.rs).
     fn mutate(&self, op: Mutation) -> Result<Answer, Errno> {
-        self.hive.mutate(op)
+        let dir = op.dir();
+        let touched = touched_inodes(&op);
+        let dirs = &self.hints.dir_attrs;
+        for &ino in &touched {
+            dirs.begin(ino);
+        }
+        let r = if dir.is_some() {
+            self.hive.mutate_in_dir(op)
+        } else {
+            self.hive.mutate(op)
+        };
+        let (r, dir_attr) = match r {
+            Ok(Answer::InDir { attr, dir }) => (Ok(Answer::Attr(attr)), Some(dir)),
+            r => (r, None),
+        };
+        for ino in touched {
+            let attr = dir_attr.as_ref().filter(|d| d.ino == ino && Some(ino) == dir);
+            dirs.end(ino, attr.cloned());
+        }
+        r
     }
 
     fn query(&self, q: Query) -> Result<Answer, Errno> {
@@ -447,6 +472,29 @@ impl HiveFs {
     }
 }
 
+/// The inodes whose attributes `op` changes (their hints are reset around it).
+fn touched_inodes(op: &Mutation) -> Vec<u64> {
+    match op {
+        Mutation::Create { parent, .. }
+        | Mutation::Symlink { parent, .. }
+        | Mutation::Unlink { parent, .. }
+        | Mutation::Rmdir { parent, .. } => vec![*parent],
+        Mutation::Link { ino, parent, .. } => vec![*parent, *ino],
+        Mutation::Rename {
+            parent, new_parent, ..
+        } if parent == new_parent => vec![*parent],
+        Mutation::Rename {
+            parent, new_parent, ..
+        } => vec![*parent, *new_parent],
+        Mutation::SetAttr { ino, .. }
+        | Mutation::SetXattr { ino, .. }
+        | Mutation::RemoveXattr { ino, .. }
+        | Mutation::CommitWrite { ino, .. }
+        | Mutation::Reclaim { ino } => vec![*ino],
+        Mutation::CreateVolume { .. } | Mutation::AdvanceGcEpoch => Vec::new(),
+    }
+}
+
 /// What a read needs from an open file's state, taken under its lock.
 struct ReadPlan {
     /// The read ends here (clipped to the size).
@@ -574,8 +622,11 @@ impl Filesystem for HiveFs {
                 None => false,
             }
         };
-        if gone && self.orphans.lock().expect("orphans lock").remove(&ino.0) {
-            self.reclaim(ino.0);
+        if gone {
+            self.hints.no_caps.drop_inode(ino.0);
+            if self.orphans.lock().expect("orphans lock").remove(&ino.0) {
+                self.reclaim(ino.0);
+            }
         }
     }
 
@@ -623,6 +674,10 @@ impl Filesystem for HiveFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        // A directory this mount just changed: its attributes came with the answer.
+        if let Some(a) = self.hints.dir_attrs.take(ino.0) {
+            return reply.attr(&TTL, &fuse_attr(&a));
+        }
         match self.getattr_local(ino.0) {
             Ok(a) => reply.attr(&TTL, &fuse_attr(&a)),
             Err(e) => reply.error(e),
@@ -647,6 +702,8 @@ impl Filesystem for HiveFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        // A chown or chmod may clear file capabilities (the store decides): ask again.
+        self.hints.no_caps.drop_inode(ino.0);
         let t = |x: Option<TimeOrNow>| {
             x.map(|t| match t {
                 TimeOrNow::Now => SetTime::Now,
@@ -1081,6 +1138,7 @@ impl Filesystem for HiveFs {
             libc::XATTR_REPLACE => XattrMode::Replace,
             _ => return reply.error(Errno::EINVAL),
         };
+        self.hints.no_caps.drop_inode(ino.0);
         if name.as_bytes() == b"system.posix_acl_access" {
             return match self.set_access_acl(ino.0, value, mode) {
                 Ok(()) => reply.ok(),
@@ -1099,13 +1157,23 @@ impl Filesystem for HiveFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let capability = name.as_bytes() == hints::CAPABILITY;
+        if capability && self.hints.no_caps.known_absent(ino.0) {
+            return reply.error(Errno::ENODATA);
+        }
+        let ticket = self.hints.no_caps.ticket();
         match self.query(Query::GetXattr {
             ino: ino.0,
             name: name_bytes(name),
         }) {
             Ok(Answer::Xattr(v)) => xattr_reply(reply, size, &v),
             Ok(_) => reply.error(Errno::EIO),
-            Err(e) => reply.error(e),
+            Err(e) => {
+                if capability && e == Errno::ENODATA {
+                    self.hints.no_caps.remember(ino.0, ticket);
+                }
+                reply.error(e)
+            }
         }
     }
 
@@ -1125,6 +1193,7 @@ impl Filesystem for HiveFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.hints.no_caps.drop_inode(ino.0);
         done(
             reply,
             self.mutate(Mutation::RemoveXattr {

@@ -20,6 +20,7 @@
 //! error is only logged (an invalidation that fails leaves the TTL bound).
 //! `HIVE_HI_NO_WATCH=1` turns the thread off (tests prove with it that they can fail).
 
+use crate::hints::Hints;
 use fuser::{INodeNo, Notifier};
 use hivefs_client::meta::{MetaClient, Watched};
 use std::ffi::OsStr;
@@ -37,7 +38,15 @@ pub struct Invalidator {
 impl Invalidator {
     /// Follow `volume`'s watch stream and invalidate through `notifier`; `None` when
     /// turned off by `HIVE_HI_NO_WATCH=1` (or the thread cannot start).
-    pub fn start(meta: &MetaClient, volume: u32, notifier: Notifier) -> Option<Invalidator> {
+    ///
+    /// `hints` (hints.rs) forget every invalidated inode before the kernel does, so what the
+    /// kernel asks after its invalidation reaches the hive.
+    pub fn start(
+        meta: &MetaClient,
+        volume: u32,
+        notifier: Notifier,
+        hints: Arc<Hints>,
+    ) -> Option<Invalidator> {
         if std::env::var_os("HIVE_HI_NO_WATCH").is_some_and(|v| v == "1") {
             tracing::warn!("HIVE_HI_NO_WATCH=1: no pushed invalidations (other mounts' changes show after the TTL)");
             return None;
@@ -63,15 +72,20 @@ impl Invalidator {
                                 }
                             }
                             for &ino in &inv.inodes {
+                                hints.drop_inode(ino);
                                 if let Err(e) = notifier.inval_inode(INodeNo(ino), 0, 0) {
                                     tracing::debug!(ino, "invalidating an inode: {e}");
                                 }
                             }
                         }
-                        Watched::Lost => tracing::info!(
-                            "invalidations from the hive were lost: other mounts' changes \
-                             may show only after the cache TTL"
-                        ),
+                        Watched::Lost => {
+                            // Whatever changed is unknown: forget every remembered answer.
+                            hints.drop_all();
+                            tracing::info!(
+                                "invalidations from the hive were lost: other mounts' \
+                                 changes may show only after the cache TTL"
+                            )
+                        }
                     }
                 }
             });

@@ -7,6 +7,7 @@
 //! - `hi volume create|list --hive ... [NAME]`
 
 mod cache;
+mod hints;
 mod fetch;
 mod fs;
 mod invalidate;
@@ -232,6 +233,7 @@ fn mount(r: &Resolved, threads: usize, mountpoint: &std::path::Path) -> Result<(
         volume: vol.id,
     })?;
     let ended = fs.ended.clone();
+    let hints = fs.hints.clone();
     let mut cfg = fuser::Config::default();
     cfg.mount_options = vec![
         fuser::MountOption::FSName(format!("hivefs:{name}")),
@@ -255,7 +257,7 @@ fn mount(r: &Resolved, threads: usize, mountpoint: &std::path::Path) -> Result<(
     })?;
     let bg = session.spawn().context("starting the FUSE session")?;
     // Other mounts' changes, pushed by the hive, into this kernel's caches.
-    let invalidator = invalidate::Invalidator::start(&meta, vol.id, bg.notifier());
+    let invalidator = invalidate::Invalidator::start(&meta, vol.id, bg.notifier(), hints);
     println!("mounted {name} at {}", mountpoint.display());
     use std::io::Write;
     let _ = std::io::stdout().flush();

@@ -197,7 +197,7 @@ struct ChunkPool {
 impl ChunkPool {
     fn with<R>(
         &self,
-        f: impl Fn(&mut HiveClient) -> Result<R, ClientError>,
+        mut f: impl FnMut(&mut HiveClient) -> Result<R, ClientError>,
     ) -> Result<R, ClientError> {
         let mut last = None;
         for _ in 0..3 {
@@ -260,6 +260,15 @@ impl Hive {
         }
     }
 
+    /// [`Hive::mutate`], answered with the directory's attributes too where `op` changes a
+    /// name ([`Answer::InDir`]).
+    pub fn mutate_in_dir(&self, op: Mutation) -> Result<Answer, Errno> {
+        match self.meta.mutate_in_dir(self.vol, op) {
+            Ok(r) => r.map_err(errno),
+            Err(e) => Err(io_err("metadata", e)),
+        }
+    }
+
     pub fn query(&self, q: Query) -> Result<Answer, Errno> {
         match self.meta.query(self.vol, q) {
             Ok(r) => r.map_err(errno),
@@ -290,7 +299,7 @@ impl Hive {
         &self,
         ino: u64,
         ranges: &[(u64, Vec<u8>)],
-        prepared: &[Vec<PreparedChunk>],
+        prepared: &mut [Vec<PreparedChunk>],
     ) -> Result<Vec<Extent>, Errno> {
         let mut committed = Vec::new();
         for ((off, data), chunks) in ranges.iter().zip(prepared) {
@@ -306,7 +315,7 @@ impl Hive {
             for attempt in 0..3 {
                 let up = self
                     .chunks
-                    .with(|c| c.upload(chunks))
+                    .with(|c| c.upload_in_place(chunks))
                     .map_err(|e| chunk_err("uploading chunks", e))?;
                 let mut stale = false;
                 for part in extents.chunks(MAX_COMMIT_EXTENTS) {
@@ -345,7 +354,7 @@ impl Hive {
     }
 
     fn commit(&self, ino: u64, ranges: &[(u64, Vec<u8>)]) -> Result<Vec<Extent>, Errno> {
-        self.upload_commit(ino, ranges, &self.prepare(ranges))
+        self.upload_commit(ino, ranges, &mut self.prepare(ranges))
     }
 }
 
@@ -588,14 +597,14 @@ fn finish(
     backlog: &Backlog,
     spares: &Mutex<Vec<Vec<u8>>>,
     job: Job,
-    prepared: Vec<Vec<PreparedChunk>>,
+    mut prepared: Vec<Vec<PreparedChunk>>,
 ) {
     let Job { ino, file, batch } = job;
     let held = file.lock().failed.is_some();
     let r = if held {
         None
     } else {
-        Some(hive.upload_commit(ino, &batch.ranges, &prepared))
+        Some(hive.upload_commit(ino, &batch.ranges, &mut prepared))
     };
     {
         let mut g = file.lock();
@@ -699,10 +708,11 @@ pub fn dirty_insert(map: &mut BTreeMap<u64, Vec<u8>>, off: u64, data: &[u8]) -> 
                 let v = map.get_mut(&s).expect("present");
                 let at = (off - s) as usize;
                 let before = v.len();
-                if at + data.len() > v.len() {
-                    v.resize(at + data.len(), 0);
-                }
-                v[at..at + data.len()].copy_from_slice(data);
+                // Overwrite what overlaps, append the rest: no zero-fill pass first (that
+                // memset was 11% of `hi`'s CPU in a sequential write).
+                let overlap = (before - at).min(data.len());
+                v[at..at + overlap].copy_from_slice(&data[..overlap]);
+                v.extend_from_slice(&data[overlap..]);
                 return v.len() as isize - before as isize;
             }
         }
