@@ -23,7 +23,7 @@
 //! rustls queued. Frame and message errors carry an [`ErrorCode`] ([`ConnError::code`]) a
 //! node can report in an `Error` response before closing.
 
-use std::io::{self, ErrorKind, Read, Write};
+use std::io::{self, BufRead, ErrorKind, Read, Write};
 use std::sync::Arc;
 
 use rustls::pki_types::ServerName;
@@ -89,6 +89,7 @@ pub struct FramedConn<S: Read + Write> {
     eof: bool,
     /// A failure remembered for the next call (from `queue_frame`, which cannot return it).
     deferred: Option<ConnError>,
+    /// Plain connections: what one socket read lands in (empty for TLS).
     scratch: Box<[u8]>,
 }
 
@@ -105,7 +106,8 @@ impl<S: Read + Write> FramedConn<S> {
             plain => plain,
         };
         let mut decoder = FrameDecoder::new();
-        decoder.set_authenticated_transport(matches!(security, Security::Tls(_)));
+        let tls = matches!(security, Security::Tls(_));
+        decoder.set_authenticated_transport(tls);
         FramedConn {
             stream,
             security,
@@ -114,7 +116,12 @@ impl<S: Read + Write> FramedConn<S> {
             out_pos: 0,
             eof: false,
             deferred: None,
-            scratch: vec![0u8; READ_CHUNK].into_boxed_slice(),
+            // TLS plaintext is pushed from rustls's buffer; only plain reads need one.
+            scratch: if tls {
+                Box::default()
+            } else {
+                vec![0u8; READ_CHUNK].into_boxed_slice()
+            },
         }
     }
 
@@ -357,15 +364,19 @@ impl<S: Read + Write> FramedConn<S> {
                 Err(e) => Err(e.into()),
             },
             Security::Tls(tls) => {
-                // Plaintext rustls already decrypted comes first.
-                match tls.reader().read(&mut self.scratch[..room]) {
-                    Ok(0) => {
+                // Plaintext rustls already decrypted comes first, pushed into the decoder
+                // straight from rustls's buffer (a large body's bytes go from there into
+                // the body, with no copy in between).
+                let mut reader = tls.reader();
+                match reader.fill_buf() {
+                    Ok([]) => {
                         self.eof = true; // close_notify
                         return Ok(true);
                     }
-                    Ok(n) => {
-                        let taken = self.decoder.push(&self.scratch[..n.min(room)]);
-                        debug_assert_eq!(taken, n);
+                    Ok(plain) => {
+                        let taken = self.decoder.push(plain);
+                        debug_assert!(taken > 0);
+                        reader.consume(taken);
                         return Ok(true);
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => {}
@@ -612,6 +623,16 @@ mod tests {
         assert!(client.is_tls());
         exercise(&mut client);
         assert!(!client.is_handshaking());
+        assert_eq!(
+            client
+                .tls()
+                .unwrap()
+                .negotiated_cipher_suite()
+                .unwrap()
+                .suite(),
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256,
+            "both sides prefer AES-128-GCM"
+        );
         client.send_close();
         client.flush().unwrap();
         drop(client);
