@@ -6,6 +6,8 @@
 //!   no I/O of its own beyond the block device it is handed, no clock, no randomness.
 //! - [`sim`]: the deterministic simulator that runs shards over simulated devices with
 //!   crashes, torn and lost writes and bit flips, checking the safety invariants.
+//! - [`gc_sim`]: the deterministic simulator of garbage collection: a real metadata store
+//!   (crashed and replayed), several shards, writer clients racing collections.
 //! - [`meta`]: the metadata service: the namespace store (redb), its Raft log (openraft)
 //!   and the metadata port.
 //!
@@ -16,6 +18,7 @@
 pub mod admin;
 pub mod config;
 pub mod format;
+pub mod gc_sim;
 pub mod index;
 pub mod meta;
 pub mod node;

@@ -569,6 +569,10 @@ pub struct ShardCore {
     done: Vec<Completion>,
     /// Dead chunk records per id (see the module docs); ids with none are absent.
     dead_chunk_records: HashMap<ChunkId, u32>,
+    /// Tombstones still waiting in the queue, per id. Such an id no longer answers `has`:
+    /// a sweep chose it when it was unclaimed, and a claim handed out before its tombstone
+    /// is appended would let a commit reference a chunk about to be deleted.
+    deleting: HashMap<ChunkId, u32>,
     /// In-use segments with valid records beyond the end of their scan.
     opaque_segments: u32,
     /// Gets whose read of a segment is in flight, per segment.
@@ -715,6 +719,7 @@ impl ShardCore {
             },
             done: Vec::new(),
             dead_chunk_records: HashMap::new(),
+            deleting: HashMap::new(),
             opaque_segments: 0,
             segment_reads: vec![0; layout.segment_count as usize],
             compaction: None,
@@ -1267,7 +1272,7 @@ impl ShardCore {
         out.clear();
         for id in ids {
             let hit = match self.index.get(id) {
-                Some(e) if e.state == EntryState::Verified => {
+                Some(e) if e.state == EntryState::Verified && !self.deleting.contains_key(id) => {
                     self.stats.has_hits += 1;
                     self.stats.offered_bytes += e.loc.raw_len as u64;
                     true
@@ -1354,9 +1359,20 @@ impl ShardCore {
             });
         }
         for id in ids {
+            *self.deleting.entry(id).or_insert(0) += 1;
             self.queue.push_back(Queued::Delete { ticket, id });
         }
         self.pump();
+    }
+
+    /// A queued tombstone of `id` left the queue (appended, or not needed, or refused).
+    fn delete_dequeued(&mut self, id: &ChunkId) {
+        if let Some(n) = self.deleting.get_mut(id) {
+            *n -= 1;
+            if *n == 0 {
+                self.deleting.remove(id);
+            }
+        }
     }
 
     /// Read a chunk; the [`Completion::Get`] comes from `poll` (at once for a chunk still in
@@ -2153,6 +2169,7 @@ impl ShardCore {
             });
         }
         self.queue.clear();
+        self.deleting.clear();
         self.compaction = None;
         // Pending entries will never become durable in this run.
         let pending: Vec<ChunkId> = self
@@ -2331,6 +2348,7 @@ impl ShardCore {
                     if self.index.get(&id).is_none() {
                         let ticket = *ticket;
                         self.queue.pop_front();
+                        self.delete_dequeued(&id);
                         self.resolve_delete(ticket, false);
                         continue;
                     }
@@ -2537,7 +2555,8 @@ impl ShardCore {
                     }
                 }
                 q if puts_only => keep.push_back(q),
-                Queued::Delete { ticket, .. } => {
+                Queued::Delete { ticket, id } => {
+                    self.delete_dequeued(&id);
                     if self.deletes.remove(&ticket).is_some() {
                         self.done.push(Completion::Delete {
                             ticket,
@@ -2677,6 +2696,8 @@ impl ShardCore {
                 self.stats.offered_bytes += raw_len as u64;
             }
             Queued::Delete { ticket, .. } => {
+                self.delete_dequeued(&id);
+                let b = &mut self.building;
                 b.records.push((id, seq, RecordKind::Tombstone));
                 b.delete_waiters.push(ticket);
                 if self.index.remove(&id).is_some() {
@@ -3460,6 +3481,63 @@ mod gc_window_tests {
         s.begin_gc(3);
         s.end_gc(3);
         assert!(s.sweep(6, 3, ids[..1].to_vec()).is_err());
+    }
+
+    /// A chunk the sweep chose no longer answers `has` while its tombstone waits in the
+    /// queue: a claim handed out then would let a commit reference a deleted chunk (found
+    /// by `gc_sim`, seed 39939).
+    #[test]
+    fn a_chunk_being_swept_does_not_answer_has() {
+        let key = DedupeKey([9; 32]);
+        let mut s = shard(key);
+        // Small commit batches, so that queued work waits behind a full one.
+        s.cfg.commit_max_bytes = 64 << 10;
+        let chunk = |i: u8| {
+            let data = vec![i; 48 << 10];
+            PutChunk {
+                id: ChunkId::compute(&key, &data),
+                codec: Codec::Raw,
+                raw_len: data.len() as u32,
+                data: data.into(),
+            }
+        };
+        let old: Vec<PutChunk> = (0..4u8).map(chunk).collect();
+        let ids: Vec<ChunkId> = old.iter().map(|c| c.id).collect();
+        s.put(1, old);
+        assert!(matches!(
+            wait(&mut s, 1),
+            Completion::Put { result: Ok(_), .. }
+        ));
+        s.begin_gc(2);
+        // Fill the commit pipeline: one batch in flight, the next one full.
+        s.put(2, vec![chunk(10)]);
+        s.put(3, vec![chunk(11), chunk(12)]);
+        s.sweep(4, 2, ids.clone()).unwrap();
+        assert!(s.queued() > 0, "the sweep's tombstones wait in the queue");
+        let mut present = Vec::new();
+        s.has(&ids, &mut present);
+        assert_eq!(present, vec![false; 4], "chunks being swept answer has");
+        // Put again after the sweep: stored anew behind the tombstones.
+        s.put(5, vec![chunk(0)]);
+        let (mut swept, mut put) = (None, None);
+        let mut out = Vec::new();
+        while swept.is_none() || put.is_none() {
+            s.poll(&mut out, true);
+            for c in out.drain(..) {
+                match c {
+                    Completion::Delete { ticket: 4, result } => swept = Some(result),
+                    Completion::Put {
+                        ticket: 5, result, ..
+                    } => put = Some(result),
+                    _ => {}
+                }
+            }
+        }
+        assert_eq!(swept, Some(Ok(4)));
+        assert_eq!(put, Some(Ok(vec![PutOutcome::Stored])));
+        s.has(&ids, &mut present);
+        assert_eq!(present, vec![true, false, false, false]);
+        s.audit().unwrap();
     }
 }
 

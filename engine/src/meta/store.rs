@@ -786,6 +786,20 @@ impl MetaStore {
     pub fn open(path: &Path) -> Result<MetaStore> {
         let db = Database::create(path)
             .with_context(|| format!("opening metadata store {}", path.display()))?;
+        Self::init(db, &path.display().to_string())
+    }
+
+    /// Open (or create) the store on a redb storage backend of the caller's (the GC
+    /// simulator's in-memory disk, which loses what was not synced when it crashes).
+    pub fn open_backend(backend: impl redb::StorageBackend) -> Result<MetaStore> {
+        let db = redb::Builder::new()
+            .create_with_backend(backend)
+            .context("opening metadata store on its backend")?;
+        Self::init(db, "(backend)")
+    }
+
+    /// Create the tables and check the format of a freshly opened database.
+    fn init(db: Database, what: &str) -> Result<MetaStore> {
         let tx = db.begin_write()?;
         {
             for t in ALL_TABLES {
@@ -799,8 +813,7 @@ impl MetaStore {
                 }
                 Some(v) if v == FORMAT_VERSION.to_le_bytes() => {}
                 Some(v) => bail!(
-                    "metadata store {} has format {:?}; this build reads format {FORMAT_VERSION}",
-                    path.display(),
+                    "metadata store {what} has format {:?}; this build reads format {FORMAT_VERSION}",
                     v
                 ),
             }
