@@ -248,7 +248,11 @@ fn mutate_in_dir_answers_the_directory_after_the_change() {
         rdev: 0,
     });
     assert_eq!(sub.kind, FileKind::Dir);
-    assert_eq!(root, getattr(ROOT_INO), "the answer is the directory as it now is");
+    assert_eq!(
+        root,
+        getattr(ROOT_INO),
+        "the answer is the directory as it now is"
+    );
     assert_eq!(root.nlink, before.nlink + 1, "mkdir adds the child's `..`");
     assert!(root.mtime >= before.mtime && root.ctime >= before.ctime);
     let (file, sub_after) = in_dir(Mutation::Create {

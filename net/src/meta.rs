@@ -621,7 +621,10 @@ pub enum Answer {
     /// The answer to a [`MetaRequest::MutateInDir`] (`attr`: the inode named or unnamed, as
     /// `Attr` would carry it) and the directory's attributes read after it applied (they
     /// include this mutation, and maybe later ones).
-    InDir { attr: Attr, dir: Attr },
+    InDir {
+        attr: Attr,
+        dir: Attr,
+    },
 }
 
 /// What one garbage collection did.
