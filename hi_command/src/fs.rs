@@ -28,8 +28,9 @@
 //!   under the map's lock, so a late release never drops the state a newer open uses.
 
 use crate::cache::ChunkCache;
-use crate::hints::{self, Hints};
 use crate::fetch::Fetcher;
+use crate::hints::{self, Hints};
+use crate::reclaim::Reclaimer;
 use crate::writeback::{dirty_truncate, FileState, Hive, OpenFile, Writeback};
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
@@ -91,6 +92,8 @@ pub struct HiveFs {
     locks: crate::locks::Locks,
     /// Answers kept from the hive for what the kernel asks next (hints.rs).
     pub hints: Arc<Hints>,
+    /// Unlinked inodes the kernel forgot, reclaimed in the background (reclaim.rs).
+    reclaimer: Reclaimer,
 }
 
 fn to_system_time(t: Timespec) -> SystemTime {
@@ -183,6 +186,7 @@ impl HiveFs {
         Ok(HiveFs {
             wb: Writeback::new(hive.clone())?,
             fetch: Fetcher::new(hive.clone())?,
+            reclaimer: Reclaimer::new(hive.clone())?,
             hive,
             files: Mutex::new(HashMap::new()),
             lookups: Mutex::new(HashMap::new()),
@@ -213,7 +217,9 @@ impl HiveFs {
             r => (r, None),
         };
         for ino in touched {
-            let attr = dir_attr.as_ref().filter(|d| d.ino == ino && Some(ino) == dir);
+            let attr = dir_attr
+                .as_ref()
+                .filter(|d| d.ino == ino && Some(ino) == dir);
             dirs.end(ino, attr.cloned());
         }
         r
@@ -338,9 +344,7 @@ impl HiveFs {
     }
 
     fn reclaim(&self, ino: u64) {
-        if let Err(e) = self.mutate(Mutation::Reclaim { ino }) {
-            tracing::warn!(ino, "reclaim: {e:?}");
-        }
+        self.reclaimer.reclaim(ino);
     }
 
     /// The kernel now holds one more reference to `ino` (an entry reply).
@@ -660,6 +664,7 @@ impl Filesystem for HiveFs {
         for ino in orphans {
             self.reclaim(ino);
         }
+        self.reclaimer.shutdown();
         let (entries, bytes, hits, misses) = self.hive.cache.stats();
         tracing::info!(entries, bytes, hits, misses, "chunk cache at unmount");
         self.ended.store(true, Ordering::SeqCst);

@@ -7,11 +7,12 @@
 //! - `hi volume create|list --hive ... [NAME]`
 
 mod cache;
-mod hints;
 mod fetch;
 mod fs;
+mod hints;
 mod invalidate;
 mod locks;
+mod reclaim;
 mod writeback;
 
 use anyhow::{bail, Context, Result};
