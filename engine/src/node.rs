@@ -814,6 +814,15 @@ impl ShardLoop {
                     },
                 )
             }
+            ShardAdmin::MarkedLive { epoch, ids } => {
+                let Some(ids) =
+                    meta::split_ids(&ids).filter(|v| v.len() <= meta::MAX_ADMIN_IDS as usize)
+                else {
+                    return reply(self, ShardAdminReply::Refused("bad id list".into()));
+                };
+                self.s.core.marked_live(epoch, &ids);
+                reply(self, ShardAdminReply::Done)
+            }
             ShardAdmin::Sweep { epoch, ids } => {
                 let Some(ids) =
                     meta::split_ids(&ids).filter(|v| v.len() <= meta::MAX_ADMIN_IDS as usize)
@@ -1055,6 +1064,7 @@ fn op_name(op: &ShardAdmin) -> &'static str {
         ShardAdmin::BeginGc { .. } => "begin",
         ShardAdmin::ListIds { .. } => "list",
         ShardAdmin::ListStale { .. } => "list-stale",
+        ShardAdmin::MarkedLive { .. } => "marked-live",
         ShardAdmin::Sweep { .. } => "sweep",
         ShardAdmin::EndGc { .. } => "end",
     }

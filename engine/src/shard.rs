@@ -1204,6 +1204,15 @@ impl ShardCore {
         (ids, more)
     }
 
+    /// `ids` were referenced at the mark of collection `epoch`: for the stale listing
+    /// ([`ShardCore::list_stale`]) they count as claimed in `epoch`. Only the listing reads
+    /// it; the sweep goes by the claims its window recorded.
+    pub fn marked_live(&mut self, epoch: u64, ids: &[ChunkId]) {
+        for id in ids {
+            self.index.claim(id, epoch);
+        }
+    }
+
     /// Verified ids in id order after `after`, at most `max`; and whether more follow.
     pub fn list_ids(&self, after: Option<&ChunkId>, max: usize) -> (Vec<ChunkId>, bool) {
         let mut ids: Vec<ChunkId> = self
@@ -3847,6 +3856,14 @@ mod compaction_tests {
         assert_eq!(stale(&s, 5), vec![]);
         assert_eq!(stale(&s, 6), sorted(vec![a.id, c.id]));
         assert_eq!(stale(&s, 8), sorted(vec![a.id, b.id, c.id]));
+        // A collection's mark found `a` live in epoch 8: it may have become garbage only
+        // after that mark, so it is not stale before 8 any more; a mark never lowers a
+        // claim.
+        s.marked_live(8, &[a.id]);
+        assert_eq!(s.claimed_epoch(&a.id), Some(8));
+        assert_eq!(stale(&s, 8), sorted(vec![b.id, c.id]));
+        s.marked_live(2, &[b.id]);
+        assert_eq!(s.claimed_epoch(&b.id), Some(7));
     }
 
     /// Segment A: `x` and live fillers (above the threshold, never compacted). Segment B:

@@ -653,8 +653,9 @@ pub enum ShardAdmin {
     BeginGc { epoch: u64 },
     /// Verified chunk ids in id order after `after` (33-byte ids, concatenated).
     ListIds { after: Option<Vec<u8>>, max: u32 },
-    /// Like `ListIds`, only the chunks whose latest claim (put, duplicate put, `has` hit)
-    /// is of a GC epoch before `before_epoch` (fsck: garbage that outlived collections).
+    /// Like `ListIds`, only the chunks whose latest claim (put, duplicate put, `has` hit,
+    /// or a collection's mark finding them live: `MarkedLive`) is of a GC epoch before
+    /// `before_epoch` (fsck: garbage that outlived collections).
     /// Answered by `Ids`; at most `MAX_ADMIN_IDS` per answer.
     ListStale {
         before_epoch: u64,
@@ -665,6 +666,11 @@ pub enum ShardAdmin {
     Sweep { epoch: u64, ids: Vec<u8> },
     /// The collection of `epoch` is over: stop recording claims.
     EndGc { epoch: u64 },
+    /// These ids (concatenated, at most `MAX_ADMIN_IDS`) were referenced at the mark of
+    /// collection `epoch`: for fsck's stale rule they count as claimed in `epoch` (garbage
+    /// is due at the first collection whose mark no longer finds it live, not two epochs
+    /// after its last claim). Answered `Done`.
+    MarkedLive { epoch: u64, ids: Vec<u8> },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

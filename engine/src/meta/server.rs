@@ -513,8 +513,9 @@ async fn sync_gc_epoch(sh: &Shared) -> Result<()> {
 /// 2. every shard stamps claims with it and records each id claimed from now on;
 /// 3. the mark: every chunk a live extent references, read after a read barrier (every
 ///    commit accepted before step 1 is in it; every later one used a claim recorded in 2);
-/// 4. the sweep: each shard lists its chunks, and removes the unmarked ones it has not
-///    seen claimed since step 2;
+/// 4. the sweep: each shard lists its chunks, hears which of them the mark found live
+///    (`MarkedLive`: fsck's stale rule counts from there), and removes the unmarked ones
+///    it has not seen claimed since step 2;
 /// 5. the shards stop recording.
 ///
 /// A shard that restarts in between has lost its record and refuses the sweep; the
@@ -574,7 +575,19 @@ async fn run_gc(sh: &Shared) -> Result<GcReport> {
             let ids = meta::split_ids(&ids).context("bad id list from a shard")?;
             r.stored_chunks += ids.len() as u64;
             after = ids.last().map(|l| l.0.to_vec());
-            doomed.extend(ids.into_iter().filter(|id| !marked.contains(id)));
+            let (live, dead): (Vec<ChunkId>, Vec<ChunkId>) =
+                ids.into_iter().partition(|id| marked.contains(id));
+            // fsck's stale clock of a live chunk restarts at this mark.
+            for batch in live.chunks(4096) {
+                shard_admin(
+                    link,
+                    &ShardAdmin::MarkedLive {
+                        epoch,
+                        ids: meta::join_ids(batch),
+                    },
+                )?;
+            }
+            doomed.extend(dead);
             if !more {
                 break;
             }
