@@ -593,6 +593,22 @@ fn batch_buf_bytes(cfg: &ShardConfig) -> usize {
         .next_multiple_of(BLOCK_SIZE)
 }
 
+/// The `max` smallest of `ids`, sorted, and whether any were left out: one selection pass
+/// and a sort of the page only (a listing page used to sort the whole index, on the
+/// shard's own thread, once per page).
+fn first_in_order(mut ids: Vec<ChunkId>, max: usize) -> (Vec<ChunkId>, bool) {
+    let more = ids.len() > max;
+    if more {
+        if max == 0 {
+            return (Vec::new(), true);
+        }
+        ids.select_nth_unstable(max);
+        ids.truncate(max);
+    }
+    ids.sort_unstable();
+    (ids, more)
+}
+
 impl ShardCore {
     /// Write a fresh shard's control block (used by `hive init` and tests).
     pub fn format(dev: &mut dyn BlockDevice, layout: &ShardLayout) -> Result<(), ShardError> {
@@ -1186,7 +1202,7 @@ impl ShardCore {
         after: Option<&ChunkId>,
         max: usize,
     ) -> (Vec<ChunkId>, bool) {
-        let mut ids: Vec<ChunkId> = self
+        let ids: Vec<ChunkId> = self
             .index
             .iter()
             .filter(|(id, e)| {
@@ -1198,10 +1214,7 @@ impl ShardCore {
             })
             .map(|(id, _)| *id)
             .collect();
-        ids.sort_unstable();
-        let more = ids.len() > max;
-        ids.truncate(max);
-        (ids, more)
+        first_in_order(ids, max)
     }
 
     /// `ids` were referenced at the mark of collection `epoch`: for the stale listing
@@ -1215,16 +1228,13 @@ impl ShardCore {
 
     /// Verified ids in id order after `after`, at most `max`; and whether more follow.
     pub fn list_ids(&self, after: Option<&ChunkId>, max: usize) -> (Vec<ChunkId>, bool) {
-        let mut ids: Vec<ChunkId> = self
+        let ids: Vec<ChunkId> = self
             .index
             .iter()
             .filter(|(id, e)| e.state == EntryState::Verified && after.is_none_or(|a| *id > a))
             .map(|(id, _)| *id)
             .collect();
-        ids.sort_unstable();
-        let more = ids.len() > max;
-        ids.truncate(max);
-        (ids, more)
+        first_in_order(ids, max)
     }
 
     /// The sweep of collection `epoch`: tombstone those of `ids` that are stored, verified
@@ -4015,6 +4025,34 @@ mod compaction_tests {
         }
         for c in &more {
             read_ok(&mut s, &mut t, c);
+        }
+    }
+}
+
+#[cfg(test)]
+mod listing_tests {
+    use super::*;
+
+    #[test]
+    fn first_in_order_is_the_sorted_prefix() {
+        let mut rng = hivefs_nvme::rng::SplitMix64::new(7);
+        for n in [0usize, 1, 2, 5, 100, 1000] {
+            let ids: Vec<ChunkId> = (0..n)
+                .map(|_| {
+                    let mut b = [0u8; hivefs_net::chunk::CHUNK_ID_BYTES];
+                    for x in b.iter_mut() {
+                        *x = rng.next_u64() as u8;
+                    }
+                    ChunkId(b)
+                })
+                .collect();
+            let mut sorted = ids.clone();
+            sorted.sort_unstable();
+            for max in [0usize, 1, 3, n / 2, n, n + 1] {
+                let (page, more) = first_in_order(ids.clone(), max);
+                assert_eq!(more, n > max, "n {n} max {max}");
+                assert_eq!(page, sorted[..max.min(n)].to_vec(), "n {n} max {max}");
+            }
         }
     }
 }
