@@ -202,7 +202,7 @@ impl HiveFs {
     /// with the answer and keeps them for the kernel's next getattr (hints.rs).
     fn mutate(&self, op: Mutation) -> Result<Answer, Errno> {
         let dir = op.dir();
-        let touched = touched_inodes(&op);
+        let touched = op.changed_inodes();
         let dirs = &self.hints.dir_attrs;
         for &ino in &touched {
             dirs.begin(ino);
@@ -476,29 +476,6 @@ impl HiveFs {
     }
 }
 
-/// The inodes whose attributes `op` changes (their hints are reset around it).
-fn touched_inodes(op: &Mutation) -> Vec<u64> {
-    match op {
-        Mutation::Create { parent, .. }
-        | Mutation::Symlink { parent, .. }
-        | Mutation::Unlink { parent, .. }
-        | Mutation::Rmdir { parent, .. } => vec![*parent],
-        Mutation::Link { ino, parent, .. } => vec![*parent, *ino],
-        Mutation::Rename {
-            parent, new_parent, ..
-        } if parent == new_parent => vec![*parent],
-        Mutation::Rename {
-            parent, new_parent, ..
-        } => vec![*parent, *new_parent],
-        Mutation::SetAttr { ino, .. }
-        | Mutation::SetXattr { ino, .. }
-        | Mutation::RemoveXattr { ino, .. }
-        | Mutation::CommitWrite { ino, .. }
-        | Mutation::Reclaim { ino } => vec![*ino],
-        Mutation::CreateVolume { .. } | Mutation::AdvanceGcEpoch => Vec::new(),
-    }
-}
-
 /// What a read needs from an open file's state, taken under its lock.
 struct ReadPlan {
     /// The read ends here (clipped to the size).
@@ -627,7 +604,7 @@ impl Filesystem for HiveFs {
             }
         };
         if gone {
-            self.hints.no_caps.drop_inode(ino.0);
+            self.hints.drop_inode(ino.0);
             if self.orphans.lock().expect("orphans lock").remove(&ino.0) {
                 self.reclaim(ino.0);
             }

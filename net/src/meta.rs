@@ -281,6 +281,31 @@ pub enum Mutation {
 }
 
 impl Mutation {
+    /// The inodes whose attributes this mutation changes, as the request alone says (an
+    /// unlink's or a rename's victim is known only from the answer). Shared by the hive's
+    /// invalidations (`watch.rs`) and a mount's own hints (`hi_command/src/hints.rs`).
+    pub fn changed_inodes(&self) -> Vec<u64> {
+        match self {
+            Mutation::Create { parent, .. }
+            | Mutation::Symlink { parent, .. }
+            | Mutation::Unlink { parent, .. }
+            | Mutation::Rmdir { parent, .. } => vec![*parent],
+            Mutation::Link { ino, parent, .. } => vec![*ino, *parent],
+            Mutation::Rename {
+                parent, new_parent, ..
+            } if parent == new_parent => vec![*parent],
+            Mutation::Rename {
+                parent, new_parent, ..
+            } => vec![*parent, *new_parent],
+            Mutation::SetAttr { ino, .. }
+            | Mutation::CommitWrite { ino, .. }
+            | Mutation::SetXattr { ino, .. }
+            | Mutation::RemoveXattr { ino, .. }
+            | Mutation::Reclaim { ino } => vec![*ino],
+            Mutation::CreateVolume { .. } | Mutation::AdvanceGcEpoch => Vec::new(),
+        }
+    }
+
     /// The directory this mutation adds a name to or removes one from (not a rename: it
     /// may touch two).
     pub fn dir(&self) -> Option<u64> {

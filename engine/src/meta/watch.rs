@@ -35,19 +35,16 @@ pub fn invalidations(op: &Mutation, answer: &Answer) -> Option<Invalidation> {
         Answer::Attr(a) => Some(a.ino),
         _ => None,
     };
-    let mut inv = Invalidation::default();
+    let mut inv = Invalidation {
+        inodes: op.changed_inodes(),
+        ..Default::default()
+    };
     match op {
-        Mutation::Create { parent, name, .. } | Mutation::Symlink { parent, name, .. } => {
-            inv.entries.push((*parent, name.clone()));
-            inv.inodes.push(*parent);
-        }
-        Mutation::Link { ino, parent, name } => {
-            inv.entries.push((*parent, name.clone()));
-            inv.inodes.extend([*ino, *parent]);
-        }
+        Mutation::Create { parent, name, .. }
+        | Mutation::Symlink { parent, name, .. }
+        | Mutation::Link { parent, name, .. } => inv.entries.push((*parent, name.clone())),
         Mutation::Unlink { parent, name } | Mutation::Rmdir { parent, name } => {
             inv.entries.push((*parent, name.clone()));
-            inv.inodes.push(*parent);
             // The victim: its link count (other names of it may be cached elsewhere).
             inv.inodes.extend(answered_ino);
         }
@@ -60,19 +57,15 @@ pub fn invalidations(op: &Mutation, answer: &Answer) -> Option<Invalidation> {
         } => {
             inv.entries
                 .extend([(*parent, name.clone()), (*new_parent, new_name.clone())]);
-            inv.inodes.push(*parent);
-            if new_parent != parent {
-                inv.inodes.push(*new_parent);
-            }
             if let Answer::Renamed { moved, replaced } = answer {
                 inv.inodes.push(*moved);
                 inv.inodes.extend(*replaced);
             }
         }
-        Mutation::SetAttr { ino, .. }
-        | Mutation::CommitWrite { ino, .. }
-        | Mutation::SetXattr { ino, .. }
-        | Mutation::RemoveXattr { ino, .. } => inv.inodes.push(*ino),
+        Mutation::SetAttr { .. }
+        | Mutation::CommitWrite { .. }
+        | Mutation::SetXattr { .. }
+        | Mutation::RemoveXattr { .. } => {}
         Mutation::CreateVolume { .. } | Mutation::Reclaim { .. } | Mutation::AdvanceGcEpoch => {
             return None
         }
