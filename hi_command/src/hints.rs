@@ -41,8 +41,11 @@ use std::time::{Duration, Instant};
 
 /// The xattr the kernel asks for before every write.
 pub const CAPABILITY: &[u8] = b"security.capability";
-/// Most inodes remembered at once.
+/// Most inodes [`NoCaps`] remembers at once.
 pub const MAX_ENTRIES: usize = 1 << 20;
+/// Most directories [`DirAttrs`] keeps answers for (the last change in each directory
+/// leaves one that no getattr may ever take; the kernel's forget drops it too).
+pub const MAX_DIR_HINTS: usize = 1 << 16;
 
 pub struct NoCaps {
     state: Mutex<State>,
@@ -171,8 +174,15 @@ impl DirAttrs {
                 dirs.remove(&ino);
             }
         }
-        if dirs.len() > MAX_ENTRIES {
-            dirs.retain(|_, d| d.inflight > 0);
+        if dirs.len() > MAX_DIR_HINTS {
+            // Answers no getattr came for: drop the stale ones, or all if none is stale.
+            let ttl = self.ttl;
+            dirs.retain(|_, d| {
+                d.inflight > 0 || d.attr.as_ref().is_some_and(|(_, at)| at.elapsed() < ttl)
+            });
+            if dirs.len() > MAX_DIR_HINTS {
+                dirs.retain(|_, d| d.inflight > 0);
+            }
         }
     }
 
@@ -226,7 +236,7 @@ impl Hints {
         }
     }
 
-    /// Another mount changed `ino`.
+    /// Another mount changed `ino`, or the kernel forgot it.
     pub fn drop_inode(&self, ino: u64) {
         self.no_caps.drop_inode(ino);
         self.dir_attrs.drop_inode(ino);
@@ -361,5 +371,15 @@ mod tests {
         d.end(1, Some(attr(1, 3)));
         std::thread::sleep(Duration::from_millis(20));
         assert!(d.take(1).is_none());
+    }
+
+    #[test]
+    fn unclaimed_answers_are_bounded() {
+        let d = DirAttrs::new(Duration::from_secs(30));
+        for ino in 0..(MAX_DIR_HINTS as u64 + 10) {
+            d.begin(ino);
+            d.end(ino, Some(attr(ino, 2)));
+        }
+        assert!(d.dirs().len() <= MAX_DIR_HINTS + 1);
     }
 }
