@@ -19,6 +19,7 @@ pub mod chunk;
 pub mod conn;
 pub mod frame;
 pub mod meta;
+pub mod placement;
 pub mod proto;
 pub mod tls;
 
