@@ -375,7 +375,20 @@ pub struct UploadStats {
 /// Open a TCP connection to `o.host:port` and wrap it (TLS with the pinned CA unless
 /// `o.ca_fingerprint` is `None`); no Hello yet.
 pub(crate) fn dial(o: &ClientOptions, port: u32) -> Result<FramedConn<TcpStream>, ClientError> {
-    let addr = format!("{}:{port}", o.host);
+    dial_host(o, &o.host, port)
+}
+
+/// [`dial`] another host of the same hive (same token, same pinned CA).
+pub(crate) fn dial_host(
+    o: &ClientOptions,
+    host: &str,
+    port: u32,
+) -> Result<FramedConn<TcpStream>, ClientError> {
+    let addr = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
     let sock = std::net::ToSocketAddrs::to_socket_addrs(&addr)
         .map_err(|source| ClientError::Connect {
             addr: addr.clone(),
@@ -397,8 +410,9 @@ pub(crate) fn dial(o: &ClientOptions, port: u32) -> Result<FramedConn<TcpStream>
         Some(fp) => {
             let cfg = hivefs_net::tls::client_config_pinned(fp)
                 .map_err(|e| ClientError::Tls(e.to_string()))?;
-            let name = hivefs_net::tls::server_name(&o.host)
-                .map_err(|e| ClientError::Tls(e.to_string()))?;
+            let name =
+                hivefs_net::tls::server_name(host.trim_start_matches('[').trim_end_matches(']'))
+                    .map_err(|e| ClientError::Tls(e.to_string()))?;
             Some((cfg, name))
         }
         None => None,

@@ -17,7 +17,7 @@
 //! other clients' mutations, on a connection of its own that is re-established when it
 //! breaks (or goes silent past [`WATCH_DEAD_MS`]); a gap is reported as [`Watched::Lost`].
 
-use crate::hive::{dial, ClientError, ClientOptions};
+use crate::hive::{dial_host, ClientError, ClientOptions};
 use hivefs_net::conn::FramedConn;
 use hivefs_net::frame::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
 pub use hivefs_net::meta::Invalidation;
@@ -26,7 +26,7 @@ use hivefs_net::meta::{
     MetaRequest, Mutation, Query, Timespec, WatchEvent, LOCK_KEEPALIVE_MS, LOCK_LEASE_MS,
     WATCH_DEAD_MS,
 };
-use hivefs_net::proto::{ClusterMap, Request, Response};
+use hivefs_net::proto::{ClusterMap, ErrorCode, Request, Response};
 use std::collections::{BTreeSet, HashSet};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -45,8 +45,8 @@ struct MetaConn {
 }
 
 impl MetaConn {
-    fn open(o: &ClientOptions, port: u16) -> Result<MetaConn, ClientError> {
-        let conn = dial(o, port as u32)?;
+    fn open(o: &ClientOptions, at: &Endpoint) -> Result<MetaConn, ClientError> {
+        let conn = dial_host(o, &at.host, at.port as u32)?;
         let mut mc = MetaConn {
             conn,
             version: PROTOCOL_VERSION_MIN,
@@ -102,10 +102,79 @@ fn unexpected(r: Response) -> ClientError {
     }
 }
 
+/// A metadata node's address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Endpoint {
+    host: String,
+    port: u16,
+}
+
+impl Endpoint {
+    /// `host:port` or `[v6]:port`.
+    fn parse(addr: &str) -> Option<Endpoint> {
+        let (host, port) = addr.rsplit_once(':')?;
+        Some(Endpoint {
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+            port: port.parse().ok()?,
+        })
+    }
+}
+
+/// Where the metadata leader is, as far as this client knows: the node it talks to now,
+/// and every member it has heard of (to try in turn when that node stops answering).
+/// Shared by a client's calls and its watch stream.
+#[derive(Debug)]
+struct Endpoints {
+    current: Endpoint,
+    known: Vec<Endpoint>,
+}
+
+type SharedEndpoints = Arc<Mutex<Endpoints>>;
+
+impl Endpoints {
+    fn new(first: Endpoint) -> SharedEndpoints {
+        Arc::new(Mutex::new(Endpoints {
+            known: vec![first.clone()],
+            current: first,
+        }))
+    }
+
+    /// Follow a "not the leader" answer: `leader` is `host:port`, or empty while an
+    /// election runs (then the same node is asked again after a pause).
+    fn follow(&mut self, leader: &str) {
+        if let Some(e) = Endpoint::parse(leader) {
+            if !self.known.contains(&e) {
+                self.known.push(e.clone());
+            }
+            self.current = e;
+        }
+    }
+
+    /// The current node does not answer: move on to the next one known.
+    fn rotate(&mut self) {
+        if let Some(i) = self.known.iter().position(|e| *e == self.current) {
+            self.current = self.known[(i + 1) % self.known.len()].clone();
+        }
+    }
+
+    fn learn(&mut self, members: &[meta::Member]) {
+        for m in members {
+            if let Some(e) = Endpoint::parse(&m.addr) {
+                if !self.known.contains(&e) {
+                    self.known.push(e);
+                }
+            }
+        }
+    }
+}
+
 /// A metadata client. See the module docs.
 pub struct MetaClient {
     opts: ClientOptions,
-    port: u16,
+    endpoints: SharedEndpoints,
     map: ClusterMap,
     client_id: u64,
     next_seq: AtomicU64,
@@ -114,18 +183,37 @@ pub struct MetaClient {
 }
 
 impl MetaClient {
-    /// Connect to the metadata service at `o.host:port` and fetch the cluster map.
+    /// Connect to the metadata service at `o.host:port` and fetch the cluster map. Any
+    /// member of the metadata cluster will do: calls follow its "not the leader" answers
+    /// to the leader, and move to another member when the one asked stops answering.
     pub fn connect(o: &ClientOptions, port: u16) -> Result<MetaClient, ClientError> {
-        let mut first = MetaConn::open(o, port)?;
+        let endpoints = Endpoints::new(Endpoint {
+            host: o.host.clone(),
+            port,
+        });
+        let first_at = endpoints.lock().expect("endpoints lock").current.clone();
+        let mut first = MetaConn::open(o, &first_at)?;
         let map = match first.call(&Request::Map)? {
             Response::MapReply { map } => map,
             other => return Err(unexpected(other)),
         };
+        // Who else is there, for when this node goes away (a one-node hive answers itself).
+        let members = MetaRequest::Query {
+            volume: 0,
+            query: Query::Members,
+        };
+        if let Ok(Response::MetaReply { body }) = first.call(&Request::Meta {
+            body: meta::encode(&members),
+        }) {
+            if let Ok(Ok(Answer::Members { members, .. })) = meta::decode::<MetaReply>(&body) {
+                endpoints.lock().expect("endpoints lock").learn(&members);
+            }
+        }
         let mut id = [0u8; 8];
         getrandom(&mut id);
         Ok(MetaClient {
             opts: o.clone(),
-            port,
+            endpoints,
             map,
             client_id: u64::from_le_bytes(id) | 1,
             next_seq: AtomicU64::new(1),
@@ -193,7 +281,7 @@ impl MetaClient {
     pub fn watch(&self, volume: u32) -> MetaWatch {
         MetaWatch {
             opts: self.opts.clone(),
-            port: self.port,
+            endpoints: self.endpoints.clone(),
             volume,
             client: self.client_id,
             conn: None,
@@ -237,10 +325,16 @@ impl MetaClient {
         let deadline = Instant::now() + retry_for;
         let mut backoff = Duration::from_millis(20);
         loop {
+            let at = self
+                .endpoints
+                .lock()
+                .expect("endpoints lock")
+                .current
+                .clone();
             let pooled = self.pool.lock().expect("pool lock").pop();
             let conn = match pooled {
                 Some(c) => Ok(c),
-                None => MetaConn::open(&self.opts, self.port),
+                None => MetaConn::open(&self.opts, &at),
             };
             let result = conn.and_then(|mut c| {
                 let r = c.call(&Request::Meta { body: body.clone() })?;
@@ -257,11 +351,36 @@ impl MetaClient {
                         detail: e.to_string(),
                     });
                 }
+                Ok((
+                    _,
+                    Response::Error {
+                        code: ErrorCode::NotLeader,
+                        message,
+                    },
+                )) if Instant::now() < deadline => {
+                    // Not the leader: go where it points (or, mid-election, wait and ask
+                    // again). Pooled connections go to the old node: drop them.
+                    tracing::debug!(leader = %message, "metadata call: not the leader");
+                    self.endpoints
+                        .lock()
+                        .expect("endpoints lock")
+                        .follow(&message);
+                    self.pool.lock().expect("pool lock").clear();
+                    if message.is_empty() {
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                    }
+                }
                 Ok((_, other)) => return Err(unexpected(other)),
                 Err(e @ (ClientError::Conn { .. } | ClientError::Connect { .. }))
                     if Instant::now() < deadline =>
                 {
                     tracing::debug!("metadata call: {e}; retrying");
+                    if matches!(e, ClientError::Connect { .. }) {
+                        // That node is gone: try the next member known.
+                        self.endpoints.lock().expect("endpoints lock").rotate();
+                        self.pool.lock().expect("pool lock").clear();
+                    }
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
@@ -289,7 +408,7 @@ const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// A watch stream (see [`MetaClient::watch`]). Blocking; one consumer thread.
 pub struct MetaWatch {
     opts: ClientOptions,
-    port: u16,
+    endpoints: SharedEndpoints,
     volume: u32,
     client: u64,
     /// The stream and the request id its frames answer.
@@ -313,7 +432,17 @@ impl MetaWatch {
 
     /// Open a stream: Hello, then `Watch`, answered `Done`.
     fn open(&self) -> Result<(MetaConn, u64), ClientError> {
-        let mut c = MetaConn::open(&self.opts, self.port)?;
+        let at = self
+            .endpoints
+            .lock()
+            .expect("endpoints lock")
+            .current
+            .clone();
+        let mut c = MetaConn::open(&self.opts, &at).inspect_err(|e| {
+            if matches!(e, ClientError::Connect { .. }) {
+                self.endpoints.lock().expect("endpoints lock").rotate();
+            }
+        })?;
         let body = meta::encode(&MetaRequest::Watch {
             volume: self.volume,
             client: self.client,
@@ -335,6 +464,21 @@ impl MetaWatch {
                     })
                 }
             },
+            Response::Error {
+                code: ErrorCode::NotLeader,
+                message,
+            } => {
+                // Invalidations come from the leader: go there (the caller reconnects).
+                self.endpoints
+                    .lock()
+                    .expect("endpoints lock")
+                    .follow(&message);
+                return Err(ClientError::Refused {
+                    shard: u16::MAX,
+                    code: ErrorCode::NotLeader,
+                    message,
+                });
+            }
             other => return Err(unexpected(other)),
         }
         c.conn

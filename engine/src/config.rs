@@ -13,6 +13,8 @@ use crate::format::Superblock;
 use crate::shard::ShardCore;
 use anyhow::{bail, Context, Result};
 use hivefs_net::chunk::DedupeKey;
+use hivefs_net::meta::JoinGrant;
+use hivefs_net::tls::CaMaterial;
 use hivefs_nvme::{open_device, AlignedBuf, IoOp, IoRequest, UringOptions, BLOCK_SIZE};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -54,6 +56,35 @@ pub struct NodeConfig {
     /// SHA-256 (hex) of the admin token.
     pub admin_token_sha256: String,
     pub dedupe_key: String,
+    /// This node's id in the cluster map and the metadata Raft group (the first node is 1;
+    /// a joining node gets the next from the leader).
+    #[serde(default = "first_node_id")]
+    pub raft_id: u64,
+    /// Whether a brand-new metadata log starts a one-member cluster (`hive init`), or
+    /// waits to be added by the hive's leader (`hive join`).
+    #[serde(default = "yes")]
+    pub bootstrap: bool,
+    /// The host other nodes and clients use to reach this node (default: `listen`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
+    /// Failure zone (replicas go to distinct zones first).
+    #[serde(default = "default_zone")]
+    pub zone: String,
+    /// Relative share of new data; absent: the device's size in GiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+}
+
+fn first_node_id() -> u64 {
+    1
+}
+
+fn yes() -> bool {
+    true
+}
+
+pub fn default_zone() -> String {
+    "default".into()
 }
 
 impl NodeConfig {
@@ -86,6 +117,11 @@ impl NodeConfig {
             );
         }
         Ok(cfg)
+    }
+
+    /// The host other nodes and clients reach this node at.
+    pub fn advertise_host(&self) -> &str {
+        self.advertise.as_deref().unwrap_or(&self.listen)
     }
 
     pub fn dedupe_key(&self) -> Result<DedupeKey> {
@@ -131,6 +167,17 @@ pub struct InitOptions {
     pub node_id: String,
     pub bucket_count: u32,
     pub segment_bytes: u64,
+    /// Where others reach this node (default: `listen`).
+    pub advertise: Option<String>,
+    pub zone: String,
+}
+
+/// What a node joining an existing hive was given (`hive join`): the hive's CA, dedupe key
+/// and bucket count, its node id, and the admin token it joined with.
+#[derive(Clone, Debug)]
+pub struct Joining {
+    pub grant: JoinGrant,
+    pub admin_token: String,
 }
 
 /// What `hive init` made, for printing.
@@ -183,6 +230,21 @@ pub fn parse_size(s: &str) -> Result<u64> {
 /// `hive init`: create the data directory, keys, certificates and token, and format the
 /// device. Refuses to overwrite an existing configuration.
 pub fn init(o: &InitOptions) -> Result<InitOutcome> {
+    init_node(o, None)
+}
+
+/// `hive join`: as [`init`], for a node of an existing hive: its CA, dedupe key, bucket
+/// count, admin token and node id come from `joining`; the metadata log starts empty
+/// (`bootstrap = false`) until the leader adds this node.
+pub fn init_joined(o: &InitOptions, joining: &Joining) -> Result<InitOutcome> {
+    joining
+        .grant
+        .validate()
+        .map_err(|e| anyhow::anyhow!("the hive's join grant is malformed ({e})"))?;
+    init_node(o, Some(joining))
+}
+
+fn init_node(o: &InitOptions, joining: Option<&Joining>) -> Result<InitOutcome> {
     std::fs::create_dir_all(&o.data_dir)
         .with_context(|| format!("creating {}", o.data_dir.display()))?;
     let dir = o.data_dir.canonicalize()?;
@@ -202,17 +264,36 @@ pub fn init(o: &InitOptions) -> Result<InitOutcome> {
         Some(o.size_bytes.unwrap_or(DEFAULT_DEVICE_BYTES))
     };
 
-    let key = DedupeKey(random_bytes::<32>()?);
-    let token = hex::encode(random_bytes::<32>()?);
-    let ca = hivefs_net::tls::generate_ca(&format!("hive {}", o.node_id))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (key, token, ca, bucket_count) = match joining {
+        Some(j) => (
+            DedupeKey::from_hex(&j.grant.dedupe_key).context("the hive's dedupe key")?,
+            j.admin_token.trim().to_string(),
+            CaMaterial {
+                cert_pem: j.grant.ca_cert_pem.clone(),
+                key_pem: j.grant.ca_key_pem.clone(),
+            },
+            j.grant.bucket_count,
+        ),
+        None => (
+            DedupeKey(random_bytes::<32>()?),
+            hex::encode(random_bytes::<32>()?),
+            hivefs_net::tls::generate_ca(&format!("hive {}", o.node_id))
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+            o.bucket_count,
+        ),
+    };
     let mut sans = vec![
         "localhost".to_string(),
         "127.0.0.1".to_string(),
         o.node_id.clone(),
     ];
-    if !sans.contains(&o.listen) {
-        sans.push(o.listen.clone());
+    for h in [Some(&o.listen), o.advertise.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        if !sans.contains(h) {
+            sans.push(h.clone());
+        }
     }
     let (node_pem, node_key) =
         hivefs_net::tls::issue_node_cert(&ca.cert_pem, &ca.key_pem, &o.node_id, &sans)
@@ -227,7 +308,7 @@ pub fn init(o: &InitOptions) -> Result<InitOutcome> {
         dev.capacity_bytes(),
         o.shards,
         o.segment_bytes,
-        o.bucket_count,
+        bucket_count,
         key.0,
     )
     .map_err(|e| anyhow::anyhow!("cannot lay out {}: {e}", device.display()))?;
@@ -260,7 +341,7 @@ pub fn init(o: &InitOptions) -> Result<InitOutcome> {
         base_port: o.base_port,
         meta_port: o.meta_port,
         shards: o.shards,
-        bucket_count: o.bucket_count,
+        bucket_count,
         segment_bytes: o.segment_bytes,
         commit_max_bytes: 4 << 20,
         credits: DEFAULT_CREDITS,
@@ -269,6 +350,11 @@ pub fn init(o: &InitOptions) -> Result<InitOutcome> {
         iopoll: false,
         admin_token_sha256: hex::encode(Sha256::digest(token.as_bytes())),
         dedupe_key: key.to_hex(),
+        raft_id: joining.map_or(1, |j| j.grant.id),
+        bootstrap: joining.is_none(),
+        advertise: o.advertise.clone(),
+        zone: o.zone.clone(),
+        weight: None,
     };
     std::fs::write(dir.join("ca.pem"), &ca.cert_pem)?;
     write_private(&dir.join("ca.key"), &ca.key_pem)?;
@@ -313,6 +399,11 @@ mod tests {
             iopoll: false,
             admin_token_sha256: String::new(),
             dedupe_key: String::new(),
+            raft_id: 1,
+            bootstrap: true,
+            advertise: None,
+            zone: default_zone(),
+            weight: None,
         };
         let write = |c: &NodeConfig| {
             std::fs::write(dir.join(CONFIG_FILE), toml::to_string(c).unwrap()).unwrap()

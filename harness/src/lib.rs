@@ -221,6 +221,8 @@ pub struct TestNode {
     child: Option<Child>,
     base_port: u16,
     starts: u32,
+    /// A member of a hive of several nodes: never moved to other ports.
+    fixed_ports: bool,
 }
 
 impl TestNode {
@@ -231,8 +233,78 @@ impl TestNode {
         n
     }
 
-    /// `hive init` a fresh node without starting it.
-    pub fn init(opts: NodeOptions) -> TestNode {
+    /// `hive join` a fresh node to the hive `via` belongs to (through `via`'s metadata
+    /// port: a follower sends it on to the leader), and wait until it serves and is a
+    /// member of the metadata cluster. Both nodes keep their ports from then on: the hive
+    /// knows its members by address.
+    pub fn join(opts: NodeOptions, via: &mut TestNode) -> TestNode {
+        via.fixed_ports = true;
+        let mut node = TestNode::new_dir(opts);
+        node.fixed_ports = true;
+        node.starts += 1;
+        let banner = format!(
+            "=== harness: hive join #{} (base port {}) via {} ===",
+            node.starts,
+            node.base_port,
+            via.meta_port()
+        );
+        let mut cmd = Command::new(&node.bin);
+        cmd.arg("join")
+            .args(["--hive", &format!("127.0.0.1:{}", via.meta_port())])
+            .args(["--token", &via.token(), "--ca", &via.ca_fingerprint()])
+            .arg("--data")
+            .arg(&node.dir)
+            .args([
+                "--size",
+                &node.opts.size,
+                "--segment-size",
+                &node.opts.segment_size,
+                "--shards",
+                &node.opts.shards.to_string(),
+                "--base-port",
+                &node.base_port.to_string(),
+            ]);
+        if std::env::var_os("HIVE_LOG").is_none() {
+            cmd.env("HIVE_LOG", "info");
+        }
+        // The log lives in the data directory, which `hive join` wants empty: keep it
+        // beside until the join has made the directory, then it is appended to there.
+        std::fs::remove_dir_all(&node.dir).ok();
+        let log = node.dir.with_extension("join.log");
+        node.child = Some(spawn_logged(cmd, &log, &banner, libc::SIGKILL));
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let text = strip_ansi(&std::fs::read_to_string(&log).unwrap_or_default());
+            if text.contains("joined the metadata cluster as a") {
+                break;
+            }
+            if let Some(Ok(Some(st))) = node.child.as_mut().map(|c| c.try_wait()) {
+                let _ = std::fs::remove_file(&log);
+                panic!("hive join exited with {st}:\n{text}");
+            }
+            if Instant::now() > deadline {
+                node.kill_quietly();
+                let _ = std::fs::remove_file(&log);
+                panic!("hive join did not finish within {START_TIMEOUT:?}:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let text = std::fs::read(&log).unwrap_or_default();
+        let _ = std::fs::remove_file(&log);
+        let _ = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.log_path())
+            .and_then(|mut f| f.write_all(&text));
+        if let Err(why) = node.wait_ready() {
+            node.kill_quietly();
+            panic!("joined node did not come up: {why}\n{}", node.log_tail(60));
+        }
+        node
+    }
+
+    /// A fresh, empty data directory and free ports for a node (nothing started).
+    fn new_dir(opts: NodeOptions) -> TestNode {
         let bin = hive_bin();
         let k = DIR_COUNTER.fetch_add(1, Ordering::SeqCst);
         let safe: String = opts
@@ -256,14 +328,20 @@ impl TestNode {
         // The metadata port comes first, then one port per shard.
         let base_port = free_base_port(opts.shards + 1) + 1;
         // From here on Drop cleans up, whatever fails.
-        let node = TestNode {
+        TestNode {
             dir,
             opts,
             bin,
             child: None,
             base_port,
             starts: 0,
-        };
+            fixed_ports: false,
+        }
+    }
+
+    /// `hive init` a fresh node without starting it.
+    pub fn init(opts: NodeOptions) -> TestNode {
+        let node = TestNode::new_dir(opts);
         let out = Command::new(&node.bin)
             .arg("init")
             .arg("--data")
@@ -278,7 +356,7 @@ impl TestNode {
                 "--shards",
                 &node.opts.shards.to_string(),
                 "--base-port",
-                &base_port.to_string(),
+                &node.base_port.to_string(),
             ])
             .env("NO_COLOR", "1")
             .output()
@@ -475,7 +553,9 @@ impl TestNode {
     pub fn run(&mut self) {
         assert!(self.child.is_none(), "node already running");
         for attempt in 0..5 {
-            if attempt > 0 || !ports_free(self.meta_port(), self.opts.shards + 1) {
+            if (attempt > 0 || !ports_free(self.meta_port(), self.opts.shards + 1))
+                && !self.fixed_ports
+            {
                 let p = free_base_port(self.opts.shards + 1) + 1;
                 self.set_base_port(p);
             }

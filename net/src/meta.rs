@@ -278,6 +278,132 @@ pub enum Mutation {
     },
     /// Start a new GC epoch (the GC coordinator's, before its mark).
     AdvanceGcEpoch,
+    /// Record a node joining the hive in the cluster map (group 0): it gets the next node
+    /// id (never reused) and the map a new epoch. Answered [`Answer::Node`]. A node already
+    /// recorded under the same name and address gets its id again (a join retried after a
+    /// lost answer is not a second node).
+    AddNode(NodeSpec),
+}
+
+/// Longest node name and failure-zone name.
+pub const MAX_NODE_NAME_BYTES: usize = 64;
+/// Longest host name or address of a node.
+pub const MAX_HOST_BYTES: usize = 255;
+/// Longest PEM text (a certificate or a key) a join grant carries.
+pub const MAX_PEM_BYTES: usize = 16 * 1024;
+
+/// A hive node as the cluster map (group 0) records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeSpec {
+    /// Unique, `[A-Za-z0-9._-]`, 1..=64 bytes.
+    pub name: String,
+    /// Where the other nodes and clients reach it (an IP literal or a host name).
+    pub host: String,
+    pub meta_port: u16,
+    /// Shard `i` listens on `base_port + i`.
+    pub base_port: u16,
+    pub shards: u16,
+    /// Failure zone (replicas go to distinct zones first); 1..=64 bytes like a name.
+    pub zone: String,
+    /// Relative share of new data (0: none).
+    pub weight: u32,
+}
+
+impl NodeSpec {
+    pub fn validate(&self) -> Result<(), Errno> {
+        let word = |s: &str| {
+            !s.is_empty()
+                && s.len() <= MAX_NODE_NAME_BYTES
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        };
+        if !word(&self.name) || !word(&self.zone) {
+            return Err(Errno::INVAL);
+        }
+        if self.host.is_empty()
+            || self.host.len() > MAX_HOST_BYTES
+            || !self
+                .host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:[]".contains(&b))
+        {
+            return Err(Errno::INVAL);
+        }
+        if self.shards == 0 || self.meta_port == 0 || self.base_port == 0 {
+            return Err(Errno::INVAL);
+        }
+        Ok(())
+    }
+
+    /// `host:meta_port` (brackets around an IPv6 literal).
+    pub fn meta_addr(&self) -> String {
+        Self::addr_of(&self.host, self.meta_port)
+    }
+
+    /// `host:port` (brackets around an IPv6 literal).
+    pub fn addr_of(host: &str, port: u16) -> String {
+        if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        }
+    }
+}
+
+/// Which openraft RPC a [`PeerRequest::Raft`] carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RaftRpc {
+    AppendEntries,
+    Vote,
+    InstallSnapshot,
+}
+
+/// What hive nodes ask each other on the metadata port (and what a joining node asks).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerRequest {
+    /// An openraft RPC between members; `body` is the postcard-encoded openraft request
+    /// (the engine's business; bounded by the frame). Only on a connection whose TLS
+    /// client presented a node certificate of this hive. Answered [`Answer::Raft`].
+    Raft { rpc: RaftRpc, body: Vec<u8> },
+    /// A new node asks to join (admin token): recorded in the cluster map, answered
+    /// [`Answer::Joined`] with its id and what it needs to serve (the CA, the dedupe key).
+    Join(NodeSpec),
+    /// A joined node, now serving, asks to become a member: a learner that catches up,
+    /// then a voter while the hive has fewer than [`MAX_VOTERS`]. Answered
+    /// [`Answer::Admitted`].
+    Admit { id: u64 },
+}
+
+/// Most voting members of the metadata Raft group; further nodes are learners.
+pub const MAX_VOTERS: usize = 5;
+
+/// What a node joining the hive gets.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinGrant {
+    /// Its node id (also its Raft id).
+    pub id: u64,
+    pub map_epoch: u64,
+    /// The hive CA (certificate and key: every node can issue node certificates, so that
+    /// any of them can lead).
+    pub ca_cert_pem: String,
+    pub ca_key_pem: String,
+    /// The hive's dedupe key (hex) and bucket count: the same on every node.
+    pub dedupe_key: String,
+    pub bucket_count: u32,
+}
+
+impl JoinGrant {
+    pub fn validate(&self) -> Result<(), Errno> {
+        if self.id == 0
+            || self.ca_cert_pem.len() > MAX_PEM_BYTES
+            || self.ca_key_pem.len() > MAX_PEM_BYTES
+            || self.dedupe_key.len() != 64
+            || !self.bucket_count.is_power_of_two()
+        {
+            return Err(Errno::INVAL);
+        }
+        Ok(())
+    }
 }
 
 impl Mutation {
@@ -302,7 +428,9 @@ impl Mutation {
             | Mutation::SetXattr { ino, .. }
             | Mutation::RemoveXattr { ino, .. }
             | Mutation::Reclaim { ino } => vec![*ino],
-            Mutation::CreateVolume { .. } | Mutation::AdvanceGcEpoch => Vec::new(),
+            Mutation::CreateVolume { .. } | Mutation::AdvanceGcEpoch | Mutation::AddNode(_) => {
+                Vec::new()
+            }
         }
     }
 
@@ -381,6 +509,20 @@ pub enum Query {
     },
     /// Run one garbage collection (admin): new GC epoch, mark, sweep (see `hive gc`).
     Gc,
+    /// The cluster map's nodes (group 0). Answered [`Answer::Nodes`].
+    Nodes,
+    /// The metadata cluster as the asked node sees it now (any node answers, leader or
+    /// not, without a read barrier). Answered [`Answer::Members`].
+    Members,
+}
+
+/// A member of the metadata Raft group.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub id: u64,
+    /// Its metadata port, `host:port`.
+    pub addr: String,
+    pub voter: bool,
 }
 
 /// What a client sends to the metadata service.
@@ -409,6 +551,8 @@ pub enum MetaRequest {
     /// (it drops its copy after every change to a directory), and the client can answer
     /// from this instead of another round trip.
     MutateInDir(MetaCommand),
+    /// Between hive nodes, and from a node joining: see [`PeerRequest`].
+    Peer(PeerRequest),
 }
 
 /// Most items (entries plus inodes) one [`Invalidation`] carries.
@@ -650,6 +794,31 @@ pub enum Answer {
         attr: Attr,
         dir: Attr,
     },
+    /// A node recorded in the cluster map: its id, and the map's epoch after the change.
+    Node {
+        id: u64,
+        map_epoch: u64,
+    },
+    /// The cluster map's nodes, by id.
+    Nodes {
+        map_epoch: u64,
+        nodes: Vec<(u64, NodeSpec)>,
+    },
+    /// The postcard-encoded openraft answer (`Result<response, openraft RaftError>`).
+    Raft(Vec<u8>),
+    Joined(JoinGrant),
+    /// A node admitted as a member: a voter, or a learner (the hive has enough voters).
+    Admitted {
+        voter: bool,
+    },
+    Members {
+        /// The node that answered.
+        this: u64,
+        leader: Option<u64>,
+        term: u64,
+        last_applied: Option<u64>,
+        members: Vec<Member>,
+    },
 }
 
 /// What one garbage collection did.
@@ -864,6 +1033,7 @@ impl MetaRequest {
                     Ok(())
                 }
                 Mutation::Reclaim { .. } | Mutation::AdvanceGcEpoch => Ok(()),
+                Mutation::AddNode(n) => n.validate(),
             },
             MetaRequest::Query { query, .. } => match query {
                 Query::Volume { name } if name.len() > MAX_VOLUME_NAME_BYTES => Err(Errno::INVAL),
@@ -897,6 +1067,8 @@ impl MetaRequest {
                 | LockOp::Close => Ok(()),
             },
             MetaRequest::Watch { .. } => Ok(()),
+            MetaRequest::Peer(PeerRequest::Join(n)) => n.validate(),
+            MetaRequest::Peer(PeerRequest::Raft { .. } | PeerRequest::Admit { .. }) => Ok(()),
         }
     }
 }

@@ -134,6 +134,9 @@ pub enum ErrorCode {
     /// The shard is out of space for new chunks (ENOSPC): retrying later may succeed once
     /// a collection has freed space.
     NoSpace = 14,
+    /// This metadata node does not lead: the message is the leader's `host:port`, or empty
+    /// while no leader is known (retry shortly).
+    NotLeader = 15,
 }
 
 impl ErrorCode {
@@ -155,6 +158,7 @@ impl ErrorCode {
             12 => ErrorCode::BadRequest,
             13 => ErrorCode::WrongShard,
             14 => ErrorCode::NoSpace,
+            15 => ErrorCode::NotLeader,
             _ => return None,
         })
     }

@@ -10,6 +10,12 @@
 //! Everything is built on rustls's ring provider passed explicitly; no process-wide default
 //! provider is installed. Only TLS 1.3 is offered. Clients authenticate with the `Hello`
 //! token, not with certificates.
+//!
+//! Between nodes TLS is mutual: a node dialling another ([`peer_client_config`]) pins the
+//! CA like any client and also presents its own node certificate; servers ask every client
+//! for one but do not require it ([`server_config`]: clients of mounts have none), and a
+//! connection whose client presented a certificate that chains to the hive CA is a *peer*
+//! connection ([`is_peer`]). Only peers may send Raft traffic.
 
 use std::fmt;
 use std::sync::{Arc, OnceLock};
@@ -22,6 +28,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, OtherError, RootCertStore, ServerConfig,
     SignatureScheme,
@@ -186,28 +193,75 @@ pub fn server_name(name: &str) -> Result<ServerName<'static>, TlsError> {
     ServerName::try_from(name.to_string()).map_err(|_| TlsError::BadServerName(name.to_string()))
 }
 
+/// A node's certificate chain ending with the CA (added unless present), and the CA.
+fn chain_with_ca(
+    node_cert_pem: &str,
+    ca_cert_pem: &str,
+) -> Result<(Vec<CertificateDer<'static>>, CertificateDer<'static>), TlsError> {
+    let mut chain = certs_from_pem(node_cert_pem)?;
+    let ca = first_cert(ca_cert_pem)?;
+    if !chain.contains(&ca) {
+        chain.push(ca.clone());
+    }
+    Ok((chain, ca))
+}
+
 /// A node's server config: presents `node_cert_pem` followed by the CA certificate.
 pub fn server_config(
     node_cert_pem: &str,
     node_key_pem: &str,
     ca_cert_pem: &str,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let mut chain = certs_from_pem(node_cert_pem)?;
-    let ca = first_cert(ca_cert_pem)?;
-    if !chain.contains(&ca) {
-        chain.push(ca);
-    }
+    let (chain, ca) = chain_with_ca(node_cert_pem, ca_cert_pem)?;
     let key = key_from_pem(node_key_pem)?;
+    let mut roots = RootCertStore::empty();
+    roots.add(ca)?;
+    // Client certificates are optional (mounts have none) but verified when presented:
+    // a handshake with a certificate that does not chain to the hive CA fails.
+    let clients = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| rustls::Error::General(format!("hive client verifier: {e}")))?;
     let config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
+        .with_client_cert_verifier(clients)
         .with_single_cert(chain, key)?;
+    Ok(Arc::new(config))
+}
+
+/// Did the client of this server connection present a certificate (verified against the
+/// hive CA during the handshake, see [`server_config`])? Such a client is another node.
+pub fn is_peer(conn: &rustls::Connection) -> bool {
+    matches!(conn, rustls::Connection::Server(_))
+        && conn.peer_certificates().is_some_and(|c| !c.is_empty())
+}
+
+/// A node's config for dialling another node of its hive: the CA is pinned (by the
+/// fingerprint of `ca_cert_pem`) as for any client, and the node presents its own
+/// certificate chain (`node_cert_pem` + the CA).
+pub fn peer_client_config(
+    ca_cert_pem: &str,
+    node_cert_pem: &str,
+    node_key_pem: &str,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let (chain, ca) = chain_with_ca(node_cert_pem, ca_cert_pem)?;
+    let key = key_from_pem(node_key_pem)?;
+    let config =
+        pinned_builder(&fingerprint_der(ca.as_ref()))?.with_client_auth_cert(chain, key)?;
     Ok(Arc::new(config))
 }
 
 /// A client config that trusts exactly the hive CA with this fingerprint (64 hex digits,
 /// any case, `:` separators allowed).
 pub fn client_config_pinned(ca_fingerprint_hex: &str) -> Result<Arc<ClientConfig>, TlsError> {
+    Ok(Arc::new(
+        pinned_builder(ca_fingerprint_hex)?.with_no_client_auth(),
+    ))
+}
+
+fn pinned_builder(
+    ca_fingerprint_hex: &str,
+) -> Result<rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>, TlsError> {
     let cleaned: String = ca_fingerprint_hex
         .trim()
         .chars()
@@ -226,9 +280,8 @@ pub fn client_config_pinned(ca_fingerprint_hex: &str) -> Result<Arc<ClientConfig
     let config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
-    Ok(Arc::new(config))
+        .with_custom_certificate_verifier(Arc::new(verifier));
+    Ok(config)
 }
 
 /// rustls's error as one readable line. Unlike rustls's own `Display`, a verifier's
@@ -530,6 +583,60 @@ pub(crate) mod tests {
         let mut server = Connection::from(ServerConnection::new(sc).unwrap());
         let (is_client, err) = pump(&mut client, &mut server).unwrap_err();
         assert!(is_client);
+        assert!(matches!(err, rustls::Error::InvalidCertificate(_)), "{err}");
+    }
+
+    /// A handshake of a node (`cert`, `key`) dialling `pki()`'s node as a peer.
+    fn peer_handshake(
+        ca_pem: &str,
+        cert: &str,
+        key: &str,
+    ) -> Result<(Connection, Connection), (bool, rustls::Error)> {
+        let p = pki();
+        let sc = server_config(&p.node_cert, &p.node_key, &p.ca.cert_pem).unwrap();
+        let cc = peer_client_config(ca_pem, cert, key).unwrap();
+        let mut client =
+            Connection::from(ClientConnection::new(cc, server_name("localhost").unwrap()).unwrap());
+        let mut server = Connection::from(ServerConnection::new(sc).unwrap());
+        pump(&mut client, &mut server)?;
+        Ok((client, server))
+    }
+
+    #[test]
+    fn a_node_of_the_hive_is_a_peer_and_a_client_is_not() {
+        let p = pki();
+        let (cert, key) = issue_node_cert(
+            &p.ca.cert_pem,
+            &p.ca.key_pem,
+            "node-b",
+            &["localhost".into()],
+        )
+        .unwrap();
+        let (client, server) = peer_handshake(&p.ca.cert_pem, &cert, &key).unwrap();
+        assert!(is_peer(&server));
+        assert!(!is_peer(&client), "only a server side has peers");
+        let fp = fingerprint_pem(&p.ca.cert_pem).unwrap();
+        let (_, server) = handshake(&fp, "localhost").unwrap();
+        assert!(
+            !is_peer(&server),
+            "a client without a certificate is no peer"
+        );
+    }
+
+    #[test]
+    fn a_node_certificate_of_another_hive_is_refused_by_the_server() {
+        let p = pki();
+        let other = generate_ca("other").unwrap();
+        let (cert, key) = issue_node_cert(
+            &other.cert_pem,
+            &other.key_pem,
+            "evil",
+            &["localhost".into()],
+        )
+        .unwrap();
+        // It pins the right CA (public) but presents a certificate the hive did not issue.
+        let (is_client, err) = peer_handshake(&p.ca.cert_pem, &cert, &key).unwrap_err();
+        assert!(!is_client, "the server refuses: {err}");
         assert!(matches!(err, rustls::Error::InvalidCertificate(_)), "{err}");
     }
 

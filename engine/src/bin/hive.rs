@@ -4,9 +4,10 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use hivefs_engine::admin::Link;
 use hivefs_engine::config::{self, InitOptions, NodeConfig};
+use hivefs_engine::meta::peer::{PeerError, PeerLink};
 use hivefs_engine::node::Node;
-use hivefs_net::meta::{self, Answer, MetaRequest, Query};
-use hivefs_net::proto::{Request, Response};
+use hivefs_net::meta::{self, Answer, MetaRequest, NodeSpec, PeerRequest, Query};
+use hivefs_net::proto::{ErrorCode, Request, Response};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -44,6 +45,51 @@ enum Cmd {
         #[arg(long, default_value_t = config::DEFAULT_BUCKETS)]
         buckets: u32,
         /// Segment size, e.g. 64M.
+        #[arg(long, default_value = "64M")]
+        segment_size: String,
+        /// The host other nodes and clients reach this node at (default: --listen).
+        #[arg(long)]
+        advertise: Option<String>,
+        /// Failure zone (replicas go to distinct zones first).
+        #[arg(long, default_value = "default")]
+        zone: String,
+    },
+    /// Add a node to a running hive: fetch the hive's CA and dedupe key from it, make the
+    /// data directory and device, start serving, and become a member of the metadata
+    /// cluster (a voter while the hive has fewer than 5). Then run as `hive run` does;
+    /// restart later with `hive run`. Run again on the same directory to finish a join
+    /// that was interrupted.
+    Join {
+        /// Any node of the hive: its metadata port, HOST:PORT (a follower points to its leader).
+        #[arg(long)]
+        hive: String,
+        /// The hive's admin token.
+        #[arg(long)]
+        token: String,
+        /// SHA-256 fingerprint of the hive CA (as `hive init` printed it).
+        #[arg(long)]
+        ca: String,
+        #[arg(long)]
+        data: PathBuf,
+        /// This node's name in the hive (default: node-HOST-METAPORT).
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        device: Option<PathBuf>,
+        #[arg(long)]
+        size: Option<String>,
+        #[arg(long)]
+        shards: Option<u16>,
+        #[arg(long, default_value_t = config::DEFAULT_BASE_PORT)]
+        base_port: u16,
+        #[arg(long)]
+        meta_port: Option<u16>,
+        #[arg(long, default_value = "127.0.0.1")]
+        listen: String,
+        #[arg(long)]
+        advertise: Option<String>,
+        #[arg(long, default_value = "default")]
+        zone: String,
         #[arg(long, default_value = "64M")]
         segment_size: String,
     },
@@ -137,6 +183,8 @@ fn real_main() -> Result<()> {
             node_id,
             buckets,
             segment_size,
+            advertise,
+            zone,
         } => {
             let shards = shards.unwrap_or_else(|| {
                 std::thread::available_parallelism()
@@ -154,6 +202,8 @@ fn real_main() -> Result<()> {
                 node_id,
                 bucket_count: buckets,
                 segment_bytes: config::parse_size(&segment_size)?,
+                advertise,
+                zone,
             };
             let out = config::init(&o)?;
             println!(
@@ -172,6 +222,48 @@ fn real_main() -> Result<()> {
             println!("ca            {}", out.ca_fingerprint);
             println!("token         {}", out.admin_token);
             Ok(())
+        }
+        Cmd::Join {
+            hive,
+            token,
+            ca,
+            data,
+            name,
+            device,
+            size,
+            shards,
+            base_port,
+            meta_port,
+            listen,
+            advertise,
+            zone,
+            segment_size,
+        } => {
+            let shards = shards.unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get() as u16)
+                    .unwrap_or(1)
+            });
+            let meta_port = meta_port.unwrap_or(base_port.saturating_sub(1));
+            let host = advertise.clone().unwrap_or_else(|| listen.clone());
+            let name = name.unwrap_or_else(|| {
+                format!("node-{}-{meta_port}", host.replace([':', '[', ']'], "-"))
+            });
+            let o = InitOptions {
+                data_dir: data.clone(),
+                device,
+                size_bytes: size.as_deref().map(config::parse_size).transpose()?,
+                shards,
+                base_port,
+                meta_port: Some(meta_port),
+                listen,
+                node_id: name,
+                bucket_count: config::DEFAULT_BUCKETS,
+                segment_bytes: config::parse_size(&segment_size)?,
+                advertise,
+                zone,
+            };
+            join(&hive, &token, &ca, o)
         }
         Cmd::Run {
             data,
@@ -221,6 +313,221 @@ fn real_main() -> Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+/// Call `req` on the hive at `addr` with the admin token, following "not the leader"
+/// answers to the leader (a few hops, while an election settles).
+fn call_leader(
+    addr: &str,
+    token: &str,
+    ca: &str,
+    req: &MetaRequest,
+    timeout: std::time::Duration,
+) -> Result<meta::MetaReply> {
+    let tls = hivefs_net::tls::client_config_pinned(ca).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut at = addr.to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let r = PeerLink::dial(&at, Some(tls.clone()), token, "hive join", timeout)
+            .and_then(|mut l| l.call(req));
+        match r {
+            Ok(reply) => return Ok(reply),
+            Err(e) if std::time::Instant::now() < deadline => {
+                if let Some(leader) = e.leader() {
+                    at = leader.to_string();
+                } else if matches!(
+                    e,
+                    PeerError::Refused {
+                        code: ErrorCode::NotLeader,
+                        ..
+                    }
+                ) {
+                    // No leader known yet: an election is on.
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                } else {
+                    return Err(e.into());
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// `hive join`: see the subcommand's docs.
+fn join(hive: &str, token: &str, ca: &str, o: InitOptions) -> Result<()> {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let short = std::time::Duration::from_secs(30);
+    if o.data_dir.join(config::CONFIG_FILE).exists() {
+        let cfg = NodeConfig::load(&o.data_dir)?;
+        if cfg.bootstrap {
+            bail!(
+                "{} holds the first node of a hive of its own; a node joins only from an empty directory",
+                o.data_dir.display()
+            );
+        }
+        println!(
+            "hive: {} was joined before: finishing the join",
+            o.data_dir.display()
+        );
+    } else {
+        let spec = NodeSpec {
+            name: o.node_id.clone(),
+            host: o.advertise.clone().unwrap_or_else(|| o.listen.clone()),
+            meta_port: o.meta_port.unwrap_or(0),
+            base_port: o.base_port,
+            shards: o.shards,
+            zone: o.zone.clone(),
+            weight: o
+                .size_bytes
+                .unwrap_or(config::DEFAULT_DEVICE_BYTES)
+                .div_ceil(1 << 30) as u32,
+        };
+        if let Err(e) = spec.validate() {
+            bail!("this node cannot be recorded as {spec:?} ({e}): check --name, --advertise, --zone and the ports");
+        }
+        let grant = match call_leader(
+            hive,
+            token,
+            ca,
+            &MetaRequest::Peer(PeerRequest::Join(spec)),
+            short,
+        )? {
+            Ok(Answer::Joined(g)) => g,
+            Ok(other) => bail!("joining {hive}: unexpected answer {other:?}"),
+            Err(e) => bail!("joining {hive}: the hive refused: {e}"),
+        };
+        let id = grant.id;
+        config::init_joined(
+            &o,
+            &config::Joining {
+                grant,
+                admin_token: token.to_string(),
+            },
+        )?;
+        println!(
+            "hive: node {} is node {id} of the hive; its files are in {}",
+            o.node_id,
+            o.data_dir.display()
+        );
+    }
+    let data = o.data_dir.canonicalize()?;
+    let cfg = NodeConfig::load(&data)?;
+    let node = Node::start(&data, false)?;
+    // Catching up may mean a snapshot and a long log: a generous deadline.
+    let admitted = call_leader(
+        hive,
+        token,
+        ca,
+        &MetaRequest::Peer(PeerRequest::Admit { id: cfg.raft_id }),
+        std::time::Duration::from_secs(600),
+    );
+    match admitted {
+        Ok(Ok(Answer::Admitted { voter })) => println!(
+            "hive: node {} joined the metadata cluster as a {}",
+            cfg.raft_id,
+            if voter { "voter" } else { "learner" }
+        ),
+        Ok(other) => {
+            let _ = node.shutdown();
+            bail!(
+                "admitting node {}: unexpected answer {other:?}",
+                cfg.raft_id
+            )
+        }
+        Err(e) => {
+            let _ = node.shutdown();
+            bail!(
+                "admitting node {}: {e:#} (run `hive join` again to retry)",
+                cfg.raft_id
+            )
+        }
+    }
+    tracing::info!(ports = ?node.ports, "hive node running");
+    node.wait(&STOP)
+}
+
+/// The metadata cluster as this node sees it, and the cluster map's nodes (asked of the
+/// leader: this node when it leads, else `nodes` says why it is missing).
+fn cluster_status(dir: &std::path::Path, insecure: bool) -> serde_json::Value {
+    let members = match admin_query(dir, insecure, Query::Members, "hive status") {
+        Ok(Answer::Members {
+            this,
+            leader,
+            term,
+            last_applied,
+            members,
+        }) => serde_json::json!({
+            "this": this,
+            "leader": leader,
+            "term": term,
+            "last_applied": last_applied,
+            "members": members.iter().map(|m| serde_json::json!({
+                "id": m.id, "addr": m.addr, "voter": m.voter,
+            })).collect::<Vec<_>>(),
+        }),
+        Ok(other) => serde_json::json!({ "error": format!("unexpected {other:?}") }),
+        Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
+    };
+    let nodes = match admin_query(dir, insecure, Query::Nodes, "hive status") {
+        Ok(Answer::Nodes { map_epoch, nodes }) => serde_json::json!({
+            "map_epoch": map_epoch,
+            "nodes": nodes.iter().map(|(id, n)| serde_json::json!({
+                "id": id, "name": n.name, "addr": n.meta_addr(), "base_port": n.base_port,
+                "shards": n.shards, "zone": n.zone, "weight": n.weight,
+            })).collect::<Vec<_>>(),
+        }),
+        Ok(other) => serde_json::json!({ "error": format!("unexpected {other:?}") }),
+        Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
+    };
+    serde_json::json!({ "raft": members, "map": nodes })
+}
+
+fn print_cluster(c: &serde_json::Value) {
+    let raft = &c["raft"];
+    if let Some(e) = raft["error"].as_str() {
+        println!("metadata cluster: unknown ({e})");
+    } else {
+        let leader = raft["leader"]
+            .as_u64()
+            .map_or("none (election)".to_string(), |l| format!("node {l}"));
+        println!(
+            "metadata cluster: this is node {}, leader {leader}, term {}, applied {}",
+            raft["this"], raft["term"], raft["last_applied"]
+        );
+        for m in raft["members"].as_array().into_iter().flatten() {
+            println!(
+                "  member {:>3}  {:<24} {}",
+                m["id"],
+                m["addr"].as_str().unwrap_or("?"),
+                if m["voter"].as_bool() == Some(true) {
+                    "voter"
+                } else {
+                    "learner"
+                }
+            );
+        }
+    }
+    let map = &c["map"];
+    if let Some(nodes) = map["nodes"].as_array() {
+        println!("cluster map epoch {}:", map["map_epoch"]);
+        for n in nodes {
+            println!(
+                "  node {:>3}  {:<20} {:<24} zone {:<10} weight {:>6} shards {}",
+                n["id"],
+                n["name"].as_str().unwrap_or("?"),
+                n["addr"].as_str().unwrap_or("?"),
+                n["zone"].as_str().unwrap_or("?"),
+                n["weight"],
+                n["shards"]
+            );
+        }
+    } else if let Some(e) = map["error"].as_str() {
+        println!("cluster map: ask the leader ({e})");
     }
 }
 
@@ -291,6 +598,8 @@ fn up(data: &std::path::Path, size: &str, mountpoint: &std::path::Path) -> Resul
             node_id: "node-1".into(),
             bucket_count: config::DEFAULT_BUCKETS,
             segment_bytes: config::DEFAULT_SEGMENT_BYTES,
+            advertise: None,
+            zone: config::default_zone(),
         };
         config::init(&o)?;
         println!("hive: initialised a one-node hive in {}", data.display());
@@ -440,12 +749,16 @@ fn status(dir: &std::path::Path, json: bool, insecure: bool) -> Result<()> {
         "compaction_tombstones_carried": sum("compaction_tombstones_carried"),
         "compaction_tombstones_dropped": sum("compaction_tombstones_dropped"),
     });
+    let cluster = cluster_status(dir, insecure);
     if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({ "node_id": cfg.node_id, "shards": shards, "total": total })
-            )?
+            serde_json::to_string_pretty(&serde_json::json!({
+                "node_id": cfg.node_id,
+                "shards": shards,
+                "total": total,
+                "cluster": cluster,
+            }))?
         );
         return Ok(());
     }
@@ -512,5 +825,6 @@ fn status(dir: &std::path::Path, json: bool, insecure: bool) -> Result<()> {
         gib(t("compaction_bytes_moved")),
         t("puts_no_space")
     );
+    print_cluster(&cluster);
     Ok(())
 }

@@ -38,10 +38,13 @@
 //!   it) and, after a restart, grants no lock and answers no `F_GETLK` (`EAGAIN`) until
 //!   that horizon has passed. A hive that never saw a lock (no horizon file), or whose
 //!   horizon is past, starts without grace.
-//! - When metadata becomes a multi-node Raft group, only the leader answers lock
-//!   operations and a new leader starts exactly as after a restart (new session base,
-//!   grace until the horizon it can read); the horizon must then be replicated or taken as
-//!   the full lease. Today there is one node, always the leader.
+//! - **A new leader** of a hive of several voters starts as after a restart: an empty
+//!   table, a new session base, and a full lease ([`LOCK_LEASE_MS`]) of grace counted from
+//!   the first lock request it answers in its term ([`LockService::enter_term`]; the old
+//!   leader's horizon is not readable here). That covers every lease the old leader gave,
+//!   because a leader of several voters confirms its leadership with a quorum (a read
+//!   barrier) before each lock answer: a deposed leader cannot renew anything after the
+//!   new one was elected. Only the leader answers lock requests.
 //!
 //! # Invariants
 //! - The POSIX locks of one owner on one file never overlap, and two of one type never
@@ -493,6 +496,9 @@ fn set_flock(
 pub struct LockService {
     inner: std::sync::Mutex<(LockTable, Horizon)>,
     start: std::time::Instant,
+    /// The leadership term the table belongs to (`None` until the first multi-voter
+    /// request: the table of a fresh start needs no reset).
+    term: std::sync::Mutex<Option<u64>>,
 }
 
 fn wall_ms() -> u64 {
@@ -511,7 +517,33 @@ impl LockService {
         Ok(LockService {
             inner: std::sync::Mutex::new((LockTable::new(base, grace_ms), horizon)),
             start: std::time::Instant::now(),
+            term: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Before answering a lock request as the leader of `term` (of a hive of several
+    /// voters, leadership confirmed): a term other than the table's means another node
+    /// led meanwhile, whose sessions and leases are unknown here: start afresh, granting
+    /// nothing for a full lease. See the module docs.
+    pub fn enter_term(&self, term: u64) -> anyhow::Result<()> {
+        let mut t = self.term.lock().expect("lock term");
+        match *t {
+            Some(old) if old == term => return Ok(()),
+            None => {}
+            Some(old) => {
+                let base = u64::from_le_bytes(crate::config::random_bytes::<8>()?);
+                let now = self.start.elapsed().as_millis() as u64;
+                let mut g = self.inner.lock().expect("lock table");
+                g.0 = LockTable::new(base, now + LOCK_LEASE_MS);
+                tracing::info!(
+                    old_term = old,
+                    term,
+                    "leading a new term: lock table reset, {LOCK_LEASE_MS} ms of grace"
+                );
+            }
+        }
+        *t = Some(term);
+        Ok(())
     }
 
     /// Answer one lock request. Anything that grants or renews a lease first makes the
@@ -1005,6 +1037,51 @@ mod tests {
         assert_eq!(grace, 2 * LOCK_LEASE_MS, "clock went back: capped");
         std::fs::write(&p, "garbage").unwrap();
         assert_eq!(Horizon::open(&p, 5).1, 2 * LOCK_LEASE_MS);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_new_term_forgets_sessions_and_grants_nothing_for_a_lease() {
+        let dir = std::env::temp_dir().join(format!("hivefs-locks-term-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("locks.horizon");
+        let _ = std::fs::remove_file(&p);
+        let svc = LockService::start(&p).unwrap();
+        let ask = |session: u64, op: LockOp| {
+            svc.handle(&LockRequest {
+                volume: VOL,
+                client: 9,
+                session,
+                op,
+            })
+        };
+        let set = LockOp::Set {
+            ino: INO,
+            owner: 1,
+            kind: LockKind::Posix,
+            typ: Some(LockType::Write),
+            start: 0,
+            end: 10,
+            pid: 1,
+        };
+        svc.enter_term(3).unwrap();
+        let Ok(Answer::LockSession(s)) = ask(0, LockOp::Open) else {
+            panic!("open")
+        };
+        assert!(ask(s, set.clone()).is_ok());
+        svc.enter_term(3).unwrap();
+        assert!(
+            ask(s, LockOp::KeepAlive).is_ok(),
+            "same term: the table stays"
+        );
+        // Another node led in between: its sessions are unknown here, ours are gone, and
+        // no lock is granted for a lease.
+        svc.enter_term(5).unwrap();
+        assert_eq!(ask(s, LockOp::KeepAlive), Err(Errno::STALE));
+        let Ok(Answer::LockSession(s2)) = ask(0, LockOp::Open) else {
+            panic!("open after the new term")
+        };
+        assert_eq!(ask(s2, set), Err(Errno::AGAIN), "grace");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

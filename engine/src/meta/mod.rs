@@ -7,10 +7,12 @@
 //!   committed entries are applied to the store.
 //! - [`server`]: the metadata port: Hello/token, then mutations through Raft and
 //!   linearizable queries.
+//! - [`peer`]: node-to-node links: Raft's transport (mutual TLS) and the joining node's link.
 //! - [`locks`]: flock and POSIX locks, volatile state of the leader (leased, not logged).
 //! - [`watch`]: watch streams: which cached names and inodes each mutation makes stale,
 //!   pushed to the other mounts of the volume.
 pub mod locks;
+pub mod peer;
 pub mod raft;
 mod raft_log;
 pub mod server;

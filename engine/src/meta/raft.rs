@@ -51,6 +51,7 @@
 //! **Runtime.** See [`MetaRaft`]: Raft runs on a private one-worker tokio runtime.
 
 use super::raft_log::{self, LogStore};
+use hivefs_net::meta::{RaftRpc, MAX_VOTERS};
 use openraft::error::{
     CheckIsLeaderError, ClientWriteError, Fatal, ForwardToLeader, InstallSnapshotError, RPCError,
     RaftError as OrError, Unreachable,
@@ -62,9 +63,9 @@ use openraft::raft::{
 };
 use openraft::storage::RaftStateMachine;
 use openraft::{
-    AnyError, BasicNode, Config, Entry, EntryPayload, LogId, RaftNetwork, RaftNetworkFactory,
-    RaftSnapshotBuilder, ServerState, Snapshot, SnapshotMeta, SnapshotPolicy, StorageError,
-    StorageIOError, StoredMembership,
+    AnyError, BasicNode, ChangeMembers, Config, Entry, EntryPayload, LogId, RaftNetwork,
+    RaftNetworkFactory, RaftSnapshotBuilder, ServerState, Snapshot, SnapshotMeta, SnapshotPolicy,
+    StorageError, StorageIOError, StoredMembership,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -96,6 +97,20 @@ pub trait Applier: Send + Sync + 'static {
     fn import(&self, data: &[u8], raft_state: &[u8]) -> anyhow::Result<()>;
 }
 
+/// A node's view of its metadata cluster ([`MetaRaft::view`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterView {
+    /// This node's id.
+    pub id: u64,
+    pub leader: Option<u64>,
+    /// The leader's address (its metadata port), when known.
+    pub leader_addr: Option<String>,
+    pub term: u64,
+    pub last_applied: Option<u64>,
+    /// Every member: (id, address, voter).
+    pub members: Vec<(u64, String, bool)>,
+}
+
 /// Why a metadata operation did not happen (or, for a write, may not have happened).
 #[derive(Debug, thiserror::Error)]
 pub enum RaftError {
@@ -117,11 +132,22 @@ pub const KEEP_LOGS_AFTER_SNAPSHOT: u64 = 1_000;
 const LEADER_WAIT: Duration = Duration::from_secs(30);
 /// How long stopping waits for in-flight storage calls (a redb commit, an apply batch).
 const STOP_WAIT: Duration = Duration::from_secs(30);
+/// How long a write or a read barrier waits for a quorum before it fails.
+pub const QUORUM_WAIT: Duration = Duration::from_secs(8);
+/// The leader's heartbeat to its followers.
+pub const HEARTBEAT_MS: u64 = 250;
+/// A follower that hears no leader for a random time in this range starts an election.
+/// Generous for loaded 2-core machines (a redb commit and a busy core must not depose a
+/// healthy leader), and short enough that a lost leader is replaced within ~3 s.
+pub const ELECTION_TIMEOUT_MS: (u64, u64) = (1_000, 2_000);
+/// Entries per append-entries RPC: a mutation encodes to at most ~0.6 MB (8192 extents),
+/// so 16 of them fit a frame ([`hivefs_net::frame::MAX_BODY_BYTES`], 16 MiB).
+pub const MAX_PAYLOAD_ENTRIES: u64 = 16;
 
 openraft::declare_raft_types!(
     /// openraft's types for the metadata service: commands and responses are opaque bytes
     /// (the applier gives them meaning), nodes are `u64` ids with an address.
-    pub(crate) TypeConfig:
+    pub TypeConfig:
         D = Vec<u8>,
         R = Vec<u8>,
         NodeId = u64,
@@ -456,6 +482,14 @@ fn from_fatal(f: &Fatal<u64>) -> RaftError {
     }
 }
 
+fn membership_error(e: OrError<u64, ClientWriteError<u64, BasicNode>>) -> RaftError {
+    match e {
+        OrError::APIError(ClientWriteError::ForwardToLeader(f)) => not_leader(&f),
+        OrError::APIError(e) => unavailable(e),
+        OrError::Fatal(f) => from_fatal(&f),
+    }
+}
+
 fn not_leader(f: &ForwardToLeader<u64, BasicNode>) -> RaftError {
     RaftError::NotLeader {
         leader: f.leader_node.as_ref().map(|n| n.addr.clone()),
@@ -502,20 +536,69 @@ impl MetaRaft {
         addr: String,
         applier: Arc<dyn Applier>,
     ) -> Result<MetaRaft, RaftError> {
-        Self::open_tuned(dir, node_id, addr, applier, Tuning::default()).await
+        Self::open_tuned(
+            dir,
+            node_id,
+            addr,
+            applier,
+            NoTransport,
+            true,
+            Tuning::default(),
+        )
+        .await
     }
 
-    pub(crate) async fn open_tuned(
+    /// [`MetaRaft::open`] for a node of a hive: `network` reaches the other members, and
+    /// only with `bootstrap` does a brand-new directory initialize a one-member cluster (a
+    /// node that joins an existing hive starts empty and is added by the leader).
+    pub async fn open_member<N>(
         dir: &Path,
         node_id: u64,
         addr: String,
         applier: Arc<dyn Applier>,
+        network: N,
+        bootstrap: bool,
+    ) -> Result<MetaRaft, RaftError>
+    where
+        N: RaftNetworkFactory<TypeConfig>,
+    {
+        Self::open_tuned(
+            dir,
+            node_id,
+            addr,
+            applier,
+            network,
+            bootstrap,
+            Tuning::default(),
+        )
+        .await
+    }
+
+    pub(crate) async fn open_tuned<N>(
+        dir: &Path,
+        node_id: u64,
+        addr: String,
+        applier: Arc<dyn Applier>,
+        network: N,
+        bootstrap: bool,
         tuning: Tuning,
-    ) -> Result<MetaRaft, RaftError> {
+    ) -> Result<MetaRaft, RaftError>
+    where
+        N: RaftNetworkFactory<TypeConfig>,
+    {
         let rt = RaftRuntime::start()?;
         let dir = dir.to_path_buf();
         let log_path = dir.join(LOG_FILE);
-        let start = start(dir, log_path.clone(), node_id, addr, applier, tuning);
+        let start = start(
+            dir,
+            log_path.clone(),
+            node_id,
+            addr,
+            applier,
+            network,
+            bootstrap,
+            tuning,
+        );
         let started = match rt.spawn(start).await {
             Ok(r) => r,
             Err(e) => Err(unavailable(format_args!("starting Raft failed: {e}"))),
@@ -538,7 +621,10 @@ impl MetaRaft {
     pub async fn write(&self, cmd: Vec<u8>) -> Result<Vec<u8>, RaftError> {
         let raft = self.raft.clone();
         match self
-            .run(async move { raft.client_write(cmd).await })
+            .run_bounded(
+                "a metadata write",
+                async move { raft.client_write(cmd).await },
+            )
             .await?
         {
             Ok(resp) => Ok(resp.data),
@@ -566,7 +652,10 @@ impl MetaRaft {
         }
         let raft = self.raft.clone();
         match self
-            .run(async move { raft.ensure_linearizable().await })
+            .run_bounded(
+                "a read barrier",
+                async move { raft.ensure_linearizable().await },
+            )
             .await?
         {
             Ok(_) => Ok(()),
@@ -598,6 +687,98 @@ impl MetaRaft {
         m.state == ServerState::Leader && m.current_leader == Some(self.id)
     }
 
+    /// Serve an openraft RPC another member sent (`body`: the postcard-encoded request);
+    /// returns the postcard-encoded `Result` of openraft's handler, for the sender's
+    /// transport ([`super::peer`]) to decode. An undecodable body is an error here (the
+    /// connection's business), never a Raft answer.
+    pub async fn serve_rpc(&self, rpc: RaftRpc, body: &[u8]) -> Result<Vec<u8>, RaftError> {
+        fn decode<T: serde::de::DeserializeOwned>(rpc: RaftRpc, b: &[u8]) -> Result<T, RaftError> {
+            postcard::from_bytes(b)
+                .map_err(|e| unavailable(format_args!("bad {rpc:?} request: {e}")))
+        }
+        fn encode<T: Serialize>(r: &T) -> Vec<u8> {
+            postcard::to_allocvec(r).expect("openraft answers encode")
+        }
+        let raft = self.raft.clone();
+        Ok(match rpc {
+            RaftRpc::AppendEntries => {
+                let req: AppendEntriesRequest<TypeConfig> = decode(rpc, body)?;
+                encode(
+                    &self
+                        .run(async move { raft.append_entries(req).await })
+                        .await?,
+                )
+            }
+            RaftRpc::Vote => {
+                let req: VoteRequest<u64> = decode(rpc, body)?;
+                encode(&self.run(async move { raft.vote(req).await }).await?)
+            }
+            RaftRpc::InstallSnapshot => {
+                let req: InstallSnapshotRequest<TypeConfig> = decode(rpc, body)?;
+                encode(
+                    &self
+                        .run(async move { raft.install_snapshot(req).await })
+                        .await?,
+                )
+            }
+        })
+    }
+
+    /// Make node `id` (reachable at `addr`, its metadata port) a member: a learner first,
+    /// waiting until it has caught up with the log, then a voter while the cluster has
+    /// fewer than [`MAX_VOTERS`] (else it stays a learner). Only the leader can; a node
+    /// that is a member already is left as it is. Returns whether it is a voter.
+    pub async fn add_member(&self, id: u64, addr: String) -> Result<bool, RaftError> {
+        let raft = self.raft.clone();
+        self.run(async move {
+            let membership = raft
+                .with_raft_state(|st| st.membership_state.effective().membership().clone())
+                .await
+                .map_err(|e| from_fatal(&e))?;
+            let voters: BTreeSet<u64> = membership.voter_ids().collect();
+            if voters.contains(&id) {
+                return Ok(true);
+            }
+            let is_learner = membership.learner_ids().any(|l| l == id);
+            if !is_learner {
+                raft.add_learner(id, BasicNode::new(addr), true)
+                    .await
+                    .map_err(membership_error)?;
+            }
+            if voters.len() >= MAX_VOTERS {
+                return Ok(false);
+            }
+            let change = ChangeMembers::AddVoterIds(BTreeSet::from([id]));
+            raft.change_membership(change, false)
+                .await
+                .map_err(membership_error)?;
+            Ok(true)
+        })
+        .await?
+    }
+
+    /// What this node knows of the cluster now (cheap, from Raft's metrics).
+    pub fn view(&self) -> ClusterView {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let members = membership
+            .nodes()
+            .map(|(id, n)| (*id, n.addr.clone(), voters.contains(id)))
+            .collect();
+        ClusterView {
+            id: self.id,
+            leader: m.current_leader,
+            leader_addr: m
+                .current_leader
+                .and_then(|l| membership.get_node(&l).map(|n| n.addr.clone())),
+            term: m.current_term,
+            last_applied: m.last_applied.map(|l| l.index),
+            members,
+        }
+    }
+
     /// Stop Raft cleanly (flush, stop tasks).
     ///
     /// Every acknowledged write is already durable; this stops Raft's core, waits for the
@@ -617,6 +798,32 @@ impl MetaRaft {
             ))),
             Err(e) => Err(unavailable(format_args!("stopping Raft failed: {e}"))),
         }
+    }
+
+    /// [`run`](Self::run), failing with `Unavailable` after [`QUORUM_WAIT`]: what needs a
+    /// quorum must not wait forever for one (a node that lost its leadership or its
+    /// majority answers within that bound). A write that timed out may still commit; a
+    /// client retries it with the same `(client, seq)`, which applies once.
+    async fn run_bounded<F>(&self, what: &str, fut: F) -> Result<F::Output, RaftError>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match self
+            .run(async move { tokio::time::timeout(QUORUM_WAIT, fut).await })
+            .await?
+        {
+            Ok(out) => Ok(out),
+            Err(_) => Err(unavailable(format_args!(
+                "no quorum: {what} did not complete within {} s",
+                QUORUM_WAIT.as_secs()
+            ))),
+        }
+    }
+
+    /// Is this node the leader and the only voter (a one-node hive)?
+    pub fn is_sole_voter_leader(&self) -> bool {
+        self.sole_voter_leader()
     }
 
     /// Runs `fut` on the Raft runtime and waits for it.
@@ -693,12 +900,15 @@ impl Drop for RaftRuntime {
 
 /// Runs on the Raft runtime: opens storage, starts Raft, initializes a brand-new one-member
 /// cluster, and for a one-member cluster waits until it leads and has applied everything.
-async fn start(
+#[allow(clippy::too_many_arguments)]
+async fn start<N: RaftNetworkFactory<TypeConfig>>(
     dir: PathBuf,
     log_path: PathBuf,
     node_id: u64,
     addr: String,
     applier: Arc<dyn Applier>,
+    network: N,
+    bootstrap: bool,
     tuning: Tuning,
 ) -> Result<openraft::Raft<TypeConfig>, RaftError> {
     let opened = tokio::task::spawn_blocking(move || {
@@ -716,15 +926,19 @@ async fn start(
         cluster_name: "hivefs-meta".into(),
         snapshot_policy: SnapshotPolicy::LogsSinceLast(tuning.snapshot_every),
         max_in_snapshot_log_to_keep: tuning.keep_logs_after_snapshot,
+        heartbeat_interval: HEARTBEAT_MS,
+        election_timeout_min: ELECTION_TIMEOUT_MS.0,
+        election_timeout_max: ELECTION_TIMEOUT_MS.1,
+        max_payload_entries: MAX_PAYLOAD_ENTRIES,
         ..Default::default()
     }
     .validate()
     .map_err(|e| unavailable(format_args!("bad Raft config: {e}")))?;
 
-    let raft = openraft::Raft::new(node_id, Arc::new(config), NoTransport, log, sm)
+    let raft = openraft::Raft::new(node_id, Arc::new(config), network, log, sm)
         .await
         .map_err(|e| from_fatal(&e))?;
-    match settle(&raft, node_id, addr).await {
+    match settle(&raft, node_id, addr, bootstrap).await {
         Ok(()) => Ok(raft),
         Err(e) => {
             let _ = raft.shutdown().await;
@@ -737,8 +951,13 @@ async fn settle(
     raft: &openraft::Raft<TypeConfig>,
     node_id: u64,
     addr: String,
+    bootstrap: bool,
 ) -> Result<(), RaftError> {
     let fresh = !raft.is_initialized().await.map_err(|e| from_fatal(&e))?;
+    if fresh && !bootstrap {
+        // A node joining a hive: the leader adds it; until then it has no membership.
+        return Ok(());
+    }
     if fresh {
         let members = BTreeMap::from([(node_id, BasicNode::new(addr))]);
         match raft.initialize(members).await {
@@ -942,7 +1161,16 @@ mod tests {
             tuning: Tuning,
         ) -> Result<MetaRaft, RaftError> {
             let addr = "127.0.0.1:7400".to_string();
-            MetaRaft::open_tuned(&self.raft_dir, NODE, addr, applier.clone(), tuning).await
+            MetaRaft::open_tuned(
+                &self.raft_dir,
+                NODE,
+                addr,
+                applier.clone(),
+                NoTransport,
+                true,
+                tuning,
+            )
+            .await
         }
 
         async fn open(&self, applier: &Arc<TestApplier>) -> MetaRaft {

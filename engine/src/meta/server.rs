@@ -18,6 +18,7 @@
 //!   before its answer is sent, and the connection's thread sends them (or a heartbeat).
 
 use super::locks::LockService;
+use super::peer::PeerNet;
 use super::raft::{Applier, MetaRaft, RaftError};
 use super::store::MetaStore;
 use super::watch::{self, Watchers};
@@ -28,8 +29,9 @@ use hivefs_net::chunk::{self, ChunkId};
 use hivefs_net::conn::{ConnError, FramedConn, ReadStatus};
 use hivefs_net::frame::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
 use hivefs_net::meta::{
-    self, Answer, Errno, FsckReport, GcReport, MetaCommand, MetaReply, MetaRequest, Mutation,
-    Query, ShardAdmin, ShardAdminReply, Timespec, VolumeInfo, WatchEvent, WATCH_HEARTBEAT_MS,
+    self, Answer, Errno, FsckReport, GcReport, JoinGrant, MetaCommand, MetaReply, MetaRequest,
+    Mutation, NodeSpec, PeerRequest, Query, ShardAdmin, ShardAdminReply, Timespec, VolumeInfo,
+    WatchEvent, WATCH_HEARTBEAT_MS,
 };
 use hivefs_net::proto::{frame_response, ClusterMap, ErrorCode, Request, Response, MAX_BATCH_IDS};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -136,12 +138,39 @@ impl MetaServer {
         let listener =
             TcpListener::bind(addr).with_context(|| format!("binding the metadata port {addr}"))?;
         let port = listener.local_addr()?.port();
-        let raft = block_on(MetaRaft::open(
-            &dir,
-            1,
-            format!("{}:{port}", cfg.listen),
-            Arc::new(StoreApplier(store.clone())),
-        ))
+        let addr = NodeSpec::addr_of(cfg.advertise_host(), port);
+        let applier = Arc::new(StoreApplier(store.clone()));
+        let raft = match &tls {
+            Some(_) => {
+                let read = |f: &str| {
+                    std::fs::read_to_string(data_dir.join(f))
+                        .with_context(|| format!("reading {f} in {}", data_dir.display()))
+                };
+                let peer_tls = hivefs_net::tls::peer_client_config(
+                    &read("ca.pem")?,
+                    &read("node.pem")?,
+                    &read("node.key")?,
+                )
+                .map_err(|e| anyhow::anyhow!("node TLS for the metadata cluster: {e}"))?;
+                let net = PeerNet::new(peer_tls, cfg.node_id.clone());
+                block_on(MetaRaft::open_member(
+                    &dir,
+                    cfg.raft_id,
+                    addr,
+                    applier,
+                    net,
+                    cfg.bootstrap,
+                ))
+            }
+            None if cfg.bootstrap && cfg.raft_id == 1 => {
+                block_on(MetaRaft::open(&dir, cfg.raft_id, addr, applier))
+            }
+            None => anyhow::bail!(
+                "node {} belongs to a hive of several nodes, whose members authenticate each \
+                 other with TLS: it cannot run --insecure",
+                cfg.node_id
+            ),
+        }
         .map_err(|e| anyhow::anyhow!("starting the metadata log: {e}"))?;
         listener.set_nonblocking(true)?;
         let locks = LockService::start(&dir.join("locks.horizon"))?;
@@ -160,20 +189,28 @@ impl MetaServer {
             stop: AtomicBool::new(false),
             conns: Mutex::new(Vec::new()),
         });
+        // Serve first: the other members' Raft traffic must be answered whatever happens
+        // next (a restarted member waits for nobody before it answers them).
         let sh = shared.clone();
         let accept = std::thread::Builder::new()
             .name("meta-accept".into())
             .spawn(move || accept_loop(sh, listener))?;
-        // Shards stamp claims with the epoch commits accept.
-        if let Err(e) = block_on(sync_gc_epoch(&shared)) {
-            tracing::warn!("telling the shards the GC epoch: {e:#}");
-        }
-        tracing::info!(port, "metadata service serving");
-        Ok(MetaServer {
+        let server = MetaServer {
             shared,
             accept: Some(accept),
             port,
-        })
+        };
+        // The first node is in the cluster map as node 1 before it answers anyone's join.
+        if let Err(e) = block_on(register_self(&server.shared, port)) {
+            let _ = server.shutdown();
+            return Err(e.context("recording this node in the cluster map"));
+        }
+        // Shards stamp claims with the epoch commits accept.
+        if let Err(e) = block_on(sync_gc_epoch(&server.shared)) {
+            tracing::warn!("telling the shards the GC epoch: {e:#}");
+        }
+        tracing::info!(port, "metadata service serving");
+        Ok(server)
     }
 
     /// The store (for `hive fsck` and tests).
@@ -291,6 +328,8 @@ fn serve(sh: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
         }
     };
     let mut version: Option<u16> = None;
+    // A client that presented a node certificate of this hive (verified in the handshake).
+    let mut peer_node = false;
     let mut frames = Vec::with_capacity(1);
     loop {
         if sh.stop.load(Ordering::SeqCst) {
@@ -349,6 +388,11 @@ fn serve(sh: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
                         ),
                         true,
                     )
+                } else if token.is_empty() && conn.tls().is_some_and(hivefs_net::tls::is_peer) {
+                    // Another node of this hive: its certificate speaks for it.
+                    peer_node = true;
+                    version = Some(nv);
+                    (hello_ok(&sh, nv), false)
                 } else if !sh.cfg.token_ok(&token) {
                     tracing::warn!(%peer, client = %client_name, "metadata connection: bad token");
                     (
@@ -357,16 +401,7 @@ fn serve(sh: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
                     )
                 } else {
                     version = Some(nv);
-                    (
-                        Response::HelloOk {
-                            version: nv,
-                            node_id: sh.cfg.node_id.clone(),
-                            shard: u16::MAX,
-                            shard_count: sh.cfg.shards,
-                            credits: 1,
-                        },
-                        false,
-                    )
+                    (hello_ok(&sh, nv), false)
                 }
             }
             Ok(_) if version.is_none() => (
@@ -380,15 +415,54 @@ fn serve(sh: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
                 false,
             ),
             Ok(Request::Meta { body }) => match meta::decode::<MetaRequest>(&body) {
-                Ok(MetaRequest::Watch { volume, client }) => {
+                Ok(MetaRequest::Watch { volume, client }) if !peer_node => {
+                    if let Err(RaftError::NotLeader { leader }) = ensure_leader(&sh) {
+                        // Invalidations are published where mutations are proposed.
+                        let resp =
+                            Response::error(ErrorCode::NotLeader, leader.unwrap_or_default());
+                        conn.queue_frame(&frame_response(v, f.request_id, &resp));
+                        let _ = conn.flush();
+                        continue;
+                    }
                     watch_stream(&sh, &mut conn, v, f.request_id, volume, client, peer);
                     return;
                 }
+                Ok(MetaRequest::Peer(PeerRequest::Raft { rpc, body })) => {
+                    if !peer_node {
+                        tracing::warn!(%peer, "Raft traffic from a client without a node certificate");
+                        (
+                            Response::error(
+                                ErrorCode::Unauthenticated,
+                                "Raft traffic needs a node certificate of this hive",
+                            ),
+                            true,
+                        )
+                    } else {
+                        match rt.block_on(sh.raft.serve_rpc(rpc, &body)) {
+                            Ok(b) => (
+                                Response::MetaReply {
+                                    body: meta::encode(&MetaReply::Ok(Answer::Raft(b))),
+                                },
+                                false,
+                            ),
+                            Err(e) => (Response::error(ErrorCode::BadRequest, e.to_string()), true),
+                        }
+                    }
+                }
+                Ok(_) if peer_node => (
+                    // A member's link carries Raft traffic only: it holds no token.
+                    Response::error(ErrorCode::Unauthenticated, "a node link carries Raft only"),
+                    true,
+                ),
                 Ok(req) => match rt.block_on(handle(&sh, req)) {
                     Ok(reply) => (
                         Response::MetaReply {
                             body: meta::encode(&reply),
                         },
+                        false,
+                    ),
+                    Err(RaftError::NotLeader { leader }) => (
+                        Response::error(ErrorCode::NotLeader, leader.unwrap_or_default()),
                         false,
                     ),
                     Err(e) => {
@@ -415,6 +489,16 @@ fn serve(sh: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
         if conn.flush().is_err() || close {
             return;
         }
+    }
+}
+
+fn hello_ok(sh: &Shared, version: u16) -> Response {
+    Response::HelloOk {
+        version,
+        node_id: sh.cfg.node_id.clone(),
+        shard: u16::MAX,
+        shard_count: sh.cfg.shards,
+        credits: 1,
     }
 }
 
@@ -750,6 +834,138 @@ async fn mutate(sh: &Shared, cmd: MetaCommand, in_dir: bool) -> Result<MetaReply
     }
 }
 
+/// What the cluster map records of this node.
+fn self_spec(sh: &Shared, meta_port: u16) -> NodeSpec {
+    let device_gib = sh.device.total_bytes.load(Ordering::Relaxed) >> 30;
+    NodeSpec {
+        name: sh.cfg.node_id.clone(),
+        host: sh.cfg.advertise_host().to_string(),
+        meta_port,
+        base_port: sh.cfg.base_port,
+        shards: sh.cfg.shards,
+        zone: sh.cfg.zone.clone(),
+        weight: sh
+            .cfg
+            .weight
+            .unwrap_or(device_gib.clamp(1, u32::MAX as u64) as u32),
+    }
+}
+
+/// The node that leads records itself in the cluster map if it is not there (the first
+/// node of a hive, on its first start; nodes that join are recorded by `join`). Its map id
+/// must be its Raft id.
+async fn register_self(sh: &Shared, meta_port: u16) -> Result<()> {
+    // Only a hive's first node records itself, while it is the only voter: then it has
+    // applied its whole log (`MetaRaft::open` waited) and is its own quorum.
+    if !sh.cfg.bootstrap || !sh.raft.is_sole_voter_leader() {
+        return Ok(());
+    }
+    let nodes = match sh.store.query(0, &Query::Nodes)? {
+        Ok(Answer::Nodes { nodes, .. }) => nodes,
+        other => anyhow::bail!("cluster map query answered {other:?}"),
+    };
+    if nodes.iter().any(|(id, _)| *id == sh.cfg.raft_id) {
+        return Ok(());
+    }
+    let spec = self_spec(sh, meta_port);
+    if let Err(e) = spec.validate() {
+        anyhow::bail!("this node's map entry {spec:?} is not valid ({e}): check node_id, advertise and zone in hive.toml");
+    }
+    let cmd = one_off_command(Mutation::AddNode(spec))?;
+    match mutate(sh, cmd, false).await {
+        Ok(Ok(Answer::Node { id, .. })) if id == sh.cfg.raft_id => Ok(()),
+        Ok(Ok(Answer::Node { id, .. })) => anyhow::bail!(
+            "the cluster map gave this node id {id}, but it is Raft member {}",
+            sh.cfg.raft_id
+        ),
+        other => anyhow::bail!("recording this node answered {other:?}"),
+    }
+}
+
+/// `Ok` while this node leads its metadata cluster, else `NotLeader` naming the leader
+/// it knows of.
+fn ensure_leader(sh: &Shared) -> Result<(), RaftError> {
+    let v = sh.raft.view();
+    if v.leader == Some(v.id) {
+        Ok(())
+    } else {
+        Err(RaftError::NotLeader {
+            leader: v.leader_addr,
+        })
+    }
+}
+
+/// A one-off client id for a mutation the node makes itself (its one mutation is seq 1).
+fn one_off_command(op: Mutation) -> Result<MetaCommand> {
+    Ok(MetaCommand {
+        volume: 0,
+        client: u64::from_le_bytes(crate::config::random_bytes::<8>()?) | 1,
+        seq: 1,
+        acked_below: 1,
+        now: Timespec::default(),
+        op,
+    })
+}
+
+/// [`PeerRequest::Join`]: record the node in the cluster map and hand it what it needs
+/// to serve in this hive (answered by the leader only: the map changes through Raft).
+async fn join(sh: &Shared, spec: NodeSpec) -> Result<MetaReply, RaftError> {
+    if sh.tls.is_none() {
+        // Members authenticate each other by certificate: a plain-TCP hive cannot grow.
+        return Ok(Err(Errno::NOTSUP));
+    }
+    ensure_leader(sh)?;
+    let fail = |e: anyhow::Error| RaftError::Unavailable(format!("join: {e:#}"));
+    // Every leader is in the map (the first node records itself as node 1 on its first
+    // start, just after it starts serving): until then a joiner could take its id.
+    sh.raft.read_barrier().await?;
+    match sh.store.query(0, &Query::Nodes) {
+        Ok(Ok(Answer::Nodes { nodes, .. }))
+            if nodes.iter().any(|(id, _)| *id == sh.cfg.raft_id) => {}
+        Ok(_) => return Ok(Err(Errno::AGAIN)),
+        Err(e) => return Err(fail(e)),
+    }
+    let cmd = one_off_command(Mutation::AddNode(spec.clone())).map_err(fail)?;
+    let (id, map_epoch) = match mutate(sh, cmd, false).await? {
+        Ok(Answer::Node { id, map_epoch }) => (id, map_epoch),
+        Ok(other) => return Err(fail(anyhow::anyhow!("unexpected answer {other:?}"))),
+        Err(e) => return Ok(Err(e)),
+    };
+    let read = |f: &str| {
+        std::fs::read_to_string(sh.data_dir.join(f))
+            .with_context(|| format!("reading {f}"))
+            .map_err(fail)
+    };
+    let grant = JoinGrant {
+        id,
+        map_epoch,
+        ca_cert_pem: read("ca.pem")?,
+        ca_key_pem: read("ca.key")?,
+        dedupe_key: sh.cfg.dedupe_key.clone(),
+        bucket_count: sh.cfg.bucket_count,
+    };
+    tracing::info!(id, name = %spec.name, addr = %spec.meta_addr(), map_epoch, "node joined the cluster map");
+    Ok(Ok(Answer::Joined(grant)))
+}
+
+/// [`PeerRequest::Admit`]: make a node of the map a Raft member (learner until caught
+/// up, then a voter while there are fewer than `MAX_VOTERS`).
+async fn admit(sh: &Shared, id: u64) -> Result<MetaReply, RaftError> {
+    ensure_leader(sh)?;
+    sh.raft.read_barrier().await?;
+    let nodes = match sh.store.query(0, &Query::Nodes) {
+        Ok(Ok(Answer::Nodes { nodes, .. })) => nodes,
+        Ok(_) => return Ok(Err(Errno::IO)),
+        Err(e) => return Err(RaftError::Unavailable(format!("metadata store: {e:#}"))),
+    };
+    let Some((_, spec)) = nodes.into_iter().find(|(n, _)| *n == id) else {
+        return Ok(Err(Errno::NOENT));
+    };
+    let voter = sh.raft.add_member(id, spec.meta_addr()).await?;
+    tracing::info!(id, name = %spec.name, voter, "node admitted to the metadata cluster");
+    Ok(Ok(Answer::Admitted { voter }))
+}
+
 /// Answer one metadata request. `Err` is a service failure (no leader, storage); an
 /// errno is a normal answer.
 async fn handle(sh: &Shared, req: MetaRequest) -> Result<MetaReply, RaftError> {
@@ -757,7 +973,22 @@ async fn handle(sh: &Shared, req: MetaRequest) -> Result<MetaReply, RaftError> {
         return Ok(Err(e));
     }
     match req {
-        MetaRequest::Lock(r) => Ok(sh.locks.handle(&r)),
+        MetaRequest::Lock(r) => {
+            // Lock state lives in the leader's memory (see `locks.rs`): only the leader
+            // answers, and with other voters around only after confirming it still leads.
+            ensure_leader(sh)?;
+            if !sh.raft.is_sole_voter_leader() {
+                sh.raft.read_barrier().await?;
+                sh.locks
+                    .enter_term(sh.raft.view().term)
+                    .map_err(|e| RaftError::Unavailable(format!("lock service: {e:#}")))?;
+            }
+            Ok(sh.locks.handle(&r))
+        }
+        MetaRequest::Peer(PeerRequest::Join(spec)) => join(sh, spec).await,
+        MetaRequest::Peer(PeerRequest::Admit { id }) => admit(sh, id).await,
+        // Served by `serve` on node links only.
+        MetaRequest::Peer(PeerRequest::Raft { .. }) => Ok(Err(Errno::INVAL)),
         MetaRequest::Mutate(cmd) => mutate(sh, cmd, false).await,
         MetaRequest::MutateInDir(cmd) => mutate(sh, cmd, true).await,
         // A watch is a connection of its own (served by `serve`), never a single answer.
@@ -776,6 +1007,23 @@ async fn handle(sh: &Shared, req: MetaRequest) -> Result<MetaReply, RaftError> {
                     Err(RaftError::Unavailable(format!("gc: {e:#}")))
                 }
             }
+        }
+        MetaRequest::Query {
+            query: Query::Members,
+            ..
+        } => {
+            let v = sh.raft.view();
+            Ok(Ok(Answer::Members {
+                this: v.id,
+                leader: v.leader,
+                term: v.term,
+                last_applied: v.last_applied,
+                members: v
+                    .members
+                    .into_iter()
+                    .map(|(id, addr, voter)| meta::Member { id, addr, voter })
+                    .collect(),
+            }))
         }
         MetaRequest::Query {
             query: Query::Fsck { verify },

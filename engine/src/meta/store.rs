@@ -24,7 +24,8 @@
 //! | orphans   | ino                               | (unlinked, awaiting `Reclaim`)   |
 //! | sessions  | client, seq                       | the reply it got                 |
 //! | volumes   | name (group 0)                    | [`VolumeRec`]                    |
-//! | sys       | name                              | gc epoch, raft state, counters   |
+//! | nodes     | node id (group 0)                 | [`NodeSpec`] (the cluster map)   |
+//! | sys       | name                              | gc epoch, map epoch, raft state, counters |
 //!
 //! # Invariants (checked by [`MetaStore::check`], which `hive fsck` runs)
 //! - Every live dirent names a live inode of its kind; every directory has exactly one
@@ -40,8 +41,9 @@
 use anyhow::{bail, Context, Result};
 use hivefs_net::chunk::ChunkId;
 use hivefs_net::meta::{
-    self, Answer, Attr, DirEntry, Errno, Extent, FileKind, MetaCommand, MetaReply, Mutation, Query,
-    RenameMode, SetAttr, SetTime, StatFs, Timespec, VolumeInfo, XattrMode, ROOT_INO,
+    self, Answer, Attr, DirEntry, Errno, Extent, FileKind, MetaCommand, MetaReply, Mutation,
+    NodeSpec, Query, RenameMode, SetAttr, SetTime, StatFs, Timespec, VolumeInfo, XattrMode,
+    ROOT_INO,
 };
 use redb::{Database, Durability, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -63,13 +65,16 @@ const ORPHANS: Tbl = TableDefinition::new("orphans");
 const SESSIONS: Tbl = TableDefinition::new("sessions");
 const VOLUMES: Tbl = TableDefinition::new("volumes");
 const SYS: Tbl = TableDefinition::new("sys");
-const ALL_TABLES: [Tbl; 9] = [
-    INODES, DIRENTS, COOKIES, EXTENTS, XATTRS, ORPHANS, SESSIONS, VOLUMES, SYS,
+const NODES: Tbl = TableDefinition::new("nodes");
+const ALL_TABLES: [Tbl; 10] = [
+    INODES, DIRENTS, COOKIES, EXTENTS, XATTRS, ORPHANS, SESSIONS, VOLUMES, SYS, NODES,
 ];
 
 const SYS_RAFT: &[u8] = b"raft_state";
 const SYS_GC_EPOCH: &[u8] = b"gc_epoch";
 const SYS_NEXT_VOLUME: &[u8] = b"next_volume";
+const SYS_NEXT_NODE: &[u8] = b"next_node";
+const SYS_MAP_EPOCH: &[u8] = b"map_epoch";
 const SYS_FORMAT: &[u8] = b"format";
 /// On-disk format of this store (bumped on any incompatible change).
 pub const FORMAT_VERSION: u32 = 1;
@@ -188,6 +193,12 @@ fn k_num(vol: u32, ino: u64, n: u64) -> Vec<u8> {
 fn k_volume_name(name: &str) -> Vec<u8> {
     let mut k = 0u32.to_be_bytes().to_vec();
     k.extend_from_slice(name.as_bytes());
+    k
+}
+
+fn k_node(id: u64) -> Vec<u8> {
+    let mut k = 0u32.to_be_bytes().to_vec();
+    k.extend_from_slice(&id.to_be_bytes());
     k
 }
 
@@ -342,6 +353,7 @@ struct Tables<'t> {
     sessions: redb::Table<'t, &'static [u8], &'static [u8]>,
     volumes: redb::Table<'t, &'static [u8], &'static [u8]>,
     sys: redb::Table<'t, &'static [u8], &'static [u8]>,
+    nodes: redb::Table<'t, &'static [u8], &'static [u8]>,
 }
 
 impl<'t> Tables<'t> {
@@ -356,6 +368,7 @@ impl<'t> Tables<'t> {
             sessions: tx.open_table(SESSIONS)?,
             volumes: tx.open_table(VOLUMES)?,
             sys: tx.open_table(SYS)?,
+            nodes: tx.open_table(NODES)?,
         })
     }
 
@@ -1042,7 +1055,20 @@ impl MetaStore {
                 None => Err(Errno::NOENT),
             },
             // The server runs these (they need the shards).
-            Query::Fsck { .. } | Query::Gc => Err(Errno::NOTSUP),
+            Query::Fsck { .. } | Query::Gc | Query::Members => Err(Errno::NOTSUP),
+            Query::Nodes => {
+                let sys = tx.open_table(SYS)?;
+                let map_epoch = match sys.get(SYS_MAP_EPOCH)? {
+                    Some(v) => u64::from_le_bytes(v.value().try_into().context("map epoch")?),
+                    None => 0,
+                };
+                let mut nodes = Vec::new();
+                for item in tx.open_table(NODES)?.iter()? {
+                    let (k, v) = item?;
+                    nodes.push((be_u64(&k.value()[4..]), dec(v.value(), "node")?));
+                }
+                Ok(Answer::Nodes { map_epoch, nodes })
+            }
             Query::GcEpoch => {
                 let sys = tx.open_table(SYS)?;
                 let e = match sys.get(SYS_GC_EPOCH)? {
@@ -1126,6 +1152,34 @@ impl MetaStore {
         tx.commit()?;
         Ok(())
     }
+}
+
+/// [`Mutation::AddNode`]: the next node id (ids are never reused: a removed node's id stays
+/// taken), a new map epoch. The same name at the same address is the same node (a retried
+/// join); the same name elsewhere, or another name at the same address, is refused (EEXIST).
+fn add_node(t: &mut Tables<'_>, spec: &NodeSpec) -> OpResult<Answer> {
+    let mut existing = Vec::new();
+    for item in store!(t.nodes.iter()) {
+        let (k, v) = store!(item);
+        let rec: NodeSpec = store!(dec(v.value(), "node"));
+        existing.push((be_u64(&k.value()[4..]), rec));
+    }
+    for (id, n) in &existing {
+        let same_addr = n.host == spec.host && n.meta_port == spec.meta_port;
+        if n.name == spec.name && same_addr {
+            let map_epoch = store!(t.sys_u64(SYS_MAP_EPOCH, 0));
+            return Ok(Answer::Node { id: *id, map_epoch });
+        }
+        if n.name == spec.name || same_addr {
+            return Err(Errno::EXIST.into());
+        }
+    }
+    let id = store!(t.sys_u64(SYS_NEXT_NODE, 1));
+    store!(t.set_sys_u64(SYS_NEXT_NODE, id + 1));
+    let map_epoch = store!(t.sys_u64(SYS_MAP_EPOCH, 0)) + 1;
+    store!(t.set_sys_u64(SYS_MAP_EPOCH, map_epoch));
+    store!(t.nodes.insert(k_node(id).as_slice(), enc(spec).as_slice()));
+    Ok(Answer::Node { id, map_epoch })
 }
 
 /// Apply one command: exactly once per `(client, seq)`.
@@ -1237,6 +1291,7 @@ fn mutate(t: &mut Tables<'_>, cmd: &MetaCommand) -> OpResult<Answer> {
             store!(t.set_sys_u64(SYS_GC_EPOCH, e));
             return Ok(Answer::GcEpoch(e));
         }
+        Mutation::AddNode(spec) => return add_node(t, spec),
         _ => {}
     }
     // Volume-scoped mutations.
@@ -1252,7 +1307,9 @@ fn mutate(t: &mut Tables<'_>, cmd: &MetaCommand) -> OpResult<Answer> {
         dirty: HashSet::new(),
     };
     let answer = match &cmd.op {
-        Mutation::CreateVolume { .. } | Mutation::AdvanceGcEpoch => unreachable!("handled above"),
+        Mutation::CreateVolume { .. } | Mutation::AdvanceGcEpoch | Mutation::AddNode(_) => {
+            unreachable!("handled above")
+        }
         Mutation::Create {
             parent,
             name,

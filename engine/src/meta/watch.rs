@@ -66,9 +66,10 @@ pub fn invalidations(op: &Mutation, answer: &Answer) -> Option<Invalidation> {
         | Mutation::CommitWrite { .. }
         | Mutation::SetXattr { .. }
         | Mutation::RemoveXattr { .. } => {}
-        Mutation::CreateVolume { .. } | Mutation::Reclaim { .. } | Mutation::AdvanceGcEpoch => {
-            return None
-        }
+        Mutation::CreateVolume { .. }
+        | Mutation::Reclaim { .. }
+        | Mutation::AdvanceGcEpoch
+        | Mutation::AddNode(_) => return None,
     }
     Some(inv)
 }

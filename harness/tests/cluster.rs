@@ -1,0 +1,435 @@
+//! A hive of several real node processes on loopback: `hive join`, the metadata Raft group
+//! over mutual TLS, leader failover under a stream of mutations (`kill -9`), a restarted
+//! member catching up, and a minority that refuses namespace changes within a bound.
+//!
+//! Node links: Raft traffic only from a node certificate of this hive.
+//!
+//! Oracle: every mutation a client saw acknowledged is present afterwards, exactly once
+//! (a create applied twice would answer EEXIST to its own retry), on whichever node leads.
+
+use hivefs_client::meta::MetaClient;
+use hivefs_harness::{NodeOptions, TestNode};
+use hivefs_net::conn::FramedConn;
+use hivefs_net::frame::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
+use hivefs_net::meta::{
+    self, Answer, Errno, FileKind, Member, MetaReply, MetaRequest, Mutation, PeerRequest, Query,
+    RaftRpc, ROOT_INO,
+};
+use hivefs_net::proto::{ErrorCode, Request, Response};
+use std::collections::BTreeSet;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn opts(name: &str) -> NodeOptions {
+    NodeOptions::default().shards(1).name(name).size("512M")
+}
+
+/// A hive of three voters: `n[0]` made it, `n[1]` joined through it, `n[2]` through `n[1]`
+/// (a follower, which points the join to the leader).
+fn three_nodes() -> Vec<TestNode> {
+    let mut a = TestNode::start(opts("c1"));
+    let mut b = TestNode::join(opts("c2"), &mut a);
+    let c = TestNode::join(opts("c3"), &mut b);
+    vec![a, b, c]
+}
+
+fn connect(node: &TestNode) -> MetaClient {
+    MetaClient::connect(&node.client_options(), node.meta_port()).expect("metadata connect")
+}
+
+/// What `node` says of the metadata cluster: (leader, applied index, members).
+fn members(node: &TestNode) -> (Option<u64>, Option<u64>, Vec<Member>) {
+    let m = connect(node);
+    match m.query(0, Query::Members) {
+        Ok(Ok(Answer::Members {
+            leader,
+            last_applied,
+            members,
+            ..
+        })) => (leader, last_applied, members),
+        other => panic!("members: {other:?}"),
+    }
+}
+
+/// Wait until every running node names the same leader; returns its id.
+fn settled_leader(nodes: &[&TestNode]) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let leaders: BTreeSet<Option<u64>> = nodes.iter().map(|n| members(n).0).collect();
+        if leaders.len() == 1 {
+            if let Some(Some(l)) = leaders.into_iter().next() {
+                return l;
+            }
+        }
+        assert!(Instant::now() < deadline, "no common leader within 30 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn create(m: &MetaClient, vol: u32, parent: u64, name: &str) -> MetaReply {
+    m.mutate(
+        vol,
+        Mutation::Create {
+            parent,
+            name: name.into(),
+            kind: FileKind::File,
+            perm: 0o644,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+        },
+    )
+    .expect("create call")
+}
+
+fn names(m: &MetaClient, vol: u32, dir: u64) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut after = 0;
+    loop {
+        match m
+            .query(
+                vol,
+                Query::ReadDir {
+                    ino: dir,
+                    after,
+                    max: 1000,
+                },
+            )
+            .expect("readdir call")
+        {
+            Ok(Answer::Dir { entries, end }) => {
+                for e in &entries {
+                    out.insert(String::from_utf8(e.name.clone()).unwrap());
+                    after = e.cookie;
+                }
+                if end || entries.is_empty() {
+                    return out;
+                }
+            }
+            other => panic!("readdir: {other:?}"),
+        }
+    }
+}
+
+fn volume(m: &MetaClient, name: &str) -> u32 {
+    match m.mutate(
+        0,
+        Mutation::CreateVolume {
+            name: name.into(),
+            copies: 1,
+        },
+    ) {
+        Ok(Ok(Answer::Volume(v))) => v.id,
+        other => panic!("create volume: {other:?}"),
+    }
+}
+
+#[test]
+fn three_nodes_join_and_agree_on_the_map() {
+    let nodes = three_nodes();
+    let leader = settled_leader(&nodes.iter().collect::<Vec<_>>());
+    for n in &nodes {
+        let (l, _, ms) = members(n);
+        assert_eq!(l, Some(leader));
+        assert_eq!(ms.len(), 3, "{ms:?}");
+        assert!(ms.iter().all(|m| m.voter), "{ms:?}");
+    }
+    // The cluster map (group 0), read through a follower: the client follows to the leader.
+    // Node ids follow the join order: nodes[i] is node i + 1.
+    let follower = &nodes[(0..3).find(|i| *i as u64 + 1 != leader).unwrap()];
+    let m = connect(follower);
+    match m.query(0, Query::Nodes).unwrap() {
+        Ok(Answer::Nodes {
+            map_epoch,
+            nodes: map,
+        }) => {
+            assert_eq!(map_epoch, 3, "one epoch per node recorded");
+            let ids: Vec<u64> = map.iter().map(|(id, _)| *id).collect();
+            assert_eq!(ids, vec![1, 2, 3]);
+            for (i, (_, spec)) in map.iter().enumerate() {
+                assert_eq!(spec.meta_port, nodes[i].meta_port());
+                assert_eq!(spec.base_port, nodes[i].base_port());
+            }
+        }
+        other => panic!("nodes: {other:?}"),
+    }
+    // `hive status` on a follower shows the cluster.
+    let st = nodes[2].status_json();
+    assert_eq!(
+        st["cluster"]["raft"]["members"].as_array().unwrap().len(),
+        3
+    );
+}
+
+#[test]
+fn acknowledged_mutations_survive_leader_kills() {
+    let mut nodes = three_nodes();
+    let leader = settled_leader(&nodes.iter().collect::<Vec<_>>());
+    let idx = |id: u64| (id - 1) as usize;
+    // Connect through a follower: calls find the leader, then follow it through failovers.
+    let entry = (0..3).find(|i| *i != idx(leader)).unwrap();
+    let m = Arc::new(connect(&nodes[entry]));
+    let vol = volume(&m, "cl");
+
+    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let errors = Arc::new(Mutex::new(Vec::<String>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (m, acked, errors, stop) = (m.clone(), acked.clone(), errors.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let name = format!("f{i:06}");
+                match m.mutate(
+                    vol,
+                    Mutation::Create {
+                        parent: ROOT_INO,
+                        name: name.clone().into(),
+                        kind: FileKind::File,
+                        perm: 0o644,
+                        uid: 0,
+                        gid: 0,
+                        rdev: 0,
+                    },
+                ) {
+                    Ok(Ok(_)) => acked.lock().unwrap().push(name),
+                    Ok(Err(e)) => errors.lock().unwrap().push(format!("{name}: errno {e:?}")),
+                    Err(e) => errors.lock().unwrap().push(format!("{name}: {e}")),
+                }
+                i += 1;
+            }
+        })
+    };
+    let wait_acks = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let start = acked.lock().unwrap().len();
+        while acked.lock().unwrap().len() < start + n {
+            assert!(
+                Instant::now() < deadline,
+                "writer stalled: {:?}",
+                errors.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_acks(100);
+    // Kill the leader mid-stream; the writer must go on at the new leader.
+    let t0 = Instant::now();
+    nodes[idx(leader)].kill9();
+    let before = acked.lock().unwrap().len();
+    wait_acks(100);
+    let failover = t0.elapsed();
+    eprintln!("first leader (node {leader}) killed with {before} acknowledged; 100 more acknowledged {failover:?} later");
+    // Bring it back: it catches up as a follower.
+    nodes[idx(leader)].run();
+    let second = settled_leader(&nodes.iter().collect::<Vec<_>>());
+    assert_ne!(
+        second, leader,
+        "a killed leader does not lead again before a new term"
+    );
+    wait_acks(100);
+    // Kill the second leader too (the first is back, so a majority remains).
+    nodes[idx(second)].kill9();
+    wait_acks(100);
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    let errors = errors.lock().unwrap().clone();
+    assert!(
+        errors.is_empty(),
+        "mutations failed during failovers: {errors:?}"
+    );
+
+    let acked = acked.lock().unwrap().clone();
+    let listed = names(&m, vol, ROOT_INO);
+    let missing: Vec<&String> = acked.iter().filter(|n| !listed.contains(*n)).collect();
+    assert!(missing.is_empty(), "acknowledged but lost: {missing:?}");
+    // Exactly once: nothing beyond what was asked (a name not acknowledged may exist only
+    // as the writer's last, unanswered call).
+    assert!(
+        listed.len() <= acked.len() + 1,
+        "{} listed, {} acknowledged",
+        listed.len(),
+        acked.len()
+    );
+    // A retry of an acknowledged create under a new sequence is refused: it exists once.
+    assert_eq!(create(&m, vol, ROOT_INO, &acked[0]), Err(Errno::EXIST));
+    eprintln!(
+        "{} creates acknowledged across two leader kills, all present exactly once",
+        acked.len()
+    );
+
+    // The second leader comes back and catches up: every node applies the same log.
+    nodes[idx(second)].run();
+    let third = settled_leader(&nodes.iter().collect::<Vec<_>>());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let applied: BTreeSet<Option<u64>> = nodes.iter().map(|n| members(n).1).collect();
+        if applied.len() == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nodes did not converge: {applied:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // And reads from whoever leads now see the same namespace.
+    nodes[idx(third)].kill9();
+    let m2 = connect(&nodes[(idx(third) + 1) % 3]);
+    assert_eq!(names(&m2, vol, ROOT_INO), listed);
+}
+
+#[test]
+fn a_minority_refuses_namespace_changes_within_a_bound() {
+    let mut nodes = three_nodes();
+    let leader = settled_leader(&nodes.iter().collect::<Vec<_>>());
+    let m = connect(&nodes[0]);
+    let vol = volume(&m, "minority");
+    assert!(create(&m, vol, ROOT_INO, "before").is_ok());
+    // Keep the leader, lose both followers: the leader is now a minority of one.
+    let keep = (leader - 1) as usize;
+    for (i, n) in nodes.iter_mut().enumerate() {
+        if i != keep {
+            n.kill9();
+        }
+    }
+    let lone = connect(&nodes[keep]);
+    let t0 = Instant::now();
+    let r = lone.mutate(
+        vol,
+        Mutation::Create {
+            parent: ROOT_INO,
+            name: b"during".to_vec(),
+            kind: FileKind::File,
+            perm: 0o644,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+        },
+    );
+    let took = t0.elapsed();
+    eprintln!("a minority's create answered in {took:?}: {r:?}");
+    let msg = match r {
+        Err(e) => e.to_string(),
+        Ok(other) => panic!("a minority accepted a namespace change: {other:?}"),
+    };
+    assert!(took < Duration::from_secs(12), "took {took:?}");
+    assert!(
+        msg.contains("no quorum") || msg.contains("metadata"),
+        "a clear error: {msg}"
+    );
+    // One follower back: a majority again, and the change goes through.
+    let back = (keep + 1) % 3;
+    nodes[back].run();
+    let r = create(&lone, vol, ROOT_INO, "after");
+    assert!(matches!(r, Ok(Answer::Attr(_))), "{r:?}");
+    let listed = names(&lone, vol, ROOT_INO);
+    assert!(
+        listed.contains("before") && listed.contains("after"),
+        "{listed:?}"
+    );
+}
+
+/// Send one request on a fresh TLS connection to `node`'s metadata port, after a Hello
+/// with `token`; `cert`: a node certificate (and key) to present, as a peer does.
+fn meta_exchange(
+    node: &TestNode,
+    token: &str,
+    cert: Option<(&str, &str)>,
+    req: &MetaRequest,
+) -> Result<Response, String> {
+    let ca_pem = std::fs::read_to_string(node.dir().join("ca.pem")).unwrap();
+    let cfg = match cert {
+        Some((c, k)) => hivefs_net::tls::peer_client_config(&ca_pem, c, k).unwrap(),
+        None => hivefs_net::tls::client_config_pinned(&node.ca_fingerprint()).unwrap(),
+    };
+    let s = TcpStream::connect(("127.0.0.1", node.meta_port())).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let name = hivefs_net::tls::server_name("127.0.0.1").unwrap();
+    let mut conn = FramedConn::new_client(s, Some((cfg, name))).unwrap();
+    let hello = Request::Hello {
+        min_version: PROTOCOL_VERSION_MIN,
+        max_version: PROTOCOL_VERSION_MAX,
+        token: token.into(),
+        client_name: "cluster-test".into(),
+    };
+    let send = |conn: &mut FramedConn<TcpStream>, id: u64, r: &Request| {
+        conn.send_request(PROTOCOL_VERSION_MIN, id, r)
+            .map_err(|e| e.to_string())?;
+        conn.recv_response()
+            .map(|(_, r)| r)
+            .map_err(|e| e.to_string())
+    };
+    match send(&mut conn, 1, &hello)? {
+        Response::HelloOk { .. } => {}
+        other => return Ok(other),
+    }
+    send(
+        &mut conn,
+        2,
+        &Request::Meta {
+            body: meta::encode(req),
+        },
+    )
+}
+
+#[test]
+fn raft_traffic_needs_a_node_certificate_of_the_hive() {
+    let node = TestNode::start(opts("auth"));
+    let vote = MetaRequest::Peer(PeerRequest::Raft {
+        rpc: RaftRpc::Vote,
+        body: vec![0xff; 16],
+    });
+    // A client with the admin token but no certificate: refused, connection closed.
+    match meta_exchange(&node, &node.token(), None, &vote) {
+        Ok(Response::Error { code, message }) => {
+            assert_eq!(code, ErrorCode::Unauthenticated, "{message}");
+        }
+        other => panic!("Raft traffic from a plain client: {other:?}"),
+    }
+    // No token and no certificate: the Hello is refused.
+    match meta_exchange(&node, "", None, &vote) {
+        Ok(Response::Error { code, .. }) => assert_eq!(code, ErrorCode::BadToken),
+        other => panic!("empty token without a certificate: {other:?}"),
+    }
+    // A node certificate of another hive: the handshake fails.
+    let other = hivefs_net::tls::generate_ca("other").unwrap();
+    let (c, k) = hivefs_net::tls::issue_node_cert(
+        &other.cert_pem,
+        &other.key_pem,
+        "evil",
+        &["127.0.0.1".into()],
+    )
+    .unwrap();
+    let r = meta_exchange(&node, "", Some((&c, &k)), &vote);
+    assert!(r.is_err(), "a foreign node certificate was accepted: {r:?}");
+    // A node certificate of this hive, with a garbage Raft body: a clear error and the
+    // link closes; the node keeps serving.
+    let ca_pem = std::fs::read_to_string(node.dir().join("ca.pem")).unwrap();
+    let ca_key = std::fs::read_to_string(node.dir().join("ca.key")).unwrap();
+    let (c, k) =
+        hivefs_net::tls::issue_node_cert(&ca_pem, &ca_key, "peer", &["127.0.0.1".into()]).unwrap();
+    match meta_exchange(&node, "", Some((&c, &k)), &vote) {
+        Ok(Response::Error { code, message }) => {
+            assert_eq!(code, ErrorCode::BadRequest);
+            assert!(message.contains("bad Vote request"), "{message}");
+        }
+        other => panic!("garbage Raft body: {other:?}"),
+    }
+    // ... and a peer link carries nothing but Raft.
+    let q = MetaRequest::Query {
+        volume: 0,
+        query: Query::Volumes,
+    };
+    match meta_exchange(&node, "", Some((&c, &k)), &q) {
+        Ok(Response::Error { code, .. }) => assert_eq!(code, ErrorCode::Unauthenticated),
+        other => panic!("a query on a peer link: {other:?}"),
+    }
+    let m = connect(&node);
+    assert!(matches!(
+        m.query(0, Query::Volumes),
+        Ok(Ok(Answer::Volumes(_)))
+    ));
+}
