@@ -8,6 +8,9 @@
 //!   crashes, torn and lost writes and bit flips, checking the safety invariants.
 //! - [`gc_sim`]: the deterministic simulator of garbage collection: a real metadata store
 //!   (crashed and replayed), several shards, writer clients racing collections.
+//! - [`replicate`]: the primary's state machine for replicated puts (targets, hinted
+//!   copies, acknowledging at `min_copies`, owed copies); [`repl_sim`] runs it over
+//!   simulated nodes, network and stores with crashes and partitions.
 //! - [`meta`]: the metadata service: the namespace store (redb), its Raft log (openraft)
 //!   and the metadata port.
 //!
@@ -22,5 +25,7 @@ pub mod gc_sim;
 pub mod index;
 pub mod meta;
 pub mod node;
+pub mod repl_sim;
+pub mod replicate;
 pub mod shard;
 pub mod sim;
