@@ -73,6 +73,13 @@ pub struct NodeConfig {
     /// Relative share of new data; absent: the device's size in GiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<u32>,
+    /// A node silent this long is out of the map (its buckets move); see `meta/health.rs`.
+    #[serde(default = "default_out_after")]
+    pub out_after_secs: u64,
+}
+
+fn default_out_after() -> u64 {
+    crate::meta::health::DEFAULT_OUT_AFTER_SECS
 }
 
 fn first_node_id() -> u64 {
@@ -355,6 +362,7 @@ fn init_node(o: &InitOptions, joining: Option<&Joining>) -> Result<InitOutcome> 
         advertise: o.advertise.clone(),
         zone: o.zone.clone(),
         weight: None,
+        out_after_secs: default_out_after(),
     };
     std::fs::write(dir.join("ca.pem"), &ca.cert_pem)?;
     write_private(&dir.join("ca.key"), &ca.key_pem)?;
@@ -404,6 +412,7 @@ mod tests {
             advertise: None,
             zone: default_zone(),
             weight: None,
+            out_after_secs: default_out_after(),
         };
         let write = |c: &NodeConfig| {
             std::fs::write(dir.join(CONFIG_FILE), toml::to_string(c).unwrap()).unwrap()

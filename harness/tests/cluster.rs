@@ -15,6 +15,7 @@ use hivefs_net::meta::{
     self, Answer, Errno, FileKind, Member, MetaReply, MetaRequest, Mutation, PeerRequest, Query,
     RaftRpc, ROOT_INO,
 };
+use hivefs_net::placement::NodeState;
 use hivefs_net::proto::{ErrorCode, Request, Response};
 use std::collections::BTreeSet;
 use std::net::TcpStream;
@@ -146,11 +147,12 @@ fn three_nodes_join_and_agree_on_the_map() {
             nodes: map,
         }) => {
             assert_eq!(map_epoch, 3, "one epoch per node recorded");
-            let ids: Vec<u64> = map.iter().map(|(id, _)| *id).collect();
+            let ids: Vec<u64> = map.iter().map(|n| n.id).collect();
             assert_eq!(ids, vec![1, 2, 3]);
-            for (i, (_, spec)) in map.iter().enumerate() {
-                assert_eq!(spec.meta_port, nodes[i].meta_port());
-                assert_eq!(spec.base_port, nodes[i].base_port());
+            for (i, n) in map.iter().enumerate() {
+                assert_eq!(n.spec.meta_port, nodes[i].meta_port());
+                assert_eq!(n.spec.base_port, nodes[i].base_port());
+                assert_eq!(n.state, NodeState::Up);
             }
         }
         other => panic!("nodes: {other:?}"),
@@ -161,6 +163,76 @@ fn three_nodes_join_and_agree_on_the_map() {
         st["cluster"]["raft"]["members"].as_array().unwrap().len(),
         3
     );
+}
+
+/// The state the map gives node `id`, asked through `via`.
+fn state_of(via: &TestNode, id: u64) -> (NodeState, u64) {
+    match connect(via).query(0, Query::Nodes).unwrap() {
+        Ok(Answer::Nodes { map_epoch, nodes }) => (
+            nodes.iter().find(|n| n.id == id).expect("in the map").state,
+            map_epoch,
+        ),
+        other => panic!("nodes: {other:?}"),
+    }
+}
+
+fn wait_state(via: &TestNode, id: u64, want: NodeState, within: Duration) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        let (s, _) = state_of(via, id);
+        if s == want {
+            return t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < within,
+            "node {id} is {s:?}, not {want:?}, after {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn the_leader_marks_a_silent_node_down_and_up_again() {
+    let mut nodes = three_nodes();
+    let leader = settled_leader(&nodes.iter().collect::<Vec<_>>());
+    let victim = (1..=3).find(|id| *id != leader).unwrap();
+    let via = (1..=3).find(|id| *id != victim).unwrap();
+    let (_, epoch0) = state_of(&nodes[(via - 1) as usize], victim);
+    nodes[(victim - 1) as usize].kill9();
+    let took = wait_state(
+        &nodes[(via - 1) as usize],
+        victim,
+        NodeState::Down,
+        Duration::from_secs(20),
+    );
+    eprintln!("node {victim} killed: marked down after {took:?}");
+    assert!(
+        took >= Duration::from_secs(4),
+        "down only after DOWN_AFTER of silence: {took:?}"
+    );
+    nodes[(victim - 1) as usize].run();
+    let took = wait_state(
+        &nodes[(via - 1) as usize],
+        victim,
+        NodeState::Up,
+        Duration::from_secs(20),
+    );
+    eprintln!("node {victim} restarted: marked up after {took:?}");
+    let (_, epoch) = state_of(&nodes[(via - 1) as usize], victim);
+    assert_eq!(epoch, epoch0 + 2, "one map epoch per change");
+    // `hive status` shows states; `hive node remove` drains.
+    let out = nodes[(via - 1) as usize].hive(&["node", "remove", "--id", &victim.to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        state_of(&nodes[(via - 1) as usize], victim).0,
+        NodeState::Draining
+    );
+    let text = nodes[(via - 1) as usize].status_text();
+    assert!(text.contains("draining"), "{text}");
 }
 
 #[test]

@@ -16,6 +16,7 @@
 //! FUSE client hands them to the kernel unchanged.
 
 use crate::chunk::{ChunkId, CHUNK_ID_BYTES};
+use crate::placement::{HiveMap, MapNode, NodeState};
 use serde::{Deserialize, Serialize};
 
 /// Inode number of every volume's root directory.
@@ -283,6 +284,42 @@ pub enum Mutation {
     /// recorded under the same name and address gets its id again (a join retried after a
     /// lost answer is not a second node).
     AddNode(NodeSpec),
+    /// Set a node's state in the cluster map (the leader's failure detector: up, down,
+    /// out; an operator: draining). A new map epoch if it changed. Answered `Done`.
+    SetNodeState {
+        id: u64,
+        state: NodeState,
+    },
+}
+
+/// A node of the cluster map as the metadata service answers it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeEntry {
+    pub id: u64,
+    pub spec: NodeSpec,
+    pub state: NodeState,
+}
+
+/// The placement map of a cluster map (`bucket_count` is the hive's, fixed at init).
+pub fn hive_map(map_epoch: u64, bucket_count: u32, nodes: &[NodeEntry]) -> HiveMap {
+    HiveMap {
+        epoch: map_epoch,
+        bucket_count,
+        nodes: nodes
+            .iter()
+            .map(|n| MapNode {
+                id: n.id,
+                name: n.spec.name.clone(),
+                host: n.spec.host.clone(),
+                meta_port: n.spec.meta_port,
+                base_port: n.spec.base_port,
+                shards: n.spec.shards,
+                weight: n.spec.weight,
+                zone: n.spec.zone.clone(),
+                state: n.state,
+            })
+            .collect(),
+    }
 }
 
 /// Longest node name and failure-zone name.
@@ -372,6 +409,8 @@ pub enum PeerRequest {
     /// then a voter while the hive has fewer than [`MAX_VOTERS`]. Answered
     /// [`Answer::Admitted`].
     Admit { id: u64 },
+    /// Are you there? (the leader's failure detector, on a node link). Answered `Done`.
+    Ping,
 }
 
 /// Most voting members of the metadata Raft group; further nodes are learners.
@@ -428,9 +467,10 @@ impl Mutation {
             | Mutation::SetXattr { ino, .. }
             | Mutation::RemoveXattr { ino, .. }
             | Mutation::Reclaim { ino } => vec![*ino],
-            Mutation::CreateVolume { .. } | Mutation::AdvanceGcEpoch | Mutation::AddNode(_) => {
-                Vec::new()
-            }
+            Mutation::CreateVolume { .. }
+            | Mutation::AdvanceGcEpoch
+            | Mutation::AddNode(_)
+            | Mutation::SetNodeState { .. } => Vec::new(),
         }
     }
 
@@ -802,7 +842,7 @@ pub enum Answer {
     /// The cluster map's nodes, by id.
     Nodes {
         map_epoch: u64,
-        nodes: Vec<(u64, NodeSpec)>,
+        nodes: Vec<NodeEntry>,
     },
     /// The postcard-encoded openraft answer (`Result<response, openraft RaftError>`).
     Raft(Vec<u8>),
@@ -1034,6 +1074,7 @@ impl MetaRequest {
                 }
                 Mutation::Reclaim { .. } | Mutation::AdvanceGcEpoch => Ok(()),
                 Mutation::AddNode(n) => n.validate(),
+                Mutation::SetNodeState { .. } => Ok(()),
             },
             MetaRequest::Query { query, .. } => match query {
                 Query::Volume { name } if name.len() > MAX_VOLUME_NAME_BYTES => Err(Errno::INVAL),
@@ -1068,7 +1109,9 @@ impl MetaRequest {
             },
             MetaRequest::Watch { .. } => Ok(()),
             MetaRequest::Peer(PeerRequest::Join(n)) => n.validate(),
-            MetaRequest::Peer(PeerRequest::Raft { .. } | PeerRequest::Admit { .. }) => Ok(()),
+            MetaRequest::Peer(
+                PeerRequest::Raft { .. } | PeerRequest::Admit { .. } | PeerRequest::Ping,
+            ) => Ok(()),
         }
     }
 }

@@ -138,6 +138,12 @@ enum Cmd {
         #[arg(long)]
         insecure: bool,
     },
+    /// Operate on a node of the cluster map: `remove` drains it (it takes no new data and
+    /// its buckets move away); `state` sets a state by hand.
+    Node {
+        #[command(subcommand)]
+        cmd: NodeCmd,
+    },
     /// Per-shard and total figures of a running node.
     Status {
         #[arg(long)]
@@ -146,6 +152,17 @@ enum Cmd {
         json: bool,
         #[arg(long)]
         insecure: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Drain node ID: it stays in the map as `draining` until its buckets have moved.
+    Remove {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        id: u64,
     },
 }
 
@@ -292,6 +309,25 @@ fn real_main() -> Result<()> {
             json,
             insecure,
         } => status(&data, json, insecure),
+        Cmd::Node {
+            cmd: NodeCmd::Remove { data, id },
+        } => {
+            let client = u64::from_le_bytes(config::random_bytes::<8>()?) | 1;
+            let req = MetaRequest::Mutate(meta::MetaCommand {
+                volume: 0,
+                client,
+                seq: 1,
+                acked_below: 1,
+                now: meta::Timespec::default(),
+                op: meta::Mutation::SetNodeState {
+                    id,
+                    state: hivefs_net::placement::NodeState::Draining,
+                },
+            });
+            ask_leader_req(&data, false, &req)?;
+            println!("node {id} is draining: it takes no new data (moving its buckets away comes with rebalancing)");
+            Ok(())
+        }
         Cmd::Up {
             data,
             size,
@@ -473,12 +509,13 @@ fn cluster_status(dir: &std::path::Path, insecure: bool) -> serde_json::Value {
         Ok(other) => serde_json::json!({ "error": format!("unexpected {other:?}") }),
         Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
     };
-    let nodes = match admin_query(dir, insecure, Query::Nodes, "hive status") {
+    let nodes = match ask_leader(dir, insecure, Query::Nodes) {
         Ok(Answer::Nodes { map_epoch, nodes }) => serde_json::json!({
             "map_epoch": map_epoch,
-            "nodes": nodes.iter().map(|(id, n)| serde_json::json!({
-                "id": id, "name": n.name, "addr": n.meta_addr(), "base_port": n.base_port,
-                "shards": n.shards, "zone": n.zone, "weight": n.weight,
+            "nodes": nodes.iter().map(|n| serde_json::json!({
+                "id": n.id, "name": n.spec.name, "addr": n.spec.meta_addr(),
+                "base_port": n.spec.base_port, "shards": n.spec.shards, "zone": n.spec.zone,
+                "weight": n.spec.weight, "state": format!("{:?}", n.state).to_lowercase(),
             })).collect::<Vec<_>>(),
         }),
         Ok(other) => serde_json::json!({ "error": format!("unexpected {other:?}") }),
@@ -517,8 +554,9 @@ fn print_cluster(c: &serde_json::Value) {
         println!("cluster map epoch {}:", map["map_epoch"]);
         for n in nodes {
             println!(
-                "  node {:>3}  {:<20} {:<24} zone {:<10} weight {:>6} shards {}",
+                "  node {:>3}  {:<9} {:<20} {:<24} zone {:<10} weight {:>6} shards {}",
                 n["id"],
+                n["state"].as_str().unwrap_or("?"),
                 n["name"].as_str().unwrap_or("?"),
                 n["addr"].as_str().unwrap_or("?"),
                 n["zone"].as_str().unwrap_or("?"),
@@ -527,7 +565,37 @@ fn print_cluster(c: &serde_json::Value) {
             );
         }
     } else if let Some(e) = map["error"].as_str() {
-        println!("cluster map: ask the leader ({e})");
+        println!("cluster map: unknown ({e})");
+    }
+}
+
+/// Ask the metadata leader an admin query, starting at the node in `dir` (a follower
+/// points to the leader).
+fn ask_leader(dir: &std::path::Path, insecure: bool, query: Query) -> Result<Answer> {
+    ask_leader_req(dir, insecure, &MetaRequest::Query { volume: 0, query })
+}
+
+fn ask_leader_req(dir: &std::path::Path, insecure: bool, req: &MetaRequest) -> Result<Answer> {
+    let cfg = NodeConfig::load(dir)?;
+    if insecure {
+        // A plain-TCP hive has one node: it leads.
+        let MetaRequest::Query { query, .. } = req else {
+            bail!("--insecure: only queries");
+        };
+        return admin_query(dir, insecure, query.clone(), "hive");
+    }
+    let token = std::fs::read_to_string(dir.join("admin.token")).context("reading admin.token")?;
+    let ca = config::ca_fingerprint(dir)?;
+    let at = NodeSpec::addr_of(cfg.advertise_host(), cfg.meta_port());
+    match call_leader(
+        &at,
+        token.trim(),
+        &ca,
+        req,
+        std::time::Duration::from_secs(20),
+    )? {
+        Ok(a) => Ok(a),
+        Err(e) => bail!("the hive answered {e}"),
     }
 }
 

@@ -8,9 +8,11 @@
 //! - [`server`]: the metadata port: Hello/token, then mutations through Raft and
 //!   linearizable queries.
 //! - [`peer`]: node-to-node links: Raft's transport (mutual TLS) and the joining node's link.
+//! - [`health`]: the leader's failure detector: pings, and nodes marked up, down, out.
 //! - [`locks`]: flock and POSIX locks, volatile state of the leader (leased, not logged).
 //! - [`watch`]: watch streams: which cached names and inodes each mutation makes stale,
 //!   pushed to the other mounts of the volume.
+pub mod health;
 pub mod locks;
 pub mod peer;
 pub mod raft;

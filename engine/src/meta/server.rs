@@ -30,8 +30,8 @@ use hivefs_net::conn::{ConnError, FramedConn, ReadStatus};
 use hivefs_net::frame::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
 use hivefs_net::meta::{
     self, Answer, Errno, FsckReport, GcReport, JoinGrant, MetaCommand, MetaReply, MetaRequest,
-    Mutation, NodeSpec, PeerRequest, Query, ShardAdmin, ShardAdminReply, Timespec, VolumeInfo,
-    WatchEvent, WATCH_HEARTBEAT_MS,
+    Mutation, NodeEntry, NodeSpec, PeerRequest, Query, ShardAdmin, ShardAdminReply, Timespec,
+    VolumeInfo, WatchEvent, WATCH_HEARTBEAT_MS,
 };
 use hivefs_net::proto::{frame_response, ClusterMap, ErrorCode, Request, Response, MAX_BATCH_IDS};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -87,14 +87,16 @@ impl Applier for StoreApplier {
     }
 }
 
-struct Shared {
-    store: Arc<MetaStore>,
+pub(super) struct Shared {
+    pub(super) store: Arc<MetaStore>,
     data_dir: std::path::PathBuf,
     shard_ports: Vec<u16>,
-    raft: MetaRaft,
-    cfg: NodeConfig,
+    pub(super) raft: MetaRaft,
+    pub(super) cfg: NodeConfig,
     map: ClusterMap,
     tls: Option<Arc<rustls::ServerConfig>>,
+    /// This node's TLS for dialling other nodes (none on a plain-TCP hive).
+    pub(super) peer_tls: Option<Arc<rustls::ClientConfig>>,
     device: Arc<DeviceUse>,
     /// flock and POSIX locks (volatile; see `locks.rs`).
     locks: LockService,
@@ -102,7 +104,7 @@ struct Shared {
     watchers: Watchers,
     /// Set while a collection runs (one at a time).
     gc_running: AtomicBool,
-    stop: AtomicBool,
+    pub(super) stop: AtomicBool,
     conns: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -110,6 +112,7 @@ struct Shared {
 pub struct MetaServer {
     shared: Arc<Shared>,
     accept: Option<JoinHandle<()>>,
+    health: Option<JoinHandle<()>>,
     pub port: u16,
 }
 
@@ -140,19 +143,26 @@ impl MetaServer {
         let port = listener.local_addr()?.port();
         let addr = NodeSpec::addr_of(cfg.advertise_host(), port);
         let applier = Arc::new(StoreApplier(store.clone()));
-        let raft = match &tls {
+        let peer_tls = match &tls {
             Some(_) => {
                 let read = |f: &str| {
                     std::fs::read_to_string(data_dir.join(f))
                         .with_context(|| format!("reading {f} in {}", data_dir.display()))
                 };
-                let peer_tls = hivefs_net::tls::peer_client_config(
-                    &read("ca.pem")?,
-                    &read("node.pem")?,
-                    &read("node.key")?,
+                Some(
+                    hivefs_net::tls::peer_client_config(
+                        &read("ca.pem")?,
+                        &read("node.pem")?,
+                        &read("node.key")?,
+                    )
+                    .map_err(|e| anyhow::anyhow!("node TLS for the metadata cluster: {e}"))?,
                 )
-                .map_err(|e| anyhow::anyhow!("node TLS for the metadata cluster: {e}"))?;
-                let net = PeerNet::new(peer_tls, cfg.node_id.clone());
+            }
+            None => None,
+        };
+        let raft = match &peer_tls {
+            Some(peer_tls) => {
+                let net = PeerNet::new(peer_tls.clone(), cfg.node_id.clone());
                 block_on(MetaRaft::open_member(
                     &dir,
                     cfg.raft_id,
@@ -182,6 +192,7 @@ impl MetaServer {
             cfg: cfg.clone(),
             map,
             tls,
+            peer_tls,
             device,
             locks,
             watchers: Watchers::default(),
@@ -195,9 +206,14 @@ impl MetaServer {
         let accept = std::thread::Builder::new()
             .name("meta-accept".into())
             .spawn(move || accept_loop(sh, listener))?;
+        let sh = shared.clone();
+        let health = std::thread::Builder::new()
+            .name("meta-health".into())
+            .spawn(move || super::health::run(&sh))?;
         let server = MetaServer {
             shared,
             accept: Some(accept),
+            health: Some(health),
             port,
         };
         // The first node is in the cluster map as node 1 before it answers anyone's join.
@@ -257,6 +273,9 @@ impl MetaServer {
         if let Some(a) = self.accept.take() {
             let _ = a.join();
         }
+        if let Some(h) = self.health.take() {
+            let _ = h.join();
+        }
         let conns = std::mem::take(&mut *self.shared.conns.lock().expect("conns lock"));
         for c in conns {
             let _ = c.join();
@@ -270,7 +289,7 @@ impl MetaServer {
 
 /// Drive a future to completion on this thread (Raft runs on its own runtime; this only
 /// waits for its answer).
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
+pub(super) fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("a current-thread runtime")
@@ -449,6 +468,12 @@ fn serve(sh: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
                         }
                     }
                 }
+                Ok(MetaRequest::Peer(PeerRequest::Ping)) if peer_node => (
+                    Response::MetaReply {
+                        body: meta::encode(&MetaReply::Ok(Answer::Done)),
+                    },
+                    false,
+                ),
                 Ok(_) if peer_node => (
                     // A member's link carries Raft traffic only: it holds no token.
                     Response::error(ErrorCode::Unauthenticated, "a node link carries Raft only"),
@@ -804,7 +829,11 @@ fn fsck(sh: &Shared, verify: bool) -> Result<FsckReport> {
 
 /// Propose a mutation through Raft, publish what it invalidates, and answer; with
 /// `in_dir`, add the attributes of the directory it changed, read after it applied.
-async fn mutate(sh: &Shared, cmd: MetaCommand, in_dir: bool) -> Result<MetaReply, RaftError> {
+pub(super) async fn mutate(
+    sh: &Shared,
+    cmd: MetaCommand,
+    in_dir: bool,
+) -> Result<MetaReply, RaftError> {
     let cmd = MetaCommand {
         now: Timespec::now(),
         ..cmd
@@ -864,7 +893,7 @@ async fn register_self(sh: &Shared, meta_port: u16) -> Result<()> {
         Ok(Answer::Nodes { nodes, .. }) => nodes,
         other => anyhow::bail!("cluster map query answered {other:?}"),
     };
-    if nodes.iter().any(|(id, _)| *id == sh.cfg.raft_id) {
+    if nodes.iter().any(|n| n.id == sh.cfg.raft_id) {
         return Ok(());
     }
     let spec = self_spec(sh, meta_port);
@@ -884,7 +913,7 @@ async fn register_self(sh: &Shared, meta_port: u16) -> Result<()> {
 
 /// `Ok` while this node leads its metadata cluster, else `NotLeader` naming the leader
 /// it knows of.
-fn ensure_leader(sh: &Shared) -> Result<(), RaftError> {
+pub(super) fn ensure_leader(sh: &Shared) -> Result<(), RaftError> {
     let v = sh.raft.view();
     if v.leader == Some(v.id) {
         Ok(())
@@ -896,7 +925,7 @@ fn ensure_leader(sh: &Shared) -> Result<(), RaftError> {
 }
 
 /// A one-off client id for a mutation the node makes itself (its one mutation is seq 1).
-fn one_off_command(op: Mutation) -> Result<MetaCommand> {
+pub(super) fn one_off_command(op: Mutation) -> Result<MetaCommand> {
     Ok(MetaCommand {
         volume: 0,
         client: u64::from_le_bytes(crate::config::random_bytes::<8>()?) | 1,
@@ -920,8 +949,7 @@ async fn join(sh: &Shared, spec: NodeSpec) -> Result<MetaReply, RaftError> {
     // start, just after it starts serving): until then a joiner could take its id.
     sh.raft.read_barrier().await?;
     match sh.store.query(0, &Query::Nodes) {
-        Ok(Ok(Answer::Nodes { nodes, .. }))
-            if nodes.iter().any(|(id, _)| *id == sh.cfg.raft_id) => {}
+        Ok(Ok(Answer::Nodes { nodes, .. })) if nodes.iter().any(|n| n.id == sh.cfg.raft_id) => {}
         Ok(_) => return Ok(Err(Errno::AGAIN)),
         Err(e) => return Err(fail(e)),
     }
@@ -958,7 +986,7 @@ async fn admit(sh: &Shared, id: u64) -> Result<MetaReply, RaftError> {
         Ok(_) => return Ok(Err(Errno::IO)),
         Err(e) => return Err(RaftError::Unavailable(format!("metadata store: {e:#}"))),
     };
-    let Some((_, spec)) = nodes.into_iter().find(|(n, _)| *n == id) else {
+    let Some(NodeEntry { spec, .. }) = nodes.into_iter().find(|n| n.id == id) else {
         return Ok(Err(Errno::NOENT));
     };
     let voter = sh.raft.add_member(id, spec.meta_addr()).await?;
@@ -987,6 +1015,7 @@ async fn handle(sh: &Shared, req: MetaRequest) -> Result<MetaReply, RaftError> {
         }
         MetaRequest::Peer(PeerRequest::Join(spec)) => join(sh, spec).await,
         MetaRequest::Peer(PeerRequest::Admit { id }) => admit(sh, id).await,
+        MetaRequest::Peer(PeerRequest::Ping) => Ok(Ok(Answer::Done)),
         // Served by `serve` on node links only.
         MetaRequest::Peer(PeerRequest::Raft { .. }) => Ok(Err(Errno::INVAL)),
         MetaRequest::Mutate(cmd) => mutate(sh, cmd, false).await,

@@ -24,7 +24,7 @@
 //! | orphans   | ino                               | (unlinked, awaiting `Reclaim`)   |
 //! | sessions  | client, seq                       | the reply it got                 |
 //! | volumes   | name (group 0)                    | [`VolumeRec`]                    |
-//! | nodes     | node id (group 0)                 | [`NodeSpec`] (the cluster map)   |
+//! | nodes     | node id (group 0)                 | [`NodeSpec`], state (the map)    |
 //! | sys       | name                              | gc epoch, map epoch, raft state, counters |
 //!
 //! # Invariants (checked by [`MetaStore::check`], which `hive fsck` runs)
@@ -42,9 +42,10 @@ use anyhow::{bail, Context, Result};
 use hivefs_net::chunk::ChunkId;
 use hivefs_net::meta::{
     self, Answer, Attr, DirEntry, Errno, Extent, FileKind, MetaCommand, MetaReply, Mutation,
-    NodeSpec, Query, RenameMode, SetAttr, SetTime, StatFs, Timespec, VolumeInfo, XattrMode,
-    ROOT_INO,
+    NodeEntry, NodeSpec, Query, RenameMode, SetAttr, SetTime, StatFs, Timespec, VolumeInfo,
+    XattrMode, ROOT_INO,
 };
+use hivefs_net::placement::NodeState;
 use redb::{Database, Durability, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -1062,11 +1063,14 @@ impl MetaStore {
                     Some(v) => u64::from_le_bytes(v.value().try_into().context("map epoch")?),
                     None => 0,
                 };
-                let mut nodes = Vec::new();
-                for item in tx.open_table(NODES)?.iter()? {
-                    let (k, v) = item?;
-                    nodes.push((be_u64(&k.value()[4..]), dec(v.value(), "node")?));
-                }
+                let nodes = all_nodes(&tx.open_table(NODES)?)?
+                    .into_iter()
+                    .map(|(id, n)| NodeEntry {
+                        id,
+                        spec: n.spec,
+                        state: n.state,
+                    })
+                    .collect();
                 Ok(Answer::Nodes { map_epoch, nodes })
             }
             Query::GcEpoch => {
@@ -1158,19 +1162,13 @@ impl MetaStore {
 /// taken), a new map epoch. The same name at the same address is the same node (a retried
 /// join); the same name elsewhere, or another name at the same address, is refused (EEXIST).
 fn add_node(t: &mut Tables<'_>, spec: &NodeSpec) -> OpResult<Answer> {
-    let mut existing = Vec::new();
-    for item in store!(t.nodes.iter()) {
-        let (k, v) = store!(item);
-        let rec: NodeSpec = store!(dec(v.value(), "node"));
-        existing.push((be_u64(&k.value()[4..]), rec));
-    }
-    for (id, n) in &existing {
-        let same_addr = n.host == spec.host && n.meta_port == spec.meta_port;
-        if n.name == spec.name && same_addr {
+    for (id, n) in store!(all_nodes(&t.nodes)) {
+        let same_addr = n.spec.host == spec.host && n.spec.meta_port == spec.meta_port;
+        if n.spec.name == spec.name && same_addr {
             let map_epoch = store!(t.sys_u64(SYS_MAP_EPOCH, 0));
-            return Ok(Answer::Node { id: *id, map_epoch });
+            return Ok(Answer::Node { id, map_epoch });
         }
-        if n.name == spec.name || same_addr {
+        if n.spec.name == spec.name || same_addr {
             return Err(Errno::EXIST.into());
         }
     }
@@ -1178,8 +1176,47 @@ fn add_node(t: &mut Tables<'_>, spec: &NodeSpec) -> OpResult<Answer> {
     store!(t.set_sys_u64(SYS_NEXT_NODE, id + 1));
     let map_epoch = store!(t.sys_u64(SYS_MAP_EPOCH, 0)) + 1;
     store!(t.set_sys_u64(SYS_MAP_EPOCH, map_epoch));
-    store!(t.nodes.insert(k_node(id).as_slice(), enc(spec).as_slice()));
+    let rec = StoredNode {
+        spec: spec.clone(),
+        state: NodeState::Up,
+    };
+    store!(t.nodes.insert(k_node(id).as_slice(), enc(&rec).as_slice()));
     Ok(Answer::Node { id, map_epoch })
+}
+
+/// [`Mutation::SetNodeState`]: a new map epoch when the state changes.
+fn set_node_state(t: &mut Tables<'_>, id: u64, state: NodeState) -> OpResult<Answer> {
+    let key = k_node(id);
+    let Some(v) = store!(t.nodes.get(key.as_slice())) else {
+        return Err(Errno::NOENT.into());
+    };
+    let mut rec: StoredNode = store!(dec(v.value(), "node"));
+    drop(v);
+    if rec.state != state {
+        rec.state = state;
+        store!(t.nodes.insert(key.as_slice(), enc(&rec).as_slice()));
+        let map_epoch = store!(t.sys_u64(SYS_MAP_EPOCH, 0)) + 1;
+        store!(t.set_sys_u64(SYS_MAP_EPOCH, map_epoch));
+    }
+    Ok(Answer::Done)
+}
+
+/// A node as the `nodes` table holds it.
+#[derive(Serialize, Deserialize)]
+struct StoredNode {
+    spec: NodeSpec,
+    state: NodeState,
+}
+
+fn all_nodes(
+    tbl: &impl ReadableTable<&'static [u8], &'static [u8]>,
+) -> Result<Vec<(u64, StoredNode)>> {
+    let mut out = Vec::new();
+    for item in tbl.iter()? {
+        let (k, v) = item?;
+        out.push((be_u64(&k.value()[4..]), dec(v.value(), "node")?));
+    }
+    Ok(out)
 }
 
 /// Apply one command: exactly once per `(client, seq)`.
@@ -1292,6 +1329,7 @@ fn mutate(t: &mut Tables<'_>, cmd: &MetaCommand) -> OpResult<Answer> {
             return Ok(Answer::GcEpoch(e));
         }
         Mutation::AddNode(spec) => return add_node(t, spec),
+        Mutation::SetNodeState { id, state } => return set_node_state(t, *id, *state),
         _ => {}
     }
     // Volume-scoped mutations.
@@ -1307,9 +1345,10 @@ fn mutate(t: &mut Tables<'_>, cmd: &MetaCommand) -> OpResult<Answer> {
         dirty: HashSet::new(),
     };
     let answer = match &cmd.op {
-        Mutation::CreateVolume { .. } | Mutation::AdvanceGcEpoch | Mutation::AddNode(_) => {
-            unreachable!("handled above")
-        }
+        Mutation::CreateVolume { .. }
+        | Mutation::AdvanceGcEpoch
+        | Mutation::AddNode(_)
+        | Mutation::SetNodeState { .. } => unreachable!("handled above"),
         Mutation::Create {
             parent,
             name,

@@ -69,7 +69,8 @@ pub fn invalidations(op: &Mutation, answer: &Answer) -> Option<Invalidation> {
         Mutation::CreateVolume { .. }
         | Mutation::Reclaim { .. }
         | Mutation::AdvanceGcEpoch
-        | Mutation::AddNode(_) => return None,
+        | Mutation::AddNode(_)
+        | Mutation::SetNodeState { .. } => return None,
     }
     Some(inv)
 }

@@ -1,0 +1,138 @@
+//! The leader's failure detector: which nodes of the cluster map are up, down or out.
+//!
+//! While this node leads, it pings every other node of the map on its metadata port once
+//! per [`PING_EVERY`] (a `PeerRequest::Ping` on a mutual-TLS node link, kept open between
+//! pings). A node that has not answered for [`DOWN_AFTER`] is marked `Down` in the map
+//! (placement keeps its buckets; puts skip it and repair owes its copies); one silent for
+//! `out_after_secs` (hive.toml, default [`DEFAULT_OUT_AFTER_SECS`]) is marked `Out` (its
+//! buckets move). A down node that answers again is marked `Up`. Draining and out nodes
+//! keep their state: an operator's decision, or a node that must join again.
+//!
+//! # Invariants
+//! - Only the leader changes states, through Raft (`Mutation::SetNodeState`), so every
+//!   node applies the same map history; a node that stops leading forgets its timers.
+//! - A new leader counts every node as heard from when it started leading: nobody is
+//!   marked down for the time before this node could have heard it.
+//! - Nothing here compares clocks of two machines: each leader measures silence on its own
+//!   monotonic clock.
+
+use super::peer::PeerLink;
+use super::server::{self, Shared};
+use hivefs_net::meta::{Answer, MetaRequest, Mutation, NodeEntry, PeerRequest, Query};
+use hivefs_net::placement::NodeState;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// How often the leader pings every node.
+pub const PING_EVERY: Duration = Duration::from_secs(1);
+/// Silence after which a node is down.
+pub const DOWN_AFTER: Duration = Duration::from_secs(5);
+/// Silence after which a node is out, unless hive.toml says otherwise.
+pub const DEFAULT_OUT_AFTER_SECS: u64 = 600;
+/// How long one ping may take.
+const PING_TIMEOUT: Duration = Duration::from_millis(900);
+
+/// What a node's silence makes of its state (`Draining` and `Out` stay as they are).
+pub fn judge(state: NodeState, silent: Duration, out_after: Duration) -> NodeState {
+    match state {
+        NodeState::Draining | NodeState::Out => state,
+        NodeState::Up | NodeState::Down if silent >= out_after => NodeState::Out,
+        NodeState::Up | NodeState::Down if silent >= DOWN_AFTER => NodeState::Down,
+        NodeState::Up | NodeState::Down => NodeState::Up,
+    }
+}
+
+/// The detector's loop (its own thread) until the service stops.
+pub(super) fn run(sh: &Shared) {
+    let Some(tls) = sh.peer_tls.clone() else {
+        return; // a plain-TCP hive has one node
+    };
+    let out_after = Duration::from_secs(sh.cfg.out_after_secs);
+    let mut links: HashMap<u64, PeerLink> = HashMap::new();
+    let mut heard: HashMap<u64, Instant> = HashMap::new();
+    let mut leading_since: Option<Instant> = None;
+    let mut next = Instant::now();
+    while !sh.stop.load(Ordering::SeqCst) {
+        let now = Instant::now();
+        if now < next {
+            std::thread::sleep((next - now).min(Duration::from_millis(200)));
+            continue;
+        }
+        next = now + PING_EVERY;
+        if server::ensure_leader(sh).is_err() {
+            leading_since = None;
+            heard.clear();
+            links.clear();
+            continue;
+        }
+        let since = *leading_since.get_or_insert(now);
+        let nodes: Vec<NodeEntry> = match sh.store.query(0, &Query::Nodes) {
+            Ok(Ok(Answer::Nodes { nodes, .. })) => nodes,
+            other => {
+                tracing::warn!("failure detector: reading the map: {other:?}");
+                continue;
+            }
+        };
+        for n in &nodes {
+            if n.id == sh.cfg.raft_id || n.state == NodeState::Out {
+                continue;
+            }
+            let addr = n.spec.meta_addr();
+            let link = match links.remove(&n.id) {
+                Some(l) => Ok(l),
+                None => PeerLink::dial(&addr, Some(tls.clone()), "", &sh.cfg.node_id, PING_TIMEOUT),
+            };
+            if let Ok(mut l) = link {
+                if matches!(
+                    l.call(&MetaRequest::Peer(PeerRequest::Ping)),
+                    Ok(Ok(Answer::Done))
+                ) {
+                    heard.insert(n.id, Instant::now());
+                    links.insert(n.id, l);
+                }
+            }
+        }
+        for n in &nodes {
+            if n.id == sh.cfg.raft_id {
+                continue;
+            }
+            let last = heard.get(&n.id).copied().unwrap_or(since).max(since);
+            let want = judge(n.state, last.elapsed(), out_after);
+            if want == n.state {
+                continue;
+            }
+            tracing::warn!(node = n.id, name = %n.spec.name, from = ?n.state, to = ?want, silent_ms = last.elapsed().as_millis() as u64, "node state changes");
+            let cmd = match server::one_off_command(Mutation::SetNodeState {
+                id: n.id,
+                state: want,
+            }) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("failure detector: {e:#}");
+                    continue;
+                }
+            };
+            if let Err(e) = server::block_on(server::mutate(sh, cmd, false)) {
+                tracing::warn!("failure detector: recording node {} as {want:?}: {e}", n.id);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn silence_makes_states() {
+        let out = Duration::from_secs(600);
+        let s = Duration::from_secs;
+        assert_eq!(judge(NodeState::Up, s(1), out), NodeState::Up);
+        assert_eq!(judge(NodeState::Up, s(5), out), NodeState::Down);
+        assert_eq!(judge(NodeState::Down, s(2), out), NodeState::Up);
+        assert_eq!(judge(NodeState::Down, s(600), out), NodeState::Out);
+        assert_eq!(judge(NodeState::Draining, s(900), out), NodeState::Draining);
+        assert_eq!(judge(NodeState::Out, s(0), out), NodeState::Out);
+    }
+}
