@@ -35,6 +35,11 @@ use std::time::{Duration, Instant};
 
 /// How long a call keeps retrying over broken connections before it gives up.
 pub const RETRY_FOR: Duration = Duration::from_secs(30);
+/// How long a call keeps trying other members after a "no quorum" answer: a namespace
+/// change without a majority fails within about this long (plus one node's wait).
+pub const NO_QUORUM_RETRY_FOR: Duration = Duration::from_secs(5);
+/// How long a call waits for an election to name a leader before it fails.
+pub const LEADERLESS_RETRY_FOR: Duration = Duration::from_secs(9);
 /// Idle connections kept in the pool.
 const POOL_KEEP: usize = 16;
 
@@ -322,7 +327,8 @@ impl MetaClient {
 
     fn call_for(&self, req: &MetaRequest, retry_for: Duration) -> Result<MetaReply, ClientError> {
         let body = meta::encode(req);
-        let deadline = Instant::now() + retry_for;
+        let started = Instant::now();
+        let deadline = started + retry_for;
         let mut backoff = Duration::from_millis(20);
         loop {
             let at = self
@@ -357,7 +363,9 @@ impl MetaClient {
                         code: ErrorCode::NotLeader,
                         message,
                     },
-                )) if Instant::now() < deadline => {
+                )) if Instant::now() < deadline
+                    && (!message.is_empty() || started.elapsed() < LEADERLESS_RETRY_FOR) =>
+                {
                     // Not the leader: go where it points (or, mid-election, wait and ask
                     // again). Pooled connections go to the old node: drop them.
                     tracing::debug!(leader = %message, "metadata call: not the leader");
@@ -370,6 +378,19 @@ impl MetaClient {
                         std::thread::sleep(backoff);
                         backoff = (backoff * 2).min(Duration::from_secs(1));
                     }
+                }
+                Ok((
+                    _,
+                    Response::Error {
+                        code: ErrorCode::NoQuorum,
+                        message,
+                    },
+                )) if started.elapsed() < NO_QUORUM_RETRY_FOR => {
+                    // That node is cut off from the majority (or the majority is gone):
+                    // another member may lead a majority.
+                    tracing::debug!("metadata call: {message}; trying another member");
+                    self.endpoints.lock().expect("endpoints lock").rotate();
+                    self.pool.lock().expect("pool lock").clear();
                 }
                 Ok((_, other)) => return Err(unexpected(other)),
                 Err(e @ (ClientError::Conn { .. } | ClientError::Connect { .. }))

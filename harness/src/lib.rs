@@ -31,7 +31,9 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod cluster;
 pub mod mount;
+pub mod netns;
 
 pub use hivefs_client;
 pub use hivefs_net;
@@ -43,6 +45,12 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
 static DIR_COUNTER: AtomicUsize = AtomicUsize::new(0);
 static PORT_COUNTER: AtomicUsize = AtomicUsize::new(0);
+static LAB_COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A number for the next [`netns::NetLab`] of this process.
+pub(crate) fn next_lab() -> usize {
+    LAB_COUNTER.fetch_add(1, Ordering::SeqCst)
+}
 
 /// What `hive init` is asked for.
 #[derive(Clone, Debug)]
@@ -56,6 +64,10 @@ pub struct NodeOptions {
     pub insecure: bool,
     /// Part of the data directory name, for people reading `/tmp`.
     pub name: String,
+    /// Where the node listens (and others reach it).
+    pub host: String,
+    /// Run the node inside this network namespace (see [`netns::NetLab`]).
+    pub netns: Option<String>,
 }
 
 impl Default for NodeOptions {
@@ -66,6 +78,8 @@ impl Default for NodeOptions {
             segment_size: "16M".into(),
             insecure: false,
             name: "node".into(),
+            host: "127.0.0.1".into(),
+            netns: None,
         }
     }
 }
@@ -85,6 +99,12 @@ impl NodeOptions {
     }
     pub fn size(mut self, size: &str) -> Self {
         self.size = size.into();
+        self
+    }
+    /// Run in network namespace `ns`, listening on `host` there.
+    pub fn in_netns(mut self, ns: &str, host: &str) -> Self {
+        self.netns = Some(ns.into());
+        self.host = host.into();
         self
     }
 }
@@ -213,6 +233,18 @@ pub fn spawn_logged(mut cmd: Command, log: &Path, banner: &str, death_signal: i3
         .unwrap_or_else(|e| panic!("spawning {:?}: {e}", cmd.get_program()))
 }
 
+/// A `hive` command, inside the node's network namespace if it has one.
+fn hive_command(bin: &Path, opts: &NodeOptions) -> Command {
+    match &opts.netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    }
+}
+
 /// One hive node in its own data directory. See the module docs.
 pub struct TestNode {
     dir: PathBuf,
@@ -248,9 +280,10 @@ impl TestNode {
             node.base_port,
             via.meta_port()
         );
-        let mut cmd = Command::new(&node.bin);
+        let mut cmd = hive_command(&node.bin, &node.opts);
         cmd.arg("join")
-            .args(["--hive", &format!("127.0.0.1:{}", via.meta_port())])
+            .args(["--hive", &format!("{}:{}", via.opts.host, via.meta_port())])
+            .args(["--listen", &node.opts.host])
             .args(["--token", &via.token(), "--ca", &via.ca_fingerprint()])
             .arg("--data")
             .arg(&node.dir)
@@ -326,7 +359,12 @@ impl TestNode {
         }
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
         // The metadata port comes first, then one port per shard.
-        let base_port = free_base_port(opts.shards + 1) + 1;
+        let opts_netns = opts.netns.is_some();
+        let base_port = if opts_netns {
+            7400
+        } else {
+            free_base_port(opts.shards + 1) + 1
+        };
         // From here on Drop cleans up, whatever fails.
         TestNode {
             dir,
@@ -335,15 +373,17 @@ impl TestNode {
             child: None,
             base_port,
             starts: 0,
-            fixed_ports: false,
+            // In a namespace of its own a node's ports are its own.
+            fixed_ports: opts_netns,
         }
     }
 
     /// `hive init` a fresh node without starting it.
     pub fn init(opts: NodeOptions) -> TestNode {
         let node = TestNode::new_dir(opts);
-        let out = Command::new(&node.bin)
+        let out = hive_command(&node.bin, &node.opts)
             .arg("init")
+            .args(["--listen", &node.opts.host])
             .arg("--data")
             .arg(&node.dir)
             .args([
@@ -447,8 +487,13 @@ impl TestNode {
         self.base_port + shard
     }
 
+    /// The node's IP address.
+    pub fn ip(&self) -> std::net::IpAddr {
+        self.opts.host.parse().expect("node host is an IP address")
+    }
+
     pub fn addr(&self, shard: u16) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port(shard)))
+        SocketAddr::new(self.ip(), self.port(shard))
     }
 
     /// How many times `hive run` has been started.
@@ -485,7 +530,12 @@ impl TestNode {
     /// an insecure node).
     pub fn client_options(&self) -> ClientOptions {
         let fp = (!self.opts.insecure).then(|| self.ca_fingerprint());
-        let mut o = ClientOptions::new("127.0.0.1", self.base_port, &self.token(), fp.as_deref());
+        let mut o = ClientOptions::new(
+            &self.opts.host,
+            self.base_port,
+            &self.token(),
+            fp.as_deref(),
+        );
         o.client_name = "hivefs-harness".into();
         o.connect_timeout = Duration::from_secs(20);
         o
@@ -526,7 +576,7 @@ impl TestNode {
                 .expect("client TLS config");
             Some((
                 cfg,
-                hivefs_net::tls::server_name("127.0.0.1").expect("server name"),
+                hivefs_net::tls::server_name(&self.opts.host).expect("server name"),
             ))
         };
         FramedConn::new_client(s, tls).expect("FramedConn::new_client")
@@ -597,7 +647,7 @@ impl TestNode {
             "=== harness: hive run #{} (base port {}) ===",
             self.starts, self.base_port
         );
-        let mut cmd = Command::new(&self.bin);
+        let mut cmd = hive_command(&self.bin, &self.opts);
         cmd.arg("run").arg("--data").arg(&self.dir);
         if self.opts.insecure {
             cmd.arg("--insecure");
@@ -624,7 +674,7 @@ impl TestNode {
                     ready[s as usize] = true;
                 }
             }
-            let meta = SocketAddr::from(([127, 0, 0, 1], self.meta_port()));
+            let meta = SocketAddr::new(self.ip(), self.meta_port());
             if ready.iter().all(|r| *r)
                 && TcpStream::connect_timeout(&meta, Duration::from_millis(500)).is_ok()
             {

@@ -8,12 +8,15 @@
 //! (a create applied twice would answer EEXIST to its own retry), on whichever node leads.
 
 use hivefs_client::meta::MetaClient;
+use hivefs_harness::cluster::{
+    create_volume as volume, list_names, members, meta_client as connect, settled_leader,
+};
 use hivefs_harness::{NodeOptions, TestNode};
 use hivefs_net::conn::FramedConn;
 use hivefs_net::frame::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
 use hivefs_net::meta::{
-    self, Answer, Errno, FileKind, Member, MetaReply, MetaRequest, Mutation, PeerRequest, Query,
-    RaftRpc, ROOT_INO,
+    self, Answer, Errno, FileKind, MetaReply, MetaRequest, Mutation, PeerRequest, Query, RaftRpc,
+    ROOT_INO,
 };
 use hivefs_net::placement::NodeState;
 use hivefs_net::proto::{ErrorCode, Request, Response};
@@ -36,37 +39,8 @@ fn three_nodes() -> Vec<TestNode> {
     vec![a, b, c]
 }
 
-fn connect(node: &TestNode) -> MetaClient {
-    MetaClient::connect(&node.client_options(), node.meta_port()).expect("metadata connect")
-}
-
-/// What `node` says of the metadata cluster: (leader, applied index, members).
-fn members(node: &TestNode) -> (Option<u64>, Option<u64>, Vec<Member>) {
-    let m = connect(node);
-    match m.query(0, Query::Members) {
-        Ok(Ok(Answer::Members {
-            leader,
-            last_applied,
-            members,
-            ..
-        })) => (leader, last_applied, members),
-        other => panic!("members: {other:?}"),
-    }
-}
-
-/// Wait until every running node names the same leader; returns its id.
-fn settled_leader(nodes: &[&TestNode]) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let leaders: BTreeSet<Option<u64>> = nodes.iter().map(|n| members(n).0).collect();
-        if leaders.len() == 1 {
-            if let Some(Some(l)) = leaders.into_iter().next() {
-                return l;
-            }
-        }
-        assert!(Instant::now() < deadline, "no common leader within 30 s");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+fn names(m: &MetaClient, vol: u32, dir: u64) -> BTreeSet<String> {
+    list_names(m, vol, dir).into_iter().collect()
 }
 
 fn create(m: &MetaClient, vol: u32, parent: u64, name: &str) -> MetaReply {
@@ -83,48 +57,6 @@ fn create(m: &MetaClient, vol: u32, parent: u64, name: &str) -> MetaReply {
         },
     )
     .expect("create call")
-}
-
-fn names(m: &MetaClient, vol: u32, dir: u64) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    let mut after = 0;
-    loop {
-        match m
-            .query(
-                vol,
-                Query::ReadDir {
-                    ino: dir,
-                    after,
-                    max: 1000,
-                },
-            )
-            .expect("readdir call")
-        {
-            Ok(Answer::Dir { entries, end }) => {
-                for e in &entries {
-                    out.insert(String::from_utf8(e.name.clone()).unwrap());
-                    after = e.cookie;
-                }
-                if end || entries.is_empty() {
-                    return out;
-                }
-            }
-            other => panic!("readdir: {other:?}"),
-        }
-    }
-}
-
-fn volume(m: &MetaClient, name: &str) -> u32 {
-    match m.mutate(
-        0,
-        Mutation::CreateVolume {
-            name: name.into(),
-            copies: 1,
-        },
-    ) {
-        Ok(Ok(Answer::Volume(v))) => v.id,
-        other => panic!("create volume: {other:?}"),
-    }
 }
 
 #[test]

@@ -137,6 +137,9 @@ pub enum ErrorCode {
     /// This metadata node does not lead: the message is the leader's `host:port`, or empty
     /// while no leader is known (retry shortly).
     NotLeader = 15,
+    /// The metadata node asked could not reach a majority in time: nothing was decided;
+    /// another member may be able to.
+    NoQuorum = 16,
 }
 
 impl ErrorCode {
@@ -159,6 +162,7 @@ impl ErrorCode {
             13 => ErrorCode::WrongShard,
             14 => ErrorCode::NoSpace,
             15 => ErrorCode::NotLeader,
+            16 => ErrorCode::NoQuorum,
             _ => return None,
         })
     }

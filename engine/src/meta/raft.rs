@@ -120,6 +120,11 @@ pub enum RaftError {
     /// No quorum / shutting down / storage failure, with a message that says which.
     #[error("metadata service unavailable: {0}")]
     Unavailable(String),
+    /// This node could not reach a majority of the metadata cluster in time (it is in a
+    /// minority, or the others are down): nothing was decided here; another node may do
+    /// better.
+    #[error("metadata service unavailable: no quorum: {0}")]
+    NoQuorum(String),
 }
 
 /// Name of the Raft log file under the directory given to [`MetaRaft::open`].
@@ -133,7 +138,7 @@ const LEADER_WAIT: Duration = Duration::from_secs(30);
 /// How long stopping waits for in-flight storage calls (a redb commit, an apply batch).
 const STOP_WAIT: Duration = Duration::from_secs(30);
 /// How long a write or a read barrier waits for a quorum before it fails.
-pub const QUORUM_WAIT: Duration = Duration::from_secs(8);
+pub const QUORUM_WAIT: Duration = Duration::from_secs(4);
 /// The leader's heartbeat to its followers.
 pub const HEARTBEAT_MS: u64 = 250;
 /// A follower that hears no leader for a random time in this range starts an election.
@@ -661,7 +666,7 @@ impl MetaRaft {
             Ok(_) => Ok(()),
             Err(OrError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Err(not_leader(&f)),
             Err(OrError::APIError(CheckIsLeaderError::QuorumNotEnough(q))) => {
-                Err(unavailable(format_args!("no quorum: {q}")))
+                Err(RaftError::NoQuorum(q.to_string()))
             }
             Err(OrError::Fatal(f)) => Err(from_fatal(&f)),
         }
@@ -814,8 +819,8 @@ impl MetaRaft {
             .await?
         {
             Ok(out) => Ok(out),
-            Err(_) => Err(unavailable(format_args!(
-                "no quorum: {what} did not complete within {} s",
+            Err(_) => Err(RaftError::NoQuorum(format!(
+                "{what} did not complete within {} s",
                 QUORUM_WAIT.as_secs()
             ))),
         }

@@ -490,6 +490,10 @@ fn serve(sh: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
                         Response::error(ErrorCode::NotLeader, leader.unwrap_or_default()),
                         false,
                     ),
+                    Err(e @ RaftError::NoQuorum(_)) => {
+                        tracing::warn!(%peer, req = f.request_id, "{e}");
+                        (Response::error(ErrorCode::NoQuorum, e.to_string()), false)
+                    }
                     Err(e) => {
                         tracing::warn!(%peer, req = f.request_id, "metadata request failed: {e}");
                         (Response::error(ErrorCode::Internal, e.to_string()), false)
