@@ -301,6 +301,32 @@ impl MetaClient {
         self.call(&MetaRequest::Query { volume, query })
     }
 
+    /// A query that may be answered from a node's own, possibly stale copy when no
+    /// linearizable read is possible (see [`MetaRequest::StaleQuery`]). `Ok((answer,
+    /// stale_ms))`; `stale_ms` 0 for a linearizable answer.
+    pub fn query_stale(
+        &self,
+        volume: u32,
+        query: Query,
+        max_stale: Duration,
+    ) -> Result<Result<(Answer, u64), Errno>, ClientError> {
+        let req = MetaRequest::StaleQuery {
+            volume,
+            query,
+            max_stale_ms: max_stale.as_millis() as u64,
+        };
+        Ok(match self.call(&req)? {
+            Ok(Answer::Stale { stale_ms, answer }) => Ok((*answer, stale_ms)),
+            Ok(other) => {
+                return Err(ClientError::Protocol {
+                    shard: u16::MAX,
+                    detail: format!("a stale query answered {other:?}"),
+                })
+            }
+            Err(e) => Err(e),
+        })
+    }
+
     /// A lock operation of `session` (see [`LockClient`], which manages sessions),
     /// retrying over broken connections for up to `retry_for`.
     pub fn lock(

@@ -11,6 +11,7 @@ use hivefs_client::meta::MetaClient;
 use hivefs_harness::cluster::{
     create_volume as volume, list_names, members, meta_client as connect, settled_leader,
 };
+use hivefs_harness::mount::TestMount;
 use hivefs_harness::{NodeOptions, TestNode};
 use hivefs_net::conn::FramedConn;
 use hivefs_net::frame::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
@@ -436,4 +437,73 @@ fn raft_traffic_needs_a_node_certificate_of_the_hive() {
         m.query(0, Query::Volumes),
         Ok(Ok(Answer::Volumes(_)))
     ));
+}
+
+#[test]
+fn with_the_majority_gone_reads_go_on_and_changes_fail_within_ten_seconds() {
+    let mut nodes = three_nodes();
+    let _ = settled_leader(&nodes.iter().collect::<Vec<_>>());
+    // The mount talks to node 1 (its chunks live there) and survives alone.
+    let Some(mnt) = TestMount::start_or_skip(&nodes[0], "stale") else {
+        return;
+    };
+    let dir = mnt.join("d");
+    std::fs::create_dir(&dir).unwrap();
+    let data: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(dir.join("data.bin"), &data).unwrap();
+    std::fs::write(dir.join("small.txt"), b"hello").unwrap();
+    nodes[1].kill9();
+    nodes[2].kill9();
+    // Forget what the kernel cached: reads must go through the mount to the hive.
+    std::thread::sleep(Duration::from_secs(2));
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    let t0 = Instant::now();
+    let mut listed: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    listed.sort();
+    assert_eq!(listed, ["data.bin", "small.txt"]);
+    assert!(
+        std::fs::read(dir.join("data.bin")).unwrap() == data,
+        "data.bin reads back wrong"
+    );
+    assert_eq!(std::fs::read(dir.join("small.txt")).unwrap(), b"hello");
+    eprintln!(
+        "with 2 of 3 nodes down, listing and reading took {:?}",
+        t0.elapsed()
+    );
+    let log = mnt.log();
+    assert!(
+        log.contains("stale"),
+        "the mount reports stale reads:\n{}",
+        mnt.log_tail(20)
+    );
+    // A change needs the majority: a clear error within 10 s.
+    let t0 = Instant::now();
+    let r = std::fs::write(dir.join("new.txt"), b"x");
+    let took = t0.elapsed();
+    eprintln!("a create without a majority failed after {took:?}: {r:?}");
+    assert!(r.is_err(), "a create succeeded without a majority");
+    assert!(took < Duration::from_secs(12), "took {took:?}");
+    // A majority again: changes go through.
+    nodes[1].run();
+    let t0 = Instant::now();
+    loop {
+        match std::fs::write(dir.join("new.txt"), b"x") {
+            Ok(()) => break,
+            Err(e) => {
+                assert!(t0.elapsed() < Duration::from_secs(30), "no recovery: {e}");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    }
+    eprintln!(
+        "changes went through again {:?} after a node came back",
+        t0.elapsed()
+    );
+    assert_eq!(std::fs::read(dir.join("new.txt")).unwrap(), b"x");
+    drop(mnt);
 }

@@ -34,11 +34,12 @@ use hivefs_client::hive::{ClientError, ClientOptions, HiveClient};
 use hivefs_client::meta::MetaClient;
 use hivefs_client::pipeline::{Pipeline, PreparedChunk};
 use hivefs_net::meta::{self as m, Answer, Extent, Mutation, Query, MAX_COMMIT_EXTENTS};
+use hivefs_net::proto::ErrorCode;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// An inode's dirty bytes are sealed into a batch for the flusher at this size.
 pub const SEAL_BYTES: usize = 32 << 20;
@@ -230,10 +231,20 @@ impl ChunkPool {
     }
 }
 
+/// The oldest namespace copy a degraded mount reads from (see [`Hive::query`]).
+pub const MAX_STALE: Duration = Duration::from_secs(3600);
+/// A stale answer this fresh means its node hears a leader: the hive has a majority again.
+const FRESH_ENOUGH_MS: u64 = 1_000;
+
 /// What the mount talks to: the metadata service, the chunk shards, and the chunk cache.
 pub struct Hive {
     pub meta: Arc<MetaClient>,
     pub vol: u32,
+    /// The metadata service lost its majority: queries are answered from a node's own
+    /// copy, with its staleness logged, until an answer shows a leader again.
+    degraded: std::sync::atomic::AtomicBool,
+    /// When a stale read was last logged (one line per 10 s).
+    stale_logged: Mutex<Option<Instant>>,
     chunks: ChunkPool,
     pipeline: Pipeline,
     pub cache: ChunkCache,
@@ -248,6 +259,8 @@ impl Hive {
             },
             meta,
             vol,
+            degraded: std::sync::atomic::AtomicBool::new(false),
+            stale_logged: Mutex::new(None),
             pipeline,
             cache,
         }
@@ -269,10 +282,48 @@ impl Hive {
         }
     }
 
+    /// A namespace query: linearizable while the metadata service has a majority. Without
+    /// one (an answer of "no quorum", or no leader elected in time) the mount degrades:
+    /// queries are answered from a node's own copy of the namespace, at most
+    /// [`MAX_STALE`] old, and the staleness is logged; reads of existing files go on.
+    /// Changes still fail (they need the majority). A stale answer from a node that heard
+    /// a leader within [`FRESH_ENOUGH_MS`] ends the degraded state.
     pub fn query(&self, q: Query) -> Result<Answer, Errno> {
-        match self.meta.query(self.vol, q) {
-            Ok(r) => r.map_err(errno),
-            Err(e) => Err(io_err("metadata", e)),
+        use std::sync::atomic::Ordering::Relaxed;
+        if !self.degraded.load(Relaxed) {
+            match self.meta.query(self.vol, q.clone()) {
+                Ok(r) => return r.map_err(errno),
+                Err(ClientError::Refused {
+                    code: ErrorCode::NoQuorum | ErrorCode::NotLeader,
+                    message,
+                    ..
+                }) => {
+                    tracing::warn!("metadata service has no majority ({message}): reading stale namespace copies until it does");
+                    self.degraded.store(true, Relaxed);
+                }
+                Err(e) => return Err(io_err("metadata", e)),
+            }
+        }
+        match self.meta.query_stale(self.vol, q, MAX_STALE) {
+            Ok(Ok((answer, stale_ms))) => {
+                if stale_ms < FRESH_ENOUGH_MS {
+                    if self.degraded.swap(false, Relaxed) {
+                        tracing::info!("metadata service has a majority again");
+                    }
+                } else {
+                    let mut logged = self.stale_logged.lock().expect("stale_logged lock");
+                    if logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                        *logged = Some(Instant::now());
+                        tracing::warn!(
+                            stale_ms,
+                            "namespace read from a copy {stale_ms} ms stale (no majority)"
+                        );
+                    }
+                }
+                Ok(answer)
+            }
+            Ok(Err(e)) => Err(errno(e)),
+            Err(e) => Err(io_err("metadata (stale read)", e)),
         }
     }
 

@@ -593,6 +593,15 @@ pub enum MetaRequest {
     MutateInDir(MetaCommand),
     /// Between hive nodes, and from a node joining: see [`PeerRequest`].
     Peer(PeerRequest),
+    /// A query that may be answered from the asked node's own copy of the namespace when
+    /// no linearizable read is possible (no quorum, no leader): answered
+    /// [`Answer::Stale`] saying how stale, or an errno (`AGAIN`) when the copy is older
+    /// than `max_stale_ms`. Reads of existing files go on while the majority is gone.
+    StaleQuery {
+        volume: u32,
+        query: Query,
+        max_stale_ms: u64,
+    },
 }
 
 /// Most items (entries plus inodes) one [`Invalidation`] carries.
@@ -859,6 +868,13 @@ pub enum Answer {
         last_applied: Option<u64>,
         members: Vec<Member>,
     },
+    /// The answer to a [`MetaRequest::StaleQuery`]: `stale_ms` 0 when it was read
+    /// linearizably, else at most how old the answering node's copy is (the time since it
+    /// last heard from a leader, or since its majority last answered it).
+    Stale {
+        stale_ms: u64,
+        answer: Box<Answer>,
+    },
 }
 
 /// What one garbage collection did.
@@ -1076,7 +1092,8 @@ impl MetaRequest {
                 Mutation::AddNode(n) => n.validate(),
                 Mutation::SetNodeState { .. } => Ok(()),
             },
-            MetaRequest::Query { query, .. } => match query {
+            MetaRequest::Query { query, .. } | MetaRequest::StaleQuery { query, .. } => match query
+            {
                 Query::Volume { name } if name.len() > MAX_VOLUME_NAME_BYTES => Err(Errno::INVAL),
                 Query::Lookup { name, .. } => {
                     if name.len() > MAX_NAME_BYTES {

@@ -522,6 +522,8 @@ fn not_leader(f: &ForwardToLeader<u64, BasicNode>) -> RaftError {
 /// (Outside an async context the drop waits for the tasks to be gone, so the files are
 /// closed when it returns; inside one it cannot block, and they go in the background.)
 pub struct MetaRaft {
+    /// When this node last took entries (or a heartbeat) from a leader, as a follower.
+    last_append: Mutex<Option<std::time::Instant>>,
     id: u64,
     raft: openraft::Raft<TypeConfig>,
     rt: RaftRuntime,
@@ -610,6 +612,7 @@ impl MetaRaft {
         };
         match started {
             Ok(raft) => Ok(MetaRaft {
+                last_append: Mutex::new(None),
                 id: node_id,
                 raft,
                 rt,
@@ -824,6 +827,29 @@ impl MetaRaft {
                 QUORUM_WAIT.as_secs()
             ))),
         }
+    }
+
+    /// How stale this node's applied state may be, if a linearizable read is not possible
+    /// now: `None` when one is (this node leads and its majority answered within an
+    /// election timeout, or it is the sole voter); else the time since a majority last
+    /// answered it as leader, or since it last heard from a leader as follower (`u64::MAX`
+    /// when never).
+    pub fn staleness_ms(&self) -> Option<u64> {
+        if self.sole_voter_leader() {
+            return None;
+        }
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        if m.state == ServerState::Leader && m.current_leader == Some(self.id) {
+            let since = m.millis_since_quorum_ack.unwrap_or(u64::MAX);
+            return (since >= ELECTION_TIMEOUT_MS.0).then_some(since);
+        }
+        Some(
+            self.last_append
+                .lock()
+                .expect("last_append lock")
+                .map_or(u64::MAX, |t| t.elapsed().as_millis() as u64),
+        )
     }
 
     /// Is this node the leader and the only voter (a one-node hive)?

@@ -1068,22 +1068,50 @@ async fn handle(sh: &Shared, req: MetaRequest) -> Result<MetaReply, RaftError> {
         }
         MetaRequest::Query { volume, query } => {
             sh.raft.read_barrier().await?;
-            let mut reply = sh
-                .store
-                .query(volume, &query)
-                .map_err(|e| RaftError::Unavailable(format!("metadata store: {e:#}")))?;
-            if let (Query::StatFs, Ok(Answer::StatFs(s))) = (&query, &mut reply) {
-                let total = sh.device.total_bytes.load(Ordering::Relaxed);
-                let used: u64 = sh
-                    .device
-                    .used_bytes
-                    .iter()
-                    .map(|u| u.load(Ordering::Relaxed))
-                    .sum();
-                s.device_bytes = total;
-                s.device_free_bytes = total.saturating_sub(used);
+            local_query(sh, volume, &query)
+        }
+        MetaRequest::StaleQuery {
+            volume,
+            query,
+            max_stale_ms,
+        } => {
+            if matches!(query, Query::Fsck { .. } | Query::Gc | Query::Members) {
+                return Ok(Err(Errno::INVAL));
             }
-            Ok(reply)
+            let stale_ms = match sh.raft.staleness_ms() {
+                None => {
+                    sh.raft.read_barrier().await?;
+                    0
+                }
+                Some(ms) if ms <= max_stale_ms => ms,
+                Some(_) => return Ok(Err(Errno::AGAIN)),
+            };
+            Ok(
+                local_query(sh, volume, &query)?.map(|answer| Answer::Stale {
+                    stale_ms,
+                    answer: Box::new(answer),
+                }),
+            )
         }
     }
+}
+
+/// Answer a query from this node's store (after whatever barrier the caller needed).
+fn local_query(sh: &Shared, volume: u32, query: &Query) -> Result<MetaReply, RaftError> {
+    let mut reply = sh
+        .store
+        .query(volume, query)
+        .map_err(|e| RaftError::Unavailable(format!("metadata store: {e:#}")))?;
+    if let (Query::StatFs, Ok(Answer::StatFs(s))) = (query, &mut reply) {
+        let total = sh.device.total_bytes.load(Ordering::Relaxed);
+        let used: u64 = sh
+            .device
+            .used_bytes
+            .iter()
+            .map(|u| u.load(Ordering::Relaxed))
+            .sum();
+        s.device_bytes = total;
+        s.device_free_bytes = total.saturating_sub(used);
+    }
+    Ok(reply)
 }
