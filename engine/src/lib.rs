@@ -29,3 +29,4 @@ pub mod repl_sim;
 pub mod replicate;
 pub mod shard;
 pub mod sim;
+pub mod tokens;

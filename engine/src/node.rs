@@ -25,10 +25,12 @@ use crate::config::NodeConfig;
 use crate::format::Superblock;
 use crate::meta::server::{DeviceUse, MetaServer};
 use crate::shard::{ChunkBytes, Completion, PutOutcome, ShardConfig, ShardCore, ShardError};
+use crate::tokens::TokenRegistry;
 use anyhow::{bail, Context, Result};
 use hivefs_net::chunk::ChunkId;
 use hivefs_net::conn::{FramedConn, ReadStatus};
 use hivefs_net::frame::{Frame, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
+use hivefs_net::meta::TokenScope;
 use hivefs_net::meta::{self, ShardAdmin, ShardAdminReply};
 use hivefs_net::proto::{
     decode_put_in_place, frame_response, get_reply_head_into, ClusterMap, ErrorCode, Opcode,
@@ -54,6 +56,8 @@ pub const MAX_CONNS_PER_SHARD: usize = 4096;
 const QUEUE_HIGH_WATER: usize = 8192;
 /// Compaction steps only while fewer chunks than this wait for a commit batch.
 const COMPACT_QUEUE_MAX: usize = 1024;
+/// How often a shard re-checks the tokens of its connections (revocation, expiry).
+const TOKEN_RECHECK: Duration = Duration::from_secs(1);
 /// How long an idle shard parks before looking at its stop flag.
 const PARK: Duration = Duration::from_millis(200);
 /// How long a shard with I/O in flight sleeps at most before looking at its device anyway.
@@ -97,6 +101,7 @@ struct ShardSetup {
     stop: Arc<AtomicBool>,
     device_desc: String,
     device_use: Arc<DeviceUse>,
+    tokens: Arc<TokenRegistry>,
 }
 
 impl Node {
@@ -174,6 +179,7 @@ impl Node {
         };
         let stop = Arc::new(AtomicBool::new(false));
         let device_use = Arc::new(DeviceUse::new(cfg.shards as usize));
+        let tokens = Arc::new(TokenRegistry::new(&cfg.admin_token_sha256));
         let mut setups = Vec::new();
         let mut ports = Vec::new();
         for shard in 0..cfg.shards {
@@ -219,6 +225,7 @@ impl Node {
                 stop: stop.clone(),
                 device_desc,
                 device_use: device_use.clone(),
+                tokens: tokens.clone(),
             });
         }
         let mut threads = Vec::new();
@@ -250,7 +257,7 @@ impl Node {
             meta_port: 0,
         };
         let ports = node.ports.clone();
-        match MetaServer::start(dir, &cfg, tls, map, device_use, ports) {
+        match MetaServer::start(dir, &cfg, tls, map, device_use, ports, tokens) {
             Ok(m) => {
                 node.meta_port = m.port;
                 node.meta = Some(m);
@@ -321,6 +328,8 @@ struct Conn {
     framed: FramedConn<TcpStream>,
     peer: SocketAddr,
     version: Option<u16>,
+    /// The digest of the token it authenticated with, and what that token may do.
+    auth: Option<([u8; 32], TokenScope)>,
     in_flight: u32,
     /// Close once the queued output is written (after an error reply).
     closing: bool,
@@ -364,6 +373,9 @@ struct ShardLoop {
     /// Completions not yet answered (a turn answers at most [`REPLY_QUANTUM_BYTES`]).
     backlog: VecDeque<Completion>,
     dirty: HashSet<usize>,
+    /// The token registry version last checked against, and when.
+    tokens_seen: u64,
+    tokens_checked: std::time::Instant,
 }
 
 impl ShardLoop {
@@ -398,6 +410,8 @@ impl ShardLoop {
             completions: Vec::new(),
             backlog: VecDeque::new(),
             dirty: HashSet::new(),
+            tokens_seen: 0,
+            tokens_checked: std::time::Instant::now(),
         }
     }
 
@@ -494,6 +508,13 @@ impl ShardLoop {
                     c.maybe_more = true;
                 }
             }
+            // Tokens revoked or expired meanwhile end their connections (at least once a
+            // second, and whenever the registry was reloaded).
+            if self.tokens_seen != self.s.tokens.version()
+                || self.tokens_checked.elapsed() >= TOKEN_RECHECK
+            {
+                self.recheck_tokens();
+            }
             for t in std::mem::take(&mut self.dirty) {
                 self.flush(t);
             }
@@ -534,6 +555,7 @@ impl ShardLoop {
                                     framed,
                                     peer,
                                     version: None,
+                                    auth: None,
                                     in_flight: 0,
                                     closing: false,
                                     maybe_more: false,
@@ -683,14 +705,18 @@ impl ShardLoop {
                     self.fail_conn(t, req_id, ErrorCode::UnsupportedVersion, &format!("node speaks versions {PROTOCOL_VERSION_MIN}..={PROTOCOL_VERSION_MAX}, client {min_version}..={max_version}"));
                     return;
                 }
-                if !self.s.cfg.token_ok(&token) {
-                    tracing::warn!(shard, %peer, req = req_id, client = %client_name, "bad token");
-                    self.fail_conn(t, req_id, ErrorCode::BadToken, "token not accepted");
-                    return;
-                }
+                let auth = match self.s.tokens.check(&token) {
+                    Ok((scope, d)) => (d, scope),
+                    Err(why) => {
+                        tracing::warn!(shard, %peer, req = req_id, client = %client_name, "{}", why.as_str());
+                        self.fail_conn(t, req_id, ErrorCode::BadToken, why.as_str());
+                        return;
+                    }
+                };
                 tracing::debug!(shard, %peer, client = %client_name, "authenticated");
                 if let Some(c) = self.conns.get_mut(&t) {
                     c.version = Some(v);
+                    c.auth = Some(auth);
                 }
                 let resp = Response::HelloOk {
                     version: v,
@@ -745,6 +771,19 @@ impl ShardLoop {
             Request::Map => {
                 let map = self.s.map.clone();
                 self.reply(t, req_id, &Response::MapReply { map });
+            }
+            Request::ShardAdmin { .. }
+                if !matches!(
+                    self.conns.get(&t).and_then(|c| c.auth.as_ref()),
+                    Some((_, TokenScope::Admin))
+                ) =>
+            {
+                self.fail_conn(
+                    t,
+                    req_id,
+                    ErrorCode::Unauthenticated,
+                    "shard administration needs an admin token",
+                );
             }
             Request::ShardAdmin { body } => self.shard_admin(t, req_id, &body),
             Request::Meta { .. } => {
@@ -902,6 +941,28 @@ impl ShardLoop {
             })
             .collect();
         self.s.core.put(ticket, chunks);
+    }
+
+    /// Close every connection whose token was revoked or expired.
+    fn recheck_tokens(&mut self) {
+        self.tokens_seen = self.s.tokens.version();
+        self.tokens_checked = std::time::Instant::now();
+        let bad: Vec<(usize, &'static str)> = self
+            .conns
+            .iter()
+            .filter_map(|(t, c)| {
+                let (d, _) = c.auth.as_ref()?;
+                self.s
+                    .tokens
+                    .check_digest(d)
+                    .err()
+                    .map(|why| (*t, why.as_str()))
+            })
+            .collect();
+        for (t, why) in bad {
+            tracing::info!(shard = self.s.shard, "closing a connection: {why}");
+            self.fail_conn(t, 0, ErrorCode::BadToken, why);
+        }
     }
 
     fn wrong_shard(&self, ids: &[ChunkId]) -> Option<Response> {

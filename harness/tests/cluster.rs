@@ -96,6 +96,54 @@ fn three_nodes_join_and_agree_on_the_map() {
         st["cluster"]["raft"]["members"].as_array().unwrap().len(),
         3
     );
+
+    // A token made through one node works on every node; revoked, it stops working on
+    // every node within seconds (each reloads its registry from its copy of the log).
+    let out = nodes[0].hive(&["token", "create", "--scope", "host"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tok = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let mut o = follower.client_options();
+    o.token = tok.clone();
+    let t0 = Instant::now();
+    let mut c = loop {
+        match hivefs_client::hive::HiveClient::connect(&o) {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(5),
+                    "a new token not accepted by a follower: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    let probe = hivefs_net::chunk::ChunkId::compute(&c.map().dedupe_key, b"probe");
+    assert!(c.get(&[probe]).is_ok());
+    // A token's id: hex of the first 8 bytes of its secret's SHA-256 (fingerprint_der
+    // hashes any bytes).
+    let id = hivefs_net::tls::fingerprint_der(tok.as_bytes())[..16].to_string();
+    let out = nodes[0].hive(&["token", "revoke", "--id", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t0 = Instant::now();
+    while c.get(&[probe]).is_ok() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "revoked token still works on a follower"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "revoked on one node, refused by a follower's shard after {:?}",
+        t0.elapsed()
+    );
 }
 
 /// The state the map gives node `id`, asked through `via`.

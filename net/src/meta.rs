@@ -290,6 +290,45 @@ pub enum Mutation {
         id: u64,
         state: NodeState,
     },
+    /// Record an access token (group 0): only the SHA-256 of its secret is stored.
+    /// `EXIST` if that hash is recorded already. Answered `Done`.
+    CreateToken {
+        sha256: [u8; 32],
+        scope: TokenScope,
+        /// Wall-clock expiry in ms since the Unix epoch; 0 = never.
+        expires_ms: u64,
+        label: String,
+        created_ms: u64,
+    },
+    /// Revoke the token whose id (hex prefix of its hash, at least 8 digits) is `id`:
+    /// `NOENT` if none, `INVAL` if several match. Answered `Done`.
+    RevokeToken {
+        id: String,
+    },
+}
+
+/// What a token may do.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TokenScope {
+    /// Everything, the hive's own operations included (gc, fsck, joins, tokens, nodes).
+    Admin,
+    /// A client host: any volume, no hive operations.
+    Host,
+    /// One volume; `read_only`: queries only.
+    Volume { name: String, read_only: bool },
+}
+
+/// A recorded token, as `hive token list` shows it (never its secret).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    /// Hex of the first 8 bytes of the secret's SHA-256.
+    pub id: String,
+    pub sha256: [u8; 32],
+    pub scope: TokenScope,
+    pub expires_ms: u64,
+    pub revoked: bool,
+    pub label: String,
+    pub created_ms: u64,
 }
 
 /// A node of the cluster map as the metadata service answers it.
@@ -470,7 +509,9 @@ impl Mutation {
             Mutation::CreateVolume { .. }
             | Mutation::AdvanceGcEpoch
             | Mutation::AddNode(_)
-            | Mutation::SetNodeState { .. } => Vec::new(),
+            | Mutation::SetNodeState { .. }
+            | Mutation::CreateToken { .. }
+            | Mutation::RevokeToken { .. } => Vec::new(),
         }
     }
 
@@ -554,6 +595,8 @@ pub enum Query {
     /// The metadata cluster as the asked node sees it now (any node answers, leader or
     /// not, without a read barrier). Answered [`Answer::Members`].
     Members,
+    /// Every recorded token (admin). Answered [`Answer::Tokens`].
+    Tokens,
 }
 
 /// A member of the metadata Raft group.
@@ -875,6 +918,7 @@ pub enum Answer {
         stale_ms: u64,
         answer: Box<Answer>,
     },
+    Tokens(Vec<TokenInfo>),
 }
 
 /// What one garbage collection did.
@@ -1091,6 +1135,26 @@ impl MetaRequest {
                 Mutation::Reclaim { .. } | Mutation::AdvanceGcEpoch => Ok(()),
                 Mutation::AddNode(n) => n.validate(),
                 Mutation::SetNodeState { .. } => Ok(()),
+                Mutation::CreateToken { scope, label, .. } => {
+                    if label.len() > MAX_NODE_NAME_BYTES {
+                        return Err(Errno::INVAL);
+                    }
+                    match scope {
+                        TokenScope::Volume { name, .. }
+                            if name.is_empty() || name.len() > MAX_VOLUME_NAME_BYTES =>
+                        {
+                            Err(Errno::INVAL)
+                        }
+                        _ => Ok(()),
+                    }
+                }
+                Mutation::RevokeToken { id } => {
+                    if id.len() < 8 || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        Err(Errno::INVAL)
+                    } else {
+                        Ok(())
+                    }
+                }
             },
             MetaRequest::Query { query, .. } | MetaRequest::StaleQuery { query, .. } => match query
             {

@@ -138,6 +138,11 @@ enum Cmd {
         #[arg(long)]
         insecure: bool,
     },
+    /// Access tokens: create (prints the secret once), list, revoke.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
     /// Operate on a node of the cluster map: `remove` drains it (it takes no new data and
     /// its buckets move away); `state` sets a state by hand.
     Node {
@@ -152,6 +157,38 @@ enum Cmd {
         json: bool,
         #[arg(long)]
         insecure: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Make a token. Scopes: `admin`, `host` (any volume, no hive operations),
+    /// `volume:NAME` (one volume), `volume:NAME:ro` (one volume, read only).
+    Create {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        scope: String,
+        /// Lifetime, e.g. 3600s, 90m, 12h, 30d (default: no expiry).
+        #[arg(long)]
+        ttl: Option<String>,
+        #[arg(long, default_value = "")]
+        label: String,
+    },
+    /// Every token: id, scope, expiry, revoked.
+    List {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token by id (as `list` shows it, or a unique prefix of at least 8 digits):
+    /// its connections are closed within seconds on every node.
+    Revoke {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        id: String,
     },
 }
 
@@ -309,6 +346,7 @@ fn real_main() -> Result<()> {
             json,
             insecure,
         } => status(&data, json, insecure),
+        Cmd::Token { cmd } => token_cmd(cmd),
         Cmd::Node {
             cmd: NodeCmd::Remove { data, id },
         } => {
@@ -566,6 +604,134 @@ fn print_cluster(c: &serde_json::Value) {
         }
     } else if let Some(e) = map["error"].as_str() {
         println!("cluster map: unknown ({e})");
+    }
+}
+
+fn parse_scope(s: &str) -> Result<meta::TokenScope> {
+    Ok(match s.split(':').collect::<Vec<_>>().as_slice() {
+        ["admin"] => meta::TokenScope::Admin,
+        ["host"] => meta::TokenScope::Host,
+        ["volume", name] => meta::TokenScope::Volume {
+            name: name.to_string(),
+            read_only: false,
+        },
+        ["volume", name, "ro"] => meta::TokenScope::Volume {
+            name: name.to_string(),
+            read_only: true,
+        },
+        _ => bail!("unknown scope {s:?}: admin, host, volume:NAME or volume:NAME:ro"),
+    })
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration> {
+    let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len()));
+    let n: u64 = num
+        .trim()
+        .parse()
+        .with_context(|| format!("bad duration {s:?}"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => bail!("bad duration unit in {s:?}: s, m, h or d"),
+    };
+    Ok(std::time::Duration::from_secs(secs))
+}
+
+fn admin_mutation(op: meta::Mutation) -> Result<MetaRequest> {
+    Ok(MetaRequest::Mutate(meta::MetaCommand {
+        volume: 0,
+        client: u64::from_le_bytes(config::random_bytes::<8>()?) | 1,
+        seq: 1,
+        acked_below: 1,
+        now: meta::Timespec::default(),
+        op,
+    }))
+}
+
+fn token_cmd(cmd: TokenCmd) -> Result<()> {
+    use hivefs_engine::tokens::{digest, wall_ms};
+    match cmd {
+        TokenCmd::Create {
+            data,
+            scope,
+            ttl,
+            label,
+        } => {
+            let scope = parse_scope(&scope)?;
+            let secret = hex::encode(config::random_bytes::<32>()?);
+            let now = wall_ms();
+            let expires_ms = match ttl {
+                Some(t) => now + parse_duration(&t)?.as_millis() as u64,
+                None => 0,
+            };
+            let sha256 = digest(&secret);
+            ask_leader_req(
+                &data,
+                false,
+                &admin_mutation(meta::Mutation::CreateToken {
+                    sha256,
+                    scope: scope.clone(),
+                    expires_ms,
+                    label,
+                    created_ms: now,
+                })?,
+            )?;
+            println!("{secret}");
+            eprintln!(
+                "token {} ({scope:?}) created; the secret above is shown once",
+                hex::encode(&sha256[..8])
+            );
+            Ok(())
+        }
+        TokenCmd::List { data, json } => {
+            let Answer::Tokens(list) = ask_leader(&data, false, Query::Tokens)? else {
+                bail!("unexpected answer");
+            };
+            if json {
+                let v: Vec<_> = list
+                    .iter()
+                    .map(|t| {
+                        serde_json::json!({
+                            "id": t.id, "scope": format!("{:?}", t.scope), "expires_ms": t.expires_ms,
+                            "revoked": t.revoked, "label": t.label, "created_ms": t.created_ms,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            let now = wall_ms();
+            for t in &list {
+                let state = if t.revoked {
+                    "revoked".to_string()
+                } else if t.expires_ms != 0 && t.expires_ms <= now {
+                    "expired".to_string()
+                } else if t.expires_ms != 0 {
+                    format!("expires in {} s", (t.expires_ms - now) / 1000)
+                } else {
+                    "valid".to_string()
+                };
+                println!(
+                    "{}  {:<40} {:<20} {}",
+                    t.id,
+                    format!("{:?}", t.scope),
+                    state,
+                    t.label
+                );
+            }
+            Ok(())
+        }
+        TokenCmd::Revoke { data, id } => {
+            ask_leader_req(
+                &data,
+                false,
+                &admin_mutation(meta::Mutation::RevokeToken { id: id.clone() })?,
+            )?;
+            println!("token {id} revoked");
+            Ok(())
+        }
     }
 }
 

@@ -43,11 +43,10 @@ pub fn judge(state: NodeState, silent: Duration, out_after: Duration) -> NodeSta
     }
 }
 
-/// The detector's loop (its own thread) until the service stops.
+/// The detector's loop (its own thread) until the service stops. It also reloads the
+/// token registry once a second when the token table changed (every node).
 pub(super) fn run(sh: &Shared) {
-    let Some(tls) = sh.peer_tls.clone() else {
-        return; // a plain-TCP hive has one node
-    };
+    let tls = sh.peer_tls.clone();
     let out_after = Duration::from_secs(sh.cfg.out_after_secs);
     let mut links: HashMap<u64, PeerLink> = HashMap::new();
     let mut heard: HashMap<u64, Instant> = HashMap::new();
@@ -60,6 +59,12 @@ pub(super) fn run(sh: &Shared) {
             continue;
         }
         next = now + PING_EVERY;
+        if let Err(e) = sh.tokens.refresh(&sh.store) {
+            tracing::warn!("reloading the token table: {e:#}");
+        }
+        let Some(tls) = tls.clone() else {
+            continue; // a plain-TCP hive has one node
+        };
         if server::ensure_leader(sh).is_err() {
             leading_since = None;
             heard.clear();

@@ -24,6 +24,7 @@ use super::store::MetaStore;
 use super::watch::{self, Watchers};
 use crate::admin::Link;
 use crate::config::NodeConfig;
+use crate::tokens::TokenRegistry;
 use anyhow::{Context, Result};
 use hivefs_net::chunk::{self, ChunkId};
 use hivefs_net::conn::{ConnError, FramedConn, ReadStatus};
@@ -31,7 +32,7 @@ use hivefs_net::frame::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
 use hivefs_net::meta::{
     self, Answer, Errno, FsckReport, GcReport, JoinGrant, MetaCommand, MetaReply, MetaRequest,
     Mutation, NodeEntry, NodeSpec, PeerRequest, Query, ShardAdmin, ShardAdminReply, Timespec,
-    VolumeInfo, WatchEvent, WATCH_HEARTBEAT_MS,
+    TokenScope, VolumeInfo, WatchEvent, WATCH_HEARTBEAT_MS,
 };
 use hivefs_net::proto::{frame_response, ClusterMap, ErrorCode, Request, Response, MAX_BATCH_IDS};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -97,6 +98,8 @@ pub(super) struct Shared {
     tls: Option<Arc<rustls::ServerConfig>>,
     /// This node's TLS for dialling other nodes (none on a plain-TCP hive).
     pub(super) peer_tls: Option<Arc<rustls::ClientConfig>>,
+    /// Who may connect and do what (shared with the shard threads).
+    pub(super) tokens: Arc<TokenRegistry>,
     device: Arc<DeviceUse>,
     /// flock and POSIX locks (volatile; see `locks.rs`).
     locks: LockService,
@@ -124,6 +127,7 @@ pub fn meta_dir(data_dir: &Path) -> std::path::PathBuf {
 impl MetaServer {
     /// Open the store and the Raft log under `data_dir/meta`, replay what the log holds,
     /// bind `cfg`'s metadata port and start serving.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         data_dir: &Path,
         cfg: &NodeConfig,
@@ -131,10 +135,12 @@ impl MetaServer {
         map: ClusterMap,
         device: Arc<DeviceUse>,
         shard_ports: Vec<u16>,
+        tokens: Arc<TokenRegistry>,
     ) -> Result<MetaServer> {
         let dir = meta_dir(data_dir);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let store = Arc::new(MetaStore::open(&dir.join("namespace.redb"))?);
+        tokens.refresh(&store).context("loading the token table")?;
         let addr: SocketAddr = format!("{}:{}", cfg.listen, cfg.meta_port())
             .parse()
             .with_context(|| format!("bad metadata address {}:{}", cfg.listen, cfg.meta_port()))?;
@@ -193,6 +199,7 @@ impl MetaServer {
             map,
             tls,
             peer_tls,
+            tokens,
             device,
             locks,
             watchers: Watchers::default(),
@@ -242,7 +249,8 @@ impl MetaServer {
             query: Query::Volume { name: name.into() },
         };
         let ask = |req: MetaRequest| {
-            block_on(handle(&self.shared, req)).map_err(|e| anyhow::anyhow!("{e}"))
+            block_on(handle(&self.shared, req, &TokenScope::Admin))
+                .map_err(|e| anyhow::anyhow!("{e}"))
         };
         if let Ok(Answer::Volume(v)) = ask(q)? {
             return Ok((v, false));
@@ -349,10 +357,23 @@ fn serve(sh: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let mut version: Option<u16> = None;
     // A client that presented a node certificate of this hive (verified in the handshake).
     let mut peer_node = false;
+    // The client's token (its digest) and what it may do; checked again while it lives.
+    let mut auth: Option<([u8; 32], TokenScope)> = None;
     let mut frames = Vec::with_capacity(1);
     loop {
         if sh.stop.load(Ordering::SeqCst) {
             return;
+        }
+        if let Some((d, _)) = &auth {
+            if let Err(why) = sh.tokens.check_digest(d) {
+                // Revoked or expired while connected: the connection ends now.
+                tracing::info!(%peer, "closing a metadata connection: {}", why.as_str());
+                let v = version.unwrap_or(PROTOCOL_VERSION_MIN);
+                let resp = Response::error(ErrorCode::BadToken, why.as_str());
+                conn.queue_frame(&frame_response(v, 0, &resp));
+                let _ = conn.flush();
+                return;
+            }
         }
         let status = match conn.read_frames(&mut frames, 1) {
             Ok(s) => s,
@@ -412,15 +433,18 @@ fn serve(sh: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
                     peer_node = true;
                     version = Some(nv);
                     (hello_ok(&sh, nv), false)
-                } else if !sh.cfg.token_ok(&token) {
-                    tracing::warn!(%peer, client = %client_name, "metadata connection: bad token");
-                    (
-                        Response::error(ErrorCode::BadToken, "token not accepted"),
-                        true,
-                    )
                 } else {
-                    version = Some(nv);
-                    (hello_ok(&sh, nv), false)
+                    match sh.tokens.check(&token) {
+                        Err(why) => {
+                            tracing::warn!(%peer, client = %client_name, "metadata connection: {}", why.as_str());
+                            (Response::error(ErrorCode::BadToken, why.as_str()), true)
+                        }
+                        Ok((scope, d)) => {
+                            auth = Some((d, scope));
+                            version = Some(nv);
+                            (hello_ok(&sh, nv), false)
+                        }
+                    }
                 }
             }
             Ok(_) if version.is_none() => (
@@ -434,6 +458,18 @@ fn serve(sh: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
                 false,
             ),
             Ok(Request::Meta { body }) => match meta::decode::<MetaRequest>(&body) {
+                Ok(req @ MetaRequest::Watch { .. })
+                    if auth
+                        .as_ref()
+                        .is_some_and(|(_, sc)| allowed(&sh, sc, &req).is_err()) =>
+                {
+                    let resp = Response::MetaReply {
+                        body: meta::encode(&MetaReply::Err(Errno::PERM)),
+                    };
+                    conn.queue_frame(&frame_response(v, f.request_id, &resp));
+                    let _ = conn.flush();
+                    continue;
+                }
                 Ok(MetaRequest::Watch { volume, client }) if !peer_node => {
                     if let Err(RaftError::NotLeader { leader }) = ensure_leader(&sh) {
                         // Invalidations are published where mutations are proposed.
@@ -443,7 +479,16 @@ fn serve(sh: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
                         let _ = conn.flush();
                         continue;
                     }
-                    watch_stream(&sh, &mut conn, v, f.request_id, volume, client, peer);
+                    let digest = auth.as_ref().map(|(d, _)| *d);
+                    watch_stream(
+                        &sh,
+                        &mut conn,
+                        v,
+                        f.request_id,
+                        (volume, client),
+                        peer,
+                        digest,
+                    );
                     return;
                 }
                 Ok(MetaRequest::Peer(PeerRequest::Raft { rpc, body })) => {
@@ -479,7 +524,13 @@ fn serve(sh: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
                     Response::error(ErrorCode::Unauthenticated, "a node link carries Raft only"),
                     true,
                 ),
-                Ok(req) => match rt.block_on(handle(&sh, req)) {
+                Ok(req) => match rt.block_on(handle(
+                    &sh,
+                    req,
+                    &auth
+                        .as_ref()
+                        .map_or(TokenScope::Admin, |(_, sc)| sc.clone()),
+                )) {
                     Ok(reply) => (
                         Response::MetaReply {
                             body: meta::encode(&reply),
@@ -538,9 +589,9 @@ fn watch_stream(
     conn: &mut FramedConn<TcpStream>,
     version: u16,
     request_id: u64,
-    volume: u32,
-    client: u64,
+    (volume, client): (u32, u64),
     peer: SocketAddr,
+    token: Option<[u8; 32]>,
 ) {
     let send = |conn: &mut FramedConn<TcpStream>, body: Vec<u8>| {
         let resp = Response::MetaReply { body };
@@ -567,6 +618,10 @@ fn watch_stream(
     let heartbeat = Duration::from_millis(WATCH_HEARTBEAT_MS);
     let mut sent = Instant::now();
     while !sh.stop.load(Ordering::SeqCst) {
+        if let Some(Err(why)) = token.map(|d| sh.tokens.check_digest(&d)) {
+            tracing::info!(%peer, volume, "ending a watch stream: {}", why.as_str());
+            return;
+        }
         let wait = heartbeat.saturating_sub(sent.elapsed()).min(STOP_CHECK);
         let ev = match reg.watcher.next(wait) {
             Some(ev) => ev,
@@ -852,6 +907,15 @@ pub(super) async fn mutate(
             sh.watchers.publish(cmd.volume, cmd.client, &inv);
         }
     }
+    if matches!(
+        cmd.op,
+        Mutation::CreateToken { .. } | Mutation::RevokeToken { .. }
+    ) {
+        // Here at once; the other nodes reload within a second (`health.rs`).
+        if let Err(e) = sh.tokens.refresh(&sh.store) {
+            tracing::warn!("reloading the token table: {e:#}");
+        }
+    }
     let (true, Ok(Answer::Attr(attr)), Some(dir)) = (in_dir, &reply, cmd.op.dir()) else {
         return Ok(reply);
     };
@@ -1000,8 +1064,11 @@ async fn admit(sh: &Shared, id: u64) -> Result<MetaReply, RaftError> {
 
 /// Answer one metadata request. `Err` is a service failure (no leader, storage); an
 /// errno is a normal answer.
-async fn handle(sh: &Shared, req: MetaRequest) -> Result<MetaReply, RaftError> {
+async fn handle(sh: &Shared, req: MetaRequest, scope: &TokenScope) -> Result<MetaReply, RaftError> {
     if let Err(e) = req.validate() {
+        return Ok(Err(e));
+    }
+    if let Err(e) = allowed(sh, scope, &req) {
         return Ok(Err(e));
     }
     match req {
@@ -1092,6 +1159,68 @@ async fn handle(sh: &Shared, req: MetaRequest) -> Result<MetaReply, RaftError> {
                     answer: Box::new(answer),
                 }),
             )
+        }
+    }
+}
+
+/// May a token of `scope` make this request? `PERM` if not.
+///
+/// - admin: everything;
+/// - host: anything on volumes (their namespace, locks, watches; listing and looking up
+///   volumes), nothing of the hive's own (collections, fsck, nodes, tokens, joins, new
+///   volumes);
+/// - volume: that volume only (`read_only`: no changes), and looking it up by name.
+fn allowed(sh: &Shared, scope: &TokenScope, req: &MetaRequest) -> Result<(), Errno> {
+    let hive_op = |m: &Mutation| {
+        matches!(
+            m,
+            Mutation::CreateVolume { .. }
+                | Mutation::AdvanceGcEpoch
+                | Mutation::AddNode(_)
+                | Mutation::SetNodeState { .. }
+                | Mutation::CreateToken { .. }
+                | Mutation::RevokeToken { .. }
+        )
+    };
+    let hive_query = |q: &Query| matches!(q, Query::Gc | Query::Fsck { .. } | Query::Tokens);
+    match scope {
+        TokenScope::Admin => Ok(()),
+        TokenScope::Host => match req {
+            MetaRequest::Mutate(c) | MetaRequest::MutateInDir(c) if hive_op(&c.op) => {
+                Err(Errno::PERM)
+            }
+            MetaRequest::Query { query, .. } | MetaRequest::StaleQuery { query, .. }
+                if hive_query(query) =>
+            {
+                Err(Errno::PERM)
+            }
+            MetaRequest::Peer(_) => Err(Errno::PERM),
+            _ => Ok(()),
+        },
+        TokenScope::Volume { name, read_only } => {
+            let Ok(Some(vid)) = sh.store.volume_id(name) else {
+                return Err(Errno::PERM);
+            };
+            let ok = match req {
+                MetaRequest::Query { volume, query }
+                | MetaRequest::StaleQuery { volume, query, .. } => {
+                    !hive_query(query)
+                        && (*volume == vid
+                            || matches!(query, Query::Volume { name: n } if n == name)
+                            || matches!(query, Query::Members))
+                }
+                MetaRequest::Mutate(c) | MetaRequest::MutateInDir(c) => {
+                    !read_only && c.volume == vid && !hive_op(&c.op)
+                }
+                MetaRequest::Lock(r) => r.volume == vid,
+                MetaRequest::Watch { volume, .. } => *volume == vid,
+                MetaRequest::Peer(_) => false,
+            };
+            if ok {
+                Ok(())
+            } else {
+                Err(Errno::PERM)
+            }
         }
     }
 }

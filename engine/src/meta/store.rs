@@ -25,6 +25,7 @@
 //! | sessions  | client, seq                       | the reply it got                 |
 //! | volumes   | name (group 0)                    | [`VolumeRec`]                    |
 //! | nodes     | node id (group 0)                 | [`NodeSpec`], state (the map)    |
+//! | tokens    | SHA-256 of the secret (group 0)   | scope, expiry, revoked, label    |
 //! | sys       | name                              | gc epoch, map epoch, raft state, counters |
 //!
 //! # Invariants (checked by [`MetaStore::check`], which `hive fsck` runs)
@@ -42,8 +43,8 @@ use anyhow::{bail, Context, Result};
 use hivefs_net::chunk::ChunkId;
 use hivefs_net::meta::{
     self, Answer, Attr, DirEntry, Errno, Extent, FileKind, MetaCommand, MetaReply, Mutation,
-    NodeEntry, NodeSpec, Query, RenameMode, SetAttr, SetTime, StatFs, Timespec, VolumeInfo,
-    XattrMode, ROOT_INO,
+    NodeEntry, NodeSpec, Query, RenameMode, SetAttr, SetTime, StatFs, Timespec, TokenInfo,
+    TokenScope, VolumeInfo, XattrMode, ROOT_INO,
 };
 use hivefs_net::placement::NodeState;
 use redb::{Database, Durability, ReadableTable, TableDefinition};
@@ -67,8 +68,9 @@ const SESSIONS: Tbl = TableDefinition::new("sessions");
 const VOLUMES: Tbl = TableDefinition::new("volumes");
 const SYS: Tbl = TableDefinition::new("sys");
 const NODES: Tbl = TableDefinition::new("nodes");
-const ALL_TABLES: [Tbl; 10] = [
-    INODES, DIRENTS, COOKIES, EXTENTS, XATTRS, ORPHANS, SESSIONS, VOLUMES, SYS, NODES,
+const TOKENS: Tbl = TableDefinition::new("tokens");
+const ALL_TABLES: [Tbl; 11] = [
+    INODES, DIRENTS, COOKIES, EXTENTS, XATTRS, ORPHANS, SESSIONS, VOLUMES, SYS, NODES, TOKENS,
 ];
 
 const SYS_RAFT: &[u8] = b"raft_state";
@@ -76,6 +78,8 @@ const SYS_GC_EPOCH: &[u8] = b"gc_epoch";
 const SYS_NEXT_VOLUME: &[u8] = b"next_volume";
 const SYS_NEXT_NODE: &[u8] = b"next_node";
 const SYS_MAP_EPOCH: &[u8] = b"map_epoch";
+/// Raised by every token change (readers reload their token registry when it moves).
+const SYS_TOKENS_EPOCH: &[u8] = b"tokens_epoch";
 const SYS_FORMAT: &[u8] = b"format";
 /// On-disk format of this store (bumped on any incompatible change).
 pub const FORMAT_VERSION: u32 = 1;
@@ -355,6 +359,7 @@ struct Tables<'t> {
     volumes: redb::Table<'t, &'static [u8], &'static [u8]>,
     sys: redb::Table<'t, &'static [u8], &'static [u8]>,
     nodes: redb::Table<'t, &'static [u8], &'static [u8]>,
+    tokens: redb::Table<'t, &'static [u8], &'static [u8]>,
 }
 
 impl<'t> Tables<'t> {
@@ -370,6 +375,7 @@ impl<'t> Tables<'t> {
             volumes: tx.open_table(VOLUMES)?,
             sys: tx.open_table(SYS)?,
             nodes: tx.open_table(NODES)?,
+            tokens: tx.open_table(TOKENS)?,
         })
     }
 
@@ -1057,6 +1063,24 @@ impl MetaStore {
             },
             // The server runs these (they need the shards).
             Query::Fsck { .. } | Query::Gc | Query::Members => Err(Errno::NOTSUP),
+            Query::Tokens => {
+                let mut out = Vec::new();
+                for item in tx.open_table(TOKENS)?.iter()? {
+                    let (k, v) = item?;
+                    let rec: StoredToken = dec(v.value(), "token")?;
+                    let sha256: [u8; 32] = k.value()[4..].try_into().context("token key")?;
+                    out.push(TokenInfo {
+                        id: hex::encode(&sha256[..8]),
+                        sha256,
+                        scope: rec.scope,
+                        expires_ms: rec.expires_ms,
+                        revoked: rec.revoked,
+                        label: rec.label,
+                        created_ms: rec.created_ms,
+                    });
+                }
+                Ok(Answer::Tokens(out))
+            }
             Query::Nodes => {
                 let sys = tx.open_table(SYS)?;
                 let map_epoch = match sys.get(SYS_MAP_EPOCH)? {
@@ -1081,6 +1105,26 @@ impl MetaStore {
                 };
                 Ok(Answer::GcEpoch(e))
             }
+        })
+    }
+
+    /// The tokens epoch: raised by every token change (cheap to poll).
+    pub fn tokens_epoch(&self) -> Result<u64> {
+        let tx = self.db.begin_read()?;
+        let sys = tx.open_table(SYS)?;
+        Ok(match sys.get(SYS_TOKENS_EPOCH)? {
+            Some(v) => u64::from_le_bytes(v.value().try_into().context("tokens epoch")?),
+            None => 0,
+        })
+    }
+
+    /// Volume id by name (for token scopes), from the current state.
+    pub fn volume_id(&self, name: &str) -> Result<Option<u32>> {
+        let tx = self.db.begin_read()?;
+        let vols = tx.open_table(VOLUMES)?;
+        Ok(match vols.get(k_volume_name(name).as_slice())? {
+            Some(v) => Some(dec::<VolumeRec>(v.value(), "volume")?.id),
+            None => None,
         })
     }
 
@@ -1199,6 +1243,27 @@ fn set_node_state(t: &mut Tables<'_>, id: u64, state: NodeState) -> OpResult<Ans
         store!(t.set_sys_u64(SYS_MAP_EPOCH, map_epoch));
     }
     Ok(Answer::Done)
+}
+
+/// A token as the `tokens` table holds it (keyed by the SHA-256 of its secret).
+#[derive(Serialize, Deserialize)]
+struct StoredToken {
+    scope: TokenScope,
+    expires_ms: u64,
+    revoked: bool,
+    label: String,
+    created_ms: u64,
+}
+
+fn k_token(sha256: &[u8; 32]) -> Vec<u8> {
+    let mut k = 0u32.to_be_bytes().to_vec();
+    k.extend_from_slice(sha256);
+    k
+}
+
+fn bump_tokens_epoch(t: &mut Tables<'_>) -> Result<()> {
+    let e = t.sys_u64(SYS_TOKENS_EPOCH, 0)? + 1;
+    t.set_sys_u64(SYS_TOKENS_EPOCH, e)
 }
 
 /// A node as the `nodes` table holds it.
@@ -1330,6 +1395,55 @@ fn mutate(t: &mut Tables<'_>, cmd: &MetaCommand) -> OpResult<Answer> {
         }
         Mutation::AddNode(spec) => return add_node(t, spec),
         Mutation::SetNodeState { id, state } => return set_node_state(t, *id, *state),
+        Mutation::CreateToken {
+            sha256,
+            scope,
+            expires_ms,
+            label,
+            created_ms,
+        } => {
+            let key = k_token(sha256);
+            if store!(t.tokens.get(key.as_slice())).is_some() {
+                return Err(Errno::EXIST.into());
+            }
+            let rec = StoredToken {
+                scope: scope.clone(),
+                expires_ms: *expires_ms,
+                revoked: false,
+                label: label.clone(),
+                created_ms: *created_ms,
+            };
+            store!(t.tokens.insert(key.as_slice(), enc(&rec).as_slice()));
+            store!(bump_tokens_epoch(t));
+            return Ok(Answer::Done);
+        }
+        Mutation::RevokeToken { id } => {
+            let id = id.to_ascii_lowercase();
+            let mut hits = Vec::new();
+            for item in store!(t.tokens.iter()) {
+                let (k, _) = store!(item);
+                if hex::encode(&k.value()[4..]).starts_with(&id) {
+                    hits.push(k.value().to_vec());
+                }
+            }
+            let [key] = hits.as_slice() else {
+                return Err(if hits.is_empty() {
+                    Errno::NOENT
+                } else {
+                    Errno::INVAL
+                }
+                .into());
+            };
+            let v = store!(t.tokens.get(key.as_slice())).map(|v| v.value().to_vec());
+            let Some(v) = v else {
+                return Err(Errno::NOENT.into());
+            };
+            let mut rec: StoredToken = store!(dec(&v, "token"));
+            rec.revoked = true;
+            store!(t.tokens.insert(key.as_slice(), enc(&rec).as_slice()));
+            store!(bump_tokens_epoch(t));
+            return Ok(Answer::Done);
+        }
         _ => {}
     }
     // Volume-scoped mutations.
@@ -1348,7 +1462,9 @@ fn mutate(t: &mut Tables<'_>, cmd: &MetaCommand) -> OpResult<Answer> {
         Mutation::CreateVolume { .. }
         | Mutation::AdvanceGcEpoch
         | Mutation::AddNode(_)
-        | Mutation::SetNodeState { .. } => unreachable!("handled above"),
+        | Mutation::SetNodeState { .. }
+        | Mutation::CreateToken { .. }
+        | Mutation::RevokeToken { .. } => unreachable!("handled above"),
         Mutation::Create {
             parent,
             name,

@@ -70,7 +70,9 @@ pub fn invalidations(op: &Mutation, answer: &Answer) -> Option<Invalidation> {
         | Mutation::Reclaim { .. }
         | Mutation::AdvanceGcEpoch
         | Mutation::AddNode(_)
-        | Mutation::SetNodeState { .. } => return None,
+        | Mutation::SetNodeState { .. }
+        | Mutation::CreateToken { .. }
+        | Mutation::RevokeToken { .. } => return None,
     }
     Some(inv)
 }
