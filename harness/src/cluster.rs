@@ -3,7 +3,7 @@
 
 use crate::TestNode;
 use hivefs_client::meta::MetaClient;
-use hivefs_net::meta::{Answer, Member, Mutation, Query};
+use hivefs_net::meta::{Answer, FileKind, Member, MetaReply, Mutation, Query};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
@@ -38,6 +38,24 @@ pub fn settled_leader(nodes: &[&TestNode]) -> u64 {
         assert!(Instant::now() < deadline, "no common leader within 30 s");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The mutation that creates regular file `name` (mode 0644, root's) under `parent`.
+pub fn new_file(parent: u64, name: &str) -> Mutation {
+    Mutation::Create {
+        parent,
+        name: name.as_bytes().to_vec(),
+        kind: FileKind::File,
+        perm: 0o644,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+    }
+}
+
+/// Create regular file `name` under `parent` of `vol`; panics if the call itself fails.
+pub fn create_file(m: &MetaClient, vol: u32, parent: u64, name: &str) -> MetaReply {
+    m.mutate(vol, new_file(parent, name)).expect("create call")
 }
 
 /// Create volume `name` (one copy); returns its id.

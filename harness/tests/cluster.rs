@@ -9,16 +9,14 @@
 
 use hivefs_client::meta::MetaClient;
 use hivefs_harness::cluster::{
-    create_volume as volume, list_names, members, meta_client as connect, settled_leader,
+    create_file, create_volume as volume, list_names, members, meta_client as connect, new_file,
+    settled_leader,
 };
 use hivefs_harness::mount::TestMount;
 use hivefs_harness::{NodeOptions, TestNode};
 use hivefs_net::conn::FramedConn;
 use hivefs_net::frame::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
-use hivefs_net::meta::{
-    self, Answer, Errno, FileKind, MetaReply, MetaRequest, Mutation, PeerRequest, Query, RaftRpc,
-    ROOT_INO,
-};
+use hivefs_net::meta::{self, Answer, Errno, MetaRequest, PeerRequest, Query, RaftRpc, ROOT_INO};
 use hivefs_net::placement::NodeState;
 use hivefs_net::proto::{ErrorCode, Request, Response};
 use std::collections::BTreeSet;
@@ -42,22 +40,6 @@ fn three_nodes() -> Vec<TestNode> {
 
 fn names(m: &MetaClient, vol: u32, dir: u64) -> BTreeSet<String> {
     list_names(m, vol, dir).into_iter().collect()
-}
-
-fn create(m: &MetaClient, vol: u32, parent: u64, name: &str) -> MetaReply {
-    m.mutate(
-        vol,
-        Mutation::Create {
-            parent,
-            name: name.into(),
-            kind: FileKind::File,
-            perm: 0o644,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-        },
-    )
-    .expect("create call")
 }
 
 #[test]
@@ -235,18 +217,7 @@ fn acknowledged_mutations_survive_leader_kills() {
             let mut i = 0u64;
             while !stop.load(Ordering::SeqCst) {
                 let name = format!("f{i:06}");
-                match m.mutate(
-                    vol,
-                    Mutation::Create {
-                        parent: ROOT_INO,
-                        name: name.clone().into(),
-                        kind: FileKind::File,
-                        perm: 0o644,
-                        uid: 0,
-                        gid: 0,
-                        rdev: 0,
-                    },
-                ) {
+                match m.mutate(vol, new_file(ROOT_INO, &name)) {
                     Ok(Ok(_)) => acked.lock().unwrap().push(name),
                     Ok(Err(e)) => errors.lock().unwrap().push(format!("{name}: errno {e:?}")),
                     Err(e) => errors.lock().unwrap().push(format!("{name}: {e}")),
@@ -307,7 +278,7 @@ fn acknowledged_mutations_survive_leader_kills() {
         acked.len()
     );
     // A retry of an acknowledged create under a new sequence is refused: it exists once.
-    assert_eq!(create(&m, vol, ROOT_INO, &acked[0]), Err(Errno::EXIST));
+    assert_eq!(create_file(&m, vol, ROOT_INO, &acked[0]), Err(Errno::EXIST));
     eprintln!(
         "{} creates acknowledged across two leader kills, all present exactly once",
         acked.len()
@@ -340,7 +311,7 @@ fn a_minority_refuses_namespace_changes_within_a_bound() {
     let leader = settled_leader(&nodes.iter().collect::<Vec<_>>());
     let m = connect(&nodes[0]);
     let vol = volume(&m, "minority");
-    assert!(create(&m, vol, ROOT_INO, "before").is_ok());
+    assert!(create_file(&m, vol, ROOT_INO, "before").is_ok());
     // Keep the leader, lose both followers: the leader is now a minority of one.
     let keep = (leader - 1) as usize;
     for (i, n) in nodes.iter_mut().enumerate() {
@@ -350,18 +321,7 @@ fn a_minority_refuses_namespace_changes_within_a_bound() {
     }
     let lone = connect(&nodes[keep]);
     let t0 = Instant::now();
-    let r = lone.mutate(
-        vol,
-        Mutation::Create {
-            parent: ROOT_INO,
-            name: b"during".to_vec(),
-            kind: FileKind::File,
-            perm: 0o644,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-        },
-    );
+    let r = lone.mutate(vol, new_file(ROOT_INO, "during"));
     let took = t0.elapsed();
     eprintln!("a minority's create answered in {took:?}: {r:?}");
     let msg = match r {
@@ -376,7 +336,7 @@ fn a_minority_refuses_namespace_changes_within_a_bound() {
     // One follower back: a majority again, and the change goes through.
     let back = (keep + 1) % 3;
     nodes[back].run();
-    let r = create(&lone, vol, ROOT_INO, "after");
+    let r = create_file(&lone, vol, ROOT_INO, "after");
     assert!(matches!(r, Ok(Answer::Attr(_))), "{r:?}");
     let listed = names(&lone, vol, ROOT_INO);
     assert!(

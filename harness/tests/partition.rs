@@ -10,7 +10,7 @@
 //!   nothing is duplicated, nothing appears that no client made (a change whose answer
 //!   was lost may or may not have happened: those names are left out of the check).
 
-use hivefs_harness::cluster::{create_volume, list_names, meta_client, settled_leader};
+use hivefs_harness::cluster::{create_volume, list_names, meta_client, new_file, settled_leader};
 use hivefs_harness::netns::NetLab;
 use hivefs_harness::{NodeOptions, TestNode};
 use hivefs_net::conn::FramedConn;
@@ -33,18 +33,6 @@ struct Model {
     unsure: BTreeSet<String>,
     acked: u64,
     failed: u64,
-}
-
-fn mkfile(parent: u64, name: &str) -> Mutation {
-    Mutation::Create {
-        parent,
-        name: name.as_bytes().to_vec(),
-        kind: FileKind::File,
-        perm: 0o644,
-        uid: 0,
-        gid: 0,
-        rdev: 0,
-    }
 }
 
 /// Client `tag`'s loop: create, rename (across the two directories) and unlink its own
@@ -71,7 +59,7 @@ fn client_loop(
                 n += 1;
                 let name = format!("{tag}{n}");
                 let dir = dirs[(rng >> 8) as usize % 2];
-                (mkfile(dir, &name), vec![name])
+                (new_file(dir, &name), vec![name])
             } else {
                 let name = sure[(rng >> 16) as usize % sure.len()].clone();
                 let from = model.at[&name];
@@ -157,7 +145,7 @@ fn create_at(node: &TestNode, vol: u32, name: &str) -> Result<Response, String> 
         seq: 1,
         acked_below: 1,
         now: Timespec::default(),
-        op: mkfile(ROOT_INO, name),
+        op: new_file(ROOT_INO, name),
     });
     call(
         2,

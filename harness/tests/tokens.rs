@@ -3,10 +3,10 @@
 
 use hivefs_client::hive::{ClientError, HiveClient};
 use hivefs_client::meta::MetaClient;
-use hivefs_harness::cluster::create_volume;
+use hivefs_harness::cluster::{create_file, create_volume};
 use hivefs_harness::{NodeOptions, TestNode};
 use hivefs_net::chunk::{compress, ChunkId, Codec};
-use hivefs_net::meta::{Answer, Errno, FileKind, Mutation, Query, ROOT_INO};
+use hivefs_net::meta::{Answer, Errno, Mutation, Query, ROOT_INO};
 use hivefs_net::proto::PutChunk;
 use std::time::{Duration, Instant};
 
@@ -31,19 +31,7 @@ fn meta_with(node: &TestNode, tok: &str) -> Result<MetaClient, ClientError> {
 }
 
 fn mkfile(m: &MetaClient, vol: u32, name: &str) -> Result<Answer, Errno> {
-    m.mutate(
-        vol,
-        Mutation::Create {
-            parent: ROOT_INO,
-            name: name.into(),
-            kind: FileKind::File,
-            perm: 0o644,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-        },
-    )
-    .expect("create call")
+    create_file(m, vol, ROOT_INO, name)
 }
 
 #[test]
