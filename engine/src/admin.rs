@@ -27,9 +27,15 @@ impl Link {
         insecure: bool,
         who: &str,
     ) -> Result<Link> {
+        Link::open_at(dir, &cfg.listen, port, insecure, who)
+    }
+
+    /// [`Link::open`] to `host:port`, another node of the same hive (same admin token and
+    /// CA as the node in `dir`).
+    pub fn open_at(dir: &Path, host: &str, port: u16, insecure: bool, who: &str) -> Result<Link> {
         let token =
             std::fs::read_to_string(dir.join("admin.token")).context("reading admin.token")?;
-        let addr = format!("{}:{port}", cfg.listen);
+        let addr = hivefs_net::meta::NodeSpec::addr_of(host, port);
         let stream = TcpStream::connect(&addr)
             .with_context(|| format!("connecting to {addr} (is `hive run` up?)"))?;
         let _ = stream.set_nodelay(true);
@@ -39,7 +45,7 @@ impl Link {
             let fp = config::ca_fingerprint(dir)?;
             Some((
                 hivefs_net::tls::client_config_pinned(&fp).map_err(|e| anyhow::anyhow!("{e}"))?,
-                hivefs_net::tls::server_name(&cfg.listen).map_err(|e| anyhow::anyhow!("{e}"))?,
+                hivefs_net::tls::server_name(host).map_err(|e| anyhow::anyhow!("{e}"))?,
             ))
         };
         let mut link = Link {

@@ -708,7 +708,7 @@ impl ShardLoop {
                 let auth = match self.s.tokens.check(&token) {
                     Ok((scope, d)) => (d, scope),
                     Err(why) => {
-                        tracing::warn!(shard, %peer, req = req_id, client = %client_name, "{}", why.as_str());
+                        tracing::warn!(shard, %peer, req = req_id, client = %client_name, "bad token: {}", why.as_str());
                         self.fail_conn(t, req_id, ErrorCode::BadToken, why.as_str());
                         return;
                     }

@@ -1149,7 +1149,12 @@ impl ShardCore {
     /// record of claims does not grow without end.
     pub fn set_gc_epoch(&mut self, epoch: u64) {
         self.gc_epoch = epoch;
-        self.gc_window = None;
+        // A window of an older collection is closed; one of this epoch stays: the node
+        // that runs it may still sweep (another node's metadata service tells its shards
+        // each new epoch as it applies it, in any order with the collector's `BeginGc`).
+        if self.gc_window.as_ref().is_some_and(|(e, _)| *e != epoch) {
+            self.gc_window = None;
+        }
         self.first_heard_epoch.get_or_insert(epoch);
     }
 
@@ -3494,12 +3499,17 @@ mod gc_window_tests {
         ));
         s.has(&ids, &mut present);
         assert_eq!(present, vec![true, false, false, false]);
-        // Closing the window (the end of a collection, or a failed one) ends the record.
+        // Being told the same epoch again (another node's metadata service applying it)
+        // keeps the window: the collector may still sweep.
         s.set_gc_epoch(2);
-        assert!(s.sweep(5, 2, ids[..1].to_vec()).is_err());
-        s.begin_gc(3);
-        s.end_gc(3);
-        assert!(s.sweep(6, 3, ids[..1].to_vec()).is_err());
+        assert!(s.sweep(5, 2, ids[..1].to_vec()).is_ok());
+        // A newer epoch closes it (a collection that failed before ending its windows).
+        s.set_gc_epoch(3);
+        assert!(s.sweep(6, 2, ids[..1].to_vec()).is_err());
+        // So does the end of a collection.
+        s.begin_gc(4);
+        s.end_gc(4);
+        assert!(s.sweep(7, 4, ids[..1].to_vec()).is_err());
     }
 
     /// A chunk the sweep chose no longer answers `has` while its tombstone waits in the

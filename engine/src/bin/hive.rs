@@ -377,7 +377,7 @@ fn real_main() -> Result<()> {
             insecure,
         } => fsck(&data, verify, insecure),
         Cmd::Gc { data, insecure } => {
-            let r = match admin_query(&data, insecure, Query::Gc, "hive gc")? {
+            let r = match ask_leader(&data, insecure, Query::Gc)? {
                 Answer::Gc(r) => r,
                 other => bail!("unexpected answer {other:?}"),
             };
@@ -753,13 +753,16 @@ fn ask_leader_req(dir: &std::path::Path, insecure: bool, req: &MetaRequest) -> R
     let token = std::fs::read_to_string(dir.join("admin.token")).context("reading admin.token")?;
     let ca = config::ca_fingerprint(dir)?;
     let at = NodeSpec::addr_of(cfg.advertise_host(), cfg.meta_port());
-    match call_leader(
-        &at,
-        token.trim(),
-        &ca,
+    // A collection or a verifying fsck reads the whole hive: give it time.
+    let long = matches!(
         req,
-        std::time::Duration::from_secs(20),
-    )? {
+        MetaRequest::Query {
+            query: Query::Gc | Query::Fsck { .. },
+            ..
+        }
+    );
+    let timeout = std::time::Duration::from_secs(if long { 3600 } else { 20 });
+    match call_leader(&at, token.trim(), &ca, req, timeout)? {
         Ok(a) => Ok(a),
         Err(e) => bail!("the hive answered {e}"),
     }
@@ -784,7 +787,7 @@ fn admin_query(dir: &std::path::Path, insecure: bool, query: Query, who: &str) -
 }
 
 fn fsck(dir: &std::path::Path, verify: bool, insecure: bool) -> Result<()> {
-    let r = match admin_query(dir, insecure, Query::Fsck { verify }, "hive fsck")? {
+    let r = match ask_leader(dir, insecure, Query::Fsck { verify })? {
         Answer::Fsck(r) => r,
         other => bail!("unexpected answer {other:?}"),
     };

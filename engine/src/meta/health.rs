@@ -51,6 +51,9 @@ pub(super) fn run(sh: &Shared) {
     let mut links: HashMap<u64, PeerLink> = HashMap::new();
     let mut heard: HashMap<u64, Instant> = HashMap::new();
     let mut leading_since: Option<Instant> = None;
+    // The GC epoch this node's shards were last told (commits accept claims of the
+    // current epoch only: shards of every node must stamp it).
+    let mut shards_epoch: Option<u64> = None;
     let mut next = Instant::now();
     while !sh.stop.load(Ordering::SeqCst) {
         let now = Instant::now();
@@ -61,6 +64,16 @@ pub(super) fn run(sh: &Shared) {
         next = now + PING_EVERY;
         if let Err(e) = sh.tokens.refresh(&sh.store) {
             tracing::warn!("reloading the token table: {e:#}");
+        }
+        let applied_epoch = match sh.store.query(0, &Query::GcEpoch) {
+            Ok(Ok(Answer::GcEpoch(e))) => Some(e),
+            _ => None,
+        };
+        if applied_epoch.is_some() && applied_epoch != shards_epoch && !sh.gc_running() {
+            match server::block_on(server::sync_gc_epoch(sh)) {
+                Ok(e) => shards_epoch = Some(e),
+                Err(e) => tracing::warn!("telling the shards the GC epoch: {e:#}"),
+            }
         }
         let Some(tls) = tls.clone() else {
             continue; // a plain-TCP hive has one node

@@ -436,7 +436,7 @@ fn serve(sh: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
                 } else {
                     match sh.tokens.check(&token) {
                         Err(why) => {
-                            tracing::warn!(%peer, client = %client_name, "metadata connection: {}", why.as_str());
+                            tracing::warn!(%peer, client = %client_name, "metadata connection: bad token: {}", why.as_str());
                             (Response::error(ErrorCode::BadToken, why.as_str()), true)
                         }
                         Ok((scope, d)) => {
@@ -639,6 +639,73 @@ fn watch_stream(
     }
 }
 
+impl Shared {
+    /// Is a collection running on this node (it tells shards their epochs itself)?
+    pub(super) fn gc_running(&self) -> bool {
+        self.gc_running.load(Ordering::SeqCst)
+    }
+}
+
+/// One shard of the hive: a shard of some node of the cluster map.
+#[derive(Clone, Debug)]
+struct HiveShard {
+    node: u64,
+    host: String,
+    port: u16,
+    shard: u16,
+    /// Shards of its node: a chunk of bucket `b` lives on shard `b % shards` there.
+    shards: u16,
+}
+
+impl HiveShard {
+    fn name(&self) -> String {
+        format!("node {} shard {}", self.node, self.shard)
+    }
+
+    fn owns(&self, id: &ChunkId, bucket_count: u32) -> bool {
+        (id.bucket(bucket_count) % self.shards as u32) as u16 == self.shard
+    }
+
+    fn link(&self, sh: &Shared, who: &str) -> Result<Link> {
+        Link::open_at(&sh.data_dir, &self.host, self.port, sh.tls.is_none(), who)
+            .with_context(|| format!("{} at {}:{}", self.name(), self.host, self.port))
+    }
+}
+
+/// Every shard of every node in the cluster map but the out ones (this node's own at the
+/// ports it really serves). Chunks are stored where the mount that wrote them sends them,
+/// so GC and fsck look at all of them.
+fn hive_shards(sh: &Shared) -> Result<Vec<HiveShard>> {
+    let nodes = match sh.store.query(0, &Query::Nodes)? {
+        Ok(Answer::Nodes { nodes, .. }) => nodes,
+        other => anyhow::bail!("cluster map: {other:?}"),
+    };
+    let mut out: Vec<HiveShard> = (0..sh.shard_ports.len())
+        .map(|s| HiveShard {
+            node: sh.cfg.raft_id,
+            host: sh.cfg.listen.clone(),
+            port: sh.shard_ports[s],
+            shard: s as u16,
+            shards: sh.shard_ports.len() as u16,
+        })
+        .collect();
+    for n in nodes {
+        if n.id == sh.cfg.raft_id || n.state == hivefs_net::placement::NodeState::Out {
+            continue;
+        }
+        for s in 0..n.spec.shards {
+            out.push(HiveShard {
+                node: n.id,
+                host: n.spec.host.clone(),
+                port: n.spec.base_port + s,
+                shard: s,
+                shards: n.spec.shards,
+            });
+        }
+    }
+    Ok(out)
+}
+
 fn shard_link(sh: &Shared, shard: usize, who: &str) -> Result<Link> {
     Link::open(
         &sh.data_dir,
@@ -664,7 +731,7 @@ fn shard_admin(link: &mut Link, op: &ShardAdmin) -> Result<ShardAdminReply> {
 
 /// Tell every shard the GC epoch the store accepts claims from (no collection running:
 /// called at start, and after a failed collection, whose windows it closes).
-async fn sync_gc_epoch(sh: &Shared) -> Result<()> {
+pub(super) async fn sync_gc_epoch(sh: &Shared) -> Result<u64> {
     let epoch = match sh.store.query(0, &Query::GcEpoch)? {
         Ok(Answer::GcEpoch(e)) => e,
         other => anyhow::bail!("gc epoch: {other:?}"),
@@ -673,7 +740,21 @@ async fn sync_gc_epoch(sh: &Shared) -> Result<()> {
         let mut link = shard_link(sh, shard, "gc epoch")?;
         shard_admin(&mut link, &ShardAdmin::SetGcEpoch { epoch })?;
     }
-    Ok(())
+    Ok(epoch)
+}
+
+/// After a failed collection: `EndGc` of the current epoch on every shard of the hive
+/// that can be reached (a window left open only records claims; this frees it).
+fn end_windows(sh: &Shared) {
+    let epoch = match sh.store.query(0, &Query::GcEpoch) {
+        Ok(Ok(Answer::GcEpoch(e))) => e,
+        _ => return,
+    };
+    for s in hive_shards(sh).unwrap_or_default() {
+        if let Ok(mut link) = s.link(sh, "gc cleanup") {
+            let _ = shard_admin(&mut link, &ShardAdmin::EndGc { epoch });
+        }
+    }
 }
 
 /// One collection (DESIGN.md §3, epochs and claims, no clocks):
@@ -713,10 +794,12 @@ async fn run_gc(sh: &Shared) -> Result<GcReport> {
         Ok(Answer::GcEpoch(e)) => e,
         other => anyhow::bail!("advancing the GC epoch: {other:?}"),
     };
+    // Every shard of the hive records claims before the mark begins (a node that cannot
+    // be reached fails the collection: nothing is swept anywhere).
     let mut links = Vec::new();
-    for shard in 0..sh.shard_ports.len() {
-        let mut link = shard_link(sh, shard, "gc")?;
-        shard_admin(&mut link, &ShardAdmin::BeginGc { epoch })?;
+    for s in hive_shards(sh)? {
+        let mut link = s.link(sh, "gc")?;
+        shard_admin(&mut link, &ShardAdmin::BeginGc { epoch }).with_context(|| s.name())?;
         links.push(link);
     }
     sh.raft.read_barrier().await?;
@@ -804,12 +887,13 @@ fn fsck(sh: &Shared, verify: bool) -> Result<FsckReport> {
         Ok(Answer::GcEpoch(e)) => e,
         other => anyhow::bail!("gc epoch: {other:?}"),
     };
-    let mut by_shard: Vec<Vec<ChunkId>> = vec![Vec::new(); sh.shard_ports.len()];
-    for id in &refs {
-        by_shard[sh.map.shard_of(id) as usize].push(*id);
-    }
-    for (shard, ids) in by_shard.iter().enumerate() {
-        let mut link = shard_link(sh, shard, "fsck")?;
+    // Each referenced chunk must be held (and with `verify`, read back correct) by the
+    // owning shard of at least one node.
+    let mut held: std::collections::HashSet<ChunkId> = std::collections::HashSet::new();
+    let bucket_count = sh.cfg.bucket_count;
+    for s in hive_shards(sh)? {
+        let shard = s.name();
+        let mut link = s.link(sh, "fsck")?;
         if epoch >= 2 {
             let before_epoch = epoch - 1;
             let mut after: Option<Vec<u8>> = None;
@@ -823,14 +907,14 @@ fn fsck(sh: &Shared, verify: bool) -> Result<FsckReport> {
                     },
                 )? {
                     ShardAdminReply::Ids { ids, more } => (ids, more),
-                    other => anyhow::bail!("shard {shard}: list stale answered {other:?}"),
+                    other => anyhow::bail!("{shard}: list stale answered {other:?}"),
                 };
                 let ids = meta::split_ids(&ids).context("bad id list from a shard")?;
                 after = ids.last().map(|l| l.0.to_vec());
                 for id in ids.iter().filter(|id| !refs.contains(id)) {
                     r.stale_chunks += 1;
                     r.findings.push(format!(
-                        "chunk {id} on shard {shard} is unreferenced and unclaimed since \
+                        "chunk {id} on {shard} is unreferenced and unclaimed since \
                          before epoch {before_epoch}: it outlived two collections"
                     ));
                 }
@@ -843,20 +927,23 @@ fn fsck(sh: &Shared, verify: bool) -> Result<FsckReport> {
             let v: serde_json::Value = serde_json::from_str(&json)?;
             r.stored_chunks += v["chunks"].as_u64().unwrap_or(0);
         }
+        let ids: Vec<ChunkId> = refs
+            .iter()
+            .filter(|id| !held.contains(*id) && s.owns(id, bucket_count))
+            .copied()
+            .collect();
         for batch in ids.chunks(MAX_BATCH_IDS) {
             let present = match link.call(&Request::Has {
                 ids: batch.to_vec(),
             })? {
                 Response::HasReply { present, .. } if present.len() == batch.len() => present,
-                other => anyhow::bail!("shard {shard}: has answered {:?}", other.opcode()),
+                other => anyhow::bail!("{shard}: has answered {:?}", other.opcode()),
             };
             for (id, p) in batch.iter().zip(present) {
                 if !p {
-                    r.findings.push(format!(
-                        "chunk {id} is referenced but shard {shard} does not hold it"
-                    ));
                     continue;
                 }
+                held.insert(*id);
                 if !verify {
                     continue;
                 }
@@ -869,19 +956,23 @@ fn fsck(sh: &Shared, verify: bool) -> Result<FsckReport> {
                             Ok(_) => r.verified_chunks += 1,
                             Err(e) => r
                                 .findings
-                                .push(format!("chunk {id} on shard {shard} does not verify: {e}")),
+                                .push(format!("chunk {id} on {shard} does not verify: {e}")),
                         }
                     }
-                    Response::GetReply { chunk: None } => r
-                        .findings
-                        .push(format!("chunk {id}: has said yes, get found nothing")),
+                    Response::GetReply { chunk: None } => r.findings.push(format!(
+                        "chunk {id}: has said yes on {shard}, get found nothing"
+                    )),
                     Response::Error { message, .. } => r
                         .findings
-                        .push(format!("chunk {id} on shard {shard} unreadable: {message}")),
-                    other => anyhow::bail!("shard {shard}: get answered {:?}", other.opcode()),
+                        .push(format!("chunk {id} on {shard} unreadable: {message}")),
+                    other => anyhow::bail!("{shard}: get answered {:?}", other.opcode()),
                 }
             }
         }
+    }
+    for id in refs.iter().filter(|id| !held.contains(*id)) {
+        r.findings
+            .push(format!("chunk {id} is referenced but no node holds it"));
     }
     Ok(r)
 }
@@ -1096,11 +1187,14 @@ async fn handle(sh: &Shared, req: MetaRequest, scope: &TokenScope) -> Result<Met
         MetaRequest::Query {
             query: Query::Gc, ..
         } => {
+            // The leader collects (a follower points the caller there).
+            ensure_leader(sh)?;
             match run_gc(sh).await {
                 Ok(r) => Ok(Ok(Answer::Gc(r))),
                 Err(e) => {
-                    // The epoch may have moved without every shard hearing of it: tell them,
-                    // or their claims would be refused until the next start.
+                    // Close the failed collection's windows where they opened (best
+                    // effort), and make sure this node's shards stamp the current epoch.
+                    end_windows(sh);
                     if let Err(e2) = sync_gc_epoch(sh).await {
                         tracing::warn!("after a failed collection, syncing the epoch: {e2:#}");
                     }
@@ -1207,7 +1301,7 @@ fn allowed(sh: &Shared, scope: &TokenScope, req: &MetaRequest) -> Result<(), Err
                     !hive_query(query)
                         && (*volume == vid
                             || matches!(query, Query::Volume { name: n } if n == name)
-                            || matches!(query, Query::Members))
+                            || matches!(query, Query::Members | Query::Nodes))
                 }
                 MetaRequest::Mutate(c) | MetaRequest::MutateInDir(c) => {
                     !read_only && c.volume == vid && !hive_op(&c.op)
