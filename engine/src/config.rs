@@ -144,20 +144,9 @@ impl NodeConfig {
         }
     }
 
-    /// Does `token` match the admin token?
     /// The metadata port (see the field).
     pub fn meta_port(&self) -> u16 {
         self.meta_port.unwrap_or(self.base_port.saturating_sub(1))
-    }
-
-    pub fn token_ok(&self, token: &str) -> bool {
-        let h = hex::encode(Sha256::digest(token.as_bytes()));
-        // Constant-time comparison: the hashes have equal length.
-        h.len() == self.admin_token_sha256.len()
-            && h.bytes()
-                .zip(self.admin_token_sha256.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
     }
 }
 

@@ -165,7 +165,10 @@ fn namespace_survives_kill9_and_restart() {
         !out.status.success(),
         "fsck missed a dangling extent:\n{text}"
     );
-    assert!(text.contains("is referenced but shard"), "{text}");
+    assert!(
+        text.contains("is referenced but no node holds it"),
+        "{text}"
+    );
     node.stop();
 }
 

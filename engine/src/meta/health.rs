@@ -92,24 +92,41 @@ pub(super) fn run(sh: &Shared) {
                 continue;
             }
         };
-        for n in &nodes {
-            if n.id == sh.cfg.raft_id || n.state == NodeState::Out {
-                continue;
-            }
-            let addr = n.spec.meta_addr();
-            let link = match links.remove(&n.id) {
-                Some(l) => Ok(l),
-                None => PeerLink::dial(&addr, Some(tls.clone()), "", &sh.cfg.node_id, PING_TIMEOUT),
-            };
-            if let Ok(mut l) = link {
-                if matches!(
-                    l.call(&MetaRequest::Peer(PeerRequest::Ping)),
-                    Ok(Ok(Answer::Done))
-                ) {
-                    heard.insert(n.id, Instant::now());
-                    links.insert(n.id, l);
-                }
-            }
+        // Ping every node at once (one slow or blackholed node delays nobody else's).
+        let targets: Vec<(u64, String, Option<PeerLink>)> = nodes
+            .iter()
+            .filter(|n| n.id != sh.cfg.raft_id && n.state != NodeState::Out)
+            .map(|n| (n.id, n.spec.meta_addr(), links.remove(&n.id)))
+            .collect();
+        let answered: Vec<(u64, PeerLink)> = std::thread::scope(|scope| {
+            let pings: Vec<_> = targets
+                .into_iter()
+                .map(|(id, addr, link)| {
+                    let tls = tls.clone();
+                    scope.spawn(move || {
+                        let mut l = match link {
+                            Some(l) => l,
+                            None => {
+                                PeerLink::dial(&addr, Some(tls), "", &sh.cfg.node_id, PING_TIMEOUT)
+                                    .ok()?
+                            }
+                        };
+                        matches!(
+                            l.call(&MetaRequest::Peer(PeerRequest::Ping)),
+                            Ok(Ok(Answer::Done))
+                        )
+                        .then_some((id, l))
+                    })
+                })
+                .collect();
+            pings
+                .into_iter()
+                .filter_map(|p| p.join().ok().flatten())
+                .collect()
+        });
+        for (id, l) in answered {
+            heard.insert(id, Instant::now());
+            links.insert(id, l);
         }
         for n in &nodes {
             if n.id == sh.cfg.raft_id {
