@@ -436,6 +436,16 @@ impl TestNode {
         self.base_port - 1
     }
 
+    /// How many chunks a `hive gc` report says it swept ("... swept 2 chunks (...)").
+    pub fn swept_count(report: &str) -> u64 {
+        report
+            .split("swept ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no swept count in {report:?}"))
+    }
+
     /// Run `hive gc` and return what it printed; panics if it fails.
     pub fn gc(&self) -> String {
         let out = Command::new(&self.bin)

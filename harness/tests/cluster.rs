@@ -516,14 +516,8 @@ fn with_the_majority_gone_reads_go_on_and_changes_fail_within_ten_seconds() {
     drop(mnt);
 }
 
-/// "gc epoch 3: ... swept 2 chunks (...)" -> 2.
 fn swept(report: &str) -> u64 {
-    report
-        .split("swept ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no swept count in {report:?}"))
+    TestNode::swept_count(report)
 }
 
 #[test]

@@ -128,14 +128,8 @@ impl Writer {
     }
 }
 
-/// "gc epoch 3: 10 chunks referenced, 12 stored; swept 2 chunks (...)" -> swept count.
 fn swept(report: &str) -> u64 {
-    report
-        .split("swept ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no swept count in {report:?}"))
+    TestNode::swept_count(report)
 }
 
 #[test]

@@ -22,37 +22,12 @@ struct Cli {
 enum Cmd {
     /// Create a node: config, hive CA and node certificate, admin token, dedupe key, device format.
     Init {
-        #[arg(long)]
-        data: PathBuf,
-        /// A file or block device for chunks (default DATA/chunks.dev).
-        #[arg(long)]
-        device: Option<PathBuf>,
-        /// Size of a file device, e.g. 16G (sparse).
-        #[arg(long)]
-        size: Option<String>,
-        /// Shards (one pinned thread each); default: one per core.
-        #[arg(long)]
-        shards: Option<u16>,
-        #[arg(long, default_value_t = config::DEFAULT_BASE_PORT)]
-        base_port: u16,
-        /// The metadata port (where mounts connect); default: base_port - 1.
-        #[arg(long)]
-        meta_port: Option<u16>,
-        #[arg(long, default_value = "127.0.0.1")]
-        listen: String,
+        #[command(flatten)]
+        node: NodeArgs,
         #[arg(long, default_value = "node-1")]
         node_id: String,
         #[arg(long, default_value_t = config::DEFAULT_BUCKETS)]
         buckets: u32,
-        /// Segment size, e.g. 64M.
-        #[arg(long, default_value = "64M")]
-        segment_size: String,
-        /// The host other nodes and clients reach this node at (default: --listen).
-        #[arg(long)]
-        advertise: Option<String>,
-        /// Failure zone (replicas go to distinct zones first).
-        #[arg(long, default_value = "default")]
-        zone: String,
     },
     /// Add a node to a running hive: fetch the hive's CA and dedupe key from it, make the
     /// data directory and device, start serving, and become a member of the metadata
@@ -69,29 +44,11 @@ enum Cmd {
         /// SHA-256 fingerprint of the hive CA (as `hive init` printed it).
         #[arg(long)]
         ca: String,
-        #[arg(long)]
-        data: PathBuf,
         /// This node's name in the hive (default: node-HOST-METAPORT).
         #[arg(long)]
         name: Option<String>,
-        #[arg(long)]
-        device: Option<PathBuf>,
-        #[arg(long)]
-        size: Option<String>,
-        #[arg(long)]
-        shards: Option<u16>,
-        #[arg(long, default_value_t = config::DEFAULT_BASE_PORT)]
-        base_port: u16,
-        #[arg(long)]
-        meta_port: Option<u16>,
-        #[arg(long, default_value = "127.0.0.1")]
-        listen: String,
-        #[arg(long)]
-        advertise: Option<String>,
-        #[arg(long, default_value = "default")]
-        zone: String,
-        #[arg(long, default_value = "64M")]
-        segment_size: String,
+        #[command(flatten)]
+        node: NodeArgs,
     },
     /// Serve: one shard thread per configured shard, each on base_port + shard.
     Run {
@@ -158,6 +115,62 @@ enum Cmd {
         #[arg(long)]
         insecure: bool,
     },
+}
+
+/// Where and how a new node keeps and serves its data (`hive init`, `hive join`).
+#[derive(clap::Args)]
+struct NodeArgs {
+    #[arg(long)]
+    data: PathBuf,
+    /// A file or block device for chunks (default DATA/chunks.dev).
+    #[arg(long)]
+    device: Option<PathBuf>,
+    /// Size of a file device, e.g. 16G (sparse).
+    #[arg(long)]
+    size: Option<String>,
+    /// Shards (one pinned thread each); default: one per core.
+    #[arg(long)]
+    shards: Option<u16>,
+    #[arg(long, default_value_t = config::DEFAULT_BASE_PORT)]
+    base_port: u16,
+    /// The metadata port (where mounts connect); default: base_port - 1.
+    #[arg(long)]
+    meta_port: Option<u16>,
+    #[arg(long, default_value = "127.0.0.1")]
+    listen: String,
+    /// The host other nodes and clients reach this node at (default: --listen).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Failure zone (replicas go to distinct zones first).
+    #[arg(long, default_value = "default")]
+    zone: String,
+    /// Segment size, e.g. 64M.
+    #[arg(long, default_value = "64M")]
+    segment_size: String,
+}
+
+impl NodeArgs {
+    fn init_options(self, node_id: String, bucket_count: u32) -> Result<InitOptions> {
+        let shards = self.shards.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get() as u16)
+                .unwrap_or(1)
+        });
+        Ok(InitOptions {
+            data_dir: self.data,
+            device: self.device,
+            size_bytes: self.size.as_deref().map(config::parse_size).transpose()?,
+            shards,
+            base_port: self.base_port,
+            meta_port: self.meta_port,
+            listen: self.listen,
+            node_id,
+            bucket_count,
+            segment_bytes: config::parse_size(&self.segment_size)?,
+            advertise: self.advertise,
+            zone: self.zone,
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -227,38 +240,11 @@ fn main() {
 fn real_main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Init {
-            data,
-            device,
-            size,
-            shards,
-            base_port,
-            meta_port,
-            listen,
+            node,
             node_id,
             buckets,
-            segment_size,
-            advertise,
-            zone,
         } => {
-            let shards = shards.unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map(|n| n.get() as u16)
-                    .unwrap_or(1)
-            });
-            let o = InitOptions {
-                data_dir: data,
-                device,
-                size_bytes: size.as_deref().map(config::parse_size).transpose()?,
-                shards,
-                base_port,
-                meta_port,
-                listen,
-                node_id,
-                bucket_count: buckets,
-                segment_bytes: config::parse_size(&segment_size)?,
-                advertise,
-                zone,
-            };
+            let o = node.init_options(node_id, buckets)?;
             let out = config::init(&o)?;
             println!(
                 "hive node {} initialised in {}",
@@ -281,42 +267,20 @@ fn real_main() -> Result<()> {
             hive,
             token,
             ca,
-            data,
             name,
-            device,
-            size,
-            shards,
-            base_port,
-            meta_port,
-            listen,
-            advertise,
-            zone,
-            segment_size,
+            mut node,
         } => {
-            let shards = shards.unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map(|n| n.get() as u16)
-                    .unwrap_or(1)
-            });
-            let meta_port = meta_port.unwrap_or(base_port.saturating_sub(1));
-            let host = advertise.clone().unwrap_or_else(|| listen.clone());
+            let meta_port = node.meta_port.unwrap_or(node.base_port.saturating_sub(1));
+            node.meta_port = Some(meta_port);
+            let host = node
+                .advertise
+                .clone()
+                .unwrap_or_else(|| node.listen.clone());
             let name = name.unwrap_or_else(|| {
                 format!("node-{}-{meta_port}", host.replace([':', '[', ']'], "-"))
             });
-            let o = InitOptions {
-                data_dir: data.clone(),
-                device,
-                size_bytes: size.as_deref().map(config::parse_size).transpose()?,
-                shards,
-                base_port,
-                meta_port: Some(meta_port),
-                listen,
-                node_id: name,
-                bucket_count: config::DEFAULT_BUCKETS,
-                segment_bytes: config::parse_size(&segment_size)?,
-                advertise,
-                zone,
-            };
+            // The bucket count comes from the hive (its join grant).
+            let o = node.init_options(name, config::DEFAULT_BUCKETS)?;
             join(&hive, &token, &ca, o)
         }
         Cmd::Run {
