@@ -278,19 +278,7 @@ fn init_node(o: &InitOptions, joining: Option<&Joining>) -> Result<InitOutcome> 
             o.bucket_count,
         ),
     };
-    let mut sans = vec![
-        "localhost".to_string(),
-        "127.0.0.1".to_string(),
-        o.node_id.clone(),
-    ];
-    for h in [Some(&o.listen), o.advertise.as_ref()]
-        .into_iter()
-        .flatten()
-    {
-        if !sans.contains(h) {
-            sans.push(h.clone());
-        }
-    }
+    let sans = node_sans(&o.node_id, &o.listen, o.advertise.as_deref());
     let (node_pem, node_key) =
         hivefs_net::tls::issue_node_cert(&ca.cert_pem, &ca.key_pem, &o.node_id, &sans)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -364,6 +352,49 @@ fn init_node(o: &InitOptions, joining: Option<&Joining>) -> Result<InitOutcome> 
         admin_token: token,
         ca_fingerprint: fingerprint,
     })
+}
+
+/// The names a node certificate is valid for: loopback, the node's name, where it
+/// listens and where it is reached.
+fn node_sans(node_id: &str, listen: &str, advertise: Option<&str>) -> Vec<String> {
+    let mut sans = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        node_id.to_string(),
+    ];
+    for h in [Some(listen), advertise].into_iter().flatten() {
+        if !sans.iter().any(|s| s == h) {
+            sans.push(h.to_string());
+        }
+    }
+    sans
+}
+
+/// `hive cert rotate`: a new key and node certificate from the hive CA, replacing
+/// `node.key` and `node.pem` (each written whole, then renamed into place). A running
+/// node presents it on its next connections within a second (`NodeIdentity`); until both
+/// files are the new pair it keeps presenting the old one. Returns the new certificate's
+/// SHA-256.
+pub fn rotate_node_cert(dir: &Path) -> Result<String> {
+    let cfg = NodeConfig::load(dir)?;
+    let read =
+        |f: &str| std::fs::read_to_string(dir.join(f)).with_context(|| format!("reading {f}"));
+    let sans = node_sans(&cfg.node_id, &cfg.listen, cfg.advertise.as_deref());
+    let (cert, key) =
+        hivefs_net::tls::issue_node_cert(&read("ca.pem")?, &read("ca.key")?, &cfg.node_id, &sans)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    for (name, text, private) in [("node.key", &key, true), ("node.pem", &cert, false)] {
+        let tmp = dir.join(format!("{name}.new"));
+        if private {
+            write_private(&tmp, text)?;
+        } else {
+            std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+        }
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, dir.join(name)).with_context(|| format!("replacing {name}"))?;
+    }
+    std::fs::File::open(dir)?.sync_all()?;
+    hivefs_net::tls::fingerprint_pem(&cert).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// The CA fingerprint of a node's data directory.

@@ -132,13 +132,17 @@ impl Node {
                 std::fs::read_to_string(dir.join(f))
                     .with_context(|| format!("reading {f} in {}", dir.display()))
             };
+            // The node certificate is read again when it changes (`hive cert rotate`).
+            let ca = read("ca.pem")?;
+            let identity = hivefs_net::tls::NodeIdentity::load(
+                &dir.join("node.pem"),
+                &dir.join("node.key"),
+                &ca,
+            )
+            .map_err(|e| anyhow::anyhow!("node certificate: {e}"))?;
             Some(
-                hivefs_net::tls::server_config(
-                    &read("node.pem")?,
-                    &read("node.key")?,
-                    &read("ca.pem")?,
-                )
-                .map_err(|e| anyhow::anyhow!("{e}"))?,
+                hivefs_net::tls::server_config_with(identity, &ca)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
             )
         };
         // The superblock tells the layout; the config must agree with it.

@@ -155,3 +155,94 @@ fn scopes_expiry_and_revocation() {
         matches!(admin.query(0, Query::Tokens).unwrap(), Ok(Answer::Tokens(t)) if t.len() == 4)
     );
 }
+
+/// The SHA-256 of the certificate `node` presents on a new connection to shard 0.
+fn presented(node: &TestNode) -> String {
+    let mut c = node.raw_conn(0);
+    let hello = hivefs_net::proto::Request::Hello {
+        min_version: hivefs_net::frame::PROTOCOL_VERSION_MIN,
+        max_version: hivefs_net::frame::PROTOCOL_VERSION_MAX,
+        token: node.token(),
+        client_name: "cert-test".into(),
+    };
+    c.send_request(hivefs_net::frame::PROTOCOL_VERSION_MIN, 1, &hello)
+        .unwrap();
+    c.recv_response().unwrap();
+    let certs = c.tls().unwrap().peer_certificates().unwrap();
+    hivefs_net::tls::fingerprint_der(certs[0].as_ref())
+}
+
+#[test]
+fn a_certificate_rotation_fails_no_request() {
+    let node = TestNode::start(NodeOptions::default().shards(1).name("rotate"));
+    let admin = meta_with(&node, &node.token()).unwrap();
+    let vol = create_volume(&admin, "r");
+    let before = presented(&node);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // A client working through the rotation, on old connections and new ones.
+    let worker = {
+        let stop = stop.clone();
+        let o = node.client_options();
+        let port = node.meta_port();
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                i += 1;
+                let r = MetaClient::connect(&o, port)
+                    .map_err(|e| e.to_string())
+                    .and_then(|m| {
+                        create_file(&m, vol, ROOT_INO, &format!("f{i}"))
+                            .map_err(|e| format!("{e:?}"))
+                    })
+                    .and_then(|_| HiveClient::connect(&o).map_err(|e| e.to_string()));
+                match r {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(e),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let out = node.hive(&["cert", "rotate"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout).trim());
+    let t0 = Instant::now();
+    let after = loop {
+        let fp = presented(&node);
+        if fp != before {
+            break fp;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the node still presents the old certificate"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!(
+        "new certificate presented {:?} after the rotation",
+        t0.elapsed()
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&after));
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (ok, failed) = worker.join().unwrap();
+    eprintln!(
+        "{ok} connect+create+connect rounds through the rotation, {} failed",
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "requests failed during the rotation: {failed:?}"
+    );
+    assert!(ok > 10, "the worker made progress: {ok}");
+    // The node restarts on the new pair.
+    let mut node = node;
+    node.restart();
+    assert_eq!(presented(&node), after);
+}

@@ -214,18 +214,183 @@ pub fn server_config(
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let (chain, ca) = chain_with_ca(node_cert_pem, ca_cert_pem)?;
     let key = key_from_pem(node_key_pem)?;
-    let mut roots = RootCertStore::empty();
-    roots.add(ca)?;
-    // Client certificates are optional (mounts have none) but verified when presented:
-    // a handshake with a certificate that does not chain to the hive CA fails.
-    let clients = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| rustls::Error::General(format!("hive client verifier: {e}")))?;
     let config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(clients)
+        .with_client_cert_verifier(client_verifier(ca)?)
         .with_single_cert(chain, key)?;
+    Ok(Arc::new(config))
+}
+
+/// Client certificates are optional (mounts have none) but verified when presented: a
+/// handshake with a certificate that does not chain to the hive CA fails.
+fn client_verifier(
+    ca: CertificateDer<'static>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    roots.add(ca)?;
+    Ok(
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| rustls::Error::General(format!("hive client verifier: {e}")))?,
+    )
+}
+
+/// A node's certificate and key as files, read again when they change, so that a
+/// rotation (`hive cert rotate`) needs no restart: it is the server certificate of every
+/// new connection and the node's client certificate towards other nodes. Connections
+/// made before a rotation keep the certificate they were made with.
+///
+/// The files are looked at no more than once per [`IDENTITY_RECHECK`]; a pair that does
+/// not match (a rotation written half) or does not parse is ignored, and the previous
+/// pair kept, until the files agree.
+#[derive(Debug)]
+pub struct NodeIdentity {
+    cert_path: std::path::PathBuf,
+    key_path: std::path::PathBuf,
+    ca: CertificateDer<'static>,
+    current: std::sync::RwLock<IdentityState>,
+}
+
+#[derive(Debug)]
+struct IdentityState {
+    key: Arc<rustls::sign::CertifiedKey>,
+    stamp: Option<(std::time::SystemTime, std::time::SystemTime)>,
+    checked: std::time::Instant,
+}
+
+/// How often a [`NodeIdentity`] looks at its files.
+pub const IDENTITY_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl NodeIdentity {
+    /// Load the pair at `cert_path`/`key_path`; the CA is added to the presented chain.
+    pub fn load(
+        cert_path: &std::path::Path,
+        key_path: &std::path::Path,
+        ca_cert_pem: &str,
+    ) -> Result<Arc<NodeIdentity>, TlsError> {
+        let ca = first_cert(ca_cert_pem)?;
+        let (key, stamp) = Self::read(cert_path, key_path, &ca)?;
+        Ok(Arc::new(NodeIdentity {
+            cert_path: cert_path.to_path_buf(),
+            key_path: key_path.to_path_buf(),
+            ca,
+            current: std::sync::RwLock::new(IdentityState {
+                key,
+                stamp,
+                checked: std::time::Instant::now(),
+            }),
+        }))
+    }
+
+    fn stamp(
+        cert_path: &std::path::Path,
+        key_path: &std::path::Path,
+    ) -> Option<(std::time::SystemTime, std::time::SystemTime)> {
+        let m = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        Some((m(cert_path)?, m(key_path)?))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn read(
+        cert_path: &std::path::Path,
+        key_path: &std::path::Path,
+        ca: &CertificateDer<'static>,
+    ) -> Result<
+        (
+            Arc<rustls::sign::CertifiedKey>,
+            Option<(std::time::SystemTime, std::time::SystemTime)>,
+        ),
+        TlsError,
+    > {
+        let stamp = Self::stamp(cert_path, key_path);
+        let read = |p: &std::path::Path| {
+            std::fs::read_to_string(p).map_err(|e| TlsError::Pem(format!("{}: {e}", p.display())))
+        };
+        let mut chain = certs_from_pem(&read(cert_path)?)?;
+        if !chain.contains(ca) {
+            chain.push(ca.clone());
+        }
+        let key = provider()
+            .key_provider
+            .load_private_key(key_from_pem(&read(key_path)?)?)?;
+        let certified = rustls::sign::CertifiedKey::new(chain, key);
+        certified.keys_match()?;
+        Ok((Arc::new(certified), stamp))
+    }
+
+    /// The pair to present now (reloaded first if the files changed).
+    pub fn certified_key(&self) -> Arc<rustls::sign::CertifiedKey> {
+        {
+            let g = self.current.read().expect("identity lock");
+            if g.checked.elapsed() < IDENTITY_RECHECK {
+                return g.key.clone();
+            }
+        }
+        let mut g = self.current.write().expect("identity lock");
+        if g.checked.elapsed() >= IDENTITY_RECHECK {
+            g.checked = std::time::Instant::now();
+            let now = Self::stamp(&self.cert_path, &self.key_path);
+            if now.is_some() && now != g.stamp {
+                // Half written, or broken: keep presenting the previous pair.
+                if let Ok((key, stamp)) = Self::read(&self.cert_path, &self.key_path, &self.ca) {
+                    g.key = key;
+                    g.stamp = stamp;
+                }
+            }
+        }
+        g.key.clone()
+    }
+
+    /// SHA-256 of the certificate presented now.
+    pub fn fingerprint(&self) -> String {
+        let k = self.certified_key();
+        fingerprint_der(k.cert[0].as_ref())
+    }
+}
+
+impl rustls::server::ResolvesServerCert for NodeIdentity {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.certified_key())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for NodeIdentity {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.certified_key())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// [`server_config`] presenting `identity` (reloaded on rotation).
+pub fn server_config_with(
+    identity: Arc<NodeIdentity>,
+    ca_cert_pem: &str,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(client_verifier(first_cert(ca_cert_pem)?)?)
+        .with_cert_resolver(identity);
+    Ok(Arc::new(config))
+}
+
+/// [`peer_client_config`] presenting `identity` (reloaded on rotation).
+pub fn peer_client_config_with(
+    identity: Arc<NodeIdentity>,
+    ca_cert_pem: &str,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let ca = first_cert(ca_cert_pem)?;
+    let config = pinned_builder(&fingerprint_der(ca.as_ref()))?.with_client_cert_resolver(identity);
     Ok(Arc::new(config))
 }
 

@@ -95,6 +95,12 @@ enum Cmd {
         #[arg(long)]
         insecure: bool,
     },
+    /// Rotate this node's certificate (a new key, issued by the hive CA); the running node
+    /// presents it on new connections within a second, without a restart.
+    Cert {
+        #[command(subcommand)]
+        cmd: CertCmd,
+    },
     /// Access tokens: create (prints the secret once), list, revoke.
     Token {
         #[command(subcommand)]
@@ -171,6 +177,14 @@ impl NodeArgs {
             zone: self.zone,
         })
     }
+}
+
+#[derive(Subcommand)]
+enum CertCmd {
+    Rotate {
+        #[arg(long)]
+        data: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -311,6 +325,13 @@ fn real_main() -> Result<()> {
             insecure,
         } => status(&data, json, insecure),
         Cmd::Token { cmd } => token_cmd(cmd),
+        Cmd::Cert {
+            cmd: CertCmd::Rotate { data },
+        } => {
+            let fp = config::rotate_node_cert(&data)?;
+            println!("node certificate rotated: {fp}");
+            Ok(())
+        }
         Cmd::Node {
             cmd: NodeCmd::Remove { data, id },
         } => {

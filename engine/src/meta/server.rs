@@ -155,13 +155,16 @@ impl MetaServer {
                     std::fs::read_to_string(data_dir.join(f))
                         .with_context(|| format!("reading {f} in {}", data_dir.display()))
                 };
+                let ca = read("ca.pem")?;
+                let identity = hivefs_net::tls::NodeIdentity::load(
+                    &data_dir.join("node.pem"),
+                    &data_dir.join("node.key"),
+                    &ca,
+                )
+                .map_err(|e| anyhow::anyhow!("node certificate: {e}"))?;
                 Some(
-                    hivefs_net::tls::peer_client_config(
-                        &read("ca.pem")?,
-                        &read("node.pem")?,
-                        &read("node.key")?,
-                    )
-                    .map_err(|e| anyhow::anyhow!("node TLS for the metadata cluster: {e}"))?,
+                    hivefs_net::tls::peer_client_config_with(identity, &ca)
+                        .map_err(|e| anyhow::anyhow!("node TLS for the metadata cluster: {e}"))?,
                 )
             }
             None => None,
