@@ -283,7 +283,8 @@ impl Peer {
             };
             let r = l.call(&request);
             // A link that failed is dropped: the next RPC dials again.
-            (r.clone(), r.is_ok().then_some(l))
+            let keep = r.is_ok();
+            (r, keep.then_some(l))
         })
         .await;
         let fail = |why: String| PeerFailure {
