@@ -728,19 +728,70 @@ pub(crate) mod tests {
         assert!(matches!(err, rustls::Error::InvalidCertificate(_)), "{err}");
     }
 
-    #[test]
-    fn a_cert_from_another_hive_with_the_right_ca_attached_fails() {
-        // A node of another hive presenting the pinned CA's certificate (public) next to
-        // its own: the pin matches but the chain does not.
-        let p = pki();
+    /// A node certificate (and key) issued by another hive's CA, for `localhost`.
+    fn foreign_node_cert() -> (String, String) {
         let other = generate_ca("other").unwrap();
-        let (cert, key) = issue_node_cert(
+        issue_node_cert(
             &other.cert_pem,
             &other.key_pem,
             "evil",
             &["localhost".into()],
         )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_node_identity_follows_its_files_and_ignores_a_half_written_pair() {
+        let p = pki();
+        let dir = std::env::temp_dir().join(format!("hivefs-identity-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cp, kp) = (dir.join("node.pem"), dir.join("node.key"));
+        std::fs::write(&cp, &p.node_cert).unwrap();
+        std::fs::write(&kp, &p.node_key).unwrap();
+        let id = NodeIdentity::load(&cp, &kp, &p.ca.cert_pem).unwrap();
+        let first = id.fingerprint();
+        assert_eq!(first, fingerprint_pem(&p.node_cert).unwrap());
+        assert_eq!(id.certified_key().cert.len(), 2, "the chain carries the CA");
+        let (cert2, key2) = issue_node_cert(
+            &p.ca.cert_pem,
+            &p.ca.key_pem,
+            "node-a",
+            &["localhost".into()],
+        )
         .unwrap();
+        // Only the certificate replaced (the key not yet): the old pair stays in use.
+        std::fs::write(&cp, &cert2).unwrap();
+        std::thread::sleep(IDENTITY_RECHECK + std::time::Duration::from_millis(100));
+        assert_eq!(
+            id.fingerprint(),
+            first,
+            "a mismatched pair must not be presented"
+        );
+        // Both replaced: the new pair is presented (files are looked at once per recheck).
+        std::fs::write(&kp, &key2).unwrap();
+        std::thread::sleep(IDENTITY_RECHECK + std::time::Duration::from_millis(100));
+        assert_eq!(id.fingerprint(), fingerprint_pem(&cert2).unwrap());
+        // A server built on it hands out the new certificate in a real handshake.
+        let sc = server_config_with(id.clone(), &p.ca.cert_pem).unwrap();
+        let cc = client_config_pinned(&fingerprint_pem(&p.ca.cert_pem).unwrap()).unwrap();
+        let mut client =
+            Connection::from(ClientConnection::new(cc, server_name("localhost").unwrap()).unwrap());
+        let mut server = Connection::from(ServerConnection::new(sc).unwrap());
+        pump(&mut client, &mut server).unwrap();
+        let got = client.peer_certificates().unwrap()[0].clone();
+        assert_eq!(
+            fingerprint_der(got.as_ref()),
+            fingerprint_pem(&cert2).unwrap()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_cert_from_another_hive_with_the_right_ca_attached_fails() {
+        // A node of another hive presenting the pinned CA's certificate (public) next to
+        // its own: the pin matches but the chain does not.
+        let p = pki();
+        let (cert, key) = foreign_node_cert();
         let sc = server_config(&cert, &key, &p.ca.cert_pem).unwrap();
         let cc = client_config_pinned(&fingerprint_pem(&p.ca.cert_pem).unwrap()).unwrap();
         let mut client =
@@ -791,14 +842,7 @@ pub(crate) mod tests {
     #[test]
     fn a_node_certificate_of_another_hive_is_refused_by_the_server() {
         let p = pki();
-        let other = generate_ca("other").unwrap();
-        let (cert, key) = issue_node_cert(
-            &other.cert_pem,
-            &other.key_pem,
-            "evil",
-            &["localhost".into()],
-        )
-        .unwrap();
+        let (cert, key) = foreign_node_cert();
         // It pins the right CA (public) but presents a certificate the hive did not issue.
         let (is_client, err) = peer_handshake(&p.ca.cert_pem, &cert, &key).unwrap_err();
         assert!(!is_client, "the server refuses: {err}");
