@@ -100,6 +100,8 @@ pub(super) struct Shared {
     pub(super) peer_tls: Option<Arc<rustls::ClientConfig>>,
     /// Who may connect and do what (shared with the shard threads).
     pub(super) tokens: Arc<TokenRegistry>,
+    /// Volume ids by name, as found (see [`Shared::volume_id`]).
+    volume_ids: Mutex<std::collections::HashMap<String, u32>>,
     device: Arc<DeviceUse>,
     /// flock and POSIX locks (volatile; see `locks.rs`).
     locks: LockService,
@@ -203,6 +205,7 @@ impl MetaServer {
             tls,
             peer_tls,
             tokens,
+            volume_ids: Mutex::new(std::collections::HashMap::new()),
             device,
             locks,
             watchers: Watchers::default(),
@@ -643,6 +646,22 @@ fn watch_stream(
 }
 
 impl Shared {
+    /// The id of volume `name`, remembered once found: a volume-scoped token names its
+    /// volume, and every request of such a mount is checked against it (a store read per
+    /// request otherwise). Sound because a volume is never renamed or removed (no mutation
+    /// does either); whichever first does must forget the name here.
+    fn volume_id(&self, name: &str) -> Option<u32> {
+        if let Some(id) = self.volume_ids.lock().expect("volume ids").get(name) {
+            return Some(*id);
+        }
+        let id = self.store.volume_id(name).ok().flatten()?;
+        self.volume_ids
+            .lock()
+            .expect("volume ids")
+            .insert(name.to_string(), id);
+        Some(id)
+    }
+
     /// Is a collection running on this node (it tells shards their epochs itself)?
     pub(super) fn gc_running(&self) -> bool {
         self.gc_running.load(Ordering::SeqCst)
@@ -1295,7 +1314,7 @@ fn allowed(sh: &Shared, scope: &TokenScope, req: &MetaRequest) -> Result<(), Err
             _ => Ok(()),
         },
         TokenScope::Volume { name, read_only } => {
-            let Ok(Some(vid)) = sh.store.volume_id(name) else {
+            let Some(vid) = sh.volume_id(name) else {
                 return Err(Errno::PERM);
             };
             let ok = match req {
