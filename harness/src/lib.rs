@@ -283,20 +283,8 @@ impl TestNode {
         let mut cmd = hive_command(&node.bin, &node.opts);
         cmd.arg("join")
             .args(["--hive", &format!("{}:{}", via.opts.host, via.meta_port())])
-            .args(["--listen", &node.opts.host])
             .args(["--token", &via.token(), "--ca", &via.ca_fingerprint()])
-            .arg("--data")
-            .arg(&node.dir)
-            .args([
-                "--size",
-                &node.opts.size,
-                "--segment-size",
-                &node.opts.segment_size,
-                "--shards",
-                &node.opts.shards.to_string(),
-                "--base-port",
-                &node.base_port.to_string(),
-            ]);
+            .args(node.node_args());
         if std::env::var_os("HIVE_LOG").is_none() {
             cmd.env("HIVE_LOG", "info");
         }
@@ -378,26 +366,28 @@ impl TestNode {
         }
     }
 
+    /// The options `hive init` and `hive join` share: directory, device, shards, ports.
+    fn node_args(&self) -> Vec<std::ffi::OsString> {
+        let mut a: Vec<std::ffi::OsString> = vec!["--data".into(), self.dir.clone().into()];
+        for (k, v) in [
+            ("--listen", self.opts.host.clone()),
+            ("--size", self.opts.size.clone()),
+            ("--segment-size", self.opts.segment_size.clone()),
+            ("--shards", self.opts.shards.to_string()),
+            ("--base-port", self.base_port.to_string()),
+        ] {
+            a.push(k.into());
+            a.push(v.into());
+        }
+        a
+    }
+
     /// `hive init` a fresh node without starting it.
     pub fn init(opts: NodeOptions) -> TestNode {
         let node = TestNode::new_dir(opts);
         let out = hive_command(&node.bin, &node.opts)
             .arg("init")
-            .args(["--listen", &node.opts.host])
-            .arg("--data")
-            .arg(&node.dir)
-            .args([
-                "--size",
-                &node.opts.size,
-                "--segment-size",
-                &node.opts.segment_size,
-            ])
-            .args([
-                "--shards",
-                &node.opts.shards.to_string(),
-                "--base-port",
-                &node.base_port.to_string(),
-            ])
+            .args(node.node_args())
             .env("NO_COLOR", "1")
             .output()
             .unwrap_or_else(|e| panic!("running {} init: {e}", node.bin.display()));
