@@ -1,10 +1,19 @@
 //! Connections to a hive node: TLS with the pinned hive CA, token authentication, the
 //! cluster map, and shard-aware batched `has` / `put` / `get`.
 //!
-//! A [`HiveClient`] holds one connection per shard (each shard listens on
-//! `base_port + shard`) and sends every chunk straight to the shard that owns its bucket.
-//! Work for several shards runs in parallel, one thread per shard, and each connection
-//! keeps up to its flow-control credits of requests in flight (pipelining).
+//! A [`HiveClient`] reads the hive's placement map (`HiveMap`: nodes, states, weights;
+//! each bucket's replicas by weighted rendezvous hashing) from the node it first
+//! contacts, and talks to every node directly, one connection per (node, shard) opened
+//! when first needed (shard `i` of a node listens on `base_port + i`; a node keeps bucket
+//! `b` on shard `b % shards`). Puts and `has` go to the bucket's *primary* (its first
+//! replica not marked down), which stores the chunks and forwards the other copies
+//! before answering. A put refused as `NotPrimary` (the client's map is stale), or one
+//! whose primary cannot be reached, fetches the map again and retries (idempotent) for up
+//! to [`RETRY_FOR`]. Reads ask the bucket's replicas in order and fail over on an error,
+//! a refusal or a copy that is missing or corrupt.
+//!
+//! Work for several connections runs in parallel, one thread per connection, and each
+//! connection keeps up to its flow-control credits of requests in flight (pipelining).
 //!
 //! Every chunk read is decompressed and checked against its id before it is returned;
 //! a node can never hand a client bytes that do not hash to what was asked for.
@@ -13,6 +22,7 @@ use crate::pipeline::PreparedChunk;
 use hivefs_net::chunk::{self, ChunkError, ChunkId};
 use hivefs_net::conn::{ConnError, FramedConn};
 use hivefs_net::frame::{MAX_BODY_BYTES, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
+use hivefs_net::placement::{HiveMap, Placement};
 use hivefs_net::proto::{
     ClusterMap, ErrorCode, PutChunk, PutResult, Request, Response, MAX_BATCH_CHUNKS, MAX_BATCH_IDS,
     PUT_BODY_HEADER_BYTES, PUT_CHUNK_OVERHEAD_BYTES,
@@ -101,8 +111,14 @@ struct ShardConn {
 }
 
 impl ShardConn {
-    fn open(o: &ClientOptions, shard: u16) -> Result<(ShardConn, u16), ClientError> {
-        let conn = dial(o, o.base_port as u32 + shard as u32).map_err(|e| e.for_shard(shard))?;
+    fn open(
+        o: &ClientOptions,
+        host: &str,
+        base_port: u16,
+        shard: u16,
+    ) -> Result<(ShardConn, u16), ClientError> {
+        let conn =
+            dial_host(o, host, base_port as u32 + shard as u32).map_err(|e| e.for_shard(shard))?;
         let mut sc = ShardConn {
             shard,
             conn,
@@ -265,6 +281,16 @@ impl ShardConn {
                 return Ok(st);
             }
             let (id, resp) = self.recv_any()?;
+            if matches!(resp, Response::Error { .. }) {
+                // Read what is still owed (the connection stays in step), then fail.
+                let err = sc_err(self.shard, resp);
+                in_flight.remove(&id);
+                while !in_flight.is_empty() {
+                    let (id, _) = self.recv_any()?;
+                    in_flight.remove(&id);
+                }
+                return Err(err);
+            }
             let Some((ids, sent)) = in_flight.remove(&id) else {
                 return Err(ClientError::Protocol {
                     shard: self.shard,
@@ -306,8 +332,11 @@ impl ShardConn {
     ) -> Result<(), ClientError> {
         let mut in_flight: HashMap<u64, usize> = HashMap::new();
         let mut next = reqs.into_iter().enumerate();
+        // After a refused request nothing more is sent, but the replies still owed are
+        // read, so the connection stays in step for the next call (a retry, say).
+        let mut first_err: Option<ClientError> = None;
         loop {
-            while in_flight.len() < self.credits {
+            while first_err.is_none() && in_flight.len() < self.credits {
                 match next.next() {
                     Some((i, r)) => {
                         let id = self.send_out(&r)?;
@@ -317,7 +346,7 @@ impl ShardConn {
                 }
             }
             if in_flight.is_empty() {
-                return Ok(());
+                return first_err.map_or(Ok(()), Err);
             }
             let (id, resp) = self.recv_any()?;
             let Some(i) = in_flight.remove(&id) else {
@@ -326,7 +355,11 @@ impl ShardConn {
                     detail: format!("reply to request {id}, which is not in flight"),
                 });
             };
-            on_reply(i, resp)?;
+            if first_err.is_none() {
+                if let Err(e) = on_reply(i, resp) {
+                    first_err = Some(e);
+                }
+            }
         }
     }
 }
@@ -372,13 +405,8 @@ pub struct UploadStats {
     pub claim_epoch: u64,
 }
 
-/// Open a TCP connection to `o.host:port` and wrap it (TLS with the pinned CA unless
-/// `o.ca_fingerprint` is `None`); no Hello yet.
-pub(crate) fn dial(o: &ClientOptions, port: u32) -> Result<FramedConn<TcpStream>, ClientError> {
-    dial_host(o, &o.host, port)
-}
-
-/// [`dial`] another host of the same hive (same token, same pinned CA).
+/// Open a TCP connection to `host:port` and wrap it (TLS with the pinned CA unless
+/// `o.ca_fingerprint` is `None`); no Hello yet. Same token and CA for every node.
 pub(crate) fn dial_host(
     o: &ClientOptions,
     host: &str,
@@ -433,29 +461,76 @@ impl ClientError {
     }
 }
 
+/// How long a put or has keeps retrying after the map changed under it (a primary that
+/// moved, a node that went away and is being marked down) before it gives up.
+pub const RETRY_FOR: Duration = Duration::from_secs(12);
+/// A map older than this is fetched again before the next put or has.
+pub const MAP_REFRESH: Duration = Duration::from_secs(5);
+/// A chunk no node has makes a read fetch the map again, if it is older than this.
+const MAP_RECHECK: Duration = Duration::from_secs(1);
+/// How long a read waits for the map of a node that has none yet.
+const UNPLACED_WAIT: Duration = Duration::from_secs(5);
+/// A node whose connection failed is tried last by reads for this long.
+const SUSPECT_FOR: Duration = Duration::from_secs(5);
+
+/// Where one chunk request goes: a node of the map (0 before the hive has a map: the node
+/// first contacted) and one of its shards. Two dests are the same connection when they
+/// name the same endpoint (`node` is what the map calls it, for bookkeeping).
+#[derive(Clone, Debug)]
+struct Dest {
+    node: u64,
+    host: String,
+    base_port: u16,
+    shard: u16,
+}
+
+impl Dest {
+    fn endpoint(&self) -> (&str, u16, u16) {
+        (&self.host, self.base_port, self.shard)
+    }
+}
+
+impl PartialEq for Dest {
+    fn eq(&self, o: &Dest) -> bool {
+        self.endpoint() == o.endpoint()
+    }
+}
+
+impl Eq for Dest {}
+
+impl std::hash::Hash for Dest {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.endpoint().hash(h)
+    }
+}
+
 /// A connected client. See the module docs.
 pub struct HiveClient {
+    opts: ClientOptions,
+    /// The first node's map: dedupe key, bucket count, its shards.
     map: ClusterMap,
-    shards: Vec<ShardConn>,
+    /// The hive's placement (no nodes: everything goes to the first node).
+    hive: HiveMap,
+    /// Every bucket's nodes in rendezvous order, for `hive`.
+    order: Placement,
+    map_fetched: std::time::Instant,
+    /// Open connections, by destination; `None` after one failed.
+    conns: Vec<Option<ShardConn>>,
+    dests: HashMap<Dest, usize>,
+    /// Nodes whose connection failed recently, and when.
+    suspect: HashMap<u64, std::time::Instant>,
 }
 
-fn split_by_shard<T>(
-    map: &ClusterMap,
-    items: impl IntoIterator<Item = (usize, T)>,
-    id_of: impl Fn(&T) -> ChunkId,
-) -> Vec<Vec<(usize, T)>> {
-    let mut out: Vec<Vec<(usize, T)>> = (0..map.shard_count).map(|_| Vec::new()).collect();
-    for (i, t) in items {
-        let s = map.shard_of(&id_of(&t)) as usize;
-        out[s].push((i, t));
-    }
-    out
-}
+/// Items grouped by connection index.
+type Groups<T> = Vec<Option<Vec<(usize, T)>>>;
+/// Items that could not be routed or whose node could not be reached.
+type Unrouted<T> = Vec<(usize, T, Option<ClientError>)>;
 
 impl HiveClient {
-    /// Connect to shard 0, fetch the map, then connect to every other shard.
+    /// Connect to the node at `o` (every shard), fetch its map and the hive's placement
+    /// map; connections to other nodes open when first needed.
     pub fn connect(o: &ClientOptions) -> Result<HiveClient, ClientError> {
-        let (mut first, shard_count) = ShardConn::open(o, 0)?;
+        let (mut first, shard_count) = ShardConn::open(o, &o.host, o.base_port, 0)?;
         let map = match first.call(&Request::Map)? {
             Response::MapReply { map } => map,
             other => return Err(first.unexpected(other)),
@@ -466,65 +541,309 @@ impl HiveClient {
                 detail: "map and hello disagree on the shard count".into(),
             });
         }
-        let mut shards = vec![first];
-        for s in 1..shard_count {
-            shards.push(ShardConn::open(o, s)?.0);
+        let hive = match first.call(&Request::HiveMap)? {
+            Response::HiveMapReply { map: m } if m.bucket_count == map.bucket_count => m,
+            Response::HiveMapReply { .. } => {
+                return Err(ClientError::Protocol {
+                    shard: 0,
+                    detail: "the placement map and the node disagree on the bucket count".into(),
+                })
+            }
+            other => return Err(first.unexpected(other)),
+        };
+        let mut c = HiveClient {
+            opts: o.clone(),
+            order: hive.placement(usize::MAX),
+            hive,
+            map,
+            map_fetched: std::time::Instant::now(),
+            conns: Vec::new(),
+            dests: HashMap::new(),
+            suspect: HashMap::new(),
+        };
+        let d = c.home_dest(0);
+        c.dests.insert(d, 0);
+        c.conns.push(Some(first));
+        // A node moments after its start or join may not have the hive's map yet: wait a
+        // little for it (puts are refused until then, and reads would see one node).
+        let deadline = std::time::Instant::now() + UNPLACED_WAIT;
+        while !c.placed() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            c.refresh_map();
         }
-        Ok(HiveClient { map, shards })
+        // The first node's shards at once (a node that is not there fails here, not later).
+        for s in 1..shard_count {
+            c.conn(&c.home_dest(s))?;
+        }
+        Ok(c)
     }
 
+    /// The first node's map (dedupe key, bucket count, its shards).
     pub fn map(&self) -> &ClusterMap {
         &self.map
     }
 
-    /// Run `work[s]` on shard `s`'s connection for every shard that has work (`Some`), all
-    /// in parallel; results in shard order. The first busy shard runs on the caller's
-    /// thread, each other one on a scoped thread: a call that touches one shard (a small
-    /// get, as a mount's reads make) starts no thread at all. Starting one per shard for
-    /// every call was a visible share of `hi`'s CPU on reads.
-    fn per_shard<W: Send, R: Send>(
+    /// The hive's placement map as last fetched.
+    pub fn hive_map(&self) -> &HiveMap {
+        &self.hive
+    }
+
+    /// The first node's id in the placement map (0 if it is not in it).
+    fn home_node(&self) -> u64 {
+        self.hive
+            .nodes
+            .iter()
+            .find(|n| n.name == self.map.node_id)
+            .map_or(0, |n| n.id)
+    }
+
+    fn home_dest(&self, shard: u16) -> Dest {
+        Dest {
+            node: self.home_node(),
+            host: self.opts.host.clone(),
+            base_port: self.opts.base_port,
+            shard,
+        }
+    }
+
+    /// Destination of `node` for a chunk of `bucket`. The node first contacted is reached
+    /// where the caller reached it (its advertised host may be a name only others use).
+    fn dest(&self, node: u64, bucket: u32) -> Option<Dest> {
+        let n = self.hive.node(node)?;
+        let shard = (bucket % n.shards.max(1) as u32) as u16;
+        if n.name == self.map.node_id {
+            return Some(self.home_dest(shard));
+        }
+        Some(Dest {
+            node,
+            host: n.host.clone(),
+            base_port: n.base_port,
+            shard,
+        })
+    }
+
+    /// Whether the hive has a placement map with the first node in it (else the first
+    /// node takes everything, as a brand-new one-node hive does until it registers).
+    fn placed(&self) -> bool {
+        self.hive.node(self.home_node()).is_some()
+    }
+
+    /// Where puts and has of `id` go: its bucket's primary.
+    fn primary_dest(&self, id: &ChunkId) -> Option<Dest> {
+        if !self.placed() {
+            return Some(self.home_dest(self.map.shard_of(id)));
+        }
+        let b = self.hive.bucket_of(id);
+        let p = self.hive.primary(self.order.replicas(b))?;
+        self.dest(p, b)
+    }
+
+    /// Where reads of `id` go, best first: the bucket's nodes not down, then down ones,
+    /// nodes whose connection failed lately last of all.
+    fn read_dests(&self, id: &ChunkId) -> Vec<Dest> {
+        if !self.placed() {
+            return vec![self.home_dest(self.map.shard_of(id))];
+        }
+        let b = self.hive.bucket_of(id);
+        let mut order = self.hive.read_order(self.order.replicas(b));
+        let suspect = |n: &u64| {
+            self.suspect
+                .get(n)
+                .is_some_and(|t| t.elapsed() < SUSPECT_FOR)
+        };
+        order.sort_by_key(suspect); // stable: keeps the order within each class
+        order.into_iter().filter_map(|n| self.dest(n, b)).collect()
+    }
+
+    /// The connection index for `d`, opening it if needed.
+    fn conn(&mut self, d: &Dest) -> Result<usize, ClientError> {
+        if let Some(&i) = self.dests.get(d) {
+            if self.conns[i].is_some() {
+                return Ok(i);
+            }
+        }
+        match ShardConn::open(&self.opts, &d.host, d.base_port, d.shard) {
+            Ok((sc, _)) => {
+                let i = match self.dests.get(d) {
+                    Some(&i) => i,
+                    None => {
+                        self.conns.push(None);
+                        self.dests.insert(d.clone(), self.conns.len() - 1);
+                        self.conns.len() - 1
+                    }
+                };
+                self.conns[i] = Some(sc);
+                Ok(i)
+            }
+            Err(e) => {
+                self.suspect.insert(d.node, std::time::Instant::now());
+                Err(e)
+            }
+        }
+    }
+
+    /// Drop the connection `i` after it failed (the node is suspect for a while).
+    fn drop_conn(&mut self, i: usize) {
+        self.conns[i] = None;
+        if let Some((d, _)) = self.dests.iter().find(|(_, &j)| j == i) {
+            self.suspect.insert(d.node, std::time::Instant::now());
+        }
+    }
+
+    /// Fetch the placement map again: from the first node, else from any node of the map.
+    /// Keeps the one it has if none answers or none is newer.
+    pub fn refresh_map(&mut self) {
+        self.map_fetched = std::time::Instant::now();
+        let mut candidates = vec![self.home_dest(0)];
+        for n in &self.hive.nodes {
+            if let Some(d) = self.dest(n.id, 0) {
+                if !candidates.contains(&d) {
+                    candidates.push(d);
+                }
+            }
+        }
+        for d in candidates {
+            let Ok(i) = self.conn(&d) else { continue };
+            let Some(sc) = self.conns[i].as_mut() else {
+                continue;
+            };
+            match sc.call(&Request::HiveMap) {
+                Ok(Response::HiveMapReply { map }) if map.bucket_count == self.map.bucket_count => {
+                    if map.epoch > self.hive.epoch {
+                        tracing::debug!(epoch = map.epoch, "placement map");
+                        self.order = map.placement(usize::MAX);
+                        self.hive = map;
+                    }
+                    return;
+                }
+                Ok(_) => {}
+                Err(_) => self.drop_conn(i),
+            }
+        }
+    }
+
+    /// Run `work[i]` on connection `i` for every `Some`, all in parallel; `(i, result)`
+    /// for each busy connection, in index order. The first busy connection runs on the
+    /// caller's thread, each other one on a scoped thread: a call that touches one
+    /// connection (a small get, as a mount's reads make) starts no thread at all.
+    /// Starting one per shard for every call was a visible share of `hi`'s CPU on reads.
+    fn per_conn<W: Send, R: Send>(
         &mut self,
         work: Vec<Option<W>>,
         f: impl Fn(&mut ShardConn, W) -> Result<R, ClientError> + Sync,
-    ) -> Result<Vec<R>, ClientError> {
+    ) -> Vec<(usize, Result<R, ClientError>)> {
         let f = &f;
         let mut busy = self
-            .shards
+            .conns
             .iter_mut()
             .zip(work)
-            .filter_map(|(sc, w)| w.map(|w| (sc, w)));
-        let Some((first, w)) = busy.next() else {
-            return Ok(Vec::new());
+            .enumerate()
+            .filter_map(|(i, (sc, w))| Some((i, sc.as_mut()?, w?)));
+        let Some((i0, first, w)) = busy.next() else {
+            return Vec::new();
         };
         let rest: Vec<_> = busy.collect();
         if rest.is_empty() {
-            return Ok(vec![f(first, w)?]);
+            return vec![(i0, f(first, w))];
         }
-        let results: Vec<Result<R, ClientError>> = std::thread::scope(|scope| {
+        std::thread::scope(|scope| {
             let handles: Vec<_> = rest
                 .into_iter()
-                .map(|(sc, w)| scope.spawn(move || f(sc, w)))
+                .map(|(i, sc, w)| (i, scope.spawn(move || f(sc, w))))
                 .collect();
             let mine = f(first, w);
-            std::iter::once(mine)
+            std::iter::once((i0, mine))
                 .chain(
-                    handles
-                        .into_iter()
-                        .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))),
+                    handles.into_iter().map(|(i, h)| {
+                        (i, h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                    }),
                 )
                 .collect()
-        });
-        results.into_iter().collect()
+        })
     }
 
-    /// Send `items` to the shards that own them, cut into requests by `batches`, pipelined
-    /// per shard and all shards in parallel. `answer` turns the reply to a batch into one
-    /// answer per item of the batch and the claim epoch, or hands back a reply of the wrong
-    /// kind; a count that does not match the batch is a protocol error. Returns the answers in the order of `items` and the *oldest* claim epoch among the
-    /// answers: a claim is only as good as its oldest part (a shard that had not yet heard
-    /// of a new GC epoch stamps the old one, and its claim is not recorded by the new
-    /// collection; a commit must then be refused and the chunks claimed again).
+    /// Group `items` by the connection of their destination (opening connections as
+    /// needed). An item with no destination, or whose node cannot be reached, is returned
+    /// apart with the error.
+    fn group<T>(
+        &mut self,
+        items: impl IntoIterator<Item = (usize, T)>,
+        dest: impl Fn(&Self, &T) -> Option<Dest>,
+    ) -> (Groups<T>, Unrouted<T>) {
+        let mut groups: Groups<T> = Vec::new();
+        let mut failed = Vec::new();
+        let mut tried: HashMap<Dest, Result<usize, String>> = HashMap::new();
+        for (i, t) in items {
+            let Some(d) = dest(self, &t) else {
+                failed.push((i, t, None));
+                continue;
+            };
+            if !tried.contains_key(&d) {
+                let c = self.conn(&d).map_err(|e| e.to_string());
+                tried.insert(d.clone(), c);
+            }
+            match &tried[&d] {
+                Ok(c) => {
+                    if groups.len() <= *c {
+                        groups.resize_with(c + 1, || None);
+                    }
+                    groups[*c].get_or_insert_with(Vec::new).push((i, t));
+                }
+                Err(e) => {
+                    let e = ClientError::Connect {
+                        addr: format!("{}:{}", d.host, d.base_port as u32 + d.shard as u32),
+                        source: std::io::Error::other(e.clone()),
+                    };
+                    failed.push((i, t, Some(e)));
+                }
+            }
+        }
+        groups.resize_with(self.conns.len(), || None);
+        (groups, failed)
+    }
+
+    /// Send `items` to their primaries, cut into requests by `batches`, pipelined per
+    /// connection and all connections in parallel. `answer` turns the reply to a batch
+    /// into one answer per item of the batch and the claim epoch, or hands back a reply of
+    /// the wrong kind; a count that does not match the batch is a protocol error. Returns
+    /// the answers in the order of `items` and the *oldest* claim epoch among the answers:
+    /// a claim is only as good as its oldest part (a shard that had not yet heard of a new
+    /// GC epoch stamps the old one, and its claim is not recorded by the new collection; a
+    /// commit must then be refused and the chunks claimed again).
+    ///
+    /// Where the map moved under the call (a primary unreachable, a node answering that it
+    /// is not the primary, too few copies while a node is being marked down) the map is
+    /// fetched again and the whole call retried, for up to [`RETRY_FOR`]: every request
+    /// here is idempotent.
     fn scatter<'a, T: Sync, A: Send + Clone>(
+        &mut self,
+        items: &'a [T],
+        id_of: impl Fn(&T) -> ChunkId + Sync + Copy,
+        batches: impl Fn(&[(usize, &'a T)]) -> Vec<Vec<(usize, &'a T)>> + Sync + Copy,
+        request: impl Fn(&[(usize, &'a T)]) -> Outgoing<'a> + Sync + Copy,
+        answer: impl Fn(Response) -> Result<(Vec<A>, u64), Response> + Sync + Copy,
+        unanswered: A,
+    ) -> Result<(Vec<A>, u64), ClientError> {
+        if self.map_fetched.elapsed() >= MAP_REFRESH {
+            self.refresh_map();
+        }
+        let deadline = std::time::Instant::now() + RETRY_FOR;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let r = self.scatter_once(items, id_of, batches, request, answer, unanswered.clone());
+            match r {
+                Err(e) if self.retryable(&e) && std::time::Instant::now() < deadline => {
+                    tracing::debug!("chunk call retried after a map change: {e}");
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                    self.refresh_map();
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn scatter_once<'a, T: Sync, A: Send + Clone>(
         &mut self,
         items: &'a [T],
         id_of: impl Fn(&T) -> ChunkId,
@@ -533,11 +852,16 @@ impl HiveClient {
         answer: impl Fn(Response) -> Result<(Vec<A>, u64), Response> + Sync,
         unanswered: A,
     ) -> Result<(Vec<A>, u64), ClientError> {
-        let groups = split_by_shard(&self.map, items.iter().enumerate(), |t| id_of(t))
-            .into_iter()
-            .map(|g| (!g.is_empty()).then_some(g))
-            .collect();
-        let answers = self.per_shard(groups, |sc, group| {
+        let (groups, failed) =
+            self.group(items.iter().enumerate(), |c, t| c.primary_dest(&id_of(t)));
+        if let Some((_, t, e)) = failed.into_iter().next() {
+            return Err(e.unwrap_or_else(|| ClientError::Refused {
+                shard: u16::MAX,
+                code: ErrorCode::NotPrimary,
+                message: format!("no primary for chunk {} in the map", id_of(t)),
+            }));
+        }
+        let answers = self.per_conn(groups, |sc, group| {
             let batches = batches(&group);
             let reqs = batches.iter().map(|b| request(b)).collect();
             let mut out = Vec::with_capacity(group.len());
@@ -556,19 +880,34 @@ impl HiveClient {
                 Err(other) => Err(sc_err(shard, other)),
             })?;
             Ok((out, epoch))
-        })?;
+        });
         let mut results = vec![unanswered; items.len()];
         let mut epoch = u64::MAX;
-        for (group, e) in answers {
-            epoch = epoch.min(e);
-            for (i, a) in group {
-                results[i] = a;
+        let mut first_err = None;
+        for (i, r) in answers {
+            match r {
+                Ok((group, e)) => {
+                    epoch = epoch.min(e);
+                    for (k, a) in group {
+                        results[k] = a;
+                    }
+                }
+                Err(e) => {
+                    if matches!(e, ClientError::Conn { .. }) {
+                        self.drop_conn(i);
+                    }
+                    first_err.get_or_insert(e);
+                }
             }
         }
-        Ok((results, if epoch == u64::MAX { 0 } else { epoch }))
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok((results, if epoch == u64::MAX { 0 } else { epoch })),
+        }
     }
 
-    /// Which ids the hive holds (verified). Returns `(present, claim_epoch)`.
+    /// Which ids the hive holds (verified), asked of each id's primary. Returns
+    /// `(present, claim_epoch)`.
     pub fn has(&mut self, ids: &[ChunkId]) -> Result<(Vec<bool>, u64), ClientError> {
         self.scatter(
             ids,
@@ -595,8 +934,8 @@ impl HiveClient {
         )
     }
 
-    /// Store chunks (each to its owning shard), batched and pipelined. Returns one result
-    /// per chunk and the claim epoch.
+    /// Store chunks, each at its bucket's primary (which makes the other copies before it
+    /// answers), batched and pipelined. Returns one result per chunk and the claim epoch.
     pub fn put(&mut self, chunks: &[PutChunk]) -> Result<(Vec<PutResult>, u64), ClientError> {
         self.scatter(
             chunks,
@@ -614,35 +953,70 @@ impl HiveClient {
         )
     }
 
-    /// Store a stream of chunk batches, keeping every shard's connection busy across them:
-    /// one thread per shard keeps up to its credits of `Put` requests in flight and takes
-    /// the next batch as soon as a slot frees, instead of waiting, as [`HiveClient::put`]
-    /// does, for the slowest shard before the next call. For bulk uploads (a stream of
-    /// calls whose results are wanted only in total).
+    /// Store a stream of chunk batches, keeping every connection busy across them: one
+    /// thread per destination keeps up to its credits of `Put` requests in flight and
+    /// takes the next batch as soon as a slot frees, instead of waiting, as
+    /// [`HiveClient::put`] does, for the slowest shard before the next call. For bulk
+    /// uploads (a stream of calls whose results are wanted only in total). No retries: an
+    /// error ends the stream.
     pub fn put_stream<'a>(
         &mut self,
         calls: impl IntoIterator<Item = &'a [PutChunk]>,
     ) -> Result<PutStreamStats, ClientError> {
-        let map = self.map.clone();
-        let shards = self.shards.len();
+        // Each bucket's connection (its primary's shard), opened up front.
+        let mut route: Vec<usize> = Vec::new();
+        if self.placed() {
+            for b in 0..self.hive.bucket_count {
+                let d = self
+                    .hive
+                    .primary(self.order.replicas(b))
+                    .and_then(|p| self.dest(p, b));
+                route.push(match d {
+                    Some(d) => self.conn(&d)?,
+                    None => usize::MAX,
+                });
+            }
+        } else {
+            let home: Vec<usize> = (0..self.map.shard_count)
+                .map(|s| self.conn(&self.home_dest(s)))
+                .collect::<Result<_, _>>()?;
+            for b in 0..self.map.bucket_count {
+                route.push(home[self.map.bucket_to_shard[b as usize] as usize]);
+            }
+        }
+        let bucket_count = self.map.bucket_count;
         std::thread::scope(|scope| {
-            let mut feeds = Vec::with_capacity(shards);
-            let mut workers = Vec::with_capacity(shards);
-            for sc in self.shards.iter_mut() {
+            let mut feeds = HashMap::new();
+            let mut workers = Vec::new();
+            for (i, sc) in self.conns.iter_mut().enumerate() {
+                let Some(sc) = sc.as_mut() else { continue };
+                if !route.contains(&i) {
+                    continue;
+                }
                 let (tx, rx) =
                     crossbeam_channel::bounded::<Vec<&'a PutChunk>>(sc.credits.max(1) * 2);
-                feeds.push(tx);
+                feeds.insert(i, tx);
                 workers.push(scope.spawn(move || sc.put_stream(rx)));
             }
             let mut fed = Ok(());
             'calls: for call in calls {
-                let groups = split_by_shard(&map, call.iter().enumerate(), |c| c.id);
-                for (s, group) in groups.into_iter().enumerate() {
+                let mut groups: HashMap<usize, Vec<(usize, &PutChunk)>> = HashMap::new();
+                for (k, c) in call.iter().enumerate() {
+                    let i = route[c.id.bucket(bucket_count) as usize];
+                    groups.entry(i).or_default().push((k, c));
+                }
+                for (i, group) in groups {
+                    let Some(feed) = feeds.get(&i) else {
+                        fed = Err(ClientError::Protocol {
+                            shard: u16::MAX,
+                            detail: "a chunk has no primary in the map".into(),
+                        });
+                        break 'calls;
+                    };
                     for batch in batch_puts(&group) {
                         let batch = batch.into_iter().map(|(_, c)| c).collect();
                         // A worker that stopped on an error has dropped its end.
-                        if feeds[s].send(batch).is_err() {
-                            fed = Err(());
+                        if feed.send(batch).is_err() {
                             break 'calls;
                         }
                     }
@@ -653,7 +1027,7 @@ impl HiveClient {
                 claim_epoch: u64::MAX,
                 ..Default::default()
             };
-            let mut first_err = None;
+            let mut first_err = fed.err();
             for w in workers {
                 match w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)) {
                     Ok(st) => total.add(st),
@@ -665,7 +1039,6 @@ impl HiveClient {
             if let Some(e) = first_err {
                 return Err(e);
             }
-            debug_assert!(fed.is_ok(), "a feed closes only when its worker failed");
             if total.claim_epoch == u64::MAX {
                 total.claim_epoch = 0;
             }
@@ -748,46 +1121,190 @@ impl HiveClient {
     }
 
     /// Fetch chunks and return their verified plaintext, in order. `None` for an id the
-    /// hive does not hold.
+    /// hive does not hold. A copy that fails verification counts as missing there: the
+    /// next replica is asked; if no copy is intact, that is an error.
     pub fn get(&mut self, ids: &[ChunkId]) -> Result<Vec<Option<Vec<u8>>>, ClientError> {
-        let stored = self.get_stored(ids)?;
-        ids.iter()
-            .zip(stored)
-            .map(|(id, s)| match s {
-                None => Ok(None),
-                Some((codec, raw_len, data)) => {
-                    chunk::verify_owned(&self.map.dedupe_key, id, codec, data, raw_len as usize)
-                        .map(Some)
-                        .map_err(|source| ClientError::Verify { id: *id, source })
+        let key = self.map.dedupe_key;
+        let mut bad: Option<ClientError> = None;
+        let out =
+            self.get_from_replicas(ids, |id, (codec, raw_len, data)| match chunk::verify_owned(
+                &key,
+                id,
+                codec,
+                data,
+                raw_len as usize,
+            ) {
+                Ok(v) => Some(v),
+                Err(source) => {
+                    tracing::warn!("chunk {id} failed verification: {source}; asking another copy");
+                    bad.get_or_insert(ClientError::Verify { id: *id, source });
+                    None
                 }
-            })
-            .collect()
+            })?;
+        match bad {
+            Some(e) if out.iter().any(Option::is_none) => Err(e),
+            _ => Ok(out),
+        }
     }
 
     /// Fetch chunks as stored (codec, raw length, bytes), unverified: for benchmarks that
     /// measure the node, and for callers that verify later.
     pub fn get_stored(&mut self, ids: &[ChunkId]) -> Result<Vec<Option<StoredReply>>, ClientError> {
-        let (chunks, _) = self.scatter(
-            ids,
-            |id| *id,
-            |group| group.iter().map(|g| vec![*g]).collect(),
-            |b| Outgoing::Request(Request::Get { id: *b[0].1 }),
-            |r| match r {
-                Response::GetReply { chunk } => Ok((vec![chunk], 0)),
-                other => Err(other),
-            },
-            None,
-        )?;
-        Ok(chunks)
+        self.get_from_replicas(ids, |_, s| Some(s))
     }
 
-    /// Every shard's statistics (JSON objects as the node reports them).
+    /// [`get_from_replicas`](Self::get_from_replicas), asked again with a fresh map for the
+    /// chunks no node had (this client's map may predate the node holding them).
+    fn get_from_replicas<R: Send + Clone>(
+        &mut self,
+        ids: &[ChunkId],
+        mut accept: impl FnMut(&ChunkId, StoredReply) -> Option<R>,
+    ) -> Result<Vec<Option<R>>, ClientError> {
+        let mut out = self.get_once(ids, &mut accept)?;
+        let missing: Vec<usize> = (0..ids.len()).filter(|&i| out[i].is_none()).collect();
+        if missing.is_empty() || (self.placed() && self.map_fetched.elapsed() < MAP_RECHECK) {
+            return Ok(out);
+        }
+        let epoch = self.hive.epoch;
+        self.refresh_map();
+        // A node that has not caught up with the hive's map yet (moments after it joined
+        // or restarted) knows no other node: wait a little for its map.
+        let deadline = std::time::Instant::now() + UNPLACED_WAIT;
+        while !self.placed() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+            self.refresh_map();
+        }
+        if self.hive.epoch != epoch {
+            let again: Vec<ChunkId> = missing.iter().map(|&i| ids[i]).collect();
+            for (i, r) in missing.into_iter().zip(self.get_once(&again, &mut accept)?) {
+                out[i] = r;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Ask each id's replicas in read order until one has it and `accept` takes it.
+    /// An error from one node (unreachable, a broken connection, a refusal) only moves on
+    /// to the next; the call fails when no node could answer for some chunk.
+    fn get_once<R: Send + Clone>(
+        &mut self,
+        ids: &[ChunkId],
+        accept: &mut impl FnMut(&ChunkId, StoredReply) -> Option<R>,
+    ) -> Result<Vec<Option<R>>, ClientError> {
+        let mut out: Vec<Option<R>> = vec![None; ids.len()];
+        let routes: Vec<Vec<Dest>> = ids.iter().map(|id| self.read_dests(id)).collect();
+        // Per id: whether some node answered it (found or not), and the last error.
+        let mut answered = vec![false; ids.len()];
+        let mut last_err: Vec<Option<ClientError>> = (0..ids.len()).map(|_| None).collect();
+        let mut todo: Vec<usize> = (0..ids.len()).collect();
+        let mut rank = 0;
+        while !todo.is_empty() {
+            let items: Vec<(usize, usize)> = todo
+                .iter()
+                .filter(|&&i| rank < routes[i].len())
+                .map(|&i| (i, i))
+                .collect();
+            if items.is_empty() {
+                break;
+            }
+            let (groups, failed) = self.group(items, |_, &i| Some(routes[i][rank].clone()));
+            for (i, _, e) in failed {
+                last_err[i] = e;
+            }
+            let members: Vec<Option<Vec<usize>>> = groups
+                .iter()
+                .map(|g| g.as_ref().map(|g| g.iter().map(|(i, _)| *i).collect()))
+                .collect();
+            let replies = self.per_conn(groups, |sc, group| {
+                let mut got = Vec::with_capacity(group.len());
+                let reqs = group
+                    .iter()
+                    .map(|(i, _)| Outgoing::Request(Request::Get { id: ids[*i] }))
+                    .collect();
+                let shard = sc.shard;
+                sc.pipeline(reqs, |k, r| match r {
+                    Response::GetReply { chunk } => {
+                        got.push((group[k].0, chunk));
+                        Ok(())
+                    }
+                    other => Err(sc_err(shard, other)),
+                })?;
+                Ok(got)
+            });
+            for (c, r) in replies {
+                match r {
+                    Ok(got) => {
+                        for (i, chunk) in got {
+                            answered[i] = true;
+                            if let (Some(s), None) = (chunk, &out[i]) {
+                                out[i] = accept(&ids[i], s);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!("reading chunks: {e}");
+                        if matches!(e, ClientError::Conn { .. }) {
+                            self.drop_conn(c);
+                        }
+                        let msg = e.to_string();
+                        for &i in members[c].iter().flatten() {
+                            last_err[i] = Some(ClientError::Protocol {
+                                shard: u16::MAX,
+                                detail: msg.clone(),
+                            });
+                        }
+                    }
+                }
+            }
+            todo.retain(|&i| out[i].is_none());
+            rank += 1;
+        }
+        if let Some(i) = todo.iter().copied().find(|&i| !answered[i]) {
+            return Err(last_err[i].take().unwrap_or_else(|| ClientError::Protocol {
+                shard: u16::MAX,
+                detail: format!("no node of the map holds a replica of {}", ids[i]),
+            }));
+        }
+        Ok(out)
+    }
+
+    /// Errors a retry after fetching the map may cure: a refusal because the map moved,
+    /// too few copies while a node is being marked down, or an unreachable node where the
+    /// hive has another to take over (a one-node hive's caller sees its failure at once).
+    fn retryable(&self, e: &ClientError) -> bool {
+        match e {
+            ClientError::Refused {
+                code: ErrorCode::NotPrimary | ErrorCode::TooFewCopies,
+                ..
+            } => true,
+            ClientError::Connect { .. } | ClientError::Conn { .. } => {
+                self.hive.eligible_count() > 1
+            }
+            _ => false,
+        }
+    }
+
+    /// The statistics of every shard of the node first contacted (JSON objects as the node
+    /// reports them).
     pub fn stats(&mut self) -> Result<Vec<String>, ClientError> {
-        let work = vec![Some(()); self.shards.len()];
-        self.per_shard(work, |sc, ()| match sc.call(&Request::Stats)? {
-            Response::StatsReply { json } => Ok(json),
-            other => Err(sc.unexpected(other)),
-        })
+        let mut work: Vec<Option<()>> = Vec::new();
+        for s in 0..self.map.shard_count {
+            let i = self.conn(&self.home_dest(s))?;
+            if work.len() <= i {
+                work.resize(i + 1, None);
+            }
+            work[i] = Some(());
+        }
+        let mut out = self
+            .per_conn(work, |sc, ()| match sc.call(&Request::Stats)? {
+                Response::StatsReply { json } => Ok((sc.shard, json)),
+                other => Err(sc.unexpected(other)),
+            })
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect::<Result<Vec<_>, _>>()?;
+        out.sort_by_key(|(shard, _)| *shard);
+        Ok(out.into_iter().map(|(_, j)| j).collect())
     }
 }
 

@@ -76,6 +76,42 @@ pub struct NodeConfig {
     /// A node silent this long is out of the map (its buckets move); see `meta/health.rs`.
     #[serde(default = "default_out_after")]
     pub out_after_secs: u64,
+    /// Copies of every chunk (3 by default, 2 = a mirror, 1 = tests only). The same on
+    /// every node: a joining node takes the hive's.
+    #[serde(default = "default_copies")]
+    pub copies: u8,
+    /// Copies durable before a put is acknowledged (2 where `copies` >= 2).
+    #[serde(default = "default_min_copies")]
+    pub min_copies: u8,
+    /// Repair and rebalance copy at most this many MiB per second (see `repair.rs`).
+    #[serde(default = "default_repair_rate")]
+    pub repair_mib_per_sec: u64,
+    /// A scrub (every chunk re-read and checked) starts this long after the last one
+    /// (0: only when asked, `hive scrub`); it reads at most `scrub_mib_per_sec`.
+    #[serde(default = "default_scrub_every")]
+    pub scrub_every_secs: u64,
+    #[serde(default = "default_scrub_rate")]
+    pub scrub_mib_per_sec: u64,
+}
+
+fn default_scrub_every() -> u64 {
+    7 * 24 * 3600
+}
+
+fn default_scrub_rate() -> u64 {
+    32
+}
+
+fn default_repair_rate() -> u64 {
+    64
+}
+
+pub fn default_copies() -> u8 {
+    3
+}
+
+pub fn default_min_copies() -> u8 {
+    2
 }
 
 fn default_out_after() -> u64 {
@@ -123,6 +159,14 @@ impl NodeConfig {
                 cfg.credits
             );
         }
+        if cfg.copies == 0 || !(1..=cfg.copies).contains(&cfg.min_copies) {
+            bail!(
+                "{}: copies must be at least 1 and min_copies 1..=copies (copies {}, min_copies {})",
+                p.display(),
+                cfg.copies,
+                cfg.min_copies
+            );
+        }
         Ok(cfg)
     }
 
@@ -166,6 +210,9 @@ pub struct InitOptions {
     /// Where others reach this node (default: `listen`).
     pub advertise: Option<String>,
     pub zone: String,
+    /// Copies per chunk and copies before acknowledging (a joining node takes the hive's).
+    pub copies: u8,
+    pub min_copies: u8,
 }
 
 /// What a node joining an existing hive was given (`hive join`): the hive's CA, dedupe key
@@ -340,6 +387,11 @@ fn init_node(o: &InitOptions, joining: Option<&Joining>) -> Result<InitOutcome> 
         zone: o.zone.clone(),
         weight: None,
         out_after_secs: default_out_after(),
+        copies: joining.map_or(o.copies, |j| j.grant.copies),
+        min_copies: joining.map_or(o.min_copies, |j| j.grant.min_copies),
+        repair_mib_per_sec: default_repair_rate(),
+        scrub_every_secs: default_scrub_every(),
+        scrub_mib_per_sec: default_scrub_rate(),
     };
     std::fs::write(dir.join("ca.pem"), &ca.cert_pem)?;
     write_private(&dir.join("ca.key"), &ca.key_pem)?;
@@ -433,6 +485,11 @@ mod tests {
             zone: default_zone(),
             weight: None,
             out_after_secs: default_out_after(),
+            copies: 3,
+            min_copies: 2,
+            repair_mib_per_sec: 64,
+            scrub_every_secs: 0,
+            scrub_mib_per_sec: 32,
         };
         let write = |c: &NodeConfig| {
             std::fs::write(dir.join(CONFIG_FILE), toml::to_string(c).unwrap()).unwrap()

@@ -8,9 +8,13 @@
 //!   crashes, torn and lost writes and bit flips, checking the safety invariants.
 //! - [`gc_sim`]: the deterministic simulator of garbage collection: a real metadata store
 //!   (crashed and replayed), several shards, writer clients racing collections.
+//! - [`repair`]: repair and rebalance: each node pushes the chunks it holds to their
+//!   buckets' live replicas that lack them (throttled, resumable).
 //! - [`replicate`]: the primary's state machine for replicated puts (targets, hinted
 //!   copies, acknowledging at `min_copies`, owed copies); [`repl_sim`] runs it over
 //!   simulated nodes, network and stores with crashes and partitions.
+//! - [`hive_map`]: this node's copy of the placement map, shared with its shards;
+//!   [`links`]: the replication transport (a shard's links to other nodes' shards).
 //! - [`meta`]: the metadata service: the namespace store (redb), its Raft log (openraft)
 //!   and the metadata port.
 //!
@@ -22,9 +26,12 @@ pub mod admin;
 pub mod config;
 pub mod format;
 pub mod gc_sim;
+pub mod hive_map;
 pub mod index;
+pub mod links;
 pub mod meta;
 pub mod node;
+pub mod repair;
 pub mod repl_sim;
 pub mod replicate;
 pub mod shard;

@@ -23,6 +23,7 @@
 
 use crate::config::NodeConfig;
 use crate::format::Superblock;
+use crate::hive_map::MapCell;
 use crate::meta::server::{DeviceUse, MetaServer};
 use crate::shard::{ChunkBytes, Completion, PutOutcome, ShardConfig, ShardCore, ShardError};
 use crate::tokens::TokenRegistry;
@@ -33,8 +34,8 @@ use hivefs_net::frame::{Frame, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
 use hivefs_net::meta::TokenScope;
 use hivefs_net::meta::{self, ShardAdmin, ShardAdminReply};
 use hivefs_net::proto::{
-    decode_put_in_place, frame_response, get_reply_head_into, ClusterMap, ErrorCode, Opcode,
-    PutResult, Request, Response,
+    decode_put_in_place, decode_replicate_in_place, frame_response, get_reply_head_into,
+    ClusterMap, ErrorCode, Opcode, PutResult, Request, Response,
 };
 use hivefs_nvme::{open_device, run_sync, AlignedBuf, IoOp, IoRequest, BLOCK_SIZE};
 use mio::net::{TcpListener, TcpStream};
@@ -45,6 +46,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+mod replication;
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -60,6 +63,8 @@ const COMPACT_QUEUE_MAX: usize = 1024;
 const TOKEN_RECHECK: Duration = Duration::from_secs(1);
 /// How long an idle shard parks before looking at its stop flag.
 const PARK: Duration = Duration::from_millis(200);
+/// How long a shard with replication jobs running sleeps at most (their deadlines).
+const REPL_RECHECK: Duration = Duration::from_millis(10);
 /// How long a shard with I/O in flight sleeps at most before looking at its device anyway.
 const IO_RECHECK: Duration = Duration::from_millis(5);
 /// Reply bytes a loop turn produces before it goes back to the sockets. Encrypting and
@@ -88,6 +93,8 @@ pub struct Node {
     meta: Option<MetaServer>,
     /// The metadata service's port.
     pub meta_port: u16,
+    /// The repair thread (nodes of a TLS hive).
+    repair: Option<std::thread::JoinHandle<()>>,
 }
 
 struct ShardSetup {
@@ -102,6 +109,10 @@ struct ShardSetup {
     device_desc: String,
     device_use: Arc<DeviceUse>,
     tokens: Arc<TokenRegistry>,
+    /// The hive's placement map (published by the metadata service).
+    hive_map: Arc<MapCell>,
+    /// TLS with this node's certificate, for replication links to other nodes.
+    peer_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Node {
@@ -124,9 +135,9 @@ impl Node {
         cfg.sqpoll |= o.sqpoll;
         cfg.iopoll |= o.iopoll;
         let key = cfg.dedupe_key()?;
-        let tls = if insecure {
+        let (tls, peer_tls) = if insecure {
             tracing::warn!("--insecure: serving plain TCP without TLS (for measurements only)");
-            None
+            (None, None)
         } else {
             let read = |f: &str| {
                 std::fs::read_to_string(dir.join(f))
@@ -140,9 +151,15 @@ impl Node {
                 &ca,
             )
             .map_err(|e| anyhow::anyhow!("node certificate: {e}"))?;
-            Some(
-                hivefs_net::tls::server_config_with(identity, &ca)
-                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+            (
+                Some(
+                    hivefs_net::tls::server_config_with(identity.clone(), &ca)
+                        .map_err(|e| anyhow::anyhow!("{e}"))?,
+                ),
+                Some(
+                    hivefs_net::tls::peer_client_config_with(identity, &ca)
+                        .map_err(|e| anyhow::anyhow!("node TLS for replication: {e}"))?,
+                ),
             )
         };
         // The superblock tells the layout; the config must agree with it.
@@ -184,6 +201,7 @@ impl Node {
         let stop = Arc::new(AtomicBool::new(false));
         let device_use = Arc::new(DeviceUse::new(cfg.shards as usize));
         let tokens = Arc::new(TokenRegistry::new(&cfg.admin_token_sha256));
+        let hive_map = Arc::new(MapCell::new(cfg.bucket_count));
         let mut setups = Vec::new();
         let mut ports = Vec::new();
         for shard in 0..cfg.shards {
@@ -230,6 +248,8 @@ impl Node {
                 device_desc,
                 device_use: device_use.clone(),
                 tokens: tokens.clone(),
+                hive_map: hive_map.clone(),
+                peer_tls: peer_tls.clone(),
             });
         }
         let mut threads = Vec::new();
@@ -259,12 +279,29 @@ impl Node {
             ports,
             meta: None,
             meta_port: 0,
+            repair: None,
         };
         let ports = node.ports.clone();
-        match MetaServer::start(dir, &cfg, tls, map, device_use, ports, tokens) {
+        let map_cell = hive_map.clone();
+        match MetaServer::start(dir, &cfg, tls, map, device_use, ports, tokens, hive_map) {
             Ok(m) => {
                 node.meta_port = m.port;
                 node.meta = Some(m);
+                if let Some(tls) = peer_tls {
+                    let ctx = crate::repair::RepairCtx {
+                        dir: dir.to_path_buf(),
+                        cfg: cfg.clone(),
+                        map: map_cell,
+                        tls,
+                        shard_ports: node.ports.clone(),
+                        stop: node.stop.clone(),
+                    };
+                    node.repair = Some(
+                        std::thread::Builder::new()
+                            .name("repair".into())
+                            .spawn(move || crate::repair::run(ctx))?,
+                    );
+                }
                 Ok(node)
             }
             Err(e) => {
@@ -289,6 +326,9 @@ impl Node {
         self.stop.store(true, Ordering::SeqCst);
         for w in &self.wakers {
             let _ = w.wake();
+        }
+        if let Some(r) = self.repair.take() {
+            let _ = r.join();
         }
         for t in self.threads {
             match t.join() {
@@ -341,6 +381,8 @@ struct Conn {
     maybe_more: bool,
     /// Reading was skipped for lack of credits or commit-queue room.
     stalled: bool,
+    /// Another node of the hive (authenticated by its certificate): may send `Replicate`.
+    from_node: bool,
 }
 
 enum Pending {
@@ -360,6 +402,29 @@ enum Pending {
         spared: u64,
         bytes: u64,
     },
+    /// The removal of a scrub's bad copies: answered `Scrubbed` when durable.
+    ScrubDrop {
+        conn: usize,
+        req: u64,
+        checked: u64,
+        bytes: u64,
+        bad: Vec<ChunkId>,
+    },
+    /// One read of a scrub (`scrubs` holds the scrub it belongs to).
+    ScrubRead {
+        scrub: u64,
+        id: ChunkId,
+    },
+}
+
+/// A scrub under way: its reads, and what they found.
+struct Scrub {
+    conn: usize,
+    req: u64,
+    left: usize,
+    checked: u64,
+    bytes: u64,
+    bad: Vec<ChunkId>,
 }
 
 struct ShardLoop {
@@ -380,6 +445,9 @@ struct ShardLoop {
     /// The token registry version last checked against, and when.
     tokens_seen: u64,
     tokens_checked: std::time::Instant,
+    /// Replicated puts: jobs, links to other nodes, the placement map.
+    repl: replication::ReplState,
+    scrubs: HashMap<u64, Scrub>,
 }
 
 impl ShardLoop {
@@ -402,7 +470,26 @@ impl ShardLoop {
             },
             None => false,
         };
+        let registry = s
+            .poll
+            .registry()
+            .try_clone()
+            .expect("cloning the shard's poll registry");
+        let links = crate::links::TcpLinks::new(
+            registry,
+            s.peer_tls.clone(),
+            format!("{}/shard-{}", s.cfg.node_id, s.shard),
+        );
+        let cfg = crate::replicate::ReplConfig {
+            copies: s.cfg.copies.max(1) as usize,
+            min_copies: s.cfg.min_copies.clamp(1, s.cfg.copies.max(1)) as usize,
+            ..Default::default()
+        };
+        let repl =
+            replication::ReplState::new(s.cfg.raft_id, cfg, Box::new(links), s.cfg.bucket_count);
         ShardLoop {
+            repl,
+            scrubs: HashMap::new(),
             io_fd,
             scratch: Vec::new(),
             s,
@@ -444,6 +531,9 @@ impl ShardLoop {
             };
             let timeout = if busy {
                 Some(Duration::ZERO)
+            } else if self.repl.in_flight() > 0 {
+                // Replication deadlines are kept by the loop's own clock.
+                Some(REPL_RECHECK)
             } else if self.s.core.busy() {
                 // I/O in flight: its completion wakes the poll; the short bound is a safety
                 // net for submissions the kernel deferred (they go with the next poll).
@@ -456,12 +546,15 @@ impl ShardLoop {
                     return Err(e.into());
                 }
             }
+            // A map published while this shard slept applies to what woke it.
+            self.repl.refresh_map(&self.s.hive_map);
             let mut ready: Vec<usize> = Vec::new();
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER if !stopping => self.accept(),
                     LISTENER => {}
                     WAKER | IO_DONE => {}
+                    tok if self.repl.links_ready(tok) => {}
                     Token(t) => ready.push(t),
                 }
             }
@@ -492,6 +585,7 @@ impl ShardLoop {
             {
                 self.s.core.compact_step();
             }
+            self.tick_repl();
             let mut budget = REPLY_QUANTUM_BYTES;
             while budget > 0 {
                 let Some(c) = self.backlog.pop_front() else {
@@ -501,7 +595,7 @@ impl ShardLoop {
                 self.complete(c);
             }
             // Stalled connections are read again once they have room.
-            if self.s.core.queued() < QUEUE_HIGH_WATER {
+            if !self.queue_full() {
                 let credits = self.s.cfg.credits;
                 for c in self
                     .conns
@@ -564,6 +658,7 @@ impl ShardLoop {
                                     closing: false,
                                     maybe_more: false,
                                     stalled: false,
+                                    from_node: false,
                                 },
                             );
                         }
@@ -579,12 +674,18 @@ impl ShardLoop {
         }
     }
 
+    /// Too much work queued to read more requests: chunks waiting for a commit batch, or
+    /// replication jobs running.
+    fn queue_full(&self) -> bool {
+        self.s.core.queued() >= QUEUE_HIGH_WATER
+            || self.repl.in_flight() >= replication::MAX_REPL_JOBS
+    }
+
     /// Read and dispatch what a connection has, within its credits; write what it owes.
     fn service(&mut self, t: usize) {
         let credits = self.s.cfg.credits;
         // A stopping shard takes no new requests; it answers those it has, then exits.
-        let queue_full =
-            self.s.core.queued() >= QUEUE_HIGH_WATER || self.s.stop.load(Ordering::Relaxed);
+        let queue_full = self.queue_full() || self.s.stop.load(Ordering::Relaxed);
         let Some(c) = self.conns.get_mut(&t) else {
             return;
         };
@@ -668,9 +769,17 @@ impl ShardLoop {
         }
         let peer = c.peer;
         // Puts (the bulk of the bytes) are decoded in place, never copied into a Request.
-        if f.opcode == Opcode::Put as u16 {
+        if f.opcode == Opcode::Put as u16 || f.opcode == Opcode::Replicate as u16 {
             if c.version.is_none() {
                 self.refuse_unauthenticated(t, peer, req_id);
+            } else if f.opcode == Opcode::Replicate as u16 && !c.from_node {
+                tracing::warn!(shard, %peer, req = req_id, "Replicate from a connection that is not another node");
+                self.fail_conn(
+                    t,
+                    req_id,
+                    ErrorCode::Unauthenticated,
+                    "only other nodes of the hive may send Replicate",
+                );
             } else {
                 self.put_in_place(t, peer, f);
             }
@@ -709,8 +818,12 @@ impl ShardLoop {
                     self.fail_conn(t, req_id, ErrorCode::UnsupportedVersion, &format!("node speaks versions {PROTOCOL_VERSION_MIN}..={PROTOCOL_VERSION_MAX}, client {min_version}..={max_version}"));
                     return;
                 }
+                // Another node authenticates by its certificate (mutual TLS), with no token.
+                let is_peer =
+                    token.is_empty() && c.framed.tls().is_some_and(hivefs_net::tls::is_peer);
                 let auth = match self.s.tokens.check(&token) {
-                    Ok((scope, d)) => (d, scope),
+                    _ if is_peer => None,
+                    Ok((scope, d)) => Some((d, scope)),
                     Err(why) => {
                         tracing::warn!(shard, %peer, req = req_id, client = %client_name, "bad token: {}", why.as_str());
                         self.fail_conn(t, req_id, ErrorCode::BadToken, why.as_str());
@@ -720,7 +833,8 @@ impl ShardLoop {
                 tracing::debug!(shard, %peer, client = %client_name, "authenticated");
                 if let Some(c) = self.conns.get_mut(&t) {
                     c.version = Some(v);
-                    c.auth = Some(auth);
+                    c.auth = auth;
+                    c.from_node = is_peer;
                 }
                 let resp = Response::HelloOk {
                     version: v,
@@ -748,7 +862,13 @@ impl ShardLoop {
                     },
                 );
             }
-            Request::Put { .. } => unreachable!("puts are routed to put_in_place above"),
+            Request::Put { .. } | Request::Replicate { .. } => {
+                unreachable!("puts are routed to put_in_place above")
+            }
+            Request::HiveMap => {
+                let map = self.repl.map().clone();
+                self.reply(t, req_id, &Response::HiveMapReply { map });
+            }
             Request::Get { id } => {
                 if let Some(bad) = self.wrong_shard(&[id]) {
                     self.reply(t, req_id, &bad);
@@ -764,6 +884,11 @@ impl ShardLoop {
                 let mut v = serde_json::to_value(self.s.core.stats()).unwrap_or_default();
                 v["device"] = serde_json::Value::String(self.s.device_desc.clone());
                 v["node_id"] = serde_json::Value::String(self.s.cfg.node_id.clone());
+                v["repl_jobs"] = self.repl.in_flight().into();
+                v["repl_forwarded"] = self.repl.forwarded.into();
+                v["repl_forwarded_bytes"] = self.repl.forwarded_bytes.into();
+                v["repl_owed"] = self.repl.owed.into();
+                v["map_epoch"] = self.repl.map().epoch.into();
                 self.reply(
                     t,
                     req_id,
@@ -777,10 +902,9 @@ impl ShardLoop {
                 self.reply(t, req_id, &Response::MapReply { map });
             }
             Request::ShardAdmin { .. }
-                if !matches!(
-                    self.conns.get(&t).and_then(|c| c.auth.as_ref()),
-                    Some((_, TokenScope::Admin))
-                ) =>
+                if !self.conns.get(&t).is_some_and(|c| {
+                    c.from_node || matches!(c.auth.as_ref(), Some((_, TokenScope::Admin)))
+                }) =>
             {
                 self.fail_conn(
                     t,
@@ -807,7 +931,9 @@ impl ShardLoop {
             Ok(op) => op,
             Err(e) => return reply(self, ShardAdminReply::Refused(e.to_string())),
         };
-        tracing::info!(shard = self.s.shard, step = op_name(&op), "gc step");
+        if !matches!(op, ShardAdmin::Holding { .. } | ShardAdmin::Scrub { .. }) {
+            tracing::info!(shard = self.s.shard, step = op_name(&op), "gc step");
+        }
         match op {
             ShardAdmin::SetGcEpoch { epoch } => {
                 self.s.core.set_gc_epoch(epoch);
@@ -858,18 +984,59 @@ impl ShardLoop {
                 )
             }
             ShardAdmin::MarkedLive { epoch, ids } => {
-                let Some(ids) =
-                    meta::split_ids(&ids).filter(|v| v.len() <= meta::MAX_ADMIN_IDS as usize)
-                else {
+                let Some(ids) = id_list(&ids, meta::MAX_ADMIN_IDS) else {
                     return reply(self, ShardAdminReply::Refused("bad id list".into()));
                 };
                 self.s.core.marked_live(epoch, &ids);
                 reply(self, ShardAdminReply::Done)
             }
+            ShardAdmin::Holding { ids } => {
+                let Some(ids) = id_list(&ids, meta::MAX_ADMIN_IDS) else {
+                    return reply(self, ShardAdminReply::Refused("bad id list".into()));
+                };
+                let held: Vec<ChunkId> =
+                    ids.into_iter().filter(|id| self.s.core.holds(id)).collect();
+                reply(
+                    self,
+                    ShardAdminReply::Ids {
+                        ids: meta::join_ids(&held),
+                        more: false,
+                    },
+                )
+            }
+            ShardAdmin::Scrub { ids } => {
+                let Some(ids) = id_list(&ids, meta::MAX_SCRUB_IDS) else {
+                    return reply(self, ShardAdminReply::Refused("bad id list".into()));
+                };
+                let ids: Vec<ChunkId> =
+                    ids.into_iter().filter(|id| self.s.core.holds(id)).collect();
+                let scrub = self.next_ticket;
+                self.next_ticket += 1;
+                self.scrubs.insert(
+                    scrub,
+                    Scrub {
+                        conn: t,
+                        req: req_id,
+                        left: ids.len(),
+                        checked: 0,
+                        bytes: 0,
+                        bad: Vec::new(),
+                    },
+                );
+                if let Some(c) = self.conns.get_mut(&t) {
+                    c.in_flight += 1;
+                }
+                for id in ids {
+                    let ticket = self.next_ticket;
+                    self.next_ticket += 1;
+                    self.tickets
+                        .insert(ticket, Pending::ScrubRead { scrub, id });
+                    self.s.core.get(ticket, id);
+                }
+                self.scrub_progress(scrub);
+            }
             ShardAdmin::Sweep { epoch, ids } => {
-                let Some(ids) =
-                    meta::split_ids(&ids).filter(|v| v.len() <= meta::MAX_ADMIN_IDS as usize)
-                else {
+                let Some(ids) = id_list(&ids, meta::MAX_ADMIN_IDS) else {
                     return reply(self, ShardAdminReply::Refused("bad id list".into()));
                 };
                 let ticket = self.ticket(Pending::Sweep {
@@ -915,7 +1082,19 @@ impl ShardLoop {
     /// commit batch).
     fn put_in_place(&mut self, t: usize, peer: SocketAddr, f: Frame) {
         let req_id = f.request_id;
-        let at = match decode_put_in_place(&f.body) {
+        // A copy from a primary is stored here and goes no further.
+        let copy = f.opcode == Opcode::Replicate as u16;
+        let decoded = if copy {
+            decode_replicate_in_place(&f.body).map(|(hint_for, at)| {
+                if hint_for != 0 {
+                    tracing::debug!(shard = self.s.shard, hint_for, "hinted copy");
+                }
+                at
+            })
+        } else {
+            decode_put_in_place(&f.body)
+        };
+        let at = match decoded {
             Ok(at) => at,
             Err(e) => {
                 tracing::warn!(shard = self.s.shard, %peer, req = req_id, "bad request, closing the connection: {e}");
@@ -929,13 +1108,29 @@ impl ShardLoop {
             self.reply(t, req_id, &bad);
             return;
         }
+        if !copy {
+            if !self.repl.active() {
+                // Until this node is in its own copy of the map it cannot know the other
+                // replicas: storing alone would acknowledge one copy. Moments after start.
+                let resp = Response::error(
+                    ErrorCode::NotPrimary,
+                    "this node has no placement map yet; retry shortly",
+                );
+                self.reply(t, req_id, &resp);
+                return;
+            }
+            if let Some(bad) = self.not_primary(&ids) {
+                self.reply(t, req_id, &bad);
+                return;
+            }
+        }
         let ticket = self.ticket(Pending::Put {
             conn: t,
             req: req_id,
             n: at.len(),
         });
         let body = Arc::new(f.body);
-        let chunks = at
+        let chunks: Vec<crate::shard::PutChunk> = at
             .into_iter()
             .map(|c| crate::shard::PutChunk {
                 id: c.id,
@@ -944,7 +1139,79 @@ impl ShardLoop {
                 data: ChunkBytes::shared(body.clone(), c.data),
             })
             .collect();
+        let copies = (!copy).then(|| {
+            chunks
+                .iter()
+                .map(|c| (c.id, c.codec, c.raw_len, c.data.clone()))
+                .collect()
+        });
         self.s.core.put(ticket, chunks);
+        if let Some(copies) = copies {
+            self.replicate_put(ticket, t, req_id, copies);
+        }
+    }
+
+    /// One read of a scrub came back: check the chunk against its id.
+    fn scrub_read(
+        &mut self,
+        scrub: u64,
+        id: ChunkId,
+        result: Result<crate::shard::StoredChunk, ShardError>,
+    ) {
+        let key = *self.s.core.dedupe_key();
+        let Some(sc) = self.scrubs.get_mut(&scrub) else {
+            if let Ok(ch) = result {
+                self.s.core.recycle_read(ch.data);
+            }
+            return;
+        };
+        sc.left -= 1;
+        match result {
+            Ok(ch) => {
+                sc.checked += 1;
+                sc.bytes += ch.data.len() as u64;
+                // The shard checked the record's CRC and that it names `id`; the bytes
+                // must also hash to it.
+                if hivefs_net::chunk::verify(&key, &id, ch.codec, &ch.data, ch.raw_len as usize)
+                    .is_err()
+                {
+                    sc.bad.push(id);
+                }
+                self.s.core.recycle_read(ch.data);
+            }
+            Err(ShardError::CorruptRecord { .. }) => {
+                sc.checked += 1;
+                sc.bad.push(id);
+            }
+            // Gone since (swept, compacted away) or a device error: not judged here.
+            Err(e) => tracing::warn!(shard = self.s.shard, "scrub read: {e}"),
+        }
+        self.scrub_progress(scrub);
+    }
+
+    /// Finish a scrub whose reads are all back: remove the bad copies, then answer.
+    fn scrub_progress(&mut self, scrub: u64) {
+        if self.scrubs.get(&scrub).is_none_or(|s| s.left > 0) {
+            return;
+        }
+        let Some(sc) = self.scrubs.remove(&scrub) else {
+            return;
+        };
+        if let Some(c) = self.conns.get_mut(&sc.conn) {
+            c.in_flight = c.in_flight.saturating_sub(1);
+        }
+        if !sc.bad.is_empty() {
+            tracing::warn!(shard = self.s.shard, bad = sc.bad.len(), "scrub found copies that do not verify: removing them (repair copies good ones back)");
+        }
+        // Answered once the removals are durable.
+        let ticket = self.ticket(Pending::ScrubDrop {
+            conn: sc.conn,
+            req: sc.req,
+            checked: sc.checked,
+            bytes: sc.bytes,
+            bad: sc.bad.clone(),
+        });
+        self.s.core.delete(ticket, sc.bad);
     }
 
     /// Close every connection whose token was revoked or expired.
@@ -985,9 +1252,11 @@ impl ShardLoop {
         let t = self.next_ticket;
         self.next_ticket += 1;
         let conn = match &p {
-            Pending::Put { conn, .. } | Pending::Get { conn, .. } | Pending::Sweep { conn, .. } => {
-                *conn
-            }
+            Pending::Put { conn, .. }
+            | Pending::Get { conn, .. }
+            | Pending::Sweep { conn, .. }
+            | Pending::ScrubDrop { conn, .. } => *conn,
+            Pending::ScrubRead { .. } => usize::MAX,
         };
         if let Some(c) = self.conns.get_mut(&conn) {
             c.in_flight += 1;
@@ -997,23 +1266,29 @@ impl ShardLoop {
     }
 
     fn complete(&mut self, c: Completion) {
+        if let Completion::Get { ticket, .. } = &c {
+            if let Some(Pending::ScrubRead { scrub, id }) = self.tickets.get(ticket) {
+                let (ticket, scrub, id) = (*ticket, *scrub, *id);
+                self.tickets.remove(&ticket);
+                if let Completion::Get { result, .. } = c {
+                    self.scrub_read(scrub, id, result);
+                }
+                return;
+            }
+        }
         let (ticket, resp) = match c {
             Completion::Put {
                 ticket,
                 claim_epoch,
                 result,
             } => {
+                if self.local_put_done(ticket, claim_epoch, &result) {
+                    return;
+                }
                 let resp = match result {
                     Ok(outcomes) => Response::PutReply {
                         claim_epoch,
-                        results: outcomes
-                            .into_iter()
-                            .map(|o| match o {
-                                PutOutcome::Stored => PutResult::Stored,
-                                PutOutcome::Duplicate => PutResult::Duplicate,
-                                PutOutcome::Rejected => PutResult::Rejected,
-                            })
-                            .collect(),
+                        results: outcomes.into_iter().map(put_result).collect(),
                     },
                     Err(e) => shard_error(&e),
                 };
@@ -1063,6 +1338,19 @@ impl ShardLoop {
                             bytes: *bytes,
                         })
                     }
+                    (
+                        Some(Pending::ScrubDrop {
+                            checked,
+                            bytes,
+                            bad,
+                            ..
+                        }),
+                        Ok(_),
+                    ) => admin_reply(&ShardAdminReply::Scrubbed {
+                        checked: *checked,
+                        bytes: *bytes,
+                        bad: meta::join_ids(bad),
+                    }),
                     (_, Err(e)) => shard_error(&e),
                     (_, Ok(_)) => Response::error(ErrorCode::Internal, "unexpected delete"),
                 };
@@ -1079,7 +1367,10 @@ impl ShardLoop {
                 }
                 (conn, req)
             }
-            Pending::Get { conn, req } | Pending::Sweep { conn, req, .. } => (conn, req),
+            Pending::Get { conn, req }
+            | Pending::Sweep { conn, req, .. }
+            | Pending::ScrubDrop { conn, req, .. } => (conn, req),
+            Pending::ScrubRead { .. } => return,
         };
         if let Response::Error { message, .. } = &resp {
             tracing::warn!(shard = self.s.shard, req, "request failed: {message}");
@@ -1117,6 +1408,11 @@ impl ShardLoop {
     }
 }
 
+/// Concatenated ids of a shard administration request, at most `max` of them.
+fn id_list(ids: &[u8], max: u32) -> Option<Vec<ChunkId>> {
+    meta::split_ids(ids).filter(|v| v.len() <= max as usize)
+}
+
 fn admin_reply(r: &ShardAdminReply) -> Response {
     Response::ShardAdminReply {
         body: meta::encode(r),
@@ -1132,6 +1428,8 @@ fn op_name(op: &ShardAdmin) -> &'static str {
         ShardAdmin::MarkedLive { .. } => "marked-live",
         ShardAdmin::Sweep { .. } => "sweep",
         ShardAdmin::EndGc { .. } => "end",
+        ShardAdmin::Holding { .. } => "holding",
+        ShardAdmin::Scrub { .. } => "scrub",
     }
 }
 
@@ -1140,6 +1438,14 @@ fn reply_cost(c: &Completion) -> usize {
     match c {
         Completion::Get { result: Ok(ch), .. } => ch.data.len().max(4096),
         _ => 4096,
+    }
+}
+
+fn put_result(o: PutOutcome) -> PutResult {
+    match o {
+        PutOutcome::Stored => PutResult::Stored,
+        PutOutcome::Duplicate => PutResult::Duplicate,
+        PutOutcome::Rejected => PutResult::Rejected,
     }
 }
 

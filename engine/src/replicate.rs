@@ -21,8 +21,8 @@
 //!   the chunks; `held_by` names the hinted node if there is one): repair moves them.
 //!   With no candidate left, the copy is owed with nobody holding it for that node.
 //! - **Acknowledge only what is durable on `min_copies` nodes.** The reply is `Ok` as
-//!   soon as the primary's own store and `min_copies - 1` other nodes (targets or hinted)
-//!   reported durable. It is an error when that became impossible (every attempt settled)
+//!   soon as `min_copies` nodes (the primary, targets or hinted) reported durable; a
+//!   hive with fewer eligible nodes (up or down) than `min_copies` needs all of them. It is an error when that became impossible (every attempt settled)
 //!   or the job's `reply_ms` passed first. Either way the job goes on until every target
 //!   settled, then ends with [`Action::Done`] (its bytes may go).
 //! - **Late answers.** A durable report from a node whose attempt already timed out still
@@ -116,6 +116,9 @@ struct Attempt {
 #[derive(Debug)]
 struct Job {
     bucket: u32,
+    /// Durable copies before the reply: `min_copies`, or every eligible node where the
+    /// hive has fewer (a one-node hive acknowledges its one copy).
+    need: usize,
     reply_deadline_ms: u64,
     replied: bool,
     /// The primary's own store.
@@ -154,10 +157,7 @@ impl Job {
 /// not say is down (a down first replica is then a target like any other: failed at once,
 /// its copy owed). Clients send puts there; reads too.
 pub fn primary(map: &HiveMap, order: &[NodeId]) -> Option<NodeId> {
-    order
-        .iter()
-        .copied()
-        .find(|n| map.node(*n).is_some_and(|m| m.state != NodeState::Down))
+    map.primary(order)
 }
 
 /// The primary side of replicated puts. See the module docs.
@@ -220,6 +220,7 @@ impl Replicator {
             .collect();
         let mut j = Job {
             bucket,
+            need: self.cfg.min_copies.min(copies),
             reply_deadline_ms: now_ms + self.cfg.reply_ms,
             replied: false,
             local: Status::Pending {
@@ -352,7 +353,7 @@ impl Replicator {
                     job,
                     result: Err(ReplError::TooFewCopies {
                         durable: j.durable(),
-                        needed: self.cfg.min_copies,
+                        needed: j.need,
                     }),
                 });
             }
@@ -366,7 +367,7 @@ impl Replicator {
         let Some(j) = self.jobs.get_mut(&job) else {
             return;
         };
-        let need = self.cfg.min_copies;
+        let need = j.need;
         if !j.replied && j.durable() >= need {
             j.replied = true;
             self.out.push(Action::Reply {

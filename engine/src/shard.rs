@@ -1291,6 +1291,12 @@ impl ShardCore {
         &self.key
     }
 
+    /// Whether `id` is stored and verified (and not being deleted). Not a claim.
+    pub fn holds(&self, id: &ChunkId) -> bool {
+        matches!(self.index.get(id), Some(e) if e.state == EntryState::Verified)
+            && !self.deleting.contains_key(id)
+    }
+
     /// Which of `ids` are stored and verified; the answer is a claim in the current epoch.
     pub fn has(&mut self, ids: &[ChunkId], out: &mut Vec<bool>) -> u64 {
         out.clear();

@@ -524,7 +524,7 @@ fn swept(report: &str) -> u64 {
 fn gc_and_fsck_cover_every_node() {
     let nodes = three_nodes();
     let _ = settled_leader(&nodes.iter().collect::<Vec<_>>());
-    // Two mounts through two nodes: each stores its chunks on its own node's shards.
+    // Two mounts through two nodes: each sends its chunks to their buckets' primaries.
     let Some(m1) = TestMount::start_or_skip(&nodes[0], "spread") else {
         return;
     };

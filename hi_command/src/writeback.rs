@@ -233,8 +233,6 @@ impl ChunkPool {
 
 /// The oldest namespace copy a degraded mount reads from (see [`Hive::query`]).
 pub const MAX_STALE: Duration = Duration::from_secs(3600);
-/// How often the list of other nodes (for chunks written through them) is re-read.
-const NODES_REFRESH: Duration = Duration::from_secs(5);
 /// A stale answer this fresh means its node hears a leader: the hive has a majority again.
 const FRESH_ENOUGH_MS: u64 = 1_000;
 
@@ -247,8 +245,6 @@ pub struct Hive {
     degraded: std::sync::atomic::AtomicBool,
     /// When a stale read was last logged (one line per 10 s).
     stale_logged: Mutex<Option<Instant>>,
-    /// The other nodes' chunk pools, and when the list was last read from the map.
-    others: Mutex<(Option<Instant>, Vec<Arc<ChunkPool>>)>,
     chunks: ChunkPool,
     pipeline: Pipeline,
     pub cache: ChunkCache,
@@ -265,7 +261,6 @@ impl Hive {
             vol,
             degraded: std::sync::atomic::AtomicBool::new(false),
             stale_logged: Mutex::new(None),
-            others: Mutex::new((None, Vec::new())),
             pipeline,
             cache,
         }
@@ -332,71 +327,16 @@ impl Hive {
         }
     }
 
-    /// Verified plaintext of `ids` (`None` where the hive has no such chunk).
-    ///
-    /// Chunks are stored on the node the writing mount talks to; a chunk this mount's node
-    /// does not hold is looked for on the hive's other nodes (the cluster map, refreshed
-    /// at most every [`NODES_REFRESH`]). Every chunk is verified against its id whichever
-    /// node served it.
+    /// Verified plaintext of `ids` (`None` where the hive has no such chunk). The chunk
+    /// client reads each from its bucket's replicas, failing over from one node to the
+    /// next, and verifies every chunk against its id whichever node served it.
     pub fn get_chunks(
         &self,
         ids: &[hivefs_net::chunk::ChunkId],
     ) -> Result<Vec<Option<Vec<u8>>>, Errno> {
-        let mut out = self
-            .chunks
+        self.chunks
             .with(|c| c.get(ids))
-            .map_err(|e| io_err("reading chunks", e))?;
-        if out.iter().all(Option::is_some) {
-            return Ok(out);
-        }
-        for pool in self.other_nodes() {
-            let missing: Vec<usize> = (0..ids.len()).filter(|i| out[*i].is_none()).collect();
-            if missing.is_empty() {
-                break;
-            }
-            let want: Vec<_> = missing.iter().map(|i| ids[*i]).collect();
-            match pool.with(|c| c.get(&want)) {
-                Ok(found) => {
-                    for (i, f) in missing.into_iter().zip(found) {
-                        out[i] = f;
-                    }
-                }
-                Err(e) => tracing::debug!("reading chunks from {}: {e}", pool.opts.host),
-            }
-        }
-        Ok(out)
-    }
-
-    /// Chunk pools of the hive's other nodes (not out), from the cluster map.
-    fn other_nodes(&self) -> Vec<Arc<ChunkPool>> {
-        let mut g = self.others.lock().expect("others lock");
-        if g.0.is_none_or(|t| t.elapsed() >= NODES_REFRESH) {
-            g.0 = Some(Instant::now());
-            if let Ok(Answer::Nodes { nodes, .. }) = self.query(Query::Nodes) {
-                let mine = (self.chunks.opts.host.clone(), self.chunks.opts.base_port);
-                g.1 = nodes
-                    .into_iter()
-                    .filter(|n| n.state != hivefs_net::placement::NodeState::Out)
-                    .filter(|n| (n.spec.host.clone(), n.spec.base_port) != mine)
-                    .map(|n| {
-                        let keep = g.1.iter().find(|p| {
-                            p.opts.host == n.spec.host && p.opts.base_port == n.spec.base_port
-                        });
-                        keep.cloned().unwrap_or_else(|| {
-                            Arc::new(ChunkPool {
-                                opts: ClientOptions {
-                                    host: n.spec.host.clone(),
-                                    base_port: n.spec.base_port,
-                                    ..self.chunks.opts.clone()
-                                },
-                                idle: Mutex::new(Vec::new()),
-                            })
-                        })
-                    })
-                    .collect();
-            }
-        }
-        g.1.clone()
+            .map_err(|e| io_err("reading chunks", e))
     }
 
     fn prepare(&self, ranges: &[(u64, Vec<u8>)]) -> Vec<Vec<PreparedChunk>> {

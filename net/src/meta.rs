@@ -468,6 +468,9 @@ pub struct JoinGrant {
     /// The hive's dedupe key (hex) and bucket count: the same on every node.
     pub dedupe_key: String,
     pub bucket_count: u32,
+    /// The hive's copies per chunk and copies before a put is acknowledged.
+    pub copies: u8,
+    pub min_copies: u8,
 }
 
 impl JoinGrant {
@@ -477,6 +480,8 @@ impl JoinGrant {
             || self.ca_key_pem.len() > MAX_PEM_BYTES
             || self.dedupe_key.len() != 64
             || !self.bucket_count.is_power_of_two()
+            || self.copies == 0
+            || !(1..=self.copies).contains(&self.min_copies)
         {
             return Err(Errno::INVAL);
         }
@@ -965,7 +970,20 @@ pub enum ShardAdmin {
     /// is due at the first collection whose mark no longer finds it live, not two epochs
     /// after its last claim). Answered `Done`.
     MarkedLive { epoch: u64, ids: Vec<u8> },
+    /// Which of these ids (concatenated, at most `MAX_ADMIN_IDS`) the shard holds
+    /// verified, answered as `Ids` (the subset, in the order asked). Unlike `Has` this is
+    /// not a claim: repair asks it of every copy, and a claim would keep garbage from
+    /// being swept.
+    Holding { ids: Vec<u8> },
+    /// Scrub: read these ids (concatenated, at most `MAX_SCRUB_IDS`) back from the device,
+    /// check each record's CRC and the chunk's id (decompress + hash), and remove the
+    /// copies that fail (the caller copies a good one back from another node). Answered
+    /// `Scrubbed`.
+    Scrub { ids: Vec<u8> },
 }
+
+/// Most ids one `ShardAdmin::Scrub` carries (each is a device read and a hash).
+pub const MAX_SCRUB_IDS: u32 = 256;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ShardAdminReply {
@@ -980,6 +998,13 @@ pub enum ShardAdminReply {
         bytes: u64,
     },
     Refused(String),
+    /// What a `Scrub` did: copies read back and checked, bytes read, and the ids whose
+    /// copies failed and were removed (concatenated).
+    Scrubbed {
+        checked: u64,
+        bytes: u64,
+        bad: Vec<u8>,
+    },
 }
 
 /// Most ids one `ListIds`, `ListStale` or `Sweep` carries.
@@ -1011,11 +1036,16 @@ pub struct FsckReport {
     pub referenced_chunks: u64,
     /// Verified chunks the shards hold.
     pub stored_chunks: u64,
-    /// Referenced chunks read back and checked against their ids (`verify`).
+    /// Copies of referenced chunks read back and checked against their ids (`verify`).
     pub verified_chunks: u64,
     /// Stored chunks no live extent references and nobody claimed since before the epoch
     /// before the current one: garbage that outlived two collections (each is a finding).
     pub stale_chunks: u64,
+    /// Referenced chunks held by fewer nodes than the hive's copies (or than its eligible
+    /// nodes, where it has fewer): each is a finding; repair makes the missing copies.
+    pub under_replicated: u64,
+    /// The copies each referenced chunk should have.
+    pub copies_wanted: u64,
     pub findings: Vec<String>,
 }
 

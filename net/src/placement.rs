@@ -526,6 +526,24 @@ impl HiveMap {
         self.replicas(self.bucket_of(id), copies)
     }
 
+    /// The primary of a bucket whose rendezvous order is `order`: its first node this map
+    /// does not say is down. Puts go there; it forwards the copies.
+    pub fn primary(&self, order: &[u64]) -> Option<u64> {
+        order
+            .iter()
+            .copied()
+            .find(|n| self.node(*n).is_some_and(|m| m.state != NodeState::Down))
+    }
+
+    /// Where to read a bucket whose rendezvous order is `order`: the nodes not down, in
+    /// order, then the down ones (a node marked down may still answer).
+    pub fn read_order(&self, order: &[u64]) -> Vec<u64> {
+        let down = |n: &u64| self.node(*n).is_none_or(|m| m.state == NodeState::Down);
+        let mut v: Vec<u64> = order.iter().copied().filter(|n| !down(n)).collect();
+        v.extend(order.iter().copied().filter(down));
+        v
+    }
+
     /// Every bucket's replicas at `copies`. A map that fails [`validate`](Self::validate)
     /// still gets an answer (callers validate first); at most [`MAX_BUCKETS`] buckets are
     /// computed.

@@ -20,6 +20,9 @@
 //! | `GetReply` | `found u8 (0/1)`, then if found `codec u8, raw_len u32, data bytes` |
 //! | `StatsReply` | `json str` |
 //! | `MapReply` | `epoch u64, node_id str, bucket_count u32, shard_count u16, base_port u16, dedupe_key[32], count u32, count × shard u16` |
+//! | `HiveMap` | empty |
+//! | `HiveMapReply` | the [`HiveMap`] encoding (`placement.rs`) |
+//! | `Replicate` | `hint_for u64`, then a `Put` body (node to node: store, do not forward) |
 
 use crate::chunk::{
     ChunkId, Codec, DedupeKey, CHUNK_ID_BYTES, MAX_CHUNK_RAW_BYTES, MAX_CHUNK_STORED_BYTES,
@@ -28,6 +31,7 @@ use crate::frame::{
     encode_frame, encode_frame_checked_with, BodyCheck, FrameHeader, FLAG_BODY_UNCHECKED,
     HEADER_BYTES,
 };
+use crate::placement::HiveMap;
 
 /// Most ids in one `Has` (and presence flags in one `HasReply`).
 pub const MAX_BATCH_IDS: usize = 8192;
@@ -72,6 +76,11 @@ pub enum Opcode {
     /// A GC step for a shard ([`crate::meta::ShardAdmin`]), on shard ports.
     ShardAdmin = 22,
     ShardAdminReply = 23,
+    /// The hive's placement map ([`HiveMap`]), on shard ports.
+    HiveMap = 24,
+    HiveMapReply = 25,
+    /// A copy of chunks sent by a bucket's primary to another replica (peers only).
+    Replicate = 26,
 }
 
 impl Opcode {
@@ -94,6 +103,9 @@ impl Opcode {
             21 => Opcode::MetaReply,
             22 => Opcode::ShardAdmin,
             23 => Opcode::ShardAdminReply,
+            24 => Opcode::HiveMap,
+            25 => Opcode::HiveMapReply,
+            26 => Opcode::Replicate,
             _ => return None,
         })
     }
@@ -110,6 +122,8 @@ impl Opcode {
                 | Opcode::Map
                 | Opcode::Meta
                 | Opcode::ShardAdmin
+                | Opcode::HiveMap
+                | Opcode::Replicate
         )
     }
 }
@@ -140,6 +154,12 @@ pub enum ErrorCode {
     /// The metadata node asked could not reach a majority in time: nothing was decided;
     /// another member may be able to.
     NoQuorum = 16,
+    /// The node asked is not the primary of the bucket in its map (the client's map is
+    /// stale): fetch the map (`HiveMap`) and send to the primary it names.
+    NotPrimary = 17,
+    /// Fewer than `min_copies` nodes stored the chunks in time: nothing is acknowledged
+    /// (copies made stay; a retry is idempotent).
+    TooFewCopies = 18,
 }
 
 impl ErrorCode {
@@ -163,6 +183,8 @@ impl ErrorCode {
             14 => ErrorCode::NoSpace,
             15 => ErrorCode::NotLeader,
             16 => ErrorCode::NoQuorum,
+            17 => ErrorCode::NotPrimary,
+            18 => ErrorCode::TooFewCopies,
             _ => return None,
         })
     }
@@ -450,6 +472,14 @@ pub enum Request {
     ShardAdmin {
         body: Vec<u8>,
     },
+    /// The hive's placement map as this node knows it.
+    HiveMap,
+    /// Store these chunks here without forwarding them: a copy from the bucket's primary
+    /// (`hint_for`: 0, or the node this is a hinted copy for). Only other nodes may send it.
+    Replicate {
+        hint_for: u64,
+        chunks: Vec<PutChunk>,
+    },
 }
 
 /// The placement of buckets on one node's shards, and what a client needs to address
@@ -563,6 +593,9 @@ pub enum Response {
     MapReply {
         map: ClusterMap,
     },
+    HiveMapReply {
+        map: HiveMap,
+    },
 }
 
 fn opcode_of(v: u16) -> Result<Opcode, DecodeError> {
@@ -598,6 +631,8 @@ impl Request {
             Request::Map => Opcode::Map,
             Request::Meta { .. } => Opcode::Meta,
             Request::ShardAdmin { .. } => Opcode::ShardAdmin,
+            Request::HiveMap => Opcode::HiveMap,
+            Request::Replicate { .. } => Opcode::Replicate,
         }
     }
 
@@ -626,7 +661,11 @@ impl Request {
             }
             Request::Put { chunks } => write_put_body(&mut w.0, chunks),
             Request::Get { id } => w.0.extend_from_slice(&id.0),
-            Request::Stats | Request::Map => {}
+            Request::Stats | Request::Map | Request::HiveMap => {}
+            Request::Replicate { hint_for, chunks } => {
+                w.u64(*hint_for);
+                write_put_body(&mut w.0, chunks)
+            }
             Request::Meta { body } | Request::ShardAdmin { body } => w.0.extend_from_slice(body),
         }
         (self.opcode(), w.0)
@@ -651,20 +690,18 @@ impl Request {
                 Request::Has { ids }
             }
             Opcode::Put => {
-                let chunks = decode_put_in_place(body)?
-                    .into_iter()
-                    .map(|c| PutChunk {
-                        id: c.id,
-                        codec: c.codec,
-                        raw_len: c.raw_len,
-                        data: body[c.data].to_vec(),
-                    })
-                    .collect();
+                let chunks = owned_chunks(body, decode_put_in_place(body)?);
                 return Ok(Request::Put { chunks });
+            }
+            Opcode::Replicate => {
+                let (hint_for, at) = decode_replicate_in_place(body)?;
+                let chunks = owned_chunks(body, at);
+                return Ok(Request::Replicate { hint_for, chunks });
             }
             Opcode::Get => Request::Get { id: r.chunk_id()? },
             Opcode::Stats => Request::Stats,
             Opcode::Map => Request::Map,
+            Opcode::HiveMap => Request::HiveMap,
             Opcode::Meta => {
                 return Ok(Request::Meta {
                     body: body.to_vec(),
@@ -694,6 +731,7 @@ impl Response {
             Response::MapReply { .. } => Opcode::MapReply,
             Response::MetaReply { .. } => Opcode::MetaReply,
             Response::ShardAdminReply { .. } => Opcode::ShardAdminReply,
+            Response::HiveMapReply { .. } => Opcode::HiveMapReply,
         }
     }
 
@@ -756,6 +794,7 @@ impl Response {
             Response::MetaReply { body } | Response::ShardAdminReply { body } => {
                 w.0.extend_from_slice(body)
             }
+            Response::HiveMapReply { map } => map.encode(&mut w.0),
             Response::MapReply { map } => {
                 w.u64(map.epoch);
                 w.bytes(map.node_id.as_bytes());
@@ -845,6 +884,11 @@ impl Response {
                     body: body.to_vec(),
                 })
             }
+            Opcode::HiveMapReply => {
+                return Ok(Response::HiveMapReply {
+                    map: HiveMap::decode(body)?,
+                })
+            }
             Opcode::MapReply => {
                 let epoch = r.u64()?;
                 let node_id = r.named_string("node id", MAX_NAME_BYTES)?;
@@ -921,20 +965,85 @@ pub fn decode_put_in_place(body: &[u8]) -> Result<Vec<PutChunkAt>, DecodeError> 
     Ok(chunks)
 }
 
+/// Chunks located in `body`, copied out of it.
+fn owned_chunks(body: &[u8], at: Vec<PutChunkAt>) -> Vec<PutChunk> {
+    at.into_iter()
+        .map(|c| PutChunk {
+            id: c.id,
+            codec: c.codec,
+            raw_len: c.raw_len,
+            data: body[c.data].to_vec(),
+        })
+        .collect()
+}
+
+/// Decode a `Replicate` body in place: the node it is a hinted copy for (0: none) and
+/// the chunks, as ranges of `body` (the put body after the 8-byte prefix).
+pub fn decode_replicate_in_place(body: &[u8]) -> Result<(u64, Vec<PutChunkAt>), DecodeError> {
+    let mut r = Reader::new(body);
+    let hint_for = r.u64()?;
+    let at = decode_put_in_place(&body[REPLICATE_PREFIX_BYTES..])?
+        .into_iter()
+        .map(|c| PutChunkAt {
+            data: c.data.start + REPLICATE_PREFIX_BYTES..c.data.end + REPLICATE_PREFIX_BYTES,
+            ..c
+        })
+        .collect();
+    Ok((hint_for, at))
+}
+
+/// Bytes of a `Replicate` body before its put body (`hint_for`).
+pub const REPLICATE_PREFIX_BYTES: usize = 8;
+
+/// One chunk of a `Replicate`, borrowed: id, codec, plaintext length, stored bytes.
+pub type ChunkRef<'a> = (ChunkId, Codec, u32, &'a [u8]);
+
+/// Append a `Replicate` request frame for borrowed chunks to `out`.
+pub fn frame_replicate_into(
+    out: &mut Vec<u8>,
+    check: BodyCheck,
+    version: u16,
+    request_id: u64,
+    hint_for: u64,
+    chunks: &[ChunkRef<'_>],
+) {
+    let op = Opcode::Replicate as u16;
+    encode_frame_checked_with(out, check, version, op, request_id, |body| {
+        body.extend_from_slice(&hint_for.to_le_bytes());
+        write_put_body_refs(body, chunks.iter().copied())
+    });
+}
+
 /// The body of a `Put` (the one place its layout is written).
 fn write_put_body<'a>(
     out: &mut Vec<u8>,
     chunks: impl IntoIterator<Item = &'a PutChunk, IntoIter: ExactSizeIterator + Clone>,
 ) {
-    let chunks = chunks.into_iter();
-    out.reserve(PUT_BODY_HEADER_BYTES + chunks.clone().map(PutChunk::encoded_len).sum::<usize>());
+    write_put_body_refs(
+        out,
+        chunks
+            .into_iter()
+            .map(|c| (c.id, c.codec, c.raw_len, &c.data[..])),
+    )
+}
+
+/// [`write_put_body`] for borrowed chunks.
+fn write_put_body_refs<'a>(
+    out: &mut Vec<u8>,
+    chunks: impl ExactSizeIterator<Item = ChunkRef<'a>> + Clone,
+) {
+    let bytes: usize = chunks
+        .clone()
+        .map(|c| PUT_CHUNK_OVERHEAD_BYTES + c.3.len())
+        .sum();
+    out.reserve(PUT_BODY_HEADER_BYTES + bytes);
     let mut w = Writer(std::mem::take(out));
     w.len(chunks.len());
-    for c in chunks {
-        w.0.extend_from_slice(&c.id.0);
-        w.u8(c.codec as u8);
-        w.u32(c.raw_len);
-        w.bytes(&c.data);
+    for (id, codec, raw_len, data) in chunks {
+        w.0.extend_from_slice(&id.0);
+        w.u8(codec as u8);
+        w.u32(raw_len);
+        w.bytes(data);
     }
     *out = w.0;
 }
@@ -1057,10 +1166,18 @@ pub(crate) mod tests {
                 1,
                 79,
                 &Request::Put {
-                    chunks: vec![c.clone(), c]
+                    chunks: vec![c.clone(), c.clone()]
                 }
             )
         );
+        let mut a = Vec::new();
+        let r = (c.id, c.codec, c.raw_len, &c.data[..]);
+        frame_replicate_into(&mut a, BodyCheck::Crc32c, 1, 80, 5, &[r, r]);
+        let replicate = Request::Replicate {
+            hint_for: 5,
+            chunks: vec![c.clone(), c],
+        };
+        assert_eq!(a, frame_request(1, 80, &replicate));
     }
 
     const KEY: DedupeKey = DedupeKey([9u8; 32]);
@@ -1100,6 +1217,16 @@ pub(crate) mod tests {
             Request::Get { id: id(5) },
             Request::Stats,
             Request::Map,
+            Request::HiveMap,
+            Request::Replicate {
+                hint_for: 3,
+                chunks: vec![PutChunk {
+                    id: id(4),
+                    codec: Codec::Lz4,
+                    raw_len: 9,
+                    data: b"xyz".to_vec(),
+                }],
+            },
         ]
     }
 
@@ -1141,6 +1268,23 @@ pub(crate) mod tests {
                 json: "{\"chunks\":1}".into(),
             },
             Response::MapReply { map: sample_map() },
+            Response::HiveMapReply {
+                map: crate::placement::HiveMap {
+                    epoch: 3,
+                    bucket_count: 16,
+                    nodes: vec![crate::placement::MapNode {
+                        id: 1,
+                        name: "n1".into(),
+                        host: "127.0.0.1".into(),
+                        meta_port: 7399,
+                        base_port: 7400,
+                        shards: 2,
+                        weight: 1,
+                        zone: "z".into(),
+                        state: crate::placement::NodeState::Up,
+                    }],
+                },
+            },
         ]
     }
 

@@ -88,6 +88,13 @@ enum Cmd {
         #[arg(long)]
         insecure: bool,
     },
+    /// Scrub this node now: re-read every chunk it holds and check it against its id; bad
+    /// copies are removed and repair copies good ones back (progress in `hive status`).
+    /// Runs by itself every `scrub_every_secs` (hive.toml).
+    Scrub {
+        #[arg(long)]
+        data: PathBuf,
+    },
     /// Run one garbage collection on a running node and print what it freed.
     Gc {
         #[arg(long)]
@@ -153,6 +160,13 @@ struct NodeArgs {
     /// Segment size, e.g. 64M.
     #[arg(long, default_value = "64M")]
     segment_size: String,
+    /// Copies of every chunk: 3, 2 (a mirror) or 1 (tests only). `hive init` sets the
+    /// hive's; a joining node takes the hive's.
+    #[arg(long, default_value_t = config::default_copies(), value_parser = clap::value_parser!(u8).range(1..=8))]
+    copies: u8,
+    /// Copies durable before a write is acknowledged (at most --copies).
+    #[arg(long, default_value_t = config::default_min_copies(), value_parser = clap::value_parser!(u8).range(1..=8))]
+    min_copies: u8,
 }
 
 impl NodeArgs {
@@ -175,6 +189,8 @@ impl NodeArgs {
             segment_bytes: config::parse_size(&self.segment_size)?,
             advertise: self.advertise,
             zone: self.zone,
+            copies: self.copies,
+            min_copies: self.min_copies.min(self.copies),
         })
     }
 }
@@ -221,12 +237,17 @@ enum TokenCmd {
 
 #[derive(Subcommand)]
 enum NodeCmd {
-    /// Drain node ID: it stays in the map as `draining` until its buckets have moved.
+    /// Drain node ID and remove it: it takes no new data and repair copies what it holds
+    /// to the nodes that now replace it (it keeps serving its copies meanwhile, so no
+    /// chunk is ever below its copies); once every chunk it holds has all its copies on
+    /// other nodes it is marked `out`. Shows progress; `--no-wait` only starts the drain.
     Remove {
         #[arg(long)]
         data: PathBuf,
         #[arg(long)]
         id: u64,
+        #[arg(long)]
+        no_wait: bool,
     },
 }
 
@@ -333,22 +354,16 @@ fn real_main() -> Result<()> {
             Ok(())
         }
         Cmd::Node {
-            cmd: NodeCmd::Remove { data, id },
+            cmd: NodeCmd::Remove { data, id, no_wait },
         } => {
-            let client = u64::from_le_bytes(config::random_bytes::<8>()?) | 1;
-            let req = MetaRequest::Mutate(meta::MetaCommand {
-                volume: 0,
-                client,
-                seq: 1,
-                acked_below: 1,
-                now: meta::Timespec::default(),
-                op: meta::Mutation::SetNodeState {
-                    id,
-                    state: hivefs_net::placement::NodeState::Draining,
-                },
-            });
-            ask_leader_req(&data, false, &req)?;
-            println!("node {id} is draining: it takes no new data (moving its buckets away comes with rebalancing)");
+            set_node_state(&data, id, hivefs_net::placement::NodeState::Draining)?;
+            println!("node {id} is draining: it takes no new data; repair copies what it holds to the nodes replacing it");
+            if no_wait {
+                return Ok(());
+            }
+            wait_drained(&data, id)?;
+            set_node_state(&data, id, hivefs_net::placement::NodeState::Out)?;
+            println!("node {id} is out of the hive: its data is held elsewhere; it can be stopped");
             Ok(())
         }
         Cmd::Up {
@@ -361,6 +376,15 @@ fn real_main() -> Result<()> {
             verify,
             insecure,
         } => fsck(&data, verify, insecure),
+        Cmd::Scrub { data } => {
+            NodeConfig::load(&data)?;
+            let f = data.join(hivefs_engine::repair::SCRUB_REQUEST_FILE);
+            std::fs::write(&f, b"").with_context(|| format!("writing {}", f.display()))?;
+            println!(
+                "scrub requested: the running node starts it within a second (see `hive status`)"
+            );
+            Ok(())
+        }
         Cmd::Gc { data, insecure } => {
             let r = match ask_leader(&data, insecure, Query::Gc)? {
                 Answer::Gc(r) => r,
@@ -722,6 +746,146 @@ fn token_cmd(cmd: TokenCmd) -> Result<()> {
 
 /// Ask the metadata leader an admin query, starting at the node in `dir` (a follower
 /// points to the leader).
+/// Set a node's state in the cluster map (through the leader).
+fn set_node_state(
+    dir: &std::path::Path,
+    id: u64,
+    state: hivefs_net::placement::NodeState,
+) -> Result<()> {
+    let client = u64::from_le_bytes(config::random_bytes::<8>()?) | 1;
+    let req = MetaRequest::Mutate(meta::MetaCommand {
+        volume: 0,
+        client,
+        seq: 1,
+        acked_below: 1,
+        now: meta::Timespec::default(),
+        op: meta::Mutation::SetNodeState { id, state },
+    });
+    ask_leader_req(dir, false, &req)?;
+    Ok(())
+}
+
+fn shard_admin_call(link: &mut Link, op: &meta::ShardAdmin) -> Result<meta::ShardAdminReply> {
+    match link.call(&Request::ShardAdmin {
+        body: meta::encode(op),
+    })? {
+        Response::ShardAdminReply { body } => Ok(meta::decode(&body)?),
+        other => bail!("unexpected answer {:?}", other.opcode()),
+    }
+}
+
+/// Wait until every chunk node `id` holds is also held by all of its bucket's targets
+/// under the current map (where a draining node is no target), printing progress.
+fn wait_drained(dir: &std::path::Path, id: u64) -> Result<()> {
+    use hivefs_net::chunk::ChunkId;
+    use hivefs_net::placement::NodeState;
+    let cfg = NodeConfig::load(dir)?;
+    let mut last_line = String::new();
+    loop {
+        let mut local = Link::open(dir, &cfg, cfg.base_port, false, "hive node remove")?;
+        let map = match local.call(&Request::HiveMap)? {
+            Response::HiveMapReply { map } => map,
+            other => bail!("placement map: unexpected {:?}", other.opcode()),
+        };
+        let Some(node) = map.node(id).cloned() else {
+            bail!("node {id} is not in the map");
+        };
+        if node.state != NodeState::Draining {
+            // The map this node has may not show the change yet.
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            continue;
+        }
+        let order = map.placement(usize::MAX);
+        let copies = cfg.copies.max(1) as usize;
+        let (mut total, mut done) = (0u64, 0u64);
+        for s in 0..node.shards {
+            let mut link = Link::open_at(
+                dir,
+                &node.host,
+                node.base_port + s,
+                false,
+                "hive node remove",
+            )
+            .with_context(|| format!("node {id} shard {s}"))?;
+            let mut after: Option<Vec<u8>> = None;
+            loop {
+                let (ids, more) = match shard_admin_call(
+                    &mut link,
+                    &meta::ShardAdmin::ListIds {
+                        after: after.clone(),
+                        max: 4096,
+                    },
+                )? {
+                    meta::ShardAdminReply::Ids { ids, more } => {
+                        (meta::split_ids(&ids).context("bad id list")?, more)
+                    }
+                    other => bail!("listing node {id}: {other:?}"),
+                };
+                after = ids.last().map(|l| l.0.to_vec());
+                total += ids.len() as u64;
+                // How many targets of each id hold it.
+                let mut held: std::collections::HashMap<ChunkId, usize> = Default::default();
+                let mut want: std::collections::HashMap<(u64, u16), Vec<ChunkId>> =
+                    Default::default();
+                let mut need: std::collections::HashMap<ChunkId, usize> = Default::default();
+                for cid in &ids {
+                    let b = map.bucket_of(cid);
+                    let targets: Vec<u64> = order
+                        .replicas(b)
+                        .iter()
+                        .copied()
+                        .filter(|n| map.node(*n).is_some_and(|m| m.state != NodeState::Down))
+                        .take(copies)
+                        .collect();
+                    need.insert(*cid, targets.len());
+                    for t in targets {
+                        let shards = map.node(t).map_or(1, |m| m.shards.max(1));
+                        want.entry((t, (b % shards as u32) as u16))
+                            .or_default()
+                            .push(*cid);
+                    }
+                }
+                for ((t, ts), cids) in want {
+                    let Some(m) = map.node(t) else { continue };
+                    let Ok(mut l) =
+                        Link::open_at(dir, &m.host, m.base_port + ts, false, "hive node remove")
+                    else {
+                        continue;
+                    };
+                    if let Ok(meta::ShardAdminReply::Ids { ids: h, .. }) = shard_admin_call(
+                        &mut l,
+                        &meta::ShardAdmin::Holding {
+                            ids: meta::join_ids(&cids),
+                        },
+                    ) {
+                        for cid in meta::split_ids(&h).unwrap_or_default() {
+                            *held.entry(cid).or_default() += 1;
+                        }
+                    }
+                }
+                done += ids
+                    .iter()
+                    .filter(|c| held.get(*c).copied().unwrap_or(0) >= need[*c])
+                    .count() as u64;
+                if !more {
+                    break;
+                }
+            }
+        }
+        let line =
+            format!("draining node {id}: {done} of {total} chunks have all their copies elsewhere");
+        if line != last_line {
+            eprint!("\r{line}");
+            last_line = line;
+        }
+        if done == total {
+            eprintln!();
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
 fn ask_leader(dir: &std::path::Path, insecure: bool, query: Query) -> Result<Answer> {
     ask_leader_req(dir, insecure, &MetaRequest::Query { volume: 0, query })
 }
@@ -777,13 +941,15 @@ fn fsck(dir: &std::path::Path, verify: bool, insecure: bool) -> Result<()> {
         other => bail!("unexpected answer {other:?}"),
     };
     println!(
-        "volumes {}  inodes {}  referenced chunks {}  stored chunks {}  verified {}  stale {}",
+        "volumes {}  inodes {}  referenced chunks {}  stored chunks {}  verified {}  stale {}  copies {}  under-replicated {}",
         r.volumes,
         r.inodes,
         r.referenced_chunks,
         r.stored_chunks,
         r.verified_chunks,
-        r.stale_chunks
+        r.stale_chunks,
+        r.copies_wanted,
+        r.under_replicated
     );
     for f in &r.findings {
         println!("PROBLEM: {f}");
@@ -822,6 +988,8 @@ fn up(data: &std::path::Path, size: &str, mountpoint: &std::path::Path) -> Resul
             segment_bytes: config::DEFAULT_SEGMENT_BYTES,
             advertise: None,
             zone: config::default_zone(),
+            copies: config::default_copies(),
+            min_copies: config::default_min_copies(),
         };
         config::init(&o)?;
         println!("hive: initialised a one-node hive in {}", data.display());
@@ -980,6 +1148,12 @@ fn status(dir: &std::path::Path, json: bool, insecure: bool) -> Result<()> {
                 "shards": shards,
                 "total": total,
                 "cluster": cluster,
+                "repair": hivefs_engine::repair::RepairProgress::load(dir),
+                "replication": {
+                    "copies": cfg.copies,
+                    "min_copies": cfg.min_copies,
+                    "owed_since_start": sum("repl_owed"),
+                },
             }))?
         );
         return Ok(());
@@ -1048,5 +1222,13 @@ fn status(dir: &std::path::Path, json: bool, insecure: bool) -> Result<()> {
         t("puts_no_space")
     );
     print_cluster(&cluster);
+    let repair = hivefs_engine::repair::RepairProgress::load(dir);
+    println!("{}", repair.describe());
+    println!(
+        "replication: {} copies, {} before acknowledging; {} copies owed by puts since start (repair makes them)",
+        cfg.copies,
+        cfg.min_copies,
+        sum("repl_owed")
+    );
     Ok(())
 }

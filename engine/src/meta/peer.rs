@@ -156,7 +156,8 @@ impl PeerLink {
         let _ = s.set_write_timeout(Some(t));
     }
 
-    fn request(&mut self, req: &Request) -> Result<Response, PeerError> {
+    /// Send one request (any port: metadata or shard) and wait for its answer.
+    pub fn request(&mut self, req: &Request) -> Result<Response, PeerError> {
         let id = self.next_id;
         self.next_id += 1;
         let link = |why: String| PeerError::Link {

@@ -24,6 +24,7 @@ use super::store::MetaStore;
 use super::watch::{self, Watchers};
 use crate::admin::Link;
 use crate::config::NodeConfig;
+use crate::hive_map::MapCell;
 use crate::tokens::TokenRegistry;
 use anyhow::{Context, Result};
 use hivefs_net::chunk::{self, ChunkId};
@@ -34,7 +35,7 @@ use hivefs_net::meta::{
     Mutation, NodeEntry, NodeSpec, PeerRequest, Query, ShardAdmin, ShardAdminReply, Timespec,
     TokenScope, VolumeInfo, WatchEvent, WATCH_HEARTBEAT_MS,
 };
-use hivefs_net::proto::{frame_response, ClusterMap, ErrorCode, Request, Response, MAX_BATCH_IDS};
+use hivefs_net::proto::{frame_response, ClusterMap, ErrorCode, Request, Response};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -100,6 +101,8 @@ pub(super) struct Shared {
     pub(super) peer_tls: Option<Arc<rustls::ClientConfig>>,
     /// Who may connect and do what (shared with the shard threads).
     pub(super) tokens: Arc<TokenRegistry>,
+    /// The placement map as this node's store has it (shared with the shard threads).
+    pub(super) hive_map: Arc<MapCell>,
     /// Volume ids by name, as found (see [`Shared::volume_id`]).
     volume_ids: Mutex<std::collections::HashMap<String, u32>>,
     device: Arc<DeviceUse>,
@@ -118,6 +121,7 @@ pub struct MetaServer {
     shared: Arc<Shared>,
     accept: Option<JoinHandle<()>>,
     health: Option<JoinHandle<()>>,
+    map: Option<JoinHandle<()>>,
     pub port: u16,
 }
 
@@ -138,11 +142,13 @@ impl MetaServer {
         device: Arc<DeviceUse>,
         shard_ports: Vec<u16>,
         tokens: Arc<TokenRegistry>,
+        hive_map: Arc<MapCell>,
     ) -> Result<MetaServer> {
         let dir = meta_dir(data_dir);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let store = Arc::new(MetaStore::open(&dir.join("namespace.redb"))?);
         tokens.refresh(&store).context("loading the token table")?;
+        publish_map(&store, cfg.bucket_count, &hive_map);
         let addr: SocketAddr = format!("{}:{}", cfg.listen, cfg.meta_port())
             .parse()
             .with_context(|| format!("bad metadata address {}:{}", cfg.listen, cfg.meta_port()))?;
@@ -205,6 +211,7 @@ impl MetaServer {
             tls,
             peer_tls,
             tokens,
+            hive_map,
             volume_ids: Mutex::new(std::collections::HashMap::new()),
             device,
             locks,
@@ -223,10 +230,22 @@ impl MetaServer {
         let health = std::thread::Builder::new()
             .name("meta-health".into())
             .spawn(move || super::health::run(&sh))?;
+        // The placement map goes to the shards within moments of a change applying here
+        // (its own thread: the detector's loop may wait on Raft).
+        let sh = shared.clone();
+        let map = std::thread::Builder::new()
+            .name("meta-map".into())
+            .spawn(move || {
+                while !sh.stop.load(Ordering::SeqCst) {
+                    publish_map(&sh.store, sh.cfg.bucket_count, &sh.hive_map);
+                    std::thread::sleep(MAP_PUBLISH_EVERY);
+                }
+            })?;
         let server = MetaServer {
             shared,
             accept: Some(accept),
             health: Some(health),
+            map: Some(map),
             port,
         };
         // The first node is in the cluster map as node 1 before it answers anyone's join.
@@ -288,6 +307,9 @@ impl MetaServer {
             let _ = a.join();
         }
         if let Some(h) = self.health.take() {
+            let _ = h.join();
+        }
+        if let Some(h) = self.map.take() {
             let _ = h.join();
         }
         let conns = std::mem::take(&mut *self.shared.conns.lock().expect("conns lock"));
@@ -910,8 +932,8 @@ fn fsck(sh: &Shared, verify: bool) -> Result<FsckReport> {
         other => anyhow::bail!("gc epoch: {other:?}"),
     };
     // Each referenced chunk must be held (and with `verify`, read back correct) by the
-    // owning shard of at least one node.
-    let mut held: std::collections::HashSet<ChunkId> = std::collections::HashSet::new();
+    // owning shard of as many nodes as the hive keeps copies (`Holding`: not a claim).
+    let mut held: std::collections::HashMap<ChunkId, u64> = std::collections::HashMap::new();
     let bucket_count = sh.cfg.bucket_count;
     for s in hive_shards(sh)? {
         let shard = s.name();
@@ -951,21 +973,23 @@ fn fsck(sh: &Shared, verify: bool) -> Result<FsckReport> {
         }
         let ids: Vec<ChunkId> = refs
             .iter()
-            .filter(|id| !held.contains(*id) && s.owns(id, bucket_count))
+            .filter(|id| s.owns(id, bucket_count))
             .copied()
             .collect();
-        for batch in ids.chunks(MAX_BATCH_IDS) {
-            let present = match link.call(&Request::Has {
-                ids: batch.to_vec(),
-            })? {
-                Response::HasReply { present, .. } if present.len() == batch.len() => present,
-                other => anyhow::bail!("{shard}: has answered {:?}", other.opcode()),
-            };
-            for (id, p) in batch.iter().zip(present) {
-                if !p {
-                    continue;
+        for batch in ids.chunks(meta::MAX_ADMIN_IDS as usize) {
+            let present = match shard_admin(
+                &mut link,
+                &ShardAdmin::Holding {
+                    ids: meta::join_ids(batch),
+                },
+            )? {
+                ShardAdminReply::Ids { ids, .. } => {
+                    meta::split_ids(&ids).context("bad id list from a shard")?
                 }
-                held.insert(*id);
+                other => anyhow::bail!("{shard}: holding answered {other:?}"),
+            };
+            for id in present.iter() {
+                *held.entry(*id).or_default() += 1;
                 if !verify {
                     continue;
                 }
@@ -992,9 +1016,24 @@ fn fsck(sh: &Shared, verify: bool) -> Result<FsckReport> {
             }
         }
     }
-    for id in refs.iter().filter(|id| !held.contains(*id)) {
-        r.findings
-            .push(format!("chunk {id} is referenced but no node holds it"));
+    // The copies each chunk should have: the hive's, or every eligible node where there
+    // are fewer.
+    let eligible = sh.hive_map.get().eligible_count().max(1) as u64;
+    r.copies_wanted = (sh.cfg.copies as u64).min(eligible);
+    for id in refs.iter() {
+        match held.get(id).copied().unwrap_or(0) {
+            0 => r
+                .findings
+                .push(format!("chunk {id} is referenced but no node holds it")),
+            n if n < r.copies_wanted => {
+                r.under_replicated += 1;
+                r.findings.push(format!(
+                    "chunk {id} is held by {n} node(s), not {}",
+                    r.copies_wanted
+                ));
+            }
+            _ => {}
+        }
     }
     Ok(r)
 }
@@ -1092,6 +1131,29 @@ async fn register_self(sh: &Shared, meta_port: u16) -> Result<()> {
     }
 }
 
+/// How often the placement map is read from the store for the shards.
+const MAP_PUBLISH_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Publish the placement map this node's store holds (group 0 `nodes`) to its shards,
+/// if it is newer than what they have. Every node does this from its own applied state.
+pub(super) fn publish_map(store: &MetaStore, bucket_count: u32, cell: &MapCell) {
+    match store.query(0, &Query::Nodes) {
+        Ok(Ok(Answer::Nodes { map_epoch, nodes })) => {
+            let map = hivefs_net::meta::hive_map(map_epoch, bucket_count, &nodes);
+            match map.validate() {
+                Ok(()) => {
+                    let epoch = map.epoch;
+                    if cell.publish(map) {
+                        tracing::info!(epoch, nodes = nodes.len(), "placement map");
+                    }
+                }
+                Err(e) => tracing::error!("the cluster map in the store is not valid: {e}"),
+            }
+        }
+        other => tracing::warn!("reading the cluster map: {other:?}"),
+    }
+}
+
 /// `Ok` while this node leads its metadata cluster, else `NotLeader` naming the leader
 /// it knows of.
 pub(super) fn ensure_leader(sh: &Shared) -> Result<(), RaftError> {
@@ -1152,6 +1214,8 @@ async fn join(sh: &Shared, spec: NodeSpec) -> Result<MetaReply, RaftError> {
         ca_key_pem: read("ca.key")?,
         dedupe_key: sh.cfg.dedupe_key.clone(),
         bucket_count: sh.cfg.bucket_count,
+        copies: sh.cfg.copies,
+        min_copies: sh.cfg.min_copies,
     };
     tracing::info!(id, name = %spec.name, addr = %spec.meta_addr(), map_epoch, "node joined the cluster map");
     Ok(Ok(Answer::Joined(grant)))

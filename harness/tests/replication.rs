@@ -1,0 +1,584 @@
+//! Replicated puts between real node processes on loopback: the client sends each chunk to
+//! its bucket's primary, which stores it and forwards the other copies over mutual TLS
+//! before it answers; reads fail over from replica to replica.
+//!
+//! Oracle: the chunk counts every node reports (with 3 nodes and 3 copies, every node
+//! holds every chunk), and every chunk written read back verified (the client hashes
+//! each one against its id) while nodes are killed with `kill -9`.
+
+use hivefs_client::hive::{ClientError, HiveClient};
+use hivefs_harness::{NodeOptions, TestNode};
+use hivefs_net::chunk::{ChunkId, Codec, DedupeKey};
+use hivefs_net::frame::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
+use hivefs_net::placement::NodeState;
+use hivefs_net::proto::{ErrorCode, PutChunk, PutResult, Request, Response};
+use std::time::{Duration, Instant};
+
+fn opts(name: &str) -> NodeOptions {
+    NodeOptions::default().shards(2).name(name).size("512M")
+}
+
+/// Three nodes with the default 3 copies (2 before acknowledging); returns them once the
+/// placement map every node publishes lists all three.
+fn three_nodes() -> Vec<TestNode> {
+    three_nodes_sized("512M")
+}
+
+/// [`three_nodes`] with devices of `size` (sparse files).
+fn three_nodes_sized(size: &str) -> Vec<TestNode> {
+    let o = |name: &str| opts(name).size(size);
+    let mut a = TestNode::start(o("r1"));
+    let mut b = TestNode::join(o("r2"), &mut a);
+    let c = TestNode::join(o("r3"), &mut b);
+    let nodes = vec![a, b, c];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for n in &nodes {
+        loop {
+            let mut cl = n.client();
+            let map = cl.hive_map();
+            if map.nodes.len() == 3 && map.nodes.iter().all(|m| m.state == NodeState::Up) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "maps not published: {map:?}");
+            std::thread::sleep(Duration::from_millis(200));
+            cl.refresh_map();
+        }
+    }
+    nodes
+}
+
+/// `n` distinct raw chunks (4-12 KiB, from `seed`).
+fn chunks(key: &DedupeKey, seed: u64, n: usize) -> Vec<PutChunk> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|i| {
+            let len = 4096 + (i * 37) % 8192;
+            let data: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            PutChunk {
+                id: ChunkId::compute(key, &data),
+                codec: Codec::Raw,
+                raw_len: data.len() as u32,
+                data,
+            }
+        })
+        .collect()
+}
+
+/// Chunks the node that `c` first contacted holds, over its shards.
+fn chunk_count(c: &mut HiveClient) -> u64 {
+    c.stats()
+        .expect("stats")
+        .iter()
+        .map(|j| {
+            let v: serde_json::Value = serde_json::from_str(j).expect("stats json");
+            v["chunks"].as_u64().expect("chunks")
+        })
+        .sum()
+}
+
+fn read_back(c: &mut HiveClient, want: &[PutChunk], what: &str) {
+    let ids: Vec<ChunkId> = want.iter().map(|c| c.id).collect();
+    let got = c.get(&ids).unwrap_or_else(|e| panic!("{what}: get: {e}"));
+    for (w, g) in want.iter().zip(got) {
+        assert!(
+            g.as_deref() == Some(&w.data[..]),
+            "{what}: chunk {} read back as {:?} bytes",
+            w.id,
+            g.map(|g| g.len())
+        );
+    }
+}
+
+#[test]
+fn every_replica_holds_every_chunk_and_reads_fail_over() {
+    let mut nodes = three_nodes();
+    let mut c = nodes[0].client();
+    let key = c.map().dedupe_key;
+    let first = chunks(&key, 1, 300);
+    let t = Instant::now();
+    let (results, _) = c.put(&first).expect("put");
+    assert!(
+        results.iter().all(|r| *r == PutResult::Stored),
+        "{results:?}"
+    );
+    eprintln!("300 chunks put with 3 copies in {:?}", t.elapsed());
+    // Copies are made before the put is answered only on min_copies (2) nodes; the third
+    // follows within moments.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for n in &nodes {
+        let mut nc = n.client();
+        loop {
+            let count = chunk_count(&mut nc);
+            if count == 300 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node holds {count} of 300 chunks"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    // Every chunk is found again through any node; duplicates are not stored again.
+    let (again, _) = nodes[1].client().put(&first).expect("put again");
+    assert!(
+        again.iter().all(|r| *r == PutResult::Duplicate),
+        "{again:?}"
+    );
+
+    // One node killed: reads fail over at once; writes go on (2 copies are enough) once
+    // the hive has marked it down and the primaries moved.
+    nodes[2].kill9();
+    let t = Instant::now();
+    read_back(&mut c, &first, "one node down");
+    eprintln!("300 chunks read with a node killed in {:?}", t.elapsed());
+    let second = chunks(&key, 2, 200);
+    let t = Instant::now();
+    let (results, _) = c.put(&second).expect("put with one node down");
+    assert!(results.iter().all(|r| *r != PutResult::Rejected));
+    eprintln!("200 chunks put with a node killed in {:?}", t.elapsed());
+    read_back(
+        &mut nodes[1].client(),
+        &second,
+        "written with one node down",
+    );
+
+    // Two of three killed: nothing can be stored on 2 nodes, so nothing is acknowledged;
+    // what was written is still read from the survivor.
+    nodes[1].kill9();
+    let third = chunks(&key, 3, 20);
+    let t = Instant::now();
+    match c.put(&third) {
+        Err(ClientError::Refused {
+            code: ErrorCode::TooFewCopies | ErrorCode::NotPrimary,
+            ..
+        })
+        | Err(ClientError::Connect { .. })
+        | Err(ClientError::Conn { .. }) => {}
+        other => panic!("a put with 1 of 3 nodes up answered {other:?}"),
+    }
+    eprintln!("put with 2 of 3 nodes down refused after {:?}", t.elapsed());
+    read_back(&mut c, &first, "two nodes down");
+    read_back(&mut c, &second, "two nodes down");
+
+    // Both back: writes are acknowledged again.
+    nodes[1].restart();
+    nodes[2].restart();
+    let t = Instant::now();
+    let (results, _) = c.put(&third).expect("put after the nodes came back");
+    assert!(results.iter().all(|r| *r != PutResult::Rejected));
+    eprintln!(
+        "put acknowledged {:?} after both nodes restarted",
+        t.elapsed()
+    );
+    read_back(&mut nodes[2].client(), &third, "after restart");
+}
+
+/// Wait until the node `c` first contacted holds `want` chunks; returns how long it took.
+fn until_count(c: &mut HiveClient, want: u64, within: Duration, what: &str) -> Duration {
+    let t = Instant::now();
+    loop {
+        let n = chunk_count(c);
+        if n == want {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < within,
+            "{what}: the node holds {n} chunks, not {want}, after {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn repair_gives_a_returning_node_what_it_missed() {
+    let mut nodes = three_nodes();
+    let mut c = nodes[0].client();
+    let key = c.map().dedupe_key;
+    let before = chunks(&key, 11, 100);
+    c.put(&before).expect("put");
+    nodes[2].kill9();
+    // Acknowledged with 2 copies once the hive marks the node down (the put retries).
+    let during = chunks(&key, 12, 300);
+    c.put(&during).expect("put with a node down");
+    nodes[2].restart();
+    let mut back = nodes[2].client();
+    let took = until_count(&mut back, 400, Duration::from_secs(60), "after restart");
+    eprintln!(
+        "repair gave the returning node the 300 chunks it missed {took:?} after it served again"
+    );
+    read_back(&mut back, &during, "repaired copies");
+    let status = nodes[0].hive(&["status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("repair:"), "{text}");
+    eprintln!(
+        "{}",
+        text.lines()
+            .find(|l| l.starts_with("repair:"))
+            .unwrap_or("")
+    );
+}
+
+#[test]
+fn a_new_node_gets_exactly_the_buckets_it_now_holds() {
+    let mut nodes = three_nodes();
+    let mut c = nodes[0].client();
+    let key = c.map().dedupe_key;
+    let data = chunks(&key, 21, 600);
+    c.put(&data).expect("put");
+    let d = TestNode::join(opts("r4"), &mut nodes[0]);
+    // The new map: which chunks the fourth node is now a replica of (3 copies of 4).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let map = loop {
+        c.refresh_map();
+        let m = c.hive_map().clone();
+        if m.nodes.len() == 4 {
+            break m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the fourth node is not in the map"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // Node ids follow the join order: the newest is the largest.
+    let new_id = map.nodes.iter().map(|n| n.id).max().unwrap();
+    let mine = data
+        .iter()
+        .filter(|ch| map.replicas_of(&ch.id, 3).contains(&new_id))
+        .count() as u64;
+    let mut dc = d.client();
+    let took = until_count(&mut dc, mine, Duration::from_secs(60), "new node");
+    eprintln!(
+        "the new node received {mine} of 600 chunks ({:.3}; ideal 0.75) in {took:?}",
+        mine as f64 / 600.0
+    );
+    assert!((0.6..0.9).contains(&(mine as f64 / 600.0)), "{mine}");
+    read_back(&mut dc, &data, "through the new node");
+    drop(d);
+}
+
+/// Block `i` of the big file: 8 MiB of xorshift bytes seeded by `i` (incompressible, and
+/// no two blocks alike, so nothing dedupes).
+fn big_block(i: u64) -> Vec<u8> {
+    let mut x = (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(BIG_BLOCK);
+    while out.len() < BIG_BLOCK {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
+const BIG_BLOCK: usize = 8 << 20;
+
+#[test]
+fn kill9_of_a_node_during_a_big_write_through_a_mount() {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    // 2 GiB by default (the figure); HIVE_BIG_WRITE_MIB for a quicker run.
+    let mib: u64 = std::env::var("HIVE_BIG_WRITE_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2048);
+    let blocks = (mib << 20) / BIG_BLOCK as u64;
+    let mut nodes = three_nodes_sized(&format!("{}M", mib * 3 / 2 + 512));
+    let Some(m) = hivefs_harness::mount::TestMount::start_or_skip(&nodes[0], "big") else {
+        return;
+    };
+    let path = m.join("big.bin");
+    let written = std::sync::Arc::new(AtomicU64::new(0));
+    let t = Instant::now();
+    let writer = {
+        let (path, written) = (path.clone(), written.clone());
+        std::thread::spawn(move || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&path)?;
+            for i in 0..blocks {
+                f.write_all(&big_block(i))?;
+                written.store(i + 1, Ordering::Relaxed);
+            }
+            f.sync_all()
+        })
+    };
+    // A third of the way in, one node goes.
+    while written.load(Ordering::Relaxed) < blocks / 3 && !writer.is_finished() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    nodes[2].kill9();
+    let killed_at = written.load(Ordering::Relaxed);
+    writer.join().expect("writer panicked").unwrap_or_else(|e| {
+        panic!(
+            "the write failed after a node was killed: {e}\n{}",
+            m.log_tail(40)
+        )
+    });
+    let secs = t.elapsed().as_secs_f64();
+    eprintln!(
+        "{mib} MiB written through the mount with 3 copies in {secs:.1} s ({:.1} MiB/s), node killed after {} MiB",
+        mib as f64 / secs,
+        killed_at * 8
+    );
+    // Every byte reads back (a fresh open; the cache holds at most a little of it).
+    let t = Instant::now();
+    let mut f = std::fs::File::open(&path).unwrap();
+    let mut buf = vec![0u8; BIG_BLOCK];
+    for i in 0..blocks {
+        f.read_exact(&mut buf).unwrap();
+        assert!(
+            buf == big_block(i),
+            "block {i} of the big file reads back wrong"
+        );
+    }
+    assert_eq!(
+        f.read(&mut buf).unwrap(),
+        0,
+        "the file is longer than written"
+    );
+    eprintln!(
+        "read back and compared in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    // The node comes back; repair restores every chunk to 3 copies: fsck says so.
+    nodes[2].restart();
+    let t = Instant::now();
+    loop {
+        let out = nodes[0].hive(&["fsck"]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if out.status.success() && text.contains("under-replicated 0") {
+            eprintln!(
+                "repair done {:.1} s after the restart: {}",
+                t.elapsed().as_secs_f64(),
+                text.lines().next().unwrap_or("")
+            );
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(300),
+            "copies not restored after 300 s:\n{}",
+            text.lines().take(5).collect::<Vec<_>>().join("\n")
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let status = nodes[0].hive(&["status"]);
+    let text = String::from_utf8_lossy(&status.stdout).to_string();
+    eprintln!(
+        "{}",
+        text.lines()
+            .find(|l| l.starts_with("repair:"))
+            .unwrap_or("")
+    );
+    drop(m);
+}
+
+/// Where `needle` first occurs in the file at `path` (read in 8 MiB pieces).
+fn find_in_file(path: &std::path::Path, needle: &[u8]) -> Option<u64> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut buf = vec![0u8; 8 << 20];
+    let mut carry: Vec<u8> = Vec::new();
+    let mut base = 0u64;
+    loop {
+        let n = f.read(&mut buf).ok()?;
+        if n == 0 {
+            return None;
+        }
+        let mut hay = std::mem::take(&mut carry);
+        let hay_start = base - hay.len() as u64;
+        hay.extend_from_slice(&buf[..n]);
+        if let Some(i) = hay.windows(needle.len()).position(|w| w == needle) {
+            return Some(hay_start + i as u64);
+        }
+        carry = hay[hay.len().saturating_sub(needle.len())..].to_vec();
+        base += n as u64;
+    }
+}
+
+#[test]
+fn a_flipped_copy_is_read_around_and_scrub_replaces_it() {
+    use std::os::unix::fs::FileExt;
+    let nodes = three_nodes();
+    let mut c = nodes[0].client();
+    let key = c.map().dedupe_key;
+    // One chunk with a marker to find on a device.
+    let marker = b"HIVEFS-SCRUB-TEST-MARKER-7f3a9c1";
+    let mut data = chunks(&key, 31, 1).remove(0).data;
+    data[1000..1000 + marker.len()].copy_from_slice(marker);
+    let ch = PutChunk {
+        id: ChunkId::compute(&key, &data),
+        codec: Codec::Raw,
+        raw_len: data.len() as u32,
+        data: data.clone(),
+    };
+    c.put(std::slice::from_ref(&ch)).expect("put");
+    // Flip a byte of the copy that reads try first (node ids follow the join order).
+    let first = c
+        .hive_map()
+        .read_order(&c.hive_map().replicas_of(&ch.id, 3))[0];
+    let victim = &nodes[first as usize - 1];
+    let dev = victim.dir().join("chunks.dev");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let at = loop {
+        if let Some(at) = find_in_file(&dev, marker) {
+            break at;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the chunk never reached {}",
+            dev.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let f = std::fs::OpenOptions::new().write(true).open(&dev).unwrap();
+    f.write_all_at(b"X", at + 5).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    // Reads get the right bytes from another copy.
+    let got = c.get(&[ch.id]).expect("get");
+    assert!(
+        got[0].as_deref() == Some(&data[..]),
+        "read around the bad copy"
+    );
+    // The bad copy itself, asked for directly, is refused; a scrub removes it and repair
+    // copies a good one back.
+    let shard = (c.hive_map().bucket_of(&ch.id) % 2) as u16;
+    let direct = |n: &TestNode| -> Option<Vec<u8>> {
+        let mut conn = n.raw_conn(shard);
+        let hello = Request::Hello {
+            min_version: PROTOCOL_VERSION_MIN,
+            max_version: PROTOCOL_VERSION_MAX,
+            token: n.token(),
+            client_name: "scrub-test".into(),
+        };
+        conn.send_request(PROTOCOL_VERSION_MIN, 1, &hello).unwrap();
+        assert!(matches!(
+            conn.recv_response().unwrap().1,
+            Response::HelloOk { .. }
+        ));
+        conn.send_request(PROTOCOL_VERSION_MIN, 2, &Request::Get { id: ch.id })
+            .unwrap();
+        match conn.recv_response().unwrap().1 {
+            Response::GetReply {
+                chunk: Some((codec, raw_len, bytes)),
+            } => hivefs_net::chunk::verify_owned(&key, &ch.id, codec, bytes, raw_len as usize).ok(),
+            _ => None,
+        }
+    };
+    assert!(direct(victim).is_none(), "the flipped copy was served");
+    let t = Instant::now();
+    assert!(victim.hive(&["scrub"]).status.success());
+    loop {
+        if direct(victim).as_deref() == Some(&data[..]) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the bad copy was not replaced within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    eprintln!(
+        "scrub found the flipped copy and repair replaced it in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let status = victim.hive(&["status"]);
+    let text = String::from_utf8_lossy(&status.stdout).to_string();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("repair:"))
+        .unwrap_or("");
+    assert!(line.contains("1 bad (replaced)"), "{line}");
+    eprintln!("{line}");
+}
+
+#[test]
+fn a_drained_node_leaves_only_once_its_chunks_have_their_copies_elsewhere() {
+    let mut nodes = three_nodes();
+    let mut d = TestNode::join(opts("r4"), &mut nodes[0]);
+    let mut c = nodes[0].client();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.hive_map().nodes.len() < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "the fourth node is not in the map"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        c.refresh_map();
+    }
+    let key = c.map().dedupe_key;
+    let data = chunks(&key, 41, 400);
+    c.put(&data).expect("put on 4 nodes");
+    // Remove the fourth node (id 4: ids follow the join order) while reading and writing.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let worker = {
+        let (stop, o) = (stop.clone(), nodes[1].client_options());
+        let data = data.clone();
+        std::thread::spawn(move || -> Result<u64, String> {
+            let mut c = HiveClient::connect(&o).map_err(|e| e.to_string())?;
+            let mut rounds = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let ids: Vec<ChunkId> = data.iter().map(|c| c.id).collect();
+                let got = c
+                    .get(&ids)
+                    .map_err(|e| format!("read during the drain: {e}"))?;
+                if got
+                    .iter()
+                    .zip(&data)
+                    .any(|(g, w)| g.as_deref() != Some(&w.data[..]))
+                {
+                    return Err("a chunk read wrong during the drain".into());
+                }
+                let more = chunks(&key, 1000 + rounds, 20);
+                c.put(&more)
+                    .map_err(|e| format!("write during the drain: {e}"))?;
+                rounds += 1;
+            }
+            Ok(rounds)
+        })
+    };
+    let t = Instant::now();
+    let out = nodes[0].hive(&["node", "remove", "--id", "4"]);
+    assert!(
+        out.status.success(),
+        "hive node remove failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!(
+        "node drained and marked out in {:.1} s: {}",
+        t.elapsed().as_secs_f64(),
+        String::from_utf8_lossy(&out.stderr)
+            .trim()
+            .rsplit('\r')
+            .next()
+            .unwrap_or("")
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = worker
+        .join()
+        .unwrap()
+        .expect("reads and writes during the drain");
+    eprintln!("{rounds} rounds of reads and writes went on during the drain without an error");
+    // Three nodes left with 3 copies: each holds every chunk of the first batch; the
+    // removed node can go.
+    d.kill9();
+    let total = 400 + 20 * rounds;
+    for n in &nodes {
+        until_count(
+            &mut n.client(),
+            total,
+            Duration::from_secs(30),
+            "after the removal",
+        );
+    }
+    read_back(&mut c, &data, "after the removal");
+    drop(d);
+}
