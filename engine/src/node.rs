@@ -931,7 +931,11 @@ impl ShardLoop {
             Ok(op) => op,
             Err(e) => return reply(self, ShardAdminReply::Refused(e.to_string())),
         };
-        if !matches!(op, ShardAdmin::Holding { .. } | ShardAdmin::Scrub { .. }) {
+        // Repair and scrub ask these all the time: not GC steps worth a line each.
+        if !matches!(
+            op,
+            ShardAdmin::Holding { .. } | ShardAdmin::Scrub { .. } | ShardAdmin::ListIds { .. }
+        ) {
             tracing::info!(shard = self.s.shard, step = op_name(&op), "gc step");
         }
         match op {

@@ -54,6 +54,8 @@ const LIST_BATCH: u32 = 2048;
 const COPY_BATCH_BYTES: usize = 1 << 20;
 /// A pass starts at least this often (sooner on a map change).
 pub const PASS_EVERY: Duration = Duration::from_secs(30);
+/// A pass that found copies missing is followed by another this soon.
+pub const PASS_AGAIN: Duration = Duration::from_secs(2);
 /// Deadline of each call to a node.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Where progress is kept.
@@ -196,9 +198,13 @@ pub fn run(ctx: RepairCtx) {
             p.save(&ctx.dir);
         }
         let map = ctx.map.get();
-        let due = p.running
-            || map.epoch != seen_epoch
-            || last_pass.is_none_or(|t| t.elapsed() >= PASS_EVERY);
+        // A pass that found copies missing comes back soon: what it left to another
+        // holder (see `mine_to_send`) is checked again within seconds, not at the next
+        // periodic pass.
+        let unsettled = p.last.as_ref().is_some_and(|l| l.degraded_buckets > 0);
+        let every = if unsettled { PASS_AGAIN } else { PASS_EVERY };
+        let due =
+            p.running || map.epoch != seen_epoch || last_pass.is_none_or(|t| t.elapsed() >= every);
         let placed = map.node(ctx.cfg.raft_id).is_some() && map.eligible_count() > 1;
         if !due || !placed {
             std::thread::sleep(Duration::from_millis(200));
@@ -504,6 +510,7 @@ impl<'a> Pass<'a> {
             for id in &missing {
                 degraded.insert(self.map.bucket_of(id));
             }
+            let missing = self.mine_to_send(node, missing);
             if let Err(e) = self.copy(shard, &n.host, port, &missing, p) {
                 tracing::debug!(node = %n.name, "repair: {e}");
                 p.unreachable += 1;
@@ -511,6 +518,50 @@ impl<'a> Pass<'a> {
         }
         p.degraded_buckets += degraded.len() as u64;
         Ok(())
+    }
+
+    /// Of the chunks `target` lacks, those this node should send: every holder sees the
+    /// same gap, and one copy is enough. The sender of a chunk is its first holder in
+    /// the bucket's read order (other than the target): this node sends unless a node
+    /// before it there holds the chunk (asked with `Holding`; a node that does not answer
+    /// counts as not holding it, so a copy may then be sent twice, never not at all).
+    fn mine_to_send(&mut self, target: u64, missing: Vec<ChunkId>) -> Vec<ChunkId> {
+        let me = self.ctx.cfg.raft_id;
+        // (earlier node, its shard) -> the missing ids it might hold.
+        let mut ask: HashMap<(u64, u16), Vec<ChunkId>> = HashMap::new();
+        for id in &missing {
+            let b = self.map.bucket_of(id);
+            for n in self.map.read_order(self.order.replicas(b)) {
+                if n == me {
+                    break;
+                }
+                if n == target {
+                    continue;
+                }
+                let shards = self.map.node(n).map_or(1, |m| m.shards.max(1));
+                ask.entry((n, (b % shards as u32) as u16))
+                    .or_default()
+                    .push(*id);
+            }
+        }
+        let mut covered: std::collections::HashSet<ChunkId> = std::collections::HashSet::new();
+        for ((n, s), ids) in ask {
+            let Some(node) = self.map.node(n).cloned() else {
+                continue;
+            };
+            let op = ShardAdmin::Holding {
+                ids: meta::join_ids(&ids),
+            };
+            if let Ok(ShardAdminReply::Ids { ids: held, .. }) =
+                self.admin(&node.host, node.base_port + s, &op)
+            {
+                covered.extend(meta::split_ids(&held).unwrap_or_default());
+            }
+        }
+        missing
+            .into_iter()
+            .filter(|id| !covered.contains(id))
+            .collect()
     }
 
     /// Read `ids` from this node's `shard` and store them at `host:port`.

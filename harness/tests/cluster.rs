@@ -183,8 +183,14 @@ fn the_leader_marks_a_silent_node_down_and_up_again() {
     eprintln!("node {victim} restarted: marked up after {took:?}");
     let (_, epoch) = state_of(&nodes[(via - 1) as usize], victim);
     assert_eq!(epoch, epoch0 + 2, "one map epoch per change");
-    // `hive status` shows states; `hive node remove` drains.
-    let out = nodes[(via - 1) as usize].hive(&["node", "remove", "--id", &victim.to_string()]);
+    // `hive status` shows states; `hive node remove --no-wait` starts a drain.
+    let out = nodes[(via - 1) as usize].hive(&[
+        "node",
+        "remove",
+        "--no-wait",
+        "--id",
+        &victim.to_string(),
+    ]);
     assert!(
         out.status.success(),
         "{}",

@@ -233,6 +233,8 @@ fn a_new_node_gets_exactly_the_buckets_it_now_holds() {
     let key = c.map().dedupe_key;
     let data = chunks(&key, 21, 600);
     c.put(&data).expect("put");
+    // Readers and writers go on while the node joins and its buckets move to it.
+    let (stop, worker) = busy(nodes[1].client_options(), data.clone(), None);
     let d = TestNode::join(opts("r4"), &mut nodes[0]);
     // The new map: which chunks the fourth node is now a replica of (3 copies of 4).
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -256,13 +258,82 @@ fn a_new_node_gets_exactly_the_buckets_it_now_holds() {
         .count() as u64;
     let mut dc = d.client();
     let took = until_count(&mut dc, mine, Duration::from_secs(60), "new node");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = worker
+        .join()
+        .unwrap()
+        .expect("reads and writes while the node joined");
+    // What repair moved, as the old nodes report it, against the bytes stored (3 copies).
+    let moved: u64 = nodes.iter().map(|n| repair_copied_bytes(n.dir())).sum();
+    let stored: u64 = data.iter().map(|c| c.data.len() as u64).sum::<u64>() * 3;
     eprintln!(
-        "the new node received {mine} of 600 chunks ({:.3}; ideal 0.75) in {took:?}",
-        mine as f64 / 600.0
+        "the new node received {mine} of 600 chunks ({:.3}; ideal 0.75) in {took:?}; repair moved {moved} bytes = {:.3} of the {stored} stored (ideal 0.25); {rounds} rounds of reads and writes meanwhile, no error",
+        mine as f64 / 600.0,
+        moved as f64 / stored as f64
     );
     assert!((0.6..0.9).contains(&(mine as f64 / 600.0)), "{mine}");
+    assert!(
+        (0.15..0.35).contains(&(moved as f64 / stored as f64)),
+        "{moved} of {stored}"
+    );
     read_back(&mut dc, &data, "through the new node");
     drop(d);
+}
+
+/// Bytes a node's repair copied to other nodes (`repair.json`: the pass under way and the
+/// last finished one).
+fn repair_copied_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(text) = std::fs::read_to_string(dir.join("repair.json")) else {
+        return 0;
+    };
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    let last = v["last"]["copied_bytes"].as_u64().unwrap_or(0);
+    let running = v["running"].as_bool().unwrap_or(false);
+    last + if running {
+        v["copied_bytes"].as_u64().unwrap_or(0)
+    } else {
+        0
+    }
+}
+
+/// A client of `o` reading `data` back (checked) and writing in a loop until `stop`:
+/// `data` again (duplicates), or with `fresh_seed` new chunks (20 per round, seeds from
+/// it). Returns the rounds done, or the first error.
+#[allow(clippy::type_complexity)]
+fn busy(
+    o: hivefs_client::hive::ClientOptions,
+    data: Vec<PutChunk>,
+    fresh_seed: Option<u64>,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<Result<u64, String>>,
+) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stop.clone();
+    let worker = std::thread::spawn(move || -> Result<u64, String> {
+        let mut c = HiveClient::connect(&o).map_err(|e| e.to_string())?;
+        let key = c.map().dedupe_key;
+        let ids: Vec<ChunkId> = data.iter().map(|c| c.id).collect();
+        let mut rounds = 0u64;
+        while !s.load(std::sync::atomic::Ordering::Relaxed) {
+            let got = c.get(&ids).map_err(|e| format!("read: {e}"))?;
+            if got
+                .iter()
+                .zip(&data)
+                .any(|(g, w)| g.as_deref() != Some(&w.data[..]))
+            {
+                return Err("a chunk read back wrong".into());
+            }
+            match fresh_seed {
+                Some(seed) => c.put(&chunks(&key, seed + rounds, 20)),
+                None => c.put(&data),
+            }
+            .map_err(|e| format!("write: {e}"))?;
+            rounds += 1;
+        }
+        Ok(rounds)
+    });
+    (stop, worker)
 }
 
 /// Block `i` of the big file: 8 MiB of xorshift bytes seeded by `i` (incompressible, and
@@ -517,33 +588,7 @@ fn a_drained_node_leaves_only_once_its_chunks_have_their_copies_elsewhere() {
     let data = chunks(&key, 41, 400);
     c.put(&data).expect("put on 4 nodes");
     // Remove the fourth node (id 4: ids follow the join order) while reading and writing.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let worker = {
-        let (stop, o) = (stop.clone(), nodes[1].client_options());
-        let data = data.clone();
-        std::thread::spawn(move || -> Result<u64, String> {
-            let mut c = HiveClient::connect(&o).map_err(|e| e.to_string())?;
-            let mut rounds = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let ids: Vec<ChunkId> = data.iter().map(|c| c.id).collect();
-                let got = c
-                    .get(&ids)
-                    .map_err(|e| format!("read during the drain: {e}"))?;
-                if got
-                    .iter()
-                    .zip(&data)
-                    .any(|(g, w)| g.as_deref() != Some(&w.data[..]))
-                {
-                    return Err("a chunk read wrong during the drain".into());
-                }
-                let more = chunks(&key, 1000 + rounds, 20);
-                c.put(&more)
-                    .map_err(|e| format!("write during the drain: {e}"))?;
-                rounds += 1;
-            }
-            Ok(rounds)
-        })
-    };
+    let (stop, worker) = busy(nodes[1].client_options(), data.clone(), Some(1000));
     let t = Instant::now();
     let out = nodes[0].hive(&["node", "remove", "--id", "4"]);
     assert!(

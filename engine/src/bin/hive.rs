@@ -1225,7 +1225,7 @@ fn status(dir: &std::path::Path, json: bool, insecure: bool) -> Result<()> {
     let repair = hivefs_engine::repair::RepairProgress::load(dir);
     println!("{}", repair.describe());
     println!(
-        "replication: {} copies, {} before acknowledging; {} copies owed by puts since start (repair makes them)",
+        "replication: {} copies, {} before acknowledging (a hive of fewer nodes keeps one per node); {} copies owed by puts since start (repair makes them)",
         cfg.copies,
         cfg.min_copies,
         sum("repl_owed")
