@@ -9,7 +9,8 @@
 //! - [`gc_sim`]: the deterministic simulator of garbage collection: a real metadata store
 //!   (crashed and replayed), several shards, writer clients racing collections.
 //! - [`repair`]: repair and rebalance: each node pushes the chunks it holds to their
-//!   buckets' live replicas that lack them (throttled, resumable).
+//!   buckets' live replicas that lack them (throttled, resumable); [`repair_sim`] runs
+//!   its decision rules over simulated nodes and map changes.
 //! - [`replicate`]: the primary's state machine for replicated puts (targets, hinted
 //!   copies, acknowledging at `min_copies`, owed copies); [`repl_sim`] runs it over
 //!   simulated nodes, network and stores with crashes and partitions.
@@ -32,6 +33,7 @@ pub mod links;
 pub mod meta;
 pub mod node;
 pub mod repair;
+pub mod repair_sim;
 pub mod repl_sim;
 pub mod replicate;
 pub mod shard;

@@ -225,6 +225,44 @@ pub fn run(ctx: RepairCtx) {
     }
 }
 
+/// The nodes that should hold a chunk of a bucket whose rendezvous order is `order`: its
+/// first `copies` nodes the map does not say are down. (A down node's share moves to the
+/// next node for as long as it is down; back up, it is a target again.)
+pub fn targets(map: &HiveMap, order: &[u64], copies: usize) -> Vec<u64> {
+    order
+        .iter()
+        .copied()
+        .filter(|n| map.node(*n).is_some_and(|m| m.state != NodeState::Down))
+        .take(copies)
+        .collect()
+}
+
+/// Whether `me`, which holds a chunk that `target` lacks, is the node to send it: no node
+/// before `me` in the bucket's read order (other than `target`) holds it (`holds`: what
+/// that node answered; a node that did not answer counts as not holding it). A holder
+/// outside the read order (draining) defers to any holder in it.
+pub fn sends(
+    map: &HiveMap,
+    order: &[u64],
+    me: u64,
+    target: u64,
+    mut holds: impl FnMut(u64) -> bool,
+) -> bool {
+    !ask_before(map, order, me, target)
+        .into_iter()
+        .any(&mut holds)
+}
+
+/// The nodes before `me` in the bucket's read order (other than `target`): whose
+/// holdings [`sends`] asks about (all of it when `me` is not in it).
+pub fn ask_before(map: &HiveMap, order: &[u64], me: u64, target: u64) -> Vec<u64> {
+    map.read_order(order)
+        .into_iter()
+        .take_while(|n| *n != me)
+        .filter(|n| *n != target)
+        .collect()
+}
+
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -463,18 +501,8 @@ impl<'a> Pass<'a> {
         let mut want: HashMap<(u64, u16), Vec<ChunkId>> = HashMap::new();
         for id in ids {
             let b = self.map.bucket_of(id);
-            let targets = self
-                .order
-                .replicas(b)
-                .iter()
-                .copied()
-                .filter(|n| {
-                    self.map
-                        .node(*n)
-                        .is_some_and(|m| m.state != NodeState::Down)
-                })
-                .take(self.copies);
-            for t in targets.filter(|t| *t != me) {
+            let targets = targets(&self.map, self.order.replicas(b), self.copies);
+            for t in targets.into_iter().filter(|t| *t != me) {
                 let shards = self.map.node(t).map_or(1, |n| n.shards.max(1));
                 want.entry((t, (b % shards as u32) as u16))
                     .or_default()
@@ -531,20 +559,14 @@ impl<'a> Pass<'a> {
         let mut ask: HashMap<(u64, u16), Vec<ChunkId>> = HashMap::new();
         for id in &missing {
             let b = self.map.bucket_of(id);
-            for n in self.map.read_order(self.order.replicas(b)) {
-                if n == me {
-                    break;
-                }
-                if n == target {
-                    continue;
-                }
+            for n in ask_before(&self.map, self.order.replicas(b), me, target) {
                 let shards = self.map.node(n).map_or(1, |m| m.shards.max(1));
                 ask.entry((n, (b % shards as u32) as u16))
                     .or_default()
                     .push(*id);
             }
         }
-        let mut covered: std::collections::HashSet<ChunkId> = std::collections::HashSet::new();
+        let mut held_by: HashMap<u64, std::collections::HashSet<ChunkId>> = HashMap::new();
         for ((n, s), ids) in ask {
             let Some(node) = self.map.node(n).cloned() else {
                 continue;
@@ -555,12 +577,20 @@ impl<'a> Pass<'a> {
             if let Ok(ShardAdminReply::Ids { ids: held, .. }) =
                 self.admin(&node.host, node.base_port + s, &op)
             {
-                covered.extend(meta::split_ids(&held).unwrap_or_default());
+                held_by
+                    .entry(n)
+                    .or_default()
+                    .extend(meta::split_ids(&held).unwrap_or_default());
             }
         }
         missing
             .into_iter()
-            .filter(|id| !covered.contains(id))
+            .filter(|id| {
+                let b = self.map.bucket_of(id);
+                sends(&self.map, self.order.replicas(b), me, target, |n| {
+                    held_by.get(&n).is_some_and(|h| h.contains(id))
+                })
+            })
             .collect()
     }
 

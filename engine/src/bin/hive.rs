@@ -837,7 +837,9 @@ fn wait_drained(dir: &std::path::Path, id: u64) -> Result<()> {
                         .filter(|n| map.node(*n).is_some_and(|m| m.state != NodeState::Down))
                         .take(copies)
                         .collect();
-                    need.insert(*cid, targets.len());
+                    // A target that is down is no target: the drain waits for it (or
+                    // for its replacement) rather than leave a chunk short.
+                    need.insert(*cid, copies.min(map.eligible_count()));
                     for t in targets {
                         let shards = map.node(t).map_or(1, |m| m.shards.max(1));
                         want.entry((t, (b % shards as u32) as u16))
