@@ -301,7 +301,7 @@ impl Meter {
 }
 
 /// Cut `chunks` into consecutive calls of at least `call_bytes` wire bytes.
-fn calls(chunks: &[PutChunk], call_bytes: u64) -> Vec<&[PutChunk]> {
+pub fn calls(chunks: &[PutChunk], call_bytes: u64) -> Vec<&[PutChunk]> {
     let mut out = Vec::new();
     let mut start = 0;
     let mut acc = 0u64;

@@ -1,6 +1,7 @@
 //! `hive-perf`: HiveFS benchmarks. See perf/README.md.
 
 mod chunks;
+mod cluster;
 mod fs;
 mod limits;
 mod node;
@@ -171,6 +172,12 @@ enum Cmd {
         what: fs::FsCmd,
         #[command(flatten)]
         args: fs::FsArgs,
+    },
+    /// Replication on throw-away 3-node hives (copies 1, 2, 3): GB/s, node CPU-s and
+    /// network bytes per logical GiB; repair throughput when a 4th node joins.
+    Cluster {
+        #[command(flatten)]
+        args: cluster::ClusterArgs,
     },
     /// (internal) Receiver of a loopback stream.
     #[command(hide = true)]
@@ -357,6 +364,10 @@ fn real_main(cli: Cli) -> Result<()> {
         // Nothing is pinned: hi, the node and the benchmark share the cores as on a host.
         return fs::run(*what, args, &o);
     }
+    if let Cmd::Cluster { args } = &cli.cmd {
+        // Nothing is pinned: the client and three nodes share the cores.
+        return cluster::run(args, &o);
+    }
     // Pin before any thread exists: every thread spawned later inherits it.
     util::pin_current_thread(&[o.client_core])?;
 
@@ -385,7 +396,7 @@ fn real_main(cli: Cli) -> Result<()> {
             plan.get = true;
             plan.has = true;
         }
-        Cmd::TcpSink { .. } | Cmd::Fs { .. } => unreachable!(),
+        Cmd::TcpSink { .. } | Cmd::Fs { .. } | Cmd::Cluster { .. } => unreachable!(),
     }
     let needs_node = plan.put || plan.get || plan.has;
     if needs_node {

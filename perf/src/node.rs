@@ -182,6 +182,49 @@ pub fn pin_command(cmd: &mut Command, cpu: usize) {
     }
 }
 
+/// Set `KEY = VALUE` lines of `dir/hive.toml` (later pairs win); every key must already
+/// be there (a typo is an error, not a silently ignored line).
+pub fn set_toml_keys(dir: &Path, sets: &[(String, String)]) -> Result<()> {
+    let cfg_path = dir.join("hive.toml");
+    let cfg = std::fs::read_to_string(&cfg_path)
+        .with_context(|| format!("reading {}", cfg_path.display()))?;
+    let mut used = vec![false; sets.len()];
+    let cfg: String = cfg
+        .lines()
+        .map(|l| {
+            let key = l.split_once('=').map(|(k, _)| k.trim()).unwrap_or("");
+            match sets.iter().rposition(|(k, _)| k == key) {
+                Some(i) => {
+                    for (u, (k, _)) in used.iter_mut().zip(sets) {
+                        *u |= k == key;
+                    }
+                    format!("{key} = {}", sets[i].1)
+                }
+                None => l.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n";
+    if let Some(i) = used.iter().position(|u| !u) {
+        bail!("{}: no such key in {}", sets[i].0, cfg_path.display());
+    }
+    std::fs::write(&cfg_path, cfg)?;
+    Ok(())
+}
+
+/// The value of `key` in `dir/hive.toml` (top-level `key = value` lines; quotes trimmed).
+pub fn toml_key(dir: &Path, key: &str) -> Result<String> {
+    let text = std::fs::read_to_string(dir.join("hive.toml"))
+        .with_context(|| format!("reading {}/hive.toml", dir.display()))?;
+    text.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            (k.trim() == key).then(|| v.trim().trim_matches('"').to_string())
+        })
+        .with_context(|| format!("{}/hive.toml has no {key}", dir.display()))
+}
+
 impl SpawnedNode {
     /// `hive init` a one-off node in `dir` (device `dir/chunks.dev`, sparse `size`), turn
     /// off its own core pinning, and `hive run` it pinned to `core` (`None`: unpinned).
@@ -227,34 +270,9 @@ impl SpawnedNode {
         }
         // The node would pin shard i to core i % cores (shard 0 to core 0, where the client
         // runs): turn that off and pin the whole process to `core` instead.
-        let cfg_path = dir.join("hive.toml");
-        let cfg = std::fs::read_to_string(&cfg_path)?;
-        let mut found = false;
-        let mut unused: Vec<&(String, String)> = overrides.iter().collect();
-        let cfg: String = cfg
-            .lines()
-            .map(|l| {
-                let key = l.split_once('=').map(|(k, _)| k.trim()).unwrap_or("");
-                if key == "pin_cores" {
-                    found = true;
-                    "pin_cores = false".to_string()
-                } else if let Some(i) = unused.iter().position(|(k, _)| k == key) {
-                    let (k, v) = unused.remove(i);
-                    format!("{k} = {v}")
-                } else {
-                    l.to_string()
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-            + "\n";
-        if !found {
-            bail!("{} has no pin_cores line", cfg_path.display());
-        }
-        if let Some((k, _)) = unused.first() {
-            bail!("--node-set {k}: no such key in {}", cfg_path.display());
-        }
-        std::fs::write(&cfg_path, cfg)?;
+        let mut sets: Vec<(String, String)> = vec![("pin_cores".into(), "false".into())];
+        sets.extend(overrides.iter().cloned());
+        set_toml_keys(dir, &sets).context("--node-set")?;
 
         let log = std::fs::File::create(dir.join("hive.log"))?;
         let mut cmd = Command::new(hive_bin);
