@@ -11,14 +11,14 @@
 //!   before the write and after every copy settled (no replication job in flight);
 //! - network bytes per logical GiB: the stored bytes the client sent, plus what the nodes
 //!   forwarded to each other (`repl_forwarded_bytes` of every shard's stats), plus repair
-//!   copies made meanwhile (normally none);
+//!   copies the nodes logged meanwhile (normally none);
 //! - each node's chunk count.
 //!
 //! With copies 3 (unless `--no-repair`), a 4th node then joins and the clock runs from
 //! `hive join` until the new node holds exactly the chunks whose 3 replicas (under the
-//! 4-node map) include it. The old nodes push them (repair); the bytes they copied come
-//! from their `repair.json` files, polled all along (a pass interrupted by a map change
-//! starts from zero, so each pass's counters are kept apart).
+//! 4-node map) include it. The old nodes push them (repair). The bytes moved are what
+//! reached the new node (its shards' stored bytes, plus any copy offered twice); the
+//! old nodes' logged passes (`repair pass done ... copied= bytes=`) are the cross-check.
 
 use crate::chunks::{self, DataKind};
 use crate::node::{self, NodeInfo};
@@ -377,6 +377,10 @@ struct NodeStats {
     owed: u64,
     jobs: u64,
     map_epoch: u64,
+    /// Chunks offered to the shards by puts and copies (stored + duplicate), and the
+    /// duplicates among them.
+    puts: u64,
+    dups: u64,
 }
 
 fn node_stats(c: &mut HiveClient) -> Result<NodeStats> {
@@ -393,59 +397,51 @@ fn node_stats(c: &mut HiveClient) -> Result<NodeStats> {
         s.fwd_bytes += g("repl_forwarded_bytes");
         s.owed += g("repl_owed");
         s.jobs += g("repl_jobs");
+        s.puts += g("puts_stored") + g("puts_duplicate");
+        s.dups += g("puts_duplicate");
         s.map_epoch = s.map_epoch.min(g("map_epoch"));
     }
     Ok(s)
 }
 
-/// Repair copies a node made, from its `repair.json`, polled: each pass (by its number
-/// and map epoch) keeps the most it was seen to have copied, so a pass that a map change
-/// ended (its counters then start from zero) still counts.
-#[derive(Default)]
-struct RepairTrack {
-    /// (pass number, map epoch) -> (copies, bytes).
-    passes: BTreeMap<(u64, u64), (u64, u64)>,
+/// Whether a repair pass is running on the node of `dir`, and its map epoch (`repair.json`).
+fn repair_state(dir: &Path) -> Option<(bool, u64)> {
+    let b = std::fs::read(dir.join("repair.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&b).ok()?;
+    Some((
+        v["running"].as_bool().unwrap_or(false),
+        v["map_epoch"].as_u64().unwrap_or(0),
+    ))
 }
 
-impl RepairTrack {
-    fn put(&mut self, k: (u64, u64), v: (u64, u64)) {
-        let e = self.passes.entry(k).or_default();
-        if v.1 >= e.1 {
-            *e = v;
-        }
-    }
+fn file_len(p: &Path) -> u64 {
+    std::fs::metadata(p).map_or(0, |m| m.len())
+}
 
-    /// Read `dir/repair.json`; returns whether a pass is running and its map epoch.
-    fn observe(&mut self, dir: &Path) -> Option<(bool, u64)> {
-        let b = std::fs::read(dir.join("repair.json")).ok()?;
-        let v: serde_json::Value = serde_json::from_slice(&b).ok()?;
-        let g = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
-        let passes = g(&v, "passes");
-        let epoch = g(&v, "map_epoch");
-        let running = v["running"].as_bool().unwrap_or(false);
-        let cur = (g(&v, "copied"), g(&v, "copied_bytes"));
-        let last = &v["last"];
-        let mut echo = false;
-        if last.is_object() && passes > 0 {
-            let l = (g(last, "copied"), g(last, "copied_bytes"));
-            self.put((passes - 1, g(last, "map_epoch")), l);
-            // A finished pass leaves its counters in place until the next one starts.
-            echo = !running
-                && g(last, "map_epoch") == epoch
-                && l == cur
-                && g(last, "checked") == g(&v, "checked");
+/// The repair passes a node finished after byte `from` of its log, from their
+/// `repair pass done ... copied=N bytes=B` lines (logged at info when a pass copied
+/// anything): (passes, copies, bytes). Exact for finished passes; a pass that a map
+/// change cut short logs nothing.
+fn repair_log(log: &Path, from: u64) -> (u64, u64, u64) {
+    let text = std::fs::read(log).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text[(from as usize).min(text.len())..]).into_owned();
+    let num = |line: &str, key: &str| -> Option<u64> {
+        let i = line.find(key)? + key.len();
+        let digits: String = line[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_digit())
+            .collect();
+        digits.parse().ok()
+    };
+    let mut out = (0, 0, 0);
+    for line in text.lines().filter(|l| l.contains("repair pass done")) {
+        if let (Some(c), Some(b)) = (num(line, " copied="), num(line, " bytes=")) {
+            out.0 += 1;
+            out.1 += c;
+            out.2 += b;
         }
-        if !echo {
-            self.put((passes, epoch), cur);
-        }
-        Some((running, epoch))
     }
-
-    fn total(&self) -> (u64, u64) {
-        self.passes
-            .values()
-            .fold((0, 0), |a, v| (a.0 + v.0, a.1 + v.1))
-    }
+    out
 }
 
 /// Figures by name, one value per run.
@@ -639,11 +635,7 @@ fn one_hive(
     let n = set.chunks.len() as u64;
     let calls = chunks::calls(&set.chunks, call_bytes);
     let before: Vec<NodeStats> = stats.iter_mut().map(node_stats).collect::<Result<_>>()?;
-    let mut tracks: Vec<RepairTrack> = cl.nodes.iter().map(|_| RepairTrack::default()).collect();
-    for (t, p) in tracks.iter_mut().zip(&cl.nodes) {
-        t.observe(&p.dir);
-    }
-    let repair0: Vec<(u64, u64)> = tracks.iter().map(RepairTrack::total).collect();
+    let logs0: Vec<u64> = cl.nodes.iter().map(|p| file_len(&p.log)).collect();
     let cpu0 = cpu_sum(&cl.nodes)?;
     let self0 = util::self_cpu_secs();
     let t0 = Instant::now();
@@ -684,13 +676,12 @@ fn one_hive(
     }
     let settle = t0.elapsed().as_secs_f64();
     let cpu = cpu_sum(&cl.nodes)? - cpu0;
-    for (t, p) in tracks.iter_mut().zip(&cl.nodes) {
-        t.observe(&p.dir);
-    }
-    let repair_bytes: u64 = tracks
+    // Repair copies made meanwhile (normally none), from the passes the nodes logged.
+    let repair_bytes: u64 = cl
+        .nodes
         .iter()
-        .zip(&repair0)
-        .map(|(t, b)| t.total().1 - b.1)
+        .zip(&logs0)
+        .map(|(p, from)| repair_log(&p.log, *from).2)
         .sum();
     let gib = set.raw_bytes as f64 / GIB;
     let fwd_bytes: u64 = after
@@ -764,15 +755,7 @@ fn one_hive(
         let stored = set.wire_bytes;
         drop(calls);
         drop(set);
-        repair(
-            &mut cl,
-            &mut client,
-            &mut stats,
-            &mut tracks,
-            &ids,
-            stored,
-            f,
-        )?;
+        repair(&mut cl, &mut client, &mut stats, &ids, stored, f)?;
     }
     drop(stats);
     drop(client);
@@ -785,28 +768,19 @@ fn repair(
     cl: &mut Cluster,
     client: &mut HiveClient,
     stats: &mut Vec<HiveClient>,
-    tracks: &mut [RepairTrack],
     ids: &[ChunkId],
     stored: u64,
     f: &mut Figs,
 ) -> Result<()> {
     let n = ids.len() as u64;
     let old = cl.nodes.len();
-    let observe = |tracks: &mut [RepairTrack], cl: &Cluster| -> Vec<Option<(bool, u64)>> {
-        tracks
-            .iter_mut()
-            .zip(&cl.nodes)
-            .map(|(t, p)| t.observe(&p.dir))
-            .collect()
-    };
-    observe(tracks, cl);
-    let base: Vec<(u64, u64)> = tracks.iter().map(RepairTrack::total).collect();
+    let logs0: Vec<u64> = cl.nodes.iter().map(|p| file_len(&p.log)).collect();
     let cpu0 = cpu_sum(&cl.nodes)?;
     let t0 = Instant::now();
-    // `join` polls its log only; the repair starts as soon as the map has the node.
+    // `join` waits for the join to finish; the repair starts as soon as the map has the
+    // node, so the clock runs from here.
     let i = cl.join(false)?;
     let joined = t0.elapsed().as_secs_f64();
-    observe(tracks, cl);
     stats.push(connect(&cl.nodes[i])?);
     wait_map(client, stats, old + 1)?;
     let map = client.hive_map().clone();
@@ -825,16 +799,15 @@ fn repair(
     let mut first: Option<f64> = None;
     let have = loop {
         check_stop()?;
-        observe(tracks, cl);
         let s = node_stats(&mut stats[i])?;
         if s.chunks > last {
             last = s.chunks;
             grew = Instant::now();
             first.get_or_insert(t0.elapsed().as_secs_f64());
         }
-        if s.chunks >= want
-            && grew.elapsed() > Duration::from_millis(if s.chunks == want { 0 } else { 3000 })
-        {
+        // Done when it holds its share (or, past it, has not grown for 3 s).
+        let quiet = Duration::from_millis(if s.chunks == want { 0 } else { 3000 });
+        if s.chunks >= want && grew.elapsed() >= quiet {
             break s;
         }
         if grew.elapsed() > REPAIR_STALL {
@@ -847,55 +820,73 @@ fn repair(
         for p in cl.nodes.iter_mut() {
             p.check_alive()?;
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(50));
     };
     let secs = t0.elapsed().as_secs_f64();
     // The new node's CPU counts from its start (after t0).
     let cpu = cpu_sum(&cl.nodes)? - cpu0;
-    // Let the old nodes' passes end, for their final counters.
+    // Let the old nodes' passes end, for their logged counters.
     let t1 = Instant::now();
     loop {
-        let st = observe(tracks, cl);
-        let idle = st[..old]
+        let idle = cl.nodes[..old]
             .iter()
-            .all(|x| x.is_some_and(|(running, e)| !running && e >= map.epoch));
+            .all(|p| repair_state(&p.dir).is_some_and(|(run, e)| !run && e >= map.epoch));
         if idle {
             break;
         }
         if t1.elapsed() > Duration::from_secs(60) {
-            f.note("repair: old nodes' passes still running 60 s after the new node had its share; copied bytes counted so far".into());
+            f.note("repair: old nodes' passes still running 60 s after the new node had its share; their logged copies are counted as far as logged".into());
             break;
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(50));
     }
-    let (mut copied, mut copied_bytes) = (0u64, 0u64);
-    for (t, b) in tracks[..old].iter().zip(&base) {
-        let (c, by) = t.total();
-        copied += c - b.0;
-        copied_bytes += by - b.1;
+    std::thread::sleep(Duration::from_millis(300));
+    let (mut passes, mut sent, mut sent_bytes) = (0, 0, 0);
+    for (p, from) in cl.nodes[..old].iter().zip(&logs0) {
+        let (a, b, c) = repair_log(&p.log, *from);
+        passes += a;
+        sent += b;
+        sent_bytes += c;
     }
-    let gib = copied_bytes as f64 / GIB;
+    // What reached the new node: every chunk it was offered (stored or duplicate); all
+    // chunks are the same size.
+    let per_chunk = have.stored_bytes as f64 / have.chunks.max(1) as f64;
+    let received = have.puts;
+    let moved = have.stored_bytes as f64 + have.dups as f64 * per_chunk;
+    let gib = moved / GIB;
     let rate = gib / (secs / 60.0);
-    let frac = copied_bytes as f64 / (3 * stored) as f64;
+    let frac = moved / (3 * stored) as f64;
     println!(
-        "repair: n{} holds {} chunks ({} stored bytes) {secs:.1}s after its join (first chunk at {:.1}s); old nodes copied {copied} chunks, {copied_bytes} bytes = {gib:.3} GiB: {rate:.2} GiB/min; {frac:.4} of the stored replica bytes moved; node cpu {cpu:.2}s = {:.3} cpu-s per copied GiB",
+        "repair: n{} holds {} chunks ({} bytes) {secs:.1}s after the join (first chunk at {:.1}s); it was sent {received} copies ({} duplicates) = {gib:.3} GiB: {rate:.2} GiB/min; {frac:.4} of the stored replica bytes moved; node cpu {cpu:.2}s = {:.3} cpu-s per moved GiB",
         i + 1,
         have.chunks,
         have.stored_bytes,
         first.unwrap_or(f64::NAN),
+        have.dups,
         cpu / gib
     );
-    if copied != have.chunks {
+    println!(
+        "  old nodes' logs: {passes} pass(es) that copied: {sent} copies, {sent_bytes} bytes (with {} bytes of framing per chunk)",
+        hivefs_net::proto::PUT_CHUNK_OVERHEAD_BYTES
+    );
+    if sent != received {
         f.note(format!(
-            "repair: the old nodes made {copied} copies for the {} chunks the new node holds",
-            have.chunks
+            "repair: the old nodes logged {sent} copies; the new node was offered {received}"
+        ));
+    }
+    if have.dups > 0 {
+        f.note(format!(
+            "repair: {} copies reached the new node twice",
+            have.dups
         ));
     }
     f.fig("repair_gib_per_min", rate);
     f.fig("repair_secs", secs);
     f.fig("repair_join_secs", joined);
-    f.fig("repair_copied_gib", gib);
-    f.fig("repair_copied_chunks", copied as f64);
+    f.fig("repair_moved_gib", gib);
+    f.fig("repair_copies_received", received as f64);
+    f.fig("repair_copies_duplicate", have.dups as f64);
+    f.fig("repair_copies_logged", sent as f64);
     f.fig("repair_new_node_chunks", have.chunks as f64);
     f.fig("repair_new_node_want_chunks", want as f64);
     f.fig("repair_fraction_moved", frac);
@@ -910,7 +901,11 @@ fn repair(
 }
 
 fn fmt(name: &str, v: f64) -> String {
-    if name.contains("chunks") || name.ends_with("_owed") || name.contains("net_bytes") {
+    if name.contains("chunks")
+        || name.starts_with("repair_copies")
+        || name.ends_with("_owed")
+        || name.contains("net_bytes")
+    {
         format!("{v:.0}")
     } else {
         format!("{v:.4}")
@@ -958,7 +953,7 @@ fn summary(f: &Figs, a: &ClusterArgs, runs: usize) {
     if a.copies.contains(&3) && !a.no_repair {
         for k in [
             "repair_gib_per_min",
-            "repair_copied_gib",
+            "repair_moved_gib",
             "repair_secs",
             "repair_fraction_moved",
             "repair_node_cpu_s_per_gib",
