@@ -618,15 +618,26 @@ fn one_hive(
     let mut client = connect(&cl.nodes[0])?;
     let mut stats: Vec<HiveClient> = cl.nodes.iter().map(connect).collect::<Result<_>>()?;
     wait_map(&mut client, &mut stats, 3)?;
+    let hm = client.hive_map();
+    let slots = hm.placement(copies as usize).slots_per_node();
     println!(
-        "3 nodes up in {:.1}s (map epoch {}; pids {})",
+        "3 nodes up in {:.1}s (map epoch {}, {} buckets; pids {}; node id:weight:replica slots {})",
         t_setup.elapsed().as_secs_f64(),
-        client.hive_map().epoch,
+        hm.epoch,
+        hm.bucket_count,
         cl.nodes
             .iter()
             .map(|p| format!("{} {}", p.name, p.pid().unwrap_or(0)))
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(", "),
+        hm.nodes
+            .iter()
+            .map(|x| {
+                let s = slots.iter().find(|(id, _)| *id == x.id).map_or(0, |s| s.1);
+                format!("{}:{}:{s}", x.id, x.weight)
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
     );
 
     // The write.
