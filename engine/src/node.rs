@@ -1143,7 +1143,8 @@ impl ShardLoop {
                 data: ChunkBytes::shared(body.clone(), c.data),
             })
             .collect();
-        let copies = (!copy).then(|| {
+        // A hive of one node has nothing to replicate to: the put is answered as before.
+        let copies = (!copy && self.repl.map().eligible_count() > 1).then(|| {
             chunks
                 .iter()
                 .map(|c| (c.id, c.codec, c.raw_len, c.data.clone()))

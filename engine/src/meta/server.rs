@@ -1085,7 +1085,12 @@ pub(super) async fn mutate(
 
 /// What the cluster map records of this node.
 fn self_spec(sh: &Shared, meta_port: u16) -> NodeSpec {
-    let device_gib = sh.device.total_bytes.load(Ordering::Relaxed) >> 30;
+    // Whole GiB rounded up, as `hive join` computes it from --size.
+    let device_gib = sh
+        .device
+        .total_bytes
+        .load(Ordering::Relaxed)
+        .div_ceil(1 << 30);
     NodeSpec {
         name: sh.cfg.node_id.clone(),
         host: sh.cfg.advertise_host().to_string(),
