@@ -12,6 +12,7 @@ use hivefs_net::chunk::{ChunkId, Codec, DedupeKey};
 use hivefs_net::frame::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
 use hivefs_net::placement::NodeState;
 use hivefs_net::proto::{ErrorCode, PutChunk, PutResult, Request, Response};
+use hivefs_nvme::rng::SplitMix64;
 use std::time::{Duration, Instant};
 
 fn opts(name: &str) -> NodeOptions {
@@ -49,18 +50,10 @@ fn three_nodes_sized(size: &str) -> Vec<TestNode> {
 
 /// `n` distinct raw chunks (4-12 KiB, from `seed`).
 fn chunks(key: &DedupeKey, seed: u64, n: usize) -> Vec<PutChunk> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut rng = SplitMix64::new(seed);
     (0..n)
         .map(|i| {
-            let len = 4096 + (i * 37) % 8192;
-            let data: Vec<u8> = (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect();
+            let data = rng.bytes(4096 + (i * 37) % 8192);
             PutChunk {
                 id: ChunkId::compute(key, &data),
                 codec: Codec::Raw,
@@ -336,18 +329,10 @@ fn busy(
     (stop, worker)
 }
 
-/// Block `i` of the big file: 8 MiB of xorshift bytes seeded by `i` (incompressible, and
+/// Block `i` of the big file: 8 MiB of SplitMix64 bytes seeded by `i` (incompressible, and
 /// no two blocks alike, so nothing dedupes).
 fn big_block(i: u64) -> Vec<u8> {
-    let mut x = (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(BIG_BLOCK);
-    while out.len() < BIG_BLOCK {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out
+    SplitMix64::new(i + 1).bytes(BIG_BLOCK)
 }
 
 const BIG_BLOCK: usize = 8 << 20;
