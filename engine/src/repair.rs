@@ -98,6 +98,11 @@ pub struct RepairProgress {
     pub scrub_checked: u64,
     #[serde(default)]
     pub scrub_bad: u64,
+    /// Copies made and their bytes over every pass since the node was initialised.
+    #[serde(default)]
+    pub total_copied: u64,
+    #[serde(default)]
+    pub total_copied_bytes: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -147,7 +152,10 @@ impl RepairProgress {
                 self.scrub_checked, self.scrub_bad
             )
         };
-        let last = format!("{last}; {scrub}");
+        let last = format!(
+            "{last}; since init {} copies made ({} bytes); {scrub}",
+            self.total_copied, self.total_copied_bytes
+        );
         if self.running {
             let pct = if self.bucket_count == 0 {
                 0.0
@@ -382,6 +390,8 @@ impl<'a> Pass<'a> {
                 last_scrub_unix: p.last_scrub_unix,
                 scrub_checked: p.scrub_checked,
                 scrub_bad: p.scrub_bad,
+                total_copied: p.total_copied,
+                total_copied_bytes: p.total_copied_bytes,
                 ..Default::default()
             };
         }
@@ -638,6 +648,8 @@ impl<'a> Pass<'a> {
                     Response::PutReply { .. } => {
                         p.copied += n;
                         p.copied_bytes += bytes as u64;
+                        p.total_copied += n;
+                        p.total_copied_bytes += bytes as u64;
                     }
                     other => return Err(format!("copying to {host}:{port}: {other:?}")),
                 }

@@ -273,20 +273,13 @@ fn a_new_node_gets_exactly_the_buckets_it_now_holds() {
     drop(d);
 }
 
-/// Bytes a node's repair copied to other nodes (`repair.json`: the pass under way and the
-/// last finished one).
+/// Bytes a node's repair copied to other nodes since it was initialised (`repair.json`).
 fn repair_copied_bytes(dir: &std::path::Path) -> u64 {
     let Ok(text) = std::fs::read_to_string(dir.join("repair.json")) else {
         return 0;
     };
     let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-    let last = v["last"]["copied_bytes"].as_u64().unwrap_or(0);
-    let running = v["running"].as_bool().unwrap_or(false);
-    last + if running {
-        v["copied_bytes"].as_u64().unwrap_or(0)
-    } else {
-        0
-    }
+    v["total_copied_bytes"].as_u64().unwrap_or(0)
 }
 
 /// A client of `o` reading `data` back (checked) and writing in a loop until `stop`:
