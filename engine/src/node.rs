@@ -402,7 +402,7 @@ enum Pending {
         spared: u64,
         bytes: u64,
     },
-    /// The removal of a scrub's bad copies: answered `Scrubbed` when durable.
+    /// The removal of copies a scrub found bad (`DropCopies`): answered when durable.
     ScrubDrop {
         conn: usize,
         req: u64,
@@ -1039,6 +1039,24 @@ impl ShardLoop {
                 }
                 self.scrub_progress(scrub);
             }
+            ShardAdmin::DropCopies { ids } => {
+                let Some(ids) = id_list(&ids, meta::MAX_SCRUB_IDS) else {
+                    return reply(self, ShardAdminReply::Refused("bad id list".into()));
+                };
+                tracing::warn!(
+                    shard = self.s.shard,
+                    copies = ids.len(),
+                    "removing bad copies (a good one is stored next)"
+                );
+                let ticket = self.ticket(Pending::ScrubDrop {
+                    conn: t,
+                    req: req_id,
+                    checked: 0,
+                    bytes: 0,
+                    bad: ids.clone(),
+                });
+                self.s.core.delete(ticket, ids);
+            }
             ShardAdmin::Sweep { epoch, ids } => {
                 let Some(ids) = id_list(&ids, meta::MAX_ADMIN_IDS) else {
                     return reply(self, ShardAdminReply::Refused("bad id list".into()));
@@ -1206,17 +1224,18 @@ impl ShardLoop {
             c.in_flight = c.in_flight.saturating_sub(1);
         }
         if !sc.bad.is_empty() {
-            tracing::warn!(shard = self.s.shard, bad = sc.bad.len(), "scrub found copies that do not verify: removing them (repair copies good ones back)");
+            tracing::warn!(
+                shard = self.s.shard,
+                bad = sc.bad.len(),
+                "scrub found copies that do not verify (kept until a good copy replaces them)"
+            );
         }
-        // Answered once the removals are durable.
-        let ticket = self.ticket(Pending::ScrubDrop {
-            conn: sc.conn,
-            req: sc.req,
+        let r = admin_reply(&ShardAdminReply::Scrubbed {
             checked: sc.checked,
             bytes: sc.bytes,
-            bad: sc.bad.clone(),
+            bad: meta::join_ids(&sc.bad),
         });
-        self.s.core.delete(ticket, sc.bad);
+        self.reply(sc.conn, sc.req, &r);
     }
 
     /// Close every connection whose token was revoked or expired.
@@ -1435,6 +1454,7 @@ fn op_name(op: &ShardAdmin) -> &'static str {
         ShardAdmin::EndGc { .. } => "end",
         ShardAdmin::Holding { .. } => "holding",
         ShardAdmin::Scrub { .. } => "scrub",
+        ShardAdmin::DropCopies { .. } => "drop-copies",
     }
 }
 

@@ -26,8 +26,10 @@
 //!
 //! Scrub (same thread, every `scrub_every_secs`, or now with `hive scrub`): each shard
 //! re-reads its chunks (`ShardAdmin::Scrub`: the record's CRC, then the bytes hashed
-//! against the id) and removes the copies that fail; for each, this thread fetches a copy
-//! from another node of the bucket, checks it against the id, and stores it again.
+//! against the id) and reports the copies that fail; for each, this thread fetches a copy
+//! from another node of the bucket and checks it against the id, and only then has the
+//! bad copy removed (`DropCopies`) and the good one stored. A bad copy with no good one
+//! elsewhere stays (it is refused on read): nothing is ever removed without a replacement.
 //! Throttled to `scrub_mib_per_sec`. (While a scrub runs, repair passes wait.)
 //!
 //! Safety: repair only adds copies. Copies left on nodes that are no longer replicas
@@ -285,8 +287,8 @@ fn scrub_due(ctx: &RepairCtx, p: &RepairProgress) -> bool {
 }
 
 /// Re-read every chunk of this node's shards (record CRC, and the bytes against the id);
-/// the shards remove the copies that fail, and each is fetched again from another node
-/// (verified here). Returns how many failed. Throttled to `scrub_mib_per_sec`.
+/// each copy that fails is replaced by a verified one from another node (see
+/// [`Pass::restore`]). Returns how many failed. Throttled to `scrub_mib_per_sec`.
 fn scrub(ctx: &RepairCtx, p: &mut RepairProgress) -> Result<u64, String> {
     let map = ctx.map.get();
     let mut pass = Pass::new(ctx, &map);
@@ -660,9 +662,9 @@ impl<'a> Pass<'a> {
         Ok(())
     }
 
-    /// A copy of `id` on this node's `shard` was bad and removed: fetch a good one from
-    /// another node of its bucket (checked against the id here) and store it again. If no
-    /// node can give one now, the next repair pass (pushed by the holders) will.
+    /// A copy of `id` on this node's `shard` is bad: fetch a good one from another node of
+    /// its bucket (checked against the id here), then remove the bad copy and store the good
+    /// one. Without a good copy elsewhere nothing is removed.
     fn restore(&mut self, shard: u16, id: &ChunkId) {
         let me = self.ctx.cfg.raft_id;
         let b = self.map.bucket_of(id);
@@ -691,8 +693,17 @@ impl<'a> Pass<'a> {
                 tracing::warn!(node = %node.name, "scrub: the copy of {id} there does not verify either");
                 continue;
             }
+            // A good copy is in hand: only now the bad one goes, then the good one is
+            // stored in its place.
             let local = self.local_host();
             let port = self.ctx.shard_ports[shard as usize];
+            let drop = ShardAdmin::DropCopies {
+                ids: meta::join_ids(std::slice::from_ref(id)),
+            };
+            if let Err(e) = self.admin(&local, port, &drop) {
+                tracing::warn!("scrub: removing the bad copy of {id}: {e}");
+                return;
+            }
             let chunks = vec![PutChunk {
                 id: *id,
                 codec,
@@ -714,7 +725,7 @@ impl<'a> Pass<'a> {
                 other => tracing::warn!("scrub: storing {id} again: {other:?}"),
             }
         }
-        tracing::warn!("scrub: no other node gave a good copy of {id} now; repair will");
+        tracing::warn!("scrub: no other node gave a good copy of {id} now: the bad copy stays (it is refused on read); the next scrub tries again");
     }
 
     /// Keep to `repair_mib_per_sec`.

@@ -975,11 +975,15 @@ pub enum ShardAdmin {
     /// not a claim: repair asks it of every copy, and a claim would keep garbage from
     /// being swept.
     Holding { ids: Vec<u8> },
-    /// Scrub: read these ids (concatenated, at most `MAX_SCRUB_IDS`) back from the device,
-    /// check each record's CRC and the chunk's id (decompress + hash), and remove the
-    /// copies that fail (the caller copies a good one back from another node). Answered
-    /// `Scrubbed`.
+    /// Scrub: read these ids (concatenated, at most `MAX_SCRUB_IDS`) back from the device
+    /// and check each record's CRC and the chunk's id (decompress + hash). Nothing is
+    /// removed: answered `Scrubbed` with the ids that failed.
     Scrub { ids: Vec<u8> },
+    /// Remove these copies (at most `MAX_SCRUB_IDS`): a scrub found them bad and the caller
+    /// holds a verified copy from another node, which it stores again next (a copy is never
+    /// removed before a good one is in hand). Answered `Scrubbed { bad: removed }` once the
+    /// removal is durable.
+    DropCopies { ids: Vec<u8> },
 }
 
 /// Most ids one `ShardAdmin::Scrub` carries (each is a device read and a hash).
@@ -998,8 +1002,8 @@ pub enum ShardAdminReply {
         bytes: u64,
     },
     Refused(String),
-    /// What a `Scrub` did: copies read back and checked, bytes read, and the ids whose
-    /// copies failed and were removed (concatenated).
+    /// What a `Scrub` found (copies read back and checked, bytes read, the ids whose copies
+    /// failed, concatenated), or what a `DropCopies` removed.
     Scrubbed {
         checked: u64,
         bytes: u64,
