@@ -830,13 +830,7 @@ fn wait_drained(dir: &std::path::Path, id: u64) -> Result<()> {
                 let mut need: std::collections::HashMap<ChunkId, usize> = Default::default();
                 for cid in &ids {
                     let b = map.bucket_of(cid);
-                    let targets: Vec<u64> = order
-                        .replicas(b)
-                        .iter()
-                        .copied()
-                        .filter(|n| map.node(*n).is_some_and(|m| m.state != NodeState::Down))
-                        .take(copies)
-                        .collect();
+                    let targets = hivefs_engine::repair::targets(&map, order.replicas(b), copies);
                     // A target that is down is no target: the drain waits for it (or
                     // for its replacement) rather than leave a chunk short.
                     need.insert(*cid, copies.min(map.eligible_count()));
