@@ -86,6 +86,9 @@ pub struct TcpLinks {
     done: Vec<(SendId, SendOutcome)>,
     frame: Vec<u8>,
     frames: Vec<Frame>,
+    /// Links whose last read stopped at a full batch: more may be buffered, which no
+    /// readiness event will announce (edge-triggered), so `tick` reads them again.
+    unread: std::collections::HashSet<Token>,
 }
 
 impl TcpLinks {
@@ -107,6 +110,7 @@ impl TcpLinks {
             done: Vec::new(),
             frame: Vec::new(),
             frames: Vec::new(),
+            unread: std::collections::HashSet::new(),
         }
     }
 
@@ -284,6 +288,11 @@ impl ReplicationTransport for TcpLinks {
         }
         self.frames.clear();
         let status = l.conn.read_frames(&mut self.frames, READ_BATCH);
+        if self.frames.len() == READ_BATCH {
+            self.unread.insert(token);
+        } else {
+            self.unread.remove(&token);
+        }
         let mut error: Option<String> = None;
         for f in self.frames.drain(..) {
             let resp = match Response::decode(f.opcode, &f.body) {
@@ -342,15 +351,10 @@ impl ReplicationTransport for TcpLinks {
         for t in overdue {
             self.fail(t, "connect timed out");
         }
-        // Links with sends in flight are read again: a read stops after a batch of frames
-        // and edge-triggered readiness does not announce what is already buffered.
-        let busy: Vec<Token> = self
-            .links
-            .iter()
-            .filter(|(_, l)| l.connected && !l.pending.is_empty())
-            .map(|(t, _)| *t)
-            .collect();
-        for t in busy {
+        // A read stops after a batch of frames, and edge-triggered readiness does not
+        // announce what is already buffered: those links are read again.
+        let unread: Vec<Token> = self.unread.drain().collect();
+        for t in unread {
             self.ready(t);
         }
     }

@@ -29,6 +29,8 @@ use std::time::{Duration, Instant};
 
 /// Replication jobs a shard runs at once before it stops reading client requests.
 pub(super) const MAX_REPL_JOBS: usize = 512;
+/// How often the jobs' deadlines are checked.
+const TICK_EVERY_MS: u64 = 5;
 /// How often owed copies are logged (a count, not one line per job).
 const OWED_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -79,6 +81,8 @@ pub(super) struct ReplState {
     /// Copies sent to other nodes, and their bytes.
     pub(super) forwarded: u64,
     pub(super) forwarded_bytes: u64,
+    /// When the jobs' deadlines are next looked at.
+    next_tick_ms: u64,
 }
 
 impl ReplState {
@@ -111,6 +115,7 @@ impl ReplState {
             owed_logged: (Instant::now(), 0),
             forwarded: 0,
             forwarded_bytes: 0,
+            next_tick_ms: 0,
         }
     }
 
@@ -245,7 +250,12 @@ impl ShardLoop {
         }
         let now = self.repl.now_ms();
         self.repl.links.tick(Instant::now());
-        self.repl.repl.tick(now);
+        // Deadlines are seconds long: the jobs are looked at every few milliseconds, not
+        // on every loop turn (a busy shard turns thousands of times a second).
+        if now >= self.repl.next_tick_ms {
+            self.repl.next_tick_ms = now + TICK_EVERY_MS;
+            self.repl.repl.tick(now);
+        }
         self.drive_repl();
     }
 
