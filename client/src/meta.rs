@@ -27,7 +27,7 @@ use hivefs_net::meta::{
     WATCH_DEAD_MS,
 };
 use hivefs_net::proto::{ClusterMap, ErrorCode, Request, Response};
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -445,6 +445,9 @@ pub enum Watched {
     /// Invalidations were lost (the hive dropped them for a slow watcher, or the stream
     /// broke and was re-established): anything may have changed; which is unknown.
     Lost,
+    /// Another client opened these inodes: commit what was written to them here and give
+    /// their write leases back.
+    Recall(Vec<u64>),
 }
 
 /// How often a blocked [`MetaWatch::recv`] looks at its stop flag.
@@ -634,6 +637,7 @@ impl MetaWatch {
                         WatchEvent::Heartbeat => {}
                         WatchEvent::Overflow => return Some(Watched::Lost),
                         WatchEvent::Invalidate(inv) => return Some(Watched::Invalidate(inv)),
+                        WatchEvent::Recall(inos) => return Some(Watched::Recall(inos)),
                     }
                 }
                 Err(e) => {
@@ -659,6 +663,8 @@ struct LockState {
     held: HashSet<(u64, u64)>,
     /// Pairs whose locks a lost session took with it: their next lock operation is EIO.
     lost: HashSet<(u64, u64)>,
+    /// Write leases held here: inode -> token (see [`LockClient::lease`]).
+    leases: HashMap<u64, u64>,
 }
 
 /// A mount's lock session with the metadata leader (see `engine/src/meta/locks.rs`).
@@ -681,6 +687,9 @@ pub struct LockClient {
     st: Mutex<LockState>,
     /// Held while a session is being opened (one `Open` at a time).
     opening: Mutex<()>,
+    /// Held across each lease request and release, so that a release in flight and a
+    /// new request cannot cross (the leader would drop the lease this mount just got).
+    lease_ops: Mutex<()>,
 }
 
 impl LockClient {
@@ -690,6 +699,7 @@ impl LockClient {
             volume,
             st: Mutex::new(LockState::default()),
             opening: Mutex::new(()),
+            lease_ops: Mutex::new(()),
         }
     }
 
@@ -885,36 +895,98 @@ impl LockClient {
 
     /// Renew the lease while locks are held; notice a lease that ran out. Call every
     /// [`LOCK_KEEPALIVE_MS`].
-    pub fn keepalive(&self) {
+    ///
+    /// Returns the inodes whose write leases the leader recalls (another client opened
+    /// them): commit what was written to them and give them back.
+    pub fn keepalive(&self) -> Vec<u64> {
         let (session, renewed, holding) = {
             let st = self.state();
-            (st.session, st.renewed, !st.held.is_empty())
+            (
+                st.session,
+                st.renewed,
+                !st.held.is_empty() || !st.leases.is_empty(),
+            )
         };
         if session == 0 {
-            return;
+            return Vec::new();
         }
         if renewed.is_none_or(|t| t.elapsed() >= Duration::from_millis(LOCK_LEASE_MS)) {
             self.lose(session, "lease ran out here");
-            return;
+            return Vec::new();
         }
         if !holding {
-            return; // an idle session may expire; the next operation opens another
+            return Vec::new(); // an idle session may expire; the next operation opens another
         }
         let sent = Instant::now();
         match self
             .meta
             .lock(self.volume, session, LockOp::KeepAlive, KEEPALIVE_RETRY)
         {
-            Ok(Ok(_)) => {
+            Ok(Ok(answer)) => {
                 let mut st = self.state();
                 if st.session == session {
                     st.renewed = Some(st.renewed.map_or(sent, |t| t.max(sent)));
+                }
+                if let Answer::Recalls(inos) = answer {
+                    return inos;
                 }
             }
             Ok(Err(Errno::STALE)) => self.lose(session, "the leader does not know it"),
             Ok(Err(e)) => tracing::warn!("lock keepalive: {e}"),
             Err(e) => tracing::warn!("lock keepalive: {e}"),
         }
+        Vec::new()
+    }
+
+    /// The token of the write lease held here on `ino`, if any.
+    pub fn lease_token(&self, ino: u64) -> Option<u64> {
+        self.state().leases.get(&ino).copied()
+    }
+
+    /// Ask for the write lease on `ino` (`reclaim`: the token of one the leader no longer
+    /// knows, 0 for none). `Ok(Some(token))`: held; `Ok(None)`: a reclaim refused (another
+    /// client was granted the file since); `AGAIN`: another client holds it and is being
+    /// asked to give it back (ask again).
+    pub fn lease(&self, ino: u64, reclaim: u64) -> Result<Option<u64>, Errno> {
+        let _one = self.lease_ops.lock().expect("lease ops lock");
+        match self.op((ino, u64::MAX), LockOp::Lease { ino, reclaim })? {
+            Answer::Lease(token) => {
+                self.state().leases.insert(ino, token);
+                Ok(Some(token))
+            }
+            Answer::LeaseLost => {
+                let mut st = self.state();
+                if st.leases.get(&ino) == Some(&reclaim) {
+                    st.leases.remove(&ino);
+                }
+                Ok(None)
+            }
+            other => {
+                tracing::warn!("lease answered {other:?}");
+                Err(Errno::IO)
+            }
+        }
+    }
+
+    /// Forget the write lease on `ino` here (the leader refused a commit under `token`).
+    pub fn forget_lease(&self, ino: u64, token: u64) {
+        let mut st = self.state();
+        if st.leases.get(&ino) == Some(&token) {
+            st.leases.remove(&ino);
+        }
+    }
+
+    /// Give the write lease on `ino` back (everything written under it is committed).
+    pub fn release_lease(&self, ino: u64) -> Result<(), Errno> {
+        let _one = self.lease_ops.lock().expect("lease ops lock");
+        let Some(token) = self.state().leases.remove(&ino) else {
+            return Ok(());
+        };
+        if self.state().session == 0 {
+            return Ok(()); // the session is gone, and the lease with it
+        }
+        self.op((ino, u64::MAX), LockOp::ReleaseLease { ino, token })
+            .map(|_| ())
     }
 
     /// End the session, releasing every lock of this mount (unmount).
@@ -923,6 +995,7 @@ impl LockClient {
             let mut st = self.state();
             st.held.clear();
             st.lost.clear();
+            st.leases.clear();
             std::mem::take(&mut st.session)
         };
         if session == 0 {

@@ -5,6 +5,9 @@
 //! - `hive.toml`: this config;
 //! - `ca.pem` (the hive CA certificate; its SHA-256 is the fingerprint clients pin),
 //!   `ca.key` (kept for issuing node certificates; mode 0600), `node.pem`, `node.key`;
+//!   after a CA rotation (`hive ca rotate`, [`install_ca`]) also `ca.prev.pem`, the
+//!   previous CA, still trusted for peers, and `node.pem` carries the whole chain
+//!   *node certificate, new CA, cross certificate, previous CA*;
 //! - `admin.token` (mode 0600): the admin token in clear, for the local CLI; the config
 //!   holds only its SHA-256.
 //! - the chunk device (`chunks.dev` unless `--device` names a file or block device).
@@ -432,21 +435,90 @@ pub fn rotate_node_cert(dir: &Path) -> Result<String> {
     let read =
         |f: &str| std::fs::read_to_string(dir.join(f)).with_context(|| format!("reading {f}"));
     let sans = node_sans(&cfg.node_id, &cfg.listen, cfg.advertise.as_deref());
-    let (cert, key) =
-        hivefs_net::tls::issue_node_cert(&read("ca.pem")?, &read("ca.key")?, &cfg.node_id, &sans)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-    for (name, text, private) in [("node.key", &key, true), ("node.pem", &cert, false)] {
-        let tmp = dir.join(format!("{name}.new"));
-        if private {
-            write_private(&tmp, text)?;
-        } else {
-            std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-        }
-        std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, dir.join(name)).with_context(|| format!("replacing {name}"))?;
-    }
+    let ca = read("ca.pem")?;
+    let (cert, key) = hivefs_net::tls::issue_node_cert(&ca, &read("ca.key")?, &cfg.node_id, &sans)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // After a CA rotation the chain carries the cross certificate and the previous CA.
+    let chain = match (read("ca.cross.pem"), read("ca.prev.pem")) {
+        (Ok(cross), Ok(prev)) => format!(
+            "{}\n{}\n{}\n{}\n",
+            cert.trim(),
+            ca.trim(),
+            cross.trim(),
+            prev.trim()
+        ),
+        _ => cert.clone(),
+    };
+    replace_file(dir, "node.key", &key, true)?;
+    replace_file(dir, "node.pem", &chain, false)?;
     std::fs::File::open(dir)?.sync_all()?;
     hivefs_net::tls::fingerprint_pem(&cert).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Write `text` to `dir/name` whole: a temporary file, fsynced, renamed into place.
+fn replace_file(dir: &Path, name: &str, text: &str, private: bool) -> Result<()> {
+    let tmp = dir.join(format!("{name}.new"));
+    if private {
+        write_private(&tmp, text)?;
+    } else {
+        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    }
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, dir.join(name)).with_context(|| format!("replacing {name}"))?;
+    Ok(())
+}
+
+/// The CAs this node trusts for peers: its CA and, after a rotation, the previous one
+/// (a node not rotated yet presents a certificate of that one).
+pub fn trust_bundle(dir: &Path) -> Result<String> {
+    let mut pem = std::fs::read_to_string(dir.join("ca.pem")).context("reading ca.pem")?;
+    match std::fs::read_to_string(dir.join("ca.prev.pem")) {
+        Ok(prev) => pem.push_str(&prev),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).context("reading ca.prev.pem"),
+    }
+    Ok(pem)
+}
+
+/// Make this node's CA files and certificate those of the hive's CA rotation `rot`
+/// (see [`hivefs_net::tls::rotate_ca`]): a new node key and certificate issued by the
+/// new CA, presented as *certificate, new CA, cross certificate, previous CA*, so that
+/// clients pinning either CA accept it; then the new CA as `ca.pem` (its key as `ca.key`)
+/// and the previous one as `ca.prev.pem`. The running node presents the new pair on new
+/// connections within a second (`NodeIdentity`); connections made before keep theirs.
+/// Returns whether anything changed (nothing when already installed). Crash-safe: each
+/// file is replaced whole, and `ca.pem` last, so an interrupted install is redone.
+pub fn install_ca(dir: &Path, rot: &hivefs_net::meta::CaRotation) -> Result<bool> {
+    let read =
+        |f: &str| std::fs::read_to_string(dir.join(f)).with_context(|| format!("reading {f}"));
+    let ca = read("ca.pem")?;
+    let cross = rot.cross_cert_pem.trim();
+    if ca == rot.ca_cert_pem && read("node.pem")?.contains(cross) {
+        return Ok(false);
+    }
+    if ca != rot.ca_cert_pem && ca != rot.previous_cert_pem {
+        bail!("this node's CA is neither the rotated CA nor the one it replaces");
+    }
+    let cfg = NodeConfig::load(dir)?;
+    let sans = node_sans(&cfg.node_id, &cfg.listen, cfg.advertise.as_deref());
+    let (leaf, key) =
+        hivefs_net::tls::issue_node_cert(&rot.ca_cert_pem, &rot.ca_key_pem, &cfg.node_id, &sans)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let chain = format!(
+        "{}\n{}\n{}\n{}\n",
+        leaf.trim(),
+        rot.ca_cert_pem.trim(),
+        cross,
+        rot.previous_cert_pem.trim()
+    );
+    replace_file(dir, "ca.prev.pem", &rot.previous_cert_pem, false)?;
+    replace_file(dir, "ca.cross.pem", &rot.cross_cert_pem, false)?;
+    replace_file(dir, "node.key", &key, true)?;
+    replace_file(dir, "node.pem", &chain, false)?;
+    replace_file(dir, "ca.key", &rot.ca_key_pem, true)?;
+    replace_file(dir, "ca.pem", &rot.ca_cert_pem, false)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(true)
 }
 
 /// The CA fingerprint of a node's data directory.

@@ -1158,6 +1158,7 @@ impl World {
                         extents,
                         size_at_least: end,
                         claim_epoch: claim,
+                        lease: 0,
                     },
                     Then::Commit { slot },
                 )?;

@@ -139,12 +139,8 @@ impl Node {
             tracing::warn!("--insecure: serving plain TCP without TLS (for measurements only)");
             (None, None)
         } else {
-            let read = |f: &str| {
-                std::fs::read_to_string(dir.join(f))
-                    .with_context(|| format!("reading {f} in {}", dir.display()))
-            };
             // The node certificate is read again when it changes (`hive cert rotate`).
-            let ca = read("ca.pem")?;
+            let ca = crate::config::trust_bundle(dir)?;
             let identity = hivefs_net::tls::NodeIdentity::load(
                 &dir.join("node.pem"),
                 &dir.join("node.key"),

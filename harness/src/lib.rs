@@ -165,6 +165,16 @@ fn ports_free(base: u16, n: u16) -> bool {
     })
 }
 
+/// A raw (uncompressed) chunk of `data` for a hive with dedupe key `key`.
+pub fn raw_chunk(key: &hivefs_net::chunk::DedupeKey, data: Vec<u8>) -> hivefs_net::proto::PutChunk {
+    hivefs_net::proto::PutChunk {
+        id: hivefs_net::chunk::ChunkId::compute(key, &data),
+        codec: hivefs_net::chunk::Codec::Raw,
+        raw_len: data.len() as u32,
+        data,
+    }
+}
+
 /// A base port with `n` consecutive free ports, below the ephemeral range (so outgoing
 /// connections do not take them meanwhile), spread by pid so parallel test processes
 /// (nextest) rarely collide; collisions that still happen are retried by [`TestNode`].
@@ -580,6 +590,29 @@ impl TestNode {
             ))
         };
         FramedConn::new_client(s, tls).expect("FramedConn::new_client")
+    }
+
+    /// The SHA-256 of every certificate the node presents on a new connection to shard 0,
+    /// as a client pinning the CA `pin` sees it (after a Hello with the admin token).
+    pub fn presented_chain(&self, pin: &str) -> Vec<String> {
+        let tls = hivefs_net::tls::client_config_pinned(pin).expect("client TLS config");
+        let name = hivefs_net::tls::server_name(&self.opts.host).expect("server name");
+        let mut c = FramedConn::new_client(self.raw_tcp(0), Some((tls, name)))
+            .expect("FramedConn::new_client");
+        let hello = hivefs_net::proto::Request::Hello {
+            min_version: hivefs_net::frame::PROTOCOL_VERSION_MIN,
+            max_version: hivefs_net::frame::PROTOCOL_VERSION_MAX,
+            token: self.token(),
+            client_name: "cert-test".into(),
+        };
+        c.send_request(hivefs_net::frame::PROTOCOL_VERSION_MIN, 1, &hello)
+            .unwrap();
+        c.recv_response().unwrap();
+        let certs = c.tls().unwrap().peer_certificates().unwrap();
+        certs
+            .iter()
+            .map(|c| hivefs_net::tls::fingerprint_der(c.as_ref()))
+            .collect()
     }
 
     pub fn pid(&self) -> Option<u32> {

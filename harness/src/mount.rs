@@ -196,6 +196,39 @@ pub fn ensure_volume(node: &TestNode, name: &str) -> u32 {
     }
 }
 
+/// A node and two mounts, A and B, of one of its volumes: two `hi` processes standing
+/// for two hosts. Field order: the mounts drop (unmount) before the node stops.
+pub struct TwoMounts {
+    pub a: TestMount,
+    pub b: TestMount,
+    pub node: TestNode,
+}
+
+impl TwoMounts {
+    /// Start a node named `name` and mount `volume` twice; `None` (after printing `SKIP:`
+    /// and the reason) where FUSE cannot work.
+    pub fn start(name: &str, volume: &str) -> Option<TwoMounts> {
+        if let Some(why) = fuse_unavailable() {
+            skip(&format!("{name}: {why}"));
+            return None;
+        }
+        let node = TestNode::start(crate::NodeOptions::default().name(name));
+        let a = TestMount::start_or_skip(&node, volume)?;
+        let b = TestMount::start(&node, volume);
+        Some(TwoMounts { a, b, node })
+    }
+
+    /// The tails of the three logs, for assertion messages.
+    pub fn logs(&self) -> String {
+        format!(
+            "--- A ---\n{}\n--- B ---\n{}\n--- node ---\n{}",
+            self.a.log_tail(40),
+            self.b.log_tail(40),
+            self.node.log_tail(40)
+        )
+    }
+}
+
 /// One `hi mount` of a volume. See the module docs.
 pub struct TestMount {
     dir: PathBuf,

@@ -8,8 +8,7 @@
 //! which reads one command per line on stdin and answers `@@ ...` on stdout. Where FUSE
 //! cannot work, each test prints `SKIP: <reason>` and returns.
 
-use hivefs_harness::mount::{fuse_unavailable, skip, TestMount};
-use hivefs_harness::{NodeOptions, TestNode};
+use hivefs_harness::mount::{TestMount, TwoMounts};
 use std::ffi::CString;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -24,38 +23,9 @@ const SLACK: Duration = Duration::from_secs(5);
 /// How long a blocked request is watched to be sure it really waits.
 const STILL_BLOCKED: Duration = Duration::from_millis(700);
 
-/// A node and two mounts of its volume. Field order: the mounts drop before the node.
-struct Two {
-    a: TestMount,
-    b: TestMount,
-    node: TestNode,
-}
-
-impl Two {
-    fn new(name: &str) -> Option<Two> {
-        if let Some(why) = fuse_unavailable() {
-            skip(&format!("{name}: {why}"));
-            return None;
-        }
-        let node = TestNode::start(NodeOptions::default().name(name));
-        let a = TestMount::start_or_skip(&node, "locks")?;
-        let b = TestMount::start(&node, "locks");
-        Some(Two { a, b, node })
-    }
-
-    fn logs(&self) -> String {
-        format!(
-            "--- A ---\n{}\n--- B ---\n{}\n--- node ---\n{}",
-            self.a.log_tail(30),
-            self.b.log_tail(30),
-            self.node.log_tail(30)
-        )
-    }
-}
-
 macro_rules! two {
     ($name:expr) => {
-        match Two::new($name) {
+        match TwoMounts::start($name, "locks") {
             Some(t) => t,
             None => return,
         }

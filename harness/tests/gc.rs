@@ -87,6 +87,7 @@ impl Writer {
                         extents: extents.clone(),
                         size_at_least: data.len() as u64,
                         claim_epoch: up.claim_epoch,
+                        lease: 0,
                     },
                 )
                 .unwrap()

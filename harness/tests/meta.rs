@@ -108,6 +108,7 @@ fn namespace_survives_kill9_and_restart() {
                 }],
                 size_at_least: 0,
                 claim_epoch: 1,
+                lease: 0,
             },
         )
         .unwrap();

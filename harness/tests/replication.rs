@@ -7,7 +7,7 @@
 //! each one against its id) while nodes are killed with `kill -9`.
 
 use hivefs_client::hive::{ClientError, HiveClient};
-use hivefs_harness::{NodeOptions, TestNode};
+use hivefs_harness::{raw_chunk, NodeOptions, TestNode};
 use hivefs_net::chunk::{ChunkId, Codec, DedupeKey};
 use hivefs_net::frame::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
 use hivefs_net::placement::NodeState;
@@ -52,15 +52,7 @@ fn three_nodes_sized(size: &str) -> Vec<TestNode> {
 fn chunks(key: &DedupeKey, seed: u64, n: usize) -> Vec<PutChunk> {
     let mut rng = SplitMix64::new(seed);
     (0..n)
-        .map(|i| {
-            let data = rng.bytes(4096 + (i * 37) % 8192);
-            PutChunk {
-                id: ChunkId::compute(key, &data),
-                codec: Codec::Raw,
-                raw_len: data.len() as u32,
-                data,
-            }
-        })
+        .map(|i| raw_chunk(key, rng.bytes(4096 + (i * 37) % 8192)))
         .collect()
 }
 

@@ -158,18 +158,7 @@ fn scopes_expiry_and_revocation() {
 
 /// The SHA-256 of the certificate `node` presents on a new connection to shard 0.
 fn presented(node: &TestNode) -> String {
-    let mut c = node.raw_conn(0);
-    let hello = hivefs_net::proto::Request::Hello {
-        min_version: hivefs_net::frame::PROTOCOL_VERSION_MIN,
-        max_version: hivefs_net::frame::PROTOCOL_VERSION_MAX,
-        token: node.token(),
-        client_name: "cert-test".into(),
-    };
-    c.send_request(hivefs_net::frame::PROTOCOL_VERSION_MIN, 1, &hello)
-        .unwrap();
-    c.recv_response().unwrap();
-    let certs = c.tls().unwrap().peer_certificates().unwrap();
-    hivefs_net::tls::fingerprint_der(certs[0].as_ref())
+    node.presented_chain(&node.ca_fingerprint()).swap_remove(0)
 }
 
 #[test]

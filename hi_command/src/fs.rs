@@ -30,6 +30,7 @@
 use crate::cache::ChunkCache;
 use crate::fetch::Fetcher;
 use crate::hints::{self, Hints};
+use crate::leases::Leases;
 use crate::reclaim::Reclaimer;
 use crate::writeback::{dirty_truncate, FileState, Hive, OpenFile, Writeback};
 use fuser::{
@@ -76,10 +77,10 @@ pub struct Mounted {
 
 pub struct HiveFs {
     hive: Arc<Hive>,
-    wb: Writeback,
+    wb: Arc<Writeback>,
     fetch: Fetcher,
     /// Open files. Lock order: this map, then a file's state.
-    files: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    files: Arc<Mutex<HashMap<u64, Arc<OpenFile>>>>,
     /// The kernel's lookup count per inode (entries handed out, less forgets).
     lookups: Mutex<HashMap<u64, u64>>,
     /// Inodes this host saw lose their last name: reclaimed when the kernel forgets them
@@ -94,7 +95,15 @@ pub struct HiveFs {
     pub hints: Arc<Hints>,
     /// Unlinked inodes the kernel forgot, reclaimed in the background (reclaim.rs).
     reclaimer: Reclaimer,
+    /// Write leases: keepalive, recalls, releases (leases.rs).
+    pub leases: Arc<Leases>,
+    /// The kernel's cache invalidation channel, once the session runs (set by `main`).
+    pub notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
 }
+
+/// How long an open waits for other hosts to give their write leases on the file back
+/// (one that does not answer loses its lease a lease after the recall).
+const OPEN_WAIT: Duration = Duration::from_millis(2 * m::LOCK_LEASE_MS + 5_000);
 
 fn to_system_time(t: Timespec) -> SystemTime {
     if t.sec >= 0 {
@@ -183,17 +192,33 @@ impl HiveFs {
             pipeline,
             ChunkCache::new(CACHE_BYTES),
         ));
+        let wb = Arc::new(Writeback::new(hive.clone())?);
+        let files: Arc<Mutex<HashMap<u64, Arc<OpenFile>>>> = Arc::default();
+        let (f, w) = (files.clone(), wb.clone());
+        // A recalled file: commit what this host wrote to it (as fsync does).
+        let flush: crate::leases::FlushFn = Box::new(move |ino| {
+            let st = f.lock().expect("files lock").get(&ino).cloned();
+            match st {
+                Some(st) => w.commit_all(ino, &st, st.lock()).1,
+                None => Ok(()),
+            }
+        });
+        let f = files.clone();
+        let busy: crate::leases::BusyFn =
+            Box::new(move |ino| f.lock().expect("files lock").contains_key(&ino));
         Ok(HiveFs {
-            wb: Writeback::new(hive.clone())?,
+            leases: Arc::new(Leases::start(hive.locks.clone(), flush, busy)?),
+            notifier: Arc::default(),
+            locks: crate::locks::Locks::new(hive.locks.clone()),
+            wb,
             fetch: Fetcher::new(hive.clone())?,
             reclaimer: Reclaimer::new(hive.clone())?,
             hive,
-            files: Mutex::new(HashMap::new()),
+            files,
             lookups: Mutex::new(HashMap::new()),
             orphans: Mutex::new(HashSet::new()),
             next_fh: AtomicU64::new(1),
             ended: Arc::new(AtomicBool::new(false)),
-            locks: crate::locks::Locks::new(mounted.meta.clone(), mounted.volume),
             hints: Arc::new(Hints::new(TTL)),
         })
     }
@@ -257,16 +282,56 @@ impl HiveFs {
         Ok(self.local(Self::attr_of(self.query(Query::GetAttr { ino }))?))
     }
 
+    /// What an open reads: the first page of extents through [`Query::Open`], which
+    /// recalls other hosts' write leases on the file first (`AGAIN` until they gave them
+    /// back: asked again here, for up to [`OPEN_WAIT`]).
+    fn open_extents(&self, ino: u64) -> Result<Answer, Errno> {
+        let q = Query::Open {
+            ino,
+            client: self.hive.meta.client_id(),
+            max: m::MAX_EXTENTS_ANSWER,
+        };
+        let deadline = std::time::Instant::now() + OPEN_WAIT;
+        let mut backoff = Duration::from_millis(2);
+        let mut waited = false;
+        loop {
+            match self.query(q.clone()) {
+                Err(e) if e == Errno::EAGAIN && std::time::Instant::now() < deadline => {
+                    waited = true;
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_millis(50));
+                }
+                r => {
+                    if waited {
+                        // Another host committed to it just now: the size the kernel
+                        // holds is older (its invalidation may still be on its way).
+                        if let Some(n) = self.notifier.get() {
+                            if let Err(e) = n.inval_inode(INodeNo(ino), 0, 0) {
+                                tracing::debug!(ino, "invalidating after a recall: {e}");
+                            }
+                        }
+                    }
+                    return r;
+                }
+            }
+        }
+    }
+
     fn load_extents(&self, ino: u64) -> Result<(Vec<Extent>, u64), Errno> {
         let mut out = Vec::new();
         let mut from = 0u64;
         loop {
-            match self.query(Query::Extents {
-                ino,
-                from,
-                to: u64::MAX,
-                max: m::MAX_EXTENTS_ANSWER,
-            })? {
+            let r = if from == 0 && out.is_empty() {
+                self.open_extents(ino)?
+            } else {
+                self.query(Query::Extents {
+                    ino,
+                    from,
+                    to: u64::MAX,
+                    max: m::MAX_EXTENTS_ANSWER,
+                })?
+            };
+            match r {
                 Answer::Extents {
                     extents,
                     size,
@@ -395,6 +460,10 @@ impl HiveFs {
             drop(g);
             if files.get(&ino).is_some_and(|s| Arc::ptr_eq(s, st)) {
                 files.remove(&ino);
+                // Nothing of it uncommitted, nobody here using it: its write lease goes.
+                if self.hive.locks.lease_token(ino).is_some() {
+                    self.leases.release(ino);
+                }
             }
         }
     }
@@ -635,6 +704,7 @@ impl Filesystem for HiveFs {
             }
         }
         self.wb.shutdown();
+        self.leases.stop();
         self.fetch.shutdown();
         // ... then the kernel holds nothing any more.
         let orphans: Vec<u64> = self.orphans.lock().expect("orphans lock").drain().collect();
@@ -923,6 +993,13 @@ impl Filesystem for HiveFs {
             .is_none_or(|e| e > m::MAX_FILE_BYTES)
         {
             return reply.error(Errno::EFBIG);
+        }
+        // Bytes not yet committed are held under this mount's write lease on the file
+        // (leases.rs): an open on another host recalls it and so sees them.
+        if self.hive.locks.lease_token(ino.0).is_none() {
+            if let Err(e) = self.hive.write_lease(ino.0) {
+                return reply.error(e);
+            }
         }
         let mut g = st.lock();
         match self.wb.write(ino.0, &st, &mut g, offset, data) {

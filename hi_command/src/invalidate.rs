@@ -21,6 +21,7 @@
 //! `HIVE_HI_NO_WATCH=1` turns the thread off (tests prove with it that they can fail).
 
 use crate::hints::Hints;
+use crate::leases::Leases;
 use fuser::{INodeNo, Notifier};
 use hivefs_client::meta::{MetaClient, Watched};
 use std::ffi::OsStr;
@@ -46,6 +47,7 @@ impl Invalidator {
         volume: u32,
         notifier: Notifier,
         hints: Arc<Hints>,
+        leases: Arc<Leases>,
     ) -> Option<Invalidator> {
         if std::env::var_os("HIVE_HI_NO_WATCH").is_some_and(|v| v == "1") {
             tracing::warn!("HIVE_HI_NO_WATCH=1: no pushed invalidations (other mounts' changes show after the TTL)");
@@ -78,6 +80,9 @@ impl Invalidator {
                                 }
                             }
                         }
+                        // Another host opened files whose write leases this mount
+                        // holds: commit them and give the leases back (leases.rs).
+                        Watched::Recall(inos) => leases.recalled(inos),
                         Watched::Lost => {
                             // Whatever changed is unknown: forget every remembered answer.
                             hints.drop_all();

@@ -31,16 +31,16 @@
 //! local `fcntl` would. Unmounting ends every wait with EINTR.
 //!
 //! # Lease
-//! A keepalive thread renews the mount's lock session every `LOCK_KEEPALIVE_MS` while it
-//! holds locks; dropping [`Locks`] (unmount) closes the session, releasing every lock of the
-//! mount at once. A `hi` killed with SIGKILL loses its locks when its lease runs out.
+//! A keepalive thread (leases.rs) renews the mount's lock session every
+//! `LOCK_KEEPALIVE_MS` while it holds locks or write leases; dropping [`Locks`] (unmount)
+//! closes the session, releasing every lock of the mount at once. A `hi` killed with
+//! SIGKILL loses its locks when its lease runs out.
 
 use fuser::{Errno, ReplyEmpty, ReplyLock};
-use hivefs_client::meta::{LockClient, MetaClient};
-use hivefs_net::meta::{self as m, LockKind, LockType, LOCK_KEEPALIVE_MS};
+use hivefs_client::meta::LockClient;
+use hivefs_net::meta::{self as m, LockKind, LockType};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// Most blocking lock requests waiting at once (one thread each); more get ENOLCK.
@@ -57,7 +57,6 @@ pub struct Locks {
     /// Set at unmount: waiters and the keepalive thread stop.
     stop: Arc<AtomicBool>,
     waiters: Arc<AtomicUsize>,
-    keepalive: Option<JoinHandle<()>>,
 }
 
 fn errno(e: m::Errno) -> Errno {
@@ -75,26 +74,12 @@ fn lock_type(typ: i32) -> Result<Option<LockType>, Errno> {
 }
 
 impl Locks {
-    /// The lock side of a mount of `volume`; starts the keepalive thread.
-    pub fn new(meta: Arc<MetaClient>, volume: u32) -> Locks {
-        let client = Arc::new(LockClient::new(meta, volume));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (c, s) = (client.clone(), stop.clone());
-        let keepalive = std::thread::Builder::new()
-            .name("hi-lock-lease".into())
-            .spawn(move || {
-                while !s.load(Ordering::SeqCst) {
-                    std::thread::sleep(Duration::from_millis(LOCK_KEEPALIVE_MS));
-                    c.keepalive();
-                }
-            })
-            .map_err(|e| tracing::warn!("cannot start the lock keepalive thread: {e}"))
-            .ok();
+    /// The lock side of a mount, over its lock session `client`.
+    pub fn new(client: Arc<LockClient>) -> Locks {
         Locks {
             client,
-            stop,
+            stop: Arc::new(AtomicBool::new(false)),
             waiters: Arc::new(AtomicUsize::new(0)),
-            keepalive,
         }
     }
 
@@ -231,9 +216,6 @@ impl Drop for Locks {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         self.client.close();
-        if let Some(h) = self.keepalive.take() {
-            let _ = h.join();
-        }
     }
 }
 

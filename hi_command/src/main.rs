@@ -11,6 +11,7 @@ mod fetch;
 mod fs;
 mod hints;
 mod invalidate;
+mod leases;
 mod locks;
 mod reclaim;
 mod writeback;
@@ -235,6 +236,8 @@ fn mount(r: &Resolved, threads: usize, mountpoint: &std::path::Path) -> Result<(
     })?;
     let ended = fs.ended.clone();
     let hints = fs.hints.clone();
+    let leases = fs.leases.clone();
+    let notifier = fs.notifier.clone();
     let mut cfg = fuser::Config::default();
     cfg.mount_options = vec![
         fuser::MountOption::FSName(format!("hivefs:{name}")),
@@ -258,7 +261,8 @@ fn mount(r: &Resolved, threads: usize, mountpoint: &std::path::Path) -> Result<(
     })?;
     let bg = session.spawn().context("starting the FUSE session")?;
     // Other mounts' changes, pushed by the hive, into this kernel's caches.
-    let invalidator = invalidate::Invalidator::start(&meta, vol.id, bg.notifier(), hints);
+    let _ = notifier.set(bg.notifier());
+    let invalidator = invalidate::Invalidator::start(&meta, vol.id, bg.notifier(), hints, leases);
     println!("mounted {name} at {}", mountpoint.display());
     use std::io::Write;
     let _ = std::io::stdout().flush();

@@ -31,7 +31,7 @@
 use crate::cache::ChunkCache;
 use fuser::Errno;
 use hivefs_client::hive::{ClientError, ClientOptions, HiveClient};
-use hivefs_client::meta::MetaClient;
+use hivefs_client::meta::{LockClient, MetaClient};
 use hivefs_client::pipeline::{Pipeline, PreparedChunk};
 use hivefs_net::meta::{self as m, Answer, Extent, Mutation, Query, MAX_COMMIT_EXTENTS};
 use hivefs_net::proto::ErrorCode;
@@ -105,6 +105,9 @@ pub struct FileState {
     done_no: u64,
     /// Why a background commit failed; later batches are held until a sync retries.
     failed: Option<Errno>,
+    /// Bytes were dropped: written under a write lease another host took over. The next
+    /// [`Writeback::sync`] reports EIO (once), whoever made the drop happen.
+    lost: bool,
     /// Size as this host sees it (committed size, raised by dirty writes).
     pub size: u64,
     /// The committed extents, in offset order.
@@ -248,11 +251,18 @@ pub struct Hive {
     chunks: ChunkPool,
     pipeline: Pipeline,
     pub cache: ChunkCache,
+    /// The mount's lock session: file locks (locks.rs) and write leases (leases.rs).
+    pub locks: Arc<LockClient>,
 }
+
+/// How long a commit waits for a write lease another host holds (it is recalled; one that
+/// does not answer loses it a lease after the recall).
+const LEASE_WAIT: Duration = Duration::from_millis(3 * m::LOCK_LEASE_MS);
 
 impl Hive {
     pub fn new(meta: Arc<MetaClient>, vol: u32, pipeline: Pipeline, cache: ChunkCache) -> Hive {
         Hive {
+            locks: Arc::new(LockClient::new(meta.clone(), vol)),
             chunks: ChunkPool {
                 opts: meta.chunk_options(),
                 idle: Mutex::new(Vec::new()),
@@ -373,12 +383,7 @@ impl Hive {
                 let mut stale = false;
                 for part in extents.chunks(MAX_COMMIT_EXTENTS) {
                     let end = part.last().map_or(*off, |e| e.end());
-                    match self.mutate(Mutation::CommitWrite {
-                        ino,
-                        extents: part.to_vec(),
-                        size_at_least: end,
-                        claim_epoch: up.claim_epoch,
-                    }) {
+                    match self.commit_part(ino, part, end, up.claim_epoch) {
                         Ok(_) => {}
                         // The GC epoch moved on between claim and commit: claim again.
                         Err(e) if e == Errno::EAGAIN && attempt < 2 => {
@@ -404,6 +409,76 @@ impl Hive {
             committed.extend(extents);
         }
         Ok(committed)
+    }
+
+    /// One commit-write under this mount's write lease on `ino`. `ESTALE`: the lease was
+    /// lost to another host (the bytes cannot be committed; see [`Hive::lease_lost`]).
+    fn commit_part(&self, ino: u64, part: &[Extent], end: u64, claim: u64) -> Result<(), Errno> {
+        let mut lease = self.write_lease(ino)?;
+        for _ in 0..3 {
+            let r = self.mutate(Mutation::CommitWrite {
+                ino,
+                extents: part.to_vec(),
+                size_at_least: end,
+                claim_epoch: claim,
+                lease,
+            });
+            match r {
+                Err(e) if e == Errno::ESTALE => lease = self.lease_lost(ino, lease)?,
+                r => return r.map(|_| ()),
+            }
+        }
+        Err(Errno::EIO)
+    }
+
+    /// The write lease on `ino`: held here, or asked for (another holder is recalled
+    /// meanwhile; see `engine/src/meta/leases.rs`).
+    pub fn write_lease(&self, ino: u64) -> Result<u64, Errno> {
+        if let Some(t) = self.locks.lease_token(ino) {
+            return Ok(t);
+        }
+        let deadline = Instant::now() + LEASE_WAIT;
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            match self.locks.lease(ino, 0) {
+                Ok(Some(t)) => return Ok(t),
+                Ok(None) => return Err(Errno::EIO),
+                Err(e) if e == m::Errno::AGAIN && Instant::now() < deadline => {
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_millis(100));
+                }
+                Err(e) => return Err(errno(e)),
+            }
+        }
+    }
+
+    /// The leader refused a commit under lease `old` on `ino`. If this mount gave that
+    /// lease back meanwhile (a recall), the commit is of later writes: a new lease.
+    /// Otherwise the leader no longer knows it (a new leader, or the lease lapsed):
+    /// reclaim it, which fails when another host was granted the file since; then the
+    /// bytes written under it must not be committed: `ESTALE`.
+    fn lease_lost(&self, ino: u64, old: u64) -> Result<u64, Errno> {
+        if self.locks.lease_token(ino) != Some(old) {
+            return self.write_lease(ino);
+        }
+        match self.locks.lease(ino, old) {
+            Ok(Some(t)) => {
+                tracing::info!(ino, "write lease reclaimed");
+                Ok(t)
+            }
+            Ok(None) => {
+                tracing::error!(
+                    ino,
+                    "write lease lost: another host took the file over; bytes written here \
+                     and not committed are dropped (EIO)"
+                );
+                Err(Errno::ESTALE)
+            }
+            Err(e) => {
+                self.locks.forget_lease(ino, old);
+                Err(errno(e))
+            }
+        }
     }
 
     fn commit(&self, ino: u64, ranges: &[(u64, Vec<u8>)]) -> Result<Vec<Extent>, Errno> {
@@ -557,8 +632,24 @@ impl Writeback {
         release_backlog(&self.backlog, bytes)
     }
 
-    /// Commit everything written to `file` so far; the guard comes back locked.
+    /// Commit everything written to `file` so far; the guard comes back locked. Reports
+    /// (once) bytes dropped since the last sync (see [`FileState`]'s `lost`).
     pub fn sync<'a>(
+        &self,
+        ino: u64,
+        file: &'a Arc<OpenFile>,
+        g: MutexGuard<'a, FileState>,
+    ) -> (MutexGuard<'a, FileState>, Result<(), Errno>) {
+        let (mut g, r) = self.commit_all(ino, file, g);
+        if std::mem::take(&mut g.lost) {
+            return (g, Err(Errno::EIO));
+        }
+        (g, r)
+    }
+
+    /// [`Writeback::sync`] without taking the report of dropped bytes: what a recalled
+    /// file is committed with (the application hears of a drop at its next sync).
+    pub fn commit_all<'a>(
         &self,
         ino: u64,
         file: &'a Arc<OpenFile>,
@@ -591,7 +682,11 @@ impl Writeback {
     }
 
     /// Commit the held batches of a failed inode in order; clears the failure on success.
+    /// An inode whose write lease was lost (`ESTALE`) has them dropped instead: EIO.
     fn retry_failed(&self, ino: u64, g: &mut FileState) -> Result<(), Errno> {
+        if g.failed == Some(Errno::ESTALE) {
+            return Err(self.drop_lost(ino, g));
+        }
         while let Some(b) = g.sealed.front().cloned() {
             // Only batches the flusher is done with (callers wait for it to let go of all).
             if b.no > g.done_no {
@@ -619,12 +714,34 @@ impl Writeback {
                 keep_spares(&self.spares, ranges);
                 Ok(())
             }
+            Err(e) if e == Errno::ESTALE => {
+                g.dirty.extend(ranges);
+                Err(self.drop_lost(ino, g))
+            }
             Err(e) => {
                 // Keep the bytes: a later sync tries again; close reports the error.
                 g.dirty.extend(ranges);
                 Err(e)
             }
         }
+    }
+
+    /// The write lease under which these bytes were written is lost to another host:
+    /// they cannot be committed. Drop them (sealed and dirty), take the committed size
+    /// back, and answer EIO (once: later writes start afresh under a new lease).
+    fn drop_lost(&self, ino: u64, g: &mut FileState) -> Errno {
+        let bytes: usize = g.sealed.iter().map(|b| b.bytes).sum::<usize>() + g.dirty_bytes;
+        tracing::error!(ino, bytes, "dropping writes made under a lost write lease");
+        g.sealed.clear();
+        g.dirty.clear();
+        g.dirty_bytes = 0;
+        g.failed = None;
+        g.lost = true;
+        g.size = match self.hive.query(Query::GetAttr { ino }) {
+            Ok(Answer::Attr(a)) => a.size,
+            _ => g.extents.last().map_or(0, |e| e.end()),
+        };
+        Errno::EIO
     }
 
     /// Stop the flusher threads once they have finished what they were given.

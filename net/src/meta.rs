@@ -266,11 +266,24 @@ pub enum Mutation {
     /// size raised to at least `size_at_least`, mtime and ctime set to now. The chunks were
     /// claimed in GC epoch `claim_epoch`; only the current epoch is accepted (EAGAIN: claim
     /// again).
+    ///
+    /// `lease`: the write lease the committing client holds on `ino` ([`LockOp::Lease`]),
+    /// 0 for none. A lease is checked twice: the leader refuses (`STALE`) a commit whose
+    /// lease it does not hold live for this client, and the state machine refuses one
+    /// whose token is below the inode's fence ([`Mutation::Fence`]).
     CommitWrite {
         ino: u64,
         extents: Vec<Extent>,
         size_at_least: u64,
         claim_epoch: u64,
+        lease: u64,
+    },
+    /// Raise `ino`'s fence to `token` (never lowers it): from now on a commit carrying a
+    /// lease token below it is refused. The leader writes it before it hands a file whose
+    /// write lease expired (or was revoked) to anyone else.
+    Fence {
+        ino: u64,
+        token: u64,
     },
     /// Drop an inode that no name references any more (nlink 0) once its last user is done
     /// with it; its extents become garbage. Refused (EBUSY-like EINVAL) while linked.
@@ -279,6 +292,15 @@ pub enum Mutation {
     },
     /// Start a new GC epoch (the GC coordinator's, before its mark).
     AdvanceGcEpoch,
+    /// Rotate the hive CA (admin, `hive ca rotate`): every node installs the new CA and
+    /// a new node certificate from it, presented with the cross certificate and the
+    /// previous CA, so clients pinning either CA keep connecting. Refused (`STALE`)
+    /// unless `rotation.previous_cert_pem` is the hive's current CA.
+    RotateCa(CaRotation),
+    /// Start a new lease epoch (a leader, before it grants its first write lease: its
+    /// fencing tokens carry the epoch, so they are above every earlier leader's and every
+    /// earlier boot's). Answer: [`Answer::LeaseEpoch`].
+    NewLeaseEpoch,
     /// Record a node joining the hive in the cluster map (group 0): it gets the next node
     /// id (never reused) and the map a new epoch. Answered [`Answer::Node`]. A node already
     /// recorded under the same name and address gets its id again (a join retried after a
@@ -455,6 +477,35 @@ pub enum PeerRequest {
 /// Most voting members of the metadata Raft group; further nodes are learners.
 pub const MAX_VOTERS: usize = 5;
 
+/// A hive CA rotation as the cluster map keeps it (group 0): the new CA (certificate and
+/// key: every node issues its own certificate from it), the cross certificate (the new
+/// CA signed by the previous one) and the previous CA.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaRotation {
+    pub ca_cert_pem: String,
+    pub ca_key_pem: String,
+    pub cross_cert_pem: String,
+    pub previous_cert_pem: String,
+}
+
+impl CaRotation {
+    pub fn validate(&self) -> Result<(), Errno> {
+        let fields = [
+            &self.ca_cert_pem,
+            &self.ca_key_pem,
+            &self.cross_cert_pem,
+            &self.previous_cert_pem,
+        ];
+        if fields
+            .iter()
+            .any(|f| f.is_empty() || f.len() > MAX_PEM_BYTES)
+        {
+            return Err(Errno::INVAL);
+        }
+        Ok(())
+    }
+}
+
 /// What a node joining the hive gets.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinGrant {
@@ -511,8 +562,11 @@ impl Mutation {
             | Mutation::SetXattr { ino, .. }
             | Mutation::RemoveXattr { ino, .. }
             | Mutation::Reclaim { ino } => vec![*ino],
+            Mutation::Fence { .. } => Vec::new(),
             Mutation::CreateVolume { .. }
             | Mutation::AdvanceGcEpoch
+            | Mutation::NewLeaseEpoch
+            | Mutation::RotateCa(_)
             | Mutation::AddNode(_)
             | Mutation::SetNodeState { .. }
             | Mutation::CreateToken { .. }
@@ -584,6 +638,16 @@ pub enum Query {
         ino: u64,
         from: u64,
         to: u64,
+        max: u32,
+    },
+    /// What an open of `ino` by `client` reads: as `Extents` from offset 0, but first the
+    /// leader recalls every other client's write lease on `ino` ([`LockOp::Lease`]), so
+    /// the open sees what they wrote and had not committed yet. `AGAIN` while a recalled
+    /// holder has not given its lease back (the client asks again; a holder that does not
+    /// answer loses the lease one lease time after the recall).
+    Open {
+        ino: u64,
+        client: u64,
         max: u32,
     },
     StatFs,
@@ -691,6 +755,9 @@ pub enum WatchEvent {
     /// The hive dropped events for this watcher (it did not keep up): anything may have
     /// changed. The client cannot know what; its caches' TTL is the bound that remains.
     Overflow,
+    /// Another client opened these inodes: commit what you wrote to them and give their
+    /// write leases back ([`LockOp::ReleaseLease`]).
+    Recall(#[serde(deserialize_with = "de_bounded::<_, u64, MAX_WATCH_BATCH>")] Vec<u64>),
 }
 
 impl WatchEvent {
@@ -707,7 +774,8 @@ impl WatchEvent {
                 }
                 Ok(())
             }
-            WatchEvent::Heartbeat | WatchEvent::Overflow => Ok(()),
+            WatchEvent::Recall(inos) if inos.len() > MAX_WATCH_BATCH => Err(Errno::E2BIG),
+            WatchEvent::Heartbeat | WatchEvent::Overflow | WatchEvent::Recall(_) => Ok(()),
         }
     }
 }
@@ -790,7 +858,8 @@ pub enum LockOp {
     /// Start a new session for this client id, ending (and releasing every lock of) any
     /// session it had. Answer: [`Answer::LockSession`].
     Open,
-    /// Renew the session's lease. Answer: `Done`.
+    /// Renew the session's lease. Answer: [`Answer::Recalls`], the write leases of this
+    /// session another client's open is waiting for (also pushed on the watch stream).
     KeepAlive,
     /// Set (`typ: Some`) or remove (`None`) the lock of `owner` on `start..=end` (ignored
     /// for flock). Never waits: a conflict is `AGAIN`. POSIX locks of one owner replace,
@@ -818,6 +887,19 @@ pub enum LockOp {
     ReleaseOwner { ino: u64, owner: u64 },
     /// Remove every lock of the session and end it (unmount). Answer: `Done`.
     Close,
+    /// The write lease on `ino`: this client may commit writes to it
+    /// ([`Mutation::CommitWrite`] carries the token) until it gives it back, its session
+    /// expires, or it does not give it back within a lease of a recall. One client holds
+    /// it at a time; asking while another does recalls it (`AGAIN` meanwhile). Tokens
+    /// grow with every grant, across leaders and restarts (a lease epoch is in the high bits).
+    /// `reclaim`: the token of a lease this client held and the leader no longer knows
+    /// (a new leader): granted again (a new token) only if nobody else was granted the
+    /// file since, else answered [`Answer::LeaseLost`]. 0 for a plain request.
+    /// Answer: [`Answer::Lease`].
+    Lease { ino: u64, reclaim: u64 },
+    /// Give the write lease `token` on `ino` back (everything written under it is
+    /// committed). Answer: `Done` (also when it was not held any more).
+    ReleaseLease { ino: u64, token: u64 },
 }
 
 /// A lock operation of one client session on one volume.
@@ -876,6 +958,7 @@ pub enum Answer {
         replaced: Option<u64>,
     },
     GcEpoch(u64),
+    LeaseEpoch(u64),
     Fsck(FsckReport),
     Gc(GcReport),
     /// A new lock session.
@@ -884,6 +967,12 @@ pub enum Answer {
     LockHeld(bool),
     /// `F_GETLK`: the first conflicting lock, if any.
     LockConflict(Option<LockInfo>),
+    /// A write lease granted: its fencing token.
+    Lease(u64),
+    /// A reclaimed lease cannot be given back: another client was granted the file since.
+    LeaseLost,
+    /// Write leases of the session that are recalled (give them back).
+    Recalls(#[serde(deserialize_with = "de_bounded::<_, u64, MAX_WATCH_BATCH>")] Vec<u64>),
     /// The answer to a [`MetaRequest::MutateInDir`] (`attr`: the inode named or unnamed, as
     /// `Attr` would carry it) and the directory's attributes read after it applied (they
     /// include this mutation, and maybe later ones).
@@ -1166,7 +1255,10 @@ impl MetaRequest {
                     }
                     Ok(())
                 }
-                Mutation::Reclaim { .. } | Mutation::AdvanceGcEpoch => Ok(()),
+                Mutation::Reclaim { .. }
+                | Mutation::AdvanceGcEpoch
+                | Mutation::NewLeaseEpoch
+                | Mutation::Fence { .. } => Ok(()),
                 Mutation::AddNode(n) => n.validate(),
                 Mutation::SetNodeState { .. } => Ok(()),
                 Mutation::CreateToken { scope, label, .. } => {
@@ -1182,6 +1274,7 @@ impl MetaRequest {
                         _ => Ok(()),
                     }
                 }
+                Mutation::RotateCa(r) => r.validate(),
                 Mutation::RevokeToken { id } => {
                     if id.len() < 8 || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
                         Err(Errno::INVAL)
@@ -1209,6 +1302,9 @@ impl MetaRequest {
                 {
                     Err(Errno::INVAL)
                 }
+                Query::Open { max, .. } if *max == 0 || *max > MAX_EXTENTS_ANSWER => {
+                    Err(Errno::INVAL)
+                }
                 _ => Ok(()),
             },
             MetaRequest::Lock(r) => match r.op {
@@ -1220,6 +1316,8 @@ impl MetaRequest {
                 | LockOp::Set { .. }
                 | LockOp::Get { .. }
                 | LockOp::ReleaseOwner { .. }
+                | LockOp::Lease { .. }
+                | LockOp::ReleaseLease { .. }
                 | LockOp::Close => Ok(()),
             },
             MetaRequest::Watch { .. } => Ok(()),
@@ -1253,6 +1351,7 @@ mod tests {
                 }],
                 size_at_least: (1 << 33) + 4096,
                 claim_epoch: 1,
+                lease: 5 << 32 | 3,
             },
         };
         let r = MetaRequest::Mutate(c);

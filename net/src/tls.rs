@@ -18,7 +18,7 @@
 //! connection ([`is_peer`]). Only peers may send Raft traffic.
 
 use std::fmt;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
@@ -83,27 +83,57 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(p)
 }
 
-/// A new self-signed CA (ECDSA P-256) for the hive `hive_name`.
-pub fn generate_ca(hive_name: &str) -> Result<CaMaterial, TlsError> {
+fn ca_params(common_name: &str) -> Result<CertificateParams, TlsError> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params
         .distinguished_name
         .push(DnType::OrganizationName, "HiveFS");
     params
         .distinguished_name
-        .push(DnType::CommonName, format!("{hive_name} hive CA"));
+        .push(DnType::CommonName, common_name);
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
+    Ok(params)
+}
+
+/// A new self-signed CA (ECDSA P-256) for the hive `hive_name`.
+pub fn generate_ca(hive_name: &str) -> Result<CaMaterial, TlsError> {
     let key = KeyPair::generate()?;
-    let cert = params.self_signed(&key)?;
+    let cert = ca_params(&format!("{hive_name} hive CA"))?.self_signed(&key)?;
     Ok(CaMaterial {
         cert_pem: cert.pem(),
         key_pem: key.serialize_pem(),
     })
+}
+
+/// A CA rotation: a new self-signed CA (named `common_name`, which must differ from the
+/// old CA's) and a *cross certificate*: the new CA's name and key, signed by the old CA.
+/// A node that presents *node certificate (new CA), new CA, cross certificate, old CA*
+/// is accepted by clients pinning either CA: a client pinning the old one follows the
+/// cross certificate to it. Returns the new CA and the cross certificate (PEM).
+pub fn rotate_ca(old: &CaMaterial, common_name: &str) -> Result<(CaMaterial, String), TlsError> {
+    let old_key = KeyPair::from_pem(&old.key_pem)?;
+    let old_der = first_cert(&old.cert_pem)?;
+    if !contains(old_der.as_ref(), old_key.public_key_raw()) {
+        return Err(TlsError::KeyMismatch);
+    }
+    let old_issuer = CertificateParams::from_ca_cert_der(&old_der)?.self_signed(&old_key)?;
+    let key = KeyPair::generate()?;
+    let cert = ca_params(common_name)?.self_signed(&key)?;
+    let mut cross = ca_params(common_name)?;
+    cross.use_authority_key_identifier_extension = true;
+    let cross = cross.signed_by(&key, &old_issuer, &old_key)?;
+    Ok((
+        CaMaterial {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        },
+        cross.pem(),
+    ))
 }
 
 /// A certificate for node `node_name`, signed by the CA, for TLS server (and client) use.
@@ -216,18 +246,20 @@ pub fn server_config(
     let key = key_from_pem(node_key_pem)?;
     let config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(client_verifier(ca)?)
+        .with_client_cert_verifier(client_verifier(vec![ca])?)
         .with_single_cert(chain, key)?;
     Ok(Arc::new(config))
 }
 
 /// Client certificates are optional (mounts have none) but verified when presented: a
-/// handshake with a certificate that does not chain to the hive CA fails.
+/// handshake with a certificate that does not chain to one of the hive CAs fails.
 fn client_verifier(
-    ca: CertificateDer<'static>,
+    cas: Vec<CertificateDer<'static>>,
 ) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
     let mut roots = RootCertStore::empty();
-    roots.add(ca)?;
+    for ca in cas {
+        roots.add(ca)?;
+    }
     Ok(
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
             .allow_unauthenticated()
@@ -373,24 +405,31 @@ impl rustls::client::ResolvesClientCert for NodeIdentity {
 }
 
 /// [`server_config`] presenting `identity` (reloaded on rotation).
+///
+/// `trusted_cas_pem`: the hive CAs whose node certificates it accepts from peers: the
+/// current CA and, after a CA rotation, the previous one (a node not yet rotated).
 pub fn server_config_with(
     identity: Arc<NodeIdentity>,
-    ca_cert_pem: &str,
+    trusted_cas_pem: &str,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(client_verifier(first_cert(ca_cert_pem)?)?)
+        .with_client_cert_verifier(client_verifier(certs_from_pem(trusted_cas_pem)?)?)
         .with_cert_resolver(identity);
     Ok(Arc::new(config))
 }
 
-/// [`peer_client_config`] presenting `identity` (reloaded on rotation).
+/// [`peer_client_config`] presenting `identity` (reloaded on rotation), pinning every CA
+/// in `trusted_cas_pem` (see [`server_config_with`]).
 pub fn peer_client_config_with(
     identity: Arc<NodeIdentity>,
-    ca_cert_pem: &str,
+    trusted_cas_pem: &str,
 ) -> Result<Arc<ClientConfig>, TlsError> {
-    let ca = first_cert(ca_cert_pem)?;
-    let config = pinned_builder(&fingerprint_der(ca.as_ref()))?.with_client_cert_resolver(identity);
+    let pins = certs_from_pem(trusted_cas_pem)?
+        .iter()
+        .map(|c| Sha256::digest(c.as_ref()).into())
+        .collect();
+    let config = builder_pinning(pins)?.with_client_cert_resolver(identity);
     Ok(Arc::new(config))
 }
 
@@ -436,11 +475,17 @@ fn pinned_builder(
         .ok()
         .and_then(|v| v.try_into().ok())
         .ok_or_else(|| TlsError::BadFingerprint(ca_fingerprint_hex.to_string()))?;
+    builder_pinning(vec![pinned])
+}
+
+fn builder_pinning(
+    pinned: Vec<[u8; 32]>,
+) -> Result<rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>, TlsError> {
     let provider = provider();
     let verifier = PinnedCaVerifier {
         pinned,
         provider: provider.clone(),
-        inner: OnceLock::new(),
+        inner: Mutex::new(Vec::new()),
     };
     let config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -463,7 +508,7 @@ pub fn describe_error(e: &rustls::Error) -> String {
 /// The message a pinning failure carries (inside rustls's invalid-certificate error).
 #[derive(Debug)]
 struct FingerprintMismatch {
-    pinned: String,
+    pinned: Vec<String>,
     presented: Vec<String>,
 }
 
@@ -473,13 +518,13 @@ impl fmt::Display for FingerprintMismatch {
             write!(
                 f,
                 "hive CA fingerprint mismatch: pinned {}, presented no CA certificate",
-                self.pinned
+                self.pinned.join(" or ")
             )
         } else {
             write!(
                 f,
                 "hive CA fingerprint mismatch: pinned {}, presented {}",
-                self.pinned,
+                self.pinned.join(" or "),
                 self.presented.join(", ")
             )
         }
@@ -488,15 +533,17 @@ impl fmt::Display for FingerprintMismatch {
 
 impl std::error::Error for FingerprintMismatch {}
 
-/// Accepts a server whose chain carries the pinned CA and whose certificate chains to it.
+/// Accepts a server whose chain carries a pinned CA and whose certificate chains to it
+/// (directly, or through a cross certificate of a CA rotation, see [`rotate_ca`]).
 #[derive(Debug)]
 struct PinnedCaVerifier {
-    pinned: [u8; 32],
+    /// Usually one; a node trusts its current and its previous CA.
+    pinned: Vec<[u8; 32]>,
     provider: Arc<CryptoProvider>,
-    /// rustls's WebPKI verifier rooted at the pinned CA, built from the first chain that
+    /// rustls's WebPKI verifier rooted at each pinned CA, built from the first chain that
     /// carries it (SHA-256 identifies that CA uniquely, so one instance serves every
     /// connection).
-    inner: OnceLock<Arc<WebPkiServerVerifier>>,
+    inner: Mutex<Vec<([u8; 32], Arc<WebPkiServerVerifier>)>>,
 }
 
 impl PinnedCaVerifier {
@@ -504,7 +551,9 @@ impl PinnedCaVerifier {
         &self,
         ca: &CertificateDer<'_>,
     ) -> Result<Arc<WebPkiServerVerifier>, rustls::Error> {
-        if let Some(v) = self.inner.get() {
+        let fp: [u8; 32] = Sha256::digest(ca.as_ref()).into();
+        let mut built = self.inner.lock().expect("verifier lock");
+        if let Some((_, v)) = built.iter().find(|(f, _)| *f == fp) {
             return Ok(v.clone());
         }
         let mut roots = RootCertStore::empty();
@@ -512,7 +561,8 @@ impl PinnedCaVerifier {
         let v = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
             .build()
             .map_err(|e| rustls::Error::General(format!("hive CA verifier: {e}")))?;
-        Ok(self.inner.get_or_init(|| v).clone())
+        built.push((fp, v.clone()));
+        Ok(v)
     }
 }
 
@@ -525,11 +575,13 @@ impl ServerCertVerifier for PinnedCaVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let is_pinned =
-            |c: &CertificateDer<'_>| Sha256::digest(c.as_ref()).as_slice() == self.pinned;
+        let is_pinned = |c: &CertificateDer<'_>| {
+            let fp: [u8; 32] = Sha256::digest(c.as_ref()).into();
+            self.pinned.contains(&fp)
+        };
         let Some(ca) = intermediates.iter().find(|c| is_pinned(c)) else {
             let mismatch = FingerprintMismatch {
-                pinned: hex::encode(self.pinned),
+                pinned: self.pinned.iter().map(hex::encode).collect(),
                 presented: intermediates
                     .iter()
                     .map(|c| fingerprint_der(c.as_ref()))
@@ -559,15 +611,12 @@ impl ServerCertVerifier for PinnedCaVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        match self.inner.get() {
-            Some(v) => v.verify_tls12_signature(message, cert, dss),
-            None => rustls::crypto::verify_tls12_signature(
-                message,
-                cert,
-                dss,
-                &self.provider.signature_verification_algorithms,
-            ),
-        }
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -576,15 +625,12 @@ impl ServerCertVerifier for PinnedCaVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        match self.inner.get() {
-            Some(v) => v.verify_tls13_signature(message, cert, dss),
-            None => rustls::crypto::verify_tls13_signature(
-                message,
-                cert,
-                dss,
-                &self.provider.signature_verification_algorithms,
-            ),
-        }
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -609,7 +655,7 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn pki() -> &'static Pki {
-        static PKI: OnceLock<Pki> = OnceLock::new();
+        static PKI: std::sync::OnceLock<Pki> = std::sync::OnceLock::new();
         PKI.get_or_init(|| {
             let ca = generate_ca("test").unwrap();
             let (node_cert, node_key) = issue_node_cert(
@@ -678,6 +724,41 @@ pub(crate) mod tests {
         assert_eq!(fp, hex::encode(Sha256::digest(der.as_ref())));
         assert_ne!(fp, fingerprint_pem(&p.node_cert).unwrap());
         assert!(fingerprint_pem("not pem").is_err());
+    }
+
+    #[test]
+    fn a_rotated_ca_is_accepted_by_clients_pinning_either() {
+        let p = pki();
+        let (new, cross) = rotate_ca(&p.ca, "test hive CA 2").unwrap();
+        let (leaf, key) =
+            issue_node_cert(&new.cert_pem, &new.key_pem, "node-a", &["localhost".into()]).unwrap();
+        // What a rotated node presents: its certificate, the new CA, the cross
+        // certificate, the old CA.
+        let chain = format!("{leaf}{}{cross}{}", new.cert_pem, p.ca.cert_pem);
+        let old_fp = fingerprint_pem(&p.ca.cert_pem).unwrap();
+        let new_fp = fingerprint_pem(&new.cert_pem).unwrap();
+        assert_ne!(old_fp, new_fp);
+        let try_pin = |fp: &str, chain: &str| {
+            let sc = server_config(chain, &key, &new.cert_pem).unwrap();
+            let cc = client_config_pinned(fp).unwrap();
+            let mut client = Connection::from(
+                ClientConnection::new(cc, server_name("localhost").unwrap()).unwrap(),
+            );
+            let mut server = Connection::from(ServerConnection::new(sc).unwrap());
+            pump(&mut client, &mut server)
+        };
+        try_pin(&old_fp, &chain).expect("a client pinning the old CA");
+        try_pin(&new_fp, &chain).expect("a client pinning the new CA");
+        // Without the cross certificate, the old pin cannot reach the new node
+        // certificate: the cross certificate is what carries it.
+        let no_cross = format!("{leaf}{}{}", new.cert_pem, p.ca.cert_pem);
+        assert!(try_pin(&old_fp, &no_cross).is_err());
+        // The old CA's key is checked.
+        let wrong = CaMaterial {
+            cert_pem: p.ca.cert_pem.clone(),
+            key_pem: new.key_pem.clone(),
+        };
+        assert!(matches!(rotate_ca(&wrong, "x"), Err(TlsError::KeyMismatch)));
     }
 
     #[test]

@@ -108,6 +108,14 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CertCmd,
     },
+    /// Rotate the hive CA without downtime: a new CA, cross-signed by the current one;
+    /// every node installs it and a new node certificate from it within seconds, and
+    /// presents the cross certificate and the old CA too, so clients pinning the old
+    /// fingerprint keep working. Pin the new fingerprint for new mounts.
+    Ca {
+        #[command(subcommand)]
+        cmd: CaCmd,
+    },
     /// Access tokens: create (prints the secret once), list, revoke.
     Token {
         #[command(subcommand)]
@@ -197,6 +205,14 @@ impl NodeArgs {
 
 #[derive(Subcommand)]
 enum CertCmd {
+    Rotate {
+        #[arg(long)]
+        data: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
     Rotate {
         #[arg(long)]
         data: PathBuf,
@@ -346,6 +362,9 @@ fn real_main() -> Result<()> {
             insecure,
         } => status(&data, json, insecure),
         Cmd::Token { cmd } => token_cmd(cmd),
+        Cmd::Ca {
+            cmd: CaCmd::Rotate { data },
+        } => rotate_ca(&data),
         Cmd::Cert {
             cmd: CertCmd::Rotate { data },
         } => {
@@ -657,6 +676,52 @@ fn admin_mutation(op: meta::Mutation) -> Result<MetaRequest> {
         now: meta::Timespec::default(),
         op,
     }))
+}
+
+/// `hive ca rotate`: make the new CA here (cross-signed with this node's copy of the
+/// current CA key), record it through the metadata leader, and wait until this node has
+/// installed it (the others follow within a second or two).
+fn rotate_ca(data: &std::path::Path) -> Result<()> {
+    let read =
+        |f: &str| std::fs::read_to_string(data.join(f)).with_context(|| format!("reading {f}"));
+    let old = hivefs_net::tls::CaMaterial {
+        cert_pem: read("ca.pem")?,
+        key_pem: read("ca.key")?,
+    };
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let (new, cross) = hivefs_net::tls::rotate_ca(&old, &format!("hive CA {secs}"))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let rotation = meta::CaRotation {
+        ca_cert_pem: new.cert_pem.clone(),
+        ca_key_pem: new.key_pem,
+        cross_cert_pem: cross,
+        previous_cert_pem: old.cert_pem.clone(),
+    };
+    ask_leader_req(
+        data,
+        false,
+        &admin_mutation(meta::Mutation::RotateCa(rotation))?,
+    )
+    .context("recording the CA rotation (another rotation may have come first)")?;
+    let old_fp = config::ca_fingerprint(data)?;
+    let new_fp =
+        hivefs_net::tls::fingerprint_pem(&new.cert_pem).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let t0 = std::time::Instant::now();
+    while config::ca_fingerprint(data)? != new_fp {
+        if t0.elapsed() > std::time::Duration::from_secs(15) {
+            bail!("the CA rotation is recorded, but this node has not installed it in 15 s (is it running?)");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    println!("hive CA rotated: {new_fp}");
+    eprintln!(
+        "clients pinning the previous CA ({old_fp}) keep connecting (nodes present a cross \
+         certificate); pin the new fingerprint for new mounts"
+    );
+    Ok(())
 }
 
 fn token_cmd(cmd: TokenCmd) -> Result<()> {

@@ -60,6 +60,7 @@
 //! Time is injected (`now_ms`, a monotonic millisecond count), so the table is a plain
 //! state machine and its tests drive the clock.
 
+use super::leases::{FileKey, Gate, LeaseTable};
 use hivefs_net::meta::{
     Answer, Errno, LockInfo, LockKind, LockOp, LockRequest, LockType, MetaReply, LOCK_LEASE_MS,
 };
@@ -71,8 +72,6 @@ use std::path::{Path, PathBuf};
 pub const MAX_LOCKS: usize = 1 << 20;
 /// Most lock sessions at once (one per mount that uses locks).
 pub const MAX_LOCK_SESSIONS: usize = 4096;
-
-type FileKey = (u32, u64);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Owner {
@@ -148,6 +147,11 @@ pub struct LockTable {
     sessions: HashMap<u64, Session>,
     files: HashMap<FileKey, FileLocks>,
     held: usize,
+    /// Write leases (`leases.rs`): held by sessions of this table; started (with a
+    /// lease epoch from the state machine) by the first lease request of a term.
+    pub leases: LeaseTable,
+    /// The term `leases` was started for.
+    leases_term: Option<u64>,
 }
 
 impl LockTable {
@@ -161,7 +165,40 @@ impl LockTable {
             sessions: HashMap::new(),
             files: HashMap::new(),
             held: 0,
+            leases: LeaseTable::new(0, 0),
+            leases_term: None,
         }
+    }
+
+    /// Renew `client`'s session `session` at `now_ms` (after expiring the stale ones);
+    /// `false` if the leader does not know it.
+    fn renew(&mut self, now_ms: u64, client: u64, session: u64) -> bool {
+        self.expire(now_ms);
+        match self.sessions.get_mut(&client) {
+            Some(s) if s.id == session => {
+                s.expires_ms = now_ms + LOCK_LEASE_MS;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// [`LockOp::Lease`] (other operations go to [`LockTable::handle`]); `floor`: the
+    /// file's fence in the state machine. `Err(gate)`: see [`Gate`].
+    pub fn handle_lease(
+        &mut self,
+        now_ms: u64,
+        r: &LockRequest,
+        floor: u64,
+    ) -> Result<MetaReply, Gate> {
+        let LockOp::Lease { ino, reclaim } = r.op else {
+            return Ok(Err(Errno::INVAL));
+        };
+        if !self.renew(now_ms, r.client, r.session) {
+            return Ok(Err(Errno::STALE));
+        }
+        self.leases
+            .lease(now_ms, r.client, (r.volume, ino), reclaim, floor)
     }
 
     /// Locks held in the table.
@@ -197,16 +234,21 @@ impl LockTable {
             );
             return Ok(Answer::LockSession(id));
         }
-        match self.sessions.get_mut(&client) {
-            Some(s) if s.id == r.session => s.expires_ms = now_ms + LOCK_LEASE_MS,
-            _ => return Err(Errno::STALE),
+        if !self.renew(now_ms, client, r.session) {
+            return Err(Errno::STALE);
         }
         let in_grace = now_ms < self.grace_until_ms;
         let key = (r.volume, 0);
         match r.op {
             LockOp::Open => unreachable!("answered above"),
-            LockOp::KeepAlive => Ok(Answer::Done),
+            LockOp::KeepAlive => Ok(Answer::Recalls(self.leases.recalls_of(client, r.volume))),
+            LockOp::Lease { .. } => Err(Errno::INVAL), // served by `handle_lease`
+            LockOp::ReleaseLease { ino, token } => {
+                self.leases.release(now_ms, client, (r.volume, ino), token);
+                Ok(Answer::Done)
+            }
             LockOp::Close => {
+                self.leases.release_all(client);
                 let s = self.sessions.remove(&client).expect("checked above");
                 self.drop_session(client, s);
                 Ok(Answer::Done)
@@ -298,8 +340,9 @@ impl LockTable {
         }
     }
 
-    /// Release every lock of an ended session.
+    /// Release every lock of an ended session; its write leases lapse.
     fn drop_session(&mut self, client: u64, s: Session) {
+        self.leases.session_ended(client);
         for key in s.files {
             if let Some(fl) = self.files.get_mut(&key) {
                 let before = fl.len();
@@ -521,10 +564,15 @@ impl LockService {
         })
     }
 
-    /// Before answering a lock request as the leader of `term` (of a hive of several
-    /// voters, leadership confirmed): a term other than the table's means another node
-    /// led meanwhile, whose sessions and leases are unknown here: start afresh, granting
-    /// nothing for a full lease. See the module docs.
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// Before answering a lock request (or an open, or checking a commit's lease) as the
+    /// leader of `term` (leadership confirmed where there are other voters): a term
+    /// other than the table's means another node led meanwhile, whose sessions and
+    /// leases are unknown here: start afresh, granting no lock for a full lease. See the
+    /// module docs.
     pub fn enter_term(&self, term: u64) -> anyhow::Result<()> {
         let mut t = self.term.lock().expect("lock term");
         match *t {
@@ -532,7 +580,7 @@ impl LockService {
             None => {}
             Some(old) => {
                 let base = u64::from_le_bytes(crate::config::random_bytes::<8>()?);
-                let now = self.start.elapsed().as_millis() as u64;
+                let now = self.now_ms();
                 let mut g = self.inner.lock().expect("lock table");
                 g.0 = LockTable::new(base, now + LOCK_LEASE_MS);
                 tracing::info!(
@@ -553,7 +601,10 @@ impl LockService {
         let (table, horizon) = &mut *g;
         let releases_only = matches!(
             r.op,
-            LockOp::Close | LockOp::ReleaseOwner { .. } | LockOp::Set { typ: None, .. }
+            LockOp::Close
+                | LockOp::ReleaseOwner { .. }
+                | LockOp::Set { typ: None, .. }
+                | LockOp::ReleaseLease { .. }
         );
         if !releases_only {
             if let Err(e) = horizon.cover(wall_ms()) {
@@ -562,6 +613,66 @@ impl LockService {
             }
         }
         table.handle(self.start.elapsed().as_millis() as u64, r)
+    }
+
+    /// Have write leases been started in `term` (see [`LockService::start_leases`])?
+    pub fn leases_started(&self, term: u64) -> bool {
+        self.inner.lock().expect("lock table").0.leases_term == Some(term)
+    }
+
+    /// Start the write leases of leader term `term` with lease epoch `epoch` (raised
+    /// through Raft for it, so above every earlier table's: a restarted leader of the same
+    /// term included). A second start in the same term changes nothing.
+    pub fn start_leases(&self, term: u64, epoch: u64) {
+        let now = self.now_ms();
+        let mut g = self.inner.lock().expect("lock table");
+        if g.0.leases_term != Some(term) {
+            g.0.leases = LeaseTable::new(epoch, now);
+            g.0.leases_term = Some(term);
+            tracing::info!(term, epoch, "write leases started");
+        }
+    }
+
+    /// [`LockOp::Lease`]; `floor` is the file's fence in the state machine. See
+    /// [`LockTable::handle_lease`].
+    pub fn lease(&self, r: &LockRequest, floor: u64) -> Result<MetaReply, Gate> {
+        let now = self.now_ms();
+        let mut g = self.inner.lock().expect("lock table");
+        if let Err(e) = g.1.cover(wall_ms()) {
+            tracing::warn!("writing the lock horizon: {e}");
+            return Ok(Err(Errno::NOLCK));
+        }
+        g.0.handle_lease(now, r, floor)
+    }
+
+    /// An open of `ino` on `volume` by `client`: see [`LeaseTable::open`].
+    pub fn open(&self, volume: u32, client: u64, ino: u64) -> Gate {
+        let now = self.now_ms();
+        let mut g = self.inner.lock().expect("lock table");
+        g.0.leases.open(now, client, (volume, ino))
+    }
+
+    /// A fence of `token` on `ino` is durable (see [`LeaseTable::fenced`]).
+    pub fn fenced(&self, volume: u32, ino: u64, token: u64) {
+        let mut g = self.inner.lock().expect("lock table");
+        g.0.leases.fenced((volume, ino), token)
+    }
+
+    /// May `client` commit to `ino` under lease `token`?
+    pub fn may_commit(&self, volume: u32, client: u64, ino: u64, token: u64) -> bool {
+        let now = self.now_ms();
+        let mut g = self.inner.lock().expect("lock table");
+        g.0.leases.may_commit(now, client, (volume, ino), token)
+    }
+
+    /// Recalls to push on watch streams: (volume, holder client, inode).
+    pub fn take_pushes(&self) -> Vec<(u32, u64, u64)> {
+        self.inner
+            .lock()
+            .expect("lock table")
+            .0
+            .leases
+            .take_pushes()
     }
 }
 
@@ -909,7 +1020,7 @@ mod tests {
         // Client 1 renews for a while; client 2 keeps asking.
         for _ in 0..30 {
             t.now += 1000;
-            assert_eq!(t.req(1, LockOp::KeepAlive), Ok(Answer::Done));
+            assert_eq!(t.req(1, LockOp::KeepAlive), Ok(Answer::Recalls(Vec::new())));
             assert_eq!(t.posix(2, 1, Some(R), 0, 0), Err(Errno::AGAIN));
         }
         // Client 1 falls silent: exactly one lease later its locks are gone.

@@ -13,6 +13,7 @@
 //! - [`watch`]: watch streams: which cached names and inodes each mutation makes stale,
 //!   pushed to the other mounts of the volume.
 pub mod health;
+pub mod leases;
 pub mod locks;
 pub mod peer;
 pub mod raft;

@@ -17,6 +17,7 @@
 //!   mutation answered OK is published to the other clients' watchers of its volume
 //!   before its answer is sent, and the connection's thread sends them (or a heartbeat).
 
+use super::leases::Gate;
 use super::locks::LockService;
 use super::peer::PeerNet;
 use super::raft::{Applier, MetaRaft, RaftError};
@@ -31,9 +32,9 @@ use hivefs_net::chunk::{self, ChunkId};
 use hivefs_net::conn::{ConnError, FramedConn, ReadStatus};
 use hivefs_net::frame::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
 use hivefs_net::meta::{
-    self, Answer, Errno, FsckReport, GcReport, JoinGrant, MetaCommand, MetaReply, MetaRequest,
-    Mutation, NodeEntry, NodeSpec, PeerRequest, Query, ShardAdmin, ShardAdminReply, Timespec,
-    TokenScope, VolumeInfo, WatchEvent, WATCH_HEARTBEAT_MS,
+    self, Answer, Errno, FsckReport, GcReport, JoinGrant, LockOp, LockRequest, MetaCommand,
+    MetaReply, MetaRequest, Mutation, NodeEntry, NodeSpec, PeerRequest, Query, ShardAdmin,
+    ShardAdminReply, Timespec, TokenScope, VolumeInfo, WatchEvent, WATCH_HEARTBEAT_MS,
 };
 use hivefs_net::proto::{frame_response, ClusterMap, ErrorCode, Request, Response};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -159,11 +160,7 @@ impl MetaServer {
         let applier = Arc::new(StoreApplier(store.clone()));
         let peer_tls = match &tls {
             Some(_) => {
-                let read = |f: &str| {
-                    std::fs::read_to_string(data_dir.join(f))
-                        .with_context(|| format!("reading {f} in {}", data_dir.display()))
-                };
-                let ca = read("ca.pem")?;
+                let ca = crate::config::trust_bundle(data_dir)?;
                 let identity = hivefs_net::tls::NodeIdentity::load(
                     &data_dir.join("node.pem"),
                     &data_dir.join("node.key"),
@@ -236,8 +233,13 @@ impl MetaServer {
         let map = std::thread::Builder::new()
             .name("meta-map".into())
             .spawn(move || {
+                let mut turn = 0u64;
                 while !sh.stop.load(Ordering::SeqCst) {
                     publish_map(&sh.store, sh.cfg.bucket_count, &sh.hive_map);
+                    turn += 1;
+                    if sh.tls.is_some() && turn.is_multiple_of(5) {
+                        follow_ca_rotation(&sh);
+                    }
                     std::thread::sleep(MAP_PUBLISH_EVERY);
                 }
             })?;
@@ -1049,6 +1051,16 @@ pub(super) async fn mutate(
         now: Timespec::now(),
         ..cmd
     };
+    if let Mutation::CommitWrite { ino, lease, .. } = cmd.op {
+        // The first check of a write lease (`leases.rs`): live, and this client's.
+        if lease != 0 {
+            ensure_leader(sh)?;
+            ensure_leases(sh).await?;
+            if !sh.locks.may_commit(cmd.volume, cmd.client, ino, lease) {
+                return Ok(Err(Errno::STALE));
+            }
+        }
+    }
     let out = sh.raft.write(meta::encode(&cmd)).await?;
     let reply = meta::decode::<MetaReply>(&out)
         .map_err(|e| RaftError::Unavailable(format!("store answered badly: {e}")))?;
@@ -1081,6 +1093,105 @@ pub(super) async fn mutate(
         // The directory is gone already (removed by a later write): no attributes to give.
         _ => Ok(reply),
     }
+}
+
+/// Install the hive's CA rotation here if it is not yet (see `config::install_ca`).
+fn follow_ca_rotation(sh: &Shared) {
+    let rot = match sh.store.ca_rotation() {
+        Ok(Some(r)) => r,
+        Ok(None) => return,
+        Err(e) => return tracing::warn!("reading the CA rotation: {e:#}"),
+    };
+    match crate::config::install_ca(&sh.data_dir, &rot) {
+        Ok(true) => tracing::info!(
+            ca = %hivefs_net::tls::fingerprint_pem(&rot.ca_cert_pem).unwrap_or_default(),
+            "hive CA rotated: new node certificate from the new CA, presented with the cross certificate"
+        ),
+        Ok(false) => {}
+        Err(e) => tracing::warn!("installing the hive's CA rotation: {e:#}"),
+    }
+}
+
+/// Tell the lock service the term this leader leads (see `LockService::enter_term`).
+fn enter_lock_term(sh: &Shared) -> Result<(), RaftError> {
+    sh.locks
+        .enter_term(sh.raft.view().term)
+        .map_err(|e| RaftError::Unavailable(format!("lock service: {e:#}")))
+}
+
+/// [`enter_lock_term`], and start the write leases of this term if they are not: a new
+/// lease epoch through Raft first (see `leases.rs`).
+async fn ensure_leases(sh: &Shared) -> Result<(), RaftError> {
+    enter_lock_term(sh)?;
+    let term = sh.raft.view().term;
+    if sh.locks.leases_started(term) {
+        return Ok(());
+    }
+    let fail = |e: String| RaftError::Unavailable(format!("lease epoch: {e}"));
+    let cmd = MetaCommand {
+        now: Timespec::now(),
+        ..one_off_command(Mutation::NewLeaseEpoch).map_err(|e| fail(format!("{e:#}")))?
+    };
+    let out = sh.raft.write(meta::encode(&cmd)).await?;
+    match meta::decode::<MetaReply>(&out) {
+        Ok(Ok(Answer::LeaseEpoch(epoch))) => {
+            sh.locks.start_leases(term, epoch);
+            Ok(())
+        }
+        other => Err(fail(format!("answered {other:?}"))),
+    }
+}
+
+/// Push the lease recalls the lock service asked for to their holders' watch streams.
+fn push_recalls(sh: &Shared) {
+    for (volume, client, ino) in sh.locks.take_pushes() {
+        sh.watchers.recall(volume, client, ino);
+    }
+}
+
+/// What [`Query::Open`] reads once the file's leases are settled.
+fn req_query_open(ino: u64) -> Query {
+    Query::Extents {
+        ino,
+        from: 0,
+        to: u64::MAX,
+        max: meta::MAX_EXTENTS_ANSWER,
+    }
+}
+
+/// Raise `ino`'s fence to `token` through Raft, then tell the lock service.
+async fn fence(sh: &Shared, volume: u32, ino: u64, token: u64) -> Result<MetaReply, RaftError> {
+    let cmd = MetaCommand {
+        volume,
+        ..one_off_command(Mutation::Fence { ino, token })
+            .map_err(|e| RaftError::Unavailable(format!("fence: {e:#}")))?
+    };
+    let r = mutate(sh, cmd, false).await?;
+    if r.is_ok() {
+        tracing::info!(volume, ino, token, "write lease fenced");
+        sh.locks.fenced(volume, ino, token);
+    }
+    Ok(r)
+}
+
+/// [`LockOp::Lease`]: grant, recall (`AGAIN`), or fence a lapsed lease and grant.
+async fn lease(sh: &Shared, r: &LockRequest, ino: u64) -> Result<MetaReply, RaftError> {
+    for _ in 0..2 {
+        let floor = sh
+            .store
+            .fence(r.volume, ino)
+            .map_err(|e| RaftError::Unavailable(format!("metadata store: {e:#}")))?;
+        match sh.locks.lease(r, floor) {
+            Ok(reply) => return Ok(reply),
+            Err(Gate::Wait | Gate::Clear) => return Ok(Err(Errno::AGAIN)),
+            Err(Gate::Fence(token)) => {
+                if let Err(e) = fence(sh, r.volume, ino, token).await? {
+                    return Ok(Err(e));
+                }
+            }
+        }
+    }
+    Ok(Err(Errno::AGAIN))
 }
 
 /// What the cluster map records of this node.
@@ -1260,11 +1371,42 @@ async fn handle(sh: &Shared, req: MetaRequest, scope: &TokenScope) -> Result<Met
             ensure_leader(sh)?;
             if !sh.raft.is_sole_voter_leader() {
                 sh.raft.read_barrier().await?;
-                sh.locks
-                    .enter_term(sh.raft.view().term)
-                    .map_err(|e| RaftError::Unavailable(format!("lock service: {e:#}")))?;
             }
-            Ok(sh.locks.handle(&r))
+            enter_lock_term(sh)?;
+            if let LockOp::Lease { .. } = r.op {
+                ensure_leases(sh).await?;
+            }
+            let reply = match r.op {
+                LockOp::Lease { ino, .. } => lease(sh, &r, ino).await?,
+                _ => sh.locks.handle(&r),
+            };
+            push_recalls(sh);
+            Ok(reply)
+        }
+        MetaRequest::Query {
+            volume,
+            query: Query::Open { ino, client, .. },
+        } => {
+            // The leader recalls other clients' write leases before the open reads
+            // (`leases.rs`); the read itself is a linearizable query.
+            ensure_leader(sh)?;
+            sh.raft.read_barrier().await?;
+            ensure_leases(sh).await?;
+            for _ in 0..2 {
+                match sh.locks.open(volume, client, ino) {
+                    Gate::Clear => return local_query(sh, volume, &req_query_open(ino)),
+                    Gate::Wait => {
+                        push_recalls(sh);
+                        return Ok(Err(Errno::AGAIN));
+                    }
+                    Gate::Fence(token) => {
+                        if let Err(e) = fence(sh, volume, ino, token).await? {
+                            return Ok(Err(e));
+                        }
+                    }
+                }
+            }
+            Ok(Err(Errno::AGAIN))
         }
         MetaRequest::Peer(PeerRequest::Join(spec)) => join(sh, spec).await,
         MetaRequest::Peer(PeerRequest::Admit { id }) => admit(sh, id).await,
@@ -1365,6 +1507,9 @@ fn allowed(sh: &Shared, scope: &TokenScope, req: &MetaRequest) -> Result<(), Err
                 | Mutation::SetNodeState { .. }
                 | Mutation::CreateToken { .. }
                 | Mutation::RevokeToken { .. }
+                | Mutation::Fence { .. }
+                | Mutation::NewLeaseEpoch
+                | Mutation::RotateCa(_)
         )
     };
     let hive_query = |q: &Query| matches!(q, Query::Gc | Query::Fsck { .. } | Query::Tokens);

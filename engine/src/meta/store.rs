@@ -42,9 +42,9 @@
 use anyhow::{bail, Context, Result};
 use hivefs_net::chunk::ChunkId;
 use hivefs_net::meta::{
-    self, Answer, Attr, DirEntry, Errno, Extent, FileKind, MetaCommand, MetaReply, Mutation,
-    NodeEntry, NodeSpec, Query, RenameMode, SetAttr, SetTime, StatFs, Timespec, TokenInfo,
-    TokenScope, VolumeInfo, XattrMode, ROOT_INO,
+    self, Answer, Attr, CaRotation, DirEntry, Errno, Extent, FileKind, MetaCommand, MetaReply,
+    Mutation, NodeEntry, NodeSpec, Query, RenameMode, SetAttr, SetTime, StatFs, Timespec,
+    TokenInfo, TokenScope, VolumeInfo, XattrMode, ROOT_INO,
 };
 use hivefs_net::placement::NodeState;
 use redb::{Database, Durability, ReadableTable, TableDefinition};
@@ -69,12 +69,18 @@ const VOLUMES: Tbl = TableDefinition::new("volumes");
 const SYS: Tbl = TableDefinition::new("sys");
 const NODES: Tbl = TableDefinition::new("nodes");
 const TOKENS: Tbl = TableDefinition::new("tokens");
+/// `(volume, inode)` -> the lowest write-lease token a commit to it may carry (u64 LE).
+const FENCES: Tbl = TableDefinition::new("fences");
 const ALL_TABLES: [Tbl; 11] = [
     INODES, DIRENTS, COOKIES, EXTENTS, XATTRS, ORPHANS, SESSIONS, VOLUMES, SYS, NODES, TOKENS,
 ];
 
 const SYS_RAFT: &[u8] = b"raft_state";
 const SYS_GC_EPOCH: &[u8] = b"gc_epoch";
+/// The last CA rotation ([`CaRotation`]), if any.
+const SYS_CA: &[u8] = b"ca_rotation";
+/// Raised by every leader before its first write lease (`leases.rs`).
+const SYS_LEASE_EPOCH: &[u8] = b"lease_epoch";
 const SYS_NEXT_VOLUME: &[u8] = b"next_volume";
 const SYS_NEXT_NODE: &[u8] = b"next_node";
 const SYS_MAP_EPOCH: &[u8] = b"map_epoch";
@@ -360,6 +366,7 @@ struct Tables<'t> {
     sys: redb::Table<'t, &'static [u8], &'static [u8]>,
     nodes: redb::Table<'t, &'static [u8], &'static [u8]>,
     tokens: redb::Table<'t, &'static [u8], &'static [u8]>,
+    fences: redb::Table<'t, &'static [u8], &'static [u8]>,
 }
 
 impl<'t> Tables<'t> {
@@ -376,6 +383,7 @@ impl<'t> Tables<'t> {
             sys: tx.open_table(SYS)?,
             nodes: tx.open_table(NODES)?,
             tokens: tx.open_table(TOKENS)?,
+            fences: tx.open_table(FENCES)?,
         })
     }
 
@@ -630,10 +638,24 @@ impl<'a, 't> Op<'a, 't> {
         }
         store!(kill_v(&mut self.t.inodes, &prefix, epoch));
         store!(self.t.orphans.remove(prefix.as_slice()));
+        store!(self.t.fences.remove(prefix.as_slice()));
         self.inodes.insert(ino, None);
         self.dirty.remove(&ino);
         self.vol.files = self.vol.files.saturating_sub(1);
         Ok(())
+    }
+
+    /// The lowest write-lease token a commit to `ino` may carry (0: any).
+    fn fence(&self, ino: u64) -> OpResult<u64> {
+        let key = k_ino(self.vol.id, ino);
+        Ok(match store!(self.t.fences.get(key.as_slice())) {
+            Some(v) => u64::from_le_bytes(
+                v.value()
+                    .try_into()
+                    .map_err(|_| OpError::Store(anyhow::anyhow!("fence record")))?,
+            ),
+            None => 0,
+        })
     }
 
     /// Live extents of `ino` overlapping `[from, to)`, in offset order.
@@ -909,7 +931,41 @@ impl MetaStore {
     }
 
     /// Answer a query against the current state.
+    /// The hive's last CA rotation, if it had one.
+    pub fn ca_rotation(&self) -> Result<Option<CaRotation>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(SYS)?;
+        Ok(match t.get(SYS_CA)? {
+            Some(v) => Some(meta::decode(v.value()).context("CA rotation record")?),
+            None => None,
+        })
+    }
+
+    /// `ino`'s write-lease fence ([`Mutation::Fence`]; 0: none).
+    pub fn fence(&self, volume: u32, ino: u64) -> Result<u64> {
+        let tx = self.db.begin_read()?;
+        let t = match tx.open_table(FENCES) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(match t.get(k_ino(volume, ino).as_slice())? {
+            Some(v) => u64::from_le_bytes(v.value().try_into().context("fence record")?),
+            None => 0,
+        })
+    }
+
     pub fn query(&self, volume: u32, q: &Query) -> Result<MetaReply> {
+        if let Query::Open { ino, max, .. } = *q {
+            // The leader recalled the write leases (server.rs); what is read is extents.
+            let q = Query::Extents {
+                ino,
+                from: 0,
+                to: u64::MAX,
+                max,
+            };
+            return self.query(volume, &q);
+        }
         let tx = self.db.begin_read()?;
         let inodes = tx.open_table(INODES)?;
         let vols = tx.open_table(VOLUMES)?;
@@ -1033,6 +1089,7 @@ impl MetaStore {
                     .collect();
                 Ok(Answer::XattrNames(names))
             }
+            Query::Open { .. } => unreachable!("answered as Extents above"),
             Query::Extents { ino, from, to, max } => {
                 let Some(r) = load(*ino)? else {
                     return Ok(Err(Errno::NOENT));
@@ -1393,6 +1450,21 @@ fn mutate(t: &mut Tables<'_>, cmd: &MetaCommand) -> OpResult<Answer> {
             store!(t.set_sys_u64(SYS_GC_EPOCH, e));
             return Ok(Answer::GcEpoch(e));
         }
+        Mutation::RotateCa(r) => {
+            if let Some(cur) = store!(t.sys.get(SYS_CA)) {
+                let cur: CaRotation = store!(meta::decode(cur.value()));
+                if cur.ca_cert_pem != r.previous_cert_pem {
+                    return Err(Errno::STALE.into()); // rotated meanwhile
+                }
+            }
+            store!(t.sys.insert(SYS_CA, meta::encode(r).as_slice()));
+            return Ok(Answer::Done);
+        }
+        Mutation::NewLeaseEpoch => {
+            let e = store!(t.sys_u64(SYS_LEASE_EPOCH, 0)) + 1;
+            store!(t.set_sys_u64(SYS_LEASE_EPOCH, e));
+            return Ok(Answer::LeaseEpoch(e));
+        }
         Mutation::AddNode(spec) => return add_node(t, spec),
         Mutation::SetNodeState { id, state } => return set_node_state(t, *id, *state),
         Mutation::CreateToken {
@@ -1461,6 +1533,8 @@ fn mutate(t: &mut Tables<'_>, cmd: &MetaCommand) -> OpResult<Answer> {
     let answer = match &cmd.op {
         Mutation::CreateVolume { .. }
         | Mutation::AdvanceGcEpoch
+        | Mutation::NewLeaseEpoch
+        | Mutation::RotateCa(_)
         | Mutation::AddNode(_)
         | Mutation::SetNodeState { .. }
         | Mutation::CreateToken { .. }
@@ -1592,8 +1666,13 @@ fn mutate(t: &mut Tables<'_>, cmd: &MetaCommand) -> OpResult<Answer> {
             extents,
             size_at_least,
             claim_epoch,
+            lease,
         } => {
             let kind = op.inode(*ino)?.kind;
+            if *lease != 0 && *lease < op.fence(*ino)? {
+                // Written under a write lease that expired and was handed on.
+                return Err(Errno::STALE.into());
+            }
             match kind {
                 FileKind::File => {}
                 FileKind::Dir => return Err(Errno::ISDIR.into()),
@@ -1615,6 +1694,17 @@ fn mutate(t: &mut Tables<'_>, cmd: &MetaCommand) -> OpResult<Answer> {
             r.mtime = now;
             r.ctime = now;
             Answer::Attr(op.inode(*ino)?.attr(*ino))
+        }
+        Mutation::Fence { ino, token } => {
+            op.inode(*ino)?;
+            if *token > op.fence(*ino)? {
+                let key = k_ino(op.vol.id, *ino);
+                store!(op
+                    .t
+                    .fences
+                    .insert(key.as_slice(), token.to_le_bytes().as_slice()));
+            }
+            Answer::Done
         }
         Mutation::Reclaim { ino } => {
             match op.inode(*ino) {
@@ -2086,6 +2176,7 @@ mod tests {
                 extents: vec![ext(offset, len, tag, 0)],
                 size_at_least: 0,
                 claim_epoch: 1,
+                lease: 0,
             })
         }
 
@@ -2351,12 +2442,49 @@ mod tests {
                 ino,
                 extents: vec![ext(0, 1, 9, 0)],
                 size_at_least: 0,
-                claim_epoch: 0
+                claim_epoch: 0,
+                lease: 0,
             }),
             Err(Errno::AGAIN)
         );
         let refs = f.store.referenced_chunks().unwrap();
         assert_eq!(refs, [ChunkId([5; CHUNK_ID_BYTES])].into_iter().collect());
+    }
+
+    #[test]
+    fn fences_refuse_commits_under_older_leases() {
+        let mut f = fixture("fences");
+        let ino = f.ino(ROOT_INO, "f", FileKind::File);
+        let commit = |f: &mut Fixture, lease: u64, tag: u8| {
+            f.m(Mutation::CommitWrite {
+                ino,
+                extents: vec![ext(0, 10, tag, 0)],
+                size_at_least: 0,
+                claim_epoch: 1,
+                lease,
+            })
+        };
+        // No fence yet: any lease (and none) commits.
+        commit(&mut f, 7, 1).unwrap();
+        assert_eq!(f.m(Mutation::Fence { ino, token: 9 }), Ok(Answer::Done));
+        // Below the fence: refused, and nothing changes.
+        assert_eq!(commit(&mut f, 8, 2), Err(Errno::STALE));
+        assert_eq!(f.extents(ino), vec![ext(0, 10, 1, 0)]);
+        // At or above it, or without a lease: accepted.
+        commit(&mut f, 9, 3).unwrap();
+        commit(&mut f, 0, 4).unwrap();
+        // A fence never goes down.
+        f.m(Mutation::Fence { ino, token: 3 }).unwrap();
+        assert_eq!(commit(&mut f, 8, 5), Err(Errno::STALE));
+        // Fencing an inode that does not exist is refused (no record is left behind).
+        assert_eq!(
+            f.m(Mutation::Fence {
+                ino: 999_999,
+                token: 1
+            }),
+            Err(Errno::NOENT)
+        );
+        f.clean();
     }
 
     #[test]

@@ -68,7 +68,10 @@ pub fn invalidations(op: &Mutation, answer: &Answer) -> Option<Invalidation> {
         | Mutation::RemoveXattr { .. } => {}
         Mutation::CreateVolume { .. }
         | Mutation::Reclaim { .. }
+        | Mutation::Fence { .. }
         | Mutation::AdvanceGcEpoch
+        | Mutation::NewLeaseEpoch
+        | Mutation::RotateCa(_)
         | Mutation::AddNode(_)
         | Mutation::SetNodeState { .. }
         | Mutation::CreateToken { .. }
@@ -82,6 +85,9 @@ struct Pending {
     entries: HashSet<(u64, Vec<u8>)>,
     inodes: HashSet<u64>,
     overflowed: bool,
+    /// Write leases of this client that another client's open recalls (never dropped on
+    /// overflow; bounded by the leases the client holds).
+    recalls: HashSet<u64>,
 }
 
 impl Pending {
@@ -125,6 +131,13 @@ impl Watcher {
         let deadline = Instant::now() + wait;
         let mut p = self.pending();
         loop {
+            if !p.recalls.is_empty() {
+                let take: Vec<u64> = p.recalls.iter().copied().take(MAX_WATCH_BATCH).collect();
+                for i in &take {
+                    p.recalls.remove(i);
+                }
+                return Some(WatchEvent::Recall(take));
+            }
             if p.overflowed {
                 p.overflowed = false;
                 return Some(WatchEvent::Overflow);
@@ -181,6 +194,22 @@ impl Drop for Registration<'_> {
 }
 
 impl Watchers {
+    /// Ask `client`'s watch streams on `volume` to give the write lease of `ino` back.
+    pub fn recall(&self, volume: u32, client: u64, ino: u64) {
+        let all = self.all.lock().expect("watchers lock");
+        for w in all
+            .iter()
+            .filter(|w| w.volume == volume && w.client == client)
+        {
+            let mut p = w.pending();
+            if p.recalls.len() < MAX_WATCH_PENDING {
+                p.recalls.insert(ino);
+            }
+            drop(p);
+            w.ready.notify_one();
+        }
+    }
+
     /// Register a watch stream of `client` on `volume`; `None` when [`MAX_WATCHERS`] are
     /// registered already.
     pub fn register(&self, volume: u32, client: u64) -> Option<Registration<'_>> {
@@ -348,6 +377,7 @@ mod tests {
             extents: vec![],
             size_at_least: 1,
             claim_epoch: 1,
+            lease: 0,
         };
         assert_eq!(inv(commit, attr(9)), (vec![], vec![9]));
         let setx = Mutation::SetXattr {
