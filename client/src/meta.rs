@@ -665,6 +665,9 @@ struct LockState {
     lost: HashSet<(u64, u64)>,
     /// Write leases held here: inode -> token (see [`LockClient::lease`]).
     leases: HashMap<u64, u64>,
+    /// Leases a [`LockClient::reassert`] found lost: kept in `leases` (the next commit
+    /// under one learns the loss and reports it), not asked for again.
+    refused: HashSet<(u64, u64)>,
 }
 
 /// A mount's lock session with the metadata leader (see `engine/src/meta/locks.rs`).
@@ -938,6 +941,20 @@ impl LockClient {
         Vec::new()
     }
 
+    /// The write leases held here while this mount has no lock session (it was lost: the
+    /// leader expired it, restarted, or another node leads now): they are to be reclaimed.
+    pub fn orphaned_leases(&self) -> Vec<(u64, u64)> {
+        let st = self.state();
+        if st.session != 0 {
+            return Vec::new();
+        }
+        st.leases
+            .iter()
+            .map(|(&i, &t)| (i, t))
+            .filter(|k| !st.refused.contains(k))
+            .collect()
+    }
+
     /// The token of the write lease held here on `ino`, if any.
     pub fn lease_token(&self, ino: u64) -> Option<u64> {
         self.state().leases.get(&ino).copied()
@@ -959,7 +976,38 @@ impl LockClient {
                 if st.leases.get(&ino) == Some(&reclaim) {
                     st.leases.remove(&ino);
                 }
+                st.refused.remove(&(ino, reclaim));
                 Ok(None)
+            }
+            other => {
+                tracing::warn!("lease answered {other:?}");
+                Err(Errno::IO)
+            }
+        }
+    }
+
+    /// Reclaim the lease `token` on `ino` after this mount's session was lost, without
+    /// giving it up here when the leader refuses: the next commit under it then finds
+    /// out and reports the loss (see [`LockClient::lease`]). Returns whether it is held.
+    pub fn reassert(&self, ino: u64, token: u64) -> Result<bool, Errno> {
+        let _one = self.lease_ops.lock().expect("lease ops lock");
+        match self.op(
+            (ino, u64::MAX),
+            LockOp::Lease {
+                ino,
+                reclaim: token,
+            },
+        )? {
+            Answer::Lease(t) => {
+                let mut st = self.state();
+                if st.leases.get(&ino) == Some(&token) {
+                    st.leases.insert(ino, t);
+                }
+                Ok(true)
+            }
+            Answer::LeaseLost => {
+                self.state().refused.insert((ino, token));
+                Ok(false)
             }
             other => {
                 tracing::warn!("lease answered {other:?}");

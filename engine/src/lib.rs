@@ -17,7 +17,8 @@
 //! - [`hive_map`]: this node's copy of the placement map, shared with its shards;
 //!   [`links`]: the replication transport (a shard's links to other nodes' shards).
 //! - [`meta`]: the metadata service: the namespace store (redb), its Raft log (openraft)
-//!   and the metadata port.
+//!   and the metadata port; [`lease_sim`] runs its write-lease table against a simulated
+//!   Raft log, clients, silences and leader changes.
 //!
 //! Architecture invariants: the engine does device I/O only through `hivefs-nvme` and
 //! speaks the wire only through `hivefs-net`; a shard's state is touched only by its own
@@ -29,6 +30,7 @@ pub mod format;
 pub mod gc_sim;
 pub mod hive_map;
 pub mod index;
+pub mod lease_sim;
 pub mod links;
 pub mod meta;
 pub mod node;

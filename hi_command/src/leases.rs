@@ -12,9 +12,10 @@
 //!   answers; this thread commits what was written to the file here (as `fsync` would)
 //!   and gives the lease back, so the other host's open sees those bytes. Writes that go
 //!   on here ask for the lease again.
-//! - A lease the hive no longer knows is reclaimed at the next commit; when another host
-//!   has been granted the file since, the bytes written under the lost lease are dropped
-//!   and the writer gets EIO (writeback.rs).
+//! - A lease the hive no longer knows is reclaimed at once when the keepalive finds the
+//!   session lost, else at the next commit; when another host has been granted the file
+//!   since, the bytes written under the lost lease are dropped and the writer gets EIO
+//!   (writeback.rs).
 
 use hivefs_client::meta::LockClient;
 use hivefs_net::meta::LOCK_KEEPALIVE_MS;
@@ -57,6 +58,7 @@ impl Leases {
                     if !recalls.is_empty() {
                         let _ = ktx.send(Task::Recall(recalls));
                     }
+                    reclaim_orphans(&c);
                 }
             })?;
         let worker = std::thread::Builder::new()
@@ -108,6 +110,24 @@ impl Leases {
         drop(self.tx.lock().expect("lease queue lock").take());
         for t in self.threads.lock().expect("lease threads lock").drain(..) {
             let _ = t.join();
+        }
+    }
+}
+
+/// The session was lost (a new leader, a restart, an expiry): reclaim every lease held
+/// here at once, so that another host's open is recalled again as soon as possible (a
+/// new leader hears reclaims only during its first lease; see
+/// `engine/src/meta/leases.rs`). A refused reclaim leaves the lease here: the file's next
+/// commit finds the loss and reports it.
+fn reclaim_orphans(client: &LockClient) {
+    for (ino, token) in client.orphaned_leases() {
+        match client.reassert(ino, token) {
+            Ok(true) => tracing::info!(ino, "write lease reclaimed after the session was lost"),
+            Ok(false) => tracing::warn!(ino, "write lease lost: another host took the file over"),
+            Err(e) => {
+                tracing::debug!(ino, "reclaiming a write lease: {e}");
+                return; // the leader is not reachable yet: next turn
+            }
         }
     }
 }

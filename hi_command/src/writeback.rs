@@ -466,14 +466,7 @@ impl Hive {
                 tracing::info!(ino, "write lease reclaimed");
                 Ok(t)
             }
-            Ok(None) => {
-                tracing::error!(
-                    ino,
-                    "write lease lost: another host took the file over; bytes written here \
-                     and not committed are dropped (EIO)"
-                );
-                Err(Errno::ESTALE)
-            }
+            Ok(None) => Err(lease_lost_to_another_host(ino)),
             Err(e) => {
                 self.locks.forget_lease(ino, old);
                 Err(errno(e))
@@ -484,6 +477,17 @@ impl Hive {
     fn commit(&self, ino: u64, ranges: &[(u64, Vec<u8>)]) -> Result<Vec<Extent>, Errno> {
         self.upload_commit(ino, ranges, &mut self.prepare(ranges))
     }
+}
+
+/// The lease bytes were written under went to another host: they cannot be committed
+/// (`ESTALE` here; the writer sees EIO).
+fn lease_lost_to_another_host(ino: u64) -> Errno {
+    tracing::error!(
+        ino,
+        "write lease lost: another host took the file over; bytes written here and not \
+         committed are dropped (EIO)"
+    );
+    Errno::ESTALE
 }
 
 /// A batch on its way through the flusher.

@@ -369,8 +369,7 @@ impl LeaseTable {
             .collect()
     }
 
-    /// Check the invariants (tests).
-    #[cfg(test)]
+    /// Check the invariants (tests and the simulator; panics on a breach).
     pub fn check(&self) {
         let mut live = 0;
         for (key, l) in &self.leases {
