@@ -42,9 +42,12 @@ impl Link {
         let tls = if insecure {
             None
         } else {
-            let fp = config::ca_fingerprint(dir)?;
+            // The node's current CA and, after a rotation, the previous one: the node
+            // presents its new certificate within a second of the new CA being here.
+            let trusted = config::trust_bundle(dir)?;
             Some((
-                hivefs_net::tls::client_config_pinned(&fp).map_err(|e| anyhow::anyhow!("{e}"))?,
+                hivefs_net::tls::client_config_trusting(&trusted)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
                 hivefs_net::tls::server_name(host).map_err(|e| anyhow::anyhow!("{e}"))?,
             ))
         };

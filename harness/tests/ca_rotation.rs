@@ -102,6 +102,13 @@ fn a_ca_rotation_fails_no_request() {
     let new_fp = a.ca_fingerprint();
     assert_ne!(new_fp, old_fp);
     assert!(stdout.contains(&new_fp), "{stdout}");
+    let status = a.status_json();
+    assert_eq!(status["ca"], new_fp.as_str(), "hive status: {status}");
+    assert_eq!(
+        status["ca_previous"],
+        old_fp.as_str(),
+        "hive status: {status}"
+    );
     // Both nodes present the new CA's certificates within seconds, with the cross
     // certificate and the old CA in the chain.
     let t0 = Instant::now();

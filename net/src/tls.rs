@@ -463,6 +463,17 @@ pub fn client_config_pinned(ca_fingerprint_hex: &str) -> Result<Arc<ClientConfig
     ))
 }
 
+/// A client config that trusts every CA certificate in `trusted_cas_pem` (a node's own
+/// tools: its current CA and, after a rotation, the previous one, so that a command run
+/// while the node still presents its old certificate connects).
+pub fn client_config_trusting(trusted_cas_pem: &str) -> Result<Arc<ClientConfig>, TlsError> {
+    let pins = certs_from_pem(trusted_cas_pem)?
+        .iter()
+        .map(|c| Sha256::digest(c.as_ref()).into())
+        .collect();
+    Ok(Arc::new(builder_pinning(pins)?.with_no_client_auth()))
+}
+
 fn pinned_builder(
     ca_fingerprint_hex: &str,
 ) -> Result<rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>, TlsError> {

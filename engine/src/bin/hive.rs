@@ -423,11 +423,10 @@ fn real_main() -> Result<()> {
 fn call_leader(
     addr: &str,
     token: &str,
-    ca: &str,
+    tls: &std::sync::Arc<rustls::ClientConfig>,
     req: &MetaRequest,
     timeout: std::time::Duration,
 ) -> Result<meta::MetaReply> {
-    let tls = hivefs_net::tls::client_config_pinned(ca).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut at = addr.to_string();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
@@ -458,6 +457,7 @@ fn call_leader(
 
 /// `hive join`: see the subcommand's docs.
 fn join(hive: &str, token: &str, ca: &str, o: InitOptions) -> Result<()> {
+    let pinned = hivefs_net::tls::client_config_pinned(ca).map_err(|e| anyhow::anyhow!("{e}"))?;
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
@@ -495,7 +495,7 @@ fn join(hive: &str, token: &str, ca: &str, o: InitOptions) -> Result<()> {
         let grant = match call_leader(
             hive,
             token,
-            ca,
+            &pinned,
             &MetaRequest::Peer(PeerRequest::Join(spec)),
             short,
         )? {
@@ -524,7 +524,7 @@ fn join(hive: &str, token: &str, ca: &str, o: InitOptions) -> Result<()> {
     let admitted = call_leader(
         hive,
         token,
-        ca,
+        &pinned,
         &MetaRequest::Peer(PeerRequest::Admit { id: cfg.raft_id }),
         std::time::Duration::from_secs(600),
     );
@@ -961,7 +961,8 @@ fn ask_leader_req(dir: &std::path::Path, insecure: bool, req: &MetaRequest) -> R
         return admin_query(dir, insecure, query.clone(), "hive");
     }
     let token = std::fs::read_to_string(dir.join("admin.token")).context("reading admin.token")?;
-    let ca = config::ca_fingerprint(dir)?;
+    let tls = hivefs_net::tls::client_config_trusting(&config::trust_bundle(dir)?)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let at = NodeSpec::addr_of(cfg.advertise_host(), cfg.meta_port());
     // A collection or a verifying fsck reads the whole hive: give it time.
     let long = matches!(
@@ -972,7 +973,7 @@ fn ask_leader_req(dir: &std::path::Path, insecure: bool, req: &MetaRequest) -> R
         }
     );
     let timeout = std::time::Duration::from_secs(if long { 3600 } else { 20 });
-    match call_leader(&at, token.trim(), &ca, req, timeout)? {
+    match call_leader(&at, token.trim(), &tls, req, timeout)? {
         Ok(a) => Ok(a),
         Err(e) => bail!("the hive answered {e}"),
     }
@@ -1201,6 +1202,14 @@ fn status(dir: &std::path::Path, json: bool, insecure: bool) -> Result<()> {
         "compaction_tombstones_dropped": sum("compaction_tombstones_dropped"),
     });
     let cluster = cluster_status(dir, insecure);
+    // The CA clients pin, and the one before it (still accepted: cross-signed) after a
+    // `hive ca rotate`.
+    let fp_of = |f: &str| {
+        std::fs::read_to_string(dir.join(f))
+            .ok()
+            .and_then(|pem| hivefs_net::tls::fingerprint_pem(&pem).ok())
+    };
+    let (ca, ca_previous) = (fp_of("ca.pem"), fp_of("ca.prev.pem"));
     if json {
         println!(
             "{}",
@@ -1210,6 +1219,8 @@ fn status(dir: &std::path::Path, json: bool, insecure: bool) -> Result<()> {
                 "total": total,
                 "cluster": cluster,
                 "repair": hivefs_engine::repair::RepairProgress::load(dir),
+                "ca": ca,
+                "ca_previous": ca_previous,
                 "replication": {
                     "copies": cfg.copies,
                     "min_copies": cfg.min_copies,
@@ -1283,6 +1294,14 @@ fn status(dir: &std::path::Path, json: bool, insecure: bool) -> Result<()> {
         t("puts_no_space")
     );
     print_cluster(&cluster);
+    if let Some(ca) = &ca {
+        match &ca_previous {
+            Some(prev) => println!(
+                "hive CA {ca} (rotated; clients pinning the previous {prev} are still accepted)"
+            ),
+            None => println!("hive CA {ca}"),
+        }
+    }
     let repair = hivefs_engine::repair::RepairProgress::load(dir);
     println!("{}", repair.describe());
     println!(
