@@ -440,19 +440,25 @@ pub fn rotate_node_cert(dir: &Path) -> Result<String> {
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     // After a CA rotation the chain carries the cross certificate and the previous CA.
     let chain = match (read("ca.cross.pem"), read("ca.prev.pem")) {
-        (Ok(cross), Ok(prev)) => format!(
-            "{}\n{}\n{}\n{}\n",
-            cert.trim(),
-            ca.trim(),
-            cross.trim(),
-            prev.trim()
-        ),
+        (Ok(cross), Ok(prev)) => rotated_chain(&cert, &ca, &cross, &prev),
         _ => cert.clone(),
     };
     replace_file(dir, "node.key", &key, true)?;
     replace_file(dir, "node.pem", &chain, false)?;
     std::fs::File::open(dir)?.sync_all()?;
     hivefs_net::tls::fingerprint_pem(&cert).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// What a node of a hive whose CA was rotated presents: its certificate, the CA, the
+/// cross certificate (the CA signed by the previous one) and the previous CA.
+fn rotated_chain(cert: &str, ca: &str, cross: &str, previous: &str) -> String {
+    format!(
+        "{}\n{}\n{}\n{}\n",
+        cert.trim(),
+        ca.trim(),
+        cross.trim(),
+        previous.trim()
+    )
 }
 
 /// Write `text` to `dir/name` whole: a temporary file, fsynced, renamed into place.
@@ -504,13 +510,7 @@ pub fn install_ca(dir: &Path, rot: &hivefs_net::meta::CaRotation) -> Result<bool
     let (leaf, key) =
         hivefs_net::tls::issue_node_cert(&rot.ca_cert_pem, &rot.ca_key_pem, &cfg.node_id, &sans)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let chain = format!(
-        "{}\n{}\n{}\n{}\n",
-        leaf.trim(),
-        rot.ca_cert_pem.trim(),
-        cross,
-        rot.previous_cert_pem.trim()
-    );
+    let chain = rotated_chain(&leaf, &rot.ca_cert_pem, cross, &rot.previous_cert_pem);
     replace_file(dir, "ca.prev.pem", &rot.previous_cert_pem, false)?;
     replace_file(dir, "ca.cross.pem", &rot.cross_cert_pem, false)?;
     replace_file(dir, "node.key", &key, true)?;

@@ -15,7 +15,8 @@
 //! - the table's own invariants (`LeaseTable::check`) after every step;
 //! - **fencing:** per file, the tokens of the applied commits never go down (a commit
 //!   under a lease that was handed on never lands after the next holder's);
-//! - **growth:** every grant's token is above every earlier grant's, across leaders.
+//! - **growth:** every grant's token is above every earlier grant's, across leaders, and
+//!   never below the file's fence (the leader does not read the fence to grant).
 //!
 //! [`LeaseSimConfig::skip_fence`] plants a bug (the leader hands a lapsed lease's file on
 //! without writing the fence); the tests check the oracle catches it.
@@ -159,6 +160,12 @@ impl Sim {
     }
 
     fn granted(&mut self, c: u64, key: FileKey, token: u64) -> Result<(), String> {
+        if token < self.floor(key) {
+            return Err(format!(
+                "token {token:#x} granted below the fence {:#x} of {key:?}",
+                self.floor(key)
+            ));
+        }
         if self.tokens.get(&(c, key)) != Some(&token) {
             // A new grant (not the lease it already held): above every earlier one.
             if token <= self.max_granted {
@@ -178,8 +185,7 @@ impl Sim {
     /// server's `lease` does: fence and ask again when told to.
     fn ask(&mut self, c: u64, key: FileKey, reclaim: u64) -> Result<(), String> {
         for _ in 0..2 {
-            let floor = self.floor(key);
-            match self.table.lease(self.now, c, key, reclaim, floor) {
+            match self.table.lease(self.now, c, key, reclaim) {
                 Ok(Ok(Answer::Lease(t))) => {
                     if reclaim != 0 {
                         self.report.reclaims += 1;

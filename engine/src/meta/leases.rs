@@ -7,8 +7,9 @@
 //!   grows with every grant, also across leaders and restarts: the high 32 bits are the
 //!   table's *lease epoch*, raised through Raft ([`Mutation::NewLeaseEpoch`]) before a
 //!   leader's first grant in its term (a restarted single node keeps its Raft term, so
-//!   the term alone would not do), a counter the low ones; and a grant is always above
-//!   the file's fence as the state machine has it.
+//!   the term alone would not do), a counter the low ones. A fence is a fresh token too,
+//!   so every later grant is above every fence, with no read of the store on the grant
+//!   path (the simulator checks it).
 //! - **Recall.** An open by another client ([`Query::Open`]) or another client asking for
 //!   the lease recalls it: the holder hears it on its watch stream (and in its next
 //!   keepalive answer), commits what it wrote and gives the lease back
@@ -76,7 +77,7 @@ pub enum Gate {
     Clear,
     /// A live lease of another client was recalled: answer `AGAIN`.
     Wait,
-    /// The file's lease lapsed: write `Fence { token }` through Raft, call
+    /// The file's lease lapsed: write `Fence { token }` (a fresh token) through Raft, call
     /// [`LeaseTable::fenced`], then ask again.
     Fence(u64),
 }
@@ -140,10 +141,10 @@ impl LeaseTable {
         std::mem::take(&mut self.pushes)
     }
 
-    /// The next token, above `floor` (the file's fence as the state machine has it).
-    fn next_token(&mut self, floor: u64) -> u64 {
-        // Above the fence too: a restart that kept its term must not repeat tokens.
-        self.last = (self.last + 1).max((self.term << 32) | 1).max(floor + 1);
+    /// The next token (see the module docs: above every earlier table's, and so above
+    /// every fence).
+    fn next_token(&mut self) -> u64 {
+        self.last = (self.last + 1).max((self.term << 32) | 1);
         self.last
     }
 
@@ -230,7 +231,7 @@ impl LeaseTable {
                     self.recall(key, now_ms);
                     Gate::Wait
                 }
-                State::Lapsed => Gate::Fence(l.token + 1),
+                State::Lapsed => Gate::Fence(self.next_token()),
             },
         }
     }
@@ -244,7 +245,7 @@ impl LeaseTable {
         }
     }
 
-    /// [`LockOp::Lease`] of `client` on `key` (its fence in the state machine: `floor`).
+    /// [`LockOp::Lease`] of `client` on `key`.
     /// `Err(gate)`: do what the gate says (fence, or answer `AGAIN`) first.
     pub fn lease(
         &mut self,
@@ -252,7 +253,6 @@ impl LeaseTable {
         client: u64,
         key: FileKey,
         reclaim: u64,
-        floor: u64,
     ) -> Result<MetaReply, Gate> {
         self.expire(now_ms);
         let cur = self.leases.get(&key).copied();
@@ -272,7 +272,7 @@ impl LeaseTable {
             if !ok {
                 return Ok(Ok(Answer::LeaseLost));
             }
-            return Ok(self.grant(now_ms, client, key, floor));
+            return Ok(self.grant(now_ms, client, key));
         }
         match cur {
             Some(l) => match l.state {
@@ -283,8 +283,8 @@ impl LeaseTable {
                 }
                 // Its own lapsed lease (a session that ended): nobody else can have
                 // committed since, no fence needed.
-                State::Lapsed if l.client == client => Ok(self.grant(now_ms, client, key, floor)),
-                State::Lapsed => Err(Gate::Fence(l.token + 1)),
+                State::Lapsed if l.client == client => Ok(self.grant(now_ms, client, key)),
+                State::Lapsed => Err(Gate::Fence(self.next_token())),
             },
             None => {
                 if self
@@ -294,16 +294,16 @@ impl LeaseTable {
                 {
                     return Err(Gate::Wait);
                 }
-                Ok(self.grant(now_ms, client, key, floor))
+                Ok(self.grant(now_ms, client, key))
             }
         }
     }
 
-    fn grant(&mut self, now_ms: u64, client: u64, key: FileKey, floor: u64) -> MetaReply {
+    fn grant(&mut self, now_ms: u64, client: u64, key: FileKey) -> MetaReply {
         if !self.leases.contains_key(&key) && self.leases.len() >= MAX_LEASES {
             return Err(Errno::NOLCK);
         }
-        let token = self.next_token(floor);
+        let token = self.next_token();
         self.leases.insert(
             key,
             Lease {
@@ -402,12 +402,12 @@ mod tests {
     #[test]
     fn one_holder_recalls_and_handback() {
         let mut t = LeaseTable::new(3, 0);
-        let a = token(t.lease(10, 1, K, 0, 0));
+        let a = token(t.lease(10, 1, K, 0));
         assert_eq!(a >> 32, 3);
         // Asked again by its holder: the same lease.
-        assert_eq!(token(t.lease(11, 1, K, 0, 0)), a);
+        assert_eq!(token(t.lease(11, 1, K, 0)), a);
         // Another client: recalled, and the holder is told (pushed and on keepalive).
-        assert_eq!(t.lease(12, 2, K, 0, 0), Err(Gate::Wait));
+        assert_eq!(t.lease(12, 2, K, 0), Err(Gate::Wait));
         assert_eq!(t.take_pushes(), vec![(1, 1, 7)]);
         assert_eq!(t.recalls_of(1, 1), vec![7]);
         assert_eq!(t.open(13, 3, K), Gate::Wait);
@@ -418,9 +418,9 @@ mod tests {
         // Given back: the opener may read; the old holder waits its turn for a moment.
         t.release(20, 1, K, a);
         assert_eq!(t.open(21, 3, K), Gate::Clear);
-        assert_eq!(t.lease(22, 1, K, 0, 0), Err(Gate::Wait));
+        assert_eq!(t.lease(22, 1, K, 0), Err(Gate::Wait));
         assert!(!t.may_commit(22, 1, K, a));
-        let b = token(t.lease(22 + HANDBACK_MS, 2, K, 0, 0));
+        let b = token(t.lease(22 + HANDBACK_MS, 2, K, 0));
         assert!(b > a);
         t.check();
     }
@@ -428,28 +428,29 @@ mod tests {
     #[test]
     fn a_lapsed_lease_is_fenced_before_the_file_moves_on() {
         let mut t = LeaseTable::new(1, 0);
-        let a = token(t.lease(0, 1, K, 0, 0));
+        let a = token(t.lease(0, 1, K, 0));
         // Client 1's session ends (killed): the lease lapses.
         t.session_ended(1);
         assert!(!t.may_commit(1, 1, K, a));
         // Nobody gets the file until a fence above `a` is durable.
-        let Err(Gate::Fence(f)) = t.lease(2, 2, K, 0, 0) else {
+        let Err(Gate::Fence(f)) = t.lease(2, 2, K, 0) else {
             panic!("expected a fence")
         };
         assert!(f > a);
-        assert_eq!(t.open(2, 3, K), Gate::Fence(f));
+        // An open must wait for a fence too (each ask is a fresh token, above the last).
+        assert!(matches!(t.open(2, 3, K), Gate::Fence(g) if g > f));
         t.fenced(K, f);
-        let b = token(t.lease(3, 2, K, 0, f));
+        let b = token(t.lease(3, 2, K, 0));
         assert!(b > f, "a grant is above the fence");
         // The old holder cannot come back with its token.
-        assert_eq!(t.lease(4, 1, K, a, f), Ok(Ok(Answer::LeaseLost)));
+        assert_eq!(t.lease(4, 1, K, a), Ok(Ok(Answer::LeaseLost)));
         t.check();
     }
 
     #[test]
     fn a_recall_not_answered_revokes_after_a_lease() {
         let mut t = LeaseTable::new(1, 0);
-        let a = token(t.lease(0, 1, K, 0, 0));
+        let a = token(t.lease(0, 1, K, 0));
         assert_eq!(t.open(100, 2, K), Gate::Wait);
         assert_eq!(t.open(100 + LOCK_LEASE_MS - 1, 2, K), Gate::Wait);
         assert!(t.may_commit(100 + LOCK_LEASE_MS - 1, 1, K, a));
@@ -462,13 +463,13 @@ mod tests {
     #[test]
     fn own_lapsed_lease_comes_back_without_a_fence() {
         let mut t = LeaseTable::new(1, 0);
-        let a = token(t.lease(0, 1, K, 0, 0));
+        let a = token(t.lease(0, 1, K, 0));
         t.session_ended(1);
         // Reclaimed by token, or asked for plainly: nobody else took the file.
-        let b = token(t.lease(5, 1, K, a, 0));
+        let b = token(t.lease(5, 1, K, a));
         assert!(b > a);
         t.session_ended(1);
-        let c = token(t.lease(6, 1, K, 0, 0));
+        let c = token(t.lease(6, 1, K, 0));
         assert!(c > b);
         t.check();
     }
@@ -477,39 +478,47 @@ mod tests {
     fn reclaims_after_a_new_term() {
         // The old leader (term 1) granted `a`; the new one (term 2) does not know it.
         let mut old = LeaseTable::new(1, 0);
-        let a = token(old.lease(0, 1, K, 0, 0));
+        let a = token(old.lease(0, 1, K, 0));
         let mut t = LeaseTable::new(2, 1000);
         // A commit under `a` is refused here; the holder reclaims within the window.
         assert!(!t.may_commit(1001, 1, K, a));
-        let b = token(t.lease(1002, 1, K, a, 0));
+        let b = token(t.lease(1002, 1, K, a));
         assert!(b > a && b >> 32 == 2);
         // Another file, granted to someone else first: the reclaim is refused.
         let k2 = (1, 8);
-        let a2 = token(old.lease(1, 1, k2, 0, 0));
-        let c = token(t.lease(1003, 2, k2, 0, 0));
+        let a2 = token(old.lease(1, 1, k2, 0));
+        let c = token(t.lease(1003, 2, k2, 0));
         t.release(1004, 2, k2, c);
-        assert_eq!(t.lease(1005, 1, k2, a2, 0), Ok(Ok(Answer::LeaseLost)));
+        assert_eq!(t.lease(1005, 1, k2, a2), Ok(Ok(Answer::LeaseLost)));
         // After the window, reclaims of unknown leases are refused.
         let k3 = (1, 9);
-        let a3 = token(old.lease(2, 1, k3, 0, 0));
+        let a3 = token(old.lease(2, 1, k3, 0));
         assert_eq!(
-            t.lease(1000 + LOCK_LEASE_MS, 1, k3, a3, 0),
+            t.lease(1000 + LOCK_LEASE_MS, 1, k3, a3),
             Ok(Ok(Answer::LeaseLost))
         );
         // A token of this very term that the table does not hold: lost too.
-        assert_eq!(t.lease(1006, 3, (1, 10), b, 0), Ok(Ok(Answer::LeaseLost)));
+        assert_eq!(t.lease(1006, 3, (1, 10), b), Ok(Ok(Answer::LeaseLost)));
         t.check();
     }
 
     #[test]
-    fn tokens_grow_and_stay_above_the_fence() {
+    fn tokens_grow_and_stay_above_earlier_tables() {
+        // The previous table (epoch 3) went far up its counter, and fenced a file.
+        let mut old = LeaseTable::new(3, 0);
+        old.last = (3 << 32) | 0xffff_fff0;
+        let a = token(old.lease(0, 9, K, 0));
+        old.session_ended(9);
+        let Err(Gate::Fence(fence)) = old.lease(1, 8, K, 0) else {
+            panic!("expected a fence")
+        };
+        assert!(fence > a);
         let mut t = LeaseTable::new(4, 0);
         let mut last = 0;
         for i in 0..100u64 {
             let key = (1, i % 7);
-            let floor = if i == 50 { (4 << 32) | 1000 } else { 0 };
-            let tok = token(t.lease(i, i % 3 + 1, key, 0, floor));
-            assert!(tok > last && tok > floor);
+            let tok = token(t.lease(i, i % 3 + 1, key, 0));
+            assert!(tok > last && tok > fence);
             last = tok;
             t.release(i, i % 3 + 1, key, tok);
         }

@@ -183,14 +183,9 @@ impl LockTable {
         }
     }
 
-    /// [`LockOp::Lease`] (other operations go to [`LockTable::handle`]); `floor`: the
-    /// file's fence in the state machine. `Err(gate)`: see [`Gate`].
-    pub fn handle_lease(
-        &mut self,
-        now_ms: u64,
-        r: &LockRequest,
-        floor: u64,
-    ) -> Result<MetaReply, Gate> {
+    /// [`LockOp::Lease`] (other operations go to [`LockTable::handle`]). `Err(gate)`:
+    /// see [`Gate`].
+    pub fn handle_lease(&mut self, now_ms: u64, r: &LockRequest) -> Result<MetaReply, Gate> {
         let LockOp::Lease { ino, reclaim } = r.op else {
             return Ok(Err(Errno::INVAL));
         };
@@ -198,7 +193,7 @@ impl LockTable {
             return Ok(Err(Errno::STALE));
         }
         self.leases
-            .lease(now_ms, r.client, (r.volume, ino), reclaim, floor)
+            .lease(now_ms, r.client, (r.volume, ino), reclaim)
     }
 
     /// Locks held in the table.
@@ -633,16 +628,15 @@ impl LockService {
         }
     }
 
-    /// [`LockOp::Lease`]; `floor` is the file's fence in the state machine. See
-    /// [`LockTable::handle_lease`].
-    pub fn lease(&self, r: &LockRequest, floor: u64) -> Result<MetaReply, Gate> {
+    /// [`LockOp::Lease`]. See [`LockTable::handle_lease`].
+    pub fn lease(&self, r: &LockRequest) -> Result<MetaReply, Gate> {
         let now = self.now_ms();
         let mut g = self.inner.lock().expect("lock table");
         if let Err(e) = g.1.cover(wall_ms()) {
             tracing::warn!("writing the lock horizon: {e}");
             return Ok(Err(Errno::NOLCK));
         }
-        g.0.handle_lease(now, r, floor)
+        g.0.handle_lease(now, r)
     }
 
     /// An open of `ino` on `volume` by `client`: see [`LeaseTable::open`].

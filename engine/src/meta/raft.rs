@@ -766,6 +766,11 @@ impl MetaRaft {
     }
 
     /// What this node knows of the cluster now (cheap, from Raft's metrics).
+    /// The current term (cheap: no copy of the membership, unlike [`MetaRaft::view`]).
+    pub fn term(&self) -> u64 {
+        self.raft.metrics().borrow().current_term
+    }
+
     pub fn view(&self) -> ClusterView {
         let m = self.raft.metrics();
         let m = m.borrow();

@@ -1052,10 +1052,11 @@ pub(super) async fn mutate(
         ..cmd
     };
     if let Mutation::CommitWrite { ino, lease, .. } = cmd.op {
-        // The first check of a write lease (`leases.rs`): live, and this client's.
+        // The first check of a write lease (`leases.rs`): live, and this client's. (Leases
+        // not started in this term hold nothing: refused, and the client reclaims.)
         if lease != 0 {
             ensure_leader(sh)?;
-            ensure_leases(sh).await?;
+            enter_lock_term(sh)?;
             if !sh.locks.may_commit(cmd.volume, cmd.client, ino, lease) {
                 return Ok(Err(Errno::STALE));
             }
@@ -1112,18 +1113,20 @@ fn follow_ca_rotation(sh: &Shared) {
     }
 }
 
-/// Tell the lock service the term this leader leads (see `LockService::enter_term`).
-fn enter_lock_term(sh: &Shared) -> Result<(), RaftError> {
+/// Tell the lock service the term this leader leads (see `LockService::enter_term`);
+/// returns it.
+fn enter_lock_term(sh: &Shared) -> Result<u64, RaftError> {
+    let term = sh.raft.term();
     sh.locks
-        .enter_term(sh.raft.view().term)
-        .map_err(|e| RaftError::Unavailable(format!("lock service: {e:#}")))
+        .enter_term(term)
+        .map_err(|e| RaftError::Unavailable(format!("lock service: {e:#}")))?;
+    Ok(term)
 }
 
-/// [`enter_lock_term`], and start the write leases of this term if they are not: a new
-/// lease epoch through Raft first (see `leases.rs`).
-async fn ensure_leases(sh: &Shared) -> Result<(), RaftError> {
-    enter_lock_term(sh)?;
-    let term = sh.raft.view().term;
+/// Start the write leases of `term` (entered) if they are not: a new lease epoch through
+/// Raft first (see `leases.rs`). Only a grant needs it: an empty table answers opens and
+/// refuses commits without one.
+async fn ensure_leases(sh: &Shared, term: u64) -> Result<(), RaftError> {
     if sh.locks.leases_started(term) {
         return Ok(());
     }
@@ -1149,16 +1152,6 @@ fn push_recalls(sh: &Shared) {
     }
 }
 
-/// What [`Query::Open`] reads once the file's leases are settled.
-fn req_query_open(ino: u64) -> Query {
-    Query::Extents {
-        ino,
-        from: 0,
-        to: u64::MAX,
-        max: meta::MAX_EXTENTS_ANSWER,
-    }
-}
-
 /// Raise `ino`'s fence to `token` through Raft, then tell the lock service.
 async fn fence(sh: &Shared, volume: u32, ino: u64, token: u64) -> Result<MetaReply, RaftError> {
     let cmd = MetaCommand {
@@ -1175,13 +1168,10 @@ async fn fence(sh: &Shared, volume: u32, ino: u64, token: u64) -> Result<MetaRep
 }
 
 /// [`LockOp::Lease`]: grant, recall (`AGAIN`), or fence a lapsed lease and grant.
-async fn lease(sh: &Shared, r: &LockRequest, ino: u64) -> Result<MetaReply, RaftError> {
+async fn lease(sh: &Shared, r: &LockRequest, ino: u64, term: u64) -> Result<MetaReply, RaftError> {
+    ensure_leases(sh, term).await?;
     for _ in 0..2 {
-        let floor = sh
-            .store
-            .fence(r.volume, ino)
-            .map_err(|e| RaftError::Unavailable(format!("metadata store: {e:#}")))?;
-        match sh.locks.lease(r, floor) {
+        match sh.locks.lease(r) {
             Ok(reply) => return Ok(reply),
             Err(Gate::Wait | Gate::Clear) => return Ok(Err(Errno::AGAIN)),
             Err(Gate::Fence(token)) => {
@@ -1372,12 +1362,9 @@ async fn handle(sh: &Shared, req: MetaRequest, scope: &TokenScope) -> Result<Met
             if !sh.raft.is_sole_voter_leader() {
                 sh.raft.read_barrier().await?;
             }
-            enter_lock_term(sh)?;
-            if let LockOp::Lease { .. } = r.op {
-                ensure_leases(sh).await?;
-            }
+            let term = enter_lock_term(sh)?;
             let reply = match r.op {
-                LockOp::Lease { ino, .. } => lease(sh, &r, ino).await?,
+                LockOp::Lease { ino, .. } => lease(sh, &r, ino, term).await?,
                 _ => sh.locks.handle(&r),
             };
             push_recalls(sh);
@@ -1385,16 +1372,16 @@ async fn handle(sh: &Shared, req: MetaRequest, scope: &TokenScope) -> Result<Met
         }
         MetaRequest::Query {
             volume,
-            query: Query::Open { ino, client, .. },
+            query: query @ Query::Open { ino, client, .. },
         } => {
             // The leader recalls other clients' write leases before the open reads
             // (`leases.rs`); the read itself is a linearizable query.
             ensure_leader(sh)?;
             sh.raft.read_barrier().await?;
-            ensure_leases(sh).await?;
+            enter_lock_term(sh)?;
             for _ in 0..2 {
                 match sh.locks.open(volume, client, ino) {
-                    Gate::Clear => return local_query(sh, volume, &req_query_open(ino)),
+                    Gate::Clear => return local_query(sh, volume, &query),
                     Gate::Wait => {
                         push_recalls(sh);
                         return Ok(Err(Errno::AGAIN));

@@ -941,20 +941,6 @@ impl MetaStore {
         })
     }
 
-    /// `ino`'s write-lease fence ([`Mutation::Fence`]; 0: none).
-    pub fn fence(&self, volume: u32, ino: u64) -> Result<u64> {
-        let tx = self.db.begin_read()?;
-        let t = match tx.open_table(FENCES) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
-            Err(e) => return Err(e.into()),
-        };
-        Ok(match t.get(k_ino(volume, ino).as_slice())? {
-            Some(v) => u64::from_le_bytes(v.value().try_into().context("fence record")?),
-            None => 0,
-        })
-    }
-
     pub fn query(&self, volume: u32, q: &Query) -> Result<MetaReply> {
         if let Query::Open { ino, max, .. } = *q {
             // The leader recalled the write leases (server.rs); what is read is extents.
