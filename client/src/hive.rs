@@ -46,7 +46,13 @@ pub struct ClientOptions {
     pub ca_fingerprint: Option<String>,
     pub client_name: String,
     pub connect_timeout: Duration,
+    /// The copies chunks are asked to have (`Has` and `Put` levels): the volume's
+    /// `copies` (a mount sets it from its volume); [`DEFAULT_LEVEL`] until set.
+    pub level: u8,
 }
+
+/// The level a client asks for until told its volume's: the hive's default `copies`.
+pub const DEFAULT_LEVEL: u8 = 3;
 
 impl ClientOptions {
     pub fn new(
@@ -62,6 +68,7 @@ impl ClientOptions {
             ca_fingerprint: ca_fingerprint.map(|s| s.trim().to_string()),
             client_name: format!("hivefs-client/{}", std::process::id()),
             connect_timeout: Duration::from_secs(5),
+            level: DEFAULT_LEVEL,
         }
     }
 }
@@ -97,7 +104,8 @@ pub enum ClientError {
 /// A request to send: an owned message, or a put of borrowed chunks (encoded in place).
 enum Outgoing<'a> {
     Request(Request),
-    Put(Vec<&'a PutChunk>),
+    /// A `Put` at a level.
+    Put(u8, Vec<&'a PutChunk>),
 }
 
 struct ShardConn {
@@ -175,9 +183,10 @@ impl ShardConn {
                     &body,
                 );
             }
-            Outgoing::Put(chunks) => {
+            Outgoing::Put(level, chunks) => {
                 let check = self.conn.body_check();
-                hivefs_net::proto::frame_put_into(&mut self.frame, check, self.version, id, chunks)
+                let v = self.version;
+                hivefs_net::proto::frame_put_into(&mut self.frame, check, v, id, *level, chunks)
             }
         }
         if self.frame.len() > MAX_BODY_BYTES + hivefs_net::frame::HEADER_BYTES {
@@ -249,6 +258,7 @@ impl ShardConn {
     /// to `credits` in flight, until the feed closes and every reply is in.
     fn put_stream(
         &mut self,
+        level: u8,
         feed: crossbeam_channel::Receiver<Vec<&PutChunk>>,
     ) -> Result<PutStreamStats, ClientError> {
         let mut st = PutStreamStats {
@@ -274,7 +284,7 @@ impl ShardConn {
                     break;
                 };
                 let ids = batch.iter().map(|c| c.id).collect();
-                let id = self.send_out(&Outgoing::Put(batch))?;
+                let id = self.send_out(&Outgoing::Put(level, batch))?;
                 in_flight.insert(id, (ids, std::time::Instant::now()));
             }
             if in_flight.is_empty() {
@@ -527,6 +537,16 @@ type Groups<T> = Vec<Option<Vec<(usize, T)>>>;
 type Unrouted<T> = Vec<(usize, T, Option<ClientError>)>;
 
 impl HiveClient {
+    /// The copies chunks put from now on are asked to have, and that `has` looks for
+    /// (a volume's `copies`; at least 1).
+    pub fn set_level(&mut self, level: u8) {
+        self.opts.level = level.clamp(1, hivefs_net::proto::MAX_LEVEL);
+    }
+
+    pub fn level(&self) -> u8 {
+        self.opts.level
+    }
+
     /// Connect to the node at `o` (every shard), fetch its map and the hive's placement
     /// map; connections to other nodes open when first needed.
     pub fn connect(o: &ClientOptions) -> Result<HiveClient, ClientError> {
@@ -906,9 +926,10 @@ impl HiveClient {
         }
     }
 
-    /// Which ids the hive holds (verified), asked of each id's primary. Returns
-    /// `(present, claim_epoch)`.
+    /// Which ids the hive holds (verified) at this client's level or higher, asked of each
+    /// id's primary. Returns `(present, claim_epoch)`.
     pub fn has(&mut self, ids: &[ChunkId]) -> Result<(Vec<bool>, u64), ClientError> {
+        let level = self.opts.level;
         self.scatter(
             ids,
             |id| *id,
@@ -920,6 +941,7 @@ impl HiveClient {
             },
             |b| {
                 Outgoing::Request(Request::Has {
+                    level,
                     ids: b.iter().map(|(_, id)| **id).collect(),
                 })
             },
@@ -937,11 +959,12 @@ impl HiveClient {
     /// Store chunks, each at its bucket's primary (which makes the other copies before it
     /// answers), batched and pipelined. Returns one result per chunk and the claim epoch.
     pub fn put(&mut self, chunks: &[PutChunk]) -> Result<(Vec<PutResult>, u64), ClientError> {
+        let level = self.opts.level;
         self.scatter(
             chunks,
             |c| c.id,
             batch_puts,
-            |b| Outgoing::Put(b.iter().map(|(_, c)| *c).collect()),
+            |b| Outgoing::Put(level, b.iter().map(|(_, c)| *c).collect()),
             |r| match r {
                 Response::PutReply {
                     claim_epoch,
@@ -985,6 +1008,7 @@ impl HiveClient {
             }
         }
         let bucket_count = self.map.bucket_count;
+        let level = self.opts.level;
         std::thread::scope(|scope| {
             let mut feeds = HashMap::new();
             let mut workers = Vec::new();
@@ -996,7 +1020,7 @@ impl HiveClient {
                 let (tx, rx) =
                     crossbeam_channel::bounded::<Vec<&'a PutChunk>>(sc.credits.max(1) * 2);
                 feeds.insert(i, tx);
-                workers.push(scope.spawn(move || sc.put_stream(rx)));
+                workers.push(scope.spawn(move || sc.put_stream(level, rx)));
             }
             let mut fed = Ok(());
             'calls: for call in calls {

@@ -79,8 +79,9 @@ pub struct NodeConfig {
     /// A node silent this long is out of the map (its buckets move); see `meta/health.rs`.
     #[serde(default = "default_out_after")]
     pub out_after_secs: u64,
-    /// Copies of every chunk (3 by default, 2 = a mirror, 1 = tests only). The same on
-    /// every node: a joining node takes the hive's.
+    /// The copies of a volume created without its own (3 by default, 2 = a mirror, 1 =
+    /// tests only; each volume keeps its own `copies`). The same on every node: a joining
+    /// node takes the hive's.
     #[serde(default = "default_copies")]
     pub copies: u8,
     /// Copies durable before a put is acknowledged (2 where `copies` >= 2).

@@ -26,7 +26,8 @@
 //!   4  format u8          RECORD_FORMAT_VERSION
 //!   5  kind u8            1 chunk, 2 tombstone
 //!   6  codec u8           net::chunk::Codec
-//!   7  reserved u8        0
+//!   7  level u8           a chunk's copies (replication level); 0 in a tombstone (and
+//!                         in chunk records of builds before levels: read as 1)
 //!   8  generation u32     the segment's generation (stale records of an older use differ)
 //!  12  reserved u32       0
 //!  16  seq u64            shard-wide sequence number, +1 per record
@@ -328,12 +329,23 @@ pub enum RecordKind {
 pub struct RecordHeader {
     pub kind: RecordKind,
     pub codec: Codec,
+    /// A chunk's replication level (at least 1); 0 for a tombstone.
+    pub level: u8,
     pub generation: u32,
     pub seq: u64,
     pub id: ChunkId,
     pub raw_len: u32,
     pub stored_len: u32,
     pub crc: u32,
+}
+
+/// The level a record of `kind` carries: a chunk's is at least 1 (records written before
+/// levels have 0 there), a tombstone's is 0.
+fn record_level(kind: RecordKind, level: u8) -> u8 {
+    match kind {
+        RecordKind::Chunk => level.max(1),
+        RecordKind::Tombstone => 0,
+    }
 }
 
 /// Bytes a record with `stored_len` payload bytes occupies, padding included.
@@ -346,6 +358,7 @@ impl RecordHeader {
     pub fn new(
         kind: RecordKind,
         codec: Codec,
+        level: u8,
         generation: u32,
         seq: u64,
         id: ChunkId,
@@ -354,6 +367,7 @@ impl RecordHeader {
         RecordHeader {
             kind,
             codec,
+            level: record_level(kind, level),
             generation,
             seq,
             id,
@@ -369,6 +383,7 @@ impl RecordHeader {
         let RecordHeader {
             kind,
             codec,
+            level,
             generation,
             seq,
             id,
@@ -383,6 +398,7 @@ impl RecordHeader {
         h[4] = RECORD_FORMAT_VERSION;
         h[5] = kind as u8;
         h[6] = codec as u8;
+        h[7] = level;
         h[8..12].copy_from_slice(&generation.to_le_bytes());
         h[16..24].copy_from_slice(&seq.to_le_bytes());
         h[24..24 + CHUNK_ID_BYTES].copy_from_slice(&id.0);
@@ -421,6 +437,7 @@ impl RecordHeader {
         Ok(RecordHeader {
             kind,
             codec,
+            level: record_level(kind, b[7]),
             generation: rd_u32(b, 8),
             seq: rd_u64(b, 16),
             id: ChunkId(b[24..24 + CHUNK_ID_BYTES].try_into().expect("id bytes")),
@@ -502,7 +519,7 @@ impl ContinuationBlock {
 ///
 /// ```text
 ///  0 kind u8 | 1 codec u8 | 2 reserved u16 | 4 offset u32 | 8 stored_len u32
-/// 12 raw_len u32 | 16 seq u64 | 24 id [33] | 57 reserved [7]
+/// 12 raw_len u32 | 16 seq u64 | 24 id [33] | 57 level u8 | 58 reserved [6]
 /// ```
 pub const SUMMARY_ENTRY_BYTES: usize = 64;
 pub const FOOTER_MAGIC: u32 = u32::from_le_bytes(*b"HFTR");
@@ -512,6 +529,8 @@ pub const FOOTER_MAGIC: u32 = u32::from_le_bytes(*b"HFTR");
 pub struct SummaryEntry {
     pub kind: RecordKind,
     pub codec: Codec,
+    /// As in the record's header.
+    pub level: u8,
     /// Offset of the record from the segment start.
     pub offset: u32,
     pub stored_len: u32,
@@ -531,6 +550,7 @@ impl SummaryEntry {
         b[12..16].copy_from_slice(&self.raw_len.to_le_bytes());
         b[16..24].copy_from_slice(&self.seq.to_le_bytes());
         b[24..24 + CHUNK_ID_BYTES].copy_from_slice(&self.id.0);
+        b[57] = self.level;
     }
 
     pub fn decode(b: &[u8]) -> Result<SummaryEntry, FormatError> {
@@ -548,6 +568,7 @@ impl SummaryEntry {
         }
         Ok(SummaryEntry {
             kind,
+            level: record_level(kind, b[57]),
             codec: Codec::from_u8(b[1]).ok_or(FormatError::Range("summary codec"))?,
             offset: rd_u32(b, 4),
             stored_len,
@@ -640,11 +661,19 @@ mod tests {
         let id = ChunkId([9; CHUNK_ID_BYTES]);
         let payload = b"hello records";
         let mut buf = vec![0u8; record_span(payload.len())];
-        RecordHeader::new(RecordKind::Chunk, Codec::Raw, 7, 42, id, 13).write(payload, &mut buf);
+        RecordHeader::new(RecordKind::Chunk, Codec::Raw, 3, 7, 42, id, 13).write(payload, &mut buf);
         let h = RecordHeader::decode(&buf).unwrap();
         assert_eq!(
-            (h.kind, h.generation, h.seq, h.id, h.raw_len, h.stored_len),
-            (RecordKind::Chunk, 7, 42, id, 13, 13)
+            (
+                h.kind,
+                h.level,
+                h.generation,
+                h.seq,
+                h.id,
+                h.raw_len,
+                h.stored_len
+            ),
+            (RecordKind::Chunk, 3, 7, 42, id, 13, 13)
         );
         h.check_crc(&buf).unwrap();
         buf[RECORD_HEADER_BYTES + 2] ^= 0x10;
@@ -675,6 +704,7 @@ mod tests {
     fn summary_and_footer() {
         let e = SummaryEntry {
             kind: RecordKind::Tombstone,
+            level: 0,
             codec: Codec::Lz4,
             offset: 4096,
             stored_len: 9,

@@ -606,7 +606,6 @@ fn open_shard(
         key,
         ShardConfig {
             commit_max_bytes: cfg.commit_max_bytes,
-            replication_level: 1,
             use_summaries: summaries,
             compact_live_percent: 50,
             compact_reserve_segments: 2,
@@ -1064,7 +1063,7 @@ impl World {
                 let epoch = if ids.is_empty() {
                     u64::MAX
                 } else {
-                    self.shards[next as usize].has(&ids, &mut present)
+                    self.shards[next as usize].has(&ids, 1, &mut present)
                 };
                 let mut missing = Vec::new();
                 for (id, p) in ids.iter().zip(&present) {
@@ -1103,6 +1102,7 @@ impl World {
                                 id,
                                 codec: p.codec,
                                 raw_len: p.raw_len,
+                                level: 1,
                                 data: crate::shard::ChunkBytes::shared(
                                     p.stored.clone(),
                                     0..p.stored.len(),

@@ -46,8 +46,16 @@ pub type SendOutcome = Result<Vec<PutResult>, String>;
 /// See the module docs.
 pub trait ReplicationTransport {
     /// Send copies of `chunks` to shard `shard` of node `to` (`hint_for`: 0, or the node
-    /// this is a hinted copy for). The outcome comes out of [`drain`](Self::drain), once.
-    fn send(&mut self, to: &MapNode, shard: u16, hint_for: u64, chunks: &[ChunkRef<'_>]) -> SendId;
+    /// this is a hinted copy for), to be stored at `level`. The outcome comes out of
+    /// [`drain`](Self::drain), once.
+    fn send(
+        &mut self,
+        to: &MapNode,
+        shard: u16,
+        hint_for: u64,
+        level: u8,
+        chunks: &[ChunkRef<'_>],
+    ) -> SendId;
     /// Whether `token` is one of this transport's; if so, handle its readiness.
     fn ready(&mut self, token: Token) -> bool;
     /// Time passed: fail links whose connect is overdue.
@@ -221,7 +229,14 @@ impl TcpLinks {
 }
 
 impl ReplicationTransport for TcpLinks {
-    fn send(&mut self, to: &MapNode, shard: u16, hint_for: u64, chunks: &[ChunkRef<'_>]) -> SendId {
+    fn send(
+        &mut self,
+        to: &MapNode,
+        shard: u16,
+        hint_for: u64,
+        level: u8,
+        chunks: &[ChunkRef<'_>],
+    ) -> SendId {
         let id = self.next_send;
         self.next_send += 1;
         let token = match self.by_key.get(&(to.id, shard)) {
@@ -248,6 +263,7 @@ impl ReplicationTransport for TcpLinks {
             PROTOCOL_VERSION_MIN,
             req,
             hint_for,
+            level,
             chunks,
         );
         l.conn.queue_frame(&self.frame);

@@ -205,7 +205,6 @@ impl Node {
             let device_desc = dev.describe();
             let scfg = ShardConfig {
                 commit_max_bytes: cfg.commit_max_bytes,
-                replication_level: 1,
                 use_summaries: true,
                 ..ShardConfig::default()
             };
@@ -477,8 +476,7 @@ impl ShardLoop {
             format!("{}/shard-{}", s.cfg.node_id, s.shard),
         );
         let cfg = crate::replicate::ReplConfig {
-            copies: s.cfg.copies.max(1) as usize,
-            min_copies: s.cfg.min_copies.clamp(1, s.cfg.copies.max(1)) as usize,
+            min_copies: s.cfg.min_copies.max(1) as usize,
             ..Default::default()
         };
         let repl =
@@ -842,13 +840,13 @@ impl ShardLoop {
                 self.reply(t, req_id, &resp);
             }
             _ if !authed => self.refuse_unauthenticated(t, peer, req_id),
-            Request::Has { ids } => {
+            Request::Has { level, ids } => {
                 if let Some(bad) = self.wrong_shard(&ids) {
                     self.reply(t, req_id, &bad);
                     return;
                 }
                 let mut present = Vec::with_capacity(ids.len());
-                let claim_epoch = self.s.core.has(&ids, &mut present);
+                let claim_epoch = self.s.core.has(&ids, level, &mut present);
                 self.reply(
                     t,
                     req_id,
@@ -955,10 +953,12 @@ impl ShardLoop {
                 };
                 let max = max.min(meta::MAX_ADMIN_IDS) as usize;
                 let (ids, more) = self.s.core.list_ids(after.as_ref(), max);
+                let levels = ids.iter().map(|id| self.s.core.held_level(id)).collect();
                 reply(
                     self,
-                    ShardAdminReply::Ids {
+                    ShardAdminReply::Listed {
                         ids: meta::join_ids(&ids),
+                        levels,
                         more,
                     },
                 )
@@ -994,15 +994,8 @@ impl ShardLoop {
                 let Some(ids) = id_list(&ids, meta::MAX_ADMIN_IDS) else {
                     return reply(self, ShardAdminReply::Refused("bad id list".into()));
                 };
-                let held: Vec<ChunkId> =
-                    ids.into_iter().filter(|id| self.s.core.holds(id)).collect();
-                reply(
-                    self,
-                    ShardAdminReply::Ids {
-                        ids: meta::join_ids(&held),
-                        more: false,
-                    },
-                )
+                let levels = ids.iter().map(|id| self.s.core.held_level(id)).collect();
+                reply(self, ShardAdminReply::Held { levels })
             }
             ShardAdmin::Scrub { ids } => {
                 let Some(ids) = id_list(&ids, meta::MAX_SCRUB_IDS) else {
@@ -1103,16 +1096,16 @@ impl ShardLoop {
         // A copy from a primary is stored here and goes no further.
         let copy = f.opcode == Opcode::Replicate as u16;
         let decoded = if copy {
-            decode_replicate_in_place(&f.body).map(|(hint_for, at)| {
+            decode_replicate_in_place(&f.body).map(|(hint_for, level, at)| {
                 if hint_for != 0 {
                     tracing::debug!(shard = self.s.shard, hint_for, "hinted copy");
                 }
-                at
+                (level, at)
             })
         } else {
             decode_put_in_place(&f.body)
         };
-        let at = match decoded {
+        let (level, at) = match decoded {
             Ok(at) => at,
             Err(e) => {
                 tracing::warn!(shard = self.s.shard, %peer, req = req_id, "bad request, closing the connection: {e}");
@@ -1154,6 +1147,7 @@ impl ShardLoop {
                 id: c.id,
                 codec: c.codec,
                 raw_len: c.raw_len,
+                level,
                 data: ChunkBytes::shared(body.clone(), c.data),
             })
             .collect();
@@ -1166,7 +1160,7 @@ impl ShardLoop {
         });
         self.s.core.put(ticket, chunks);
         if let Some(copies) = copies {
-            self.replicate_put(ticket, t, req_id, copies);
+            self.replicate_put(ticket, t, req_id, level, copies);
         }
     }
 

@@ -3,12 +3,15 @@
 //! holder).
 //!
 //! One thread per node ([`run`]) makes passes over its own shards: it lists each shard's
-//! verified chunks in id order (ids of one bucket are adjacent: the bucket is the id's
-//! prefix), computes every chunk's *targets* under the current placement map (the first
-//! `copies` nodes of its bucket's rendezvous order that the map does not say are down),
-//! asks each target which of them it holds (`ShardAdmin::Holding`, which is not a GC
-//! claim), reads the missing ones from its own shard and sends them as `Replicate`
-//! requests (mutual TLS with this node's certificate, as replication does).
+//! verified chunks in id order with their levels (ids of one bucket are adjacent: the
+//! bucket is the id's prefix), computes every chunk's *targets* under the current
+//! placement map (the first `level` nodes of its bucket's rendezvous order that the map
+//! does not say are down: a chunk's level is the most copies any volume asked for), asks
+//! each target at which level it holds them (`ShardAdmin::Holding`, which is not a GC
+//! claim), reads those it lacks or holds at a lower level from its own shard and sends
+//! them as `Replicate` requests at the chunk's level (mutual TLS with this node's
+//! certificate, as replication does). A target holding a chunk at a lower level stores it
+//! again at the higher one, so a raised level reaches every copy.
 //!
 //! This one rule covers every case the issue names:
 //! - copies a put could not make (a target failed or was silent: owed) are made on the
@@ -49,6 +52,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// A chunk id with a level: the level it is held at, or should be.
+type Held = (ChunkId, u8);
 
 /// Ids listed per step of a pass.
 const LIST_BATCH: u32 = 2048;
@@ -302,10 +308,12 @@ fn scrub(ctx: &RepairCtx, p: &mut RepairProgress) -> Result<u64, String> {
             if ctx.stop.load(Ordering::SeqCst) {
                 return Ok(bad);
             }
-            let (ids, more) = pass.list(shard, after.clone())?;
-            after = ids.last().map(|l| l.0.to_vec());
+            let (listed, more) = pass.list(shard, after.clone())?;
+            after = listed.last().map(|l| l.0 .0.to_vec());
             let port = ctx.shard_ports[shard as usize];
             let host = pass.local_host();
+            let levels: HashMap<ChunkId, u8> = listed.iter().copied().collect();
+            let ids: Vec<ChunkId> = listed.iter().map(|(id, _)| *id).collect();
             for batch in ids.chunks(meta::MAX_SCRUB_IDS as usize) {
                 let op = ShardAdmin::Scrub {
                     ids: meta::join_ids(batch),
@@ -321,7 +329,7 @@ fn scrub(ctx: &RepairCtx, p: &mut RepairProgress) -> Result<u64, String> {
                         let ids = meta::split_ids(&ids).ok_or("bad id list")?;
                         bad += ids.len() as u64;
                         for id in ids {
-                            pass.restore(shard, &id);
+                            pass.restore(shard, &id, levels.get(&id).copied().unwrap_or(1));
                         }
                     }
                     other => return Err(format!("scrub of shard {shard}: {other:?}")),
@@ -358,7 +366,6 @@ struct Pass<'a> {
     ctx: &'a RepairCtx,
     map: Arc<HiveMap>,
     order: hivefs_net::placement::Placement,
-    copies: usize,
     links: HashMap<String, PeerLink>,
     started: Instant,
     /// Throttle: bytes sent since `window`.
@@ -371,7 +378,6 @@ impl<'a> Pass<'a> {
             ctx,
             map: map.clone(),
             order: map.placement(usize::MAX),
-            copies: ctx.cfg.copies.max(1) as usize,
             links: HashMap::new(),
             started: Instant::now(),
             window: (Instant::now(), 0),
@@ -414,7 +420,7 @@ impl<'a> Pass<'a> {
                 }
                 let (ids, more) = self.list(p.shard, cursor.clone())?;
                 self.step(p.shard, &ids, p)?;
-                if let Some(last) = ids.last() {
+                if let Some((last, _)) = ids.last() {
                     cursor = Some(last.0.to_vec());
                     p.cursor = Some(hex::encode(last.0));
                     p.bucket = last.bucket(self.map.bucket_count) + 1;
@@ -486,8 +492,8 @@ impl<'a> Pass<'a> {
         self.ctx.cfg.listen.clone()
     }
 
-    /// The next ids of this node's `shard` after `after`.
-    fn list(&mut self, shard: u16, after: Option<Vec<u8>>) -> Result<(Vec<ChunkId>, bool), String> {
+    /// The next ids of this node's `shard` after `after`, with their levels.
+    fn list(&mut self, shard: u16, after: Option<Vec<u8>>) -> Result<(Vec<Held>, bool), String> {
         let port = self.ctx.shard_ports[shard as usize];
         let host = self.local_host();
         match self.admin(
@@ -498,27 +504,30 @@ impl<'a> Pass<'a> {
                 max: LIST_BATCH,
             },
         )? {
-            ShardAdminReply::Ids { ids, more } => {
+            ShardAdminReply::Listed { ids, levels, more } => {
                 let ids = meta::split_ids(&ids).ok_or("bad id list")?;
-                Ok((ids, more))
+                if ids.len() != levels.len() {
+                    return Err("listing: ids and levels differ in number".into());
+                }
+                Ok((ids.into_iter().zip(levels).collect(), more))
             }
             other => Err(format!("listing shard {shard}: {other:?}")),
         }
     }
 
-    /// Every chunk of `ids` onto its targets.
-    fn step(&mut self, shard: u16, ids: &[ChunkId], p: &mut RepairProgress) -> Result<(), String> {
+    /// Every chunk of `ids` onto its targets, at its level.
+    fn step(&mut self, shard: u16, ids: &[Held], p: &mut RepairProgress) -> Result<(), String> {
         let me = self.ctx.cfg.raft_id;
-        // (target node, its shard) -> ids it should hold.
-        let mut want: HashMap<(u64, u16), Vec<ChunkId>> = HashMap::new();
-        for id in ids {
-            let b = self.map.bucket_of(id);
-            let targets = targets(&self.map, self.order.replicas(b), self.copies);
+        // (target node, its shard) -> ids it should hold, with their levels.
+        let mut want: HashMap<(u64, u16), Vec<Held>> = HashMap::new();
+        for &(id, level) in ids {
+            let b = self.map.bucket_of(&id);
+            let targets = targets(&self.map, self.order.replicas(b), level.max(1) as usize);
             for t in targets.into_iter().filter(|t| *t != me) {
                 let shards = self.map.node(t).map_or(1, |n| n.shards.max(1));
                 want.entry((t, (b % shards as u32) as u16))
                     .or_default()
-                    .push(*id);
+                    .push((id, level));
             }
         }
         let mut degraded: std::collections::HashSet<u32> = std::collections::HashSet::new();
@@ -528,26 +537,22 @@ impl<'a> Pass<'a> {
             };
             let port = n.base_port + tshard;
             p.checked += ids.len() as u64;
-            let held = match self.admin(
-                &n.host,
-                port,
-                &ShardAdmin::Holding {
-                    ids: meta::join_ids(&ids),
-                },
-            ) {
-                Ok(ShardAdminReply::Ids { ids: held, .. }) => {
-                    meta::split_ids(&held).ok_or("bad id list")?
-                }
-                Ok(other) => return Err(format!("node {}: {other:?}", n.name)),
+            let held = match self.holding(&n.host, port, &ids) {
+                Ok(levels) => levels,
                 Err(e) => {
                     tracing::debug!(node = %n.name, "repair: {e}");
                     p.unreachable += 1;
                     continue;
                 }
             };
-            let held: std::collections::HashSet<ChunkId> = held.into_iter().collect();
-            let missing: Vec<ChunkId> = ids.into_iter().filter(|id| !held.contains(id)).collect();
-            for id in &missing {
+            // Missing there, or held at a lower level (stored again at this one).
+            let missing: Vec<Held> = ids
+                .into_iter()
+                .zip(held)
+                .filter(|((_, want), has)| has < want)
+                .map(|(w, _)| w)
+                .collect();
+            for (id, _) in &missing {
                 degraded.insert(self.map.bucket_of(id));
             }
             let missing = self.mine_to_send(node, missing);
@@ -560,22 +565,35 @@ impl<'a> Pass<'a> {
         Ok(())
     }
 
+    /// The level at which the shard at `host:port` holds each of `ids` (0: not held).
+    fn holding(&mut self, host: &str, port: u16, ids: &[Held]) -> Result<Vec<u8>, String> {
+        let ids: Vec<ChunkId> = ids.iter().map(|(id, _)| *id).collect();
+        let op = ShardAdmin::Holding {
+            ids: meta::join_ids(&ids),
+        };
+        match self.admin(host, port, &op)? {
+            ShardAdminReply::Held { levels } if levels.len() == ids.len() => Ok(levels),
+            other => Err(format!("holding answered {other:?}")),
+        }
+    }
+
     /// Of the chunks `target` lacks, those this node should send: every holder sees the
-    /// same gap, and one copy is enough. The sender of a chunk is its first holder in
-    /// the bucket's read order (other than the target): this node sends unless a node
-    /// before it there holds the chunk (asked with `Holding`; a node that does not answer
-    /// counts as not holding it, so a copy may then be sent twice, never not at all).
-    fn mine_to_send(&mut self, target: u64, missing: Vec<ChunkId>) -> Vec<ChunkId> {
+    /// same gap, and one copy is enough. The sender of a chunk is its first holder (at
+    /// the chunk's level or higher) in the bucket's read order (other than the target):
+    /// this node sends unless a node before it there holds the chunk so (asked with
+    /// `Holding`; a node that does not answer counts as not holding it, so a copy may then
+    /// be sent twice, never not at all).
+    fn mine_to_send(&mut self, target: u64, missing: Vec<Held>) -> Vec<Held> {
         let me = self.ctx.cfg.raft_id;
         // (earlier node, its shard) -> the missing ids it might hold.
-        let mut ask: HashMap<(u64, u16), Vec<ChunkId>> = HashMap::new();
-        for id in &missing {
-            let b = self.map.bucket_of(id);
+        let mut ask: HashMap<(u64, u16), Vec<Held>> = HashMap::new();
+        for &(id, level) in &missing {
+            let b = self.map.bucket_of(&id);
             for n in ask_before(&self.map, self.order.replicas(b), me, target) {
                 let shards = self.map.node(n).map_or(1, |m| m.shards.max(1));
                 ask.entry((n, (b % shards as u32) as u16))
                     .or_default()
-                    .push(*id);
+                    .push((id, level));
             }
         }
         let mut held_by: HashMap<u64, std::collections::HashSet<ChunkId>> = HashMap::new();
@@ -583,21 +601,20 @@ impl<'a> Pass<'a> {
             let Some(node) = self.map.node(n).cloned() else {
                 continue;
             };
-            let op = ShardAdmin::Holding {
-                ids: meta::join_ids(&ids),
-            };
-            if let Ok(ShardAdminReply::Ids { ids: held, .. }) =
-                self.admin(&node.host, node.base_port + s, &op)
-            {
+            if let Ok(levels) = self.holding(&node.host, node.base_port + s, &ids) {
+                let held = ids
+                    .iter()
+                    .zip(levels)
+                    .filter(|((_, want), has)| has >= want);
                 held_by
                     .entry(n)
                     .or_default()
-                    .extend(meta::split_ids(&held).unwrap_or_default());
+                    .extend(held.map(|((id, _), _)| *id));
             }
         }
         missing
             .into_iter()
-            .filter(|id| {
+            .filter(|(id, _)| {
                 let b = self.map.bucket_of(id);
                 sends(&self.map, self.order.replicas(b), me, target, |n| {
                     held_by.get(&n).is_some_and(|h| h.contains(id))
@@ -606,20 +623,24 @@ impl<'a> Pass<'a> {
             .collect()
     }
 
-    /// Read `ids` from this node's `shard` and store them at `host:port`.
+    /// Read `ids` from this node's `shard` and store them at `host:port`, each at its
+    /// level (one `Replicate` carries one level).
     fn copy(
         &mut self,
         shard: u16,
         host: &str,
         port: u16,
-        ids: &[ChunkId],
+        ids: &[Held],
         p: &mut RepairProgress,
     ) -> Result<(), String> {
+        let mut ids = ids.to_vec();
+        ids.sort_by_key(|(_, level)| *level);
         let local_port = self.ctx.shard_ports[shard as usize];
         let local = self.local_host();
         let mut batch: Vec<PutChunk> = Vec::new();
         let mut bytes = 0usize;
-        for (i, id) in ids.iter().enumerate() {
+        for (i, &(id, level)) in ids.iter().enumerate() {
+            let id = &id;
             match self.call(&local, local_port, &Request::Get { id: *id })? {
                 Response::GetReply {
                     chunk: Some((codec, raw_len, data)),
@@ -636,7 +657,8 @@ impl<'a> Pass<'a> {
                 Response::GetReply { chunk: None } => {}
                 other => return Err(format!("reading {id}: {other:?}")),
             }
-            if bytes >= COPY_BATCH_BYTES || (i + 1 == ids.len() && !batch.is_empty()) {
+            let last_of_level = ids.get(i + 1).is_none_or(|(_, l)| *l != level);
+            if !batch.is_empty() && (bytes >= COPY_BATCH_BYTES || last_of_level) {
                 let chunks = std::mem::take(&mut batch);
                 let n = chunks.len() as u64;
                 match self.call(
@@ -644,6 +666,7 @@ impl<'a> Pass<'a> {
                     port,
                     &Request::Replicate {
                         hint_for: 0,
+                        level: level.max(1),
                         chunks,
                     },
                 )? {
@@ -664,8 +687,8 @@ impl<'a> Pass<'a> {
 
     /// A copy of `id` on this node's `shard` is bad: fetch a good one from another node of
     /// its bucket (checked against the id here), then remove the bad copy and store the good
-    /// one. Without a good copy elsewhere nothing is removed.
-    fn restore(&mut self, shard: u16, id: &ChunkId) {
+    /// one (at `level`, the bad copy's). Without a good copy elsewhere nothing is removed.
+    fn restore(&mut self, shard: u16, id: &ChunkId, level: u8) {
         let me = self.ctx.cfg.raft_id;
         let b = self.map.bucket_of(id);
         let others: Vec<u64> = self
@@ -694,7 +717,7 @@ impl<'a> Pass<'a> {
                 continue;
             }
             // A good copy is in hand: only now the bad one goes, then the good one is
-            // stored in its place.
+            // stored in its place, at the bad one's level.
             let local = self.local_host();
             let port = self.ctx.shard_ports[shard as usize];
             let drop = ShardAdmin::DropCopies {
@@ -715,6 +738,7 @@ impl<'a> Pass<'a> {
                 port,
                 &Request::Replicate {
                     hint_for: 0,
+                    level: level.max(1),
                     chunks,
                 },
             ) {

@@ -159,6 +159,10 @@ struct JobInfo {
 struct World {
     cfg: ReplSimConfig,
     rcfg: ReplConfig,
+    /// The most copies a put asks for; each put asks for 1 to `copies` (its level).
+    copies: usize,
+    /// Each put's level.
+    levels: HashMap<u64, usize>,
     rng: SimRng,
     now: u64,
     seq: u64,
@@ -273,10 +277,12 @@ impl World {
                     }
                 }
                 Action::Reply { job, result } => {
-                    let min = self.rcfg.min_copies;
-                    let Some(info) = self.node(node).jobs.get_mut(&job) else {
+                    let Some(put) = self.node(node).jobs.get(&job).map(|i| i.put) else {
                         return Err(format!("node {node}: reply to unknown job {job}"));
                     };
+                    let level = self.levels.get(&put).copied().unwrap_or(1);
+                    let min = self.rcfg.min_copies.min(level);
+                    let info = self.node(node).jobs.get_mut(&job).expect("found above");
                     if std::mem::replace(&mut info.answered, true) {
                         return Err(format!("node {node}: job {job} answered twice"));
                     }
@@ -347,8 +353,9 @@ impl World {
                 };
                 let now = self.now;
                 let map = self.map.clone();
+                let level = self.levels.get(&put).copied().unwrap_or(1);
                 let n = self.node(node);
-                let job = n.repl.start(now, bucket, &map);
+                let job = n.repl.start(now, bucket, &map, level);
                 n.jobs.insert(
                     job,
                     JobInfo {
@@ -512,6 +519,8 @@ impl World {
         let primary = primary_of(&self.map, bucket).unwrap_or(1);
         let put = self.issued;
         self.puts.insert(put, (ids, bucket, None));
+        let level = 1 + self.rng.below(self.copies as u64) as usize;
+        self.levels.insert(put, level);
         let d = 1 + self.rng.below(2);
         self.at(d, Ev::Put { node: primary, put });
         if self.cfg.faults {
@@ -538,8 +547,8 @@ fn primary_of(map: &HiveMap, bucket: u32) -> Option<NodeId> {
     crate::replicate::primary(map, &map.replicas(bucket, usize::MAX))
 }
 
-/// Run one simulation: `cfg.puts` puts from clients against 3-6 nodes (copies 2 or 3,
-/// min_copies 2), faults by the seed, then quiet until every job ended. Returns the first
+/// Run one simulation: `cfg.puts` puts from clients against 3-6 nodes (each put at a
+/// level of 1 to 2 or 3, min_copies 2), faults by the seed, then quiet until every job ended. Returns the first
 /// broken invariant as an error naming the seed.
 pub fn run(cfg: &ReplSimConfig) -> Result<ReplSimReport, String> {
     let mut rng = SimRng::new(cfg.seed);
@@ -547,7 +556,6 @@ pub fn run(cfg: &ReplSimConfig) -> Result<ReplSimReport, String> {
     let zones = 1 + rng.below(3);
     let copies = 2 + rng.below(2) as usize;
     let rcfg = ReplConfig {
-        copies,
         min_copies: 2,
         attempt_ms: 50 + rng.below(100),
         reply_ms: 200 + rng.below(300),
@@ -572,6 +580,8 @@ pub fn run(cfg: &ReplSimConfig) -> Result<ReplSimReport, String> {
     let mut w = World {
         cfg: cfg.clone(),
         rcfg,
+        copies,
+        levels: HashMap::new(),
         now: 0,
         seq: 0,
         queue: BinaryHeap::new(),

@@ -39,12 +39,11 @@ use std::collections::BTreeMap;
 pub type NodeId = u64;
 pub type JobId = u64;
 
-/// How many copies a put makes and waits for, and how long it waits.
+/// How many copies a put waits for, and how long. (How many it makes is the put's level,
+/// given to [`Replicator::start`]: a volume's `copies`.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReplConfig {
-    /// Replicas per bucket (3 by default, 2 = mirror, 1 = tests only).
-    pub copies: usize,
-    /// Durable copies before the put is acknowledged (at most `copies`).
+    /// Durable copies before the put is acknowledged (capped by the put's level).
     pub min_copies: usize,
     /// How long one forward may stay unanswered before it counts as failed.
     pub attempt_ms: u64,
@@ -55,7 +54,6 @@ pub struct ReplConfig {
 impl Default for ReplConfig {
     fn default() -> Self {
         ReplConfig {
-            copies: 3,
             min_copies: 2,
             attempt_ms: 2_000,
             reply_ms: 5_000,
@@ -172,10 +170,7 @@ pub struct Replicator {
 
 impl Replicator {
     pub fn new(me: NodeId, cfg: ReplConfig) -> Replicator {
-        assert!(
-            cfg.copies >= 1 && (1..=cfg.copies).contains(&cfg.min_copies),
-            "bad replication config {cfg:?}"
-        );
+        assert!(cfg.min_copies >= 1, "bad replication config {cfg:?}");
         Replicator {
             me,
             cfg,
@@ -194,10 +189,11 @@ impl Replicator {
         self.jobs.len()
     }
 
-    /// A client's put of chunks of `bucket` arrived: the caller stores them locally (and
-    /// reports with [`local`](Self::local)) unless the answer is already `NotPrimary`.
+    /// A client's put of chunks of `bucket` at level `copies` arrived: the caller stores
+    /// them locally (and reports with [`local`](Self::local)) unless the answer is already
+    /// `NotPrimary`. The chunks go to the first `copies` nodes of the bucket's order.
     /// Returns the job id the actions name.
-    pub fn start(&mut self, now_ms: u64, bucket: u32, map: &HiveMap) -> JobId {
+    pub fn start(&mut self, now_ms: u64, bucket: u32, map: &HiveMap, copies: usize) -> JobId {
         let job = self.next_job;
         self.next_job += 1;
         let order = map.replicas(bucket, usize::MAX);
@@ -210,7 +206,7 @@ impl Replicator {
             self.out.push(Action::Done { job });
             return job;
         }
-        let copies = self.cfg.copies.min(order.len());
+        let copies = copies.max(1).min(order.len());
         let down = |n: NodeId| map.node(n).is_none_or(|m| m.state == NodeState::Down);
         let candidates: Vec<NodeId> = order[copies..]
             .iter()
@@ -448,7 +444,7 @@ mod tests {
         let m = map(4);
         let (b, order) = bucket_led_by(&m, 1);
         let mut r = Replicator::new(1, ReplConfig::default());
-        let job = r.start(0, b, &m);
+        let job = r.start(0, b, &m, 3);
         let a = actions(&mut r);
         assert_eq!(
             a,
@@ -485,7 +481,7 @@ mod tests {
         let m = map(5);
         let (b, order) = bucket_led_by(&m, 1);
         let mut r = Replicator::new(1, ReplConfig::default());
-        let job = r.start(0, b, &m);
+        let job = r.start(0, b, &m, 3);
         actions(&mut r);
         r.local(job, true);
         r.remote(1, job, order[1], false);
@@ -552,7 +548,7 @@ mod tests {
             }
         }
         let mut r = Replicator::new(1, ReplConfig::default());
-        let job = r.start(0, b, &m);
+        let job = r.start(0, b, &m, 3);
         let a = actions(&mut r);
         assert!(
             a.iter().all(|x| !matches!(x, Action::Forward { .. })),
@@ -580,7 +576,7 @@ mod tests {
         let m = map(3);
         let (b, order) = bucket_led_by(&m, 2);
         let mut r = Replicator::new(1, ReplConfig::default());
-        let job = r.start(0, b, &m);
+        let job = r.start(0, b, &m, 3);
         assert_eq!(
             actions(&mut r),
             vec![
@@ -605,7 +601,7 @@ mod tests {
             ..Default::default()
         };
         let mut r = Replicator::new(1, cfg);
-        let job = r.start(0, b, &m);
+        let job = r.start(0, b, &m, 3);
         actions(&mut r);
         r.local(job, true);
         r.tick(999);

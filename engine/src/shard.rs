@@ -124,8 +124,6 @@ pub struct ShardConfig {
     /// 4 MiB measured best here (hive-perf put-unique, TLS, medians of 3: 1 MiB 0.83 GB/s,
     /// 4 MiB 1.04 GB/s, 8 MiB 0.92 GB/s).
     pub commit_max_bytes: usize,
-    /// Copies a stored chunk is recorded as having (one node: 1).
-    pub replication_level: u8,
     /// Replay sealed segments from their summaries (false: scan every record; the
     /// simulator compares both).
     pub use_summaries: bool,
@@ -141,7 +139,6 @@ impl Default for ShardConfig {
     fn default() -> Self {
         ShardConfig {
             commit_max_bytes: 4 << 20,
-            replication_level: 1,
             use_summaries: true,
             compact_live_percent: 50,
             compact_reserve_segments: 2,
@@ -174,6 +171,9 @@ pub struct PutChunk {
     pub id: ChunkId,
     pub codec: Codec,
     pub raw_len: u32,
+    /// The copies the chunk must have (at least 1): a chunk stored at a lower level is
+    /// stored again at this one (see the module docs).
+    pub level: u8,
     pub data: ChunkBytes,
 }
 
@@ -282,6 +282,8 @@ pub struct ShardStats {
     pub offered_bytes: u64,
     pub puts_stored: u64,
     pub puts_duplicate: u64,
+    /// Puts of a chunk stored at a lower level, stored again at the higher one.
+    pub puts_raised: u64,
     pub puts_rejected: u64,
     pub has_ids: u64,
     pub has_hits: u64,
@@ -805,7 +807,7 @@ impl ShardCore {
                             raw_len: e.raw_len,
                             codec: e.codec,
                         };
-                        shard.apply_replayed(e.kind, e.id, loc, e.seq);
+                        shard.apply_replayed(e.kind, e.id, loc, e.seq, e.level);
                     }
                     shard.stats.replayed_summaries += 1;
                     shard.next_seq = next_seq;
@@ -866,7 +868,14 @@ impl ShardCore {
     }
 
     /// Apply one replayed record to the index, counting the records it supersedes.
-    fn apply_replayed(&mut self, kind: RecordKind, id: ChunkId, loc: Location, seq: u64) {
+    fn apply_replayed(
+        &mut self,
+        kind: RecordKind,
+        id: ChunkId,
+        loc: Location,
+        seq: u64,
+        level: u8,
+    ) {
         let superseded = match kind {
             RecordKind::Chunk => self.index.insert(
                 id,
@@ -874,7 +883,7 @@ impl ShardCore {
                     loc,
                     state: EntryState::Verified,
                     seq,
-                    replication_level: self.cfg.replication_level,
+                    replication_level: level,
                     claimed_epoch: 0,
                 },
             ),
@@ -1114,10 +1123,11 @@ impl ShardCore {
                 raw_len: rh.raw_len,
                 codec: rh.codec,
             };
-            self.apply_replayed(rh.kind, rh.id, loc, rh.seq);
+            self.apply_replayed(rh.kind, rh.id, loc, rh.seq, rh.level);
             summary.push(SummaryEntry {
                 kind: rh.kind,
                 codec: rh.codec,
+                level: rh.level,
                 offset: pos as u32,
                 stored_len: rh.stored_len,
                 raw_len: rh.raw_len,
@@ -1291,18 +1301,33 @@ impl ShardCore {
         &self.key
     }
 
-    /// Whether `id` is stored and verified (and not being deleted). Not a claim.
-    pub fn holds(&self, id: &ChunkId) -> bool {
-        matches!(self.index.get(id), Some(e) if e.state == EntryState::Verified)
-            && !self.deleting.contains_key(id)
+    /// The level `id` is stored at, verified (and not being deleted); 0 if it is not.
+    /// Not a claim.
+    pub fn held_level(&self, id: &ChunkId) -> u8 {
+        match self.index.get(id) {
+            Some(e) if e.state == EntryState::Verified && !self.deleting.contains_key(id) => {
+                e.replication_level
+            }
+            _ => 0,
+        }
     }
 
-    /// Which of `ids` are stored and verified; the answer is a claim in the current epoch.
-    pub fn has(&mut self, ids: &[ChunkId], out: &mut Vec<bool>) -> u64 {
+    /// Whether `id` is stored and verified (and not being deleted). Not a claim.
+    pub fn holds(&self, id: &ChunkId) -> bool {
+        self.held_level(id) > 0
+    }
+
+    /// Which of `ids` are stored and verified at `level` or higher (a chunk stored at a
+    /// lower level answers no: its put raises it); a yes is a claim in the current epoch.
+    pub fn has(&mut self, ids: &[ChunkId], level: u8, out: &mut Vec<bool>) -> u64 {
         out.clear();
         for id in ids {
             let hit = match self.index.get(id) {
-                Some(e) if e.state == EntryState::Verified && !self.deleting.contains_key(id) => {
+                Some(e)
+                    if e.state == EntryState::Verified
+                        && e.replication_level >= level
+                        && !self.deleting.contains_key(id) =>
+                {
                     self.stats.has_hits += 1;
                     self.stats.offered_bytes += e.loc.raw_len as u64;
                     true
@@ -2335,7 +2360,17 @@ impl ShardCore {
                         self.queue.pop_front();
                         continue;
                     }
-                    match self.index.get(&id).map(|e| e.state) {
+                    let Some(Queued::Put { chunk, .. }) = self.queue.front() else {
+                        unreachable!("a put is at the front")
+                    };
+                    // A chunk stored at a lower level than this put asks is stored again
+                    // (below), with the higher level: never acknowledged at the lower one.
+                    let state = self
+                        .index
+                        .get(&id)
+                        .filter(|e| e.replication_level >= chunk.level)
+                        .map(|e| e.state);
+                    match state {
                         Some(EntryState::Verified) => {
                             self.queue.pop_front();
                             self.stats.puts_duplicate += 1;
@@ -2667,10 +2702,12 @@ impl ShardCore {
         let at = b.len;
         let off = b.start_off + at as u64;
         // Every queued item is one record: write it, and its entry in the segment summary.
-        let (kind, codec, id, raw_len, data): (RecordKind, Codec, ChunkId, u32, &[u8]) = match &q {
+        type Record<'a> = (RecordKind, Codec, u8, ChunkId, u32, &'a [u8]);
+        let (kind, codec, level, id, raw_len, data): Record = match &q {
             Queued::Put { chunk, .. } => (
                 RecordKind::Chunk,
                 chunk.codec,
+                chunk.level,
                 chunk.id,
                 chunk.raw_len,
                 &chunk.data[..],
@@ -2681,19 +2718,24 @@ impl ShardCore {
                 raw_len,
                 data,
                 ..
-            } => (RecordKind::Chunk, *codec, *id, *raw_len, &data[..]),
+            } => {
+                // A copy keeps the level of the entry it copies (checked current in pump).
+                let level = self.index.get(id).map_or(1, |e| e.replication_level);
+                (RecordKind::Chunk, *codec, level, *id, *raw_len, &data[..])
+            }
             Queued::Delete { id, .. } | Queued::Carry { id, .. } => {
-                (RecordKind::Tombstone, Codec::Raw, *id, 0, &[])
+                (RecordKind::Tombstone, Codec::Raw, 0, *id, 0, &[])
             }
         };
         let span = record_span(data.len());
         let stored_len = data.len() as u32;
-        RecordHeader::new(kind, codec, generation, seq, id, raw_len)
+        RecordHeader::new(kind, codec, level, generation, seq, id, raw_len)
             .write(data, &mut b.buf_mut()[at..at + span]);
         b.len += span;
         active.summary.push(SummaryEntry {
             kind,
             codec,
+            level,
             offset: off as u32,
             stored_len,
             raw_len,
@@ -2712,16 +2754,21 @@ impl ShardCore {
                 b.records.push((id, seq, RecordKind::Chunk));
                 b.waiters.push((ticket, idx, PutOutcome::Stored));
                 let batch = b.no;
-                self.index.insert(
+                let raised = self.index.insert(
                     id,
                     IndexEntry {
                         loc,
                         state: EntryState::Pending { batch },
                         seq,
-                        replication_level: self.cfg.replication_level,
+                        replication_level: level,
                         claimed_epoch: self.gc_epoch,
                     },
                 );
+                if raised.is_some() {
+                    // Stored again at a higher level: the earlier record is dead.
+                    *self.dead_chunk_records.entry(id).or_insert(0) += 1;
+                    self.stats.puts_raised += 1;
+                }
                 self.stats.puts_stored += 1;
                 self.stats.offered_bytes += raw_len as u64;
             }
@@ -2740,12 +2787,7 @@ impl ShardCore {
                 }
             }
             Queued::Copy { src_seq, .. } => {
-                let (level, claimed_epoch) = self
-                    .index
-                    .get(&id)
-                    .map_or((self.cfg.replication_level, 0), |e| {
-                        (e.replication_level, e.claimed_epoch)
-                    });
+                let claimed_epoch = self.index.get(&id).map_or(0, |e| e.claimed_epoch);
                 b.copies.push((
                     id,
                     src_seq,
@@ -3069,6 +3111,7 @@ mod tests {
             .map(|j| (j as u32).wrapping_mul(2654435761).wrapping_add(i) as u8)
             .collect();
         PutChunk {
+            level: 1,
             id: ChunkId::compute(&KEY, &data),
             codec: Codec::Raw,
             raw_len: len as u32,
@@ -3182,7 +3225,7 @@ mod tests {
             }
         }
         let mut present = Vec::new();
-        s.has(&stored, &mut present);
+        s.has(&stored, 1, &mut present);
         assert!(present.iter().all(|p| *p));
         assert_eq!(s.free_segments(), 1, "the reserve is kept from puts");
         assert_eq!(s.stats().puts_no_space, refused);
@@ -3202,7 +3245,7 @@ mod tests {
         s.put(2, vec![c.clone()]);
         // Not durable yet: nothing answers has, but a get is served from the batch.
         let mut present = Vec::new();
-        s.has(&[c.id], &mut present);
+        s.has(&[c.id], 1, &mut present);
         assert_eq!(present, vec![false]);
         s.get(3, c.id);
         let mut done = Vec::new();
@@ -3230,7 +3273,7 @@ mod tests {
                 (2, vec![PutOutcome::Duplicate])
             ]
         );
-        s.has(&[c.id], &mut present);
+        s.has(&[c.id], 1, &mut present);
         assert_eq!(present, vec![true]);
         assert_eq!(s.stats().chunks, 1);
     }
@@ -3266,6 +3309,7 @@ mod deferred_get_tests {
         s.put(
             1,
             vec![PutChunk {
+                level: 1,
                 id,
                 codec: Codec::Raw,
                 raw_len: data.len() as u32,
@@ -3346,6 +3390,7 @@ mod damage_tests {
             s.put(
                 i as u64,
                 vec![PutChunk {
+                    level: 1,
                     id,
                     codec: Codec::Raw,
                     raw_len: data.len() as u32,
@@ -3377,7 +3422,7 @@ mod damage_tests {
         let mut s = open();
         assert_eq!(s.stats().segments_with_records_beyond, 1);
         let mut present = Vec::new();
-        s.has(&ids, &mut present);
+        s.has(&ids, 1, &mut present);
         assert!(
             present[..5].iter().all(|p| *p),
             "records before the damage replay"
@@ -3421,7 +3466,7 @@ mod damage_tests {
         let mut present = Vec::new();
         let all: Vec<ChunkId> = a.iter().chain(&b).copied().collect();
         let mut s = s;
-        s.has(&all, &mut present);
+        s.has(&all, 1, &mut present);
         assert!(present.iter().all(|p| *p));
     }
 }
@@ -3473,6 +3518,7 @@ mod gc_window_tests {
             .map(|i| {
                 let data = vec![i; 5000];
                 PutChunk {
+                    level: 1,
                     id: ChunkId::compute(&key, &data),
                     codec: Codec::Raw,
                     raw_len: data.len() as u32,
@@ -3491,7 +3537,7 @@ mod gc_window_tests {
         s.begin_gc(2);
         let mut present = Vec::new();
         assert_eq!(
-            s.has(&ids[..1], &mut present),
+            s.has(&ids[..1], 1, &mut present),
             2,
             "claims are stamped with the new epoch"
         );
@@ -3503,7 +3549,7 @@ mod gc_window_tests {
             wait(&mut s, 4),
             Completion::Delete { result: Ok(3), .. }
         ));
-        s.has(&ids, &mut present);
+        s.has(&ids, 1, &mut present);
         assert_eq!(present, vec![true, false, false, false]);
         // Being told the same epoch again (another node's metadata service applying it)
         // keeps the window: the collector may still sweep.
@@ -3530,6 +3576,7 @@ mod gc_window_tests {
         let chunk = |i: u8| {
             let data = vec![i; 48 << 10];
             PutChunk {
+                level: 1,
                 id: ChunkId::compute(&key, &data),
                 codec: Codec::Raw,
                 raw_len: data.len() as u32,
@@ -3550,7 +3597,7 @@ mod gc_window_tests {
         s.sweep(4, 2, ids.clone()).unwrap();
         assert!(s.queued() > 0, "the sweep's tombstones wait in the queue");
         let mut present = Vec::new();
-        s.has(&ids, &mut present);
+        s.has(&ids, 1, &mut present);
         assert_eq!(present, vec![false; 4], "chunks being swept answer has");
         // Put again after the sweep: stored anew behind the tombstones.
         s.put(5, vec![chunk(0)]);
@@ -3570,7 +3617,7 @@ mod gc_window_tests {
         }
         assert_eq!(swept, Some(Ok(4)));
         assert_eq!(put, Some(Ok(vec![PutOutcome::Stored])));
-        s.has(&ids, &mut present);
+        s.has(&ids, 1, &mut present);
         assert_eq!(present, vec![true, false, false, false]);
         s.audit().unwrap();
     }
@@ -3628,6 +3675,7 @@ mod compaction_tests {
             })
             .collect();
         PutChunk {
+            level: 1,
             id: ChunkId::compute(&KEY, &data),
             codec: Codec::Raw,
             raw_len: len as u32,
@@ -3685,8 +3733,95 @@ mod compaction_tests {
 
     fn has(s: &mut ShardCore, id: &ChunkId) -> bool {
         let mut out = Vec::new();
-        s.has(&[*id], &mut out);
+        s.has(&[*id], 1, &mut out);
         out[0]
+    }
+
+    fn has_at(s: &mut ShardCore, id: &ChunkId, level: u8) -> bool {
+        let mut out = Vec::new();
+        s.has(&[*id], level, &mut out);
+        out[0]
+    }
+
+    /// Levels: `has` answers yes only at the stored level or below; a put at a higher level
+    /// stores the chunk again (never acknowledged at the lower one); replay (scan and
+    /// summaries) and compaction keep the level.
+    #[test]
+    fn a_higher_level_stores_the_chunk_again_and_the_level_survives_replay_and_compaction() {
+        let (dev, layout) = formatted(8);
+        let mut s = open(&dev, layout);
+        let mut t = 0;
+        let c1 = chunk(1, 5000);
+        let c3 = PutChunk {
+            level: 3,
+            ..c1.clone()
+        };
+        assert_eq!(put(&mut s, &mut t, &c1).unwrap(), vec![PutOutcome::Stored]);
+        assert!(has_at(&mut s, &c1.id, 1) && !has_at(&mut s, &c1.id, 2));
+        assert_eq!(s.held_level(&c1.id), 1);
+        assert_eq!(put(&mut s, &mut t, &c3).unwrap(), vec![PutOutcome::Stored]);
+        assert_eq!(s.stats().puts_raised, 1);
+        assert_eq!(s.held_level(&c1.id), 3);
+        // Equal or lower levels are duplicates; the two in one batch: stored once at 3.
+        assert_eq!(
+            put(&mut s, &mut t, &c3).unwrap(),
+            vec![PutOutcome::Duplicate]
+        );
+        assert_eq!(
+            put(&mut s, &mut t, &c1).unwrap(),
+            vec![PutOutcome::Duplicate]
+        );
+        let c2 = chunk(2, 5000);
+        t += 1;
+        s.put(
+            t,
+            vec![
+                c2.clone(),
+                PutChunk {
+                    level: 2,
+                    ..c2.clone()
+                },
+            ],
+        );
+        match wait(&mut s, t) {
+            Completion::Put { result, .. } => {
+                assert_eq!(
+                    result.unwrap(),
+                    vec![PutOutcome::Stored, PutOutcome::Stored]
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.held_level(&c2.id), 2);
+        assert!(has_at(&mut s, &c1.id, 3) && !has_at(&mut s, &c1.id, 4));
+        read_ok(&mut s, &mut t, &c1);
+        s.audit().unwrap();
+        // Replay of the unsealed segment (a scan).
+        drop(s);
+        let mut s = open(&dev, layout);
+        assert_eq!((s.held_level(&c1.id), s.held_level(&c2.id)), (3, 2));
+        read_ok(&mut s, &mut t, &c1);
+        // Fill past the first segment, then remove the fillers: the first segment (c1's
+        // two records, c2's two) is compacted and its live records copied forward.
+        let fillers: Vec<PutChunk> = (100..130).map(|i| chunk(i, 20_000)).collect();
+        for f in &fillers {
+            put(&mut s, &mut t, f).unwrap();
+        }
+        delete(&mut s, &mut t, fillers.iter().map(|f| f.id).collect());
+        compact_all(&mut s, &mut t, &[c1.clone(), c2.clone()]);
+        assert!(s.stats().compaction_chunks_moved >= 2, "{:?}", s.stats());
+        assert_eq!((s.held_level(&c1.id), s.held_level(&c2.id)), (3, 2));
+        s.audit().unwrap();
+        // Seal the segment holding the copies, then replay it from its summary.
+        for i in 200..215 {
+            put(&mut s, &mut t, &chunk(i, 20_000)).unwrap();
+        }
+        drop(s);
+        let mut s = open(&dev, layout);
+        assert!(s.stats().replayed_summaries > 0);
+        assert_eq!((s.held_level(&c1.id), s.held_level(&c2.id)), (3, 2));
+        read_ok(&mut s, &mut t, &c1);
+        read_ok(&mut s, &mut t, &c2);
     }
 
     /// Compact until nothing qualifies; after every step, read `live` back (gets racing

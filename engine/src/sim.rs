@@ -22,7 +22,10 @@
 //! 3. a chunk whose tombstone was acknowledged never comes back, not after replay either,
 //!    unless it was put (and acknowledged) again after the tombstone;
 //! 4. the shard's bookkeeping holds ([`ShardCore::audit`]: no entry in a free segment,
-//!    per-segment live bytes match the index).
+//!    per-segment live bytes match the index);
+//! 5. levels: puts ask for levels 1 to 3; an acknowledged chunk is held at the highest
+//!    level any of its acknowledged puts asked for, or higher (not after replay either),
+//!    and never above the highest level it was ever put with.
 //!
 //! A failure names its seed; `run(&SimConfig { seed, .. })` reproduces it exactly. For a
 //! failing seed, `HIVE_SIM_DEBUG=1` prints every restart and dumps the device's records
@@ -126,6 +129,8 @@ pub struct SimReport {
     pub tombstones_carried: u64,
     pub tombstones_dropped: u64,
     pub puts_no_space: u64,
+    /// Puts that raised a chunk's level (stored it again at a higher one).
+    pub puts_raised: u64,
 }
 
 impl SimReport {
@@ -136,6 +141,7 @@ impl SimReport {
         self.tombstones_carried += st.compaction_tombstones_carried;
         self.tombstones_dropped += st.compaction_tombstones_dropped;
         self.puts_no_space += st.puts_no_space;
+        self.puts_raised += st.puts_raised;
     }
 
     /// Sum of several runs' reports.
@@ -155,6 +161,7 @@ impl SimReport {
         self.tombstones_carried += r.tombstones_carried;
         self.tombstones_dropped += r.tombstones_dropped;
         self.puts_no_space += r.puts_no_space;
+        self.puts_raised += r.puts_raised;
     }
 }
 
@@ -193,7 +200,7 @@ impl BlockDevice for SharedDevice {
 }
 
 enum Op {
-    Put { ids: Vec<ChunkId> },
+    Put { ids: Vec<ChunkId>, level: u8 },
     Get { id: ChunkId },
     Delete { ids: Vec<ChunkId> },
 }
@@ -224,6 +231,10 @@ struct World {
     by_id: HashMap<ChunkId, usize>,
     /// Ids whose state the node acknowledged: true = present, false = deleted.
     known: BTreeMap<ChunkId, bool>,
+    /// Of the ids known present: the highest level an acknowledged put asked for.
+    acked_level: HashMap<ChunkId, u8>,
+    /// The highest level each id was ever put with.
+    max_level: HashMap<ChunkId, u8>,
     pending: BTreeMap<ChunkId, Pending>,
     ops: HashMap<u64, Op>,
     next_ticket: u64,
@@ -267,8 +278,9 @@ impl World {
         }
     }
 
-    /// An op on `id` finished; `acked` is the state the node acknowledged, if any.
-    fn end(&mut self, id: ChunkId, delete: bool, acked: Option<bool>) {
+    /// An op on `id` finished; `acked` is the state the node acknowledged, if any, and
+    /// `level` the put's level (0 for a delete).
+    fn end(&mut self, id: ChunkId, delete: bool, acked: Option<bool>, level: u8) {
         let p = self.pending.get_mut(&id).expect("pending op");
         if delete {
             p.deletes -= 1;
@@ -282,13 +294,21 @@ impl World {
         match (conflicted, acked) {
             (false, Some(state)) => {
                 self.known.insert(id, state);
+                if state {
+                    let l = self.acked_level.entry(id).or_insert(0);
+                    *l = (*l).max(level);
+                } else {
+                    self.acked_level.remove(&id);
+                }
             }
             (true, _) => {
                 self.known.remove(&id);
+                self.acked_level.remove(&id);
             }
             (false, None) => {
                 // Failed: may or may not have happened.
                 self.known.remove(&id);
+                self.acked_level.remove(&id);
             }
         }
     }
@@ -330,13 +350,16 @@ impl World {
         match c {
             Completion::Put { ticket, result, .. } => {
                 if let Ok(t) = std::env::var("HIVE_SIM_TRACE_ID") {
-                    if let Some(Op::Put { ids }) = self.ops.get(&ticket) {
-                        if ids.iter().any(|i| i.to_hex().starts_with(&t)) {
-                            eprintln!("op {} put {ticket} -> {:?}", self.op_no, result);
+                    if let Some(Op::Put { ids, level }) = self.ops.get(&ticket) {
+                        if let Some(k) = ids.iter().position(|i| i.to_hex().starts_with(&t)) {
+                            eprintln!(
+                                "op {} put {ticket} (level {level}, item {k}) -> {:?}",
+                                self.op_no, result
+                            );
                         }
                     }
                 }
-                let Some(Op::Put { ids }) = self.ops.remove(&ticket) else {
+                let Some(Op::Put { ids, level }) = self.ops.remove(&ticket) else {
                     return Err(self.fail(format!("put completion for unknown ticket {ticket}")));
                 };
                 if self.poison_tickets.remove(&ticket) {
@@ -373,7 +396,7 @@ impl World {
                                 }
                                 (_, true) => {
                                     self.report.puts_acked += 1;
-                                    self.end(*id, false, Some(true));
+                                    self.end(*id, false, Some(true), level);
                                 }
                             }
                         }
@@ -392,7 +415,7 @@ impl World {
                             .copied()
                             .collect();
                         for id in genuine {
-                            self.end(id, false, None);
+                            self.end(id, false, None, level);
                         }
                     }
                 }
@@ -441,7 +464,7 @@ impl World {
                     Err(e) => return Err(self.fail(format!("delete failed unexpectedly: {e}"))),
                 };
                 for id in ids {
-                    self.end(id, true, acked);
+                    self.end(id, true, acked, 0);
                 }
             }
         }
@@ -454,7 +477,7 @@ impl World {
         let mut ask: Vec<ChunkId> = self.ids.clone();
         ask.push(ChunkId::compute(&self.key, b"never stored"));
         let mut present = Vec::new();
-        shard.has(&ask, &mut present);
+        shard.has(&ask, 1, &mut present);
         let failed = shard.stats().failed.is_some();
         for (id, hit) in ask.iter().zip(present) {
             if hit {
@@ -474,6 +497,18 @@ impl World {
             if self.pending.contains_key(id) {
                 continue;
             }
+            let held = shard.held_level(id);
+            if hit && held > self.max_level.get(id).copied().unwrap_or(0) {
+                return Err(self.fail(format!(
+                    "{id:?} held at level {held}, above any it was put with"
+                )));
+            }
+            let acked = self.acked_level.get(id).copied().unwrap_or(0);
+            if self.known.get(id) == Some(&true) && !failed && held < acked {
+                return Err(self.fail(format!(
+                    "{id:?} held at level {held}, acknowledged at level {acked}"
+                )));
+            }
             match (self.known.get(id), hit) {
                 (Some(true), false) => {
                     return Err(self.fail(format!("acknowledged chunk {id:?} does not answer has")))
@@ -487,7 +522,9 @@ impl World {
                 // Learn only from a healthy shard: a failed one has dropped deletions that
                 // never became durable from its memory, and a restart brings them back.
                 (None, _) if self.by_id.contains_key(id) && !failed => {
+                    // Learned: at which level is not known.
                     self.known.insert(*id, hit);
+                    self.acked_level.remove(id);
                 }
                 _ => {}
             }
@@ -515,7 +552,9 @@ impl World {
         }
     }
 
-    fn put_chunk(&self, id: &ChunkId) -> PutChunk {
+    fn put_chunk(&mut self, id: &ChunkId, level: u8) -> PutChunk {
+        let m = self.max_level.entry(*id).or_insert(0);
+        *m = (*m).max(level);
         let i = self.by_id[id];
         let plain = &self.contents[i];
         let preferred = if i.is_multiple_of(3) {
@@ -528,8 +567,15 @@ impl World {
             id: *id,
             codec,
             raw_len: plain.len() as u32,
+            level,
             data: data.into(),
         }
+    }
+
+    /// The level of the next put: 1 to 3, from the ticket counter (not drawn: recorded
+    /// seeds keep reproducing the runs they were found in).
+    fn next_level(&self) -> u8 {
+        1 + (self.next_ticket % 3) as u8
     }
 
     fn random_id(&mut self) -> ChunkId {
@@ -541,6 +587,7 @@ impl World {
         match self.rng.below(100) {
             0..=44 => {
                 let n = 1 + self.rng.below(8) as usize;
+                let level = self.next_level();
                 let mut ids = Vec::new();
                 let mut chunks = Vec::new();
                 for _ in 0..n {
@@ -561,6 +608,7 @@ impl World {
                             let (codec, stored) = chunk::compress(Codec::Lz4, &data);
                             let t = self.ticket(Op::Put {
                                 ids: vec![poison_id],
+                                level: 1,
                             });
                             self.net.push(Msg::Put(
                                 t,
@@ -568,6 +616,7 @@ impl World {
                                     id: poison_id,
                                     codec,
                                     raw_len: data.len() as u32,
+                                    level: 1,
                                     data: stored.into(),
                                 }],
                             ));
@@ -579,6 +628,7 @@ impl World {
                             id: poison_id,
                             codec: Codec::Raw,
                             raw_len: data.len() as u32,
+                            level: 1,
                             data: data.into(),
                         });
                         continue;
@@ -586,9 +636,9 @@ impl World {
                     let id = self.random_id();
                     self.begin(id, false);
                     ids.push(id);
-                    chunks.push(self.put_chunk(&id));
+                    chunks.push(self.put_chunk(&id, level));
                 }
-                let t = self.ticket(Op::Put { ids });
+                let t = self.ticket(Op::Put { ids, level });
                 self.net.push(Msg::Put(t, chunks));
             }
             45..=69 => {
@@ -619,8 +669,9 @@ impl World {
                 for id in &ids {
                     self.begin(*id, false);
                 }
-                let chunks = ids.iter().map(|id| self.put_chunk(id)).collect();
-                let t = self.ticket(Op::Put { ids });
+                let level = self.next_level();
+                let chunks = ids.iter().map(|id| self.put_chunk(id, level)).collect();
+                let t = self.ticket(Op::Put { ids, level });
                 self.net.push(Msg::Put(t, chunks));
             }
             _ => {}
@@ -637,7 +688,6 @@ fn open_shard(
 ) -> Result<ShardCore, ShardError> {
     let scfg = ShardConfig {
         commit_max_bytes: cfg.commit_max_bytes,
-        replication_level: 1,
         use_summaries,
         compact_live_percent: cfg.compact_live_percent,
         compact_reserve_segments: cfg.compact_reserve_segments,
@@ -721,6 +771,8 @@ pub fn run(cfg: &SimConfig) -> Result<SimReport, SimFailure> {
         ids,
         by_id,
         known: BTreeMap::new(),
+        acked_level: HashMap::new(),
+        max_level: HashMap::new(),
         pending: BTreeMap::new(),
         ops: HashMap::new(),
         next_ticket: 0,
@@ -758,6 +810,7 @@ pub fn run(cfg: &SimConfig) -> Result<SimReport, SimFailure> {
             w.poison_tickets.clear();
             for (id, _) in std::mem::take(&mut w.pending) {
                 w.known.remove(&id);
+                w.acked_level.remove(&id);
             }
             let use_summaries = w.rng.below(4) != 0;
             shard = open_shard(&dev, &sb, key, cfg, use_summaries)
@@ -890,6 +943,7 @@ mod tests {
             let r = run(&SimConfig::new(seed, 20_000)).unwrap_or_else(|e| panic!("{e}"));
             assert!(r.puts_acked > 1000, "{r:?}");
             assert!(r.crashes > 10, "{r:?}");
+            assert!(r.puts_raised > 100, "{r:?}");
         }
     }
 }

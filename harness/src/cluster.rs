@@ -1,11 +1,54 @@
 //! Helpers for tests of hives of several nodes: metadata clients, the members and leader
 //! the nodes report, directory listings through the metadata service.
 
-use crate::TestNode;
+use crate::{NodeOptions, TestNode};
 use hivefs_client::meta::MetaClient;
 use hivefs_net::meta::{Answer, FileKind, Member, MetaReply, Mutation, Query};
+use hivefs_net::placement::NodeState;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
+
+/// Three nodes of 2 shards each with devices of `size` (sparse files), named `r1`..`r3`,
+/// the hive's default copies; returned once the placement map every node publishes lists
+/// all three up.
+pub fn three_nodes_sized(size: &str) -> Vec<TestNode> {
+    let o = |name: &str| NodeOptions::default().shards(2).name(name).size(size);
+    let mut a = TestNode::start(o("r1"));
+    let mut b = TestNode::join(o("r2"), &mut a);
+    let c = TestNode::join(o("r3"), &mut b);
+    let nodes = vec![a, b, c];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for n in &nodes {
+        loop {
+            let mut cl = n.client();
+            let map = cl.hive_map();
+            if map.nodes.len() == 3 && map.nodes.iter().all(|m| m.state == NodeState::Up) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "maps not published: {map:?}");
+            std::thread::sleep(Duration::from_millis(200));
+            cl.refresh_map();
+        }
+    }
+    nodes
+}
+
+/// Chunks `node` holds, over its shards (from its stats).
+pub fn chunk_count(node: &TestNode) -> u64 {
+    chunk_count_of(&mut node.client())
+}
+
+/// Chunks the node that `c` first contacted holds, over its shards.
+pub fn chunk_count_of(c: &mut hivefs_client::hive::HiveClient) -> u64 {
+    c.stats()
+        .expect("stats")
+        .iter()
+        .map(|j| {
+            let v: serde_json::Value = serde_json::from_str(j).expect("stats json");
+            v["chunks"].as_u64().expect("chunks")
+        })
+        .sum()
+}
 
 /// A metadata client of `node` (it follows the leader from there).
 pub fn meta_client(node: &TestNode) -> MetaClient {
@@ -58,13 +101,13 @@ pub fn create_file(m: &MetaClient, vol: u32, parent: u64, name: &str) -> MetaRep
     m.mutate(vol, new_file(parent, name)).expect("create call")
 }
 
-/// Create volume `name` (one copy); returns its id.
+/// Create volume `name` (the default copies, 3); returns its id.
 pub fn create_volume(m: &MetaClient, name: &str) -> u32 {
     match m.mutate(
         0,
         Mutation::CreateVolume {
             name: name.into(),
-            copies: 1,
+            copies: hivefs_client::hive::DEFAULT_LEVEL,
         },
     ) {
         Ok(Ok(Answer::Volume(v))) => v.id,

@@ -169,8 +169,14 @@ pub fn lazy_unmount(path: &Path) -> bool {
     !is_fuse_mount(path)
 }
 
-/// Create volume `name` (one copy) on `node` unless it exists; returns its id.
+/// Create volume `name` (the default copies, 3: a hive of fewer nodes keeps one per node)
+/// on `node` unless it exists; returns its id.
 pub fn ensure_volume(node: &TestNode, name: &str) -> u32 {
+    ensure_volume_with(node, name, hivefs_client::hive::DEFAULT_LEVEL)
+}
+
+/// [`ensure_volume`] with `copies`.
+pub fn ensure_volume_with(node: &TestNode, name: &str, copies: u8) -> u32 {
     let m = MetaClient::connect(&node.client_options(), node.meta_port()).unwrap_or_else(|e| {
         panic!(
             "connecting to the metadata port {}: {e}\n--- node log tail ---\n{}",
@@ -182,7 +188,7 @@ pub fn ensure_volume(node: &TestNode, name: &str) -> u32 {
         0,
         Mutation::CreateVolume {
             name: name.into(),
-            copies: 1,
+            copies,
         },
     );
     match created {

@@ -92,8 +92,9 @@ fn cases(token: &str, rng: &mut Rng, plain: bool) -> Vec<Case> {
     let mut huge = encode_frame(V, 12, 9, b"");
     huge[16..20].copy_from_slice(&0xFFFF_FFFFu32.to_le_bytes());
     fix_header_crc(&mut huge);
+    // Version 1, before levels: refused by version alone.
     let mut version = frame_request(V, 1, &hello(token, 1, 1));
-    version[4..6].copy_from_slice(&2u16.to_le_bytes());
+    version[4..6].copy_from_slice(&1u16.to_le_bytes());
     fix_header_crc(&mut version);
     let mut flags = frame_request(V, 1, &Request::Stats);
     flags[28] = 2; // not a defined flag
@@ -117,12 +118,20 @@ fn cases(token: &str, rng: &mut Rng, plain: bool) -> Vec<Case> {
     response_op.extend_from_slice(&encode_frame(V, 2, 4, b""));
     let mut short_has = good_hello.clone();
     // A Has claiming 3 ids but carrying one.
-    let mut body = 3u32.to_le_bytes().to_vec();
+    let mut body = vec![1u8]; // level
+    body.extend_from_slice(&3u32.to_le_bytes());
     body.extend_from_slice(&ChunkId::compute(&DedupeKey([0; 32]), b"x").0);
     short_has.extend_from_slice(&encode_frame(V, 10, 5, &body));
+    // A Has asking for level 0 (no chunk can have no copies).
+    let mut level_zero = good_hello.clone();
+    let mut body = vec![0u8];
+    body.extend_from_slice(&1u32.to_le_bytes());
+    body.extend_from_slice(&ChunkId::compute(&DedupeKey([0; 32]), b"x").0);
+    level_zero.extend_from_slice(&encode_frame(V, 10, 5, &body));
     // A Put whose one chunk claims more data bytes than the body holds (decoded in place).
     let mut short_put = good_hello.clone();
-    let mut body = 1u32.to_le_bytes().to_vec();
+    let mut body = vec![1u8]; // level
+    body.extend_from_slice(&1u32.to_le_bytes());
     body.extend_from_slice(&ChunkId::compute(&DedupeKey([0; 32]), b"x").0);
     body.push(Codec::Raw as u8);
     body.extend_from_slice(&1u32.to_le_bytes()); // raw_len
@@ -170,11 +179,11 @@ fn cases(token: &str, rng: &mut Rng, plain: bool) -> Vec<Case> {
             ending: Ending::Open,
             ok_replies: 0,
             expect: Some((ErrorCode::UnsupportedVersion, 0)),
-            log: Some("unsupported protocol version 2"),
+            log: Some("unsupported protocol version 1"),
         },
         Case {
-            name: "Hello offering only versions 2..=9",
-            bytes: frame_request(V, 7, &hello(token, 2, 9)),
+            name: "Hello offering only versions 3..=9",
+            bytes: frame_request(V, 7, &hello(token, 3, 9)),
             ending: Ending::Open,
             ok_replies: 0,
             expect: Some((ErrorCode::UnsupportedVersion, 7)),
@@ -231,11 +240,20 @@ fn cases(token: &str, rng: &mut Rng, plain: bool) -> Vec<Case> {
             log: Some("bad request, closing the connection: message truncated"),
         },
         Case {
+            name: "Has at level 0",
+            bytes: level_zero,
+            ending: Ending::Open,
+            ok_replies: 1,
+            expect: Some((ErrorCode::BadRequest, 5)),
+            log: Some("bad request, closing the connection: invalid level: 0"),
+        },
+        Case {
             name: "request before Hello (no token)",
             bytes: frame_request(
                 V,
                 5,
                 &Request::Has {
+                    level: 1,
                     ids: vec![ChunkId::compute(&DedupeKey([0; 32]), b"x")],
                 },
             ),
@@ -250,6 +268,7 @@ fn cases(token: &str, rng: &mut Rng, plain: bool) -> Vec<Case> {
                 V,
                 5,
                 &Request::Put {
+                    level: 1,
                     chunks: vec![PutChunk {
                         id: ChunkId::compute(&DedupeKey([0; 32]), b"x"),
                         codec: Codec::Raw,
@@ -273,7 +292,11 @@ fn cases(token: &str, rng: &mut Rng, plain: bool) -> Vec<Case> {
         },
         Case {
             name: "Hello with a bad token",
-            bytes: frame_request(V, 6, &hello("not-the-token", 1, 1)),
+            bytes: frame_request(
+                V,
+                6,
+                &hello("not-the-token", PROTOCOL_VERSION_MIN, PROTOCOL_VERSION_MAX),
+            ),
             ending: Ending::Open,
             ok_replies: 0,
             expect: Some((ErrorCode::BadToken, 6)),

@@ -10,7 +10,6 @@ use hivefs_client::hive::{ClientError, HiveClient};
 use hivefs_harness::{raw_chunk, NodeOptions, TestNode};
 use hivefs_net::chunk::{ChunkId, Codec, DedupeKey};
 use hivefs_net::frame::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
-use hivefs_net::placement::NodeState;
 use hivefs_net::proto::{ErrorCode, PutChunk, PutResult, Request, Response};
 use hivefs_nvme::rng::SplitMix64;
 use std::time::{Duration, Instant};
@@ -25,29 +24,6 @@ fn three_nodes() -> Vec<TestNode> {
     three_nodes_sized("512M")
 }
 
-/// [`three_nodes`] with devices of `size` (sparse files).
-fn three_nodes_sized(size: &str) -> Vec<TestNode> {
-    let o = |name: &str| opts(name).size(size);
-    let mut a = TestNode::start(o("r1"));
-    let mut b = TestNode::join(o("r2"), &mut a);
-    let c = TestNode::join(o("r3"), &mut b);
-    let nodes = vec![a, b, c];
-    let deadline = Instant::now() + Duration::from_secs(20);
-    for n in &nodes {
-        loop {
-            let mut cl = n.client();
-            let map = cl.hive_map();
-            if map.nodes.len() == 3 && map.nodes.iter().all(|m| m.state == NodeState::Up) {
-                break;
-            }
-            assert!(Instant::now() < deadline, "maps not published: {map:?}");
-            std::thread::sleep(Duration::from_millis(200));
-            cl.refresh_map();
-        }
-    }
-    nodes
-}
-
 /// `n` distinct raw chunks (4-12 KiB, from `seed`).
 fn chunks(key: &DedupeKey, seed: u64, n: usize) -> Vec<PutChunk> {
     let mut rng = SplitMix64::new(seed);
@@ -56,17 +32,7 @@ fn chunks(key: &DedupeKey, seed: u64, n: usize) -> Vec<PutChunk> {
         .collect()
 }
 
-/// Chunks the node that `c` first contacted holds, over its shards.
-fn chunk_count(c: &mut HiveClient) -> u64 {
-    c.stats()
-        .expect("stats")
-        .iter()
-        .map(|j| {
-            let v: serde_json::Value = serde_json::from_str(j).expect("stats json");
-            v["chunks"].as_u64().expect("chunks")
-        })
-        .sum()
-}
+use hivefs_harness::cluster::{chunk_count_of as chunk_count, three_nodes_sized};
 
 fn read_back(c: &mut HiveClient, want: &[PutChunk], what: &str) {
     let ids: Vec<ChunkId> = want.iter().map(|c| c.id).collect();

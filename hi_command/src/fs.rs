@@ -73,6 +73,8 @@ const READ_AHEAD: u64 = 32 << 20;
 pub struct Mounted {
     pub meta: Arc<MetaClient>,
     pub volume: u32,
+    /// The volume's copies: the level its chunks are stored at.
+    pub copies: u8,
 }
 
 pub struct HiveFs {
@@ -189,6 +191,7 @@ impl HiveFs {
         let hive = Arc::new(Hive::new(
             mounted.meta.clone(),
             mounted.volume,
+            mounted.copies,
             pipeline,
             ChunkCache::new(CACHE_BYTES),
         ));

@@ -86,9 +86,11 @@ enum VolumeCmd {
         #[command(flatten)]
         hive: HiveArgs,
         name: String,
-        /// Copies of every chunk (1 = no redundancy: tests only).
-        #[arg(long, default_value_t = 1)]
-        copies: u8,
+        /// Copies of every chunk (the hive's default, `hive init --copies`, when not
+        /// given: 3 unless changed; 2 = mirror, 1 = no redundancy: tests only). A chunk
+        /// shared with another volume keeps the most copies either asks.
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=hivefs_net::proto::MAX_LEVEL as i64))]
+        copies: Option<u8>,
     },
     List {
         #[command(flatten)]
@@ -184,16 +186,20 @@ fn real_main() -> Result<()> {
             cmd: VolumeCmd::Create { hive, name, copies },
         } => {
             let meta = connect(&resolve(&hive, None)?)?;
-            if copies == 1 {
-                eprintln!("hi: warning: volume {name} keeps ONE copy of its data: no redundancy");
-            }
             match fs::answer(meta.mutate(
                 0,
                 Mutation::CreateVolume {
                     name: name.clone(),
-                    copies,
+                    copies: copies.unwrap_or(0),
                 },
             )?)? {
+                Answer::Volume(v) if v.copies == 1 => {
+                    eprintln!(
+                        "hi: warning: volume {} keeps ONE copy of its data: no redundancy",
+                        v.name
+                    );
+                    println!("volume {} created (id {}, copies 1)", v.name, v.id)
+                }
                 Answer::Volume(v) => println!(
                     "volume {} created (id {}, copies {})",
                     v.name, v.id, v.copies
@@ -233,6 +239,7 @@ fn mount(r: &Resolved, threads: usize, mountpoint: &std::path::Path) -> Result<(
     let fs = HiveFs::new(Mounted {
         meta: meta.clone(),
         volume: vol.id,
+        copies: vol.copies,
     })?;
     let ended = fs.ended.clone();
     let hints = fs.hints.clone();

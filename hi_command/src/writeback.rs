@@ -260,11 +260,22 @@ pub struct Hive {
 const LEASE_WAIT: Duration = Duration::from_millis(3 * m::LOCK_LEASE_MS);
 
 impl Hive {
-    pub fn new(meta: Arc<MetaClient>, vol: u32, pipeline: Pipeline, cache: ChunkCache) -> Hive {
+    /// The hive side of volume `vol`, whose chunks are stored at `copies` (its level).
+    pub fn new(
+        meta: Arc<MetaClient>,
+        vol: u32,
+        copies: u8,
+        pipeline: Pipeline,
+        cache: ChunkCache,
+    ) -> Hive {
+        let opts = meta.chunk_options();
         Hive {
             locks: Arc::new(LockClient::new(meta.clone(), vol)),
             chunks: ChunkPool {
-                opts: meta.chunk_options(),
+                opts: ClientOptions {
+                    level: copies.clamp(1, hivefs_net::proto::MAX_LEVEL),
+                    ..opts
+                },
                 idle: Mutex::new(Vec::new()),
             },
             meta,

@@ -504,11 +504,11 @@ mod tests {
                     shard_count: 1,
                     credits: 8,
                 },
-                Request::Has { ids } => Response::HasReply {
+                Request::Has { ids, .. } => Response::HasReply {
                     claim_epoch: 3,
                     present: ids.iter().map(|i| i.0[1] & 1 == 1).collect(),
                 },
-                Request::Put { chunks } => Response::PutReply {
+                Request::Put { chunks, .. } => Response::PutReply {
                     claim_epoch: 3,
                     results: chunks.iter().map(|_| PutResult::Stored).collect(),
                 },
@@ -544,7 +544,14 @@ mod tests {
         );
         let ids: Vec<ChunkId> = (0..MAX_BATCH_IDS as u32).map(id).collect();
         client
-            .send_request(V, 2, &Request::Has { ids: ids.clone() })
+            .send_request(
+                V,
+                2,
+                &Request::Has {
+                    level: 1,
+                    ids: ids.clone(),
+                },
+            )
             .unwrap();
         let (rid, resp) = client.recv_response().unwrap();
         assert_eq!(rid, 2);
@@ -563,7 +570,9 @@ mod tests {
                 data: vec![n as u8; 1 << 20],
             })
             .collect();
-        client.send_request(V, 3, &Request::Put { chunks }).unwrap();
+        client
+            .send_request(V, 3, &Request::Put { level: 1, chunks })
+            .unwrap();
         let (rid, resp) = client.recv_response().unwrap();
         assert_eq!(
             (rid, resp),
@@ -662,7 +671,7 @@ mod tests {
                 let progressed = !frames.is_empty();
                 for f in frames {
                     let resp = match Request::decode(f.opcode, &f.body).unwrap() {
-                        Request::Has { ids } => Response::HasReply {
+                        Request::Has { ids, .. } => Response::HasReply {
                             claim_epoch: 1,
                             present: vec![false; ids.len()],
                         },
@@ -688,6 +697,7 @@ mod tests {
         for i in 0..20u64 {
             let req = if i % 2 == 0 {
                 Request::Has {
+                    level: 1,
                     ids: (0..1000).map(id).collect(),
                 }
             } else {
@@ -763,7 +773,7 @@ mod tests {
             })
             .collect();
         let err = client
-            .send_request(V, 1, &Request::Put { chunks })
+            .send_request(V, 1, &Request::Put { level: 1, chunks })
             .unwrap_err();
         assert!(matches!(err, ConnError::Frame(FrameError::TooLarge(_))));
         assert_eq!(err.code(), Some(ErrorCode::TooLarge));

@@ -30,10 +30,11 @@ use crate::proto::ErrorCode;
 
 /// Frame magic: the little-endian bytes `"HVFS"`.
 pub const MAGIC: u32 = 0x5346_5648;
-/// Lowest protocol version this build speaks.
-pub const PROTOCOL_VERSION_MIN: u16 = 1;
+/// Lowest protocol version this build speaks. Version 2 added levels to `Has` and `Put`
+/// (see `proto.rs`); version 1 peers are refused at the first frame, by version.
+pub const PROTOCOL_VERSION_MIN: u16 = 2;
 /// Highest protocol version this build speaks.
-pub const PROTOCOL_VERSION_MAX: u16 = 1;
+pub const PROTOCOL_VERSION_MAX: u16 = 2;
 /// Bytes in a frame header.
 pub const HEADER_BYTES: usize = 32;
 /// The largest body any peer accepts (16 MiB).
@@ -465,6 +466,7 @@ impl FrameDecoder {
 
 #[cfg(test)]
 mod tests {
+    const V: u16 = PROTOCOL_VERSION_MAX;
     use super::*;
 
     fn decode_all(bytes: &[u8]) -> Result<Vec<Frame>, FrameError> {
@@ -487,10 +489,10 @@ mod tests {
 
     #[test]
     fn header_layout_is_fixed() {
-        let f = encode_frame(1, 14, 0x0102_0304_0506_0708, b"abc");
+        let f = encode_frame(V, 14, 0x0102_0304_0506_0708, b"abc");
         assert_eq!(f.len(), HEADER_BYTES + 3);
         assert_eq!(&f[0..4], b"HVFS");
-        assert_eq!(&f[4..6], &[1, 0]);
+        assert_eq!(&f[4..6], &[2, 0]);
         assert_eq!(&f[6..8], &[14, 0]);
         assert_eq!(&f[8..16], &[8, 7, 6, 5, 4, 3, 2, 1]);
         assert_eq!(&f[16..20], &[3, 0, 0, 0]);
@@ -500,7 +502,7 @@ mod tests {
         assert_eq!(&f[24..28], &crc32c::crc32c(&covered).to_le_bytes());
         assert_eq!(&f[28..32], &[0, 0, 0, 0]);
         let mut u = Vec::new();
-        encode_frame_checked_with(&mut u, BodyCheck::Transport, 1, 14, 5, |b| b.push(1));
+        encode_frame_checked_with(&mut u, BodyCheck::Transport, V, 14, 5, |b| b.push(1));
         assert_eq!(&u[20..24], &[0, 0, 0, 0]);
         assert_eq!(&u[28..32], &FLAG_BODY_UNCHECKED.to_le_bytes());
     }
@@ -509,7 +511,7 @@ mod tests {
     fn roundtrip_many_frames_byte_by_byte() {
         let mut stream = Vec::new();
         for i in 0..20u64 {
-            encode_frame_into(&mut stream, 1, i as u16, i, &vec![i as u8; i as usize * 37]);
+            encode_frame_into(&mut stream, V, i as u16, i, &vec![i as u8; i as usize * 37]);
         }
         let mut d = FrameDecoder::new();
         let mut got = Vec::new();
@@ -575,12 +577,12 @@ mod tests {
         for (i, n) in sizes.iter().enumerate() {
             let body: Vec<u8> = (0..*n).map(|j| (j * 7 + i) as u8).collect();
             if i % 2 == 0 {
-                encode_frame_into(&mut stream, 1, 20, i as u64, &body);
+                encode_frame_into(&mut stream, V, 20, i as u64, &body);
             } else {
                 encode_frame_checked_with(
                     &mut stream,
                     BodyCheck::Transport,
-                    1,
+                    V,
                     20,
                     i as u64,
                     |b| b.extend_from_slice(&body),
@@ -602,7 +604,7 @@ mod tests {
             decode_in_pieces(&stream, 7, false).unwrap_err(),
             FrameError::UncheckedBody
         );
-        let mut bad = encode_frame(1, 20, 1, &vec![9u8; 300_000]);
+        let mut bad = encode_frame(V, 20, 1, &vec![9u8; 300_000]);
         bad[HEADER_BYTES + 250_000] ^= 1;
         for seed in 1..10 {
             assert_eq!(
@@ -610,7 +612,7 @@ mod tests {
                 FrameError::BadBodyChecksum
             );
         }
-        let good = encode_frame(1, 20, 1, &vec![9u8; 300_000]);
+        let good = encode_frame(V, 20, 1, &vec![9u8; 300_000]);
         let cut = &good[..good.len() - 1];
         assert!(matches!(
             decode_in_pieces(cut, 3, true).unwrap_err(),
@@ -627,7 +629,7 @@ mod tests {
 
     #[test]
     fn truncated_needs_more_until_eof() {
-        let f = encode_frame(1, 10, 9, &[1u8; 100]);
+        let f = encode_frame(V, 10, 9, &[1u8; 100]);
         for cut in [0, 1, 31, 32, 33, 131] {
             let mut d = FrameDecoder::new();
             assert_eq!(d.push(&f[..cut]), cut);
@@ -642,7 +644,7 @@ mod tests {
 
     #[test]
     fn huge_length_is_rejected_from_the_header_alone() {
-        let mut f = encode_frame(1, 10, 1, b"");
+        let mut f = encode_frame(V, 10, 1, b"");
         f[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
         reseal_header(&mut f);
         let mut d = FrameDecoder::new();
@@ -667,7 +669,7 @@ mod tests {
     #[test]
     fn max_size_frame_passes() {
         let body = vec![0xabu8; MAX_BODY_BYTES];
-        let f = encode_frame(1, 12, 3, &body);
+        let f = encode_frame(V, 12, 3, &body);
         let mut d = FrameDecoder::new();
         assert_eq!(d.push(&f), MAX_FRAME_BYTES);
         assert_eq!(d.room(), 0);
@@ -679,16 +681,23 @@ mod tests {
 
     #[test]
     fn wrong_version_flags_and_header_checksum() {
-        let good = encode_frame(1, 10, 1, b"x");
+        let good = encode_frame(V, 10, 1, b"x");
         let refresh = |mut f: Vec<u8>| {
             reseal_header(&mut f);
             f
         };
         let mut v = good.clone();
-        v[4..6].copy_from_slice(&2u16.to_le_bytes());
+        v[4..6].copy_from_slice(&(PROTOCOL_VERSION_MAX + 1).to_le_bytes());
         assert_eq!(
             decode_all(&refresh(v)),
-            Err(FrameError::UnsupportedVersion(2))
+            Err(FrameError::UnsupportedVersion(PROTOCOL_VERSION_MAX + 1))
+        );
+        let mut v = good.clone();
+        v[4..6].copy_from_slice(&1u16.to_le_bytes());
+        assert_eq!(
+            decode_all(&refresh(v)),
+            Err(FrameError::UnsupportedVersion(1)),
+            "version 1 (before levels) is refused"
         );
         let mut v = good.clone();
         v[4..6].copy_from_slice(&0u16.to_le_bytes());
@@ -718,7 +727,7 @@ mod tests {
     #[test]
     fn unchecked_bodies_only_on_authenticated_transports() {
         let mut f = Vec::new();
-        encode_frame_checked_with(&mut f, BodyCheck::Transport, 1, 10, 1, |b| {
+        encode_frame_checked_with(&mut f, BodyCheck::Transport, V, 10, 1, |b| {
             b.extend_from_slice(b"hello")
         });
         assert_eq!(decode_all(&f), Err(FrameError::UncheckedBody));
@@ -728,7 +737,7 @@ mod tests {
         assert_eq!(d.push(&f), f.len());
         assert_eq!(d.pop().unwrap().unwrap().body, b"hello");
         // A checked frame is still checked on an authenticated transport.
-        let mut g = encode_frame(1, 10, 2, b"hello");
+        let mut g = encode_frame(V, 10, 2, b"hello");
         *g.last_mut().unwrap() ^= 1;
         assert_eq!(d.push(&g), g.len());
         assert_eq!(d.pop(), Err(FrameError::BadBodyChecksum));
@@ -736,7 +745,7 @@ mod tests {
 
     #[test]
     fn body_checksum_mismatch() {
-        let mut f = encode_frame(1, 10, 1, b"hello");
+        let mut f = encode_frame(V, 10, 1, b"hello");
         *f.last_mut().unwrap() ^= 0x80;
         let e = decode_all(&f).unwrap_err();
         assert_eq!(e, FrameError::BadBodyChecksum);
@@ -746,7 +755,7 @@ mod tests {
     #[test]
     fn oversize_encode_is_announced_so_peers_reject_it() {
         let body = vec![0u8; MAX_BODY_BYTES + 1];
-        let f = encode_frame(1, 12, 1, &body);
+        let f = encode_frame(V, 12, 1, &body);
         let mut d = FrameDecoder::new();
         let _ = d.push(&f[..HEADER_BYTES]);
         assert_eq!(

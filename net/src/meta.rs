@@ -209,6 +209,8 @@ pub enum XattrMode {
 pub enum Mutation {
     CreateVolume {
         name: String,
+        /// 1 to `proto::MAX_LEVEL`; 0 asks for the hive's default (the leader writes the
+        /// number into the log).
         copies: u8,
     },
     /// create(2)/mknod(2)/mkdir(2): a new inode of `kind` under `parent`.
@@ -1039,7 +1041,8 @@ pub enum ShardAdmin {
     SetGcEpoch { epoch: u64 },
     /// A collection begins: claims are stamped `epoch` and recorded until `EndGc`.
     BeginGc { epoch: u64 },
-    /// Verified chunk ids in id order after `after` (33-byte ids, concatenated).
+    /// Verified chunk ids in id order after `after` (33-byte ids, concatenated), each with
+    /// its level: answered `Listed`.
     ListIds { after: Option<Vec<u8>>, max: u32 },
     /// Like `ListIds`, only the chunks whose latest claim (put, duplicate put, `has` hit,
     /// or a collection's mark finding them live: `MarkedLive`) is of a GC epoch before
@@ -1059,10 +1062,10 @@ pub enum ShardAdmin {
     /// is due at the first collection whose mark no longer finds it live, not two epochs
     /// after its last claim). Answered `Done`.
     MarkedLive { epoch: u64, ids: Vec<u8> },
-    /// Which of these ids (concatenated, at most `MAX_ADMIN_IDS`) the shard holds
-    /// verified, answered as `Ids` (the subset, in the order asked). Unlike `Has` this is
-    /// not a claim: repair asks it of every copy, and a claim would keep garbage from
-    /// being swept.
+    /// At which level the shard holds each of these ids (concatenated, at most
+    /// `MAX_ADMIN_IDS`) verified: answered `Held`, one level per id asked, 0 for an id not
+    /// held. Unlike `Has` this is not a claim: repair asks it of every copy, and a claim
+    /// would keep garbage from being swept.
     Holding { ids: Vec<u8> },
     /// Scrub: read these ids (concatenated, at most `MAX_SCRUB_IDS`) back from the device
     /// and check each record's CRC and the chunk's id (decompress + hash). Nothing is
@@ -1084,6 +1087,16 @@ pub enum ShardAdminReply {
     Ids {
         ids: Vec<u8>,
         more: bool,
+    },
+    /// `ListIds`: the ids (concatenated) and the level of each.
+    Listed {
+        ids: Vec<u8>,
+        levels: Vec<u8>,
+        more: bool,
+    },
+    /// `Holding`: the level each id asked is held at (0: not held).
+    Held {
+        levels: Vec<u8>,
     },
     Swept {
         removed: u64,
@@ -1134,10 +1147,11 @@ pub struct FsckReport {
     /// Stored chunks no live extent references and nobody claimed since before the epoch
     /// before the current one: garbage that outlived two collections (each is a finding).
     pub stale_chunks: u64,
-    /// Referenced chunks held by fewer nodes than the hive's copies (or than its eligible
-    /// nodes, where it has fewer): each is a finding; repair makes the missing copies.
+    /// Referenced chunks held by fewer nodes than the highest `copies` of the volumes
+    /// referencing them (or than the eligible nodes, where there are fewer), or held
+    /// everywhere at a lower level: each is a finding; repair makes the missing copies.
     pub under_replicated: u64,
-    /// The copies each referenced chunk should have.
+    /// The most copies any referenced chunk should have.
     pub copies_wanted: u64,
     pub findings: Vec<String>,
 }

@@ -9,8 +9,8 @@
 //! | opcode | body |
 //! |---|---|
 //! | `Hello` | `min_version u16, max_version u16, token str, client_name str` |
-//! | `Has` | `count u32, count × id[33]` |
-//! | `Put` | `count u32, count × (id[33], codec u8, raw_len u32, data bytes)` |
+//! | `Has` | `level u8, count u32, count × id[33]` |
+//! | `Put` | `level u8, count u32, count × (id[33], codec u8, raw_len u32, data bytes)` |
 //! | `Get` | `id[33]` |
 //! | `Stats`, `Map` | empty |
 //! | `HelloOk` | `version u16, node_id str, shard u16, shard_count u16, credits u32` |
@@ -23,6 +23,10 @@
 //! | `HiveMap` | empty |
 //! | `HiveMapReply` | the [`HiveMap`] encoding (`placement.rs`) |
 //! | `Replicate` | `hint_for u64`, then a `Put` body (node to node: store, do not forward) |
+//!
+//! A *level* is the number of copies the chunks must have (a volume's `copies`, 1 to
+//! [`MAX_LEVEL`]): `Has` answers present only for a chunk stored at that level or higher,
+//! and a `Put` raises a chunk stored at a lower level (protocol version 2).
 
 use crate::chunk::{
     ChunkId, Codec, DedupeKey, CHUNK_ID_BYTES, MAX_CHUNK_RAW_BYTES, MAX_CHUNK_STORED_BYTES,
@@ -48,8 +52,10 @@ pub const MAX_ERROR_MESSAGE_BYTES: usize = 4096;
 pub const MAX_STATS_JSON_BYTES: usize = 1 << 20;
 /// Most buckets in a [`ClusterMap`].
 pub const MAX_BUCKETS: u32 = 1 << 20;
-/// Bytes of a `Put` body before its chunks (the count).
-pub const PUT_BODY_HEADER_BYTES: usize = 4;
+/// Bytes of a `Put` body before its chunks (the level and the count).
+pub const PUT_BODY_HEADER_BYTES: usize = 5;
+/// Most copies a chunk can be asked to have (the highest `copies` of a volume).
+pub const MAX_LEVEL: u8 = 8;
 /// Bytes each chunk adds to a `Put` body besides its data: id, codec, raw_len, data length.
 pub const PUT_CHUNK_OVERHEAD_BYTES: usize = CHUNK_ID_BYTES + 1 + 4 + 4;
 
@@ -382,6 +388,18 @@ impl<'a> Reader<'a> {
         Ok(ChunkId(self.array()?))
     }
 
+    /// A level (copies a chunk must have): 1 to [`MAX_LEVEL`].
+    pub fn level(&mut self) -> Result<u8, DecodeError> {
+        let v = self.u8()?;
+        if !(1..=MAX_LEVEL).contains(&v) {
+            return Err(DecodeError::BadValue {
+                what: "level",
+                value: v as u64,
+            });
+        }
+        Ok(v)
+    }
+
     pub fn codec(&mut self) -> Result<Codec, DecodeError> {
         let c = self.u8()?;
         Codec::from_u8(c).ok_or(DecodeError::UnknownCodec(c))
@@ -451,12 +469,14 @@ pub enum Request {
         token: String,
         client_name: String,
     },
-    /// Which of these ids does the node hold (verified)?
+    /// Which of these ids does the node hold (verified) at `level` copies or more?
     Has {
+        level: u8,
         ids: Vec<ChunkId>,
     },
-    /// Store these chunks.
+    /// Store these chunks with `level` copies (raising any stored at a lower level).
     Put {
+        level: u8,
         chunks: Vec<PutChunk>,
     },
     Get {
@@ -478,6 +498,7 @@ pub enum Request {
     /// (`hint_for`: 0, or the node this is a hinted copy for). Only other nodes may send it.
     Replicate {
         hint_for: u64,
+        level: u8,
         chunks: Vec<PutChunk>,
     },
 }
@@ -652,19 +673,24 @@ impl Request {
                 w.bytes(token.as_bytes());
                 w.bytes(client_name.as_bytes());
             }
-            Request::Has { ids } => {
-                w.0.reserve(4 + ids.len() * CHUNK_ID_BYTES);
+            Request::Has { level, ids } => {
+                w.0.reserve(5 + ids.len() * CHUNK_ID_BYTES);
+                w.u8(*level);
                 w.len(ids.len());
                 for id in ids {
                     w.0.extend_from_slice(&id.0);
                 }
             }
-            Request::Put { chunks } => write_put_body(&mut w.0, chunks),
+            Request::Put { level, chunks } => write_put_body(&mut w.0, *level, chunks),
             Request::Get { id } => w.0.extend_from_slice(&id.0),
             Request::Stats | Request::Map | Request::HiveMap => {}
-            Request::Replicate { hint_for, chunks } => {
+            Request::Replicate {
+                hint_for,
+                level,
+                chunks,
+            } => {
                 w.u64(*hint_for);
-                write_put_body(&mut w.0, chunks)
+                write_put_body(&mut w.0, *level, chunks)
             }
             Request::Meta { body } | Request::ShardAdmin { body } => w.0.extend_from_slice(body),
         }
@@ -682,21 +708,27 @@ impl Request {
                 client_name: r.named_string("client name", MAX_NAME_BYTES)?,
             },
             Opcode::Has => {
+                let level = r.level()?;
                 let n = r.count("has ids", MAX_BATCH_IDS, CHUNK_ID_BYTES)?;
                 let mut ids = Vec::with_capacity(n);
                 for _ in 0..n {
                     ids.push(r.chunk_id()?);
                 }
-                Request::Has { ids }
+                Request::Has { level, ids }
             }
             Opcode::Put => {
-                let chunks = owned_chunks(body, decode_put_in_place(body)?);
-                return Ok(Request::Put { chunks });
+                let (level, at) = decode_put_in_place(body)?;
+                let chunks = owned_chunks(body, at);
+                return Ok(Request::Put { level, chunks });
             }
             Opcode::Replicate => {
-                let (hint_for, at) = decode_replicate_in_place(body)?;
+                let (hint_for, level, at) = decode_replicate_in_place(body)?;
                 let chunks = owned_chunks(body, at);
-                return Ok(Request::Replicate { hint_for, chunks });
+                return Ok(Request::Replicate {
+                    hint_for,
+                    level,
+                    chunks,
+                });
             }
             Opcode::Get => Request::Get { id: r.chunk_id()? },
             Opcode::Stats => Request::Stats,
@@ -942,9 +974,11 @@ pub struct PutChunkAt {
 }
 
 /// Decode a `Put` body without copying chunk data (a node keeps the frame body and hands
-/// out ranges of it). Same checks as [`Request::decode`], which is built on it.
-pub fn decode_put_in_place(body: &[u8]) -> Result<Vec<PutChunkAt>, DecodeError> {
+/// out ranges of it): the level and the chunks. Same checks as [`Request::decode`], which
+/// is built on it.
+pub fn decode_put_in_place(body: &[u8]) -> Result<(u8, Vec<PutChunkAt>), DecodeError> {
     let mut r = Reader::new(body);
+    let level = r.level()?;
     let n = r.count("put chunks", MAX_BATCH_CHUNKS, PUT_CHUNK_OVERHEAD_BYTES)?;
     let mut chunks = Vec::with_capacity(n);
     for _ in 0..n {
@@ -962,7 +996,7 @@ pub fn decode_put_in_place(body: &[u8]) -> Result<Vec<PutChunkAt>, DecodeError> 
         });
     }
     r.finish()?;
-    Ok(chunks)
+    Ok((level, chunks))
 }
 
 /// Chunks located in `body`, copied out of it.
@@ -977,19 +1011,20 @@ fn owned_chunks(body: &[u8], at: Vec<PutChunkAt>) -> Vec<PutChunk> {
         .collect()
 }
 
-/// Decode a `Replicate` body in place: the node it is a hinted copy for (0: none) and
-/// the chunks, as ranges of `body` (the put body after the 8-byte prefix).
-pub fn decode_replicate_in_place(body: &[u8]) -> Result<(u64, Vec<PutChunkAt>), DecodeError> {
+/// Decode a `Replicate` body in place: the node it is a hinted copy for (0: none), the
+/// level and the chunks, as ranges of `body` (the put body after the 8-byte prefix).
+pub fn decode_replicate_in_place(body: &[u8]) -> Result<(u64, u8, Vec<PutChunkAt>), DecodeError> {
     let mut r = Reader::new(body);
     let hint_for = r.u64()?;
-    let at = decode_put_in_place(&body[REPLICATE_PREFIX_BYTES..])?
+    let (level, at) = decode_put_in_place(&body[REPLICATE_PREFIX_BYTES..])?;
+    let at = at
         .into_iter()
         .map(|c| PutChunkAt {
             data: c.data.start + REPLICATE_PREFIX_BYTES..c.data.end + REPLICATE_PREFIX_BYTES,
             ..c
         })
         .collect();
-    Ok((hint_for, at))
+    Ok((hint_for, level, at))
 }
 
 /// Bytes of a `Replicate` body before its put body (`hint_for`).
@@ -1005,22 +1040,25 @@ pub fn frame_replicate_into(
     version: u16,
     request_id: u64,
     hint_for: u64,
+    level: u8,
     chunks: &[ChunkRef<'_>],
 ) {
     let op = Opcode::Replicate as u16;
     encode_frame_checked_with(out, check, version, op, request_id, |body| {
         body.extend_from_slice(&hint_for.to_le_bytes());
-        write_put_body_refs(body, chunks.iter().copied())
+        write_put_body_refs(body, level, chunks.iter().copied())
     });
 }
 
 /// The body of a `Put` (the one place its layout is written).
 fn write_put_body<'a>(
     out: &mut Vec<u8>,
+    level: u8,
     chunks: impl IntoIterator<Item = &'a PutChunk, IntoIter: ExactSizeIterator + Clone>,
 ) {
     write_put_body_refs(
         out,
+        level,
         chunks
             .into_iter()
             .map(|c| (c.id, c.codec, c.raw_len, &c.data[..])),
@@ -1030,6 +1068,7 @@ fn write_put_body<'a>(
 /// [`write_put_body`] for borrowed chunks.
 fn write_put_body_refs<'a>(
     out: &mut Vec<u8>,
+    level: u8,
     chunks: impl ExactSizeIterator<Item = ChunkRef<'a>> + Clone,
 ) {
     let bytes: usize = chunks
@@ -1038,6 +1077,7 @@ fn write_put_body_refs<'a>(
         .sum();
     out.reserve(PUT_BODY_HEADER_BYTES + bytes);
     let mut w = Writer(std::mem::take(out));
+    w.u8(level);
     w.len(chunks.len());
     for (id, codec, raw_len, data) in chunks {
         w.0.extend_from_slice(&id.0);
@@ -1108,11 +1148,12 @@ pub fn frame_put_into(
     check: BodyCheck,
     version: u16,
     request_id: u64,
+    level: u8,
     chunks: &[&PutChunk],
 ) {
     let op = Opcode::Put as u16;
     encode_frame_checked_with(out, check, version, op, request_id, |body| {
-        write_put_body(body, chunks.iter().copied())
+        write_put_body(body, level, chunks.iter().copied())
     });
 }
 
@@ -1159,22 +1200,24 @@ pub(crate) mod tests {
             data: vec![1, 2, 3, 4],
         };
         let mut a = Vec::new();
-        frame_put_into(&mut a, BodyCheck::Crc32c, 1, 79, &[&c, &c]);
+        frame_put_into(&mut a, BodyCheck::Crc32c, 1, 79, 2, &[&c, &c]);
         assert_eq!(
             a,
             frame_request(
                 1,
                 79,
                 &Request::Put {
+                    level: 2,
                     chunks: vec![c.clone(), c.clone()]
                 }
             )
         );
         let mut a = Vec::new();
         let r = (c.id, c.codec, c.raw_len, &c.data[..]);
-        frame_replicate_into(&mut a, BodyCheck::Crc32c, 1, 80, 5, &[r, r]);
+        frame_replicate_into(&mut a, BodyCheck::Crc32c, 1, 80, 5, 3, &[r, r]);
         let replicate = Request::Replicate {
             hint_for: 5,
+            level: 3,
             chunks: vec![c.clone(), c],
         };
         assert_eq!(a, frame_request(1, 80, &replicate));
@@ -1195,10 +1238,15 @@ pub(crate) mod tests {
                 client_name: "backup-01".into(),
             },
             Request::Has {
+                level: 3,
                 ids: (0..100).map(id).collect(),
             },
-            Request::Has { ids: vec![] },
+            Request::Has {
+                level: 1,
+                ids: vec![],
+            },
             Request::Put {
+                level: 2,
                 chunks: vec![
                     PutChunk {
                         id: id(1),
@@ -1220,6 +1268,7 @@ pub(crate) mod tests {
             Request::HiveMap,
             Request::Replicate {
                 hint_for: 3,
+                level: 8,
                 chunks: vec![PutChunk {
                     id: id(4),
                     codec: Codec::Lz4,
@@ -1378,7 +1427,8 @@ pub(crate) mod tests {
 
     #[test]
     fn oversize_batch_counts_are_refused_before_allocating() {
-        let mut body = (MAX_BATCH_IDS as u32 + 1).to_le_bytes().to_vec();
+        let mut body = vec![1u8]; // level
+        body.extend_from_slice(&(MAX_BATCH_IDS as u32 + 1).to_le_bytes());
         body.extend_from_slice(&[0; CHUNK_ID_BYTES]);
         let e = Request::decode(Opcode::Has as u16, &body).unwrap_err();
         assert_eq!(
@@ -1391,12 +1441,14 @@ pub(crate) mod tests {
         );
         assert_eq!(e.code(), ErrorCode::TooLarge);
         // A count within the limit that the body cannot hold.
-        let body = 8000u32.to_le_bytes();
+        let mut body = vec![1u8];
+        body.extend_from_slice(&8000u32.to_le_bytes());
         assert!(matches!(
             Request::decode(Opcode::Has as u16, &body),
             Err(DecodeError::Truncated { .. })
         ));
-        let body = u32::MAX.to_le_bytes();
+        let mut body = vec![1u8];
+        body.extend_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(
             Request::decode(Opcode::Put as u16, &body),
             Err(DecodeError::TooLong { .. })
@@ -1436,7 +1488,11 @@ pub(crate) mod tests {
             raw_len: MAX_CHUNK_RAW_BYTES as u32 + 1,
             data: vec![],
         };
-        let (op, body) = Request::Put { chunks: vec![big] }.encode();
+        let (op, body) = Request::Put {
+            level: 1,
+            chunks: vec![big],
+        }
+        .encode();
         assert!(matches!(
             Request::decode(op as u16, &body),
             Err(DecodeError::TooLong {
@@ -1456,6 +1512,7 @@ pub(crate) mod tests {
     #[test]
     fn bad_enum_values() {
         let (op, mut body) = Request::Put {
+            level: 1,
             chunks: vec![PutChunk {
                 id: id(1),
                 codec: Codec::Raw,
@@ -1464,11 +1521,22 @@ pub(crate) mod tests {
             }],
         }
         .encode();
-        body[4 + CHUNK_ID_BYTES] = 9;
+        body[PUT_BODY_HEADER_BYTES + CHUNK_ID_BYTES] = 9;
         assert_eq!(
             Request::decode(op as u16, &body),
             Err(DecodeError::UnknownCodec(9))
         );
+        // Levels: 1 to MAX_LEVEL.
+        for bad in [0, MAX_LEVEL + 1] {
+            body[0] = bad;
+            assert_eq!(
+                Request::decode(op as u16, &body),
+                Err(DecodeError::BadValue {
+                    what: "level",
+                    value: bad as u64
+                })
+            );
+        }
         let (op, mut body) = Response::error(ErrorCode::NotFound, "no").encode();
         body[0] = 200;
         let e = Response::decode(op as u16, &body).unwrap_err();
@@ -1567,7 +1635,7 @@ pub(crate) mod tests {
     #[test]
     fn put_size_accounting_matches_encoding() {
         let req = sample_requests().swap_remove(3);
-        let Request::Put { chunks } = &req else {
+        let Request::Put { chunks, .. } = &req else {
             unreachable!()
         };
         let expect =
@@ -1577,7 +1645,7 @@ pub(crate) mod tests {
 
     #[test]
     fn framed_messages_decode() {
-        let bytes = frame_request(1, 77, &Request::Stats);
+        let bytes = frame_request(2, 77, &Request::Stats);
         let mut d = crate::frame::FrameDecoder::new();
         assert_eq!(d.push(&bytes), bytes.len());
         let f = d.pop().unwrap().unwrap();
@@ -1585,7 +1653,7 @@ pub(crate) mod tests {
             (f.request_id, Request::decode(f.opcode, &f.body).unwrap()),
             (77, Request::Stats)
         );
-        let bytes = frame_response(1, 78, &Response::StatsReply { json: "{}".into() });
+        let bytes = frame_response(2, 78, &Response::StatsReply { json: "{}".into() });
         assert_eq!(d.push(&bytes), bytes.len());
         let f = d.pop().unwrap().unwrap();
         assert_eq!(

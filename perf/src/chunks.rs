@@ -13,7 +13,7 @@
 use crate::node::NodeInfo;
 use crate::util::{self, Lat, Rng};
 use anyhow::{bail, Context, Result};
-use hivefs_client::hive::HiveClient;
+use hivefs_client::hive::{HiveClient, DEFAULT_LEVEL};
 use hivefs_net::chunk::{self, ChunkId, Codec, DedupeKey, CHUNK_ID_BYTES};
 use hivefs_net::conn::FramedConn;
 use hivefs_net::frame::{
@@ -710,6 +710,7 @@ pub fn put_raw(
                 if !cur.is_empty() && (bytes + n > req_bytes || cur.len() == MAX_BATCH_CHUNKS) {
                     exp.push(Expect::Put(cur.len()));
                     reqs.push(Request::Put {
+                        level: DEFAULT_LEVEL,
                         chunks: std::mem::take(&mut cur),
                     });
                     bytes = PUT_BODY_HEADER_BYTES;
@@ -719,7 +720,10 @@ pub fn put_raw(
             }
             if !cur.is_empty() {
                 exp.push(Expect::Put(cur.len()));
-                reqs.push(Request::Put { chunks: cur });
+                reqs.push(Request::Put {
+                    level: DEFAULT_LEVEL,
+                    chunks: cur,
+                });
             }
             (reqs, exp)
         })
@@ -784,6 +788,7 @@ pub fn has_raw(
             let mut exp = Vec::new();
             for part in g.chunks(batch.max(1)) {
                 reqs.push(Request::Has {
+                    level: DEFAULT_LEVEL,
                     ids: part.iter().map(|(id, _)| *id).collect(),
                 });
                 exp.push(Expect::Has(part.iter().map(|(_, e)| *e).collect()));

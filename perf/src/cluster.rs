@@ -616,6 +616,8 @@ fn one_hive(
     cl.join(true)?;
     cl.join(true)?;
     let mut client = connect(&cl.nodes[0])?;
+    // The puts ask for the copies measured (a volume's `copies`).
+    client.set_level(copies);
     let mut stats: Vec<HiveClient> = cl.nodes.iter().map(connect).collect::<Result<_>>()?;
     wait_map(&mut client, &mut stats, 3)?;
     let hm = client.hive_map();

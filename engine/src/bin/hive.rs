@@ -168,8 +168,9 @@ struct NodeArgs {
     /// Segment size, e.g. 64M.
     #[arg(long, default_value = "64M")]
     segment_size: String,
-    /// Copies of every chunk: 3, 2 (a mirror) or 1 (tests only). `hive init` sets the
-    /// hive's; a joining node takes the hive's.
+    /// The copies of a volume created without `--copies` (each volume keeps its own): 3,
+    /// 2 (a mirror) or 1 (tests only). `hive init` sets the hive's; a joining node takes
+    /// the hive's.
     #[arg(long, default_value_t = config::default_copies(), value_parser = clap::value_parser!(u8).range(1..=8))]
     copies: u8,
     /// Copies durable before a write is acknowledged (at most --copies).
@@ -861,7 +862,6 @@ fn wait_drained(dir: &std::path::Path, id: u64) -> Result<()> {
             continue;
         }
         let order = map.placement(usize::MAX);
-        let copies = cfg.copies.max(1) as usize;
         let (mut total, mut done) = (0u64, 0u64);
         for s in 0..node.shards {
             let mut link = Link::open_at(
@@ -881,24 +881,30 @@ fn wait_drained(dir: &std::path::Path, id: u64) -> Result<()> {
                         max: 4096,
                     },
                 )? {
-                    meta::ShardAdminReply::Ids { ids, more } => {
-                        (meta::split_ids(&ids).context("bad id list")?, more)
+                    meta::ShardAdminReply::Listed { ids, levels, more } => {
+                        let ids = meta::split_ids(&ids).context("bad id list")?;
+                        if ids.len() != levels.len() {
+                            bail!("listing node {id}: ids and levels differ in number");
+                        }
+                        (ids.into_iter().zip(levels).collect::<Vec<_>>(), more)
                     }
                     other => bail!("listing node {id}: {other:?}"),
                 };
-                after = ids.last().map(|l| l.0.to_vec());
+                after = ids.last().map(|l| l.0 .0.to_vec());
                 total += ids.len() as u64;
-                // How many targets of each id hold it.
+                // How many targets of each id hold it at its level.
                 let mut held: std::collections::HashMap<ChunkId, usize> = Default::default();
                 let mut want: std::collections::HashMap<(u64, u16), Vec<ChunkId>> =
                     Default::default();
-                let mut need: std::collections::HashMap<ChunkId, usize> = Default::default();
-                for cid in &ids {
+                let mut need: std::collections::HashMap<ChunkId, (usize, u8)> = Default::default();
+                for &(cid, level) in &ids {
+                    let cid = &cid;
+                    let copies = level.max(1) as usize;
                     let b = map.bucket_of(cid);
                     let targets = hivefs_engine::repair::targets(&map, order.replicas(b), copies);
                     // A target that is down is no target: the drain waits for it (or
                     // for its replacement) rather than leave a chunk short.
-                    need.insert(*cid, copies.min(map.eligible_count()));
+                    need.insert(*cid, (copies.min(map.eligible_count()), level));
                     for t in targets {
                         let shards = map.node(t).map_or(1, |m| m.shards.max(1));
                         want.entry((t, (b % shards as u32) as u16))
@@ -913,20 +919,22 @@ fn wait_drained(dir: &std::path::Path, id: u64) -> Result<()> {
                     else {
                         continue;
                     };
-                    if let Ok(meta::ShardAdminReply::Ids { ids: h, .. }) = shard_admin_call(
+                    if let Ok(meta::ShardAdminReply::Held { levels }) = shard_admin_call(
                         &mut l,
                         &meta::ShardAdmin::Holding {
                             ids: meta::join_ids(&cids),
                         },
                     ) {
-                        for cid in meta::split_ids(&h).unwrap_or_default() {
-                            *held.entry(cid).or_default() += 1;
+                        for (cid, level) in cids.iter().zip(levels) {
+                            if level >= need[cid].1 {
+                                *held.entry(*cid).or_default() += 1;
+                            }
                         }
                     }
                 }
                 done += ids
                     .iter()
-                    .filter(|c| held.get(*c).copied().unwrap_or(0) >= need[*c])
+                    .filter(|(c, _)| held.get(c).copied().unwrap_or(0) >= need[c].0)
                     .count() as u64;
                 if !more {
                     break;

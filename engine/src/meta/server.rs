@@ -866,7 +866,7 @@ async fn run_gc(sh: &Shared) -> Result<GcReport> {
                     max: meta::MAX_ADMIN_IDS,
                 },
             )? {
-                ShardAdminReply::Ids { ids, more } => (ids, more),
+                ShardAdminReply::Listed { ids, more, .. } => (ids, more),
                 other => anyhow::bail!("list ids answered {other:?}"),
             };
             let ids = meta::split_ids(&ids).context("bad id list from a shard")?;
@@ -924,7 +924,7 @@ fn fsck(sh: &Shared, verify: bool) -> Result<FsckReport> {
         ..Default::default()
     };
     (r.volumes, r.inodes) = sh.store.counts()?;
-    let refs = sh.store.referenced_chunks()?;
+    let refs = sh.store.referenced_levels()?;
     r.referenced_chunks = refs.len() as u64;
     // Garbage must not outlive two collections: after collection E completes, every
     // unreferenced chunk last claimed before E is gone. One epoch of slack more (a
@@ -934,7 +934,8 @@ fn fsck(sh: &Shared, verify: bool) -> Result<FsckReport> {
         other => anyhow::bail!("gc epoch: {other:?}"),
     };
     // Each referenced chunk must be held (and with `verify`, read back correct) by the
-    // owning shard of as many nodes as the hive keeps copies (`Holding`: not a claim).
+    // owning shard of as many nodes as its level asks, at that level or higher
+    // (`Holding`: not a claim).
     let mut held: std::collections::HashMap<ChunkId, u64> = std::collections::HashMap::new();
     let bucket_count = sh.cfg.bucket_count;
     for s in hive_shards(sh)? {
@@ -957,7 +958,7 @@ fn fsck(sh: &Shared, verify: bool) -> Result<FsckReport> {
                 };
                 let ids = meta::split_ids(&ids).context("bad id list from a shard")?;
                 after = ids.last().map(|l| l.0.to_vec());
-                for id in ids.iter().filter(|id| !refs.contains(id)) {
+                for id in ids.iter().filter(|id| !refs.contains_key(id)) {
                     r.stale_chunks += 1;
                     r.findings.push(format!(
                         "chunk {id} on {shard} is unreferenced and unclaimed since \
@@ -974,23 +975,26 @@ fn fsck(sh: &Shared, verify: bool) -> Result<FsckReport> {
             r.stored_chunks += v["chunks"].as_u64().unwrap_or(0);
         }
         let ids: Vec<ChunkId> = refs
-            .iter()
+            .keys()
             .filter(|id| s.owns(id, bucket_count))
             .copied()
             .collect();
         for batch in ids.chunks(meta::MAX_ADMIN_IDS as usize) {
-            let present = match shard_admin(
+            let levels = match shard_admin(
                 &mut link,
                 &ShardAdmin::Holding {
                     ids: meta::join_ids(batch),
                 },
             )? {
-                ShardAdminReply::Ids { ids, .. } => {
-                    meta::split_ids(&ids).context("bad id list from a shard")?
-                }
+                ShardAdminReply::Held { levels } if levels.len() == batch.len() => levels,
                 other => anyhow::bail!("{shard}: holding answered {other:?}"),
             };
-            for id in present.iter() {
+            for (id, level) in batch.iter().zip(levels) {
+                // A copy below the chunk's level does not count (a node that held it
+                // before the level was raised and is no longer a replica: harmless).
+                if level == 0 || level < refs[id] {
+                    continue;
+                }
                 *held.entry(*id).or_default() += 1;
                 if !verify {
                     continue;
@@ -1018,21 +1022,20 @@ fn fsck(sh: &Shared, verify: bool) -> Result<FsckReport> {
             }
         }
     }
-    // The copies each chunk should have: the hive's, or every eligible node where there
-    // are fewer.
+    // The copies each chunk should have: its level (the most copies of the volumes
+    // referencing it), or every eligible node where there are fewer.
     let eligible = sh.hive_map.get().eligible_count().max(1) as u64;
-    r.copies_wanted = (sh.cfg.copies as u64).min(eligible);
-    for id in refs.iter() {
+    for (id, level) in refs.iter() {
+        let wanted = (*level as u64).min(eligible);
+        r.copies_wanted = r.copies_wanted.max(wanted);
         match held.get(id).copied().unwrap_or(0) {
             0 => r
                 .findings
                 .push(format!("chunk {id} is referenced but no node holds it")),
-            n if n < r.copies_wanted => {
+            n if n < wanted => {
                 r.under_replicated += 1;
-                r.findings.push(format!(
-                    "chunk {id} is held by {n} node(s), not {}",
-                    r.copies_wanted
-                ));
+                r.findings
+                    .push(format!("chunk {id} is held by {n} node(s), not {wanted}"));
             }
             _ => {}
         }
@@ -1047,10 +1050,16 @@ pub(super) async fn mutate(
     cmd: MetaCommand,
     in_dir: bool,
 ) -> Result<MetaReply, RaftError> {
-    let cmd = MetaCommand {
+    let mut cmd = MetaCommand {
         now: Timespec::now(),
         ..cmd
     };
+    if let Mutation::CreateVolume { copies, .. } = &mut cmd.op {
+        // 0: the hive's default, decided here so that the log holds the number.
+        if *copies == 0 {
+            *copies = sh.cfg.copies.max(1);
+        }
+    }
     if let Mutation::CommitWrite { ino, lease, .. } = cmd.op {
         // The first check of a write lease (`leases.rs`): live, and this client's. (Leases
         // not started in this term hold nothing: refused, and the client reclaims.)

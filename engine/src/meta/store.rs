@@ -1187,17 +1187,32 @@ impl MetaStore {
 
     /// Every chunk id a live extent of any volume references (the GC mark).
     pub fn referenced_chunks(&self) -> Result<HashSet<ChunkId>> {
+        Ok(self.referenced_levels()?.into_keys().collect())
+    }
+
+    /// Every chunk id a live extent references, with its level: the most `copies` of the
+    /// volumes referencing it (fsck's copies check).
+    pub fn referenced_levels(&self) -> Result<HashMap<ChunkId, u8>> {
         let tx = self.db.begin_read()?;
-        let ext = tx.open_table(EXTENTS)?;
-        let mut out = HashSet::new();
-        for item in ext.iter()? {
+        let mut copies: HashMap<u32, u8> = HashMap::new();
+        for item in tx.open_table(VOLUMES)?.iter()? {
             let (_, v) = item?;
-            let v = v.value();
-            if v.len() < 8 {
+            let rec: VolumeRec = dec(v.value(), "volume")?;
+            copies.insert(rec.id, rec.copies);
+        }
+        let ext = tx.open_table(EXTENTS)?;
+        let mut out = HashMap::new();
+        for item in ext.iter()? {
+            let (k, v) = item?;
+            let (k, v) = (k.value(), v.value());
+            if v.len() < 8 || k.len() < 8 {
                 bail!("short extent record");
             }
+            let vol = u32::from_be_bytes(k[4..8].try_into().expect("4 bytes"));
             let ev: ExtentVal = dec(&v[8..], "extent")?;
-            out.insert(ev.chunk);
+            let level = copies.get(&vol).copied().unwrap_or(1).max(1);
+            let l = out.entry(ev.chunk).or_insert(0);
+            *l = level.max(*l);
         }
         Ok(out)
     }
@@ -1389,6 +1404,9 @@ fn mutate(t: &mut Tables<'_>, cmd: &MetaCommand) -> OpResult<Answer> {
     let now = cmd.now;
     match &cmd.op {
         Mutation::CreateVolume { name, copies } => {
+            if !(1..=hivefs_net::proto::MAX_LEVEL).contains(copies) {
+                return Err(Errno::INVAL.into());
+            }
             let key = k_volume_name(name);
             if store!(t.volumes.get(key.as_slice())).is_some() {
                 return Err(Errno::EXIST.into());

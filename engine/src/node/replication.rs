@@ -43,6 +43,8 @@ type BucketChunks = Vec<(u32, JobChunk)>;
 struct ReplJob {
     /// The client put it belongs to.
     ticket: u64,
+    /// The put's level: copies made on the first `level` nodes of the order.
+    level: u8,
     chunks: BucketChunks,
 }
 
@@ -179,12 +181,14 @@ impl ShardLoop {
         ))
     }
 
-    /// Start replicating a client put whose chunks went to the core under `ticket`.
+    /// Start replicating a client put at `level` whose chunks went to the core under
+    /// `ticket`.
     pub(super) fn replicate_put(
         &mut self,
         ticket: u64,
         conn: usize,
         req: u64,
+        level: u8,
         chunks: Vec<JobChunk>,
     ) {
         let now = self.repl.now_ms();
@@ -204,8 +208,15 @@ impl ShardLoop {
         let mut jobs = Vec::with_capacity(groups.len());
         for chunks in groups {
             let map = self.repl.map.clone();
-            let job = self.repl.repl.start(now, chunks[0].0, &map);
-            self.repl.jobs.insert(job, ReplJob { ticket, chunks });
+            let job = self.repl.repl.start(now, chunks[0].0, &map, level as usize);
+            self.repl.jobs.insert(
+                job,
+                ReplJob {
+                    ticket,
+                    level,
+                    chunks,
+                },
+            );
             jobs.push(job);
         }
         self.repl.puts.insert(
@@ -372,7 +383,9 @@ impl ShardLoop {
         for (s, chunks) in &by_shard {
             r.forwarded += chunks.len() as u64;
             r.forwarded_bytes += chunks.iter().map(|c| c.3.len() as u64).sum::<u64>();
-            let send = r.links.send(&node, *s, hint_for.unwrap_or(0), chunks);
+            let send = r
+                .links
+                .send(&node, *s, hint_for.unwrap_or(0), j.level, chunks);
             r.sends.insert(send, (job, to));
         }
     }
