@@ -928,7 +928,11 @@ impl ShardLoop {
         // Repair and scrub ask these all the time: not GC steps worth a line each.
         if !matches!(
             op,
-            ShardAdmin::Holding { .. } | ShardAdmin::Scrub { .. } | ShardAdmin::ListIds { .. }
+            ShardAdmin::Holding { .. }
+                | ShardAdmin::Scrub { .. }
+                | ShardAdmin::ListIds { .. }
+                | ShardAdmin::BeginRelease
+                | ShardAdmin::Release { .. }
         ) {
             tracing::info!(shard = self.s.shard, step = op_name(&op), "gc step");
         }
@@ -995,7 +999,8 @@ impl ShardLoop {
                     return reply(self, ShardAdminReply::Refused("bad id list".into()));
                 };
                 let levels = ids.iter().map(|id| self.s.core.held_level(id)).collect();
-                reply(self, ShardAdminReply::Held { levels })
+                let map_epoch = self.repl.map().epoch;
+                reply(self, ShardAdminReply::Held { levels, map_epoch })
             }
             ShardAdmin::Scrub { ids } => {
                 let Some(ids) = id_list(&ids, meta::MAX_SCRUB_IDS) else {
@@ -1046,35 +1051,69 @@ impl ShardLoop {
                 });
                 self.s.core.delete(ticket, ids);
             }
-            ShardAdmin::Sweep { epoch, ids } => {
-                let Some(ids) = id_list(&ids, meta::MAX_ADMIN_IDS) else {
-                    return reply(self, ShardAdminReply::Refused("bad id list".into()));
-                };
-                let ticket = self.ticket(Pending::Sweep {
-                    conn: t,
-                    req: req_id,
-                    spared: 0,
-                    bytes: 0,
-                });
-                match self.s.core.sweep(ticket, epoch, ids) {
-                    Ok((spared, bytes)) => {
-                        if let Some(Pending::Sweep {
-                            spared: s,
-                            bytes: b,
-                            ..
-                        }) = self.tickets.get_mut(&ticket)
-                        {
-                            (*s, *b) = (spared, bytes);
-                        }
-                    }
-                    Err(e) => {
-                        self.tickets.remove(&ticket);
-                        if let Some(c) = self.conns.get_mut(&t) {
-                            c.in_flight = c.in_flight.saturating_sub(1);
-                        }
-                        reply(self, ShardAdminReply::Refused(e.to_string()))
-                    }
+            ShardAdmin::BeginRelease => {
+                let token = self.s.core.begin_release();
+                let map_epoch = self.repl.map().epoch;
+                reply(self, ShardAdminReply::ReleaseWindow { token, map_epoch })
+            }
+            ShardAdmin::Release {
+                token,
+                map_epoch,
+                ids,
+            } => {
+                let now = self.repl.map().epoch;
+                if map_epoch != now {
+                    let why = format!("the map moved from epoch {map_epoch} to {now}");
+                    return reply(self, ShardAdminReply::Refused(why));
                 }
+                self.remove_copies(t, req_id, &ids, |core, ticket, ids| {
+                    core.release(ticket, token, ids)
+                });
+            }
+            ShardAdmin::Sweep { epoch, ids } => {
+                self.remove_copies(t, req_id, &ids, |core, ticket, ids| {
+                    core.sweep(ticket, epoch, ids)
+                });
+            }
+        }
+    }
+
+    /// A sweep or a release: `remove` tombstones what it may of `ids`; answered `Swept`
+    /// once that is durable (`Pending::Sweep`), or `Refused` at once.
+    fn remove_copies(
+        &mut self,
+        t: usize,
+        req_id: u64,
+        ids: &[u8],
+        remove: impl FnOnce(&mut ShardCore, u64, Vec<ChunkId>) -> Result<(u64, u64), ShardError>,
+    ) {
+        let reply = |me: &mut Self, r: ShardAdminReply| me.reply(t, req_id, &admin_reply(&r));
+        let Some(ids) = id_list(ids, meta::MAX_ADMIN_IDS) else {
+            return reply(self, ShardAdminReply::Refused("bad id list".into()));
+        };
+        let ticket = self.ticket(Pending::Sweep {
+            conn: t,
+            req: req_id,
+            spared: 0,
+            bytes: 0,
+        });
+        match remove(&mut self.s.core, ticket, ids) {
+            Ok((spared, bytes)) => {
+                if let Some(Pending::Sweep {
+                    spared: s,
+                    bytes: b,
+                    ..
+                }) = self.tickets.get_mut(&ticket)
+                {
+                    (*s, *b) = (spared, bytes);
+                }
+            }
+            Err(e) => {
+                self.tickets.remove(&ticket);
+                if let Some(c) = self.conns.get_mut(&t) {
+                    c.in_flight = c.in_flight.saturating_sub(1);
+                }
+                reply(self, ShardAdminReply::Refused(e.to_string()))
             }
         }
     }
@@ -1445,6 +1484,8 @@ fn op_name(op: &ShardAdmin) -> &'static str {
         ShardAdmin::Holding { .. } => "holding",
         ShardAdmin::Scrub { .. } => "scrub",
         ShardAdmin::DropCopies { .. } => "drop-copies",
+        ShardAdmin::BeginRelease => "begin-release",
+        ShardAdmin::Release { .. } => "release",
     }
 }
 

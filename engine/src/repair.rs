@@ -35,9 +35,18 @@
 //! elsewhere stays (it is refused on read): nothing is ever removed without a replacement.
 //! Throttled to `scrub_mib_per_sec`. (While a scrub runs, repair passes wait.)
 //!
-//! Safety: repair only adds copies. Copies left on nodes that are no longer replicas
-//! (after a rebalance, or hinted copies) stay until GC finds them unreferenced; removing
-//! them earlier needs the GC's sparing rule (not done yet).
+//! Releases: a copy this node holds beyond its chunk's targets (after a rebalance or a
+//! drain, or a hinted copy) is removed once every target holds the chunk at its level.
+//! Safety rests on four guards, each shown necessary by `repair_sim` (planted bugs):
+//! - the step opens a release window on its own shard (`BeginRelease`) before it asks any
+//!   target; the shard spares every id put or copied to it since (a copy a primary just
+//!   counted as durable is never removed on older answers);
+//! - only answers given under the same map epoch count (`Held` carries the target's
+//!   epoch): under one map the targets and the releasing node agree on who is a replica,
+//!   and a target never releases its own copy under that map;
+//! - the shard refuses the `Release` if its map moved since the window opened;
+//! - only where the targets are all the copies the chunk should have: with a target down
+//!   (skipped by [`targets`]) the copy here may be one of too few.
 
 use crate::config::NodeConfig;
 use crate::hive_map::MapCell;
@@ -111,6 +120,16 @@ pub struct RepairProgress {
     pub total_copied: u64,
     #[serde(default)]
     pub total_copied_bytes: u64,
+    /// Copies this node released (held beyond the replicas, every replica holding the
+    /// chunk) and their stored bytes: this pass, and since the node was initialised.
+    #[serde(default)]
+    pub released: u64,
+    #[serde(default)]
+    pub released_bytes: u64,
+    #[serde(default)]
+    pub total_released: u64,
+    #[serde(default)]
+    pub total_released_bytes: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -122,6 +141,10 @@ pub struct PassSummary {
     pub degraded_buckets: u64,
     pub unreachable: u64,
     pub ms: u64,
+    #[serde(default)]
+    pub released: u64,
+    #[serde(default)]
+    pub released_bytes: u64,
 }
 
 impl RepairProgress {
@@ -147,8 +170,8 @@ impl RepairProgress {
     pub fn describe(&self) -> String {
         let last = match &self.last {
             Some(l) => format!(
-                "last pass (map epoch {}): {} copies checked, {} made ({} bytes), {} degraded bucket(s), {} unreachable, {} ms",
-                l.map_epoch, l.checked, l.copied, l.copied_bytes, l.degraded_buckets, l.unreachable, l.ms
+                "last pass (map epoch {}): {} copies checked, {} made ({} bytes), {} released ({} bytes), {} degraded bucket(s), {} unreachable, {} ms",
+                l.map_epoch, l.checked, l.copied, l.copied_bytes, l.released, l.released_bytes, l.degraded_buckets, l.unreachable, l.ms
             ),
             None => "no pass finished yet".into(),
         };
@@ -161,8 +184,11 @@ impl RepairProgress {
             )
         };
         let last = format!(
-            "{last}; since init {} copies made ({} bytes); {scrub}",
-            self.total_copied, self.total_copied_bytes
+            "{last}; since init {} copies made ({} bytes), {} released ({} bytes); {scrub}",
+            self.total_copied,
+            self.total_copied_bytes,
+            self.total_released,
+            self.total_released_bytes
         );
         if self.running {
             let pct = if self.bucket_count == 0 {
@@ -400,6 +426,8 @@ impl<'a> Pass<'a> {
                 scrub_bad: p.scrub_bad,
                 total_copied: p.total_copied,
                 total_copied_bytes: p.total_copied_bytes,
+                total_released: p.total_released,
+                total_released_bytes: p.total_released_bytes,
                 ..Default::default()
             };
         }
@@ -444,13 +472,17 @@ impl<'a> Pass<'a> {
             degraded_buckets: p.degraded_buckets,
             unreachable: p.unreachable,
             ms: self.started.elapsed().as_millis() as u64,
+            released: p.released,
+            released_bytes: p.released_bytes,
         });
         p.save(&self.ctx.dir);
-        if p.copied > 0 || p.unreachable > 0 {
+        if p.copied > 0 || p.unreachable > 0 || p.released > 0 {
             tracing::info!(
                 map_epoch = self.map.epoch,
                 copied = p.copied,
                 bytes = p.copied_bytes,
+                released = p.released,
+                released_bytes = p.released_bytes,
                 degraded_buckets = p.degraded_buckets,
                 unreachable = p.unreachable,
                 "repair pass done"
@@ -515,14 +547,27 @@ impl<'a> Pass<'a> {
         }
     }
 
-    /// Every chunk of `ids` onto its targets, at its level.
+    /// Every chunk of `ids` onto its targets, at its level; then the copies this node holds
+    /// beyond the targets released where every target holds them.
     fn step(&mut self, shard: u16, ids: &[Held], p: &mut RepairProgress) -> Result<(), String> {
         let me = self.ctx.cfg.raft_id;
+        // Opened before any target is asked: a copy put here after that is never
+        // released on these answers.
+        let window = self.begin_release(shard);
+        // Chunks held here beyond their targets: (targets, targets that hold it).
+        let mut extra: HashMap<ChunkId, (usize, usize)> = HashMap::new();
         // (target node, its shard) -> ids it should hold, with their levels.
         let mut want: HashMap<(u64, u16), Vec<Held>> = HashMap::new();
         for &(id, level) in ids {
             let b = self.map.bucket_of(&id);
             let targets = targets(&self.map, self.order.replicas(b), level.max(1) as usize);
+            // Released only where the targets are all the copies the chunk should have:
+            // with a target down (skipped) they are fewer, and this copy may be needed
+            // (`repair_sim` seed 6: a draining node released the second copy).
+            let full = targets.len() >= (level.max(1) as usize).min(self.map.eligible_count());
+            if full && !targets.is_empty() && !targets.contains(&me) {
+                extra.insert(id, (targets.len(), 0));
+            }
             for t in targets.into_iter().filter(|t| *t != me) {
                 let shards = self.map.node(t).map_or(1, |n| n.shards.max(1));
                 want.entry((t, (b % shards as u32) as u16))
@@ -538,7 +583,18 @@ impl<'a> Pass<'a> {
             let port = n.base_port + tshard;
             p.checked += ids.len() as u64;
             let held = match self.holding(&n.host, port, &ids) {
-                Ok(levels) => levels,
+                Ok((levels, epoch)) => {
+                    // Only an answer under the same map counts for a release: under one
+                    // map a target never releases its own copy.
+                    if epoch == self.map.epoch {
+                        for ((id, want), has) in ids.iter().zip(&levels) {
+                            if let Some(e) = extra.get_mut(id).filter(|_| has >= want) {
+                                e.1 += 1;
+                            }
+                        }
+                    }
+                    levels
+                }
                 Err(e) => {
                     tracing::debug!(node = %n.name, "repair: {e}");
                     p.unreachable += 1;
@@ -562,17 +618,70 @@ impl<'a> Pass<'a> {
             }
         }
         p.degraded_buckets += degraded.len() as u64;
+        if let Some(token) = window {
+            let done: Vec<ChunkId> = extra
+                .into_iter()
+                .filter(|(_, (targets, held))| held == targets)
+                .map(|(id, _)| id)
+                .collect();
+            self.release(shard, token, done, p);
+        }
         Ok(())
     }
 
-    /// The level at which the shard at `host:port` holds each of `ids` (0: not held).
-    fn holding(&mut self, host: &str, port: u16, ids: &[Held]) -> Result<Vec<u8>, String> {
+    /// Open the release window of this node's `shard`: its token, if the shard's map is
+    /// this pass's (else nothing is released this step).
+    fn begin_release(&mut self, shard: u16) -> Option<u64> {
+        let port = self.ctx.shard_ports[shard as usize];
+        let host = self.local_host();
+        match self.admin(&host, port, &ShardAdmin::BeginRelease) {
+            Ok(ShardAdminReply::ReleaseWindow { token, map_epoch }) => {
+                (map_epoch == self.map.epoch).then_some(token)
+            }
+            other => {
+                tracing::debug!("repair: release window on shard {shard}: {other:?}");
+                None
+            }
+        }
+    }
+
+    /// Remove `ids` from this node's `shard`: copies beyond the replicas that every
+    /// replica holds (see [`ShardAdmin::Release`]).
+    fn release(&mut self, shard: u16, token: u64, ids: Vec<ChunkId>, p: &mut RepairProgress) {
+        let port = self.ctx.shard_ports[shard as usize];
+        let host = self.local_host();
+        for batch in ids.chunks(meta::MAX_ADMIN_IDS as usize) {
+            let op = ShardAdmin::Release {
+                token,
+                map_epoch: self.map.epoch,
+                ids: meta::join_ids(batch),
+            };
+            match self.admin(&host, port, &op) {
+                Ok(ShardAdminReply::Swept { removed, bytes, .. }) => {
+                    p.released += removed;
+                    p.released_bytes += bytes;
+                    p.total_released += removed;
+                    p.total_released_bytes += bytes;
+                }
+                other => {
+                    tracing::debug!("repair: release on shard {shard}: {other:?}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The level at which the shard at `host:port` holds each of `ids` (0: not held), and
+    /// the epoch of its map.
+    fn holding(&mut self, host: &str, port: u16, ids: &[Held]) -> Result<(Vec<u8>, u64), String> {
         let ids: Vec<ChunkId> = ids.iter().map(|(id, _)| *id).collect();
         let op = ShardAdmin::Holding {
             ids: meta::join_ids(&ids),
         };
         match self.admin(host, port, &op)? {
-            ShardAdminReply::Held { levels } if levels.len() == ids.len() => Ok(levels),
+            ShardAdminReply::Held { levels, map_epoch } if levels.len() == ids.len() => {
+                Ok((levels, map_epoch))
+            }
             other => Err(format!("holding answered {other:?}")),
         }
     }
@@ -601,7 +710,7 @@ impl<'a> Pass<'a> {
             let Some(node) = self.map.node(n).cloned() else {
                 continue;
             };
-            if let Ok(levels) = self.holding(&node.host, node.base_port + s, &ids) {
+            if let Ok((levels, _)) = self.holding(&node.host, node.base_port + s, &ids) {
                 let held = ids
                     .iter()
                     .zip(levels)

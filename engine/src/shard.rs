@@ -165,6 +165,30 @@ pub enum ShardError {
     BadRequest(String),
 }
 
+/// Of `ids`, those stored and verified and not in `spare` (what a sweep or a release
+/// removes), with the count spared (in `spare`, or pending: a put in flight) and the
+/// stored bytes of the rest.
+fn doomed(index: &Index, ids: Vec<ChunkId>, spare: &HashSet<ChunkId>) -> (Vec<ChunkId>, u64, u64) {
+    let mut doomed = Vec::new();
+    let (mut spared, mut bytes) = (0u64, 0u64);
+    for id in ids {
+        match index.get(&id) {
+            Some(entry) if entry.state == EntryState::Verified => {
+                if spare.contains(&id) {
+                    spared += 1;
+                } else {
+                    bytes += entry.loc.stored_len as u64;
+                    doomed.push(id);
+                }
+            }
+            // Pending (a put in flight) or gone: not ours to remove.
+            Some(_) => spared += 1,
+            None => {}
+        }
+    }
+    (doomed, spared, bytes)
+}
+
 /// One chunk of a put.
 #[derive(Clone, Debug)]
 pub struct PutChunk {
@@ -535,6 +559,10 @@ pub struct ShardCore {
     /// puts). The sweep spares them. Claims are recorded only in this process's life: a
     /// restarted shard refuses a sweep for a window it did not open.
     gc_window: Option<(u64, HashSet<ChunkId>)>,
+    /// Repair's release window: its token and every id put here since it opened (a copy
+    /// just made is never released on an answer older than it). See [`Self::release`].
+    release_window: Option<(u64, HashSet<ChunkId>)>,
+    next_release_token: u64,
     /// The first GC epoch this process heard (`set_gc_epoch` or `begin_gc`): what an entry
     /// replayed at open (`claimed_epoch` 0, claimed before the restart at the latest)
     /// counts as. `None`: none heard yet, and such an entry counts as claimed now.
@@ -711,6 +739,8 @@ impl ShardCore {
             index: Index::new(layout.segment_count),
             gc_epoch: 1,
             gc_window: None,
+            release_window: None,
+            next_release_token: 1,
             first_heard_epoch: None,
             next_seq: 1,
             segments: vec![SegmentState::Free; layout.segment_count as usize],
@@ -1272,23 +1302,40 @@ impl ShardCore {
                 "the open collection is of epoch {e}, not {epoch}"
             )));
         }
-        let mut doomed = Vec::new();
-        let (mut spared, mut bytes) = (0u64, 0u64);
-        for id in ids {
-            match self.index.get(&id) {
-                Some(entry) if entry.state == EntryState::Verified => {
-                    if claimed.contains(&id) {
-                        spared += 1;
-                    } else {
-                        bytes += entry.loc.stored_len as u64;
-                        doomed.push(id);
-                    }
-                }
-                // Pending (a put in flight) or gone: not ours to remove.
-                Some(_) => spared += 1,
-                None => {}
-            }
+        let (doomed, spared, bytes) = doomed(&self.index, ids, claimed);
+        self.delete(ticket, doomed);
+        Ok((spared, bytes))
+    }
+
+    /// Open repair's release window (closing any other): from now on every id put here is
+    /// recorded. Returns its token.
+    pub fn begin_release(&mut self) -> u64 {
+        let token = self.next_release_token;
+        self.next_release_token += 1;
+        self.release_window = Some((token, HashSet::new()));
+        token
+    }
+
+    /// Remove copies this node holds beyond its buckets' replicas (`ids`, each held by
+    /// every replica at its level, as the caller checked after opening window `token`):
+    /// tombstone those stored, verified and not put here since the window opened. The
+    /// [`Completion::Delete`] for `ticket` counts what was removed. Returns (spared,
+    /// stored bytes of those being removed); an error if `token` is not the open window.
+    pub fn release(
+        &mut self,
+        ticket: u64,
+        token: u64,
+        ids: Vec<ChunkId>,
+    ) -> Result<(u64, u64), ShardError> {
+        let Some((open, put)) = &self.release_window else {
+            return Err(ShardError::BadRequest("no release window is open".into()));
+        };
+        if *open != token {
+            return Err(ShardError::BadRequest(format!(
+                "release window {token} was replaced by {open}"
+            )));
         }
+        let (doomed, spared, bytes) = doomed(&self.index, ids, put);
         self.delete(ticket, doomed);
         Ok((spared, bytes))
     }
@@ -1371,6 +1418,9 @@ impl ShardCore {
         for c in &chunks {
             // Whatever becomes of it, a chunk being put is claimed: the sweep spares it.
             self.note_claim(&c.id);
+            if let Some((_, put)) = &mut self.release_window {
+                put.insert(c.id);
+            }
         }
         self.puts.insert(
             ticket,

@@ -227,8 +227,43 @@ fn a_new_node_gets_exactly_the_buckets_it_now_holds() {
         (0.15..0.35).contains(&(moved as f64 / stored as f64)),
         "{moved} of {stored}"
     );
+    // The nodes that are no longer replicas of the moved buckets release their copies
+    // once every replica holds them: 3 copies of each chunk again, no more.
+    let t = Instant::now();
+    let all: Vec<&TestNode> = nodes.iter().chain(std::iter::once(&d)).collect();
+    loop {
+        let counts: Vec<u64> = all.iter().map(|n| chunk_count(&mut n.client())).collect();
+        if counts.iter().sum::<u64>() == 3 * 600 {
+            let released: u64 = nodes.iter().map(|n| repair_released_bytes(n.dir())).sum();
+            eprintln!(
+                "copies per node {counts:?} ({:?} after the copies were made); the old nodes released {released} bytes = {:.3} of the {stored} stored",
+                t.elapsed(),
+                released as f64 / stored as f64
+            );
+            assert!(
+                (0.15..0.35).contains(&(released as f64 / stored as f64)),
+                "released {released} of {stored}"
+            );
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(90),
+            "copies beyond the replicas not released: {counts:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     read_back(&mut dc, &data, "through the new node");
     drop(d);
+}
+
+/// Stored bytes a node's repair released (copies beyond the replicas) since it was
+/// initialised (`repair.json`).
+fn repair_released_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(text) = std::fs::read_to_string(dir.join("repair.json")) else {
+        return 0;
+    };
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    v["total_released_bytes"].as_u64().unwrap_or(0)
 }
 
 /// Bytes a node's repair copied to other nodes since it was initialised (`repair.json`).

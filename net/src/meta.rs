@@ -1076,6 +1076,20 @@ pub enum ShardAdmin {
     /// removed before a good one is in hand). Answered `Scrubbed { bad: removed }` once the
     /// removal is durable.
     DropCopies { ids: Vec<u8> },
+    /// Repair is about to check which copies this shard holds beyond the replicas: from
+    /// now on the shard records every id put or copied to it (answered `ReleaseWindow`
+    /// with a token and the shard's map epoch). Opening a window closes the previous one.
+    BeginRelease,
+    /// Remove these copies (at most `MAX_ADMIN_IDS`): every replica of their buckets holds
+    /// them at their level under map `map_epoch`, and this node is none of those replicas.
+    /// Refused if the shard's map is no longer `map_epoch` or `token` is not the open
+    /// window; ids put or copied here since the window opened are spared. Answered
+    /// `Swept` once the removal is durable.
+    Release {
+        token: u64,
+        map_epoch: u64,
+        ids: Vec<u8>,
+    },
 }
 
 /// Most ids one `ShardAdmin::Scrub` carries (each is a device read and a hash).
@@ -1094,9 +1108,16 @@ pub enum ShardAdminReply {
         levels: Vec<u8>,
         more: bool,
     },
-    /// `Holding`: the level each id asked is held at (0: not held).
+    /// `Holding`: the level each id asked is held at (0: not held), and the epoch of the
+    /// shard's placement map.
     Held {
         levels: Vec<u8>,
+        map_epoch: u64,
+    },
+    /// `BeginRelease`: the window's token and the shard's map epoch.
+    ReleaseWindow {
+        token: u64,
+        map_epoch: u64,
     },
     Swept {
         removed: u64,

@@ -919,7 +919,7 @@ fn wait_drained(dir: &std::path::Path, id: u64) -> Result<()> {
                     else {
                         continue;
                     };
-                    if let Ok(meta::ShardAdminReply::Held { levels }) = shard_admin_call(
+                    if let Ok(meta::ShardAdminReply::Held { levels, .. }) = shard_admin_call(
                         &mut l,
                         &meta::ShardAdmin::Holding {
                             ids: meta::join_ids(&cids),

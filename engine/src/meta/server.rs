@@ -986,7 +986,7 @@ fn fsck(sh: &Shared, verify: bool) -> Result<FsckReport> {
                     ids: meta::join_ids(batch),
                 },
             )? {
-                ShardAdminReply::Held { levels } if levels.len() == batch.len() => levels,
+                ShardAdminReply::Held { levels, .. } if levels.len() == batch.len() => levels,
                 other => anyhow::bail!("{shard}: holding answered {other:?}"),
             };
             for (id, level) in batch.iter().zip(levels) {
