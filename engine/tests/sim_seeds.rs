@@ -47,6 +47,10 @@ fn one_million_operations_across_seeds() {
         "compaction must both carry and drop tombstones: {sum:?}"
     );
     assert!(sum.puts_no_space > 0, "the device must fill up: {sum:?}");
+    assert!(
+        sum.puts_raised > seeds,
+        "puts at higher levels must raise stored chunks: {sum:?}"
+    );
 }
 
 /// Seeds that once failed stay here as regression tests.

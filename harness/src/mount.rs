@@ -169,6 +169,23 @@ pub fn lazy_unmount(path: &Path) -> bool {
     !is_fuse_mount(path)
 }
 
+/// The arguments `hi` needs to reach `node`: `--hive HOST:PORT --token T --ca FP` (or
+/// `--insecure`).
+pub fn hi_hive_args(node: &TestNode) -> Vec<OsString> {
+    let opts = node.client_options();
+    let mut args: Vec<OsString> = vec![
+        "--hive".into(),
+        format!("{}:{}", opts.host, node.meta_port()).into(),
+        "--token".into(),
+        opts.token.clone().into(),
+    ];
+    match &opts.ca_fingerprint {
+        Some(fp) => args.extend(["--ca".into(), fp.into()]),
+        None => args.push("--insecure".into()),
+    }
+    args
+}
+
 /// Create volume `name` (the default copies, 3: a hive of fewer nodes keeps one per node)
 /// on `node` unless it exists; returns its id.
 pub fn ensure_volume(node: &TestNode, name: &str) -> u32 {
@@ -278,17 +295,7 @@ impl TestMount {
         }
         let mnt = dir.join("mnt");
         std::fs::create_dir_all(&mnt).unwrap_or_else(|e| panic!("creating {}: {e}", mnt.display()));
-        let opts = node.client_options();
-        let mut hive_args: Vec<OsString> = vec![
-            "--hive".into(),
-            format!("{}:{}", opts.host, node.meta_port()).into(),
-            "--token".into(),
-            opts.token.clone().into(),
-        ];
-        match &opts.ca_fingerprint {
-            Some(fp) => hive_args.extend(["--ca".into(), fp.into()]),
-            None => hive_args.push("--insecure".into()),
-        }
+        let hive_args = hi_hive_args(node);
         // From here on Drop cleans up, whatever fails.
         let mut m = TestMount {
             dir,

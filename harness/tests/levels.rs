@@ -8,8 +8,8 @@
 
 use hivefs_client::hive::HiveClient;
 use hivefs_harness::cluster::{chunk_count, three_nodes_sized};
-use hivefs_harness::mount::{ensure_volume_with, TestMount};
-use hivefs_harness::{raw_chunk, TestNode};
+use hivefs_harness::mount::{ensure_volume_with, hi_hive_args, TestMount};
+use hivefs_harness::{hi_bin, raw_chunk, NodeOptions, TestNode};
 use hivefs_net::proto::{PutChunk, PutResult};
 use hivefs_nvme::rng::SplitMix64;
 use std::time::{Duration, Instant};
@@ -165,4 +165,44 @@ fn volumes_of_one_and_three_copies_sharing_a_file() {
     assert_eq!(std::fs::read(m1.join("f")).expect("read f"), bytes);
     assert_eq!(std::fs::read(m3.join("g")).expect("read g"), bytes);
     drop((m1, m3));
+}
+
+/// `hi volume create` without `--copies` takes the hive's default (3: a one-node hive
+/// keeps one copy per node and says so), with `--copies` its own; 0 and 9 are refused.
+#[test]
+fn hi_volume_create_takes_the_hive_default_copies() {
+    let node = TestNode::start(NodeOptions::default().name("lv"));
+    let hi = |args: &[&str]| {
+        let out = std::process::Command::new(hi_bin())
+            .arg("volume")
+            .args(args.iter().take(1))
+            .args(hi_hive_args(&node))
+            .args(args.iter().skip(1))
+            .output()
+            .expect("running hi");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, text) = hi(&["create", "plain"]);
+    assert!(ok && text.contains("copies 3"), "{text}");
+    let (ok, text) = hi(&["create", "mirror", "--copies", "2"]);
+    assert!(ok && text.contains("copies 2"), "{text}");
+    let (ok, text) = hi(&["create", "scratch", "--copies", "1"]);
+    assert!(ok && text.contains("ONE copy"), "{text}");
+    for bad in ["0", "9"] {
+        let (ok, text) = hi(&["create", "bad", "--copies", bad]);
+        assert!(!ok, "--copies {bad}: {text}");
+    }
+    let (ok, text) = hi(&["list"]);
+    assert!(ok, "{text}");
+    for (name, copies) in [("plain", 3), ("mirror", 2), ("scratch", 1)] {
+        let line = text.lines().find(|l| l.starts_with(&format!("{name}\t")));
+        assert!(
+            line.is_some_and(|l| l.ends_with(&format!("\tcopies {copies}"))),
+            "{name} in {text}"
+        );
+    }
 }

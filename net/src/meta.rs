@@ -1228,7 +1228,8 @@ impl MetaRequest {
                     {
                         return Err(Errno::INVAL);
                     }
-                    if !(1..=5).contains(copies) {
+                    // 0: the hive's default (the leader writes the number in the log).
+                    if *copies > crate::proto::MAX_LEVEL {
                         return Err(Errno::INVAL);
                     }
                     Ok(())

@@ -236,6 +236,11 @@ impl LeaseTable {
         }
     }
 
+    /// Whether any lease of `key` is known here (held, or lapsed and not yet fenced).
+    pub fn known(&self, key: FileKey) -> bool {
+        self.leases.contains_key(&key)
+    }
+
     /// The fence above the lapsed lease of `key` is durable: the entry goes.
     pub fn fenced(&mut self, key: FileKey, token: u64) {
         if let Some(l) = self.leases.get(&key) {

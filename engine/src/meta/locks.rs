@@ -45,6 +45,11 @@
 //!   because a leader of several voters confirms its leadership with a quorum (a read
 //!   barrier) before each lock answer: a deposed leader cannot renew anything after the
 //!   new one was elected. Only the leader answers lock requests.
+//! - **Open grace.** Write leases die with the old leader's table too; their holders
+//!   reclaim them at their next keepalive. For [`OPEN_GRACE_MS`] after a new term's table
+//!   (or a restart with a horizon) starts, an open of a file with no known lease waits
+//!   (`AGAIN`), so it recalls a reclaimed lease instead of missing its holder's
+//!   uncommitted bytes.
 //!
 //! # Invariants
 //! - The POSIX locks of one owner on one file never overlap, and two of one type never
@@ -138,11 +143,22 @@ struct Session {
     files: HashSet<FileKey>,
 }
 
+/// How long an open of a file with no known write lease waits after a new leader's term
+/// (or a restart that may have had leases) begins: three keepalives, in which every live
+/// holder of a lease of the old term finds its session lost and reclaims (`hi` does at
+/// once). Without it an open right after a leader change could miss bytes a lease holder
+/// has not committed, which an open otherwise recalls.
+pub const OPEN_GRACE_MS: u64 = 3 * hivefs_net::meta::LOCK_KEEPALIVE_MS;
+
 /// The lock table. See the module docs.
 #[derive(Debug)]
 pub struct LockTable {
     next_session: u64,
     grace_until_ms: u64,
+    /// Until then an open of a file with no known write lease waits (`AGAIN`): the
+    /// holders of the previous leader's (or boot's) leases reclaim them first, so the open
+    /// still recalls their uncommitted bytes. See [`OPEN_GRACE_MS`].
+    open_grace_until_ms: u64,
     /// By client id.
     sessions: HashMap<u64, Session>,
     files: HashMap<FileKey, FileLocks>,
@@ -158,10 +174,23 @@ impl LockTable {
     /// An empty table whose session ids start at `session_base` (random per boot, so a
     /// session of an earlier boot is unknown here), granting nothing before
     /// `grace_until_ms`.
+    /// An open of `key` by `client` at `now_ms`: [`LeaseTable::open`], and during the
+    /// open grace a file with no known lease waits too (its holder may not have reclaimed
+    /// it yet).
+    pub fn open(&mut self, now_ms: u64, client: u64, key: FileKey) -> Gate {
+        match self.leases.open(now_ms, client, key) {
+            Gate::Clear if now_ms < self.open_grace_until_ms && !self.leases.known(key) => {
+                Gate::Wait
+            }
+            gate => gate,
+        }
+    }
+
     pub fn new(session_base: u64, grace_until_ms: u64) -> LockTable {
         LockTable {
             next_session: session_base,
             grace_until_ms,
+            open_grace_until_ms: 0,
             sessions: HashMap::new(),
             files: HashMap::new(),
             held: 0,
@@ -553,7 +582,13 @@ impl LockService {
         let (horizon, grace_ms) = Horizon::open(horizon_path, wall_ms());
         let base = u64::from_le_bytes(crate::config::random_bytes::<8>()?);
         Ok(LockService {
-            inner: std::sync::Mutex::new((LockTable::new(base, grace_ms), horizon)),
+            inner: std::sync::Mutex::new((
+                LockTable {
+                    open_grace_until_ms: grace_ms.min(OPEN_GRACE_MS),
+                    ..LockTable::new(base, grace_ms)
+                },
+                horizon,
+            )),
             start: std::time::Instant::now(),
             term: std::sync::Mutex::new(None),
         })
@@ -577,7 +612,10 @@ impl LockService {
                 let base = u64::from_le_bytes(crate::config::random_bytes::<8>()?);
                 let now = self.now_ms();
                 let mut g = self.inner.lock().expect("lock table");
-                g.0 = LockTable::new(base, now + LOCK_LEASE_MS);
+                g.0 = LockTable {
+                    open_grace_until_ms: now + OPEN_GRACE_MS,
+                    ..LockTable::new(base, now + LOCK_LEASE_MS)
+                };
                 tracing::info!(
                     old_term = old,
                     term,
@@ -639,11 +677,12 @@ impl LockService {
         g.0.handle_lease(now, r)
     }
 
-    /// An open of `ino` on `volume` by `client`: see [`LeaseTable::open`].
+    /// An open of `ino` on `volume` by `client`: see [`LeaseTable::open`]; and during the
+    /// open grace of a new term or boot, a file with no known lease waits too.
     pub fn open(&self, volume: u32, client: u64, ino: u64) -> Gate {
         let now = self.now_ms();
         let mut g = self.inner.lock().expect("lock table");
-        g.0.leases.open(now, client, (volume, ino))
+        g.0.open(now, client, (volume, ino))
     }
 
     /// A fence of `token` on `ino` is durable (see [`LeaseTable::fenced`]).
@@ -1004,6 +1043,47 @@ mod tests {
         t.sessions.remove(&2);
         t.posix(2, 9, Some(R), 1000, 1000).unwrap();
         assert_eq!(t.t.held(), 1);
+    }
+
+    /// After a new term (or a restart that may have had leases), an open of a file with
+    /// no known lease waits for the open grace; a holder that reclaims meanwhile is
+    /// recalled by the open, as before the leader changed.
+    #[test]
+    fn an_open_right_after_a_new_term_waits_for_reclaims() {
+        let mut t = T::new();
+        t.now = 50_000;
+        t.t = LockTable {
+            open_grace_until_ms: t.now + OPEN_GRACE_MS,
+            ..LockTable::new(1000, t.now + LOCK_LEASE_MS)
+        };
+        t.t.leases = LeaseTable::new(2, t.now);
+        let (a, b) = ((VOL, 7), (VOL, 8));
+        assert_eq!(t.t.open(t.now, 2, a), Gate::Wait, "within the grace");
+        // Client 1 held file 7's lease under the old term (epoch 1) and reclaims it.
+        let s1 = match t.req(1, LockOp::KeepAlive) {
+            Ok(_) => t.sessions[&1],
+            e => panic!("{e:?}"),
+        };
+        let old = 1u64 << 32 | 5;
+        let r = t.t.handle_lease(
+            t.now + 800,
+            &LockRequest {
+                volume: VOL,
+                client: 1,
+                session: s1,
+                op: LockOp::Lease {
+                    ino: 7,
+                    reclaim: old,
+                },
+            },
+        );
+        assert!(matches!(r, Ok(Ok(Answer::Lease(_)))), "{r:?}");
+        // The open of file 7 now recalls client 1's lease; file 8 still waits out the grace.
+        assert_eq!(t.t.open(t.now + 900, 2, a), Gate::Wait);
+        assert_eq!(t.t.open(t.now + 900, 2, b), Gate::Wait);
+        assert_eq!(t.t.open(t.now + OPEN_GRACE_MS, 2, b), Gate::Clear);
+        // The holder's own open is never held up.
+        assert_eq!(t.t.open(t.now + 900, 1, a), Gate::Clear);
     }
 
     #[test]
