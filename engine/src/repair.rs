@@ -79,6 +79,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 pub const PROGRESS_FILE: &str = "repair.json";
 /// Its presence asks for a scrub now (`hive scrub`); removed when the scrub starts.
 pub const SCRUB_REQUEST_FILE: &str = "scrub.request";
+/// Its presence asks for a repair pass now (`hive repair`); removed when the pass starts.
+pub const REPAIR_REQUEST_FILE: &str = "repair.request";
 
 /// What repair is doing and has done; written to `repair.json` after every step.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -166,6 +168,19 @@ impl RepairProgress {
         }
     }
 
+    /// How far the running pass is, 0 to 1, on a node of `shards` shards.
+    pub fn fraction(&self, shards: u16) -> f64 {
+        if !self.running || shards == 0 {
+            return 0.0;
+        }
+        let bucket = if self.bucket_count == 0 {
+            0.0
+        } else {
+            self.bucket as f64 / self.bucket_count as f64
+        };
+        ((self.shard as f64 + bucket.min(1.0)) / shards as f64).min(1.0)
+    }
+
     /// One line for `hive status`.
     pub fn describe(&self) -> String {
         let last = match &self.last {
@@ -245,12 +260,18 @@ pub fn run(ctx: RepairCtx) {
         // periodic pass.
         let unsettled = p.last.as_ref().is_some_and(|l| l.degraded_buckets > 0);
         let every = if unsettled { PASS_AGAIN } else { PASS_EVERY };
-        let due =
-            p.running || map.epoch != seen_epoch || last_pass.is_none_or(|t| t.elapsed() >= every);
+        let asked = ctx.dir.join(REPAIR_REQUEST_FILE).exists();
+        let due = asked
+            || p.running
+            || map.epoch != seen_epoch
+            || last_pass.is_none_or(|t| t.elapsed() >= every);
         let placed = map.node(ctx.cfg.raft_id).is_some() && map.eligible_count() > 1;
         if !due || !placed {
             std::thread::sleep(Duration::from_millis(200));
             continue;
+        }
+        if asked {
+            let _ = std::fs::remove_file(ctx.dir.join(REPAIR_REQUEST_FILE));
         }
         seen_epoch = map.epoch;
         last_pass = Some(Instant::now());

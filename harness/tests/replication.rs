@@ -175,6 +175,16 @@ fn repair_gives_a_returning_node_what_it_missed() {
             .find(|l| l.starts_with("repair:"))
             .unwrap_or("")
     );
+    // A pass by hand, followed with its progress bar to the end.
+    let out = nodes[2].hive(&["repair"]);
+    let (bar, summary) = (
+        String::from_utf8_lossy(&out.stderr).to_string(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+    );
+    assert!(out.status.success(), "{bar}\n{summary}");
+    assert!(bar.contains("100%") && bar.contains("repair pass"), "{bar}");
+    assert!(summary.starts_with("repair: idle"), "{summary}");
+    eprintln!("hive repair: {}", summary.trim());
 }
 
 #[test]

@@ -88,6 +88,16 @@ enum Cmd {
         #[arg(long)]
         insecure: bool,
     },
+    /// Run a repair pass on this node now and follow it with a progress bar: every chunk
+    /// it holds onto its replicas at its level, copies beyond the replicas released.
+    /// (Passes also run by themselves on every map change and every 30 s.)
+    Repair {
+        #[arg(long)]
+        data: PathBuf,
+        /// Only ask for the pass; do not wait for it.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Scrub this node now: re-read every chunk it holds and check it against its id; bad
     /// copies are removed and repair copies good ones back (progress in `hive status`).
     /// Runs by itself every `scrub_every_secs` (hive.toml).
@@ -396,6 +406,7 @@ fn real_main() -> Result<()> {
             verify,
             insecure,
         } => fsck(&data, verify, insecure),
+        Cmd::Repair { data, no_wait } => repair_now(&data, no_wait),
         Cmd::Scrub { data } => {
             NodeConfig::load(&data)?;
             let f = data.join(hivefs_engine::repair::SCRUB_REQUEST_FILE);
@@ -838,6 +849,71 @@ fn shard_admin_call(link: &mut Link, op: &meta::ShardAdmin) -> Result<meta::Shar
         Response::ShardAdminReply { body } => Ok(meta::decode(&body)?),
         other => bail!("unexpected answer {:?}", other.opcode()),
     }
+}
+
+/// `hive repair`: ask the running node for a pass, then show its progress until it ends.
+fn repair_now(data: &std::path::Path, no_wait: bool) -> Result<()> {
+    use hivefs_engine::repair::{RepairProgress, REPAIR_REQUEST_FILE};
+    use std::io::Write;
+    let cfg = NodeConfig::load(data)?;
+    // The pass that serves the request is the first to start after it: the one after a
+    // pass under way now.
+    let now = RepairProgress::load(data);
+    let target = now.passes + if now.running { 2 } else { 1 };
+    let f = data.join(REPAIR_REQUEST_FILE);
+    std::fs::write(&f, b"").with_context(|| format!("writing {}", f.display()))?;
+    if no_wait {
+        println!(
+            "repair pass requested: the running node starts it within a second (see `hive status`)"
+        );
+        return Ok(());
+    }
+    let mut idle_since = std::time::Instant::now();
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let p = RepairProgress::load(data);
+        if p.running {
+            idle_since = std::time::Instant::now();
+        }
+        if f.exists() && !p.running {
+            if idle_since.elapsed() > std::time::Duration::from_secs(10) {
+                let _ = std::fs::remove_file(&f);
+                bail!(
+                    "the node did not start a pass within 10 s: is it running, and one of a hive of several nodes?"
+                );
+            }
+            continue;
+        }
+        let done = !p.running && p.passes >= target;
+        let frac = if done {
+            1.0
+        } else if p.passes + 1 == target {
+            p.fraction(cfg.shards)
+        } else {
+            0.0
+        };
+        let width = 30;
+        let filled = (frac * width as f64).round() as usize;
+        eprint!(
+            "\rrepair pass {} [{}{}] {:>3.0}%  shard {}/{}, {} copies made ({} bytes), {} released ",
+            target,
+            "#".repeat(filled),
+            "-".repeat(width - filled),
+            100.0 * frac,
+            (p.shard + 1).min(cfg.shards),
+            cfg.shards,
+            p.copied,
+            p.copied_bytes,
+            p.released
+        );
+        let _ = std::io::stderr().flush();
+        if done {
+            break;
+        }
+    }
+    eprintln!();
+    println!("{}", RepairProgress::load(data).describe());
+    Ok(())
 }
 
 /// Wait until every chunk node `id` holds is also held by all of its bucket's targets
