@@ -543,10 +543,6 @@ impl HiveClient {
         self.opts.level = level.clamp(1, hivefs_net::proto::MAX_LEVEL);
     }
 
-    pub fn level(&self) -> u8 {
-        self.opts.level
-    }
-
     /// Connect to the node at `o` (every shard), fetch its map and the hive's placement
     /// map; connections to other nodes open when first needed.
     pub fn connect(o: &ClientOptions) -> Result<HiveClient, ClientError> {

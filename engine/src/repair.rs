@@ -572,9 +572,6 @@ impl<'a> Pass<'a> {
     /// beyond the targets released where every target holds them.
     fn step(&mut self, shard: u16, ids: &[Held], p: &mut RepairProgress) -> Result<(), String> {
         let me = self.ctx.cfg.raft_id;
-        // Opened before any target is asked: a copy put here after that is never
-        // released on these answers.
-        let window = self.begin_release(shard);
         // Chunks held here beyond their targets: (targets, targets that hold it).
         let mut extra: HashMap<ChunkId, (usize, usize)> = HashMap::new();
         // (target node, its shard) -> ids it should hold, with their levels.
@@ -596,6 +593,13 @@ impl<'a> Pass<'a> {
                     .push((id, level));
             }
         }
+        // Opened (only when there is something to release) before any target is asked:
+        // a copy put here after that is never released on these answers.
+        let window = if extra.is_empty() {
+            None
+        } else {
+            self.begin_release(shard)
+        };
         let mut degraded: std::collections::HashSet<u32> = std::collections::HashSet::new();
         for ((node, tshard), ids) in want {
             let Some(n) = self.map.node(node).cloned() else {
@@ -633,7 +637,7 @@ impl<'a> Pass<'a> {
                 degraded.insert(self.map.bucket_of(id));
             }
             let missing = self.mine_to_send(node, missing);
-            if let Err(e) = self.copy(shard, &n.host, port, &missing, p) {
+            if let Err(e) = self.copy(shard, &n.host, port, missing, p) {
                 tracing::debug!(node = %n.name, "repair: {e}");
                 p.unreachable += 1;
             }
@@ -666,29 +670,25 @@ impl<'a> Pass<'a> {
         }
     }
 
-    /// Remove `ids` from this node's `shard`: copies beyond the replicas that every
-    /// replica holds (see [`ShardAdmin::Release`]).
+    /// Remove `ids` (at most one step's, [`LIST_BATCH`]) from this node's `shard`: copies
+    /// beyond the replicas that every replica holds (see [`ShardAdmin::Release`]). Sent
+    /// even when empty: it closes the window, so the shard stops recording puts.
     fn release(&mut self, shard: u16, token: u64, ids: Vec<ChunkId>, p: &mut RepairProgress) {
         let port = self.ctx.shard_ports[shard as usize];
         let host = self.local_host();
-        for batch in ids.chunks(meta::MAX_ADMIN_IDS as usize) {
-            let op = ShardAdmin::Release {
-                token,
-                map_epoch: self.map.epoch,
-                ids: meta::join_ids(batch),
-            };
-            match self.admin(&host, port, &op) {
-                Ok(ShardAdminReply::Swept { removed, bytes, .. }) => {
-                    p.released += removed;
-                    p.released_bytes += bytes;
-                    p.total_released += removed;
-                    p.total_released_bytes += bytes;
-                }
-                other => {
-                    tracing::debug!("repair: release on shard {shard}: {other:?}");
-                    return;
-                }
+        let op = ShardAdmin::Release {
+            token,
+            map_epoch: self.map.epoch,
+            ids: meta::join_ids(&ids),
+        };
+        match self.admin(&host, port, &op) {
+            Ok(ShardAdminReply::Swept { removed, bytes, .. }) => {
+                p.released += removed;
+                p.released_bytes += bytes;
+                p.total_released += removed;
+                p.total_released_bytes += bytes;
             }
+            other => tracing::debug!("repair: release on shard {shard}: {other:?}"),
         }
     }
 
@@ -760,24 +760,22 @@ impl<'a> Pass<'a> {
         shard: u16,
         host: &str,
         port: u16,
-        ids: &[Held],
+        mut ids: Vec<Held>,
         p: &mut RepairProgress,
     ) -> Result<(), String> {
-        let mut ids = ids.to_vec();
         ids.sort_by_key(|(_, level)| *level);
         let local_port = self.ctx.shard_ports[shard as usize];
         let local = self.local_host();
         let mut batch: Vec<PutChunk> = Vec::new();
         let mut bytes = 0usize;
         for (i, &(id, level)) in ids.iter().enumerate() {
-            let id = &id;
-            match self.call(&local, local_port, &Request::Get { id: *id })? {
+            match self.call(&local, local_port, &Request::Get { id })? {
                 Response::GetReply {
                     chunk: Some((codec, raw_len, data)),
                 } => {
                     bytes += PUT_CHUNK_OVERHEAD_BYTES + data.len();
                     batch.push(PutChunk {
-                        id: *id,
+                        id,
                         codec,
                         raw_len,
                         data,

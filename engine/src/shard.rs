@@ -6,9 +6,11 @@
 //! randomness, so a seeded simulator reproduces any run exactly.
 //!
 //! The put path, per chunk:
-//! 1. a chunk already `Verified` answers `Duplicate` at once; one `Pending` in a commit
-//!    batch waits for that batch to become durable (a duplicate is never acknowledged
-//!    before the first copy is on disk);
+//! 1. a chunk already `Verified` at the put's level or higher answers `Duplicate` at
+//!    once; one `Pending` in a commit batch waits for that batch to become durable (a
+//!    duplicate is never acknowledged before the first copy is on disk). A chunk stored
+//!    at a lower level goes on as a new one (*raised*): its new record carries the higher
+//!    level and replaces the old one in the index, which then is a dead record;
 //! 2. otherwise its bytes are decompressed and hashed against the id *before* anything is
 //!    written: a chunk that fails is `Rejected` and counted, and never reaches the log, so
 //!    garbage uploaded under a popular id cannot poison the pool;
@@ -164,6 +166,10 @@ pub enum ShardError {
     #[error("bad request: {0}")]
     BadRequest(String),
 }
+
+/// Most ids a release window records (a repair step waiting on a slow target while puts
+/// stream in): beyond, the window closes and its release is refused (nothing is removed).
+pub const MAX_RELEASE_WINDOW_IDS: usize = 1 << 20;
 
 /// Of `ids`, those stored and verified and not in `spare` (what a sweep or a release
 /// removes), with the count spared (in `spare`, or pending: a put in flight) and the
@@ -1308,7 +1314,8 @@ impl ShardCore {
     }
 
     /// Open repair's release window (closing any other): from now on every id put here is
-    /// recorded. Returns its token.
+    /// recorded (at most [`MAX_RELEASE_WINDOW_IDS`]; beyond that the window closes and its
+    /// release is refused). Returns its token.
     pub fn begin_release(&mut self) -> u64 {
         let token = self.next_release_token;
         self.next_release_token += 1;
@@ -1327,15 +1334,18 @@ impl ShardCore {
         token: u64,
         ids: Vec<ChunkId>,
     ) -> Result<(u64, u64), ShardError> {
-        let Some((open, put)) = &self.release_window else {
-            return Err(ShardError::BadRequest("no release window is open".into()));
-        };
-        if *open != token {
-            return Err(ShardError::BadRequest(format!(
-                "release window {token} was replaced by {open}"
-            )));
+        match &self.release_window {
+            None => return Err(ShardError::BadRequest("no release window is open".into())),
+            Some((open, _)) if *open != token => {
+                return Err(ShardError::BadRequest(format!(
+                    "release window {token} was replaced by {open}"
+                )))
+            }
+            Some(_) => {}
         }
-        let (doomed, spared, bytes) = doomed(&self.index, ids, put);
+        // The window closes: puts are recorded only while repair waits on its targets.
+        let (_, put) = self.release_window.take().expect("checked above");
+        let (doomed, spared, bytes) = doomed(&self.index, ids, &put);
         self.delete(ticket, doomed);
         Ok((spared, bytes))
     }
@@ -1420,6 +1430,9 @@ impl ShardCore {
             self.note_claim(&c.id);
             if let Some((_, put)) = &mut self.release_window {
                 put.insert(c.id);
+                if put.len() > MAX_RELEASE_WINDOW_IDS {
+                    self.release_window = None;
+                }
             }
         }
         self.puts.insert(
@@ -3791,6 +3804,43 @@ mod compaction_tests {
         let mut out = Vec::new();
         s.has(&[*id], level, &mut out);
         out[0]
+    }
+
+    /// A release removes what every replica holds, spares what was put here since its
+    /// window opened, and closes the window (a second release on it is refused).
+    #[test]
+    fn a_release_spares_puts_since_its_window_and_closes_it() {
+        let (dev, layout) = formatted(8);
+        let mut s = open(&dev, layout);
+        let mut t = 0;
+        let (a, b) = (chunk(1, 3000), chunk(2, 3000));
+        put(&mut s, &mut t, &a).unwrap();
+        put(&mut s, &mut t, &b).unwrap();
+        let token = s.begin_release();
+        // A copy of `b` arrives while repair asks the targets.
+        assert_eq!(
+            put(&mut s, &mut t, &b).unwrap(),
+            vec![PutOutcome::Duplicate]
+        );
+        t += 1;
+        let (spared, bytes) = s.release(t, token, vec![a.id, b.id]).unwrap();
+        assert_eq!((spared, bytes), (1, 3000));
+        match wait(&mut s, t) {
+            Completion::Delete { result, .. } => assert_eq!(result.unwrap(), 1),
+            other => panic!("{other:?}"),
+        }
+        assert!(!has(&mut s, &a.id) && has(&mut s, &b.id));
+        assert!(
+            s.release(t + 1, token, vec![b.id]).is_err(),
+            "window closed"
+        );
+        let old = token;
+        let token = s.begin_release();
+        assert!(
+            s.release(t + 2, old, vec![b.id]).is_err(),
+            "an older window"
+        );
+        assert!(s.release(t + 3, token, vec![]).is_ok());
     }
 
     /// Levels: `has` answers yes only at the stored level or below; a put at a higher level

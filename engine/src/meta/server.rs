@@ -849,7 +849,7 @@ async fn run_gc(sh: &Shared) -> Result<GcReport> {
         links.push(link);
     }
     sh.raft.read_barrier().await?;
-    let marked = sh.store.referenced_chunks()?;
+    let marked = sh.store.referenced_levels()?;
     let mut r = GcReport {
         epoch,
         referenced_chunks: marked.len() as u64,
@@ -873,7 +873,7 @@ async fn run_gc(sh: &Shared) -> Result<GcReport> {
             r.stored_chunks += ids.len() as u64;
             after = ids.last().map(|l| l.0.to_vec());
             let (live, dead): (Vec<ChunkId>, Vec<ChunkId>) =
-                ids.into_iter().partition(|id| marked.contains(id));
+                ids.into_iter().partition(|id| marked.contains_key(id));
             // fsck's stale clock of a live chunk restarts at this mark.
             for batch in live.chunks(4096) {
                 shard_admin(

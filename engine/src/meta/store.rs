@@ -1185,7 +1185,8 @@ impl MetaStore {
         Ok((n, files))
     }
 
-    /// Every chunk id a live extent of any volume references (the GC mark).
+    /// Every chunk id a live extent of any volume references (tests and simulators; the
+    /// GC mark and fsck use [`Self::referenced_levels`], one scan for both).
     pub fn referenced_chunks(&self) -> Result<HashSet<ChunkId>> {
         Ok(self.referenced_levels()?.into_keys().collect())
     }
