@@ -1,0 +1,29 @@
+//! The client host's small local disk (DESIGN.md §5): a block device or a file holding
+//!
+//! - a [`superblock`]: what `hi mount DISK` needs to find its hive and volume (never a
+//!   credential: the token is kept in a root-only file beside the config), and where the
+//!   regions below lie;
+//! - the [`journal`], the NVRAM of the design: one ordered log of everything written on
+//!   this host and not yet committed to the hive, with two control slots that say where
+//!   the log starts;
+//! - the chunk cache region.
+//!
+//! All I/O goes through a [`hivefs_nvme::BlockDevice`], so the same code runs on io_uring
+//! over `O_DIRECT` in `hi` and on the seeded [`hivefs_nvme::SimDevice`] in the simulator
+//! (torn and lost writes at a crash).
+//!
+//! Layout (every offset a multiple of 4 KiB):
+//!
+//! ```text
+//! block 0          superblock
+//! blocks 1, 2      journal control slots (written alternately; the valid one with the
+//!                  higher counter wins)
+//! journal region   circular log of records (journal.rs)
+//! cache region     chunk cache
+//! ```
+
+pub mod journal;
+pub mod superblock;
+
+pub use journal::{Journal, JournalError, Record, RecordKind, Recovered};
+pub use superblock::{Layout, Superblock, SuperblockError};
