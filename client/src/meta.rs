@@ -5,7 +5,8 @@
 //! lowest sequence still waiting for its answer. If a connection breaks before the answer
 //! arrives, the same command (same sequence) is sent again on a new connection: the hive
 //! stores each answer with the mutation it applied, so a retry is answered, never applied
-//! twice. A client id is random per [`MetaClient`] (one per mount).
+//! twice. A client id is random per [`MetaClient`] (one per mount), or a client disk's
+//! own (the same across mounts, with mutation numbers that never repeat).
 //!
 //! The client is `Sync`: FUSE threads share it; each call takes an idle connection from
 //! the pool (or dials a new one) and returns it afterwards.
@@ -192,6 +193,20 @@ impl MetaClient {
     /// member of the metadata cluster will do: calls follow its "not the leader" answers
     /// to the leader, and move to another member when the one asked stops answering.
     pub fn connect(o: &ClientOptions, port: u16) -> Result<MetaClient, ClientError> {
+        let mut id = [0u8; 8];
+        getrandom(&mut id);
+        Self::connect_as(o, port, u64::from_le_bytes(id) | 1, 1)
+    }
+
+    /// [`MetaClient::connect`] as client `client_id` (a client disk's, the same across
+    /// mounts), numbering mutations from `first_seq`: the caller makes sure no number is
+    /// used twice by one client id (a mount numbers from its journal generation << 32).
+    pub fn connect_as(
+        o: &ClientOptions,
+        port: u16,
+        client_id: u64,
+        first_seq: u64,
+    ) -> Result<MetaClient, ClientError> {
         let endpoints = Endpoints::new(Endpoint {
             host: o.host.clone(),
             port,
@@ -214,14 +229,12 @@ impl MetaClient {
                 endpoints.lock().expect("endpoints lock").learn(&members);
             }
         }
-        let mut id = [0u8; 8];
-        getrandom(&mut id);
         Ok(MetaClient {
             opts: o.clone(),
             endpoints,
             map,
-            client_id: u64::from_le_bytes(id) | 1,
-            next_seq: AtomicU64::new(1),
+            client_id,
+            next_seq: AtomicU64::new(first_seq),
             waiting: Mutex::new(BTreeSet::new()),
             pool: Mutex::new(vec![first]),
         })

@@ -29,7 +29,7 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -262,6 +262,8 @@ pub struct TestMount {
     hive_args: Vec<OsString>,
     child: Option<Child>,
     starts: u32,
+    /// Mounted from a client disk (`hi format`, then `hi mount DISK`): with `--writeback`?
+    disk: Option<bool>,
 }
 
 impl TestMount {
@@ -269,6 +271,48 @@ impl TestMount {
     /// `Err(Skip)` when FUSE cannot work here; panics (with the `hi` log) on any other
     /// failure.
     pub fn try_start(node: &TestNode, volume: &str) -> Result<TestMount, MountError> {
+        TestMount::try_start_as(node, volume, None)
+    }
+
+    /// Mount volume `volume` of `node` from a client disk made for it (`hi format` of a
+    /// file `disk.img` in the mount's directory, token kept in its `secrets/`), in
+    /// write-back mode or not; `None` (after `SKIP:`) where FUSE cannot work.
+    pub fn start_on_disk(node: &TestNode, volume: &str, writeback: bool) -> Option<TestMount> {
+        match TestMount::try_start_as(node, volume, Some(writeback)) {
+            Ok(m) => Some(m),
+            Err(MountError::Skip(why)) => {
+                skip(&why);
+                None
+            }
+        }
+    }
+
+    /// The client disk's image (for mounts started with [`TestMount::start_on_disk`]).
+    pub fn disk_path(&self) -> PathBuf {
+        self.dir.join("disk.img")
+    }
+
+    /// `hi format` of this mount's disk with `extra` arguments (run while unmounted).
+    pub fn format_disk(&self, extra: &[&str]) -> Output {
+        Command::new(&self.bin)
+            .arg("format")
+            .args(&self.hive_args)
+            .arg("--volume")
+            .arg(&self.volume)
+            .arg("--secrets")
+            .arg(self.dir.join("secrets"))
+            .args(extra)
+            .arg(self.disk_path())
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("running hi format")
+    }
+
+    fn try_start_as(
+        node: &TestNode,
+        volume: &str,
+        disk: Option<bool>,
+    ) -> Result<TestMount, MountError> {
         if let Some(why) = fuse_unavailable() {
             return Err(MountError::Skip(why));
         }
@@ -305,7 +349,17 @@ impl TestMount {
             hive_args,
             child: None,
             starts: 0,
+            disk,
         };
+        if disk.is_some() {
+            let out = m.format_disk(&["--journal", "64M", "--cache", "16M"]);
+            assert!(
+                out.status.success(),
+                "hi format failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         m.mount()?;
         Ok(m)
     }
@@ -401,11 +455,20 @@ impl TestMount {
         self.starts += 1;
         let banner = format!("=== harness: hi mount #{} ===", self.starts);
         let mut cmd = Command::new(&self.bin);
-        cmd.arg("mount")
-            .args(&self.hive_args)
-            .arg("--volume")
-            .arg(&self.volume)
-            .arg(&self.mnt);
+        cmd.arg("mount");
+        match self.disk {
+            None => {
+                cmd.args(&self.hive_args).arg("--volume").arg(&self.volume);
+            }
+            Some(writeback) => {
+                cmd.arg("--secrets").arg(self.dir.join("secrets"));
+                if writeback {
+                    cmd.arg("--writeback");
+                }
+                cmd.arg(self.disk_path());
+            }
+        }
+        cmd.arg(&self.mnt);
         // SIGTERM, not SIGKILL: hi then unmounts itself.
         self.child = Some(spawn_logged(cmd, &self.log_path(), &banner, libc::SIGTERM));
     }

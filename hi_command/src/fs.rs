@@ -75,6 +75,10 @@ pub struct Mounted {
     pub volume: u32,
     /// The volume's copies: the level its chunks are stored at.
     pub copies: u8,
+    /// The client disk's journal (`hi mount DISK`); without one, writes wait in memory.
+    pub journal: Option<Arc<crate::journal::JournalService>>,
+    /// Write-back mode: `fsync` and `close` return once the journal holds the writes.
+    pub write_back: bool,
 }
 
 pub struct HiveFs {
@@ -179,23 +183,63 @@ fn fuse_attr(a: &Attr) -> FileAttr {
     }
 }
 
+fn make_hive(meta: &Arc<MetaClient>, volume: u32, copies: u8) -> anyhow::Result<Hive> {
+    let pipeline = Pipeline::new(
+        meta.map().dedupe_key,
+        ChunkerConfig::default(),
+        Codec::Lz4,
+        0,
+    )
+    .map_err(|e| anyhow::anyhow!("chunker: {e}"))?;
+    Ok(Hive::new(
+        meta.clone(),
+        volume,
+        copies,
+        pipeline,
+        ChunkCache::new(CACHE_BYTES),
+    ))
+}
+
+/// The hive side a journal replay commits through, before the file system starts.
+pub fn replay_hive(meta: &Arc<MetaClient>, vol: &m::VolumeInfo) -> anyhow::Result<Hive> {
+    make_hive(meta, vol.id, vol.copies)
+}
+
+/// Forget a file's state when nobody here has it open and it holds nothing uncommitted
+/// (bytes a failed flush kept, or write-back bytes on their way, stay with the state: the
+/// next open, the flusher or the unmount commits them); its write lease goes with it.
+fn drop_if_unused(
+    files: &Mutex<HashMap<u64, Arc<OpenFile>>>,
+    leases: &Leases,
+    hive: &Hive,
+    ino: u64,
+    st: &Arc<OpenFile>,
+) {
+    let mut files = files.lock().expect("files lock");
+    let g = st.lock();
+    if g.opens == 0 && g.clean() {
+        drop(g);
+        if files.get(&ino).is_some_and(|s| Arc::ptr_eq(s, st)) {
+            files.remove(&ino);
+            if hive.locks.lease_token(ino).is_some() {
+                leases.release(ino);
+            }
+        }
+    }
+}
+
 fn name_bytes(n: &OsStr) -> Vec<u8> {
     n.as_bytes().to_vec()
 }
 
 impl HiveFs {
     pub fn new(mounted: Mounted) -> anyhow::Result<HiveFs> {
-        let map = mounted.meta.map().clone();
-        let pipeline = Pipeline::new(map.dedupe_key, ChunkerConfig::default(), Codec::Lz4, 0)
-            .map_err(|e| anyhow::anyhow!("chunker: {e}"))?;
-        let hive = Arc::new(Hive::new(
-            mounted.meta.clone(),
-            mounted.volume,
-            mounted.copies,
-            pipeline,
-            ChunkCache::new(CACHE_BYTES),
-        ));
-        let wb = Arc::new(Writeback::new(hive.clone())?);
+        let hive = Arc::new(make_hive(&mounted.meta, mounted.volume, mounted.copies)?);
+        let wb = Arc::new(Writeback::new(
+            hive.clone(),
+            mounted.journal.clone(),
+            mounted.write_back,
+        )?);
         let files: Arc<Mutex<HashMap<u64, Arc<OpenFile>>>> = Arc::default();
         let (f, w) = (files.clone(), wb.clone());
         // A recalled file: commit what this host wrote to it (as fsync does).
@@ -209,8 +253,13 @@ impl HiveFs {
         let f = files.clone();
         let busy: crate::leases::BusyFn =
             Box::new(move |ino| f.lock().expect("files lock").contains_key(&ino));
+        let leases = Arc::new(Leases::start(hive.locks.clone(), flush, busy)?);
+        // A file closed with bytes still going to the hive (write-back mode, or a failed
+        // flush) goes once the flusher has committed them.
+        let (f, l, h) = (files.clone(), leases.clone(), hive.clone());
+        wb.start_retry(Box::new(move |ino, st| drop_if_unused(&f, &l, &h, ino, st)))?;
         Ok(HiveFs {
-            leases: Arc::new(Leases::start(hive.locks.clone(), flush, busy)?),
+            leases,
             notifier: Arc::default(),
             locks: crate::locks::Locks::new(hive.locks.clone()),
             wb,
@@ -454,21 +503,10 @@ impl HiveFs {
 
     /// One handle of `ino` is gone; the state goes with the last.
     fn close_state(&self, ino: u64, st: &Arc<OpenFile>) {
-        let mut files = self.files.lock().expect("files lock");
         let mut g = st.lock();
         g.opens = g.opens.saturating_sub(1);
-        // Bytes a failed flush kept stay with the state: the next open of the file (or
-        // the unmount) commits them. Only a clean, unused state goes.
-        if g.opens == 0 && g.clean() {
-            drop(g);
-            if files.get(&ino).is_some_and(|s| Arc::ptr_eq(s, st)) {
-                files.remove(&ino);
-                // Nothing of it uncommitted, nobody here using it: its write lease goes.
-                if self.hive.locks.lease_token(ino).is_some() {
-                    self.leases.release(ino);
-                }
-            }
-        }
+        drop(g);
+        drop_if_unused(&self.files, &self.leases, &self.hive, ino, st);
     }
 
     fn entry(&self, reply: ReplyEntry, r: Result<Answer, Errno>) {
@@ -707,6 +745,16 @@ impl Filesystem for HiveFs {
             }
         }
         self.wb.shutdown();
+        if let Some(j) = self.wb.journal() {
+            j.shutdown();
+            let (pending, groups, records) = j.pending();
+            tracing::info!(
+                groups,
+                records,
+                pending,
+                "journal at unmount ({pending} records left for the next mount)"
+            );
+        }
         self.leases.stop();
         self.fetch.shutdown();
         // ... then the kernel holds nothing any more.
@@ -1004,8 +1052,16 @@ impl Filesystem for HiveFs {
                 return reply.error(e);
             }
         }
+        // Room in the journal first (it may wait for commits, which take file locks).
+        let journaled = match self.wb.journal() {
+            Some(j) => match j.reserve(data.len()) {
+                Ok(r) => Some((r, self.hive.locks.lease_token(ino.0).unwrap_or(0))),
+                Err(e) => return reply.error(e),
+            },
+            None => None,
+        };
         let mut g = st.lock();
-        match self.wb.write(ino.0, &st, &mut g, offset, data) {
+        match self.wb.write(ino.0, &st, &mut g, offset, data, journaled) {
             Ok(throttle) => {
                 drop(g);
                 if throttle {
@@ -1027,7 +1083,7 @@ impl Filesystem for HiveFs {
         reply: ReplyEmpty,
     ) {
         let flushed = match self.state(ino.0) {
-            Some(st) => self.wb.sync(ino.0, &st, st.lock()).1,
+            Some(st) => self.wb.durable(ino.0, &st, st.lock()).1,
             None => Ok(()),
         };
         // POSIX: any close drops the process's locks on the file (after its data).
@@ -1055,7 +1111,7 @@ impl Filesystem for HiveFs {
         let Some(st) = self.state(ino.0) else {
             return reply.ok();
         };
-        let flushed = self.wb.sync(ino.0, &st, st.lock()).1;
+        let flushed = self.wb.durable(ino.0, &st, st.lock()).1;
         self.close_state(ino.0, &st);
         match flushed {
             Ok(()) => reply.ok(),

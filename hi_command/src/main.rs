@@ -1,16 +1,21 @@
 //! `hi`: the HiveFS client host command.
 //!
-//! - `hi mount --hive HOST:PORT --token T --ca FINGERPRINT --volume NAME MOUNTPOINT` (or
-//!   `--config FILE`): mounts a volume with FUSE and serves it until SIGINT/SIGTERM or
-//!   `hi umount`, then unmounts cleanly.
+//! - `hi format DISK --hive HOST:PORT --token T --ca FINGERPRINT --volume NAME`: makes a
+//!   block device or a file a client disk (superblock, journal, cache; disk.rs).
+//! - `hi mount DISK MOUNTPOINT [--writeback]`: mounts the disk's volume, replaying what
+//!   its journal holds first; or, without a disk, `hi mount --hive HOST:PORT --token T
+//!   --ca FINGERPRINT --volume NAME MOUNTPOINT` (or `--config FILE`), writes in memory
+//!   only. Serves until SIGINT/SIGTERM or `hi umount`, then unmounts cleanly.
 //! - `hi umount MOUNTPOINT`
 //! - `hi volume create|list --hive ... [NAME]`
 
 mod cache;
+mod disk;
 mod fetch;
 mod fs;
 mod hints;
 mod invalidate;
+mod journal;
 mod leases;
 mod locks;
 mod reclaim;
@@ -59,17 +64,53 @@ struct HiveArgs {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Mount a volume and serve it until interrupted.
+    /// Make a block device or a file a client disk: superblock, journal, chunk cache.
+    Format {
+        #[command(flatten)]
+        hive: HiveArgs,
+        /// The volume this disk mounts.
+        #[arg(long)]
+        volume: Option<String>,
+        /// Journal size (K, M, G): what may be written here before the hive has it.
+        #[arg(long, default_value = "256M", value_parser = disk::parse_size)]
+        journal: u64,
+        /// Chunk cache size (default: the rest of a block device, 256M in a file).
+        #[arg(long, value_parser = disk::parse_size)]
+        cache: Option<u64>,
+        /// Directory for the root-only token file.
+        #[arg(long, default_value = disk::DEFAULT_SECRETS)]
+        secrets: PathBuf,
+        /// Overwrite what is there: another filesystem, a damaged superblock, or journal
+        /// records not yet committed.
+        #[arg(long)]
+        force: bool,
+        /// The block device or file.
+        disk: PathBuf,
+    },
+    /// Mount a volume and serve it until interrupted: `hi mount DISK MOUNTPOINT`, or
+    /// `hi mount --hive ... --volume NAME MOUNTPOINT` without a client disk.
     Mount {
         #[command(flatten)]
         hive: HiveArgs,
-        /// The volume to mount.
+        /// The volume to mount (without a client disk).
         #[arg(long)]
         volume: Option<String>,
         /// FUSE worker threads.
         #[arg(long, default_value_t = 4)]
         threads: usize,
-        mountpoint: PathBuf,
+        /// fsync and close return once the client disk's journal holds the writes (the
+        /// hive gets them in the background).
+        #[arg(long)]
+        writeback: bool,
+        /// How long a write waits for room in a full journal before it fails (seconds).
+        #[arg(long, default_value_t = 300)]
+        journal_wait: u64,
+        /// Directory of the token file (`hi format --secrets`).
+        #[arg(long, default_value = disk::DEFAULT_SECRETS)]
+        secrets: PathBuf,
+        /// [DISK] MOUNTPOINT
+        #[arg(num_args = 1..=2, required = true)]
+        paths: Vec<PathBuf>,
     },
     /// Unmount a mounted volume.
     Umount { mountpoint: PathBuf },
@@ -175,12 +216,77 @@ fn connect(r: &Resolved) -> Result<MetaClient> {
 
 fn real_main() -> Result<()> {
     match Cli::parse().cmd {
+        Cmd::Format {
+            hive,
+            volume,
+            journal,
+            cache,
+            secrets,
+            force,
+            disk,
+        } => {
+            let r = resolve(&hive, volume)?;
+            let name = r.volume.clone().context("--volume NAME is required")?;
+            // The volume must exist: a disk is formatted for it.
+            lookup_volume(&connect(&r)?, &name)?;
+            let sb = disk::format(&disk::FormatSpec {
+                path: &disk,
+                journal,
+                cache,
+                hive: vec![format!("{}:{}", r.opts.host, r.port)],
+                ca: r.opts.ca_fingerprint.clone(),
+                volume: name,
+                token: r.opts.token.clone(),
+                secrets: &secrets,
+                force,
+            })?;
+            println!(
+                "formatted {}: client {:016x}, volume {}, journal {} MiB, cache {} MiB; token in {}",
+                disk.display(),
+                sb.client_id,
+                sb.volume,
+                sb.layout.journal_len >> 20,
+                sb.layout.cache_len >> 20,
+                disk::token_path(&secrets, sb.client_id).display()
+            );
+            Ok(())
+        }
         Cmd::Mount {
             hive,
             volume,
             threads,
-            mountpoint,
-        } => mount(&resolve(&hive, volume)?, threads, &mountpoint),
+            writeback,
+            journal_wait,
+            secrets,
+            paths,
+        } => match paths.as_slice() {
+            [mountpoint] => {
+                if writeback {
+                    bail!("--writeback needs a client disk: hi mount DISK MOUNTPOINT");
+                }
+                mount(&resolve(&hive, volume)?, None, threads, mountpoint)
+            }
+            [disk, mountpoint] => {
+                let opened = disk::open(disk)?;
+                let sb = &opened.sb;
+                let token = disk::read_token(&secrets, sb.client_id)?;
+                let hive_args = HiveArgs {
+                    hive: sb.hive.first().cloned(),
+                    token: Some(token),
+                    ca: sb.ca.clone(),
+                    insecure: sb.ca.is_none(),
+                    ..HiveArgs::default()
+                };
+                let r = resolve(&hive_args, Some(sb.volume.clone()))?;
+                let local = Local {
+                    disk: opened,
+                    write_back: writeback,
+                    journal_wait: Duration::from_secs(journal_wait),
+                };
+                mount(&r, Some(local), threads, mountpoint)
+            }
+            _ => bail!("hi mount [DISK] MOUNTPOINT"),
+        },
         Cmd::Umount { mountpoint } => umount(&mountpoint),
         Cmd::Volume {
             cmd: VolumeCmd::Create { hive, name, copies },
@@ -225,21 +331,80 @@ fn real_main() -> Result<()> {
     }
 }
 
-fn mount(r: &Resolved, threads: usize, mountpoint: &std::path::Path) -> Result<()> {
-    let name = r.volume.clone().context("--volume NAME is required")?;
-    let meta = Arc::new(connect(r)?);
-    let vol = match meta.query(0, Query::Volume { name: name.clone() })? {
-        Ok(Answer::Volume(v)) => v,
+fn lookup_volume(meta: &MetaClient, name: &str) -> Result<hivefs_net::meta::VolumeInfo> {
+    match meta.query(
+        0,
+        Query::Volume {
+            name: name.to_string(),
+        },
+    )? {
+        Ok(Answer::Volume(v)) => Ok(v),
         Ok(other) => bail!("unexpected answer {other:?}"),
         Err(e) if e == hivefs_net::meta::Errno::NOENT => {
             bail!("volume {name:?} does not exist (create it with `hi volume create`)")
         }
         Err(e) => bail!("looking up volume {name:?}: {e}"),
+    }
+}
+
+/// A mount's client disk.
+struct Local {
+    disk: disk::Disk,
+    write_back: bool,
+    journal_wait: Duration,
+}
+
+fn mount(
+    r: &Resolved,
+    local: Option<Local>,
+    threads: usize,
+    mountpoint: &std::path::Path,
+) -> Result<()> {
+    let name = r.volume.clone().context("--volume NAME is required")?;
+    let (meta, journal, write_back) = match local {
+        None => (Arc::new(connect(r)?), None, false),
+        Some(l) => {
+            let sb = l.disk.sb.clone();
+            let (mut j, rec) = hivefs_localdisk::Journal::open(l.disk.dev, &sb.layout)
+                .context("opening the client disk's journal")?;
+            // The disk's client id, with mutation numbers no earlier mount used.
+            let first_seq = (j.generation() as u64) << 32;
+            let meta = Arc::new(
+                MetaClient::connect_as(&r.opts, r.port, sb.client_id, first_seq).with_context(
+                    || format!("connecting to the hive at {}:{}", r.opts.host, r.port),
+                )?,
+            );
+            if !rec.records.is_empty() {
+                let vol = lookup_volume(&meta, &name)?;
+                let hive = fs::replay_hive(&meta, &vol)?;
+                let t = std::time::Instant::now();
+                let done = journal::replay(&hive, &rec.records).map_err(|e| {
+                    anyhow::anyhow!(
+                        "replaying the journal: {e:?} (nothing lost: it stays for the next mount)"
+                    )
+                })?;
+                let tail = j.tail();
+                j.set_head(tail).context("trimming the replayed journal")?;
+                eprintln!(
+                    "hi: journal replayed: {} records, {} bytes into {} files ({} dropped) in {:.1?}",
+                    done.records,
+                    done.bytes,
+                    done.files,
+                    done.dropped_files,
+                    t.elapsed()
+                );
+            }
+            let svc = journal::JournalService::start(j, l.journal_wait)?;
+            (meta, Some(svc), l.write_back)
+        }
     };
+    let vol = lookup_volume(&meta, &name)?;
     let fs = HiveFs::new(Mounted {
         meta: meta.clone(),
         volume: vol.id,
         copies: vol.copies,
+        journal,
+        write_back,
     })?;
     let ended = fs.ended.clone();
     let hints = fs.hints.clone();

@@ -29,13 +29,15 @@
 //! - A batch counts in the backlog from seal until the flusher is done with it.
 
 use crate::cache::ChunkCache;
+use crate::journal::{JournalService, Reservation};
 use fuser::Errno;
 use hivefs_client::hive::{ClientError, ClientOptions, HiveClient};
 use hivefs_client::meta::{LockClient, MetaClient};
 use hivefs_client::pipeline::{Pipeline, PreparedChunk};
 use hivefs_net::meta::{self as m, Answer, Extent, Mutation, Query, MAX_COMMIT_EXTENTS};
 use hivefs_net::proto::ErrorCode;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -82,6 +84,8 @@ pub struct Batch {
     no: u64,
     pub ranges: Vec<(u64, Vec<u8>)>,
     bytes: usize,
+    /// The journal records of these bytes: done once they are committed.
+    records: Vec<u64>,
 }
 
 impl Batch {
@@ -97,6 +101,10 @@ pub struct FileState {
     /// offset -> bytes, non-overlapping, not yet sealed.
     pub dirty: BTreeMap<u64, Vec<u8>>,
     pub dirty_bytes: usize,
+    /// The journal records of the dirty bytes (and of dirty bytes truncated away).
+    records: Vec<u64>,
+    /// The last journal record of this file: what a write-back `fsync` waits for.
+    last_record: u64,
     /// Sealed batches not yet committed, oldest first.
     pub sealed: VecDeque<Arc<Batch>>,
     /// Number of the last batch sealed.
@@ -488,6 +496,31 @@ impl Hive {
     fn commit(&self, ino: u64, ranges: &[(u64, Vec<u8>)]) -> Result<Vec<Extent>, Errno> {
         self.upload_commit(ino, ranges, &mut self.prepare(ranges))
     }
+
+    /// Commit bytes a journal replay found, under the write lease they were written under
+    /// (`lease`, reclaimed by this client; 0: written before any lease, so a new one).
+    /// `ESTALE`: another host was granted the file since; `ENOENT`: the file is gone.
+    /// The lease is given back afterwards.
+    pub fn replay_commit(
+        &self,
+        ino: u64,
+        lease: u64,
+        ranges: &[(u64, Vec<u8>)],
+    ) -> Result<(), Errno> {
+        if lease != 0 && self.locks.lease_token(ino).is_none() {
+            match self.locks.lease(ino, lease) {
+                Ok(Some(_)) => {}
+                Ok(None) => return Err(Errno::ESTALE),
+                Err(e) if e == m::Errno::NOENT => return Err(Errno::ENOENT),
+                Err(e) => return Err(errno(e)),
+            }
+        }
+        let r = self.commit(ino, ranges).map(|_| ());
+        if let Err(e) = self.locks.release_lease(ino) {
+            tracing::debug!(ino, "giving a write lease back after replay: {e}");
+        }
+        r
+    }
 }
 
 /// The lease bytes were written under went to another host: they cannot be committed
@@ -522,10 +555,48 @@ pub struct Writeback {
     backlog: Arc<Backlog>,
     spares: Arc<Mutex<Vec<Vec<u8>>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The client disk's journal, when the mount has one.
+    journal: Option<Arc<JournalService>>,
+    /// Write-back mode: `fsync` and `close` wait for the journal only.
+    write_back: bool,
+    /// Failed files the retry thread commits again (write-back mode: no `fsync` will).
+    retry: Arc<Retry>,
+}
+
+/// Files whose background commit failed, for the retry thread (write-back mode), and
+/// what to do with a closed file once the flusher committed everything it held.
+#[derive(Default)]
+struct Retry {
+    enabled: bool,
+    files: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    stop: AtomicBool,
+    settled: std::sync::OnceLock<SettledFn>,
+}
+
+impl Retry {
+    fn add(&self, ino: u64, file: &Arc<OpenFile>) {
+        if self.enabled {
+            let mut f = self.files.lock().expect("retry lock");
+            f.insert(ino, file.clone());
+        }
+    }
+
+    /// `file` holds nothing uncommitted: if nobody here has it open, it may go.
+    fn settle(&self, ino: u64, file: &Arc<OpenFile>) {
+        if let Some(f) = self.settled.get() {
+            f(ino, file);
+        }
+    }
 }
 
 impl Writeback {
-    pub fn new(hive: Arc<Hive>) -> std::io::Result<Writeback> {
+    /// The flusher of a mount; with `journal`, every write is journaled first, and in
+    /// `write_back` mode `fsync` and `close` return once the journal has it.
+    pub fn new(
+        hive: Arc<Hive>,
+        journal: Option<Arc<JournalService>>,
+        write_back: bool,
+    ) -> std::io::Result<Writeback> {
         let (tx, rx) = mpsc::channel::<Job>();
         let (ptx, prx) = mpsc::sync_channel::<(Job, Vec<Vec<PreparedChunk>>)>(1);
         let backlog = Arc::new(Backlog::default());
@@ -548,11 +619,17 @@ impl Writeback {
                 }
             })?;
         let (h, b, s) = (hive.clone(), backlog.clone(), spares.clone());
+        let retry = Arc::new(Retry {
+            enabled: write_back,
+            ..Retry::default()
+        });
+        let j = journal.clone();
+        let r = retry.clone();
         let commit = std::thread::Builder::new()
             .name("hi-commit".into())
             .spawn(move || {
                 for (job, prepared) in prx {
-                    finish(&h, &b, &s, job, prepared);
+                    finish(&h, &b, &s, j.as_deref(), &r, job, prepared);
                 }
             })?;
         Ok(Writeback {
@@ -561,11 +638,79 @@ impl Writeback {
             backlog,
             spares,
             threads: Mutex::new(vec![prepare, commit]),
+            journal,
+            write_back,
+            retry,
         })
+    }
+
+    /// The mount's journal, if it has one.
+    pub fn journal(&self) -> Option<&Arc<JournalService>> {
+        self.journal.as_ref()
+    }
+
+    /// Start the thread that commits failed files again every second (write-back mode,
+    /// where no `fsync` does), so bytes written while the hive was away reach it when it
+    /// is back. `settled(ino, file)` is called once a file holds nothing uncommitted.
+    pub fn start_retry(self: &Arc<Self>, settled: SettledFn) -> std::io::Result<()> {
+        let _ = self.retry.settled.set(settled);
+        if !self.write_back {
+            return Ok(());
+        }
+        let wb = self.clone();
+        let t = std::thread::Builder::new()
+            .name("hi-retry".into())
+            .spawn(move || {
+                while !wb.retry.stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_secs(1));
+                    let files: Vec<(u64, Arc<OpenFile>)> = {
+                        let f = wb.retry.files.lock().expect("retry lock");
+                        f.iter().map(|(i, s)| (*i, s.clone())).collect()
+                    };
+                    for (ino, file) in files {
+                        let (g, r) = wb.commit_all(ino, &file, file.lock());
+                        let clean = g.clean();
+                        drop(g);
+                        if r.is_ok() || clean {
+                            wb.retry.files.lock().expect("retry lock").remove(&ino);
+                            wb.retry.settle(ino, &file);
+                        }
+                    }
+                }
+            })?;
+        self.threads.lock().expect("threads lock").push(t);
+        Ok(())
+    }
+
+    /// `fsync`, `flush` and `close`: by default [`Writeback::sync`]; in write-back mode the
+    /// dirty bytes go to the flusher and the call waits only until the journal holds
+    /// every write made to the file so far.
+    pub fn durable<'a>(
+        &self,
+        ino: u64,
+        file: &'a Arc<OpenFile>,
+        mut g: MutexGuard<'a, FileState>,
+    ) -> (MutexGuard<'a, FileState>, Result<(), Errno>) {
+        let Some(j) = self.journal.as_ref().filter(|_| self.write_back) else {
+            return self.sync(ino, file, g);
+        };
+        if g.failed.is_none() {
+            self.seal(ino, file, &mut g);
+        }
+        let last = g.last_record;
+        drop(g);
+        let r = j.wait_durable(last);
+        let mut g = file.lock();
+        if std::mem::take(&mut g.lost) {
+            return (g, Err(Errno::EIO));
+        }
+        (g, r)
     }
 
     /// Put `data` at `off` into the inode's dirty bytes; seal them when they are enough.
     /// Returns whether the caller should [`Writeback::throttle`] (after dropping the lock).
+    /// With a journal, `journaled` is the room reserved for the write's record and the
+    /// write lease it is made under: the record is queued first.
     pub fn write(
         &self,
         ino: u64,
@@ -573,7 +718,13 @@ impl Writeback {
         g: &mut FileState,
         off: u64,
         data: &[u8],
+        journaled: Option<(Reservation, u64)>,
     ) -> Result<bool, Errno> {
+        if let (Some(j), Some((r, lease))) = (self.journal.as_ref(), journaled) {
+            let no = j.append(r, ino, lease, off, data);
+            g.records.push(no);
+            g.last_record = no;
+        }
         if g.dirty.is_empty() {
             // Start the new range in a spare buffer.
             if let Some(mut buf) = self.spares.lock().expect("spares lock").pop() {
@@ -622,6 +773,7 @@ impl Writeback {
             no: g.sealed_no,
             ranges: std::mem::take(&mut g.dirty).into_iter().collect(),
             bytes: std::mem::take(&mut g.dirty_bytes),
+            records: std::mem::take(&mut g.records),
         });
         g.sealed.push_back(batch.clone());
         *self.backlog.bytes.lock().expect("backlog lock") += batch.bytes;
@@ -708,6 +860,7 @@ impl Writeback {
                 return Err(Errno::EIO);
             }
             let committed = self.hive.commit(ino, &b.ranges)?;
+            self.done(&b.records);
             g.sealed.pop_front();
             g.splice(&committed);
         }
@@ -719,11 +872,14 @@ impl Writeback {
     fn commit_dirty_inline(&self, ino: u64, g: &mut FileState) -> Result<(), Errno> {
         debug_assert!(g.sealed.is_empty());
         if g.dirty.is_empty() {
+            // Records whose bytes were all truncated away are no longer needed.
+            self.done(&std::mem::take(&mut g.records));
             return Ok(());
         }
         let ranges: Vec<(u64, Vec<u8>)> = std::mem::take(&mut g.dirty).into_iter().collect();
         match self.hive.commit(ino, &ranges) {
             Ok(committed) => {
+                self.done(&std::mem::take(&mut g.records));
                 g.dirty_bytes = 0;
                 g.splice(&committed);
                 keep_spares(&self.spares, ranges);
@@ -747,6 +903,10 @@ impl Writeback {
     fn drop_lost(&self, ino: u64, g: &mut FileState) -> Errno {
         let bytes: usize = g.sealed.iter().map(|b| b.bytes).sum::<usize>() + g.dirty_bytes;
         tracing::error!(ino, bytes, "dropping writes made under a lost write lease");
+        for b in &g.sealed {
+            self.done(&b.records);
+        }
+        self.done(&std::mem::take(&mut g.records));
         g.sealed.clear();
         g.dirty.clear();
         g.dirty_bytes = 0;
@@ -759,8 +919,16 @@ impl Writeback {
         Errno::EIO
     }
 
+    /// The journal records `nos` are committed (or dropped for good).
+    fn done(&self, nos: &[u64]) {
+        if let Some(j) = &self.journal {
+            j.done(nos);
+        }
+    }
+
     /// Stop the flusher threads once they have finished what they were given.
     pub fn shutdown(&self) {
+        self.retry.stop.store(true, Ordering::SeqCst);
         drop(self.queue.lock().expect("queue lock").take());
         for t in self.threads.lock().expect("threads lock").drain(..) {
             let _ = t.join();
@@ -776,11 +944,16 @@ fn release_backlog(backlog: &Backlog, bytes: usize) {
     }
 }
 
+/// Called once a file holds nothing uncommitted (see [`Writeback::start_retry`]).
+pub type SettledFn = Box<dyn Fn(u64, &Arc<OpenFile>) + Send + Sync>;
+
 /// The commit stage of one batch.
 fn finish(
     hive: &Hive,
     backlog: &Backlog,
     spares: &Mutex<Vec<Vec<u8>>>,
+    journal: Option<&JournalService>,
+    retry: &Retry,
     job: Job,
     mut prepared: Vec<Vec<PreparedChunk>>,
 ) {
@@ -791,7 +964,14 @@ fn finish(
     } else {
         Some(hive.upload_commit(ino, &batch.ranges, &mut prepared))
     };
-    {
+    match (&r, journal) {
+        // Committed: its records go (the head durably past them) before any sync that
+        // waits for this batch returns.
+        (Some(Ok(_)), Some(j)) => j.done(&batch.records),
+        (Some(Err(_)), _) | (None, _) => retry.add(ino, &file),
+        _ => {}
+    }
+    let settled = {
         let mut g = file.lock();
         match r {
             Some(Ok(committed)) => {
@@ -821,6 +1001,10 @@ fn finish(
         }
         g.done_no = batch.no;
         file.done.notify_all();
+        g.opens == 0 && g.clean()
+    };
+    if settled {
+        retry.settle(ino, &file);
     }
     release_backlog(backlog, batch.bytes);
     // The last reference to a committed batch: keep its buffers for new ranges.

@@ -154,7 +154,13 @@ fn record_size(payload: usize) -> u64 {
 }
 
 fn header(kind: u8, generation: u32, lsn: u64, payload: &[u8]) -> [u8; HEADER] {
-    finish_header(kind, generation, lsn, payload.len(), crc32c::crc32c(payload))
+    finish_header(
+        kind,
+        generation,
+        lsn,
+        payload.len(),
+        crc32c::crc32c(payload),
+    )
 }
 
 /// A pad's header: its body (`body_len` bytes, skipped unread by a scan) is not checked.
@@ -210,16 +216,34 @@ impl Journal {
     /// Recover the journal: the records from the durable head on; then a new generation is
     /// made durable, and appends go on after the last valid record.
     pub fn open(
+        dev: Box<dyn BlockDevice>,
+        layout: &Layout,
+    ) -> Result<(Journal, Recovered), JournalError> {
+        let (mut j, rec) = Journal::read(dev, layout)?;
+        let top = rec.records.iter().map(|r| r.generation).max().unwrap_or(0);
+        j.write_control(Control {
+            counter: j.control.counter + 1,
+            generation: j.control.generation.max(top) + 1,
+            head: j.control.head,
+        })?;
+        j.seal(rec.end)?;
+        Ok((j, rec))
+    }
+
+    /// What a recovery would return, without writing anything (`hi format` asks whether
+    /// a disk holds records not yet committed).
+    pub fn inspect(dev: Box<dyn BlockDevice>, layout: &Layout) -> Result<Recovered, JournalError> {
+        Ok(Journal::read(dev, layout)?.1)
+    }
+
+    fn read(
         mut dev: Box<dyn BlockDevice>,
         layout: &Layout,
     ) -> Result<(Journal, Recovered), JournalError> {
         let [a, b] = layout.control_slots();
         let got = check(run_sync(
             dev.as_mut(),
-            vec![
-                read_req(0, a, BLOCK_SIZE),
-                read_req(1, b, BLOCK_SIZE),
-            ],
+            vec![read_req(0, a, BLOCK_SIZE), read_req(1, b, BLOCK_SIZE)],
         )?)?;
         let control = got
             .iter()
@@ -235,13 +259,6 @@ impl Journal {
         };
         let rec = j.scan()?;
         j.tail = align_up(rec.end, BLOCK_SIZE as u64);
-        let top = rec.records.iter().map(|r| r.generation).max().unwrap_or(0);
-        j.write_control(Control {
-            counter: control.counter + 1,
-            generation: control.generation.max(top) + 1,
-            head: control.head,
-        })?;
-        j.seal(rec.end)?;
         Ok((j, rec))
     }
 
@@ -424,7 +441,10 @@ impl Journal {
         }
         let start = end / b * b;
         let at = self.layout.journal_offset + start % self.len();
-        let got = check(run_sync(self.dev.as_mut(), vec![read_req(0, at, BLOCK_SIZE)])?)?;
+        let got = check(run_sync(
+            self.dev.as_mut(),
+            vec![read_req(0, at, BLOCK_SIZE)],
+        )?)?;
         let mut block = got
             .into_iter()
             .next()
@@ -580,7 +600,9 @@ fn read_req(tag: u64, offset: u64, len: usize) -> IoRequest {
     }
 }
 
-fn check(c: Vec<hivefs_nvme::IoCompletion>) -> Result<Vec<hivefs_nvme::IoCompletion>, JournalError> {
+fn check(
+    c: Vec<hivefs_nvme::IoCompletion>,
+) -> Result<Vec<hivefs_nvme::IoCompletion>, JournalError> {
     for x in &c {
         if let Err(e) = &x.result {
             return Err(JournalError::Io(e.clone()));

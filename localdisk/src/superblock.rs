@@ -26,8 +26,8 @@ pub const MAX_STR: usize = 255;
 pub const MAX_ENDPOINTS: usize = 8;
 /// The control slots (blocks 1 and 2) and the superblock before them.
 pub const HEADER_BLOCKS: u64 = 3;
-/// Smallest journal region.
-pub const MIN_JOURNAL: u64 = 4 << 20;
+/// Smallest journal region (a record of a 1 MiB write fits a quarter of it).
+pub const MIN_JOURNAL: u64 = 8 << 20;
 
 const FLAG_INSECURE: u32 = 1;
 
@@ -238,7 +238,10 @@ impl Superblock {
         out.extend_from_slice(&body);
         let crc = crc32c::crc32c(&out);
         out.extend_from_slice(&crc.to_le_bytes());
-        assert!(out.len() <= BLOCK_SIZE, "bounded by MAX_STR and MAX_ENDPOINTS");
+        assert!(
+            out.len() <= BLOCK_SIZE,
+            "bounded by MAX_STR and MAX_ENDPOINTS"
+        );
         out.resize(BLOCK_SIZE, 0);
         Ok(out)
     }

@@ -36,7 +36,7 @@ fn layout(journal: u64) -> Layout {
 
 #[test]
 fn records_come_back_in_order_and_the_head_drops_them() {
-    let l = layout(4 << 20);
+    let l = layout(8 << 20);
     let sim = Shared(Arc::new(Mutex::new(SimDevice::new(
         l.capacity,
         1,
@@ -76,11 +76,11 @@ fn records_come_back_in_order_and_the_head_drops_them() {
 
 #[test]
 fn a_full_journal_refuses_until_the_head_moves() {
-    let l = layout(4 << 20);
+    let l = layout(8 << 20);
     let mut d: Box<dyn BlockDevice> = Box::new(SimDevice::new(l.capacity, 2, SimFaults::default()));
     Journal::format(d.as_mut(), &l).unwrap();
     let (mut j, _) = Journal::open(d, &l).unwrap();
-    let big = vec![1u8; 1000 << 10];
+    let big = vec![1u8; 2000 << 10];
     let mut lsns = Vec::new();
     loop {
         match j.append(&[(RecordKind::Data, &big)]) {
@@ -89,7 +89,11 @@ fn a_full_journal_refuses_until_the_head_moves() {
             Err(e) => panic!("{e}"),
         }
     }
-    assert_eq!(lsns.len(), 4, "4 MiB holds four 1000 KiB records with their headers");
+    assert_eq!(
+        lsns.len(),
+        4,
+        "8 MiB holds four 2000 KiB records with their headers"
+    );
     j.set_head(lsns[1]).unwrap();
     let next = j.append(&[(RecordKind::Data, &big)]).unwrap()[0];
     assert!(next > lsns[2], "appends go on past the region's end");
@@ -103,13 +107,15 @@ fn a_full_journal_refuses_until_the_head_moves() {
 /// writes), crashes and recoveries; check the oracle at every recovery.
 fn run_seed(seed: u64, steps: usize) -> u64 {
     let mut rng = SplitMix64::new(seed);
-    let l = layout(4 << 20);
+    let l = layout(8 << 20);
     let faults = SimFaults {
         write_error_per_million: 20_000,
         torn_writes: true,
         ..SimFaults::default()
     };
-    let sim = Shared(Arc::new(Mutex::new(SimDevice::new(l.capacity, seed, faults))));
+    let sim = Shared(Arc::new(Mutex::new(SimDevice::new(
+        l.capacity, seed, faults,
+    ))));
     {
         let mut s = sim.0.lock().unwrap();
         s.set_faults(SimFaults::default());
@@ -139,8 +145,11 @@ fn run_seed(seed: u64, steps: usize) -> u64 {
                     Err(JournalError::Io(_)) | Err(JournalError::Failed) => continue,
                     Err(e) => panic!("seed {seed} step {step}: {e}"),
                 };
-                let got: Vec<(u64, Vec<u8>)> =
-                    rec.records.into_iter().map(|r| (r.lsn, r.payload)).collect();
+                let got: Vec<(u64, Vec<u8>)> = rec
+                    .records
+                    .into_iter()
+                    .map(|r| (r.lsn, r.payload))
+                    .collect();
                 // The durable head is the model's, or one of the failed moves.
                 assert!(
                     rec.head == head || maybe_heads.contains(&rec.head),

@@ -1,0 +1,359 @@
+//! The mount's side of the client disk's journal (`localdisk/src/journal.rs` holds the
+//! format and recovery): a group-commit thread in front of it, and the replay at mount.
+//!
+//! # The life of a data record
+//! 1. `write` reserves room ([`JournalService::reserve`]; waits while the journal is full,
+//!    up to the mount's journal wait, then EIO), then, under the file's lock, appends the
+//!    record ([`JournalService::append`]: inode, write-lease token, offset, bytes) and
+//!    puts the bytes into the file's dirty map with the record's number.
+//! 2. The journal thread writes everything queued as one group and flushes: the record is
+//!    durable ([`JournalService::wait_durable`]: what `fsync` and `close` wait for in
+//!    write-back mode).
+//! 3. The flusher commits the bytes to the hive; then [`JournalService::done`] drops the
+//!    record: the head moves past every record no longer needed, durably, before `done`
+//!    returns. So after a commit nothing can bring the committed bytes back at a replay
+//!    behind a later change (a truncation, another host's write).
+//!
+//! # Replay ([`replay`])
+//! At mount, the records from the durable head on are applied again in order: per file,
+//! its bytes in record order (a later write over the same bytes wins), committed under
+//! the write lease they were written under, reclaimed by this client (the client disk's
+//! id is the same across mounts). When another host was granted the file since, the
+//! bytes are dropped with an error in the log (they cannot be committed without
+//! overwriting what that host wrote). A file removed meanwhile drops its bytes too.
+//! Committing the same bytes twice (a crash after a commit, before its head moved) writes
+//! the same extents again: nothing changes.
+//!
+//! # Invariants
+//! - A record is dropped from the journal only after its bytes are committed, or dropped
+//!   for a reason logged.
+//! - Records of one file are appended in the order its writes applied (under its lock).
+//! - The journal thread is the only user of the device; a device error fails the journal:
+//!   every later write and sync gets EIO (the bytes in memory stay and are still
+//!   committed by the flusher).
+
+use crate::writeback::{dirty_insert, Hive};
+use fuser::Errno;
+use hivefs_localdisk::{Journal, Record, RecordKind};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Bytes of a data record before the written bytes: inode, lease token, offset.
+pub const DATA_HEADER: usize = 24;
+/// Per record beyond its size: the bytes a group may skip before its header.
+const SKIP_MARGIN: u64 = 32;
+
+/// A data record's payload.
+pub fn encode_data(ino: u64, lease: u64, off: u64, data: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(DATA_HEADER + data.len());
+    p.extend_from_slice(&ino.to_le_bytes());
+    p.extend_from_slice(&lease.to_le_bytes());
+    p.extend_from_slice(&off.to_le_bytes());
+    p.extend_from_slice(data);
+    p
+}
+
+/// `(inode, lease token, offset, bytes)` of a data record's payload.
+pub fn decode_data(p: &[u8]) -> Option<(u64, u64, u64, &[u8])> {
+    if p.len() < DATA_HEADER {
+        return None;
+    }
+    let u = |i: usize| u64::from_le_bytes(p[i..i + 8].try_into().expect("8"));
+    Some((u(0), u(8), u(16), &p[DATA_HEADER..]))
+}
+
+/// Room reserved for one record (see [`JournalService::reserve`]).
+#[must_use]
+pub struct Reservation {
+    bytes: u64,
+}
+
+struct St {
+    /// Appended, not yet handed to the device.
+    queue: Vec<(u64, RecordKind, Vec<u8>)>,
+    next_no: u64,
+    /// Every record numbered up to here is durable.
+    durable_no: u64,
+    /// Records not yet done (committed or dropped): number -> LSN once written.
+    open: BTreeMap<u64, Option<u64>>,
+    /// Bytes reserved or queued and not yet written.
+    reserved: u64,
+    /// Room for records, as of the thread's last look.
+    room: u64,
+    /// `done` calls asked the head to move / the thread has served requests up to here.
+    head_asked: u64,
+    head_served: u64,
+    failed: Option<String>,
+    stop: bool,
+    /// Counters for `hi` status lines.
+    groups: u64,
+    records: u64,
+}
+
+/// The journal thread and its queue. See the module docs.
+pub struct JournalService {
+    st: Mutex<St>,
+    cv: Condvar,
+    /// How long a writer waits for room before it gets EIO.
+    wait: Duration,
+    max_payload: usize,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl JournalService {
+    /// Start the journal thread over a recovered journal (replayed already: its head is at
+    /// its tail, or records before it are still to be done by the caller).
+    pub fn start(journal: Journal, wait: Duration) -> std::io::Result<Arc<JournalService>> {
+        let room = journal.free().saturating_sub(2 * journal.group_overhead());
+        let svc = Arc::new(JournalService {
+            st: Mutex::new(St {
+                queue: Vec::new(),
+                next_no: 1,
+                durable_no: 0,
+                open: BTreeMap::new(),
+                reserved: 0,
+                room,
+                head_asked: 0,
+                head_served: 0,
+                failed: None,
+                stop: false,
+                groups: 0,
+                records: 0,
+            }),
+            cv: Condvar::new(),
+            wait,
+            max_payload: journal.max_payload(),
+            thread: Mutex::new(None),
+        });
+        let s = svc.clone();
+        let t = std::thread::Builder::new()
+            .name("hi-journal".into())
+            .spawn(move || s.run(journal))?;
+        *svc.thread.lock().expect("thread lock") = Some(t);
+        Ok(svc)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, St> {
+        self.st.lock().expect("journal lock")
+    }
+
+    /// Room for a data record of `len` bytes: waits while the journal is full (its records
+    /// are being committed), up to the mount's journal wait; then EIO. Call without any
+    /// file lock held (commits free the room, and they take file locks).
+    pub fn reserve(&self, len: usize) -> Result<Reservation, Errno> {
+        if DATA_HEADER + len > self.max_payload {
+            tracing::error!(len, "write larger than a journal record");
+            return Err(Errno::EIO);
+        }
+        let bytes = Journal::record_size(DATA_HEADER + len) + SKIP_MARGIN;
+        let deadline = Instant::now() + self.wait;
+        let mut st = self.lock();
+        loop {
+            if let Some(f) = &st.failed {
+                tracing::warn!("journal failed: {f}");
+                return Err(Errno::EIO);
+            }
+            if st.reserved + bytes <= st.room {
+                st.reserved += bytes;
+                return Ok(Reservation { bytes });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                tracing::error!(
+                    waited_s = self.wait.as_secs(),
+                    "journal full: no room for a write after waiting; is the hive reachable?"
+                );
+                return Err(Errno::EIO);
+            }
+            st = self
+                .cv
+                .wait_timeout(st, deadline - now)
+                .expect("journal lock")
+                .0;
+        }
+    }
+
+    /// Queue a data record under reservation `r`; returns its number. Never waits.
+    pub fn append(&self, r: Reservation, ino: u64, lease: u64, off: u64, data: &[u8]) -> u64 {
+        let payload = encode_data(ino, lease, off, data);
+        debug_assert!(payload.len() <= self.max_payload);
+        let mut st = self.lock();
+        let no = st.next_no;
+        st.next_no += 1;
+        st.open.insert(no, None);
+        st.queue.push((no, RecordKind::Data, payload));
+        // The reservation becomes the queued record's (freed when it is written).
+        let _ = r.bytes;
+        self.cv.notify_all();
+        no
+    }
+
+    /// Wait until record `no` (and every one before it) is durable.
+    pub fn wait_durable(&self, no: u64) -> Result<(), Errno> {
+        let mut st = self.lock();
+        while st.durable_no < no {
+            if let Some(f) = &st.failed {
+                tracing::warn!("journal failed: {f}");
+                return Err(Errno::EIO);
+            }
+            st = self.cv.wait(st).expect("journal lock");
+        }
+        Ok(())
+    }
+
+    /// The records `nos` are committed (or dropped): move the head past every record no
+    /// longer needed, durably, before returning.
+    pub fn done(&self, nos: &[u64]) {
+        if nos.is_empty() {
+            return;
+        }
+        let mut st = self.lock();
+        for no in nos {
+            st.open.remove(no);
+        }
+        st.head_asked += 1;
+        let asked = st.head_asked;
+        self.cv.notify_all();
+        while st.head_served < asked && st.failed.is_none() {
+            st = self.cv.wait(st).expect("journal lock");
+        }
+    }
+
+    /// Records not yet committed, and their count of groups and records written so far.
+    pub fn pending(&self) -> (usize, u64, u64) {
+        let st = self.lock();
+        (st.open.len(), st.groups, st.records)
+    }
+
+    /// Stop the thread once it has written what is queued.
+    pub fn shutdown(&self) {
+        self.lock().stop = true;
+        self.cv.notify_all();
+        if let Some(t) = self.thread.lock().expect("thread lock").take() {
+            let _ = t.join();
+        }
+    }
+
+    fn run(&self, mut j: Journal) {
+        loop {
+            let (batch, asked) = {
+                let mut st = self.lock();
+                while st.queue.is_empty() && st.head_served == st.head_asked && !st.stop {
+                    st = self.cv.wait(st).expect("journal lock");
+                }
+                if st.queue.is_empty() && st.head_served == st.head_asked {
+                    return;
+                }
+                (std::mem::take(&mut st.queue), st.head_asked)
+            };
+            let mut written = Vec::with_capacity(batch.len());
+            if !batch.is_empty() {
+                let recs: Vec<(RecordKind, &[u8])> =
+                    batch.iter().map(|(_, k, p)| (*k, &p[..])).collect();
+                match j.append(&recs) {
+                    Ok(lsns) => written = lsns,
+                    Err(e) => return self.fail(format!("{e}")),
+                }
+            }
+            let head = {
+                let mut st = self.lock();
+                for ((no, _, p), lsn) in batch.iter().zip(&written) {
+                    if let Some(slot) = st.open.get_mut(no) {
+                        *slot = Some(*lsn);
+                    }
+                    st.reserved -= Journal::record_size(p.len()) + SKIP_MARGIN;
+                }
+                if let Some((no, _, _)) = batch.last() {
+                    st.durable_no = *no;
+                    st.groups += 1;
+                    st.records += batch.len() as u64;
+                }
+                // The oldest record still needed; none: everything written so far.
+                match st.open.values().next() {
+                    Some(Some(lsn)) => *lsn,
+                    _ => j.tail(),
+                }
+            };
+            if head > j.head() {
+                if let Err(e) = j.set_head(head) {
+                    return self.fail(format!("{e}"));
+                }
+            }
+            let mut st = self.lock();
+            st.room = j.free().saturating_sub(2 * j.group_overhead());
+            st.head_served = asked;
+            self.cv.notify_all();
+        }
+    }
+
+    fn fail(&self, why: String) {
+        tracing::error!("journal device failed: {why}; writes now fail with EIO");
+        let mut st = self.lock();
+        st.failed = Some(why);
+        self.cv.notify_all();
+    }
+}
+
+/// What [`replay`] did.
+#[derive(Debug, Default)]
+pub struct Replayed {
+    pub records: usize,
+    pub files: usize,
+    pub bytes: u64,
+    /// Files whose bytes could not be committed (lease lost, file gone).
+    pub dropped_files: usize,
+}
+
+/// A file's replayed writes: order of first appearance, lease token, merged ranges.
+type ReplayFile = (usize, u64, BTreeMap<u64, Vec<u8>>);
+
+/// Commit the data records a recovery returned (see the module docs). Fails (and leaves
+/// the journal as it is, for the next mount) when the hive cannot be reached.
+pub fn replay(hive: &Hive, records: &[Record]) -> Result<Replayed, Errno> {
+    let mut files: BTreeMap<u64, ReplayFile> = BTreeMap::new();
+    let mut out = Replayed::default();
+    for r in records {
+        if r.kind != RecordKind::Data {
+            continue;
+        }
+        let Some((ino, lease, off, data)) = decode_data(&r.payload) else {
+            tracing::error!(lsn = r.lsn, "journal record too short for a write: skipped");
+            continue;
+        };
+        out.records += 1;
+        out.bytes += data.len() as u64;
+        let n = files.len();
+        let f = files.entry(ino).or_insert((n, lease, BTreeMap::new()));
+        if lease != 0 {
+            f.1 = lease;
+        }
+        dirty_insert(&mut f.2, off, data);
+    }
+    let mut order: Vec<(usize, u64)> = files.iter().map(|(ino, f)| (f.0, *ino)).collect();
+    order.sort_unstable();
+    for (_, ino) in order {
+        let (_, lease, ranges) = files.remove(&ino).expect("listed");
+        let ranges: Vec<(u64, Vec<u8>)> = ranges.into_iter().collect();
+        match hive.replay_commit(ino, lease, &ranges) {
+            Ok(()) => out.files += 1,
+            Err(e) if e == Errno::ESTALE || e == Errno::ENOENT => {
+                let bytes: usize = ranges.iter().map(|r| r.1.len()).sum();
+                tracing::error!(
+                    ino,
+                    bytes,
+                    "journal replay: bytes written before the crash dropped ({e:?}: {})",
+                    if e == Errno::ENOENT {
+                        "the file is gone"
+                    } else {
+                        "another host took the file over"
+                    }
+                );
+                out.dropped_files += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
