@@ -264,6 +264,8 @@ pub struct TestMount {
     starts: u32,
     /// Mounted from a client disk (`hi format`, then `hi mount DISK`): with `--writeback`?
     disk: Option<bool>,
+    /// More `hi mount` arguments (see [`TestMount::set_mount_args`]).
+    extra: Vec<OsString>,
 }
 
 impl TestMount {
@@ -287,9 +289,31 @@ impl TestMount {
         }
     }
 
+    /// Arguments added to every later `hi mount` of this mount (e.g. fault injection).
+    pub fn set_mount_args(&mut self, args: &[&str]) {
+        self.extra = args.iter().map(OsString::from).collect();
+    }
+
     /// The client disk's image (for mounts started with [`TestMount::start_on_disk`]).
     pub fn disk_path(&self) -> PathBuf {
         self.dir.join("disk.img")
+    }
+
+    /// `hi status` of this mount's client disk (stdout and stderr).
+    pub fn disk_status(&self) -> String {
+        let out = Command::new(&self.bin)
+            .arg("status")
+            .arg("--secrets")
+            .arg(self.dir.join("secrets"))
+            .arg(self.disk_path())
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("running hi status");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
     }
 
     /// `hi format` of this mount's disk with `extra` arguments (run while unmounted).
@@ -350,6 +374,7 @@ impl TestMount {
             child: None,
             starts: 0,
             disk,
+            extra: Vec::new(),
         };
         if disk.is_some() {
             let out = m.format_disk(&["--journal", "64M", "--cache", "16M"]);
@@ -468,7 +493,7 @@ impl TestMount {
                 cmd.arg(self.disk_path());
             }
         }
-        cmd.arg(&self.mnt);
+        cmd.args(&self.extra).arg(&self.mnt);
         // SIGTERM, not SIGKILL: hi then unmounts itself.
         self.child = Some(spawn_logged(cmd, &self.log_path(), &banner, libc::SIGTERM));
     }

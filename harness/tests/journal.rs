@@ -6,6 +6,9 @@
 //!
 //! Also: what `hi format` refuses, and what `hi mount` says of a disk it cannot use.
 //!
+//! Power loss: the same rounds with `hi mount --fault-power-loss`, whose client disk keeps
+//! writes in memory until flushed, so the kill also loses every unflushed journal write.
+//!
 //! Knobs: `JOURNAL_KILL_ROUNDS` (rounds per mode, default 5), `JOURNAL_KILL_SEED`.
 
 use hivefs_harness::mount::TestMount;
@@ -115,15 +118,25 @@ fn check_file(dir: &Path, k: u64, a: &Acked) -> Result<u64, String> {
     Ok(got.len() as u64)
 }
 
-fn kill_rounds(writeback: bool) {
-    let mode = if writeback { "writeback" } else { "default" };
+fn kill_rounds(writeback: bool, power_loss: bool) {
+    let mode = match (writeback, power_loss) {
+        (false, false) => "default",
+        (true, false) => "writeback",
+        (false, true) => "default-powerloss",
+        (true, true) => "writeback-powerloss",
+    };
     let node = TestNode::start(NodeOptions::default().name(&format!("journal-{mode}")));
     let Some(mut m) = TestMount::start_on_disk(&node, &format!("journal-{mode}"), writeback) else {
         return;
     };
+    if power_loss {
+        // Every later mount loses, at its kill, what was not flushed.
+        m.set_mount_args(&["--fault-power-loss"]);
+        m.remount();
+    }
     let rounds = env_u64("JOURNAL_KILL_ROUNDS", 5);
     let seed = env_u64("JOURNAL_KILL_SEED", 0x10c4_1d15);
-    let mut rng = Rng::new(seed ^ writeback as u64);
+    let mut rng = Rng::new(seed ^ writeback as u64 ^ (power_loss as u64) << 1);
     let mut next_file = 0u64;
     let (mut fsynced, mut found, mut replays) = (0u64, 0u64, 0u64);
     for round in 0..rounds {
@@ -174,12 +187,22 @@ fn kill_rounds(writeback: bool) {
 
 #[test]
 fn kill9_loses_no_fsynced_write_default_mode() {
-    kill_rounds(false);
+    kill_rounds(false, false);
 }
 
 #[test]
 fn kill9_loses_no_fsynced_write_writeback_mode() {
-    kill_rounds(true);
+    kill_rounds(true, false);
+}
+
+#[test]
+fn power_loss_loses_no_fsynced_write_default_mode() {
+    kill_rounds(false, true);
+}
+
+#[test]
+fn power_loss_loses_no_fsynced_write_writeback_mode() {
+    kill_rounds(true, true);
 }
 
 #[test]
@@ -197,9 +220,17 @@ fn hi_format_refuses_foreign_damaged_and_unflushed_disks() {
         // checks below hold (a committed journal is empty).
         m.kill9();
     }
+    let status = m.disk_status();
+    eprintln!("hi status after the kill:\n{status}");
+    assert!(status.contains("mounted   no"), "{status}");
     let out = m.format_disk(&[]);
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     let pending = !out.status.success();
+    assert_eq!(
+        pending,
+        !status.contains("pending   0 journal records"),
+        "hi status and hi format disagree: {status}"
+    );
     if pending {
         assert!(err.contains("not yet committed"), "{err}");
         eprintln!("refused: {}", err.trim());
@@ -254,4 +285,72 @@ fn hi_format_refuses_foreign_damaged_and_unflushed_disks() {
         m.join("pending").exists(),
         "the hive keeps what was committed"
     );
+}
+
+/// A copy in write-back mode while the hive goes away and comes back: the copy does not
+/// fail (writers wait for room in the journal while the hive is away), and once the hive is
+/// back everything reaches it: a second mount, without a client disk, reads the file whole
+/// (its open recalls the write-back mount's lease, which commits what it holds first).
+/// `JOURNAL_OUTAGE_SECS` (default 15; the acceptance: 60).
+#[test]
+fn a_writeback_copy_survives_the_hive_going_away() {
+    let mut node = TestNode::start(NodeOptions::default().name("journal-outage"));
+    let Some(m) = TestMount::start_on_disk(&node, "outage", true) else {
+        return;
+    };
+    let outage = Duration::from_secs(env_u64("JOURNAL_OUTAGE_SECS", 15));
+    let src = m.dir().join("source.bin");
+    let size: usize = 384 << 20;
+    {
+        let mut f = std::fs::File::create(&src).unwrap();
+        let mut rng = Rng::new(5);
+        let mut block = vec![0u8; 1 << 20];
+        for _ in 0..size >> 20 {
+            for w in block.chunks_mut(8) {
+                w.copy_from_slice(&rng.next_u64().to_le_bytes());
+            }
+            f.write_all(&block).unwrap();
+        }
+    }
+    let dst = m.join("copy.bin");
+    let (s, d) = (src.clone(), dst.clone());
+    let t = Instant::now();
+    let copy = std::thread::spawn(move || {
+        std::process::Command::new("cp")
+            .arg(&s)
+            .arg(&d)
+            .output()
+            .expect("running cp")
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    node.stop();
+    eprintln!("hive stopped {:.1?} into the copy", t.elapsed());
+    std::thread::sleep(outage / 2);
+    let status = m.disk_status();
+    eprintln!("hi status during the outage:\n{status}");
+    assert!(
+        status.contains("pending") && status.contains("(writeback)"),
+        "{status}"
+    );
+    std::thread::sleep(outage - outage / 2);
+    node.run();
+    eprintln!("hive back after {outage:?}");
+    let out = copy.join().unwrap();
+    assert!(
+        out.status.success(),
+        "cp failed across the outage: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        m.log_tail(30)
+    );
+    eprintln!("cp finished {:.1?} after it started", t.elapsed());
+    let other = TestMount::start(&node, "outage");
+    let got = std::fs::read(other.join("copy.bin")).unwrap();
+    let want = std::fs::read(&src).unwrap();
+    assert_eq!(got.len(), want.len(), "{}", m.log_tail(30));
+    assert!(got == want, "the copy differs from its source");
+    eprintln!("a second mount reads all {} bytes as written", got.len());
+    drop(other);
+    drop(m);
+    let report = node.fsck(true);
+    assert!(report.contains("clean"), "fsck: {report}");
 }

@@ -75,8 +75,9 @@ pub struct Disk {
     pub dev: Box<dyn BlockDevice>,
 }
 
-/// Open `path` and read its superblock; every refusal says what is wrong.
-pub fn open(path: &Path) -> Result<Disk> {
+/// Open `path` and read its superblock; every refusal says what is wrong. With
+/// `power_loss` (fault injection), writes stay in memory until flushed.
+pub fn open(path: &Path, power_loss: bool) -> Result<Disk> {
     if !path.exists() {
         bail!(
             "{}: no such file or device (create a client disk with `hi format`)",
@@ -94,6 +95,10 @@ pub fn open(path: &Path) -> Result<Disk> {
             sb.layout.capacity,
             dev.capacity_bytes()
         );
+    }
+    if power_loss {
+        tracing::warn!("fault injection: client disk writes are volatile until flushed");
+        dev = Box::new(hivefs_nvme::VolatileUntilFlush::new(dev));
     }
     Ok(Disk { sb, dev })
 }
@@ -234,6 +239,52 @@ fn write_token(secrets: &Path, id: u64, token: &str) -> Result<()> {
     f.write_all(token.as_bytes())?;
     f.sync_all()?;
     Ok(())
+}
+
+/// Where a mount of client `id` keeps its figures for `hi status`.
+pub fn status_path(secrets: &Path, id: u64) -> PathBuf {
+    secrets.join(format!("client-{id:016x}.status"))
+}
+
+/// Write a mounted disk's figures (`key value` lines; replaced atomically).
+pub fn write_status(
+    path: &Path,
+    volume: &str,
+    mountpoint: &Path,
+    mode: &str,
+    j: &crate::journal::JournalStatus,
+) {
+    let text = format!(
+        "pid {}\nmounted {} ({mode}, volume {volume})\npending {} journal records not yet \
+         committed\njournal {} of {} bytes in use; {} groups, {} records written since \
+         mount\nstate {}\n",
+        std::process::id(),
+        mountpoint.display(),
+        j.pending,
+        j.used,
+        j.capacity,
+        j.groups,
+        j.records,
+        j.failed.as_deref().unwrap_or("ok"),
+    );
+    let tmp = path.with_extension("status.tmp");
+    if std::fs::write(&tmp, text).is_ok() {
+        let _ = std::fs::rename(&tmp, path);
+    }
+}
+
+/// A live mount's figures: `None` when there is no status file or its `hi` is gone.
+pub fn read_status(path: &Path) -> Option<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let lines: Vec<(String, String)> = text
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let pid: i32 = lines.iter().find(|(k, _)| k == "pid")?.1.parse().ok()?;
+    // SAFETY: signal 0 only asks whether the process exists.
+    let alive = unsafe { libc::kill(pid, 0) } == 0;
+    alive.then_some(lines)
 }
 
 /// The token of client `id`, from `secrets`.

@@ -79,6 +79,9 @@ pub struct Mounted {
     pub journal: Option<Arc<crate::journal::JournalService>>,
     /// Write-back mode: `fsync` and `close` return once the journal holds the writes.
     pub write_back: bool,
+    /// How long a writer waits for room in the journal (and, in write-back mode, for a
+    /// file the hive cannot take now).
+    pub journal_wait: Duration,
 }
 
 pub struct HiveFs {
@@ -105,6 +108,8 @@ pub struct HiveFs {
     pub leases: Arc<Leases>,
     /// The kernel's cache invalidation channel, once the session runs (set by `main`).
     pub notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
+    /// How long a writer waits for a file that cannot be committed (write-back mode).
+    journal_wait: Duration,
 }
 
 /// How long an open waits for other hosts to give their write leases on the file back
@@ -272,6 +277,7 @@ impl HiveFs {
             next_fh: AtomicU64::new(1),
             ended: Arc::new(AtomicBool::new(false)),
             hints: Arc::new(Hints::new(TTL)),
+            journal_wait: mounted.journal_wait,
         })
     }
 
@@ -747,12 +753,13 @@ impl Filesystem for HiveFs {
         self.wb.shutdown();
         if let Some(j) = self.wb.journal() {
             j.shutdown();
-            let (pending, groups, records) = j.pending();
+            let st = j.status();
             tracing::info!(
-                groups,
-                records,
-                pending,
-                "journal at unmount ({pending} records left for the next mount)"
+                groups = st.groups,
+                records = st.records,
+                pending = st.pending,
+                "journal at unmount ({} records left for the next mount)",
+                st.pending
             );
         }
         self.leases.stop();
@@ -1066,7 +1073,7 @@ impl Filesystem for HiveFs {
                 drop(g);
                 if throttle {
                     // Before the reply: a writer waits here while the flusher catches up.
-                    self.wb.throttle();
+                    self.wb.throttle_file(&st, self.journal_wait);
                 }
                 reply.written(data.len() as u32)
             }

@@ -64,6 +64,20 @@ pub fn decode_data(p: &[u8]) -> Option<(u64, u64, u64, &[u8])> {
     Some((u(0), u(8), u(16), &p[DATA_HEADER..]))
 }
 
+/// A journal's figures for `hi status`.
+#[derive(Debug, Clone)]
+pub struct JournalStatus {
+    /// Records not yet committed to the hive.
+    pub pending: usize,
+    /// Groups and records written since the mount.
+    pub groups: u64,
+    pub records: u64,
+    /// Bytes of the journal in use, of its capacity.
+    pub used: u64,
+    pub capacity: u64,
+    pub failed: Option<String>,
+}
+
 /// Room reserved for one record (see [`JournalService::reserve`]).
 #[must_use]
 pub struct Reservation {
@@ -87,9 +101,12 @@ struct St {
     head_served: u64,
     failed: Option<String>,
     stop: bool,
-    /// Counters for `hi` status lines.
+    /// Counters for `hi status`.
     groups: u64,
     records: u64,
+    /// Journal bytes between the durable head and the tail.
+    used: u64,
+    capacity: u64,
 }
 
 /// The journal thread and its queue. See the module docs.
@@ -121,6 +138,8 @@ impl JournalService {
                 stop: false,
                 groups: 0,
                 records: 0,
+                used: journal.tail() - journal.head(),
+                capacity: journal.free() + (journal.tail() - journal.head()),
             }),
             cv: Condvar::new(),
             wait,
@@ -221,10 +240,17 @@ impl JournalService {
         }
     }
 
-    /// Records not yet committed, and their count of groups and records written so far.
-    pub fn pending(&self) -> (usize, u64, u64) {
+    /// What `hi status` shows.
+    pub fn status(&self) -> JournalStatus {
         let st = self.lock();
-        (st.open.len(), st.groups, st.records)
+        JournalStatus {
+            pending: st.open.len(),
+            groups: st.groups,
+            records: st.records,
+            used: st.used,
+            capacity: st.capacity,
+            failed: st.failed.clone(),
+        }
     }
 
     /// Stop the thread once it has written what is queued.
@@ -283,6 +309,7 @@ impl JournalService {
             }
             let mut st = self.lock();
             st.room = j.free().saturating_sub(2 * j.group_overhead());
+            st.used = j.tail() - j.head();
             st.head_served = asked;
             self.cv.notify_all();
         }

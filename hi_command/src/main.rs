@@ -108,12 +108,24 @@ enum Cmd {
         /// Directory of the token file (`hi format --secrets`).
         #[arg(long, default_value = disk::DEFAULT_SECRETS)]
         secrets: PathBuf,
+        /// Fault injection for tests: the client disk keeps writes in memory until they are
+        /// flushed, so killing `hi` loses what a power cut would.
+        #[arg(long, hide = true)]
+        fault_power_loss: bool,
         /// [DISK] MOUNTPOINT
         #[arg(num_args = 1..=2, required = true)]
         paths: Vec<PathBuf>,
     },
     /// Unmount a mounted volume.
     Umount { mountpoint: PathBuf },
+    /// What a client disk holds: its volume and hive, and the journal records not yet
+    /// committed (live figures while it is mounted).
+    Status {
+        /// Directory of the token and status files (`hi format --secrets`).
+        #[arg(long, default_value = disk::DEFAULT_SECRETS)]
+        secrets: PathBuf,
+        disk: PathBuf,
+    },
     /// Volumes: create, list.
     Volume {
         #[command(subcommand)]
@@ -258,6 +270,7 @@ fn real_main() -> Result<()> {
             writeback,
             journal_wait,
             secrets,
+            fault_power_loss,
             paths,
         } => match paths.as_slice() {
             [mountpoint] => {
@@ -267,7 +280,7 @@ fn real_main() -> Result<()> {
                 mount(&resolve(&hive, volume)?, None, threads, mountpoint)
             }
             [disk, mountpoint] => {
-                let opened = disk::open(disk)?;
+                let opened = disk::open(disk, fault_power_loss)?;
                 let sb = &opened.sb;
                 let token = disk::read_token(&secrets, sb.client_id)?;
                 let hive_args = HiveArgs {
@@ -279,6 +292,7 @@ fn real_main() -> Result<()> {
                 };
                 let r = resolve(&hive_args, Some(sb.volume.clone()))?;
                 let local = Local {
+                    status_file: disk::status_path(&secrets, sb.client_id),
                     disk: opened,
                     write_back: writeback,
                     journal_wait: Duration::from_secs(journal_wait),
@@ -288,6 +302,7 @@ fn real_main() -> Result<()> {
             _ => bail!("hi mount [DISK] MOUNTPOINT"),
         },
         Cmd::Umount { mountpoint } => umount(&mountpoint),
+        Cmd::Status { secrets, disk } => status(&disk, &secrets),
         Cmd::Volume {
             cmd: VolumeCmd::Create { hive, name, copies },
         } => {
@@ -350,6 +365,8 @@ fn lookup_volume(meta: &MetaClient, name: &str) -> Result<hivefs_net::meta::Volu
 /// A mount's client disk.
 struct Local {
     disk: disk::Disk,
+    /// Where the mount keeps its figures for `hi status`.
+    status_file: PathBuf,
     write_back: bool,
     journal_wait: Duration,
 }
@@ -361,6 +378,10 @@ fn mount(
     mountpoint: &std::path::Path,
 ) -> Result<()> {
     let name = r.volume.clone().context("--volume NAME is required")?;
+    let journal_wait = local
+        .as_ref()
+        .map_or(Duration::from_secs(300), |l| l.journal_wait);
+    let status_file = local.as_ref().map(|l| l.status_file.clone());
     let (meta, journal, write_back) = match local {
         None => (Arc::new(connect(r)?), None, false),
         Some(l) => {
@@ -403,8 +424,9 @@ fn mount(
         meta: meta.clone(),
         volume: vol.id,
         copies: vol.copies,
-        journal,
+        journal: journal.clone(),
         write_back,
+        journal_wait,
     })?;
     let ended = fs.ended.clone();
     let hints = fs.hints.clone();
@@ -438,8 +460,19 @@ fn mount(
     println!("mounted {name} at {}", mountpoint.display());
     use std::io::Write;
     let _ = std::io::stdout().flush();
+    let mut ticks = 0u64;
     while !STOP.load(Ordering::SeqCst) && !ended.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(100));
+        if let (Some(j), Some(path)) = (&journal, &status_file) {
+            if ticks.is_multiple_of(10) {
+                let mode = if write_back { "writeback" } else { "default" };
+                disk::write_status(path, &name, mountpoint, mode, &j.status());
+            }
+        }
+        ticks += 1;
+    }
+    if let Some(path) = &status_file {
+        let _ = std::fs::remove_file(path);
     }
     if let Some(inv) = invalidator {
         inv.stop();
@@ -450,6 +483,42 @@ fn mount(
         bg.umount_and_join().context("unmounting")?;
     }
     eprintln!("hi: unmounted {}", mountpoint.display());
+    Ok(())
+}
+
+fn status(path: &std::path::Path, secrets: &std::path::Path) -> Result<()> {
+    let d = disk::open(path, false)?;
+    let sb = d.sb.clone();
+    println!("disk      {}", path.display());
+    println!("client    {:016x}", sb.client_id);
+    println!("hive      {}", sb.hive.join(", "));
+    println!("volume    {}", sb.volume);
+    println!(
+        "journal   {} MiB, cache {} MiB",
+        sb.layout.journal_len >> 20,
+        sb.layout.cache_len >> 20
+    );
+    match disk::read_status(&disk::status_path(secrets, sb.client_id)) {
+        Some(live) => {
+            for (k, v) in live {
+                println!("{k:<9} {v}");
+            }
+        }
+        None => {
+            let rec = hivefs_localdisk::Journal::inspect(d.dev, &sb.layout)?;
+            let bytes: usize = rec.records.iter().map(|r| r.payload.len()).sum();
+            println!("mounted   no");
+            println!(
+                "pending   {} journal records ({bytes} bytes) not yet committed{}",
+                rec.records.len(),
+                if rec.records.is_empty() {
+                    ""
+                } else {
+                    ": the next mount commits them"
+                }
+            );
+        }
+    }
     Ok(())
 }
 

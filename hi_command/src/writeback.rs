@@ -51,6 +51,10 @@ pub const BACKLOG_BYTES: usize = 64 << 20;
 pub const DIRTY_LIMIT: usize = 64 << 20;
 /// A sync with no more than this dirty, and nothing sealed, commits on the caller's thread.
 const INLINE_BYTES: usize = 4 << 20;
+/// Write-back mode: dirty bytes go to the flusher this long after they were written.
+const SEAL_AFTER: Duration = Duration::from_millis(200);
+/// Write-back mode: failed files are committed again every this many [`SEAL_AFTER`].
+const RETRY_TICKS: u64 = 5;
 /// Written ranges up to this size also go into the chunk cache when committed.
 const CACHE_WRITES_UP_TO: usize = 1 << 20;
 /// Flushed range buffers kept for new dirty ranges (a streaming writer reuses them instead
@@ -563,12 +567,15 @@ pub struct Writeback {
     retry: Arc<Retry>,
 }
 
-/// Files whose background commit failed, for the retry thread (write-back mode), and
-/// what to do with a closed file once the flusher committed everything it held.
+/// The write-back thread's work (write-back mode): files written since its last tick (to
+/// seal), files whose background commit failed (to commit again); and what to do with a
+/// closed file once the flusher committed everything it held.
 #[derive(Default)]
 struct Retry {
     enabled: bool,
     files: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    /// Files written since the last tick: their dirty bytes are sealed at the next one.
+    written: Mutex<HashMap<u64, Arc<OpenFile>>>,
     stop: AtomicBool,
     settled: std::sync::OnceLock<SettledFn>,
 }
@@ -649,9 +656,11 @@ impl Writeback {
         self.journal.as_ref()
     }
 
-    /// Start the thread that commits failed files again every second (write-back mode,
-    /// where no `fsync` does), so bytes written while the hive was away reach it when it
-    /// is back. `settled(ino, file)` is called once a file holds nothing uncommitted.
+    /// Start the write-back thread (write-back mode, where no `fsync` commits): every
+    /// [`SEAL_AFTER`] it hands the dirty bytes of the files written since to the flusher
+    /// (so many small synced writes commit as one batch), and every second it commits
+    /// failed files again, so bytes written while the hive was away reach it when it is
+    /// back. `settled(ino, file)` is called once a file holds nothing uncommitted.
     pub fn start_retry(self: &Arc<Self>, settled: SettledFn) -> std::io::Result<()> {
         let _ = self.retry.settled.set(settled);
         if !self.write_back {
@@ -661,8 +670,20 @@ impl Writeback {
         let t = std::thread::Builder::new()
             .name("hi-retry".into())
             .spawn(move || {
+                let mut tick = 0u64;
                 while !wb.retry.stop.load(Ordering::SeqCst) {
-                    std::thread::sleep(Duration::from_secs(1));
+                    std::thread::sleep(SEAL_AFTER);
+                    tick += 1;
+                    let written = std::mem::take(&mut *wb.retry.written.lock().expect("lock"));
+                    for (ino, file) in written {
+                        let mut g = file.lock();
+                        if g.failed.is_none() {
+                            wb.seal(ino, &file, &mut g);
+                        }
+                    }
+                    if !tick.is_multiple_of(RETRY_TICKS) {
+                        continue;
+                    }
                     let files: Vec<(u64, Arc<OpenFile>)> = {
                         let f = wb.retry.files.lock().expect("retry lock");
                         f.iter().map(|(i, s)| (*i, s.clone())).collect()
@@ -683,20 +704,17 @@ impl Writeback {
     }
 
     /// `fsync`, `flush` and `close`: by default [`Writeback::sync`]; in write-back mode the
-    /// dirty bytes go to the flusher and the call waits only until the journal holds
-    /// every write made to the file so far.
+    /// call waits only until the journal holds every write made to the file so far (the
+    /// write-back thread hands the bytes to the flusher within [`SEAL_AFTER`]).
     pub fn durable<'a>(
         &self,
         ino: u64,
         file: &'a Arc<OpenFile>,
-        mut g: MutexGuard<'a, FileState>,
+        g: MutexGuard<'a, FileState>,
     ) -> (MutexGuard<'a, FileState>, Result<(), Errno>) {
         let Some(j) = self.journal.as_ref().filter(|_| self.write_back) else {
             return self.sync(ino, file, g);
         };
-        if g.failed.is_none() {
-            self.seal(ino, file, &mut g);
-        }
         let last = g.last_record;
         drop(g);
         let r = j.wait_durable(last);
@@ -724,6 +742,10 @@ impl Writeback {
             let no = j.append(r, ino, lease, off, data);
             g.records.push(no);
             g.last_record = no;
+            if self.write_back {
+                let mut w = self.retry.written.lock().expect("written lock");
+                w.entry(ino).or_insert_with(|| file.clone());
+            }
         }
         if g.dirty.is_empty() {
             // Start the new range in a spare buffer.
@@ -747,12 +769,34 @@ impl Writeback {
             return Ok(true);
         }
         // Failed: nothing goes to the flusher until a sync gets through. Past the limit,
-        // retry here, once the flusher has let go of every batch (it holds them quickly).
+        // in write-back mode the writer waits for the retry thread (the journal holds the
+        // bytes; the hive may be away for a while); otherwise it retries here, once the
+        // flusher has let go of every batch (it holds them quickly).
+        if g.dirty_bytes >= DIRTY_LIMIT && self.write_back {
+            return Ok(true);
+        }
         if g.dirty_bytes >= DIRTY_LIMIT && g.done_no == g.sealed_no {
             self.retry_failed(ino, g)?;
             self.commit_dirty_inline(ino, g)?;
         }
         Ok(false)
+    }
+
+    /// Wait while the mount's backlog is full, and in write-back mode while `file` holds
+    /// [`DIRTY_LIMIT`] bytes it failed to commit (the retry thread commits them once the
+    /// hive is back), for at most `wait`. Call without any file lock held.
+    pub fn throttle_file(&self, file: &OpenFile, wait: Duration) {
+        self.throttle();
+        let deadline = Instant::now() + wait;
+        while self.write_back && Instant::now() < deadline {
+            {
+                let g = file.lock();
+                if g.failed.is_none() || g.dirty_bytes < DIRTY_LIMIT {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Wait while the mount's backlog is full (call without any file lock held).

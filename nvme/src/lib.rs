@@ -11,6 +11,8 @@
 //!   automatically (with a logged reason) where `O_DIRECT` is refused, e.g. on tmpfs.
 //! - [`sim::SimDevice`]: an in-memory device for the deterministic simulator: torn writes,
 //!   loss of everything not flushed at a crash, bit flips and I/O errors, all from a seed.
+//! - [`volatile::VolatileUntilFlush`]: a wrapper keeping writes in memory until a flush,
+//!   so killing the process is a power cut (fault injection for real-process tests).
 //!
 //! [`open_device`] opens a file or block device with the best backend available there.
 //! Refused batches (invalid request, [`IoError::QueueFull`], or [`IoError::Failed`] once a
@@ -35,11 +37,13 @@ pub mod sim;
 #[cfg(test)]
 mod testkit;
 pub mod uring;
+pub mod volatile;
 
 pub use buf::AlignedBuf;
 pub use portable::PortableDevice;
 pub use sim::{SimDevice, SimFaults, SimStats};
 pub use uring::{UringDevice, UringOptions};
+pub use volatile::VolatileUntilFlush;
 
 use std::path::Path;
 

@@ -106,6 +106,10 @@ pub enum FsCmd {
     Meta,
     /// All of the above, each run.
     All,
+    /// 4 KiB random writes with fdatasync after each, through a mount with a client disk:
+    /// default mode vs `--writeback` vs ext4 on the same disk (steady state, past 3 x the
+    /// journal).
+    Sync,
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -147,6 +151,15 @@ pub struct FsArgs {
     /// Size of the (sparse) ext4 image of the metadata ceiling.
     #[arg(long, global = true, default_value = "4G")]
     ext4_size: String,
+    /// `sync`: the client disk's journal (the run writes at least 3 times this).
+    #[arg(long, global = true, default_value = "16M")]
+    sync_journal: String,
+    /// `sync`: the region of the file the random writes land in.
+    #[arg(long, global = true, default_value = "64M")]
+    sync_file_bytes: String,
+    /// `sync`: seconds a default-mode run lasts at most (each write waits for the hive).
+    #[arg(long, global = true, default_value_t = 15.0)]
+    sync_default_secs: f64,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -328,6 +341,8 @@ struct HiMount {
     log: PathBuf,
     child: Option<Child>,
     starts: u32,
+    /// Mount from a client disk instead: (disk, secrets directory, write-back mode).
+    disk: Option<(PathBuf, PathBuf, bool)>,
 }
 
 impl HiMount {
@@ -355,10 +370,19 @@ impl HiMount {
         writeln!(out, "=== hive-perf: hi mount #{} ===", self.starts)?;
         let log_start = std::fs::metadata(&self.log).map_or(0, |m| m.len() as usize);
         let mut cmd = Command::new(&self.bin);
-        cmd.arg("mount")
-            .args(&self.hive_args)
-            .arg("--volume")
-            .arg(&self.volume);
+        cmd.arg("mount");
+        match &self.disk {
+            None => {
+                cmd.args(&self.hive_args).arg("--volume").arg(&self.volume);
+            }
+            Some((disk, secrets, writeback)) => {
+                cmd.arg("--secrets").arg(secrets);
+                if *writeback {
+                    cmd.arg("--writeback");
+                }
+                cmd.arg(disk);
+            }
+        }
         if let Some(t) = self.threads {
             cmd.arg("--threads").arg(t.to_string());
         }
@@ -1041,6 +1065,7 @@ fn spawn_hive(
         log: log.to_path_buf(),
         child: None,
         starts: 0,
+        disk: None,
     };
     hi.start()?;
     println!(
@@ -1054,7 +1079,162 @@ fn spawn_hive(
     Ok(Spawned { hi, node })
 }
 
+/// One run of 4 KiB random writes, each followed by `fdatasync`, in a file of
+/// `file_bytes` under `dir`: until `bytes` are written or `max_secs` pass. Returns the
+/// writes per second over the last two thirds (the steady state) and the latencies.
+fn sync_writes(
+    dir: &Path,
+    file_bytes: u64,
+    bytes: u64,
+    max_secs: f64,
+    seed: u64,
+) -> Result<(f64, u64, Lat)> {
+    let path = dir.join(format!("syncw-{seed:x}"));
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.set_len(file_bytes)?;
+    f.sync_all()?;
+    let mut rng = Rng::new(seed);
+    let mut buf = vec![0u8; BLOCK];
+    let slots = file_bytes / BLOCK as u64;
+    let mut lat = Lat::new();
+    let t0 = Instant::now();
+    let (mut written, mut steady_from) = (0u64, None);
+    let mut n = 0u64;
+    while written < bytes && t0.elapsed().as_secs_f64() < max_secs {
+        check_stop()?;
+        rng.fill(&mut buf);
+        let off = rng.below(slots) * BLOCK as u64;
+        let t = Instant::now();
+        f.write_all_at(&buf, off)?;
+        f.sync_data()?;
+        lat.record(t.elapsed());
+        written += BLOCK as u64;
+        n += 1;
+        let past_third = written * 3 >= bytes || t0.elapsed().as_secs_f64() * 3.0 >= max_secs;
+        if steady_from.is_none() && past_third {
+            steady_from = Some((n, Instant::now()));
+        }
+    }
+    let (n0, t1) = steady_from.unwrap_or((0, t0));
+    let iops = (n - n0) as f64 / t1.elapsed().as_secs_f64().max(1e-9);
+    drop(f);
+    std::fs::remove_file(&path)?;
+    Ok((iops, written, lat))
+}
+
+fn run_sync(a: &FsArgs, o: &Opts) -> Result<()> {
+    if !o.spawn {
+        bail!("fs sync needs --spawn (it formats a client disk next to an ext4 image)");
+    }
+    let journal = util::parse_size(&a.sync_journal)?;
+    let file_bytes = util::parse_size(&a.sync_file_bytes)?;
+    let bytes = 3 * journal + journal / 2;
+    println!(
+        "hive-perf fs sync: 4 KiB random writes + fdatasync in a {} file; journal {}, each \
+         run writes {} (default mode: at most {}s); {} run(s), medians",
+        util::fmt_size(file_bytes),
+        util::fmt_size(journal),
+        util::fmt_size(bytes),
+        a.sync_default_secs,
+        o.runs
+    );
+    println!("load average at start: {}", crate::loadavg());
+    let work = OwnedDir::create(
+        o.work_dir
+            .join(format!("hive-perf-sync-{}", std::process::id())),
+        o.keep,
+    )?;
+    let ext4 = Ext4::create(&work.path, 2 << 30)?;
+    let mnt = work.path.join("mnt");
+    let mut sp = spawn_hive(
+        o,
+        a,
+        &work.path.join("node"),
+        &mnt,
+        &work.path.join("hi.log"),
+        1 << 30,
+    )?;
+    sp.hi.stop()?;
+    let disk = work.path.join("client-disk.img");
+    let secrets = work.path.join("secrets");
+    let out = Command::new(&sp.hi.bin)
+        .arg("format")
+        .args(&sp.hi.hive_args)
+        .arg("--volume")
+        .arg(&a.volume)
+        .arg("--secrets")
+        .arg(&secrets)
+        .args(["--journal", &a.sync_journal, "--cache", "16M"])
+        .arg(&disk)
+        .env("NO_COLOR", "1")
+        .output()?;
+    if !out.status.success() {
+        bail!("hi format: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let names = ["default", "writeback", "ext4"];
+    let mut iops: [Vec<f64>; 3] = Default::default();
+    let mut lats: [Lat; 3] = Default::default();
+    let mut written = [0u64; 3];
+    for run in 0..o.runs {
+        // Rotate the order: a noisy moment should not always hit the same target.
+        for k in 0..3 {
+            let t = (run + k) % 3;
+            let seed = util::os_seed();
+            let (dir, max_secs) = match t {
+                2 => (ext4.mnt.clone(), 1e9),
+                _ => {
+                    sp.hi.disk = Some((disk.clone(), secrets.clone(), t == 1));
+                    sp.hi.start()?;
+                    let max = if t == 0 { a.sync_default_secs } else { 1e9 };
+                    (mnt.clone(), max)
+                }
+            };
+            let (r, w, l) = sync_writes(&dir, file_bytes, bytes, max_secs, seed)?;
+            if t != 2 {
+                sp.hi.stop()?;
+            }
+            let (p50, p99, _, _) = l.percentiles();
+            println!(
+                "run {run} {:<9}: {r:>8.0} writes/s steady, {} written, p50 {p50} us, p99 {p99} us",
+                names[t],
+                util::fmt_size(w)
+            );
+            iops[t].push(r);
+            lats[t].add(&l);
+            written[t] = written[t].max(w);
+        }
+    }
+    let med: Vec<f64> = iops.iter().map(|v| util::median(v)).collect();
+    for t in 0..3 {
+        let (p50, p99, _, _) = lats[t].percentiles();
+        println!(
+            "{:<9}: median {:>8.0} writes/s (runs {:?}), p50 {p50} us, p99 {p99} us",
+            names[t],
+            med[t],
+            iops[t].iter().map(|v| v.round()).collect::<Vec<_>>()
+        );
+    }
+    if written[1] < 3 * journal {
+        println!("note: write-back runs wrote less than 3 x the journal");
+    }
+    println!("ratio sync_writeback_vs_ext4 {:.3}", med[1] / med[2]);
+    println!("ratio sync_default_vs_ext4 {:.3}", med[0] / med[2]);
+    println!("ratio sync_writeback_vs_default {:.3}", med[1] / med[0]);
+    drop(sp);
+    drop(ext4);
+    Ok(())
+}
+
 pub fn run(what: FsCmd, a: &FsArgs, o: &Opts) -> Result<()> {
+    if what == FsCmd::Sync {
+        return run_sync(a, o);
+    }
     let plan = match what {
         FsCmd::Write => Plan {
             write: true,
@@ -1072,6 +1252,7 @@ pub fn run(what: FsCmd, a: &FsArgs, o: &Opts) -> Result<()> {
             meta: true,
             ..Plan::default()
         },
+        FsCmd::Sync => unreachable!("handled above"),
         FsCmd::All => Plan {
             write: true,
             read: true,
