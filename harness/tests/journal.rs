@@ -329,7 +329,7 @@ fn a_writeback_copy_survives_the_hive_going_away() {
     let status = m.disk_status();
     eprintln!("hi status during the outage:\n{status}");
     assert!(
-        status.contains("pending") && status.contains("(writeback)"),
+        status.contains("pending") && status.contains("(writeback,"),
         "{status}"
     );
     std::thread::sleep(outage - outage / 2);

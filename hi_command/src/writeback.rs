@@ -379,59 +379,68 @@ impl Hive {
             .collect()
     }
 
-    /// Upload prepared ranges and commit them as extents of `ino`, in order. Returns the
-    /// committed extents.
+    /// Upload prepared ranges and commit them as extents of `ino`. Returns the committed
+    /// extents. All chunks of the batch go up in one upload (one `has` and one `put` per
+    /// shard), and the extents of all its ranges (in offset order, not overlapping) go in
+    /// as few commit-writes as [`MAX_COMMIT_EXTENTS`] allows: a batch of many small ranges
+    /// (random writes) costs a few round trips, not a few per range.
     fn upload_commit(
         &self,
         ino: u64,
         ranges: &[(u64, Vec<u8>)],
         prepared: &mut [Vec<PreparedChunk>],
     ) -> Result<Vec<Extent>, Errno> {
-        let mut committed = Vec::new();
-        for ((off, data), chunks) in ranges.iter().zip(prepared) {
-            let extents: Vec<Extent> = chunks
-                .iter()
-                .map(|c| Extent {
+        let extents: Vec<Extent> = ranges
+            .iter()
+            .zip(prepared.iter())
+            .flat_map(|((off, _), chunks)| {
+                chunks.iter().map(move |c| Extent {
                     offset: off + c.offset,
                     len: c.raw_len,
                     chunk: c.id,
                     chunk_offset: 0,
                 })
-                .collect();
-            for attempt in 0..3 {
-                let up = self
-                    .chunks
-                    .with(|c| c.upload_in_place(chunks))
-                    .map_err(|e| chunk_err("uploading chunks", e))?;
-                let mut stale = false;
-                for part in extents.chunks(MAX_COMMIT_EXTENTS) {
-                    let end = part.last().map_or(*off, |e| e.end());
-                    match self.commit_part(ino, part, end, up.claim_epoch) {
-                        Ok(_) => {}
-                        // The GC epoch moved on between claim and commit: claim again.
-                        Err(e) if e == Errno::EAGAIN && attempt < 2 => {
-                            stale = true;
-                            break;
-                        }
-                        Err(e) => return Err(e),
+            })
+            .collect();
+        let mut all: Vec<PreparedChunk> = prepared.iter_mut().flat_map(|v| v.drain(..)).collect();
+        let mut done = 0;
+        for attempt in 0..3 {
+            let up = self
+                .chunks
+                .with(|c| c.upload_in_place(&mut all))
+                .map_err(|e| chunk_err("uploading chunks", e))?;
+            let mut stale = false;
+            for part in extents[done..].chunks(MAX_COMMIT_EXTENTS) {
+                let end = part.last().map_or(0, |e| e.end());
+                match self.commit_part(ino, part, end, up.claim_epoch) {
+                    Ok(_) => done += part.len(),
+                    // The GC epoch moved on between claim and commit: claim again.
+                    Err(e) if e == Errno::EAGAIN && attempt < 2 => {
+                        stale = true;
+                        break;
                     }
-                }
-                if !stale {
-                    break;
+                    Err(e) => return Err(e),
                 }
             }
-            // The chunks are in the hive: keep the plaintext of small writes for reads that
-            // follow (copying a streaming writer's gigabytes would only churn the cache).
-            if data.len() <= CACHE_WRITES_UP_TO {
-                for c in chunks {
-                    let at = c.offset as usize;
-                    self.cache
-                        .insert(c.id, Arc::new(data[at..at + c.raw_len as usize].to_vec()));
-                }
+            if !stale {
+                break;
             }
-            committed.extend(extents);
         }
-        Ok(committed)
+        // The chunks are in the hive: keep the plaintext of small writes for reads that
+        // follow (copying a streaming writer's gigabytes would only churn the cache).
+        for (off, data) in ranges {
+            if data.len() > CACHE_WRITES_UP_TO {
+                continue;
+            }
+            let first = extents.partition_point(|e| e.offset < *off);
+            let end = off + data.len() as u64;
+            for e in extents[first..].iter().take_while(|e| e.offset < end) {
+                let at = (e.offset - off) as usize;
+                self.cache
+                    .insert(e.chunk, Arc::new(data[at..at + e.len as usize].to_vec()));
+            }
+        }
+        Ok(extents)
     }
 
     /// One commit-write under this mount's write lease on `ino`. `ESTALE`: the lease was
