@@ -354,3 +354,77 @@ fn a_writeback_copy_survives_the_hive_going_away() {
     let report = node.fsck(true);
     assert!(report.contains("clean"), "fsck: {report}");
 }
+
+/// The chunk cache on the client disk: `hi warmup` reads a tree into it; after a remount
+/// (memory cache empty) reads of that tree are served from the disk (`hi cache status`
+/// counts the hits), byte for byte.
+#[test]
+fn the_disk_cache_survives_remounts_and_serves_reads() {
+    let node = TestNode::start(NodeOptions::default().name("journal-cache"));
+    let Some(mut m) = TestMount::start_on_disk(&node, "dcache", false) else {
+        return;
+    };
+    let dir = m.join("tree");
+    std::fs::create_dir(&dir).unwrap();
+    let mut want = Vec::new();
+    for k in 0..4u64 {
+        let bytes = expected(100 + k, 0, 3 << 20);
+        std::fs::write(dir.join(format!("f{k}")), &bytes).unwrap();
+        want.push(bytes);
+    }
+    m.remount();
+    let out = std::process::Command::new(hivefs_harness::hi_bin())
+        .arg("warmup")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success() && said.contains("warmed 4 files"),
+        "{said}"
+    );
+    eprintln!("{}", said.trim());
+    let cache_line = |m: &TestMount| {
+        let out = std::process::Command::new(hivefs_harness::hi_bin())
+            .args(["cache", "status", "--secrets"])
+            .arg(m.dir().join("secrets"))
+            .arg(m.disk_path())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    // The figures of the live mount reach its status file within a second.
+    std::thread::sleep(Duration::from_millis(1500));
+    let warm = cache_line(&m);
+    eprintln!("after warmup: {warm}");
+    m.stop();
+    let idle = cache_line(&m);
+    eprintln!("unmounted: {idle}");
+    let chunks = |s: &str| -> u64 {
+        s.split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        chunks(&idle) > 40 && chunks(&idle) == chunks(&warm),
+        "the warmed chunks stay cached when unmounted: {warm} / {idle}"
+    );
+    m.remount();
+    for (k, w) in want.iter().enumerate() {
+        assert_eq!(&std::fs::read(dir.join(format!("f{k}"))).unwrap(), w);
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = cache_line(&m);
+    eprintln!("after a remount and a read: {after}");
+    let hits: u64 = after
+        .split(';')
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        hits >= chunks(&idle),
+        "reads after the remount missed the disk: {after}"
+    );
+}

@@ -1,6 +1,7 @@
-//! The in-memory chunk cache: verified chunk plaintext by id, bounded in bytes, least
-//! recently used out first. Content-addressed, so an entry is never stale: a chunk id
-//! names the same bytes forever.
+//! The chunk cache: verified chunk plaintext by id, bounded in bytes, least recently used
+//! out first, in memory; behind it, with a client disk, the disk's cache region
+//! (`localdisk/src/cache.rs`: survives remounts; a disk hit comes back into memory).
+//! Content-addressed, so an entry is never stale: a chunk id names the same bytes forever.
 
 use hivefs_net::chunk::ChunkId;
 use std::collections::{BTreeMap, HashMap};
@@ -19,11 +20,18 @@ struct Inner {
 pub struct ChunkCache {
     cap: usize,
     inner: Mutex<Inner>,
+    disk: Option<hivefs_localdisk::DiskCache>,
 }
 
 impl ChunkCache {
     pub fn new(cap_bytes: usize) -> ChunkCache {
+        Self::with_disk(cap_bytes, None)
+    }
+
+    /// A cache of `cap_bytes` in memory over the cache region of a client disk.
+    pub fn with_disk(cap_bytes: usize, disk: Option<hivefs_localdisk::DiskCache>) -> ChunkCache {
         ChunkCache {
+            disk,
             cap: cap_bytes,
             inner: Mutex::new(Inner {
                 map: HashMap::new(),
@@ -45,7 +53,15 @@ impl ChunkCache {
             .get_mut(id)
             .map(|(d, t)| (d.clone(), std::mem::replace(t, tick)))
         else {
-            g.misses += 1;
+            drop(g);
+            // The disk's copy (checked there), back into memory for the next read.
+            if let Some(d) = self.disk.as_ref().and_then(|d| d.get(&id.0)) {
+                let d = Arc::new(d);
+                self.insert_memory(*id, d.clone());
+                self.inner.lock().expect("cache lock").hits += 1;
+                return Some(d);
+            }
+            self.inner.lock().expect("cache lock").misses += 1;
             return None;
         };
         g.order.remove(&old);
@@ -57,9 +73,20 @@ impl ChunkCache {
     /// Whether `id` is cached, without counting a hit or a miss or refreshing it.
     pub fn contains(&self, id: &ChunkId) -> bool {
         self.inner.lock().expect("cache lock").map.contains_key(id)
+            || self.disk.as_ref().is_some_and(|d| d.contains(&id.0))
     }
 
+    /// Keep `data` (verified plaintext of `id`) in memory and on the client disk.
     pub fn insert(&self, id: ChunkId, data: Arc<Vec<u8>>) {
+        if let Some(d) = &self.disk {
+            if let Err(e) = d.insert(&id.0, &data) {
+                tracing::warn!("client disk cache: {e}");
+            }
+        }
+        self.insert_memory(id, data);
+    }
+
+    fn insert_memory(&self, id: ChunkId, data: Arc<Vec<u8>>) {
         if data.len() > self.cap {
             return;
         }
@@ -87,6 +114,11 @@ impl ChunkCache {
     pub fn stats(&self) -> (usize, usize, u64, u64) {
         let g = self.inner.lock().expect("cache lock");
         (g.map.len(), g.bytes, g.hits, g.misses)
+    }
+
+    /// The client disk's cache figures, if the mount has one.
+    pub fn disk_stats(&self) -> Option<hivefs_localdisk::CacheStats> {
+        self.disk.as_ref().map(|d| d.stats())
     }
 }
 

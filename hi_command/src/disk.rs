@@ -241,6 +241,29 @@ fn write_token(secrets: &Path, id: u64, token: &str) -> Result<()> {
     Ok(())
 }
 
+/// The cache region of the client disk at `path` (indexed by a scan of the region).
+pub fn open_cache(path: &Path, sb: &Superblock) -> Result<Option<hivefs_localdisk::DiskCache>> {
+    if sb.layout.cache_len == 0 {
+        return Ok(None);
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {} for its cache", path.display()))?;
+    let c = hivefs_localdisk::DiskCache::open(f, sb.layout.cache_offset, sb.layout.cache_len)
+        .with_context(|| format!("reading the cache of {}", path.display()))?;
+    Ok(Some(c))
+}
+
+/// `hi status` lines of a chunk cache.
+pub fn cache_lines(c: &hivefs_localdisk::CacheStats) -> String {
+    format!(
+        "cache {} chunks, {} of {} bytes; {} hits, {} misses, {} inserted, {} damaged dropped",
+        c.entries, c.bytes, c.capacity, c.hits, c.misses, c.inserts, c.damaged
+    )
+}
+
 /// Where a mount of client `id` keeps its figures for `hi status`.
 pub fn status_path(secrets: &Path, id: u64) -> PathBuf {
     secrets.join(format!("client-{id:016x}.status"))
@@ -253,6 +276,7 @@ pub fn write_status(
     mountpoint: &Path,
     mode: &str,
     j: &crate::journal::JournalStatus,
+    cache: Option<&hivefs_localdisk::CacheStats>,
 ) {
     let text = format!(
         "pid {}\nmounted {} ({mode}, volume {volume})\npending {} journal records not yet \
@@ -266,7 +290,7 @@ pub fn write_status(
         j.groups,
         j.records,
         j.failed.as_deref().unwrap_or("ok"),
-    );
+    ) + &cache.map(|c| cache_lines(c) + "\n").unwrap_or_default();
     let tmp = path.with_extension("status.tmp");
     if std::fs::write(&tmp, text).is_ok() {
         let _ = std::fs::rename(&tmp, path);

@@ -82,10 +82,12 @@ pub struct Mounted {
     /// How long a writer waits for room in the journal (and, in write-back mode, for a
     /// file the hive cannot take now).
     pub journal_wait: Duration,
+    /// The client disk's chunk cache region.
+    pub disk_cache: Option<hivefs_localdisk::DiskCache>,
 }
 
 pub struct HiveFs {
-    hive: Arc<Hive>,
+    pub hive: Arc<Hive>,
     wb: Arc<Writeback>,
     fetch: Fetcher,
     /// Open files. Lock order: this map, then a file's state.
@@ -188,7 +190,12 @@ fn fuse_attr(a: &Attr) -> FileAttr {
     }
 }
 
-fn make_hive(meta: &Arc<MetaClient>, volume: u32, copies: u8) -> anyhow::Result<Hive> {
+fn make_hive(
+    meta: &Arc<MetaClient>,
+    volume: u32,
+    copies: u8,
+    cache: ChunkCache,
+) -> anyhow::Result<Hive> {
     let pipeline = Pipeline::new(
         meta.map().dedupe_key,
         ChunkerConfig::default(),
@@ -196,18 +203,12 @@ fn make_hive(meta: &Arc<MetaClient>, volume: u32, copies: u8) -> anyhow::Result<
         0,
     )
     .map_err(|e| anyhow::anyhow!("chunker: {e}"))?;
-    Ok(Hive::new(
-        meta.clone(),
-        volume,
-        copies,
-        pipeline,
-        ChunkCache::new(CACHE_BYTES),
-    ))
+    Ok(Hive::new(meta.clone(), volume, copies, pipeline, cache))
 }
 
 /// The hive side a journal replay commits through, before the file system starts.
 pub fn replay_hive(meta: &Arc<MetaClient>, vol: &m::VolumeInfo) -> anyhow::Result<Hive> {
-    make_hive(meta, vol.id, vol.copies)
+    make_hive(meta, vol.id, vol.copies, ChunkCache::new(CACHE_BYTES))
 }
 
 /// Forget a file's state when nobody here has it open and it holds nothing uncommitted
@@ -239,7 +240,13 @@ fn name_bytes(n: &OsStr) -> Vec<u8> {
 
 impl HiveFs {
     pub fn new(mounted: Mounted) -> anyhow::Result<HiveFs> {
-        let hive = Arc::new(make_hive(&mounted.meta, mounted.volume, mounted.copies)?);
+        let cache = ChunkCache::with_disk(CACHE_BYTES, mounted.disk_cache);
+        let hive = Arc::new(make_hive(
+            &mounted.meta,
+            mounted.volume,
+            mounted.copies,
+            cache,
+        )?);
         let wb = Arc::new(Writeback::new(
             hive.clone(),
             mounted.journal.clone(),

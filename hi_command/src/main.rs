@@ -118,6 +118,13 @@ enum Cmd {
     },
     /// Unmount a mounted volume.
     Umount { mountpoint: PathBuf },
+    /// The chunk cache of a client disk (live figures while it is mounted).
+    Cache {
+        #[command(subcommand)]
+        cmd: CacheCmd,
+    },
+    /// Read every file under PATH (in a mount) so its chunks are cached, with progress.
+    Warmup { path: PathBuf },
     /// What a client disk holds: its volume and hive, and the journal records not yet
     /// committed (live figures while it is mounted).
     Status {
@@ -130,6 +137,16 @@ enum Cmd {
     Volume {
         #[command(subcommand)]
         cmd: VolumeCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheCmd {
+    Status {
+        /// Directory of the token and status files (`hi format --secrets`).
+        #[arg(long, default_value = disk::DEFAULT_SECRETS)]
+        secrets: PathBuf,
+        disk: PathBuf,
     },
 }
 
@@ -291,7 +308,9 @@ fn real_main() -> Result<()> {
                     ..HiveArgs::default()
                 };
                 let r = resolve(&hive_args, Some(sb.volume.clone()))?;
+                let cache = disk::open_cache(disk, sb)?;
                 let local = Local {
+                    cache,
                     status_file: disk::status_path(&secrets, sb.client_id),
                     disk: opened,
                     write_back: writeback,
@@ -303,6 +322,10 @@ fn real_main() -> Result<()> {
         },
         Cmd::Umount { mountpoint } => umount(&mountpoint),
         Cmd::Status { secrets, disk } => status(&disk, &secrets),
+        Cmd::Cache {
+            cmd: CacheCmd::Status { secrets, disk },
+        } => cache_status(&disk, &secrets),
+        Cmd::Warmup { path } => warmup(&path),
         Cmd::Volume {
             cmd: VolumeCmd::Create { hive, name, copies },
         } => {
@@ -367,13 +390,14 @@ struct Local {
     disk: disk::Disk,
     /// Where the mount keeps its figures for `hi status`.
     status_file: PathBuf,
+    cache: Option<hivefs_localdisk::DiskCache>,
     write_back: bool,
     journal_wait: Duration,
 }
 
 fn mount(
     r: &Resolved,
-    local: Option<Local>,
+    mut local: Option<Local>,
     threads: usize,
     mountpoint: &std::path::Path,
 ) -> Result<()> {
@@ -382,6 +406,7 @@ fn mount(
         .as_ref()
         .map_or(Duration::from_secs(300), |l| l.journal_wait);
     let status_file = local.as_ref().map(|l| l.status_file.clone());
+    let disk_cache = local.as_mut().and_then(|l| l.cache.take());
     let (meta, journal, write_back) = match local {
         None => (Arc::new(connect(r)?), None, false),
         Some(l) => {
@@ -427,7 +452,9 @@ fn mount(
         journal: journal.clone(),
         write_back,
         journal_wait,
+        disk_cache,
     })?;
+    let hive = fs.hive.clone();
     let ended = fs.ended.clone();
     let hints = fs.hints.clone();
     let leases = fs.leases.clone();
@@ -466,7 +493,8 @@ fn mount(
         if let (Some(j), Some(path)) = (&journal, &status_file) {
             if ticks.is_multiple_of(10) {
                 let mode = if write_back { "writeback" } else { "default" };
-                disk::write_status(path, &name, mountpoint, mode, &j.status());
+                let cache = hive.cache.disk_stats();
+                disk::write_status(path, &name, mountpoint, mode, &j.status(), cache.as_ref());
             }
         }
         ticks += 1;
@@ -508,6 +536,9 @@ fn status(path: &std::path::Path, secrets: &std::path::Path) -> Result<()> {
             let rec = hivefs_localdisk::Journal::inspect(d.dev, &sb.layout)?;
             let bytes: usize = rec.records.iter().map(|r| r.payload.len()).sum();
             println!("mounted   no");
+            if let Some(c) = disk::open_cache(path, &sb)? {
+                println!("{}", disk::cache_lines(&c.stats()));
+            }
             println!(
                 "pending   {} journal records ({bytes} bytes) not yet committed{}",
                 rec.records.len(),
@@ -519,6 +550,67 @@ fn status(path: &std::path::Path, secrets: &std::path::Path) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+fn cache_status(path: &std::path::Path, secrets: &std::path::Path) -> Result<()> {
+    let d = disk::open(path, false)?;
+    let live = disk::read_status(&disk::status_path(secrets, d.sb.client_id));
+    match live.and_then(|l| l.into_iter().find(|(k, _)| k == "cache")) {
+        Some((_, v)) => println!("cache {v} (mounted)"),
+        None => match disk::open_cache(path, &d.sb)? {
+            Some(c) => println!("{} (not mounted)", disk::cache_lines(&c.stats())),
+            None => println!("no cache region on {}", path.display()),
+        },
+    }
+    Ok(())
+}
+
+/// Read every file under `root` once (1 MiB reads), printing progress by bytes.
+fn warmup(root: &std::path::Path) -> Result<()> {
+    use std::io::{Read, Write};
+    let mut files = Vec::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(p) = todo.pop() {
+        let md = std::fs::symlink_metadata(&p).with_context(|| format!("{}", p.display()))?;
+        if md.is_dir() {
+            for e in std::fs::read_dir(&p).with_context(|| format!("{}", p.display()))? {
+                todo.push(e?.path());
+            }
+        } else if md.is_file() {
+            files.push((p, md.len()));
+        }
+    }
+    let total: u64 = files.iter().map(|f| f.1).sum();
+    let (mut done, mut buf) = (0u64, vec![0u8; 1 << 20]);
+    let t = std::time::Instant::now();
+    let mut shown = std::time::Instant::now();
+    for (p, _) in &files {
+        let mut f = std::fs::File::open(p).with_context(|| format!("{}", p.display()))?;
+        loop {
+            let n = f
+                .read(&mut buf)
+                .with_context(|| format!("{}", p.display()))?;
+            if n == 0 {
+                break;
+            }
+            done += n as u64;
+            if shown.elapsed() >= Duration::from_millis(250) {
+                shown = std::time::Instant::now();
+                let frac = done as f64 / total.max(1) as f64;
+                let bar = "#".repeat((frac * 40.0) as usize);
+                eprint!("\r[{bar:<40}] {:5.1}% {} MiB", frac * 100.0, done >> 20);
+                let _ = std::io::stderr().flush();
+            }
+        }
+    }
+    eprintln!("\r[{}] 100.0% {} MiB", "#".repeat(40), done >> 20);
+    println!(
+        "warmed {} files, {} bytes in {:.1?}",
+        files.len(),
+        done,
+        t.elapsed()
+    );
     Ok(())
 }
 

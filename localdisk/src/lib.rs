@@ -6,7 +6,8 @@
 //! - the [`journal`], the NVRAM of the design: one ordered log of everything written on
 //!   this host and not yet committed to the hive, with two control slots that say where
 //!   the log starts;
-//! - the chunk cache region.
+//! - the [`cache`]: verified chunk plaintext by id, so data read once stays local across
+//!   remounts.
 //!
 //! All I/O goes through a [`hivefs_nvme::BlockDevice`], so the same code runs on io_uring
 //! over `O_DIRECT` in `hi` and on the seeded [`hivefs_nvme::SimDevice`] in the simulator
@@ -22,8 +23,10 @@
 //! cache region     chunk cache
 //! ```
 
+pub mod cache;
 pub mod journal;
 pub mod superblock;
 
+pub use cache::{CacheStats, DiskCache};
 pub use journal::{Journal, JournalError, Record, RecordKind, Recovered};
 pub use superblock::{Layout, Superblock, SuperblockError};
