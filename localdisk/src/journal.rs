@@ -409,10 +409,17 @@ impl Journal {
 
     fn write_control(&mut self, c: Control) -> Result<(), JournalError> {
         let slot = self.layout.control_slots()[(c.counter % 2) as usize];
+        self.write_durably(slot, c.encode())?;
+        self.control = c;
+        Ok(())
+    }
+
+    /// Write one buffer and flush; an error fails the journal.
+    fn write_durably(&mut self, at: u64, buf: AlignedBuf) -> Result<(), JournalError> {
         let r = run_sync(
             self.dev.as_mut(),
             vec![
-                write_req(0, slot, c.encode()),
+                write_req(0, at, buf),
                 IoRequest {
                     tag: 1,
                     op: IoOp::Flush,
@@ -421,12 +428,10 @@ impl Journal {
         )
         .map_err(JournalError::from)
         .and_then(check);
-        if let Err(e) = r {
+        if r.is_err() {
             self.failed = true;
-            return Err(e);
         }
-        self.control = c;
-        Ok(())
+        r.map(|_| ())
     }
 
     /// End the recovered log at `end` for good: a pad of the new generation from `end` to
@@ -454,23 +459,7 @@ impl Journal {
         block[off..].fill(0);
         let h = pad_header(self.control.generation, end, rem as usize - HEADER);
         block[off..off + HEADER].copy_from_slice(&h);
-        let r = run_sync(
-            self.dev.as_mut(),
-            vec![
-                write_req(0, at, block),
-                IoRequest {
-                    tag: 1,
-                    op: IoOp::Flush,
-                },
-            ],
-        )
-        .map_err(JournalError::from)
-        .and_then(check);
-        if let Err(e) = r {
-            self.failed = true;
-            return Err(e);
-        }
-        Ok(())
+        self.write_durably(at, block)
     }
 
     /// Read the valid records from the head on (see the module docs).
