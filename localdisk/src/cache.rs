@@ -14,10 +14,10 @@
 //! `lsn % region`), so an entry of an earlier lap is never taken for the one now there.
 //!
 //! # Eviction
-//! New entries go at the tail and overwrite the oldest: first in, first out, with a second
-//! chance: an entry read while in the oldest quarter of the log is written again at the
-//! tail, so what is read often stays (least recently used, approximately, with no writes
-//! for reads of recent entries).
+//! New entries go at the tail and overwrite the oldest (CLOCK): a read marks its entry
+//! *referenced* (in memory only); when an insert would overwrite a referenced entry, that
+//! entry is copied forward to the tail first, unmarked (at most [`SECOND_CHANCES`] per
+//! insert). So what is read again stays, and only inserts write: a read never does.
 //!
 //! # Recovery
 //! [`DiskCache::open`] scans the region's block headers and indexes every valid entry
@@ -41,6 +41,8 @@ pub const ENTRY_HEADER: usize = 64;
 /// Largest chunk kept (the chunker's maximum is 256 KiB).
 pub const MAX_ENTRY: usize = 1 << 20;
 const BLOCK: u64 = 4096;
+/// Referenced entries copied forward, at most, before one insert.
+pub const SECOND_CHANCES: usize = 4;
 /// Bytes the recovery scan reads at once.
 const SCAN_WINDOW: u64 = 4 << 20;
 
@@ -51,6 +53,8 @@ pub type Key = [u8; 33];
 struct Slot {
     lsn: u64,
     len: u32,
+    /// Read since it was written: copied forward instead of overwritten.
+    referenced: bool,
 }
 
 #[derive(Default)]
@@ -168,7 +172,12 @@ impl DiskCache {
             if lsn + self.len < tail {
                 continue;
             }
-            if let Some(old) = st.index.insert(id, Slot { lsn, len: rlen }) {
+            let slot = Slot {
+                lsn,
+                len: rlen,
+                referenced: false,
+            };
+            if let Some(old) = st.index.insert(id, slot) {
                 st.order.remove(&old.lsn);
                 st.bytes -= old.len as u64;
             }
@@ -195,20 +204,9 @@ impl DiskCache {
                 }
             }
         };
-        let size = entry_size(slot.len as usize) as usize;
-        let mut buf = vec![0u8; size];
-        let read = self
-            .file
-            .read_exact_at(&mut buf, self.base + slot.lsn % self.len);
-        let ok = read.is_ok()
-            && parse(&buf[..ENTRY_HEADER]).is_some_and(|(hid, l, lsn, crc)| {
-                hid == *id
-                    && l == slot.len
-                    && lsn == slot.lsn
-                    && crc32c::crc32c(&buf[ENTRY_HEADER..ENTRY_HEADER + l as usize]) == crc
-            });
+        let read = self.read_entry(id, slot);
         let mut st = self.st.lock().expect("cache lock");
-        if !ok {
+        let Some(data) = read else {
             // Overwritten meanwhile (then the index moved on already), or damaged.
             if st.index.get(id).is_some_and(|s| s.lsn == slot.lsn) {
                 st.damaged += 1;
@@ -218,16 +216,33 @@ impl DiskCache {
             }
             st.misses += 1;
             return None;
-        }
+        };
         st.hits += 1;
-        buf.truncate(ENTRY_HEADER + slot.len as usize);
-        let data = buf.split_off(ENTRY_HEADER);
-        // Second chance: read while among the oldest, written again at the tail.
-        let oldest_quarter = slot.lsn + self.len < st.tail + self.len / 4;
-        if oldest_quarter && st.index.get(id).is_some_and(|s| s.lsn == slot.lsn) {
-            let _ = self.put(&mut st, id, &data);
+        if let Some(s) = st.index.get_mut(id).filter(|s| s.lsn == slot.lsn) {
+            s.referenced = true;
         }
         Some(data)
+    }
+
+    /// The checked bytes of the entry `slot` says `id` is at; `None` if it is not there
+    /// (overwritten) or damaged.
+    fn read_entry(&self, id: &Key, slot: Slot) -> Option<Vec<u8>> {
+        let size = entry_size(slot.len as usize) as usize;
+        let mut buf = vec![0u8; size];
+        self.file
+            .read_exact_at(&mut buf, self.base + slot.lsn % self.len)
+            .ok()?;
+        let (hid, l, lsn, crc) = parse(&buf[..ENTRY_HEADER])?;
+        let end = ENTRY_HEADER + l as usize;
+        if hid != *id
+            || l != slot.len
+            || lsn != slot.lsn
+            || crc32c::crc32c(&buf[ENTRY_HEADER..end]) != crc
+        {
+            return None;
+        }
+        buf.truncate(end);
+        Some(buf.split_off(ENTRY_HEADER))
     }
 
     /// Keep `data` under `id` (its verified plaintext). Errors are the caller's to log: a
@@ -243,12 +258,43 @@ impl DiskCache {
         self.put(&mut st, id, data)
     }
 
+    /// Where an entry of `size` bytes goes: the tail, or the next lap's start.
+    fn place(&self, tail: u64, size: u64) -> u64 {
+        if tail % self.len + size > self.len {
+            tail + self.len - tail % self.len
+        } else {
+            tail
+        }
+    }
+
+    /// Insert, first copying forward the referenced entries it would overwrite.
     fn put(&self, st: &mut State, id: &Key, data: &[u8]) -> std::io::Result<()> {
         let size = entry_size(data.len());
-        let mut lsn = st.tail;
-        if lsn % self.len + size > self.len {
-            lsn += self.len - lsn % self.len; // to the start of the next lap
+        for _ in 0..SECOND_CHANCES {
+            let lsn = self.place(st.tail, size);
+            let Some((&old, &victim)) = st.order.first_key_value() else {
+                break;
+            };
+            let slot = st.index[&victim];
+            if old + self.len >= lsn + size || !slot.referenced {
+                break;
+            }
+            match self.read_entry(&victim, slot) {
+                Some(bytes) => self.put_at_tail(st, &victim, &bytes)?,
+                None => {
+                    st.index.remove(&victim);
+                    st.order.remove(&old);
+                    st.bytes -= slot.len as u64;
+                    st.damaged += 1;
+                }
+            }
         }
+        self.put_at_tail(st, id, data)
+    }
+
+    fn put_at_tail(&self, st: &mut State, id: &Key, data: &[u8]) -> std::io::Result<()> {
+        let size = entry_size(data.len());
+        let lsn = self.place(st.tail, size);
         // Forget every entry the write covers, before writing.
         while let Some((&old, _)) = st.order.first_key_value() {
             if old + self.len >= lsn + size {
@@ -273,6 +319,7 @@ impl DiskCache {
             Slot {
                 lsn,
                 len: data.len() as u32,
+                referenced: false,
             },
         );
         st.order.insert(lsn, *id);
@@ -322,6 +369,25 @@ mod tests {
             .unwrap();
         f.set_len(size + 8192).unwrap();
         (p, f)
+    }
+
+    /// CLOCK: an entry read since it was written is copied forward, not overwritten; one
+    /// never read is overwritten.
+    #[test]
+    fn a_read_entry_outlives_a_lap_and_an_unread_one_does_not() {
+        let len = 4 << 20;
+        let (path, f) = temp(len + 1);
+        let c = DiskCache::open(f, 8192, len).unwrap();
+        c.insert(&key(1), &data(1, 50_000)).unwrap();
+        c.insert(&key(2), &data(2, 50_000)).unwrap();
+        assert_eq!(c.get(&key(1)).unwrap(), data(1, 50_000));
+        // About one lap (4 MiB of 60 KiB entries), so each old entry is met once.
+        for n in 10..80 {
+            c.insert(&key(n), &data(n, 60_000)).unwrap();
+        }
+        assert_eq!(c.get(&key(1)).unwrap(), data(1, 50_000), "read entry evicted");
+        assert!(c.get(&key(2)).is_none(), "unread entry kept over a lap");
+        let _ = std::fs::remove_file(&path);
     }
 
     /// Random inserts and gets against a model: a hit is always the inserted bytes; what
