@@ -70,6 +70,11 @@ impl ChunkCache {
         Some(data)
     }
 
+    /// Whether `id` is in memory (a disk-cached chunk is worth reading ahead into it).
+    pub fn in_memory(&self, id: &ChunkId) -> bool {
+        self.inner.lock().expect("cache lock").map.contains_key(id)
+    }
+
     /// Whether `id` is cached, without counting a hit or a miss or refreshing it.
     pub fn contains(&self, id: &ChunkId) -> bool {
         self.inner.lock().expect("cache lock").map.contains_key(id)

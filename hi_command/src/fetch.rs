@@ -82,13 +82,30 @@ impl Fetcher {
         let mut have = HashMap::with_capacity(ids.len());
         let mut others = Vec::new();
         let mut mine = Vec::new();
+        // The cache first (a disk-cache read may take a while: not under the lock).
+        let mut missing = Vec::new();
+        for id in ids {
+            if have.contains_key(id) || missing.contains(id) {
+                continue;
+            }
+            match self.hive.cache.get(id) {
+                Some(d) => {
+                    have.insert(*id, d);
+                }
+                None => missing.push(*id),
+            }
+        }
         {
             let mut inflight = self.inflight.ids.lock().expect("inflight lock");
-            for id in ids {
-                if have.contains_key(id) {
-                    continue;
-                }
-                if let Some(d) = self.hive.cache.get(id) {
+            for id in &missing {
+                // Landed meanwhile (a read-ahead)?
+                if let Some(d) = self
+                    .hive
+                    .cache
+                    .in_memory(id)
+                    .then(|| self.hive.cache.get(id))
+                    .flatten()
+                {
                     have.insert(*id, d);
                 } else if inflight.contains(id) {
                     others.push(*id);
@@ -158,7 +175,7 @@ impl Fetcher {
         let ids: Vec<ChunkId> = {
             let inflight = self.inflight.ids.lock().expect("inflight lock");
             ids.into_iter()
-                .filter(|id| !inflight.contains(id) && !self.hive.cache.contains(id))
+                .filter(|id| !inflight.contains(id) && !self.hive.cache.in_memory(id))
                 .collect()
         };
         let guard = self.ahead.lock().expect("read-ahead queue");
@@ -179,11 +196,11 @@ impl Fetcher {
     }
 }
 
-/// Of `ids`, mark those neither cached nor in flight as in flight, and return them.
+/// Of `ids`, mark those neither in memory nor in flight as in flight, and return them.
 fn claim(inflight: &Inflight, cache: &ChunkCache, ids: Vec<ChunkId>) -> Vec<ChunkId> {
     let mut set = inflight.ids.lock().expect("inflight lock");
     ids.into_iter()
-        .filter(|id| !cache.contains(id) && set.insert(*id))
+        .filter(|id| !cache.in_memory(id) && set.insert(*id))
         .collect()
 }
 
@@ -194,18 +211,34 @@ fn fetch_into_cache(
     inflight: &Inflight,
     ids: &[ChunkId],
 ) -> Result<Vec<(ChunkId, Option<Plain>)>, Errno> {
-    let got = hive.get_chunks(ids);
+    // The client disk's cache first (into memory), the hive for the rest.
+    let mut out: Vec<(ChunkId, Option<Plain>)> = Vec::with_capacity(ids.len());
+    let mut remote = Vec::new();
+    for id in ids {
+        match hive
+            .cache
+            .contains(id)
+            .then(|| hive.cache.get(id))
+            .flatten()
+        {
+            Some(d) => out.push((*id, Some(d))),
+            None => remote.push(*id),
+        }
+    }
+    let got = if remote.is_empty() {
+        Ok(Vec::new())
+    } else {
+        hive.get_chunks(&remote)
+    };
     let out = got.map(|got| {
-        ids.iter()
-            .zip(got)
-            .map(|(id, d)| {
-                let d = d.map(Arc::new);
-                if let Some(d) = &d {
-                    hive.cache.insert(*id, d.clone());
-                }
-                (*id, d)
-            })
-            .collect()
+        out.extend(remote.iter().zip(got).map(|(id, d)| {
+            let d = d.map(Arc::new);
+            if let Some(d) = &d {
+                hive.cache.insert(*id, d.clone());
+            }
+            (*id, d)
+        }));
+        out
     });
     let mut set = inflight.ids.lock().expect("inflight lock");
     for id in ids {

@@ -385,7 +385,11 @@ mod tests {
         for n in 10..80 {
             c.insert(&key(n), &data(n, 60_000)).unwrap();
         }
-        assert_eq!(c.get(&key(1)).unwrap(), data(1, 50_000), "read entry evicted");
+        assert_eq!(
+            c.get(&key(1)).unwrap(),
+            data(1, 50_000),
+            "read entry evicted"
+        );
         assert!(c.get(&key(2)).is_none(), "unread entry kept over a lap");
         let _ = std::fs::remove_file(&path);
     }
