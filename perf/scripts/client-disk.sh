@@ -5,8 +5,10 @@
 #   - untar of a source tree into the mount, default mode vs --writeback.
 # Usage (root): perf/scripts/client-disk.sh [WORKDIR]   (release binaries in target/release
 # or $CARGO_TARGET_DIR/release; needs bindfs). Removes everything it made on exit.
-# UNTAR=0 skips the untar; RUNS, SIZE_MIB as named.
+# UNTAR=0 skips the untar; RUNS, SIZE_MIB as named. Debian 12: installing bindfs pulls
+# fuse 2, which replaces fuse3 (reinstall fuse3 afterwards: the tests use fusermount3).
 set -euo pipefail
+command -v bindfs > /dev/null && bindfs --version > /dev/null 2>&1 || { echo "needs a working bindfs (see above)"; exit 1; }
 B=${CARGO_TARGET_DIR:-$(cd "$(dirname "$0")/../.." && pwd)/target}/release
 W=${1:-/var/tmp}/hive-client-disk-$$
 RUNS=${RUNS:-3}
