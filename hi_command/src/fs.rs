@@ -2,8 +2,8 @@
 //! (through [`MetaClient`]) and chunk reads and writes (through [`HiveClient`]s).
 //!
 //! # Writes
-//! Writes collect per inode in a dirty map of non-overlapping byte ranges (memory only:
-//! the on-disk journal comes with the client-disk issue) and go to the hive through the
+//! Writes collect per inode in a dirty map of non-overlapping byte ranges (with a client
+//! disk, each is first a record in its journal: `journal.rs`) and go to the hive through the
 //! background flusher of [`crate::writeback`]: sealed into batches as they grow, cut into
 //! content-defined chunks, hashed, compressed, offered to the hive (has, then put of the
 //! missing ones), and committed as extents for exactly the written ranges. Bytes the
