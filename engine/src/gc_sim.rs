@@ -74,9 +74,9 @@
 
 use crate::format::Superblock;
 use crate::index::EntryState;
-use crate::meta::store::MetaStore;
+use crate::meta::sim_store::SimMeta;
 use crate::shard::{Completion, PutChunk, PutOutcome, ShardConfig, ShardCore, ShardError};
-use crate::sim::{Rng, SharedDevice, SimFailure};
+use crate::sim::{Rng, SimFailure};
 use hivefs_net::chunk::{self, ChunkId, Codec, DedupeKey};
 use hivefs_net::meta::{
     self, Answer, Errno, Extent, FileKind, MetaCommand, MetaReply, Mutation, Query, SetAttr,
@@ -84,6 +84,7 @@ use hivefs_net::meta::{
 };
 use hivefs_net::proto::ClusterMap;
 use hivefs_nvme::rng::SplitMix64;
+use hivefs_nvme::SharedSim;
 use hivefs_nvme::{SimDevice, SimFaults};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -226,182 +227,6 @@ impl SimReport {
             fsck_stale_reported,
             fsck_stale_fresh
         );
-    }
-}
-
-// ---- the metadata store's disk and log ------------------------------------------------
-
-#[derive(Debug, Default)]
-struct DiskState {
-    current: Vec<u8>,
-    /// The bytes as of the last sync: what survives a crash.
-    durable: Vec<u8>,
-}
-
-/// An in-memory redb disk that can crash: writes since the last `sync_data` are lost.
-#[derive(Debug, Clone, Default)]
-struct MemDisk(Arc<Mutex<DiskState>>);
-
-impl redb::StorageBackend for MemDisk {
-    fn len(&self) -> std::io::Result<u64> {
-        Ok(self.0.lock().expect("disk").current.len() as u64)
-    }
-    fn read(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
-        let d = self.0.lock().expect("disk");
-        let at = offset as usize;
-        match d.current.get(at..at + len) {
-            Some(b) => Ok(b.to_vec()),
-            None => Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "read past the end of the simulated disk",
-            )),
-        }
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.0.lock().expect("disk").current.resize(len as usize, 0);
-        Ok(())
-    }
-    fn sync_data(&self, _eventual: bool) -> std::io::Result<()> {
-        let mut d = self.0.lock().expect("disk");
-        let DiskState {
-            current, durable, ..
-        } = &mut *d;
-        durable.clone_from(current);
-        Ok(())
-    }
-    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        let mut d = self.0.lock().expect("disk");
-        let at = offset as usize;
-        if d.current.len() < at + data.len() {
-            d.current.resize(at + data.len(), 0);
-        }
-        d.current[at..at + data.len()].copy_from_slice(data);
-        Ok(())
-    }
-}
-
-/// The store and the Raft log in front of it (one member: an entry is committed when it is
-/// appended; the log itself is durable).
-struct Meta {
-    store: Option<MetaStore>,
-    disk: MemDisk,
-    /// Committed entries (`None`: an entry with nothing to apply, e.g. a leader's blank).
-    log: Vec<Option<Vec<u8>>>,
-    /// The answer each entry got when first applied.
-    replies: Vec<Option<Vec<u8>>>,
-    /// Entries applied in the store's current state (its `raft_state`).
-    applied: usize,
-    /// Entries applied again (after a crash lost them).
-    replayed: u64,
-    /// Per client: the highest `acked_below` applied (the store's session floor).
-    floors: HashMap<u64, u64>,
-    /// First answer of each `(client, seq)`.
-    first_reply: HashMap<(u64, u64), Vec<u8>>,
-}
-
-impl Meta {
-    fn store(&self) -> &MetaStore {
-        self.store.as_ref().expect("store open")
-    }
-
-    /// Apply the log up to `upto` entries, in batches of random size.
-    fn apply_upto(&mut self, upto: usize, rng: &mut Rng) -> Result<(), String> {
-        while self.applied < upto {
-            let n = (1 + rng.below(8) as usize).min(upto - self.applied);
-            let from = self.applied;
-            let cmds: Vec<Option<&[u8]>> = self.log[from..from + n]
-                .iter()
-                .map(|e| e.as_deref())
-                .collect();
-            let state = ((from + n) as u64).to_le_bytes();
-            let out = self
-                .store()
-                .apply_batch(&cmds, &state)
-                .map_err(|e| format!("apply_batch: {e:#}"))?;
-            for (k, reply) in out.into_iter().enumerate() {
-                let i = from + k;
-                if let Some(first) = &self.replies[i] {
-                    self.replayed += 1;
-                    if *first != reply {
-                        return Err(format!(
-                            "log entry {i} answered {:?} when applied again, {:?} the first time",
-                            meta::decode::<MetaReply>(&reply),
-                            meta::decode::<MetaReply>(first)
-                        ));
-                    }
-                    continue;
-                }
-                if let Some(bytes) = &self.log[i] {
-                    let cmd: MetaCommand = meta::decode(bytes).map_err(|e| e.to_string())?;
-                    let floor = self.floors.entry(cmd.client).or_insert(0);
-                    let expected = if cmd.seq < *floor {
-                        Some(meta::encode(&MetaReply::Err(Errno::STALE)))
-                    } else {
-                        self.first_reply.get(&(cmd.client, cmd.seq)).cloned()
-                    };
-                    if let Some(want) = expected {
-                        if want != reply {
-                            return Err(format!(
-                                "a repeat of (client {}, seq {}) (floor {floor}) answered {:?}, \
-                                 not {:?}: applied twice",
-                                cmd.client,
-                                cmd.seq,
-                                meta::decode::<MetaReply>(&reply),
-                                meta::decode::<MetaReply>(&want)
-                            ));
-                        }
-                    } else {
-                        self.first_reply
-                            .insert((cmd.client, cmd.seq), reply.clone());
-                    }
-                    *floor = (*floor).max(cmd.acked_below);
-                }
-                self.replies[i] = Some(reply);
-            }
-            self.applied += n;
-        }
-        Ok(())
-    }
-
-    /// Append a command to the log, apply everything up to it, return its answer.
-    fn propose(&mut self, entry: Option<Vec<u8>>, rng: &mut Rng) -> Result<Vec<u8>, String> {
-        self.log.push(entry);
-        self.replies.push(None);
-        self.apply_upto(self.log.len(), rng)?;
-        Ok(self.replies.last().cloned().flatten().unwrap_or_default())
-    }
-
-    /// The read barrier: every committed entry applied.
-    fn barrier(&mut self, rng: &mut Rng) -> Result<(), String> {
-        self.apply_upto(self.log.len(), rng)
-    }
-
-    /// Crash: lose every commit since the last sync, reopen, learn where the log stands.
-    fn crash(&mut self) -> Result<u64, String> {
-        let image = self.disk.0.lock().expect("disk").durable.clone();
-        // Dropping the database writes to the old disk, which is gone with it.
-        drop(self.store.take());
-        self.disk = MemDisk(Arc::new(Mutex::new(DiskState {
-            current: image.clone(),
-            durable: image,
-        })));
-        let store = MetaStore::open_backend(self.disk.clone())
-            .map_err(|e| format!("reopening the store after a crash: {e:#}"))?;
-        let applied = match store.raft_state().map_err(|e| e.to_string())? {
-            Some(b) if b.len() == 8 => u64::from_le_bytes(b.try_into().expect("8")) as usize,
-            None => 0,
-            Some(b) => return Err(format!("raft state of {} bytes", b.len())),
-        };
-        if applied > self.applied {
-            return Err(format!(
-                "the store kept {applied} entries after a crash, but only {} were applied",
-                self.applied
-            ));
-        }
-        let lost = self.applied - applied;
-        self.applied = applied;
-        self.store = Some(store);
-        Ok(lost as u64)
     }
 }
 
@@ -554,9 +379,9 @@ struct World {
     blocks: HashMap<ChunkId, Block>,
     prepared: HashMap<ChunkId, Prepared>,
     next_fresh: u64,
-    meta: Meta,
+    meta: SimMeta,
     vol: u32,
-    devs: Vec<SharedDevice>,
+    devs: Vec<SharedSim>,
     sb: Superblock,
     shards: Vec<ShardCore>,
     clients: Vec<Client>,
@@ -594,7 +419,7 @@ fn block_bytes(seed: u64, n: u64) -> Vec<u8> {
 }
 
 fn open_shard(
-    dev: &SharedDevice,
+    dev: &SharedSim,
     sb: &Superblock,
     key: DedupeKey,
     cfg: &SimConfig,
@@ -1912,7 +1737,7 @@ pub fn run(cfg: &SimConfig) -> Result<SimReport, SimFailure> {
     let mut devs = Vec::new();
     let mut shards = Vec::new();
     for _ in 0..cfg.shards {
-        let dev = SharedDevice(Arc::new(Mutex::new(SimDevice::new(
+        let dev = SharedSim(Arc::new(Mutex::new(SimDevice::new(
             cfg.device_bytes,
             rng.next_u64(),
             no_faults,
@@ -1926,18 +1751,7 @@ pub fn run(cfg: &SimConfig) -> Result<SimReport, SimFailure> {
         devs.push(dev);
         shards.push(shard);
     }
-    let disk = MemDisk::default();
-    let store = MetaStore::open_backend(disk.clone()).map_err(|e| setup(format!("{e:#}")))?;
-    let mut meta = Meta {
-        store: Some(store),
-        disk,
-        log: Vec::new(),
-        replies: Vec::new(),
-        applied: 0,
-        replayed: 0,
-        floors: HashMap::new(),
-        first_reply: HashMap::new(),
-    };
+    let mut meta = SimMeta::new().map_err(setup)?;
     let create = MetaCommand {
         volume: 0,
         client: ADMIN_CLIENT,

@@ -3419,21 +3419,21 @@ mod deferred_get_tests {
 mod damage_tests {
     use super::*;
     use crate::format::Superblock;
-    use crate::sim::SharedDevice;
+    use hivefs_nvme::SharedSim;
     use hivefs_nvme::{SimDevice, SimFaults};
     use std::sync::{Arc, Mutex};
 
     const KEY: DedupeKey = DedupeKey([8; 32]);
 
     /// A formatted one-shard SimDevice (4 MiB segments) the test keeps a handle to.
-    fn formatted(seed: u64) -> (SharedDevice, ShardLayout) {
+    fn formatted(seed: u64) -> (SharedSim, ShardLayout) {
         let faults = SimFaults {
             read_error_per_million: 0,
             write_error_per_million: 0,
             bit_flip_per_million: 0,
             torn_writes: false,
         };
-        let dev = SharedDevice(Arc::new(Mutex::new(SimDevice::new(64 << 20, seed, faults))));
+        let dev = SharedSim(Arc::new(Mutex::new(SimDevice::new(64 << 20, seed, faults))));
         let layout = Superblock::plan(64 << 20, 1, 4 << 20, 16, KEY.0)
             .unwrap()
             .shard_layout(0);
@@ -3441,7 +3441,7 @@ mod damage_tests {
         (dev, layout)
     }
 
-    fn reopen(dev: &SharedDevice, layout: ShardLayout) -> ShardCore {
+    fn reopen(dev: &SharedSim, layout: ShardLayout) -> ShardCore {
         ShardCore::open(Box::new(dev.clone()), layout, KEY, ShardConfig::default()).unwrap()
     }
 
@@ -3690,7 +3690,7 @@ mod gc_window_tests {
 mod compaction_tests {
     use super::*;
     use crate::format::Superblock;
-    use crate::sim::SharedDevice;
+    use hivefs_nvme::SharedSim;
     use hivefs_nvme::{SimDevice, SimFaults};
     use std::sync::{Arc, Mutex};
 
@@ -3706,7 +3706,7 @@ mod compaction_tests {
     }
 
     /// A formatted one-shard device of `segments` segments that the test keeps a handle to.
-    fn formatted(segments: u64) -> (SharedDevice, ShardLayout) {
+    fn formatted(segments: u64) -> (SharedSim, ShardLayout) {
         let faults = SimFaults {
             read_error_per_million: 0,
             write_error_per_million: 0,
@@ -3714,7 +3714,7 @@ mod compaction_tests {
             torn_writes: false,
         };
         let bytes = crate::format::DATA_START + segments * SEG;
-        let dev = SharedDevice(Arc::new(Mutex::new(SimDevice::new(bytes, 21, faults))));
+        let dev = SharedSim(Arc::new(Mutex::new(SimDevice::new(bytes, 21, faults))));
         let layout = Superblock::plan(bytes, 1, SEG, 16, KEY.0)
             .unwrap()
             .shard_layout(0);
@@ -3722,7 +3722,7 @@ mod compaction_tests {
         (dev, layout)
     }
 
-    fn open(dev: &SharedDevice, layout: ShardLayout) -> ShardCore {
+    fn open(dev: &SharedSim, layout: ShardLayout) -> ShardCore {
         ShardCore::open(Box::new(dev.clone()), layout, KEY, cfg()).unwrap()
     }
 
@@ -4131,7 +4131,7 @@ mod compaction_tests {
     /// `x`'s tombstone, then (if `reput`) `x` put again, then fillers that are swept, so B
     /// is mostly dead and is compacted. Returns the shard, x and A's fillers.
     fn tombstone_in_a_dead_segment(
-        dev: &SharedDevice,
+        dev: &SharedSim,
         layout: ShardLayout,
         reput: bool,
     ) -> (ShardCore, PutChunk, Vec<PutChunk>) {

@@ -39,7 +39,7 @@ use crate::shard::{
 };
 use hivefs_net::chunk::{self, ChunkId, Codec, DedupeKey};
 use hivefs_nvme::rng::SplitMix64;
-use hivefs_nvme::{BlockDevice, IoCompletion, IoError, IoRequest, SimDevice, SimFaults};
+use hivefs_nvme::{SharedSim, SimDevice, SimFaults};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
@@ -171,32 +171,6 @@ pub struct SimFailure {
     pub seed: u64,
     pub op: u64,
     pub message: String,
-}
-
-/// A SimDevice shared between the shard (as its device) and the simulator or a test (to
-/// crash it, corrupt it, or read what is durable).
-#[derive(Clone)]
-pub(crate) struct SharedDevice(pub(crate) Arc<Mutex<SimDevice>>);
-
-impl BlockDevice for SharedDevice {
-    fn describe(&self) -> String {
-        self.0.lock().expect("sim device").describe()
-    }
-    fn capacity_bytes(&self) -> u64 {
-        self.0.lock().expect("sim device").capacity_bytes()
-    }
-    fn submit(&mut self, reqs: &mut Vec<IoRequest>) -> Result<(), IoError> {
-        self.0.lock().expect("sim device").submit(reqs)
-    }
-    fn poll(&mut self, out: &mut Vec<IoCompletion>, wait: bool) -> usize {
-        self.0.lock().expect("sim device").poll(out, wait)
-    }
-    fn in_flight(&self) -> usize {
-        self.0.lock().expect("sim device").in_flight()
-    }
-    fn queue_depth(&self) -> usize {
-        self.0.lock().expect("sim device").queue_depth()
-    }
 }
 
 enum Op {
@@ -680,7 +654,7 @@ impl World {
 }
 
 fn open_shard(
-    dev: &SharedDevice,
+    dev: &SharedSim,
     sb: &Superblock,
     key: DedupeKey,
     cfg: &SimConfig,
@@ -695,7 +669,7 @@ fn open_shard(
     ShardCore::open(Box::new(dev.clone()), sb.shard_layout(0), key, scfg)
 }
 
-fn debug_dump(dev: &SharedDevice, sb: &Superblock) {
+fn debug_dump(dev: &SharedSim, sb: &Superblock) {
     use crate::format::*;
     let d = dev.0.lock().expect("sim");
     let l = sb.shard_layout(0);
@@ -749,7 +723,7 @@ pub fn run(cfg: &SimConfig) -> Result<SimReport, SimFailure> {
         .collect();
     let ids: Vec<ChunkId> = contents.iter().map(|c| ChunkId::compute(&key, c)).collect();
     let by_id = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
-    let dev = SharedDevice(Arc::new(Mutex::new(SimDevice::new(
+    let dev = SharedSim(Arc::new(Mutex::new(SimDevice::new(
         cfg.device_bytes,
         rng.next_u64(),
         NO_FAULTS,

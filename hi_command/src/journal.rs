@@ -32,37 +32,16 @@
 //!   every later write and sync gets EIO (the bytes in memory stay and are still
 //!   committed by the flusher).
 
-use crate::writeback::{dirty_insert, Hive};
+use crate::writeback::Hive;
 use fuser::Errno;
-use hivefs_localdisk::{Journal, Record, RecordKind};
-use std::collections::BTreeMap;
+use hivefs_localdisk::replay::{encode_data, plan, Step, DATA_HEADER};
+use hivefs_localdisk::{Book, Journal, Record, RecordKind};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// Bytes of a data record before the written bytes: inode, lease token, offset.
-pub const DATA_HEADER: usize = 24;
 /// Per record beyond its size: the bytes a group may skip before its header.
 const SKIP_MARGIN: u64 = 32;
-
-/// A data record's payload.
-pub fn encode_data(ino: u64, lease: u64, off: u64, data: &[u8]) -> Vec<u8> {
-    let mut p = Vec::with_capacity(DATA_HEADER + data.len());
-    p.extend_from_slice(&ino.to_le_bytes());
-    p.extend_from_slice(&lease.to_le_bytes());
-    p.extend_from_slice(&off.to_le_bytes());
-    p.extend_from_slice(data);
-    p
-}
-
-/// `(inode, lease token, offset, bytes)` of a data record's payload.
-pub fn decode_data(p: &[u8]) -> Option<(u64, u64, u64, &[u8])> {
-    if p.len() < DATA_HEADER {
-        return None;
-    }
-    let u = |i: usize| u64::from_le_bytes(p[i..i + 8].try_into().expect("8"));
-    Some((u(0), u(8), u(16), &p[DATA_HEADER..]))
-}
 
 /// A journal's figures for `hi status`.
 #[derive(Debug, Clone)]
@@ -87,11 +66,10 @@ pub struct Reservation {
 struct St {
     /// Appended, not yet handed to the device.
     queue: Vec<(u64, RecordKind, Vec<u8>)>,
-    next_no: u64,
     /// Every record numbered up to here is durable.
     durable_no: u64,
-    /// Records not yet done (committed or dropped): number -> LSN once written.
-    open: BTreeMap<u64, Option<u64>>,
+    /// Which records are still needed (`localdisk/src/book.rs`).
+    book: Book,
     /// Bytes reserved or queued and not yet written.
     reserved: u64,
     /// Room for records, as of the thread's last look.
@@ -127,9 +105,8 @@ impl JournalService {
         let svc = Arc::new(JournalService {
             st: Mutex::new(St {
                 queue: Vec::new(),
-                next_no: 1,
                 durable_no: 0,
-                open: BTreeMap::new(),
+                book: Book::new(),
                 reserved: 0,
                 room,
                 head_asked: 0,
@@ -199,9 +176,7 @@ impl JournalService {
         let payload = encode_data(ino, lease, off, data);
         debug_assert!(payload.len() <= self.max_payload);
         let mut st = self.lock();
-        let no = st.next_no;
-        st.next_no += 1;
-        st.open.insert(no, None);
+        let no = st.book.add();
         st.queue.push((no, RecordKind::Data, payload));
         // The reservation becomes the queued record's (freed when it is written).
         let _ = r.bytes;
@@ -230,7 +205,7 @@ impl JournalService {
         }
         let mut st = self.lock();
         for no in nos {
-            st.open.remove(no);
+            st.book.done(*no);
         }
         st.head_asked += 1;
         let asked = st.head_asked;
@@ -244,7 +219,7 @@ impl JournalService {
     pub fn status(&self) -> JournalStatus {
         let st = self.lock();
         JournalStatus {
-            pending: st.open.len(),
+            pending: st.book.pending(),
             groups: st.groups,
             records: st.records,
             used: st.used,
@@ -286,9 +261,7 @@ impl JournalService {
             let head = {
                 let mut st = self.lock();
                 for ((no, _, p), lsn) in batch.iter().zip(&written) {
-                    if let Some(slot) = st.open.get_mut(no) {
-                        *slot = Some(*lsn);
-                    }
+                    st.book.written(*no, *lsn);
                     st.reserved -= Journal::record_size(p.len()) + SKIP_MARGIN;
                 }
                 if let Some((no, _, _)) = batch.last() {
@@ -296,12 +269,17 @@ impl JournalService {
                     st.groups += 1;
                     st.records += batch.len() as u64;
                 }
-                // The oldest record still needed; none: everything written so far.
-                match st.open.values().next() {
-                    Some(Some(lsn)) => *lsn,
-                    _ => j.tail(),
-                }
+                st.book.head(j.tail())
             };
+            // Records done are named in a Done record, durably, before anyone hears they
+            // are done and before the head moves (see `localdisk/src/book.rs`).
+            loop {
+                let rec = self.lock().book.done_record(j.head(), head);
+                let Some(rec) = rec else { break };
+                if let Err(e) = j.append(&[(RecordKind::Done, &rec)]) {
+                    return self.fail(format!("{e}"));
+                }
+            }
             if head > j.head() {
                 if let Err(e) = j.set_head(head) {
                     return self.fail(format!("{e}"));
@@ -331,55 +309,64 @@ pub struct Replayed {
     pub bytes: u64,
     /// Files whose bytes could not be committed (lease lost, file gone).
     pub dropped_files: usize,
+    /// Records skipped: committed before the crash (named by a `Done` record).
+    pub already_done: usize,
 }
 
-/// A file's replayed writes: order of first appearance, lease token, merged ranges.
-type ReplayFile = (usize, u64, BTreeMap<u64, Vec<u8>>);
-
-/// Commit the data records a recovery returned (see the module docs). Fails (and leaves
-/// the journal as it is, for the next mount) when the hive cannot be reached.
+/// Apply the records a recovery returned in the order [`plan`] gives (see the module
+/// docs). Fails (and leaves the journal as it is, for the next mount) when the hive cannot
+/// be reached.
 pub fn replay(hive: &Hive, records: &[Record]) -> Result<Replayed, Errno> {
-    let mut files: BTreeMap<u64, ReplayFile> = BTreeMap::new();
-    let mut out = Replayed::default();
-    for r in records {
-        if r.kind != RecordKind::Data {
-            continue;
-        }
-        let Some((ino, lease, off, data)) = decode_data(&r.payload) else {
-            tracing::error!(lsn = r.lsn, "journal record too short for a write: skipped");
-            continue;
-        };
-        out.records += 1;
-        out.bytes += data.len() as u64;
-        let n = files.len();
-        let f = files.entry(ino).or_insert((n, lease, BTreeMap::new()));
-        if lease != 0 {
-            f.1 = lease;
-        }
-        dirty_insert(&mut f.2, off, data);
+    let p = plan(records);
+    let mut out = Replayed {
+        already_done: p.already_done,
+        ..Replayed::default()
+    };
+    if p.bad > 0 {
+        tracing::error!(
+            bad = p.bad,
+            "journal replay: records that could not be read, skipped"
+        );
     }
-    let mut order: Vec<(usize, u64)> = files.iter().map(|(ino, f)| (f.0, *ino)).collect();
-    order.sort_unstable();
-    for (_, ino) in order {
-        let (_, lease, ranges) = files.remove(&ino).expect("listed");
-        let ranges: Vec<(u64, Vec<u8>)> = ranges.into_iter().collect();
-        match hive.replay_commit(ino, lease, &ranges) {
-            Ok(()) => out.files += 1,
-            Err(e) if e == Errno::ESTALE || e == Errno::ENOENT => {
-                let bytes: usize = ranges.iter().map(|r| r.1.len()).sum();
-                tracing::error!(
-                    ino,
-                    bytes,
-                    "journal replay: bytes written before the crash dropped ({e:?}: {})",
-                    if e == Errno::ENOENT {
-                        "the file is gone"
-                    } else {
-                        "another host took the file over"
+    for step in p.steps {
+        match step {
+            Step::Commit {
+                ino,
+                lease,
+                ranges,
+                records,
+            } => {
+                out.records += records;
+                let bytes: u64 = ranges.iter().map(|r| r.1.len() as u64).sum();
+                out.bytes += bytes;
+                match hive.replay_commit(ino, lease, &ranges) {
+                    Ok(()) => out.files += 1,
+                    Err(e) if e == Errno::ESTALE || e == Errno::ENOENT => {
+                        tracing::error!(
+                            ino,
+                            bytes,
+                            "journal replay: bytes written before the crash dropped ({e:?}: {})",
+                            if e == Errno::ENOENT {
+                                "the file is gone"
+                            } else {
+                                "another host took the file over"
+                            }
+                        );
+                        out.dropped_files += 1;
                     }
-                );
-                out.dropped_files += 1;
+                    Err(e) => return Err(e),
+                }
             }
-            Err(e) => return Err(e),
+            Step::Op { seq, lsn, .. } => {
+                // This build never journals namespace operations (they go to the hive
+                // before they are answered); a disk holding one was written by another.
+                tracing::error!(
+                    seq,
+                    lsn,
+                    "journal replay: a namespace operation this build cannot apply"
+                );
+                return Err(Errno::EPROTO);
+            }
         }
     }
     Ok(out)

@@ -432,11 +432,13 @@ fn mount(
                 let tail = j.tail();
                 j.set_head(tail).context("trimming the replayed journal")?;
                 eprintln!(
-                    "hi: journal replayed: {} records, {} bytes into {} files ({} dropped) in {:.1?}",
+                    "hi: journal replayed: {} records, {} bytes into {} files ({} dropped; {} \
+                     records committed before already) in {:.1?}",
                     done.records,
                     done.bytes,
                     done.files,
                     done.dropped_files,
+                    done.already_done,
                     t.elapsed()
                 );
             }

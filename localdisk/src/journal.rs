@@ -59,6 +59,9 @@ pub enum RecordKind {
     Data,
     /// A namespace operation.
     Op,
+    /// Records done out of order: committed (or dropped) while an older record still held
+    /// the head back; a replay skips them (`book.rs`).
+    Done,
 }
 
 const KIND_PAD: u8 = 0xff;
@@ -68,12 +71,14 @@ impl RecordKind {
         match self {
             RecordKind::Data => 1,
             RecordKind::Op => 2,
+            RecordKind::Done => 3,
         }
     }
     fn from_code(c: u8) -> Option<RecordKind> {
         match c {
             1 => Some(RecordKind::Data),
             2 => Some(RecordKind::Op),
+            3 => Some(RecordKind::Done),
             _ => None,
         }
     }

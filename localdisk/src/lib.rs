@@ -9,6 +9,11 @@
 //! - the [`cache`]: verified chunk plaintext by id, so data read once stays local across
 //!   remounts.
 //!
+//! The state machines around the journal live here too, without I/O, so `hi` and the
+//! client simulator run the same code: the [`book`] (which records are still needed, how
+//! far the head may move, which records done out of order a `Done` record must name) and
+//! [`replay`] (record payloads, and the order in which recovered records are applied).
+//!
 //! All I/O goes through a [`hivefs_nvme::BlockDevice`], so the same code runs on io_uring
 //! over `O_DIRECT` in `hi` and on the seeded [`hivefs_nvme::SimDevice`] in the simulator
 //! (torn and lost writes at a crash).
@@ -23,10 +28,14 @@
 //! cache region     chunk cache
 //! ```
 
+pub mod book;
 pub mod cache;
 pub mod journal;
+pub mod ranges;
+pub mod replay;
 pub mod superblock;
 
+pub use book::Book;
 pub use cache::{CacheStats, DiskCache};
 pub use journal::{Journal, JournalError, Record, RecordKind, Recovered};
 pub use superblock::{Layout, Superblock, SuperblockError};

@@ -41,7 +41,7 @@ pub mod volatile;
 
 pub use buf::AlignedBuf;
 pub use portable::PortableDevice;
-pub use sim::{SimDevice, SimFaults, SimStats};
+pub use sim::{SharedSim, SimDevice, SimFaults, SimStats};
 pub use uring::{UringDevice, UringOptions};
 pub use volatile::VolatileUntilFlush;
 

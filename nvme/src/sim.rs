@@ -27,6 +27,7 @@ use crate::{
     SECTOR_SIZE,
 };
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 /// Fault injection knobs of a [`SimDevice`]. `Default` is a perfect device (apart from
 /// crashes, which always lose or keep unflushed writes at random).
@@ -467,6 +468,38 @@ impl BlockDevice for SimDevice {
 
     fn in_flight(&self) -> usize {
         self.in_flight.len()
+    }
+}
+
+/// A [`SimDevice`] shared between its user (a shard, a journal: as its device) and the
+/// simulator or a test (to crash it, corrupt it, or read what is durable).
+#[derive(Clone)]
+pub struct SharedSim(pub Arc<Mutex<SimDevice>>);
+
+impl SharedSim {
+    pub fn new(dev: SimDevice) -> SharedSim {
+        SharedSim(Arc::new(Mutex::new(dev)))
+    }
+}
+
+impl BlockDevice for SharedSim {
+    fn describe(&self) -> String {
+        self.0.lock().expect("sim device").describe()
+    }
+    fn capacity_bytes(&self) -> u64 {
+        self.0.lock().expect("sim device").capacity_bytes()
+    }
+    fn submit(&mut self, reqs: &mut Vec<IoRequest>) -> Result<(), IoError> {
+        self.0.lock().expect("sim device").submit(reqs)
+    }
+    fn poll(&mut self, out: &mut Vec<IoCompletion>, wait: bool) -> usize {
+        self.0.lock().expect("sim device").poll(out, wait)
+    }
+    fn in_flight(&self) -> usize {
+        self.0.lock().expect("sim device").in_flight()
+    }
+    fn queue_depth(&self) -> usize {
+        self.0.lock().expect("sim device").queue_depth()
     }
 }
 

@@ -19,5 +19,6 @@ pub mod peer;
 pub mod raft;
 mod raft_log;
 pub mod server;
+pub mod sim_store;
 pub mod store;
 pub mod watch;

@@ -5,30 +5,8 @@
 
 use super::*;
 use hivefs_nvme::rng::SplitMix64;
-use hivefs_nvme::{IoCompletion, SimDevice, SimFaults};
+use hivefs_nvme::{SharedSim as Shared, SimDevice, SimFaults};
 use std::sync::{Arc, Mutex};
-
-/// A simulated device the test keeps a handle to (to crash it) while the journal owns it.
-#[derive(Clone)]
-struct Shared(Arc<Mutex<SimDevice>>);
-
-impl BlockDevice for Shared {
-    fn describe(&self) -> String {
-        "shared sim".into()
-    }
-    fn capacity_bytes(&self) -> u64 {
-        self.0.lock().unwrap().capacity_bytes()
-    }
-    fn submit(&mut self, reqs: &mut Vec<IoRequest>) -> Result<(), IoError> {
-        self.0.lock().unwrap().submit(reqs)
-    }
-    fn poll(&mut self, out: &mut Vec<IoCompletion>, wait: bool) -> usize {
-        self.0.lock().unwrap().poll(out, wait)
-    }
-    fn in_flight(&self) -> usize {
-        self.0.lock().unwrap().in_flight()
-    }
-}
 
 fn layout(journal: u64) -> Layout {
     Layout::new(journal, 0).unwrap()
