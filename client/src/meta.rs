@@ -314,6 +314,17 @@ impl MetaClient {
         self.call(&MetaRequest::Query { volume, query })
     }
 
+    /// [`MetaClient::query`], retrying over broken connections for `retry_for` only (a
+    /// client that can go on without the hive gives up sooner).
+    pub fn query_within(
+        &self,
+        volume: u32,
+        query: Query,
+        retry_for: Duration,
+    ) -> Result<MetaReply, ClientError> {
+        self.call_for(&MetaRequest::Query { volume, query }, retry_for)
+    }
+
     /// A query that may be answered from a node's own, possibly stale copy when no
     /// linearizable read is possible (see [`MetaRequest::StaleQuery`]). `Ok((answer,
     /// stale_ms))`; `stale_ms` 0 for a linearizable answer.

@@ -355,6 +355,121 @@ fn a_writeback_copy_survives_the_hive_going_away() {
     assert!(report.contains("clean"), "fsck: {report}");
 }
 
+/// Offline (`hi_command/src/offline.rs`): with the hive stopped, a write-back mount with a
+/// client disk goes on reading what it saw (listings, attributes, file bytes from the
+/// chunk caches) and writing to the file it holds the lease of (fsync returns once the
+/// journal has the bytes); namespace changes and names never seen fail at once with
+/// EHOSTDOWN; `hi status` says the hive is unreachable. Once the hive is back, the written
+/// bytes reach it (a second mount reads them).
+#[test]
+fn offline_reads_and_leased_writes_go_on_without_the_hive() {
+    let mut node = TestNode::start(NodeOptions::default().name("journal-offline"));
+    let Some(mut m) = TestMount::start_on_disk(&node, "offline", true) else {
+        return;
+    };
+    let dir = m.join("docs");
+    std::fs::create_dir(&dir).unwrap();
+    let mut want = Vec::new();
+    for k in 0..3u64 {
+        let bytes = expected(200 + k, 0, (1 << 20) + 4096 * k as usize);
+        std::fs::write(dir.join(format!("f{k}")), &bytes).unwrap();
+        want.push(bytes);
+    }
+    // A fresh mount reads them once: the answers and the chunks are what it has seen.
+    m.remount();
+    let listing = |d: &Path| -> Result<Vec<String>, std::io::Error> {
+        let mut names: Vec<String> = std::fs::read_dir(d)?
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect::<Result<_, _>>()?;
+        names.sort();
+        Ok(names)
+    };
+    let names = listing(&dir).unwrap();
+    for (k, w) in want.iter().enumerate() {
+        assert_eq!(&std::fs::read(dir.join(format!("f{k}"))).unwrap(), w);
+    }
+    let log_path = m.join("log.bin");
+    let mut log = std::fs::File::create(&log_path).unwrap();
+    let first = expected(300, 0, 256 << 10);
+    log.write_all(&first).unwrap();
+    log.sync_all().unwrap();
+
+    node.stop();
+    let t = Instant::now();
+    let offline_names = listing(&dir).unwrap();
+    eprintln!(
+        "listing with the hive stopped: {:.1?} (the first call finds it away)",
+        t.elapsed()
+    );
+    assert_eq!(offline_names, names);
+    let t = Instant::now();
+    for (k, w) in want.iter().enumerate() {
+        let got = std::fs::read(dir.join(format!("f{k}"))).unwrap();
+        assert!(&got == w, "f{k} read offline differs");
+    }
+    eprintln!("read {} files offline in {:.1?}", want.len(), t.elapsed());
+    // Writes to the leased file go into the journal; fsync returns.
+    let t = Instant::now();
+    let second = expected(300, first.len() as u64, 512 << 10);
+    log.write_all(&second).unwrap();
+    log.sync_all().unwrap();
+    eprintln!("wrote and fsynced 512 KiB offline in {:.1?}", t.elapsed());
+    // What cannot go on without the hive fails at once, and says why.
+    let t = Instant::now();
+    let created = std::fs::File::create(dir.join("new"));
+    let renamed = std::fs::rename(dir.join("f0"), dir.join("g0"));
+    let unseen = std::fs::metadata(dir.join("never-looked-up"));
+    let host_down =
+        |r: std::io::Result<()>| r.err().and_then(|e| e.raw_os_error()) == Some(libc::EHOSTDOWN);
+    assert!(host_down(created.map(|_| ())), "create offline");
+    assert!(host_down(renamed), "rename offline");
+    assert!(host_down(unseen.map(|_| ())), "lookup of a name never seen");
+    let refusals = t.elapsed();
+    eprintln!("create, rename, unseen lookup refused (EHOSTDOWN) in {refusals:.1?}");
+    assert!(
+        refusals < Duration::from_secs(2),
+        "offline refusals wait: {refusals:?}"
+    );
+    std::thread::sleep(Duration::from_millis(1200));
+    let status = m.disk_status();
+    eprintln!("hi status offline:\n{status}");
+    assert!(status.contains("UNREACHABLE"), "{status}");
+
+    node.run();
+    let t = Instant::now();
+    loop {
+        let status = m.disk_status();
+        if status.contains("hive      reachable") && status.contains("pending   0 ") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the journal did not drain after the hive came back:\n{status}\n{}",
+            m.log_tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "back online and the journal drained {:.1?} after the hive returned",
+        t.elapsed()
+    );
+    drop(log);
+    let other = TestMount::start(&node, "offline");
+    let got = std::fs::read(other.join("log.bin")).unwrap();
+    assert_eq!(got.len(), first.len() + second.len());
+    assert!(got[..first.len()] == first[..] && got[first.len()..] == second[..]);
+    eprintln!(
+        "a second mount reads the {} bytes written around the outage",
+        got.len()
+    );
+    // The namespace is as it was: the refused rename did not happen later.
+    assert!(other.join("docs/f0").exists() && !other.join("docs/g0").exists());
+    drop(other);
+    drop(m);
+    let report = node.fsck(true);
+    assert!(report.contains("clean"), "fsck: {report}");
+}
+
 /// The chunk cache on the client disk: `hi warmup` reads a tree into it; after a remount
 /// (memory cache empty) reads of that tree are served from the disk (`hi cache status`
 /// counts the hits), byte for byte.

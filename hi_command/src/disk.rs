@@ -153,9 +153,8 @@ pub fn format(spec: &FormatSpec<'_>) -> Result<Superblock> {
             Ok(old) => {
                 let rec = Journal::inspect(dev, &old.layout)
                     .with_context(|| format!("reading the journal of {}", spec.path.display()))?;
-                let pending = rec.records.len();
+                let (pending, bytes) = pending_of(&rec.records);
                 if pending > 0 && !spec.force {
-                    let bytes: usize = rec.records.iter().map(|r| r.payload.len()).sum();
                     bail!(
                         "{} holds {pending} journal records ({bytes} bytes) not yet committed \
                          to the hive (volume {}): mount it to commit them, or --force to \
@@ -277,11 +276,20 @@ pub fn write_status(
     mode: &str,
     j: &crate::journal::JournalStatus,
     cache: Option<&hivefs_localdisk::CacheStats>,
+    unreachable_for: Option<std::time::Duration>,
 ) {
+    let hive = match unreachable_for {
+        None => "reachable".to_string(),
+        Some(d) => format!(
+            "UNREACHABLE for {} s: offline (reads of what was seen, writes to files \
+             leased here into the journal; namespace changes fail)",
+            d.as_secs()
+        ),
+    };
     let text = format!(
-        "pid {}\nmounted {} ({mode}, volume {volume})\npending {} journal records not yet \
-         committed\njournal {} of {} bytes in use; {} groups, {} records written since \
-         mount\nstate {}\n",
+        "pid {}\nmounted {} ({mode}, volume {volume})\nhive {hive}\npending {} journal \
+         records not yet committed\njournal {} of {} bytes in use; {} groups, {} records \
+         written since mount\nstate {}\n",
         std::process::id(),
         mountpoint.display(),
         j.pending,
@@ -322,6 +330,30 @@ pub fn read_token(secrets: &Path, id: u64) -> Result<String> {
         )
     })?;
     Ok(t.trim().to_string())
+}
+
+/// What a recovered journal still holds for the hive: records not named by a `Done`
+/// record (committed already), and their bytes.
+pub fn pending_of(records: &[hivefs_localdisk::Record]) -> (usize, usize) {
+    use hivefs_localdisk::replay::{plan, Step};
+    let p = plan(records);
+    let mut n = 0;
+    let mut bytes = 0;
+    for s in &p.steps {
+        match s {
+            Step::Commit {
+                ranges, records, ..
+            } => {
+                n += records;
+                bytes += ranges.iter().map(|r| r.1.len()).sum::<usize>();
+            }
+            Step::Op { op, .. } => {
+                n += 1;
+                bytes += op.len();
+            }
+        }
+    }
+    (n, bytes)
 }
 
 #[cfg(test)]

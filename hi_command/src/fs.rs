@@ -32,7 +32,7 @@ use crate::fetch::Fetcher;
 use crate::hints::{self, Hints};
 use crate::leases::Leases;
 use crate::reclaim::Reclaimer;
-use crate::writeback::{dirty_truncate, FileState, Hive, OpenFile, Writeback};
+use crate::writeback::{FileState, Hive, OpenFile, Writeback};
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
@@ -41,6 +41,7 @@ use fuser::{
 };
 use hivefs_client::meta::MetaClient;
 use hivefs_client::pipeline::{ChunkerConfig, Pipeline};
+use hivefs_localdisk::ranges::truncate_ranges;
 use hivefs_net::chunk::{ChunkId, Codec};
 use hivefs_net::meta::{
     self as m, Answer, Attr, Extent, FileKind, MetaReply, Mutation, Query, RenameMode, SetAttr,
@@ -241,12 +242,14 @@ fn name_bytes(n: &OsStr) -> Vec<u8> {
 impl HiveFs {
     pub fn new(mounted: Mounted) -> anyhow::Result<HiveFs> {
         let cache = ChunkCache::with_disk(CACHE_BYTES, mounted.disk_cache);
-        let hive = Arc::new(make_hive(
-            &mounted.meta,
-            mounted.volume,
-            mounted.copies,
-            cache,
-        )?);
+        let mut hive = make_hive(&mounted.meta, mounted.volume, mounted.copies, cache)?;
+        if mounted.journal.is_some() {
+            // With a client disk the mount goes on without the hive (offline.rs).
+            let o = Arc::new(crate::offline::Offline::new());
+            o.start_probe(mounted.meta.clone(), mounted.volume)?;
+            hive.offline = Some(o);
+        }
+        let hive = Arc::new(hive);
         let wb = Arc::new(Writeback::new(
             hive.clone(),
             mounted.journal.clone(),
@@ -843,7 +846,7 @@ impl Filesystem for HiveFs {
             // change applies after every write before it (a commit sets mtime: times set
             // by `touch -r` or `cp -a` on an open file must come after it).
             if let Some(new) = size {
-                let freed = dirty_truncate(&mut g.dirty, new);
+                let freed = truncate_ranges(&mut g.dirty, new);
                 g.dirty_bytes -= freed;
             }
             let (g, r) = self.wb.sync(ino.0, f, g);

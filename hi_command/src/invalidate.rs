@@ -18,10 +18,13 @@
 //!
 //! The kernel answers ENOENT for what it does not hold; fuser drops that, and any other
 //! error is only logged (an invalidation that fails leaves the TTL bound).
+//! The answers an offline mount serves (`offline.rs`) are forgotten with the same events.
+//!
 //! `HIVE_HI_NO_WATCH=1` turns the thread off (tests prove with it that they can fail).
 
 use crate::hints::Hints;
 use crate::leases::Leases;
+use crate::offline::Offline;
 use fuser::{INodeNo, Notifier};
 use hivefs_client::meta::{MetaClient, Watched};
 use std::ffi::OsStr;
@@ -48,6 +51,7 @@ impl Invalidator {
         notifier: Notifier,
         hints: Arc<Hints>,
         leases: Arc<Leases>,
+        offline: Option<Arc<Offline>>,
     ) -> Option<Invalidator> {
         if std::env::var_os("HIVE_HI_NO_WATCH").is_some_and(|v| v == "1") {
             tracing::warn!("HIVE_HI_NO_WATCH=1: no pushed invalidations (other mounts' changes show after the TTL)");
@@ -67,6 +71,9 @@ impl Invalidator {
                     match w {
                         Watched::Invalidate(inv) => {
                             for (parent, name) in &inv.entries {
+                                if let Some(o) = &offline {
+                                    o.forget(*parent);
+                                }
                                 let r =
                                     notifier.inval_entry(INodeNo(*parent), OsStr::from_bytes(name));
                                 if let Err(e) = r {
@@ -75,6 +82,9 @@ impl Invalidator {
                             }
                             for &ino in &inv.inodes {
                                 hints.drop_inode(ino);
+                                if let Some(o) = &offline {
+                                    o.forget(ino);
+                                }
                                 if let Err(e) = notifier.inval_inode(INodeNo(ino), 0, 0) {
                                     tracing::debug!(ino, "invalidating an inode: {e}");
                                 }
@@ -86,6 +96,9 @@ impl Invalidator {
                         Watched::Lost => {
                             // Whatever changed is unknown: forget every remembered answer.
                             hints.drop_all();
+                            if let Some(o) = &offline {
+                                o.forget_all();
+                            }
                             tracing::info!(
                                 "invalidations from the hive were lost: other mounts' \
                                  changes may show only after the cache TTL"

@@ -18,6 +18,7 @@ mod invalidate;
 mod journal;
 mod leases;
 mod locks;
+mod offline;
 mod reclaim;
 mod writeback;
 
@@ -485,7 +486,14 @@ fn mount(
     let bg = session.spawn().context("starting the FUSE session")?;
     // Other mounts' changes, pushed by the hive, into this kernel's caches.
     let _ = notifier.set(bg.notifier());
-    let invalidator = invalidate::Invalidator::start(&meta, vol.id, bg.notifier(), hints, leases);
+    let invalidator = invalidate::Invalidator::start(
+        &meta,
+        vol.id,
+        bg.notifier(),
+        hints,
+        leases,
+        hive.offline.clone(),
+    );
     println!("mounted {name} at {}", mountpoint.display());
     use std::io::Write;
     let _ = std::io::stdout().flush();
@@ -496,10 +504,22 @@ fn mount(
             if ticks.is_multiple_of(10) {
                 let mode = if write_back { "writeback" } else { "default" };
                 let cache = hive.cache.disk_stats();
-                disk::write_status(path, &name, mountpoint, mode, &j.status(), cache.as_ref());
+                let away = hive.offline.as_ref().and_then(|o| o.unreachable_for());
+                disk::write_status(
+                    path,
+                    &name,
+                    mountpoint,
+                    mode,
+                    &j.status(),
+                    cache.as_ref(),
+                    away,
+                );
             }
         }
         ticks += 1;
+    }
+    if let Some(o) = &hive.offline {
+        o.stop();
     }
     if let Some(path) = &status_file {
         let _ = std::fs::remove_file(path);
@@ -536,15 +556,14 @@ fn status(path: &std::path::Path, secrets: &std::path::Path) -> Result<()> {
         }
         None => {
             let rec = hivefs_localdisk::Journal::inspect(d.dev, &sb.layout)?;
-            let bytes: usize = rec.records.iter().map(|r| r.payload.len()).sum();
+            let (pending, bytes) = disk::pending_of(&rec.records);
             println!("mounted   no");
             if let Some(c) = disk::open_cache(path, &sb)? {
                 println!("{}", disk::cache_lines(&c.stats()));
             }
             println!(
-                "pending   {} journal records ({bytes} bytes) not yet committed{}",
-                rec.records.len(),
-                if rec.records.is_empty() {
+                "pending   {pending} journal records ({bytes} bytes) not yet committed{}",
+                if pending == 0 {
                     ""
                 } else {
                     ": the next mount commits them"

@@ -27,13 +27,17 @@
 //!   order, then the dirty bytes; until one succeeds the bytes stay in memory and every
 //!   sync reports the error. Nothing written is dropped.
 //! - A batch counts in the backlog from seal until the flusher is done with it.
+//! - Write-ahead: with a client disk, bytes are committed only once the journal holds
+//!   their records durably.
 
 use crate::cache::ChunkCache;
 use crate::journal::{JournalService, Reservation};
+use crate::offline::{Offline, REACH_WITHIN};
 use fuser::Errno;
 use hivefs_client::hive::{ClientError, ClientOptions, HiveClient};
 use hivefs_client::meta::{LockClient, MetaClient};
 use hivefs_client::pipeline::{Pipeline, PreparedChunk};
+use hivefs_localdisk::ranges::insert_range;
 use hivefs_net::meta::{self as m, Answer, Extent, Mutation, Query, MAX_COMMIT_EXTENTS};
 use hivefs_net::proto::ErrorCode;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -265,6 +269,8 @@ pub struct Hive {
     pub cache: ChunkCache,
     /// The mount's lock session: file locks (locks.rs) and write leases (leases.rs).
     pub locks: Arc<LockClient>,
+    /// Offline operation (mounts with a client disk; `offline.rs`).
+    pub offline: Option<Arc<Offline>>,
 }
 
 /// How long a commit waits for a write lease another host holds (it is recalled; one that
@@ -294,25 +300,68 @@ impl Hive {
             vol,
             degraded: std::sync::atomic::AtomicBool::new(false),
             stale_logged: Mutex::new(None),
+            offline: None,
             pipeline,
             cache,
         }
     }
 
     pub fn mutate(&self, op: Mutation) -> Result<Answer, Errno> {
-        match self.meta.mutate(self.vol, op) {
-            Ok(r) => r.map_err(errno),
-            Err(e) => Err(io_err("metadata", e)),
-        }
+        self.offline_refuses()?;
+        let (touched, named) = (op.changed_inodes(), new_name(&op));
+        let r = self.meta.mutate(self.vol, op);
+        self.after_mutation(&touched, named, r)
     }
 
     /// [`Hive::mutate`], answered with the directory's attributes too where `op` changes a
     /// name ([`Answer::InDir`]).
     pub fn mutate_in_dir(&self, op: Mutation) -> Result<Answer, Errno> {
-        match self.meta.mutate_in_dir(self.vol, op) {
+        self.offline_refuses()?;
+        let (touched, named) = (op.changed_inodes(), new_name(&op));
+        let r = self.meta.mutate_in_dir(self.vol, op);
+        self.after_mutation(&touched, named, r)
+    }
+
+    /// Offline, changes fail at once (`offline.rs`).
+    fn offline_refuses(&self) -> Result<(), Errno> {
+        match &self.offline {
+            Some(o) if o.is_offline() => Err(Errno::EHOSTDOWN),
+            _ => Ok(()),
+        }
+    }
+
+    /// What every change does after the call: the answers an offline mount keeps about
+    /// what it touched are replaced by what it answered; a hive that cannot be reached
+    /// puts such a mount offline.
+    fn after_mutation(
+        &self,
+        touched: &[u64],
+        named: Option<(u64, Vec<u8>)>,
+        r: Result<m::MetaReply, ClientError>,
+    ) -> Result<Answer, Errno> {
+        if let Some(o) = &self.offline {
+            for ino in touched {
+                o.forget(*ino);
+            }
+            if let Err(e @ (ClientError::Connect { .. } | ClientError::Conn { .. })) = &r {
+                o.went_offline(&e.to_string());
+                return Err(Errno::EHOSTDOWN);
+            }
+        }
+        let r = match r {
             Ok(r) => r.map_err(errno),
             Err(e) => Err(io_err("metadata", e)),
+        };
+        if let Some(o) = &self.offline {
+            match &r {
+                Ok(Answer::InDir { attr, dir }) => {
+                    o.remember_change(named, &Ok(Answer::Attr(attr.clone())));
+                    o.remember_change(None, &Ok(Answer::Attr(dir.clone())));
+                }
+                r => o.remember_change(named, r),
+            }
         }
+        r
     }
 
     /// A namespace query: linearizable while the metadata service has a majority. Without
@@ -321,11 +370,34 @@ impl Hive {
     /// [`MAX_STALE`] old, and the staleness is logged; reads of existing files go on.
     /// Changes still fail (they need the majority). A stale answer from a node that heard
     /// a leader within [`FRESH_ENOUGH_MS`] ends the degraded state.
+    ///
+    /// A mount that can go offline (`offline.rs`) tries the hive for [`REACH_WITHIN`] only,
+    /// then goes offline; offline, queries are answered from what it saw.
     pub fn query(&self, q: Query) -> Result<Answer, Errno> {
         use std::sync::atomic::Ordering::Relaxed;
+        if let Some(o) = self.offline.as_ref().filter(|o| o.is_offline()) {
+            return o.answer(&q);
+        }
         if !self.degraded.load(Relaxed) {
-            match self.meta.query(self.vol, q.clone()) {
-                Ok(r) => return r.map_err(errno),
+            let r = match &self.offline {
+                Some(_) => self.meta.query_within(self.vol, q.clone(), REACH_WITHIN),
+                None => self.meta.query(self.vol, q.clone()),
+            };
+            match r {
+                Ok(r) => {
+                    let r = r.map_err(errno);
+                    if let Some(o) = &self.offline {
+                        o.remember(&q, &r);
+                    }
+                    return r;
+                }
+                Err(e @ (ClientError::Connect { .. } | ClientError::Conn { .. }))
+                    if self.offline.is_some() =>
+                {
+                    let o = self.offline.as_ref().expect("offline");
+                    o.went_offline(&e.to_string());
+                    return o.answer(&q);
+                }
                 Err(ClientError::Refused {
                     code: ErrorCode::NoQuorum | ErrorCode::NotLeader,
                     message,
@@ -367,6 +439,7 @@ impl Hive {
         &self,
         ids: &[hivefs_net::chunk::ChunkId],
     ) -> Result<Vec<Option<Vec<u8>>>, Errno> {
+        self.offline_refuses()?;
         self.chunks
             .with(|c| c.get(ids))
             .map_err(|e| io_err("reading chunks", e))
@@ -390,6 +463,7 @@ impl Hive {
         ranges: &[(u64, Vec<u8>)],
         prepared: &mut [Vec<PreparedChunk>],
     ) -> Result<Vec<Extent>, Errno> {
+        self.offline_refuses()?;
         let extents: Vec<Extent> = ranges
             .iter()
             .zip(prepared.iter())
@@ -469,6 +543,7 @@ impl Hive {
         if let Some(t) = self.locks.lease_token(ino) {
             return Ok(t);
         }
+        self.offline_refuses()?;
         let deadline = Instant::now() + LEASE_WAIT;
         let mut backoff = Duration::from_millis(5);
         loop {
@@ -533,6 +608,16 @@ impl Hive {
             tracing::debug!(ino, "giving a write lease back after replay: {e}");
         }
         r
+    }
+}
+
+/// The name a change creates: (directory, name).
+fn new_name(op: &Mutation) -> Option<(u64, Vec<u8>)> {
+    match op {
+        Mutation::Create { parent, name, .. }
+        | Mutation::Symlink { parent, name, .. }
+        | Mutation::Link { parent, name, .. } => Some((*parent, name.clone())),
+        _ => None,
     }
 }
 
@@ -767,7 +852,7 @@ impl Writeback {
                 return Ok(false);
             }
         }
-        let delta = dirty_insert(&mut g.dirty, off, data);
+        let delta = insert_range(&mut g.dirty, off, data);
         g.dirty_bytes = (g.dirty_bytes as isize + delta) as usize;
         g.size = g.size.max(off + data.len() as u64);
         if g.dirty_bytes < SEAL_BYTES {
@@ -912,6 +997,7 @@ impl Writeback {
             if b.no > g.done_no {
                 return Err(Errno::EIO);
             }
+            write_ahead(self.journal.as_deref(), &b.records)?;
             let committed = self.hive.commit(ino, &b.ranges)?;
             self.done(&b.records);
             g.sealed.pop_front();
@@ -929,6 +1015,7 @@ impl Writeback {
             self.done(&std::mem::take(&mut g.records));
             return Ok(());
         }
+        write_ahead(self.journal.as_deref(), &g.records)?;
         let ranges: Vec<(u64, Vec<u8>)> = std::mem::take(&mut g.dirty).into_iter().collect();
         match self.hive.commit(ino, &ranges) {
             Ok(committed) => {
@@ -989,6 +1076,16 @@ impl Writeback {
     }
 }
 
+/// Write-ahead: wait until the journal holds `records` durably before their bytes are
+/// committed (`localdisk/src/book.rs` says why a replay needs it). A failed journal
+/// refuses bytes it does not hold: EIO, and they stay in memory.
+fn write_ahead(journal: Option<&JournalService>, records: &[u64]) -> Result<(), Errno> {
+    match (journal, records.iter().max()) {
+        (Some(j), Some(&last)) => j.wait_durable(last),
+        _ => Ok(()),
+    }
+}
+
 fn release_backlog(backlog: &Backlog, bytes: usize) {
     let mut b = backlog.bytes.lock().expect("backlog lock");
     *b -= bytes;
@@ -1015,7 +1112,10 @@ fn finish(
     let r = if held {
         None
     } else {
-        Some(hive.upload_commit(ino, &batch.ranges, &mut prepared))
+        Some(
+            write_ahead(journal, &batch.records)
+                .and_then(|()| hive.upload_commit(ino, &batch.ranges, &mut prepared)),
+        )
     };
     match (&r, journal) {
         // Committed: its records go (the head durably past them) before any sync that
@@ -1116,80 +1216,6 @@ pub fn splice_extents(list: &mut Vec<Extent>, new: &[Extent]) {
     }
 }
 
-/// Put `data` at `off` into a map of non-overlapping ranges. Returns the change in bytes
-/// held. Sequential appends extend the last range in place (no copy of what is there).
-pub fn dirty_insert(map: &mut BTreeMap<u64, Vec<u8>>, off: u64, data: &[u8]) -> isize {
-    let end = off + data.len() as u64;
-    // The range starting at or before `off` that reaches it, if any.
-    if let Some((&s, v)) = map.range_mut(..=off).next_back() {
-        let vend = s + v.len() as u64;
-        if vend >= off {
-            // Does any later range start at or before `end`? If not, write in place.
-            let later = map.range(off + 1..=end).next().map(|(&k, _)| k);
-            if later.is_none() {
-                let v = map.get_mut(&s).expect("present");
-                let at = (off - s) as usize;
-                let before = v.len();
-                // Overwrite what overlaps, append the rest: no zero-fill pass first (that
-                // memset was 11% of `hi`'s CPU in a sequential write).
-                let overlap = (before - at).min(data.len());
-                v[at..at + overlap].copy_from_slice(&data[..overlap]);
-                v.extend_from_slice(&data[overlap..]);
-                return v.len() as isize - before as isize;
-            }
-        }
-    }
-    // General case: merge every range overlapping or touching [off, end].
-    let mut start = off;
-    let mut stop = end;
-    let touching: Vec<u64> = map
-        .range(..=end)
-        .filter(|(&s, v)| s + v.len() as u64 >= off)
-        .map(|(&s, _)| s)
-        .collect();
-    for s in &touching {
-        let v = &map[s];
-        start = start.min(*s);
-        stop = stop.max(s + v.len() as u64);
-    }
-    let mut buf = vec![0u8; (stop - start) as usize];
-    let mut removed = 0usize;
-    for s in touching {
-        let v = map.remove(&s).expect("present");
-        removed += v.len();
-        let at = (s - start) as usize;
-        buf[at..at + v.len()].copy_from_slice(&v);
-    }
-    let at = (off - start) as usize;
-    buf[at..at + data.len()].copy_from_slice(data);
-    let added = buf.len();
-    map.insert(start, buf);
-    added as isize - removed as isize
-}
-
-/// Drop every dirty byte at or past `size`.
-pub fn dirty_truncate(map: &mut BTreeMap<u64, Vec<u8>>, size: u64) -> usize {
-    let mut freed = 0;
-    // Ranges do not overlap: only the last one starting before `size` can cross it.
-    let crossing = map.range(..size).next_back().map(|(&k, _)| k);
-    let keys: Vec<u64> = crossing
-        .into_iter()
-        .chain(map.range(size..).map(|(&k, _)| k))
-        .collect();
-    for k in keys {
-        let v = map.get_mut(&k).expect("present");
-        if k >= size {
-            freed += v.len();
-            map.remove(&k);
-        } else if k + v.len() as u64 > size {
-            let keep = (size - k) as usize;
-            freed += v.len() - keep;
-            v.truncate(keep);
-        }
-    }
-    freed
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1203,48 +1229,6 @@ mod tests {
             z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
             z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
             z ^ (z >> 31)
-        }
-    }
-
-    fn flat(map: &BTreeMap<u64, Vec<u8>>, len: usize) -> Vec<u8> {
-        let mut out = vec![b'.'; len];
-        for (&s, v) in map {
-            out[s as usize..s as usize + v.len()].copy_from_slice(v);
-        }
-        out
-    }
-
-    #[test]
-    fn dirty_ranges_merge_like_a_flat_buffer() {
-        let mut rng = splitmix(7);
-        for _ in 0..200 {
-            let mut map = BTreeMap::new();
-            let mut model = vec![b'.'; 400];
-            let mut written = vec![false; 400];
-            let mut held = 0isize;
-            for _ in 0..20 {
-                let off = (rng() % 300) as usize;
-                let len = 1 + (rng() % 60) as usize;
-                let byte = b'a' + (rng() % 26) as u8;
-                held += dirty_insert(&mut map, off as u64, &vec![byte; len]);
-                model[off..off + len].fill(byte);
-                written[off..off + len].fill(true);
-            }
-            assert_eq!(flat(&map, 400), model);
-            assert_eq!(held as usize, written.iter().filter(|w| **w).count());
-            // Ranges never overlap or touch.
-            let mut end = None;
-            for (&s, v) in &map {
-                if let Some(e) = end {
-                    assert!(s > e);
-                }
-                end = Some(s + v.len() as u64);
-            }
-            let cut = rng() % 400;
-            let freed = dirty_truncate(&mut map, cut);
-            let still: usize = map.values().map(|v| v.len()).sum();
-            assert_eq!(still + freed, held as usize);
-            assert!(map.iter().all(|(&s, v)| s + v.len() as u64 <= cut));
         }
     }
 
