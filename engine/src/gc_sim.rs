@@ -1752,24 +1752,9 @@ pub fn run(cfg: &SimConfig) -> Result<SimReport, SimFailure> {
         shards.push(shard);
     }
     let mut meta = SimMeta::new().map_err(setup)?;
-    let create = MetaCommand {
-        volume: 0,
-        client: ADMIN_CLIENT,
-        seq: 1,
-        acked_below: 1,
-        now: Timespec { sec: 1, nsec: 0 },
-        op: Mutation::CreateVolume {
-            name: "sim".into(),
-            copies: 1,
-        },
-    };
-    let r = meta
-        .propose(Some(meta::encode(&create)), &mut rng)
+    let vol = meta
+        .create_volume(ADMIN_CLIENT, "sim", &mut rng)
         .map_err(setup)?;
-    let vol = match meta::decode::<MetaReply>(&r) {
-        Ok(Ok(Answer::Volume(v))) => v.id,
-        other => return Err(setup(format!("create volume: {other:?}"))),
-    };
     let clients = (0..cfg.clients)
         .map(|i| Client {
             id: 100 + i as u64,

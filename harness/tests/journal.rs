@@ -125,7 +125,14 @@ fn kill_rounds(writeback: bool, power_loss: bool) {
         (false, true) => "default-powerloss",
         (true, true) => "writeback-powerloss",
     };
-    let node = TestNode::start(NodeOptions::default().name(&format!("journal-{mode}")));
+    // A round writes up to ~30 MB (write-back); the (sparse) device grows with the rounds.
+    let rounds = env_u64("JOURNAL_KILL_ROUNDS", 5);
+    let size = format!("{}M", (rounds * 64).max(1024));
+    let node = TestNode::start(
+        NodeOptions::default()
+            .name(&format!("journal-{mode}"))
+            .size(&size),
+    );
     let Some(mut m) = TestMount::start_on_disk(&node, &format!("journal-{mode}"), writeback) else {
         return;
     };
@@ -134,7 +141,6 @@ fn kill_rounds(writeback: bool, power_loss: bool) {
         m.set_mount_args(&["--fault-power-loss"]);
         m.remount();
     }
-    let rounds = env_u64("JOURNAL_KILL_ROUNDS", 5);
     let seed = env_u64("JOURNAL_KILL_SEED", 0x10c4_1d15);
     let mut rng = Rng::new(seed ^ writeback as u64 ^ (power_loss as u64) << 1);
     let mut next_file = 0u64;

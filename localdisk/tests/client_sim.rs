@@ -1128,24 +1128,7 @@ fn run(cfg: Cfg) -> Result<Report, String> {
     let mut rng = Rng::new(cfg.seed);
     let setup = |e: String| format!("client sim seed {}: setup: {e}", cfg.seed);
     let mut meta = SimMeta::new().map_err(setup)?;
-    let create = MetaCommand {
-        volume: 0,
-        client: ADMIN,
-        seq: 1,
-        acked_below: 1,
-        now: Timespec { sec: 1, nsec: 0 },
-        op: Mutation::CreateVolume {
-            name: "sim".into(),
-            copies: 1,
-        },
-    };
-    let r = meta
-        .propose(Some(meta::encode(&create)), &mut rng)
-        .map_err(setup)?;
-    let vol = match meta::decode::<MetaReply>(&r) {
-        Ok(Ok(Answer::Volume(v))) => v.id,
-        other => return Err(setup(format!("create volume: {other:?}"))),
-    };
+    let vol = meta.create_volume(ADMIN, "sim", &mut rng).map_err(setup)?;
     let layout = Layout::new(JOURNAL_LEN, 0).map_err(|e| setup(e.to_string()))?;
     let dev = SharedSim::new(SimDevice::new(
         layout.capacity,

@@ -130,6 +130,14 @@ pub struct FsArgs {
     /// Bytes per write(2) / read(2) call of the sequential benchmarks.
     #[arg(long, global = true, default_value = "1M")]
     io_bytes: String,
+    /// With --spawn: mount from a client disk (journal of --client-journal, every write
+    /// journaled first) in this mode: `default` (fsync/close wait for the hive) or
+    /// `writeback`. Without it, the mount has no client disk. (`fs sync` always has one.)
+    #[arg(long, global = true, value_name = "MODE")]
+    client_disk: Option<String>,
+    /// The client disk's journal for --client-disk.
+    #[arg(long, global = true, default_value = "256M")]
+    client_journal: String,
     /// Threads of the random-read benchmarks (one synchronous pread each: the depth).
     #[arg(long, global = true, default_value_t = 16)]
     rand_threads: usize,
@@ -1161,22 +1169,7 @@ fn run_sync(a: &FsArgs, o: &Opts) -> Result<()> {
         1 << 30,
     )?;
     sp.hi.stop()?;
-    let disk = work.path.join("client-disk.img");
-    let secrets = work.path.join("secrets");
-    let out = Command::new(&sp.hi.bin)
-        .arg("format")
-        .args(&sp.hi.hive_args)
-        .arg("--volume")
-        .arg(&a.volume)
-        .arg("--secrets")
-        .arg(&secrets)
-        .args(["--journal", &a.sync_journal, "--cache", "16M"])
-        .arg(&disk)
-        .env("NO_COLOR", "1")
-        .output()?;
-    if !out.status.success() {
-        bail!("hi format: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    let (disk, secrets) = format_client_disk(&sp.hi, a, &work.path, &a.sync_journal)?;
     let names = ["default", "writeback", "ext4"];
     let mut iops: [Vec<f64>; 3] = Default::default();
     let mut lats: [Lat; 3] = Default::default();
@@ -1229,6 +1222,33 @@ fn run_sync(a: &FsArgs, o: &Opts) -> Result<()> {
     drop(sp);
     drop(ext4);
     Ok(())
+}
+
+/// `hi format` a client disk (a file in `dir`) for the spawned mount's volume, with a
+/// journal of `journal` and a 16 MiB cache. Returns (disk, secrets directory).
+fn format_client_disk(
+    hi: &HiMount,
+    a: &FsArgs,
+    dir: &Path,
+    journal: &str,
+) -> Result<(PathBuf, PathBuf)> {
+    let disk = dir.join("client-disk.img");
+    let secrets = dir.join("secrets");
+    let out = Command::new(&hi.bin)
+        .arg("format")
+        .args(&hi.hive_args)
+        .arg("--volume")
+        .arg(&a.volume)
+        .arg("--secrets")
+        .arg(&secrets)
+        .args(["--journal", journal, "--cache", "16M"])
+        .arg(&disk)
+        .env("NO_COLOR", "1")
+        .output()?;
+    if !out.status.success() {
+        bail!("hi format: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok((disk, secrets))
 }
 
 pub fn run(what: FsCmd, a: &FsArgs, o: &Opts) -> Result<()> {
@@ -1336,6 +1356,23 @@ pub fn run(what: FsCmd, a: &FsArgs, o: &Opts) -> Result<()> {
     } else {
         None
     };
+    if let (Some(sp), Some(mode)) = (spawned.as_mut(), a.client_disk.as_deref()) {
+        let writeback = match mode {
+            "default" => false,
+            "writeback" => true,
+            other => bail!("--client-disk {other}: default or writeback"),
+        };
+        sp.hi.stop()?;
+        let (disk, secrets) = format_client_disk(&sp.hi, a, &work.path, &a.client_journal)?;
+        sp.hi.disk = Some((disk, secrets, writeback));
+        sp.hi.start()?;
+        println!(
+            "mounted from a client disk ({mode} mode, journal {})",
+            a.client_journal
+        );
+    } else if a.client_disk.is_some() {
+        bail!("--client-disk needs --spawn");
+    }
     let attached_root;
     let root = match (&spawned, &a.mount) {
         (Some(sp), _) => sp.hi.mnt.join("hive-perf"),

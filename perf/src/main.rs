@@ -171,7 +171,7 @@ enum Cmd {
         #[command(subcommand)]
         what: fs::FsCmd,
         #[command(flatten)]
-        args: fs::FsArgs,
+        args: Box<fs::FsArgs>,
     },
     /// Replication on throw-away 3-node hives (copies 1, 2, 3): GB/s, node CPU-s and
     /// network bytes per logical GiB; repair throughput when a 4th node joins.

@@ -15,7 +15,7 @@
 
 use crate::meta::store::MetaStore;
 use crate::sim::Rng;
-use hivefs_net::meta::{self, Errno, MetaCommand, MetaReply};
+use hivefs_net::meta::{self, Answer, Errno, MetaCommand, MetaReply, Mutation, Timespec};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -103,6 +103,26 @@ impl SimMeta {
             floors: HashMap::new(),
             first_reply: HashMap::new(),
         })
+    }
+
+    /// Create volume `name` (copies 1) as `client`'s first mutation; its id.
+    pub fn create_volume(&mut self, client: u64, name: &str, rng: &mut Rng) -> Result<u32, String> {
+        let create = MetaCommand {
+            volume: 0,
+            client,
+            seq: 1,
+            acked_below: 1,
+            now: Timespec { sec: 1, nsec: 0 },
+            op: Mutation::CreateVolume {
+                name: name.into(),
+                copies: 1,
+            },
+        };
+        let r = self.propose(Some(meta::encode(&create)), rng)?;
+        match meta::decode::<MetaReply>(&r) {
+            Ok(Ok(Answer::Volume(v))) => Ok(v.id),
+            other => Err(format!("create volume: {other:?}")),
+        }
     }
 
     pub fn store(&self) -> &MetaStore {
