@@ -10,7 +10,7 @@
 //!
 //! # What works offline
 //! - Reads of what this mount saw: the answers of lookups, attributes, listings, links,
-//!   xattrs and opens it got while online are kept ([`Answers`], at most [`MAX_ANSWERS`])
+//!   xattrs and opens it got while online are kept ([`Answers`], about [`MAX_ANSWER_BYTES`])
 //!   and answered from; file bytes come from the chunk caches (memory and client disk:
 //!   `hi warmup PATH` fills them beforehand). Anything not seen: `EHOSTDOWN`.
 //! - Writes to files whose write lease this mount holds (files it was writing): into the
@@ -47,17 +47,30 @@ pub const REACH_WITHIN: Duration = Duration::from_secs(3);
 /// answer.
 pub const PROBE_EVERY: Duration = Duration::from_secs(1);
 pub const PROBE_WITHIN: Duration = Duration::from_millis(800);
-/// Most answers kept (past it, they start over).
-pub const MAX_ANSWERS: usize = 200_000;
+/// Most bytes of answers kept, roughly (past it, they start over).
+pub const MAX_ANSWER_BYTES: usize = 64 << 20;
 
 /// A kept answer: success or the error (a negative lookup is an answer too).
 type Kept = Result<Answer, Errno>;
 
-/// The answers kept, by the inode they are about (a lookup's: its directory).
+/// The answers kept, by the inode they are about (a lookup's: its directory), and
+/// roughly how many bytes they take.
 #[derive(Default)]
 struct Answers {
     by_inode: HashMap<u64, HashMap<Vec<u8>, Kept>>,
-    count: usize,
+    bytes: usize,
+}
+
+/// Roughly the bytes a kept answer takes (its key included).
+fn weight(key: &[u8], r: &Kept) -> usize {
+    let answer = match r {
+        Ok(Answer::Dir { entries, .. }) => entries.iter().map(|e| 48 + e.name.len()).sum(),
+        Ok(Answer::Extents { extents, .. }) => extents.len() * std::mem::size_of::<m::Extent>(),
+        Ok(Answer::Link(v)) | Ok(Answer::Xattr(v)) => v.len(),
+        Ok(Answer::XattrNames(v)) => v.iter().map(|n| 24 + n.len()).sum(),
+        _ => 0,
+    };
+    128 + key.len() + answer
 }
 
 /// The inode a query is about, if its answer may be kept.
@@ -183,18 +196,15 @@ impl Offline {
                 return;
             }
         }
+        let key = m::encode(q);
+        let w = weight(&key, r);
         let mut a = self.answers.lock().expect("answers lock");
-        if a.count >= MAX_ANSWERS {
+        if a.bytes + w > MAX_ANSWER_BYTES {
             *a = Answers::default();
         }
-        let fresh = a
-            .by_inode
-            .entry(ino)
-            .or_default()
-            .insert(m::encode(q), r.clone())
-            .is_none();
-        if fresh {
-            a.count += 1;
+        a.bytes += w;
+        if let Some(old) = a.by_inode.entry(ino).or_default().insert(key, r.clone()) {
+            a.bytes -= weight(&m::encode(q), &old);
         }
     }
 
@@ -226,7 +236,8 @@ impl Offline {
     pub fn forget(&self, ino: u64) {
         let mut a = self.answers.lock().expect("answers lock");
         if let Some(gone) = a.by_inode.remove(&ino) {
-            a.count -= gone.len();
+            let w: usize = gone.iter().map(|(k, r)| weight(k, r)).sum();
+            a.bytes -= w;
         }
     }
 
