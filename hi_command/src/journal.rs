@@ -229,12 +229,21 @@ impl JournalService {
     }
 
     /// Stop the thread once it has written what is queued.
+    ///
+    /// Afterwards the service answers instead of waiting for a thread that is gone: a
+    /// commit that finishes later (a recalled file, while the mount ends) gets `done`
+    /// back at once (its records stay in the journal: the next mount commits the same
+    /// bytes again, the file's latest), a new write EIO.
     pub fn shutdown(&self) {
         self.lock().stop = true;
         self.cv.notify_all();
         if let Some(t) = self.thread.lock().expect("thread lock").take() {
             let _ = t.join();
         }
+        let mut st = self.lock();
+        st.failed
+            .get_or_insert_with(|| "journal stopped (unmounting)".into());
+        self.cv.notify_all();
     }
 
     fn run(&self, mut j: Journal) {
@@ -370,4 +379,42 @@ pub fn replay(hive: &Hive, records: &[Record]) -> Result<Replayed, Errno> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hivefs_localdisk::Layout;
+    use hivefs_nvme::{BlockDevice, SimDevice, SimFaults};
+
+    #[test]
+    fn a_stopped_journal_answers_instead_of_blocking() {
+        let l = Layout::new(8 << 20, 0).unwrap();
+        let mut d: Box<dyn BlockDevice> =
+            Box::new(SimDevice::new(l.capacity, 1, SimFaults::default()));
+        Journal::format(d.as_mut(), &l).unwrap();
+        let (j, _) = Journal::open(d, &l).unwrap();
+        let svc = JournalService::start(j, Duration::from_secs(1)).unwrap();
+        let r = svc.reserve(10).unwrap();
+        let no = svc.append(r, 1, 0, 0, b"0123456789");
+        svc.wait_durable(no).unwrap();
+        svc.shutdown();
+        // A commit finishing after the unmount stopped the journal: nothing may block.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let s = svc.clone();
+        std::thread::spawn(move || {
+            s.done(&[no]);
+            let _ = tx.send(s.wait_durable(no).is_ok());
+        });
+        let answered = rx.recv_timeout(Duration::from_secs(10));
+        assert_eq!(
+            answered,
+            Ok(true),
+            "done/wait_durable blocked after shutdown"
+        );
+        assert!(
+            svc.reserve(10).is_err(),
+            "a write after the stop is refused"
+        );
+    }
 }
