@@ -1544,15 +1544,7 @@ impl World {
     /// Oracles 1, 2 and 4 over everything.
     fn check_all(&mut self) -> Result<(), SimFailure> {
         self.report.full_checks += 1;
-        self.meta.barrier(&mut self.rng).map_err(|e| self.fail(e))?;
-        let findings = self
-            .meta
-            .store()
-            .check()
-            .map_err(|e| self.fail(format!("check: {e:#}")))?;
-        if !findings.is_empty() {
-            return Err(self.fail(format!("namespace check: {findings:#?}")));
-        }
+        self.meta.check(&mut self.rng).map_err(|e| self.fail(e))?;
         let refs = self
             .meta
             .store()

@@ -61,8 +61,8 @@ struct Answers {
     bytes: usize,
 }
 
-/// Roughly the bytes a kept answer takes (its key included).
-fn weight(key: &[u8], r: &Kept) -> usize {
+/// Roughly the bytes a kept answer takes (its key of `key_len` bytes included).
+fn weight(key_len: usize, r: &Kept) -> usize {
     let answer = match r {
         Ok(Answer::Dir { entries, .. }) => entries.iter().map(|e| 48 + e.name.len()).sum(),
         Ok(Answer::Extents { extents, .. }) => extents.len() * std::mem::size_of::<m::Extent>(),
@@ -70,7 +70,7 @@ fn weight(key: &[u8], r: &Kept) -> usize {
         Ok(Answer::XattrNames(v)) => v.iter().map(|n| 24 + n.len()).sum(),
         _ => 0,
     };
-    128 + key.len() + answer
+    128 + key_len + answer
 }
 
 /// The inode a query is about, if its answer may be kept.
@@ -197,14 +197,15 @@ impl Offline {
             }
         }
         let key = m::encode(q);
-        let w = weight(&key, r);
+        let key_len = key.len();
+        let w = weight(key_len, r);
         let mut a = self.answers.lock().expect("answers lock");
         if a.bytes + w > MAX_ANSWER_BYTES {
             *a = Answers::default();
         }
         a.bytes += w;
         if let Some(old) = a.by_inode.entry(ino).or_default().insert(key, r.clone()) {
-            a.bytes -= weight(&m::encode(q), &old);
+            a.bytes -= weight(key_len, &old);
         }
     }
 
@@ -236,7 +237,7 @@ impl Offline {
     pub fn forget(&self, ino: u64) {
         let mut a = self.answers.lock().expect("answers lock");
         if let Some(gone) = a.by_inode.remove(&ino) {
-            let w: usize = gone.iter().map(|(k, r)| weight(k, r)).sum();
+            let w: usize = gone.iter().map(|(k, r)| weight(k.len(), r)).sum();
             a.bytes -= w;
         }
     }

@@ -1055,15 +1055,7 @@ impl World {
                 self.journal.tail()
             )));
         }
-        self.meta.barrier(&mut self.rng).map_err(|e| self.fail(e))?;
-        let findings = self
-            .meta
-            .store()
-            .check()
-            .map_err(|e| self.fail(format!("{e:#}")))?;
-        if !findings.is_empty() {
-            return Err(self.fail(format!("store check: {findings:?}")));
-        }
+        self.meta.check(&mut self.rng).map_err(|e| self.fail(e))?;
         for f in 0..self.model.len() {
             let got = self.read_back(f)?;
             let fm = &self.model[f];

@@ -125,6 +125,17 @@ impl SimMeta {
         }
     }
 
+    /// The read barrier, then [`MetaStore::check`]: `Err` describes what it found.
+    pub fn check(&mut self, rng: &mut Rng) -> Result<(), String> {
+        self.barrier(rng)?;
+        let findings = self.store().check().map_err(|e| format!("check: {e:#}"))?;
+        if findings.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("namespace check: {findings:#?}"))
+        }
+    }
+
     pub fn store(&self) -> &MetaStore {
         self.store.as_ref().expect("store open")
     }
