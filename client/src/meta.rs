@@ -269,7 +269,57 @@ impl MetaClient {
     }
 
     fn mutate_as(&self, volume: u32, op: Mutation, in_dir: bool) -> Result<MetaReply, ClientError> {
+        let seq = self.reserve_seq();
+        self.send(volume, seq, op, in_dir, false, RETRY_FOR)
+    }
+
+    /// A sequence number for a mutation sent later ([`MetaClient::mutate_reserved`]): a
+    /// journaled namespace change gets its number when it is journaled. Until it is sent
+    /// and answered, no call tells the hive it may forget answers from it on (every
+    /// `acked_below` stays at or below it).
+    pub fn reserve_seq(&self) -> u64 {
         let seq = self.next_seq.fetch_add(1, Ordering::SeqCst);
+        self.waiting.lock().expect("waiting lock").insert(seq);
+        seq
+    }
+
+    /// Send the mutation numbered `seq` (reserved, or found in a journal at replay: the
+    /// hive answers a repeat as it answered the first). Applied exactly once. Sent again
+    /// after this client told the hive it had the answer (a crash after the answer,
+    /// before the journal noted it): `Err(STALE)`, meaning "applied before". Unless the
+    /// hive answered, `seq` stays held (the same number is sent again later).
+    pub fn mutate_reserved(
+        &self,
+        volume: u32,
+        seq: u64,
+        op: Mutation,
+        in_dir: bool,
+    ) -> Result<MetaReply, ClientError> {
+        self.send(volume, seq, op, in_dir, true, RETRY_FOR)
+    }
+
+    /// [`MetaClient::mutate_reserved`], retrying over broken connections for `retry_for`
+    /// only (a client that can go on without the hive gives up sooner).
+    pub fn mutate_reserved_within(
+        &self,
+        volume: u32,
+        seq: u64,
+        op: Mutation,
+        in_dir: bool,
+        retry_for: Duration,
+    ) -> Result<MetaReply, ClientError> {
+        self.send(volume, seq, op, in_dir, true, retry_for)
+    }
+
+    fn send(
+        &self,
+        volume: u32,
+        seq: u64,
+        op: Mutation,
+        in_dir: bool,
+        reserved: bool,
+        retry_for: Duration,
+    ) -> Result<MetaReply, ClientError> {
         let acked_below = {
             let mut w = self.waiting.lock().expect("waiting lock");
             w.insert(seq);
@@ -288,9 +338,23 @@ impl MetaClient {
         } else {
             MetaRequest::Mutate(cmd)
         };
-        let r = self.call(&req);
-        self.waiting.lock().expect("waiting lock").remove(&seq);
+        let r = self.call_for(&req, retry_for);
+        if r.is_ok() || !reserved {
+            self.waiting.lock().expect("waiting lock").remove(&seq);
+        }
         r
+    }
+
+    /// Give up reserved number `seq` unsent (or sent without an answer): answers from it on
+    /// may be forgotten by the hive.
+    pub fn release_seq(&self, seq: u64) {
+        self.waiting.lock().expect("waiting lock").remove(&seq);
+    }
+
+    /// Keep `seq` (a journaled mutation found at replay, to be sent after others) held
+    /// like a reserved one, until it is answered.
+    pub fn hold_seq(&self, seq: u64) {
+        self.waiting.lock().expect("waiting lock").insert(seq);
     }
 
     /// A watch stream of `volume` on a connection of its own (see [`MetaWatch`]): what other

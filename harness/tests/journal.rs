@@ -9,11 +9,16 @@
 //! Power loss: the same rounds with `hi mount --fault-power-loss`, whose client disk keeps
 //! writes in memory until flushed, so the kill also loses every unflushed journal write.
 //!
-//! Knobs: `JOURNAL_KILL_ROUNDS` (rounds per mode, default 5), `JOURNAL_KILL_SEED`.
+//! Offline: namespace changes journaled while the hive is away survive `kill -9` and are
+//! sent exactly once by the next mount's replay (`offline_changes_under_kill9_rounds`).
+//!
+//! Knobs: `JOURNAL_KILL_ROUNDS` (rounds per mode, default 5), `JOURNAL_OFFLINE_KILL_ROUNDS`
+//! (default 3), `JOURNAL_KILL_SEED`.
 
 use hivefs_harness::mount::TestMount;
 use hivefs_harness::{env_u64, NodeOptions, Rng, TestNode};
 use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -363,39 +368,43 @@ fn a_writeback_copy_survives_the_hive_going_away() {
 
 /// Offline (`hi_command/src/offline.rs`): with the hive stopped, a write-back mount with a
 /// client disk goes on reading what it saw (listings, attributes, file bytes from the
-/// chunk caches) and writing to the file it holds the lease of (fsync returns once the
-/// journal has the bytes); namespace changes and names never seen fail at once with
-/// EHOSTDOWN; `hi status` says the hive is unreachable. Once the hive is back, the written
-/// bytes reach it (a second mount reads them).
+/// chunk caches), writing to the file it holds the lease of (fsync returns once the
+/// journal has the bytes), and renaming, removing, chmod-ing and truncating what it saw
+/// (journaled, shown at once in its listings and attributes); creates and names never
+/// seen fail at once with EHOSTDOWN; `hi status` says the hive is unreachable and what
+/// waits. Once the hive is back, everything reaches it in order (a second mount sees it).
 #[test]
-fn offline_reads_and_leased_writes_go_on_without_the_hive() {
+fn offline_reads_writes_and_namespace_changes_go_on_without_the_hive() {
     let mut node = TestNode::start(NodeOptions::default().name("journal-offline"));
     let Some(mut m) = TestMount::start_on_disk(&node, "offline", true) else {
         return;
     };
     let dir = m.join("docs");
     std::fs::create_dir(&dir).unwrap();
+    std::fs::create_dir(dir.join("empty")).unwrap();
     let mut want = Vec::new();
-    for k in 0..3u64 {
+    for k in 0..4u64 {
         let bytes = expected(200 + k, 0, (1 << 20) + 4096 * k as usize);
         std::fs::write(dir.join(format!("f{k}")), &bytes).unwrap();
         want.push(bytes);
     }
     // A fresh mount reads them once: the answers and the chunks are what it has seen.
     m.remount();
-    let listing = |d: &Path| -> Result<Vec<String>, std::io::Error> {
-        let mut names: Vec<String> = std::fs::read_dir(d)?
-            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
-            .collect::<Result<_, _>>()?;
-        names.sort();
-        Ok(names)
-    };
     let names = listing(&dir).unwrap();
     for (k, w) in want.iter().enumerate() {
         assert_eq!(&std::fs::read(dir.join(format!("f{k}"))).unwrap(), w);
     }
+    assert_eq!(listing(&dir.join("empty")).unwrap(), Vec::<String>::new());
+    // Seen: the target name of the rename below does not exist.
+    assert!(!dir.join("g0").exists());
     let log_path = m.join("log.bin");
-    let mut log = std::fs::File::create(&log_path).unwrap();
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&log_path)
+        .unwrap();
     let first = expected(300, 0, 256 << 10);
     log.write_all(&first).unwrap();
     log.sync_all().unwrap();
@@ -414,24 +423,65 @@ fn offline_reads_and_leased_writes_go_on_without_the_hive() {
         assert!(&got == w, "f{k} read offline differs");
     }
     eprintln!("read {} files offline in {:.1?}", want.len(), t.elapsed());
-    // Writes to the leased file go into the journal; fsync returns.
+    // Writes to the leased file go into the journal; fsync returns. A truncation between
+    // writes applies after the bytes before it and before the bytes after it.
     let t = Instant::now();
     let second = expected(300, first.len() as u64, 512 << 10);
     log.write_all(&second).unwrap();
+    log.set_len(100_000).unwrap();
+    let third = expected(301, 0, 50_000);
+    log.write_all_at(&third, 150_000).unwrap();
     log.sync_all().unwrap();
-    eprintln!("wrote and fsynced 512 KiB offline in {:.1?}", t.elapsed());
+    let mut log_want = first.clone();
+    log_want.extend_from_slice(&second);
+    log_want.truncate(100_000);
+    log_want.resize(150_000, 0);
+    log_want.extend_from_slice(&third);
+    assert!(
+        std::fs::read(&log_path).unwrap() == log_want,
+        "log read offline"
+    );
+    eprintln!(
+        "wrote, truncated, wrote and fsynced offline in {:.1?}",
+        t.elapsed()
+    );
+    // Namespace changes on what was seen: journaled, shown at once.
+    let t = Instant::now();
+    std::fs::rename(dir.join("f0"), dir.join("g0")).unwrap();
+    std::fs::rename(dir.join("f3"), dir.join("f2")).unwrap();
+    std::fs::remove_file(dir.join("f1")).unwrap();
+    std::fs::remove_dir(dir.join("empty")).unwrap();
+    std::fs::set_permissions(dir.join("g0"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let made = t.elapsed();
+    eprintln!("2 renames (one replacing), an unlink, an rmdir and a chmod offline in {made:.1?}");
+    let offline_names = listing(&dir).unwrap();
+    assert_eq!(offline_names, ["f2", "g0"], "listing after offline changes");
+    assert_eq!(std::fs::read(dir.join("g0")).unwrap(), want[0]);
+    assert_eq!(std::fs::read(dir.join("f2")).unwrap(), want[3]);
+    let mode = std::fs::metadata(dir.join("g0"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o7777, 0o600);
+    assert!(!dir.join("f1").exists() && !dir.join("f0").exists());
     // What cannot go on without the hive fails at once, and says why.
     let t = Instant::now();
     let created = std::fs::File::create(dir.join("new"));
-    let renamed = std::fs::rename(dir.join("f0"), dir.join("g0"));
-    let unseen = std::fs::metadata(dir.join("never-looked-up"));
+    let made_dir = std::fs::create_dir(dir.join("newdir"));
+    let unseen = std::fs::metadata(m.join("never-listed-dir"));
+    // A name missing from a directory listed whole is known not to exist.
+    let missing = std::fs::metadata(dir.join("never-looked-up"));
+    assert_eq!(missing.unwrap_err().kind(), std::io::ErrorKind::NotFound);
     let host_down =
         |r: std::io::Result<()>| r.err().and_then(|e| e.raw_os_error()) == Some(libc::EHOSTDOWN);
     assert!(host_down(created.map(|_| ())), "create offline");
-    assert!(host_down(renamed), "rename offline");
-    assert!(host_down(unseen.map(|_| ())), "lookup of a name never seen");
+    assert!(host_down(made_dir), "mkdir offline");
+    assert!(
+        host_down(unseen.map(|_| ())),
+        "lookup in a directory never listed"
+    );
     let refusals = t.elapsed();
-    eprintln!("create, rename, unseen lookup refused (EHOSTDOWN) in {refusals:.1?}");
+    eprintln!("create, mkdir, unseen lookup refused (EHOSTDOWN) in {refusals:.1?}");
     assert!(
         refusals < Duration::from_secs(2),
         "offline refusals wait: {refusals:?}"
@@ -440,12 +490,20 @@ fn offline_reads_and_leased_writes_go_on_without_the_hive() {
     let status = m.disk_status();
     eprintln!("hi status offline:\n{status}");
     assert!(status.contains("UNREACHABLE"), "{status}");
+    // Two renames, an unlink, an rmdir, a chmod, a truncation (and reclaims of the
+    // inodes that lost their last name, once the kernel forgets them).
+    let waiting = number_after(&status, "changes");
+    assert!(waiting >= 6, "{status}");
 
     node.run();
     let t = Instant::now();
     loop {
         let status = m.disk_status();
-        if status.contains("hive      reachable") && status.contains("pending   0 ") {
+        if status.contains("hive      reachable")
+            && status.contains("pending   0 ")
+            && status.contains("changes   0 ")
+        {
+            assert!(status.contains("0 of them refused"), "{status}");
             break;
         }
         assert!(
@@ -462,18 +520,295 @@ fn offline_reads_and_leased_writes_go_on_without_the_hive() {
     drop(log);
     let other = TestMount::start(&node, "offline");
     let got = std::fs::read(other.join("log.bin")).unwrap();
-    assert_eq!(got.len(), first.len() + second.len());
-    assert!(got[..first.len()] == first[..] && got[first.len()..] == second[..]);
+    assert_eq!(got.len(), log_want.len());
+    assert!(got == log_want, "log.bin as another mount reads it");
     eprintln!(
         "a second mount reads the {} bytes written around the outage",
         got.len()
     );
-    // The namespace is as it was: the refused rename did not happen later.
-    assert!(other.join("docs/f0").exists() && !other.join("docs/g0").exists());
+    let odir = other.join("docs");
+    assert_eq!(listing(&odir).unwrap(), ["f2", "g0"]);
+    assert_eq!(std::fs::read(odir.join("g0")).unwrap(), want[0]);
+    assert_eq!(std::fs::read(odir.join("f2")).unwrap(), want[3]);
+    let mode = std::fs::metadata(odir.join("g0"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o7777, 0o600);
+    eprintln!("a second mount sees the namespace changes made offline");
     drop(other);
     drop(m);
     let report = node.fsck(true);
     assert!(report.contains("clean"), "fsck: {report}");
+}
+
+/// Namespace changes journaled offline survive `kill -9` of `hi`: the hive is stopped,
+/// changes are made, `hi` is killed, the hive comes back, and the remount's replay sends
+/// them (exactly once: the listing is as the killed mount showed it).
+#[test]
+fn offline_changes_survive_kill9_and_replay_once() {
+    let mut node = TestNode::start(NodeOptions::default().name("journal-offline-kill"));
+    let Some(mut m) = TestMount::start_on_disk(&node, "offkill", true) else {
+        return;
+    };
+    let dir = m.join("d");
+    std::fs::create_dir(&dir).unwrap();
+    for k in 0..6u64 {
+        std::fs::write(dir.join(format!("f{k}")), expected(400 + k, 0, 8192)).unwrap();
+    }
+    m.remount();
+    // Seen (as `ls -l` sees them): the names and their attributes. The names the renames
+    // below take are missing from the whole listing.
+    let names = listing(&dir).unwrap();
+    assert_eq!(names.len(), 6);
+    for n in &names {
+        std::fs::metadata(dir.join(n)).unwrap();
+    }
+    node.stop();
+    for k in 0..3 {
+        std::fs::rename(dir.join(format!("f{k}")), dir.join(format!("r{k}"))).unwrap();
+    }
+    std::fs::remove_file(dir.join("f3")).unwrap();
+    std::fs::set_permissions(dir.join("f4"), std::fs::Permissions::from_mode(0o640)).unwrap();
+    let shown = listing(&dir).unwrap();
+    assert_eq!(shown, ["f4", "f5", "r0", "r1", "r2"]);
+    m.kill9();
+    node.run();
+    m.remount();
+    let log = m.log();
+    let replayed = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("namespace changes made offline (0 refused"))
+        .unwrap_or_else(|| panic!("no replay line:\n{}", m.log_tail(20)));
+    // Three renames, an unlink, a chmod (and maybe a reclaim of the unlinked inode).
+    let ops = number_before(replayed, " namespace changes made offline");
+    assert!(ops >= 5, "{replayed}");
+    assert_eq!(listing(&dir).unwrap(), shown, "after kill -9 and replay");
+    for k in 0..3u64 {
+        assert_eq!(
+            std::fs::read(dir.join(format!("r{k}"))).unwrap(),
+            expected(400 + k, 0, 8192)
+        );
+    }
+    let mode = std::fs::metadata(dir.join("f4"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o7777, 0o640);
+    eprintln!("5 offline changes replayed once after kill -9");
+    drop(m);
+    let report = node.fsck(true);
+    assert!(report.contains("clean"), "fsck: {report}");
+}
+
+/// The number after `key` at the start of a line of `text` (`hi status`'s form).
+fn number_after(text: &str, key: &str) -> u64 {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(key))
+        .unwrap_or_else(|| panic!("no {key} line in {text}"));
+    line[key.len()..]
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number in {line}"))
+}
+
+/// The number right before `marker` in `line`.
+fn number_before(line: &str, marker: &str) -> u64 {
+    let head = &line[..line.find(marker).expect("marker")];
+    head.rsplit(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number before {marker} in {line}"))
+}
+
+/// An offline namespace workload's model: name -> (content id, mode).
+type Names = std::collections::BTreeMap<String, (u64, u32)>;
+
+/// One offline change of the workload below, as the model applies it.
+#[derive(Clone, Debug)]
+enum Change {
+    Rename(String, String),
+    Unlink(String),
+    Chmod(String, u32),
+}
+
+fn apply(names: &mut Names, c: &Change) {
+    match c {
+        Change::Rename(a, b) => {
+            let v = names.remove(a).expect("renamed name");
+            names.insert(b.clone(), v);
+        }
+        Change::Unlink(a) => {
+            names.remove(a);
+        }
+        Change::Chmod(a, mode) => names.get_mut(a).expect("chmod name").1 = *mode,
+    }
+}
+
+/// Offline changes under `kill -9` (`hi_command/src/offline.rs`): each round stops the
+/// hive, makes random renames (to new names and over existing ones), unlinks and chmods
+/// of what the mount saw, kills `hi` at a random moment, brings the hive back and
+/// remounts: the replay sends what the journal holds, and the namespace is the one the
+/// acknowledged changes made (the change in flight at the kill: applied or not, once).
+/// `JOURNAL_OFFLINE_KILL_ROUNDS` (default 3), `JOURNAL_KILL_SEED`.
+#[test]
+fn offline_changes_under_kill9_rounds() {
+    let mut node = TestNode::start(NodeOptions::default().name("journal-offline-rounds"));
+    let Some(mut m) = TestMount::start_on_disk(&node, "offrounds", true) else {
+        return;
+    };
+    let rounds = env_u64("JOURNAL_OFFLINE_KILL_ROUNDS", 3);
+    let seed = env_u64("JOURNAL_KILL_SEED", 0x0ff1);
+    let mut rng = Rng::new(seed);
+    let dir = m.join("o");
+    std::fs::create_dir(&dir).unwrap();
+    let mut names = Names::new();
+    for k in 0..40u64 {
+        std::fs::write(dir.join(format!("n{k}")), expected(500 + k, 0, 4096)).unwrap();
+        names.insert(format!("n{k}"), (500 + k, 0o644));
+    }
+    let mut next = 0u64;
+    let (mut applied_total, mut in_flight_applied) = (0usize, 0usize);
+    for round in 0..rounds {
+        m.remount();
+        // What a user's `ls -l` would have seen: every name and its attributes.
+        let seen = listing(&dir).unwrap();
+        assert_eq!(
+            seen,
+            names.keys().cloned().collect::<Vec<_>>(),
+            "round {round}"
+        );
+        for n in &seen {
+            std::fs::metadata(dir.join(n)).unwrap();
+        }
+        node.stop();
+        let acked: Arc<Mutex<(Vec<Change>, Option<Change>)>> = Arc::default();
+        let (a, d, mut model) = (acked.clone(), dir.clone(), names.clone());
+        let mut wrng = Rng::new(seed ^ ((round + 1) * 0x9e37));
+        let first_next = next;
+        let worker = std::thread::spawn(move || {
+            let mut next = first_next;
+            loop {
+                let keys: Vec<String> = model.keys().cloned().collect();
+                let pick = |r: &mut Rng| keys[r.below(keys.len() as u64) as usize].clone();
+                let c = match wrng.below(10) {
+                    0..=3 => {
+                        next += 1;
+                        Change::Rename(pick(&mut wrng), format!("m{next}"))
+                    }
+                    4..=5 if keys.len() > 10 => {
+                        let (x, y) = (pick(&mut wrng), pick(&mut wrng));
+                        if x == y {
+                            continue;
+                        }
+                        Change::Rename(x, y)
+                    }
+                    6..=7 if keys.len() > 10 => Change::Unlink(pick(&mut wrng)),
+                    _ => Change::Chmod(pick(&mut wrng), 0o600 + wrng.below(0o100) as u32),
+                };
+                a.lock().unwrap().1 = Some(c.clone());
+                let r = match &c {
+                    Change::Rename(x, y) => std::fs::rename(d.join(x), d.join(y)),
+                    Change::Unlink(x) => std::fs::remove_file(d.join(x)),
+                    Change::Chmod(x, mode) => {
+                        std::fs::set_permissions(d.join(x), std::fs::Permissions::from_mode(*mode))
+                    }
+                };
+                if r.is_err() {
+                    return;
+                }
+                apply(&mut model, &c);
+                let mut g = a.lock().unwrap();
+                g.0.push(c);
+                g.1 = None;
+            }
+        });
+        // Past the first change (which finds the hive away), then a random moment.
+        let t = Instant::now();
+        while acked.lock().unwrap().0.is_empty() {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "no offline change went through"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(rng.below(300)));
+        m.kill9();
+        let _ = worker.join();
+        node.run();
+        let (done, flying) = acked.lock().unwrap().clone();
+        for c in done.iter().chain(&flying) {
+            // New names are never used twice, even one a lost change would have taken.
+            if let Change::Rename(_, b) = c {
+                if let Some(n) = b.strip_prefix('m').and_then(|n| n.parse::<u64>().ok()) {
+                    next = next.max(n);
+                }
+            }
+        }
+        for c in &done {
+            apply(&mut names, c);
+        }
+        m.remount();
+        let got = listing(&dir).unwrap();
+        let mut with_flying = names.clone();
+        if let Some(c) = &flying {
+            apply(&mut with_flying, c);
+        }
+        let want_keys = |n: &Names| n.keys().cloned().collect::<Vec<_>>();
+        let modes = |d: &Path, n: &Names| {
+            n.keys()
+                .map(|k| std::fs::metadata(d.join(k)).unwrap().permissions().mode() & 0o7777)
+                .collect::<Vec<_>>()
+        };
+        let matches = |n: &Names| {
+            got == want_keys(n) && modes(&dir, n) == n.values().map(|v| v.1).collect::<Vec<_>>()
+        };
+        if matches(&names) {
+        } else if flying.is_some() && matches(&with_flying) {
+            names = with_flying;
+            in_flight_applied += 1;
+        } else {
+            panic!(
+                "round {round}: after kill -9 and replay the namespace is {got:?}, acknowledged \
+                 {:?} (in flight: {flying:?})\n{}",
+                want_keys(&names),
+                m.log_tail(30)
+            );
+        }
+        for (n, (id, _)) in &names {
+            let bytes = std::fs::read(dir.join(n)).unwrap();
+            assert!(
+                bytes == expected(*id, 0, 4096),
+                "round {round}: {n} holds another file"
+            );
+        }
+        applied_total += done.len();
+        eprintln!(
+            "round {round}: {} offline changes acknowledged before the kill, all there after \
+             replay ({} names)",
+            done.len(),
+            names.len()
+        );
+    }
+    eprintln!(
+        "{rounds} rounds: {applied_total} acknowledged offline changes survived kill -9; the \
+         change in flight applied in {in_flight_applied} rounds"
+    );
+    drop(m);
+    let report = node.fsck(true);
+    assert!(report.contains("clean"), "fsck: {report}");
+}
+
+/// A directory's names, sorted.
+fn listing(d: &Path) -> Result<Vec<String>, std::io::Error> {
+    let mut names: Vec<String> = std::fs::read_dir(d)?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_, _>>()?;
+    names.sort();
+    Ok(names)
 }
 
 /// The chunk cache on the client disk: `hi warmup` reads a tree into it; after a remount

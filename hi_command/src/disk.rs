@@ -276,23 +276,28 @@ pub fn write_status(
     mode: &str,
     j: &crate::journal::JournalStatus,
     cache: Option<&hivefs_localdisk::CacheStats>,
-    unreachable_for: Option<std::time::Duration>,
+    offline: &crate::offline::OfflineStatus,
 ) {
-    let hive = match unreachable_for {
+    let hive = match offline.unreachable_for {
         None => "reachable".to_string(),
         Some(d) => format!(
-            "UNREACHABLE for {} s: offline (reads of what was seen, writes to files \
-             leased here into the journal; namespace changes fail)",
+            "UNREACHABLE for {} s: offline (reads of what was seen; writes to files \
+             leased here, renames, removals and attribute changes into the journal; \
+             creates fail)",
             d.as_secs()
         ),
     };
     let text = format!(
         "pid {}\nmounted {} ({mode}, volume {volume})\nhive {hive}\npending {} journal \
-         records not yet committed\njournal {} of {} bytes in use; {} groups, {} records \
-         written since mount\nstate {}\n",
+         records not yet committed\nchanges {} namespace changes waiting for the hive; {} \
+         made offline since mount, {} of them refused by the hive (conflicts)\njournal {} \
+         of {} bytes in use; {} groups, {} records written since mount\nstate {}\n",
         std::process::id(),
         mountpoint.display(),
         j.pending,
+        offline.pending,
+        offline.journaled,
+        offline.conflicts,
         j.used,
         j.capacity,
         j.groups,

@@ -243,18 +243,23 @@ impl HiveFs {
     pub fn new(mounted: Mounted) -> anyhow::Result<HiveFs> {
         let cache = ChunkCache::with_disk(CACHE_BYTES, mounted.disk_cache);
         let mut hive = make_hive(&mounted.meta, mounted.volume, mounted.copies, cache)?;
-        if mounted.journal.is_some() {
-            // With a client disk the mount goes on without the hive (offline.rs).
-            let o = Arc::new(crate::offline::Offline::new());
-            o.start_probe(mounted.meta.clone(), mounted.volume)?;
-            hive.offline = Some(o);
-        }
+        // With a client disk the mount goes on without the hive (offline.rs).
+        let offline = mounted
+            .journal
+            .as_ref()
+            .map(|j| Arc::new(crate::offline::Offline::new(Some(j.clone()))));
+        hive.offline = offline.clone();
         let hive = Arc::new(hive);
         let wb = Arc::new(Writeback::new(
             hive.clone(),
             mounted.journal.clone(),
             mounted.write_back,
         )?);
+        if let Some(o) = offline {
+            let w = wb.clone();
+            let drain = Box::new(move |o: &crate::offline::Offline| w.drain_offline(o));
+            o.start_probe(mounted.meta.clone(), mounted.volume, drain)?;
+        }
         let files: Arc<Mutex<HashMap<u64, Arc<OpenFile>>>> = Arc::default();
         let (f, w) = (files.clone(), wb.clone());
         // A recalled file: commit what this host wrote to it (as fsync does).
@@ -838,33 +843,33 @@ impl Filesystem for HiveFs {
             atime: t(atime),
             mtime: t(mtime),
         };
-        let st = self.state(ino.0);
-        let mut guard = None;
-        if let Some(f) = st.as_ref() {
-            let mut g = f.lock();
-            // Unflushed bytes past a new size go; the rest is committed first, so the
-            // change applies after every write before it (a commit sets mtime: times set
-            // by `touch -r` or `cp -a` on an open file must come after it).
-            if let Some(new) = size {
-                let freed = truncate_ranges(&mut g.dirty, new);
-                g.dirty_bytes -= freed;
-            }
-            let (g, r) = self.wb.sync(ino.0, f, g);
-            if let Err(e) = r {
-                return reply.error(e);
-            }
-            guard = Some(g);
+        let op = Mutation::SetAttr { ino: ino.0, set };
+        let Some(f) = self.state(ino.0) else {
+            return match Self::attr_of(self.mutate(op)) {
+                Ok(a) => reply.attr(&TTL, &fuse_attr(&a)),
+                Err(e) => reply.error(e),
+            };
+        };
+        let mut g = f.lock();
+        // Unflushed bytes past a new size go; the rest is committed first (offline: held
+        // and committed first when the hive is back), so the change applies after every
+        // write before it (a commit sets mtime: times set by `touch -r` or `cp -a` on an
+        // open file must come after it).
+        if let Some(new) = size {
+            let freed = truncate_ranges(&mut g.dirty, new);
+            g.dirty_bytes -= freed;
         }
-        let r = Self::attr_of(self.mutate(Mutation::SetAttr { ino: ino.0, set }));
-        match r {
+        let dirs = &self.hints.dir_attrs;
+        dirs.begin(ino.0);
+        let (mut g, r, journaled) = self.wb.change_file(ino.0, &f, g, op);
+        dirs.end(ino.0, None);
+        match Self::attr_of(r) {
             Ok(mut a) => {
                 // Unflushed writes of an open file count (the lock is ours already).
-                if let Some(g) = guard.as_deref() {
-                    if !g.clean() {
-                        a.size = g.size;
-                    }
+                if !g.clean() {
+                    a.size = g.size;
                 }
-                if let (Some(g), Some(_)) = (guard.as_deref_mut(), size) {
+                if size.is_some() && !journaled {
                     match self.load_extents(ino.0) {
                         Ok((e, s)) => {
                             g.extents = e;

@@ -34,8 +34,9 @@
 
 use crate::writeback::Hive;
 use fuser::Errno;
-use hivefs_localdisk::replay::{encode_data, plan, Step, DATA_HEADER};
+use hivefs_localdisk::replay::{encode_data, encode_op, plan, Step, DATA_HEADER, OP_HEADER};
 use hivefs_localdisk::{Book, Journal, Record, RecordKind};
+use hivefs_net::meta::Mutation;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -139,11 +140,20 @@ impl JournalService {
     /// are being committed), up to the mount's journal wait; then EIO. Call without any
     /// file lock held (commits free the room, and they take file locks).
     pub fn reserve(&self, len: usize) -> Result<Reservation, Errno> {
-        if DATA_HEADER + len > self.max_payload {
-            tracing::error!(len, "write larger than a journal record");
+        self.reserve_payload(DATA_HEADER + len)
+    }
+
+    /// Room for a namespace operation's record whose encoding is `len` bytes.
+    pub fn reserve_op(&self, len: usize) -> Result<Reservation, Errno> {
+        self.reserve_payload(OP_HEADER + len)
+    }
+
+    fn reserve_payload(&self, payload: usize) -> Result<Reservation, Errno> {
+        if payload > self.max_payload {
+            tracing::error!(payload, "larger than a journal record");
             return Err(Errno::EIO);
         }
-        let bytes = Journal::record_size(DATA_HEADER + len) + SKIP_MARGIN;
+        let bytes = Journal::record_size(payload) + SKIP_MARGIN;
         let deadline = Instant::now() + self.wait;
         let mut st = self.lock();
         loop {
@@ -173,11 +183,27 @@ impl JournalService {
 
     /// Queue a data record under reservation `r`; returns its number. Never waits.
     pub fn append(&self, r: Reservation, ino: u64, lease: u64, off: u64, data: &[u8]) -> u64 {
-        let payload = encode_data(ino, lease, off, data);
+        self.queue(r, RecordKind::Data, encode_data(ino, lease, off, data))
+    }
+
+    /// Give back room reserved and not used.
+    pub fn cancel(&self, r: Reservation) {
+        let mut st = self.lock();
+        st.reserved -= r.bytes;
+        self.cv.notify_all();
+    }
+
+    /// Queue a namespace operation's record (`op` encoded by the caller, applied under
+    /// sequence number `seq`) under reservation `r`; returns its number. Never waits.
+    pub fn append_op(&self, r: Reservation, seq: u64, op: &[u8]) -> u64 {
+        self.queue(r, RecordKind::Op, encode_op(seq, op))
+    }
+
+    fn queue(&self, r: Reservation, kind: RecordKind, payload: Vec<u8>) -> u64 {
         debug_assert!(payload.len() <= self.max_payload);
         let mut st = self.lock();
         let no = st.book.add();
-        st.queue.push((no, RecordKind::Data, payload));
+        st.queue.push((no, kind, payload));
         // The reservation becomes the queued record's (freed when it is written).
         let _ = r.bytes;
         self.cv.notify_all();
@@ -320,6 +346,10 @@ pub struct Replayed {
     pub dropped_files: usize,
     /// Records skipped: committed before the crash (named by a `Done` record).
     pub already_done: usize,
+    /// Namespace changes journaled offline and applied now (or before the crash).
+    pub ops: usize,
+    /// Of them, refused by the hive: the namespace changed meanwhile (logged).
+    pub conflicts: usize,
 }
 
 /// Apply the records a recovery returned in the order [`plan`] gives (see the module
@@ -336,6 +366,13 @@ pub fn replay(hive: &Hive, records: &[Record]) -> Result<Replayed, Errno> {
             bad = p.bad,
             "journal replay: records that could not be read, skipped"
         );
+    }
+    // The hive forgets the answers of numbers below what a mutation says is
+    // acknowledged: hold the journaled ones until they are sent (commits go first).
+    for step in &p.steps {
+        if let Step::Op { seq, .. } = step {
+            hive.meta.hold_seq(*seq);
+        }
     }
     for step in p.steps {
         match step {
@@ -366,15 +403,33 @@ pub fn replay(hive: &Hive, records: &[Record]) -> Result<Replayed, Errno> {
                     Err(e) => return Err(e),
                 }
             }
-            Step::Op { seq, lsn, .. } => {
-                // This build never journals namespace operations (they go to the hive
-                // before they are answered); a disk holding one was written by another.
-                tracing::error!(
-                    seq,
-                    lsn,
-                    "journal replay: a namespace operation this build cannot apply"
-                );
-                return Err(Errno::EPROTO);
+            Step::Op { seq, lsn, op } => {
+                let Ok(op) = hivefs_net::meta::decode::<Mutation>(&op) else {
+                    tracing::error!(
+                        seq,
+                        lsn,
+                        "journal replay: an operation that does not decode"
+                    );
+                    return Err(Errno::EPROTO);
+                };
+                match hive.meta.mutate_reserved(hive.vol, seq, op.clone(), false) {
+                    Ok(Ok(_)) => out.ops += 1,
+                    // Sent before the crash, and its answer acknowledged since.
+                    Ok(Err(e)) if e == hivefs_net::meta::Errno::STALE => out.ops += 1,
+                    Ok(Err(e)) => {
+                        tracing::error!(
+                            seq,
+                            ?op,
+                            "journal replay: a change made offline was refused by the hive \
+                             ({e}): the namespace changed meanwhile; the hive's stands"
+                        );
+                        out.conflicts += 1;
+                    }
+                    Err(e) => {
+                        tracing::warn!("journal replay: {e}");
+                        return Err(Errno::EHOSTDOWN);
+                    }
+                }
             }
         }
     }

@@ -434,12 +434,15 @@ fn mount(
                 j.set_head(tail).context("trimming the replayed journal")?;
                 eprintln!(
                     "hi: journal replayed: {} records, {} bytes into {} files ({} dropped; {} \
-                     records committed before already) in {:.1?}",
+                     records committed before already); {} namespace changes made offline \
+                     ({} refused by the hive: conflicts) in {:.1?}",
                     done.records,
                     done.bytes,
                     done.files,
                     done.dropped_files,
                     done.already_done,
+                    done.ops,
+                    done.conflicts,
                     t.elapsed()
                 );
             }
@@ -504,7 +507,7 @@ fn mount(
             if ticks.is_multiple_of(10) {
                 let mode = if write_back { "writeback" } else { "default" };
                 let cache = hive.cache.disk_stats();
-                let away = hive.offline.as_ref().and_then(|o| o.unreachable_for());
+                let offline = hive.offline.as_ref().map(|o| o.status());
                 disk::write_status(
                     path,
                     &name,
@@ -512,7 +515,7 @@ fn mount(
                     mode,
                     &j.status(),
                     cache.as_ref(),
-                    away,
+                    &offline.unwrap_or_default(),
                 );
             }
         }

@@ -32,12 +32,12 @@
 
 use crate::cache::ChunkCache;
 use crate::journal::{JournalService, Reservation};
-use crate::offline::{Offline, REACH_WITHIN};
+use crate::offline::{Barrier, Offline, REACH_WITHIN};
 use fuser::Errno;
 use hivefs_client::hive::{ClientError, ClientOptions, HiveClient};
 use hivefs_client::meta::{LockClient, MetaClient};
 use hivefs_client::pipeline::{Pipeline, PreparedChunk};
-use hivefs_localdisk::ranges::insert_range;
+use hivefs_localdisk::ranges::{insert_range, truncate_ranges};
 use hivefs_net::meta::{self as m, Answer, Extent, Mutation, Query, MAX_COMMIT_EXTENTS};
 use hivefs_net::proto::ErrorCode;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -187,6 +187,31 @@ impl FileState {
     }
 
     /// The committed `extents` (ends past the current end of the file are the caller's).
+    /// Offline truncation to `size` (journaled after the held batches): what this host
+    /// reads cuts there, held bytes and committed extents alike. (Held batches are cut
+    /// too: the hive gets them before the truncation, which would cut them anyway.)
+    fn truncate_held(&mut self, size: u64) {
+        for b in self.sealed.iter_mut() {
+            let mut ranges: BTreeMap<u64, Vec<u8>> = b.ranges.iter().cloned().collect();
+            let freed = truncate_ranges(&mut ranges, size);
+            if freed > 0 {
+                *b = Arc::new(Batch {
+                    no: b.no,
+                    ranges: ranges.into_iter().collect(),
+                    bytes: b.bytes - freed,
+                    records: b.records.clone(),
+                });
+            }
+        }
+        self.extents.retain(|e| e.offset < size);
+        if let Some(e) = self.extents.last_mut() {
+            e.len = e
+                .len
+                .min(u32::try_from(size - e.offset).unwrap_or(u32::MAX));
+        }
+        self.size = size;
+    }
+
     fn splice(&mut self, committed: &[Extent]) {
         splice_extents(&mut self.extents, committed);
         if let Some(e) = committed.last() {
@@ -307,26 +332,77 @@ impl Hive {
     }
 
     pub fn mutate(&self, op: Mutation) -> Result<Answer, Errno> {
-        self.offline_refuses()?;
-        let (touched, named) = (op.changed_inodes(), new_name(&op));
-        let r = self.meta.mutate(self.vol, op);
-        self.after_mutation(&touched, named, r)
+        self.mutate_after(op, false, None)
     }
 
     /// [`Hive::mutate`], answered with the directory's attributes too where `op` changes a
     /// name ([`Answer::InDir`]).
     pub fn mutate_in_dir(&self, op: Mutation) -> Result<Answer, Errno> {
-        self.offline_refuses()?;
+        self.mutate_after(op, true, None)
+    }
+
+    /// Offline, `op` goes into the journal if the mount can make it (`offline.rs`),
+    /// after the bytes of `barrier`'s file written before it; online, to the hive.
+    pub fn mutate_after(
+        &self,
+        op: Mutation,
+        in_dir: bool,
+        barrier: Option<Barrier>,
+    ) -> Result<Answer, Errno> {
         let (touched, named) = (op.changed_inodes(), new_name(&op));
-        let r = self.meta.mutate_in_dir(self.vol, op);
+        if let Some(o) = &self.offline {
+            if o.holds_back() {
+                if let Some(r) = o.journal_change(&self.meta, &op, in_dir, barrier, None) {
+                    return r;
+                }
+            }
+            // The hive is tried for REACH_WITHIN only; if it is away, the change goes
+            // into the journal under the number it was sent with.
+            let seq = self.meta.reserve_seq();
+            let r =
+                self.meta
+                    .mutate_reserved_within(self.vol, seq, op.clone(), in_dir, REACH_WITHIN);
+            return match r {
+                Err(e @ (ClientError::Connect { .. } | ClientError::Conn { .. })) => {
+                    o.went_offline(&e.to_string());
+                    match o.journal_change(&self.meta, &op, in_dir, None, Some(seq)) {
+                        Some(Ok(a)) => Ok(a),
+                        Some(Err(e)) => {
+                            self.meta.release_seq(seq);
+                            Err(e)
+                        }
+                        None => {
+                            self.meta.release_seq(seq);
+                            Err(Errno::EHOSTDOWN)
+                        }
+                    }
+                }
+                r => {
+                    if r.is_err() {
+                        self.meta.release_seq(seq);
+                    }
+                    self.after_mutation(&touched, named, r)
+                }
+            };
+        }
+        let r = if in_dir {
+            self.meta.mutate_in_dir(self.vol, op)
+        } else {
+            self.meta.mutate(self.vol, op)
+        };
         self.after_mutation(&touched, named, r)
     }
 
-    /// Offline, changes fail at once (`offline.rs`).
+    /// Whether this thread must not reach the hive now (`offline.rs`).
+    pub fn holds_back(&self) -> bool {
+        self.offline.as_ref().is_some_and(|o| o.holds_back())
+    }
+
+    /// Offline, reads and commits of chunks fail at once (`offline.rs`).
     fn offline_refuses(&self) -> Result<(), Errno> {
-        match &self.offline {
-            Some(o) if o.is_offline() => Err(Errno::EHOSTDOWN),
-            _ => Ok(()),
+        match self.holds_back() {
+            true => Err(Errno::EHOSTDOWN),
+            false => Ok(()),
         }
     }
 
@@ -375,7 +451,7 @@ impl Hive {
     /// then goes offline; offline, queries are answered from what it saw.
     pub fn query(&self, q: Query) -> Result<Answer, Errno> {
         use std::sync::atomic::Ordering::Relaxed;
-        if let Some(o) = self.offline.as_ref().filter(|o| o.is_offline()) {
+        if let Some(o) = self.offline.as_ref().filter(|o| o.holds_back()) {
             return o.answer(&q);
         }
         if !self.degraded.load(Relaxed) {
@@ -984,6 +1060,144 @@ impl Writeback {
                 return (g, Err(e));
             }
         }
+    }
+
+    /// Offline, before a change to `file` is journaled: its bytes written so far become
+    /// held batches (the flusher done with every earlier one), to be committed before the
+    /// change when the hive is back ([`Writeback::drain_offline`]). Returns the guard and
+    /// the last batch's number.
+    pub fn hold<'a>(
+        &self,
+        ino: u64,
+        file: &'a Arc<OpenFile>,
+        mut g: MutexGuard<'a, FileState>,
+    ) -> (MutexGuard<'a, FileState>, u64) {
+        while g.done_no < g.sealed_no {
+            g = file.done.wait(g).expect("file lock");
+        }
+        if !g.dirty.is_empty() {
+            g.sealed_no += 1;
+            let batch = Batch {
+                no: g.sealed_no,
+                ranges: std::mem::take(&mut g.dirty).into_iter().collect(),
+                bytes: std::mem::take(&mut g.dirty_bytes),
+                records: std::mem::take(&mut g.records),
+            };
+            g.sealed.push_back(Arc::new(batch));
+            g.done_no = g.sealed_no;
+            g.failed.get_or_insert(Errno::EHOSTDOWN);
+            self.retry.add(ino, file);
+        }
+        let through = g.sealed_no;
+        (g, through)
+    }
+
+    /// A setattr of an open `file`, after the bytes written to it so far: online they are
+    /// committed first; offline (`offline.rs`) they are held, and the change is journaled
+    /// after them. The third value: journaled (the hive has not seen it yet).
+    pub fn change_file<'a>(
+        &self,
+        ino: u64,
+        file: &'a Arc<OpenFile>,
+        g: MutexGuard<'a, FileState>,
+        op: Mutation,
+    ) -> (MutexGuard<'a, FileState>, Result<Answer, Errno>, bool) {
+        let mut g = g;
+        if let Some(o) = self.hive.offline.as_ref().filter(|o| o.holds_back()) {
+            let (mut held, through) = self.hold(ino, file, g);
+            let barrier = Barrier {
+                ino,
+                file: file.clone(),
+                through,
+            };
+            if let Some(r) = o.journal_change(&self.hive.meta, &op, false, Some(barrier), None) {
+                if let (Ok(_), Mutation::SetAttr { set, .. }) = (&r, &op) {
+                    if let Some(size) = set.size {
+                        held.truncate_held(size);
+                    }
+                }
+                return (held, r, true);
+            }
+            g = held;
+        }
+        let (g, r) = self.sync(ino, file, g);
+        if let Err(e) = r {
+            return (g, Err(e), false);
+        }
+        (g, self.hive.mutate(op), false)
+    }
+
+    /// Send what was journaled offline, in order: each change after the bytes written
+    /// before it to its file (its [`Barrier`]). Runs on the probe thread once the hive
+    /// answers; `true` once nothing is left (the mount is online). A change the hive
+    /// answers otherwise than this mount did (another host changed the namespace
+    /// meanwhile) is a conflict: logged, counted, and the hive's namespace stands.
+    pub fn drain_offline(&self, o: &Offline) -> bool {
+        while let Some(p) = o.next_pending() {
+            if let Some(b) = &p.barrier {
+                if let Err(e) = self.commit_through(b) {
+                    tracing::warn!(ino = b.ino, "offline changes wait: commit failed ({e:?})");
+                    return false;
+                }
+            }
+            let (seq, lsn) = (p.seq, p.lsn);
+            let conflict =
+                match self
+                    .hive
+                    .meta
+                    .mutate_reserved(self.hive.vol, seq, p.op.clone(), false)
+                {
+                    Ok(Ok(_)) => false,
+                    Ok(Err(e)) => {
+                        tracing::error!(
+                            seq,
+                            op = ?p.op,
+                            "a change made offline was refused by the hive ({e}): the namespace \
+                             changed meanwhile (another host); the hive's stands"
+                        );
+                        true
+                    }
+                    Err(e) => {
+                        tracing::warn!("offline changes wait: {e}");
+                        return false;
+                    }
+                };
+            self.done(&[lsn]);
+            o.sent(seq, conflict);
+        }
+        true
+    }
+
+    /// Commit `b.file`'s held batches numbered up to `b.through`, in order.
+    fn commit_through(&self, b: &Barrier) -> Result<(), Errno> {
+        let mut g = b.file.lock();
+        while g.done_no < g.sealed_no {
+            g = b.file.done.wait(g).expect("file lock");
+        }
+        if g.failed == Some(Errno::ESTALE) {
+            // Bytes written under a lease lost to another host: dropped (EIO at the
+            // next sync); the change goes on.
+            self.drop_lost(b.ino, &mut g);
+            return Ok(());
+        }
+        while let Some(batch) = g.sealed.front().filter(|x| x.no <= b.through).cloned() {
+            write_ahead(self.journal.as_deref(), &batch.records)?;
+            let committed = match self.hive.commit(b.ino, &batch.ranges) {
+                Ok(c) => c,
+                Err(e) if e == Errno::ESTALE => {
+                    self.drop_lost(b.ino, &mut g);
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            };
+            self.done(&batch.records);
+            g.sealed.pop_front();
+            g.splice(&committed);
+        }
+        if g.sealed.is_empty() && g.dirty.is_empty() {
+            g.failed = None;
+        }
+        Ok(())
     }
 
     /// Commit the held batches of a failed inode in order; clears the failure on success.
