@@ -624,6 +624,75 @@ fn number_before(line: &str, marker: &str) -> u64 {
         .unwrap_or_else(|| panic!("no number before {marker} in {line}"))
 }
 
+/// Write-back mode defers a setattr of a file whose bytes are not committed yet
+/// (`Writeback::change_file`): chmod, chown and utimens answer at once and show at once;
+/// the hive gets them after the bytes, so the commit does not overwrite the times set
+/// (another mount sees them as set); after `kill -9` the replay applies them after the
+/// bytes too.
+#[test]
+fn writeback_setattrs_after_writes_apply_after_the_bytes() {
+    let node = TestNode::start(NodeOptions::default().name("journal-setattr"));
+    let Some(mut m) = TestMount::start_on_disk(&node, "wbattr", true) else {
+        return;
+    };
+    let when = |secs: i64| std::time::UNIX_EPOCH + Duration::from_secs(secs as u64);
+    let set = |path: &Path, mode: u32, mtime: i64| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+        std::os::unix::fs::chown(path, Some(1234), Some(5678)).unwrap();
+        let f = std::fs::File::options().write(true).open(path).unwrap();
+        f.set_times(std::fs::FileTimes::new().set_modified(when(mtime)))
+            .unwrap();
+    };
+    let check = |path: &Path, mode: u32, mtime: i64, len: usize, k: u64| {
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::metadata(path).unwrap();
+        assert_eq!(md.mode() & 0o7777, mode, "{}", path.display());
+        assert_eq!((md.uid(), md.gid()), (1234, 5678), "{}", path.display());
+        assert_eq!(md.mtime(), mtime, "{}", path.display());
+        assert_eq!(std::fs::read(path).unwrap(), expected(k, 0, len));
+    };
+    // Settled: the hive has bytes and attributes (another mount sees them).
+    let a = m.join("a");
+    std::fs::write(&a, expected(700, 0, 300_000)).unwrap();
+    let t = Instant::now();
+    set(&a, 0o640, 1_000_000_000);
+    eprintln!(
+        "chmod + chown + utimens of a file just written: {:.1?}",
+        t.elapsed()
+    );
+    check(&a, 0o640, 1_000_000_000, 300_000, 700);
+    let other = TestMount::start(&node, "wbattr");
+    let t = Instant::now();
+    loop {
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::metadata(other.join("a")).unwrap();
+        if md.mtime() == 1_000_000_000 && md.len() == 300_000 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "another mount never saw a's bytes and times: {md:?}\n{}",
+            m.log_tail(20)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Its open recalls this mount's lease: everything is committed first.
+    check(&other.join("a"), 0o640, 1_000_000_000, 300_000, 700);
+    drop(other);
+    // Killed before the flusher: the replay applies them after the bytes.
+    let b = m.join("b");
+    std::fs::write(&b, expected(701, 0, 200_000)).unwrap();
+    set(&b, 0o600, 1_100_000_000);
+    m.kill9();
+    m.remount();
+    check(&b, 0o600, 1_100_000_000, 200_000, 701);
+    check(&a, 0o640, 1_000_000_000, 300_000, 700);
+    eprintln!("setattrs made after writes in write-back mode: seen at once, by another mount, and after kill -9");
+    drop(m);
+    let report = node.fsck(true);
+    assert!(report.contains("clean"), "fsck: {report}");
+}
+
 /// An offline namespace workload's model: name -> (content id, mode).
 type Names = std::collections::BTreeMap<String, (u64, u32)>;
 

@@ -345,8 +345,9 @@ impl HiveFs {
             // While a file is open here, its size is this host's view (committed size
             // raised by unflushed writes, kept up to date by every flush and truncate).
             // Not only when dirty: a late RELEASE may flush between the metadata query
-            // above and this point, and the queried size would then be stale.
-            a.size = st.lock().size;
+            // above and this point, and the queried size would then be stale. Setattrs
+            // made in write-back mode and not yet sent show too.
+            st.lock().local_attr(&mut a);
         }
         a
     }

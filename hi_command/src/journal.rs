@@ -143,18 +143,24 @@ impl JournalService {
         self.reserve_payload(DATA_HEADER + len)
     }
 
-    /// Room for a namespace operation's record whose encoding is `len` bytes.
-    pub fn reserve_op(&self, len: usize) -> Result<Reservation, Errno> {
-        self.reserve_payload(OP_HEADER + len)
+    /// Room for a namespace operation's record whose encoding is `len` bytes, without
+    /// waiting: `None` when the journal has no room now (or failed). Its callers may hold
+    /// a file lock (commits free the room, and they take file locks).
+    pub fn try_reserve_op(&self, len: usize) -> Option<Reservation> {
+        self.reserve_within(OP_HEADER + len, Duration::ZERO).ok()
     }
 
     fn reserve_payload(&self, payload: usize) -> Result<Reservation, Errno> {
+        self.reserve_within(payload, self.wait)
+    }
+
+    fn reserve_within(&self, payload: usize, wait: Duration) -> Result<Reservation, Errno> {
         if payload > self.max_payload {
             tracing::error!(payload, "larger than a journal record");
             return Err(Errno::EIO);
         }
         let bytes = Journal::record_size(payload) + SKIP_MARGIN;
-        let deadline = Instant::now() + self.wait;
+        let deadline = Instant::now() + wait;
         let mut st = self.lock();
         loop {
             if let Some(f) = &st.failed {
@@ -166,6 +172,9 @@ impl JournalService {
                 return Ok(Reservation { bytes });
             }
             let now = Instant::now();
+            if wait.is_zero() {
+                return Err(Errno::EAGAIN);
+            }
             if now >= deadline {
                 tracing::error!(
                     waited_s = self.wait.as_secs(),

@@ -47,6 +47,7 @@
 //! offline is one nothing here knows to be stale. Online they are never used.
 
 mod overlay;
+pub use overlay::apply_setattr;
 
 use crate::journal::JournalService;
 use crate::writeback::OpenFile;
@@ -264,11 +265,15 @@ impl Offline {
         let Some(j) = &self.journal else {
             return Some(Err(Errno::EHOSTDOWN));
         };
+        if !overlay::journalable(op) {
+            return Some(Err(Errno::EHOSTDOWN));
+        }
         let bytes = m::encode(op);
-        // Room first, without the order lock (room comes from commits, which take it).
-        let room = match j.reserve_op(bytes.len()) {
-            Ok(r) => r,
-            Err(e) => return Some(Err(e)),
+        // Room now or never: offline nothing frees room, and a caller may hold the lock
+        // of the very file whose commit would (a setattr's barrier).
+        let Some(room) = j.try_reserve_op(bytes.len()) else {
+            tracing::warn!(?op, "offline change refused: the journal is full");
+            return Some(Err(Errno::ENOSPC));
         };
         let mut pending = self.pending.lock().expect("pending lock");
         if !self.is_offline() {

@@ -29,6 +29,11 @@
 //! - A batch counts in the backlog from seal until the flusher is done with it.
 //! - Write-ahead: with a client disk, bytes are committed only once the journal holds
 //!   their records durably.
+//! - A setattr of a file is applied after every byte written to it before: online, its
+//!   bytes are committed first; in write-back mode with bytes not yet committed it is
+//!   journaled (an `Op` record), answered at once, and sent right after the batch that
+//!   holds the last of them (`Deferred`, [`send_due`] on every commit path), before any
+//!   later batch; offline it waits behind them in the offline queue (`offline.rs`).
 
 use crate::cache::ChunkCache;
 use crate::journal::{JournalService, Reservation};
@@ -124,6 +129,9 @@ pub struct FileState {
     /// Bytes were dropped: written under a write lease another host took over. The next
     /// [`Writeback::sync`] reports EIO (once), whoever made the drop happen.
     lost: bool,
+    /// Setattrs acknowledged in write-back mode before the bytes written before them
+    /// were committed: each is sent once they are ([`Writeback::change_file`]).
+    deferred: VecDeque<Deferred>,
     /// Size as this host sees it (committed size, raised by dirty writes).
     pub size: u64,
     /// The committed extents, in offset order.
@@ -137,7 +145,15 @@ pub struct FileState {
 impl FileState {
     /// Nothing here that the hive does not have.
     pub fn clean(&self) -> bool {
-        self.dirty.is_empty() && self.sealed.is_empty()
+        self.dirty.is_empty() && self.sealed.is_empty() && self.deferred.is_empty()
+    }
+
+    /// Attributes as this host sees them: its size, and the setattrs not yet sent.
+    pub fn local_attr(&self, a: &mut m::Attr) {
+        a.size = self.size;
+        for d in &self.deferred {
+            crate::offline::apply_setattr(a, &d.set, d.at);
+        }
     }
 
     /// `lseek` with SEEK_DATA or SEEK_HOLE from `off`, as this host sees the file: data is
@@ -708,6 +724,68 @@ fn lease_lost_to_another_host(ino: u64) -> Errno {
     Errno::ESTALE
 }
 
+/// A setattr journaled (`Op` record `lsn`, sequence number `seq`) and acknowledged, to be
+/// sent once the file's batches up to `after` are committed.
+#[derive(Debug, Clone)]
+struct Deferred {
+    after: u64,
+    seq: u64,
+    lsn: u64,
+    set: m::SetAttr,
+    /// When it was made (its ctime, as this host shows it until the hive has it).
+    at: m::Timespec,
+    /// The attributes it answered (the next one's starting point).
+    attr: m::Attr,
+}
+
+/// Send the setattrs of `ino` whose bytes before them are all committed, in order. Not
+/// reached: `EHOSTDOWN`, and they stay (the retry path sends them).
+fn send_due(
+    hive: &Hive,
+    journal: Option<&JournalService>,
+    ino: u64,
+    g: &mut FileState,
+) -> Result<(), Errno> {
+    let committed_through = g.sealed.front().map_or(g.sealed_no, |b| b.no - 1);
+    while let Some(d) = g.deferred.front().filter(|d| d.after <= committed_through) {
+        if hive.holds_back() {
+            return Err(Errno::EHOSTDOWN);
+        }
+        let op = Mutation::SetAttr {
+            ino,
+            set: d.set.clone(),
+        };
+        match hive
+            .meta
+            .mutate_reserved_within(hive.vol, d.seq, op, false, REACH_WITHIN)
+        {
+            Ok(Ok(_)) => {}
+            // Removed meanwhile (unlinked, and reclaimed): nothing left to set.
+            Ok(Err(e)) if e == m::Errno::NOENT => {}
+            Ok(Err(e)) => {
+                tracing::error!(
+                    ino,
+                    "a setattr acknowledged in write-back mode was refused ({e})"
+                )
+            }
+            Err(e) => {
+                if let (Some(o), ClientError::Connect { .. } | ClientError::Conn { .. }) =
+                    (&hive.offline, &e)
+                {
+                    o.went_offline(&e.to_string());
+                }
+                tracing::warn!(ino, "setattr held for a retry: {e}");
+                return Err(Errno::EHOSTDOWN);
+            }
+        }
+        if let Some(j) = journal {
+            j.done(&[d.lsn]);
+        }
+        g.deferred.pop_front();
+    }
+    Ok(())
+}
+
 /// A batch on its way through the flusher.
 struct Job {
     ino: u64,
@@ -1103,6 +1181,9 @@ impl Writeback {
         op: Mutation,
     ) -> (MutexGuard<'a, FileState>, Result<Answer, Errno>, bool) {
         let mut g = g;
+        if let Some(r) = self.defer(ino, file, &mut g, &op) {
+            return (g, r, true);
+        }
         if let Some(o) = self.hive.offline.as_ref().filter(|o| o.holds_back()) {
             let (mut held, through) = self.hold(ino, file, g);
             let barrier = Barrier {
@@ -1125,6 +1206,60 @@ impl Writeback {
             return (g, Err(e), false);
         }
         (g, self.hive.mutate(op), false)
+    }
+
+    /// Write-back mode, online: a setattr (no size) of a file holding bytes not yet
+    /// committed is journaled and answered at once, and sent once they are committed
+    /// ([`send_due`]): an untar's chown, chmod and utimens of each file it wrote do not
+    /// wait for its commit, nor for the journal (an fsync does: the file's last record
+    /// is then this one). `None`: not such a case (or no room in the journal now): the
+    /// caller commits first, then sends it.
+    fn defer(
+        &self,
+        ino: u64,
+        file: &Arc<OpenFile>,
+        g: &mut FileState,
+        op: &Mutation,
+    ) -> Option<Result<Answer, Errno>> {
+        let (Some(j), Mutation::SetAttr { set, .. }) = (&self.journal, op) else {
+            return None;
+        };
+        // Something must be on its way to send it after (a batch, or bytes to seal).
+        let pending = !g.dirty.is_empty() || !g.sealed.is_empty();
+        if !self.write_back || set.size.is_some() || !pending || g.failed.is_some() {
+            return None;
+        }
+        if self.hive.holds_back() {
+            return None;
+        }
+        // The attributes before it: the last deferred one's answer, or the hive's.
+        let mut a = match g.deferred.back() {
+            Some(d) => d.attr.clone(),
+            None => match self.hive.query(Query::GetAttr { ino }) {
+                Ok(Answer::Attr(a)) => a,
+                _ => return None,
+            },
+        };
+        let bytes = m::encode(op);
+        let room = j.try_reserve_op(bytes.len())?;
+        self.seal(ino, file, g);
+        let seq = self.hive.meta.reserve_seq();
+        let lsn = j.append_op(room, seq, &bytes);
+        let at = m::Timespec::now();
+        crate::offline::apply_setattr(&mut a, set, at);
+        a.size = g.size;
+        g.deferred.push_back(Deferred {
+            after: g.sealed_no,
+            seq,
+            lsn,
+            set: set.clone(),
+            at,
+            attr: a.clone(),
+        });
+        // Durable with the file's next fsync (which waits for its last record), as the
+        // file's bytes are: not before answering.
+        g.last_record = g.last_record.max(lsn);
+        Some(Ok(Answer::Attr(a)))
     }
 
     /// Send what was journaled offline, in order: each change after the bytes written
@@ -1193,8 +1328,10 @@ impl Writeback {
             self.done(&batch.records);
             g.sealed.pop_front();
             g.splice(&committed);
+            send_due(&self.hive, self.journal.as_deref(), b.ino, &mut g)?;
         }
-        if g.sealed.is_empty() && g.dirty.is_empty() {
+        send_due(&self.hive, self.journal.as_deref(), b.ino, &mut g)?;
+        if g.sealed.is_empty() && g.dirty.is_empty() && g.deferred.is_empty() {
             g.failed = None;
         }
         Ok(())
@@ -1206,6 +1343,7 @@ impl Writeback {
         if g.failed == Some(Errno::ESTALE) {
             return Err(self.drop_lost(ino, g));
         }
+        send_due(&self.hive, self.journal.as_deref(), ino, g)?;
         while let Some(b) = g.sealed.front().cloned() {
             // Only batches the flusher is done with (callers wait for it to let go of all).
             if b.no > g.done_no {
@@ -1216,6 +1354,7 @@ impl Writeback {
             self.done(&b.records);
             g.sealed.pop_front();
             g.splice(&committed);
+            send_due(&self.hive, self.journal.as_deref(), ino, g)?;
         }
         g.failed = None;
         Ok(())
@@ -1224,6 +1363,8 @@ impl Writeback {
     /// Commit the dirty bytes on this thread (only when nothing is sealed).
     fn commit_dirty_inline(&self, ino: u64, g: &mut FileState) -> Result<(), Errno> {
         debug_assert!(g.sealed.is_empty());
+        // Setattrs made after the bytes committed so far, before these.
+        send_due(&self.hive, self.journal.as_deref(), ino, g)?;
         if g.dirty.is_empty() {
             // Records whose bytes were all truncated away are no longer needed.
             self.done(&std::mem::take(&mut g.records));
@@ -1266,6 +1407,8 @@ impl Writeback {
         g.dirty_bytes = 0;
         g.failed = None;
         g.lost = true;
+        // The setattrs were acknowledged: they go (or wait for the next sync).
+        let _ = send_due(&self.hive, self.journal.as_deref(), ino, g);
         g.size = match self.hive.query(Query::GetAttr { ino }) {
             Ok(Answer::Attr(a)) => a.size,
             _ => g.extents.last().map_or(0, |e| e.end()),
@@ -1356,6 +1499,11 @@ fn finish(
                     }
                 }
                 g.splice(&committed);
+                // The setattrs made after this batch, before the next one.
+                if let Err(e) = send_due(hive, journal, ino, &mut g) {
+                    g.failed.get_or_insert(e);
+                    retry.add(ino, &file);
+                }
             }
             Some(Err(e)) => {
                 tracing::warn!(

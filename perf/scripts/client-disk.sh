@@ -5,7 +5,8 @@
 #   - untar of a source tree into the mount, default mode vs --writeback.
 # Usage (root): perf/scripts/client-disk.sh [WORKDIR]   (release binaries in target/release
 # or $CARGO_TARGET_DIR/release; needs bindfs). Removes everything it made on exit.
-# UNTAR=0 skips the untar; RUNS, SIZE_MIB as named. Debian 12: installing bindfs pulls
+# UNTAR=0 skips the untar, WARM=0 the warm read; TAR_X (default "xf": "xmf" leaves mtimes
+# alone, so no setattr follows each file); RUNS, SIZE_MIB as named. Debian 12: installing bindfs pulls
 # fuse 2, which replaces fuse3 (reinstall fuse3 afterwards: the tests use fusermount3).
 set -euo pipefail
 command -v bindfs > /dev/null && bindfs --version > /dev/null 2>&1 || { echo "needs a working bindfs (see above)"; exit 1; }
@@ -50,6 +51,7 @@ mibps() { # file -> MiB/s of a 1 MiB-block sequential read after drop_caches
   t1=$(date +%s.%N)
   echo "$SIZE_MIB / ($t1 - $t0)" | bc -l
 }
+if [ "${WARM:-1}" = 1 ]; then
 head -c $((SIZE_MIB << 20)) /dev/urandom > "$W/local/big.bin"
 mount_hi
 cp "$W/local/big.bin" "$W/mnt/big.bin"
@@ -68,6 +70,7 @@ done
 h=$(printf '%s\n' "${hi_r[@]}" | median); b=$(printf '%s\n' "${bind_r[@]}" | median)
 printf 'warm read: hi %.0f MiB/s, bindfs %.0f MiB/s\nratio warm_read_vs_bindfs %.3f\n' "$h" "$b" "$(echo "$h / $b" | bc -l)"
 umount_hi
+fi
 [ "${UNTAR:-1}" = 1 ] || exit 0
 # Untar: a source tree (the Rust toolchain's library sources if present, else /usr/include).
 SRC=$(ls -d ~/.rustup/toolchains/*/lib/rustlib/src/rust/library 2>/dev/null | head -1 || true)
@@ -80,7 +83,8 @@ for r in $(seq "$RUNS"); do
     if [ "$mode" = writeback ]; then mount_hi --writeback; else mount_hi; fi
     t0=$(date +%s.%N)
     mkdir "$W/mnt/u-$mode-$r"
-    tar xf "$W/src.tar" -C "$W/mnt/u-$mode-$r"
+    # shellcheck disable=SC2086
+    tar ${TAR_X:-xf} "$W/src.tar" -C "$W/mnt/u-$mode-$r"
     sync
     t1=$(date +%s.%N)
     s=$(echo "$t1 - $t0" | bc -l)

@@ -30,6 +30,20 @@ use hivefs_net::meta::{
     self as m, Answer, Attr, DirEntry, FileKind, Mutation, Query, RenameMode, SetTime, Timespec,
 };
 
+/// What a setattr without a size does to `a`, as the store does it (ctime `now`).
+pub fn apply_setattr(a: &mut Attr, set: &hivefs_net::meta::SetAttr, now: Timespec) {
+    let at = |t: SetTime| match t {
+        SetTime::Now => now,
+        SetTime::At(t) => t,
+    };
+    a.perm = set.perm.map_or(a.perm, |p| p & 0o7777);
+    a.uid = set.uid.unwrap_or(a.uid);
+    a.gid = set.gid.unwrap_or(a.gid);
+    a.atime = set.atime.map_or(a.atime, at);
+    a.mtime = set.mtime.map_or(a.mtime, at);
+    a.ctime = now;
+}
+
 /// The entries of a whole listing in `pages`, if they hold one: from the start, each
 /// page resuming after the last entry of the one before, to a page that ends it.
 fn whole_listing(pages: &[(Query, Vec<DirEntry>, bool)]) -> Option<Vec<DirEntry>> {
@@ -55,6 +69,18 @@ fn whole_listing(pages: &[(Query, Vec<DirEntry>, bool)]) -> Option<Vec<DirEntry>
         }
     }
     None
+}
+
+/// Whether `op` is a change this module may make offline (see the module docs).
+pub fn journalable(op: &Mutation) -> bool {
+    match op {
+        Mutation::Unlink { .. }
+        | Mutation::Rmdir { .. }
+        | Mutation::SetAttr { .. }
+        | Mutation::Reclaim { .. } => true,
+        Mutation::Rename { mode, .. } => *mode != RenameMode::Exchange,
+        _ => false,
+    }
 }
 
 impl Answers {
@@ -354,16 +380,7 @@ impl Answers {
                     a.size = size;
                     a.mtime = now;
                 }
-                let at = |t: SetTime| match t {
-                    SetTime::Now => now,
-                    SetTime::At(t) => t,
-                };
-                a.perm = set.perm.map_or(a.perm, |p| p & 0o7777);
-                a.uid = set.uid.unwrap_or(a.uid);
-                a.gid = set.gid.unwrap_or(a.gid);
-                a.atime = set.atime.map_or(a.atime, at);
-                a.mtime = set.mtime.map_or(a.mtime, at);
-                a.ctime = now;
+                apply_setattr(&mut a, set, now);
                 self.set_attr(&a);
                 Ok(Answer::Attr(a))
             }
