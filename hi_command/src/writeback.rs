@@ -1240,19 +1240,34 @@ impl Writeback {
                 _ => return None,
             },
         };
-        let bytes = m::encode(op);
+        // "Now" is when it was made, not when the hive gets it.
+        let at = m::Timespec::now();
+        let fix = |t: Option<m::SetTime>| {
+            t.map(|t| match t {
+                m::SetTime::Now => m::SetTime::At(at),
+                t => t,
+            })
+        };
+        let set = m::SetAttr {
+            atime: fix(set.atime),
+            mtime: fix(set.mtime),
+            ..set.clone()
+        };
+        let bytes = m::encode(&Mutation::SetAttr {
+            ino,
+            set: set.clone(),
+        });
         let room = j.try_reserve_op(bytes.len())?;
         self.seal(ino, file, g);
         let seq = self.hive.meta.reserve_seq();
         let lsn = j.append_op(room, seq, &bytes);
-        let at = m::Timespec::now();
-        crate::offline::apply_setattr(&mut a, set, at);
+        crate::offline::apply_setattr(&mut a, &set, at);
         a.size = g.size;
         g.deferred.push_back(Deferred {
             after: g.sealed_no,
             seq,
             lsn,
-            set: set.clone(),
+            set,
             at,
             attr: a.clone(),
         });
