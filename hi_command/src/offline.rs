@@ -253,7 +253,8 @@ impl Offline {
     /// once the journal holds it (`overlay.rs` says which changes, and how they answer).
     /// `seq`: the number it was sent under when the hive went away (it may have applied:
     /// sent again under the same number, it applies once), or `None` for a new one.
-    /// `None`: the mount is online (again); send it to the hive.
+    /// `None`: the mount is online (again); send it to the hive. `Some(Err(EIO))`: queued,
+    /// but the journal failed before it was durable (it may still be sent).
     pub fn journal_change(
         &self,
         meta: &MetaClient,

@@ -383,6 +383,9 @@ impl Hive {
                     o.went_offline(&e.to_string());
                     match o.journal_change(&self.meta, &op, in_dir, None, Some(seq)) {
                         Some(Ok(a)) => Ok(a),
+                        // Journaled, but the journal failed before it was durable: it may
+                        // still be sent (under this number, kept held).
+                        Some(Err(e)) if e == Errno::EIO => Err(e),
                         Some(Err(e)) => {
                             self.meta.release_seq(seq);
                             Err(e)
