@@ -14,11 +14,21 @@
 //!    returns. So after a commit nothing can bring the committed bytes back at a replay
 //!    behind a later change (a truncation, another host's write).
 //!
+//! # Namespace operations (`Op` records)
+//! A change the mount answers before the hive has it is journaled too, under the
+//! sequence number it will be sent with (reserved now, held until the hive answers):
+//! renames, removals and setattrs made offline (`offline.rs`), and in write-back mode a
+//! setattr of a file whose bytes are not committed yet (`writeback.rs`, `Deferred`).
+//! Its record is done once the hive has answered it. Room for one is taken without
+//! waiting ([`JournalService::try_reserve_op`]): its callers may hold a file lock.
+//!
 //! # Replay ([`replay`])
-//! At mount, the records from the durable head on are applied again in order: per file,
-//! its bytes in record order (a later write over the same bytes wins), committed under
-//! the write lease they were written under, reclaimed by this client (the client disk's
-//! id is the same across mounts). When another host was granted the file since, the
+//! At mount, the records from the durable head on are applied again in order (an `Op`
+//! after every byte journaled before it, under its own sequence number: exactly once,
+//! a refusal is logged as a conflict): per file, its bytes in record order (a later
+//! write over the same bytes wins), committed under the write lease they were written
+//! under, reclaimed by this client (the client disk's id is the same across mounts).
+//! When another host was granted the file since, the
 //! bytes are dropped with an error in the log (they cannot be committed without
 //! overwriting what that host wrote). A file removed meanwhile drops its bytes too.
 //! Committing the same bytes twice (a crash after a commit, before its head moved) writes
