@@ -203,6 +203,22 @@ impl FileState {
     }
 
     /// The committed `extents` (ends past the current end of the file are the caller's).
+    /// The dirty bytes become the next sealed batch (`None`: nothing is dirty).
+    fn seal_dirty(&mut self) -> Option<Arc<Batch>> {
+        if self.dirty.is_empty() {
+            return None;
+        }
+        self.sealed_no += 1;
+        let batch = Arc::new(Batch {
+            no: self.sealed_no,
+            ranges: std::mem::take(&mut self.dirty).into_iter().collect(),
+            bytes: std::mem::take(&mut self.dirty_bytes),
+            records: std::mem::take(&mut self.records),
+        });
+        self.sealed.push_back(batch.clone());
+        Some(batch)
+    }
+
     /// Offline truncation to `size` (journaled after the held batches): what this host
     /// reads cuts there, held bytes and committed extents alike. (Held batches are cut
     /// too: the hive gets them before the truncation, which would cut them anyway.)
@@ -375,34 +391,40 @@ impl Hive {
             // The hive is tried for REACH_WITHIN only; if it is away, the change goes
             // into the journal under the number it was sent with.
             let seq = self.meta.reserve_seq();
-            let r =
-                self.meta
-                    .mutate_reserved_within(self.vol, seq, op.clone(), in_dir, REACH_WITHIN);
-            return match r {
-                Err(e @ (ClientError::Connect { .. } | ClientError::Conn { .. })) => {
-                    o.went_offline(&e.to_string());
-                    match o.journal_change(&self.meta, &op, in_dir, None, Some(seq)) {
-                        Some(Ok(a)) => Ok(a),
-                        // Journaled, but the journal failed before it was durable: it may
-                        // still be sent (under this number, kept held).
-                        Some(Err(e)) if e == Errno::EIO => Err(e),
-                        Some(Err(e)) => {
+            // Sent once more under the same number if the mount is back online before
+            // the change could be journaled (it may have applied: it applies once).
+            for _ in 0..2 {
+                let r = self.meta.mutate_reserved_within(
+                    self.vol,
+                    seq,
+                    op.clone(),
+                    in_dir,
+                    REACH_WITHIN,
+                );
+                let e = match r {
+                    Err(e @ (ClientError::Connect { .. } | ClientError::Conn { .. })) => e,
+                    r => {
+                        if r.is_err() {
                             self.meta.release_seq(seq);
-                            Err(e)
                         }
-                        None => {
-                            self.meta.release_seq(seq);
-                            Err(Errno::EHOSTDOWN)
-                        }
+                        return self.after_mutation(&touched, named, r);
                     }
-                }
-                r => {
-                    if r.is_err() {
+                };
+                o.went_offline(&e.to_string());
+                match o.journal_change(&self.meta, &op, in_dir, None, Some(seq)) {
+                    Some(Ok(a)) => return Ok(a),
+                    // Journaled, but the journal failed before it was durable: it may
+                    // still be sent (under this number, kept held).
+                    Some(Err(e)) if e == Errno::EIO => return Err(e),
+                    Some(Err(e)) => {
                         self.meta.release_seq(seq);
+                        return Err(e);
                     }
-                    self.after_mutation(&touched, named, r)
+                    None => continue,
                 }
-            };
+            }
+            self.meta.release_seq(seq);
+            return Err(Errno::EHOSTDOWN);
         }
         let r = if in_dir {
             self.meta.mutate_in_dir(self.vol, op)
@@ -1060,17 +1082,9 @@ impl Writeback {
 
     /// Hand the dirty bytes to the flusher as the next batch.
     fn seal(&self, ino: u64, file: &Arc<OpenFile>, g: &mut FileState) {
-        if g.dirty.is_empty() {
+        let Some(batch) = g.seal_dirty() else {
             return;
-        }
-        g.sealed_no += 1;
-        let batch = Arc::new(Batch {
-            no: g.sealed_no,
-            ranges: std::mem::take(&mut g.dirty).into_iter().collect(),
-            bytes: std::mem::take(&mut g.dirty_bytes),
-            records: std::mem::take(&mut g.records),
-        });
-        g.sealed.push_back(batch.clone());
+        };
         *self.backlog.bytes.lock().expect("backlog lock") += batch.bytes;
         let job = Job {
             ino,
@@ -1156,15 +1170,8 @@ impl Writeback {
         while g.done_no < g.sealed_no {
             g = file.done.wait(g).expect("file lock");
         }
-        if !g.dirty.is_empty() {
-            g.sealed_no += 1;
-            let batch = Batch {
-                no: g.sealed_no,
-                ranges: std::mem::take(&mut g.dirty).into_iter().collect(),
-                bytes: std::mem::take(&mut g.dirty_bytes),
-                records: std::mem::take(&mut g.records),
-            };
-            g.sealed.push_back(Arc::new(batch));
+        if g.seal_dirty().is_some() {
+            // Held, not handed to the flusher.
             g.done_no = g.sealed_no;
             g.failed.get_or_insert(Errno::EHOSTDOWN);
             self.retry.add(ino, file);
@@ -1327,28 +1334,19 @@ impl Writeback {
         while g.done_no < g.sealed_no {
             g = b.file.done.wait(g).expect("file lock");
         }
-        if g.failed == Some(Errno::ESTALE) {
+        let r = match g.failed {
+            Some(e) if e == Errno::ESTALE => Err(e),
+            _ => self.commit_held(b.ino, &mut g, b.through),
+        };
+        match r {
             // Bytes written under a lease lost to another host: dropped (EIO at the
             // next sync); the change goes on.
-            self.drop_lost(b.ino, &mut g);
-            return Ok(());
+            Err(e) if e == Errno::ESTALE => {
+                self.drop_lost(b.ino, &mut g);
+                return Ok(());
+            }
+            r => r?,
         }
-        while let Some(batch) = g.sealed.front().filter(|x| x.no <= b.through).cloned() {
-            write_ahead(self.journal.as_deref(), &batch.records)?;
-            let committed = match self.hive.commit(b.ino, &batch.ranges) {
-                Ok(c) => c,
-                Err(e) if e == Errno::ESTALE => {
-                    self.drop_lost(b.ino, &mut g);
-                    return Ok(());
-                }
-                Err(e) => return Err(e),
-            };
-            self.done(&batch.records);
-            g.sealed.pop_front();
-            g.splice(&committed);
-            send_due(&self.hive, self.journal.as_deref(), b.ino, &mut g)?;
-        }
-        send_due(&self.hive, self.journal.as_deref(), b.ino, &mut g)?;
         if g.sealed.is_empty() && g.dirty.is_empty() && g.deferred.is_empty() {
             g.failed = None;
         }
@@ -1361,8 +1359,16 @@ impl Writeback {
         if g.failed == Some(Errno::ESTALE) {
             return Err(self.drop_lost(ino, g));
         }
+        self.commit_held(ino, g, u64::MAX)?;
+        g.failed = None;
+        Ok(())
+    }
+
+    /// Commit the held batches numbered up to `through`, in order, each followed by the
+    /// setattrs due after it ([`send_due`]).
+    fn commit_held(&self, ino: u64, g: &mut FileState, through: u64) -> Result<(), Errno> {
         send_due(&self.hive, self.journal.as_deref(), ino, g)?;
-        while let Some(b) = g.sealed.front().cloned() {
+        while let Some(b) = g.sealed.front().filter(|b| b.no <= through).cloned() {
             // Only batches the flusher is done with (callers wait for it to let go of all).
             if b.no > g.done_no {
                 return Err(Errno::EIO);
@@ -1374,7 +1380,6 @@ impl Writeback {
             g.splice(&committed);
             send_due(&self.hive, self.journal.as_deref(), ino, g)?;
         }
-        g.failed = None;
         Ok(())
     }
 

@@ -164,13 +164,14 @@ impl Answers {
             .collect()
     }
 
-    /// Whether `dir` is empty, as far as the listings kept say.
-    fn known_empty(&self, dir: u64) -> Option<bool> {
+    /// `dir` is empty, as the listings kept say: `ENOTEMPTY` if they list a name,
+    /// `EHOSTDOWN` if they are not whole.
+    fn must_be_empty(&self, dir: u64) -> Result<(), Errno> {
         let pages = self.pages(dir);
         if pages.iter().any(|(_, e, _)| !e.is_empty()) {
-            return Some(false);
+            return Err(Errno::ENOTEMPTY);
         }
-        whole_listing(&pages).map(|_| true)
+        whole_listing(&pages).map(|_| ()).ok_or(Errno::EHOSTDOWN)
     }
 
     /// Change the listing of `dir`: kept whole, it becomes one page with `edit` applied
@@ -287,11 +288,7 @@ impl Answers {
                 match (rmdir, v.kind == FileKind::Dir) {
                     (false, true) => return Err(Errno::EISDIR),
                     (true, false) => return Err(Errno::ENOTDIR),
-                    (true, true) => match self.known_empty(v.ino) {
-                        Some(true) => {}
-                        Some(false) => return Err(Errno::ENOTEMPTY),
-                        None => return Err(unknown),
-                    },
+                    (true, true) => self.must_be_empty(v.ino)?,
                     (false, false) => {}
                 }
                 let gone = self.unname(*parent, name, &v, now);
@@ -333,11 +330,7 @@ impl Answers {
                     match (src.kind == FileKind::Dir, d.kind == FileKind::Dir) {
                         (true, false) => return Err(Errno::ENOTDIR),
                         (false, true) => return Err(Errno::EISDIR),
-                        (true, true) => match self.known_empty(d.ino) {
-                            Some(true) => {}
-                            Some(false) => return Err(Errno::ENOTEMPTY),
-                            None => return Err(unknown),
-                        },
+                        (true, true) => self.must_be_empty(d.ino)?,
                         (false, false) => {}
                     }
                 }
