@@ -188,7 +188,10 @@ impl Fabric {
     }
 
     fn wake(&self, shard: usize) {
-        if self.parked[shard].load(Ordering::Acquire) {
+        // Pairs with the fence in `set_parked`: either the sleeper sees the packet just
+        // queued, or this sees it parked (a store-then-load on each side needs SeqCst).
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.parked[shard].load(Ordering::SeqCst) {
             if let Some(w) = self.wakers.get().and_then(|w| w.get(shard)) {
                 w();
             }
@@ -351,7 +354,8 @@ impl ShardNet {
     /// Say this shard is about to sleep (it must then check [`ShardNet::pending`] once
     /// more before sleeping), or has woken.
     pub fn set_parked(&self, parked: bool) {
-        self.fabric.parked[self.shard].store(parked, Ordering::Release);
+        self.fabric.parked[self.shard].store(parked, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
     }
 
     /// Whether this shard polls a receive queue itself (then it must not sleep long:
@@ -390,6 +394,10 @@ impl Inner {
         let tx = tcp::SocketBuffer::new(vec![0u8; self.cfg.tx_buffer]);
         let mut s = tcp::Socket::new(rx, tx);
         s.set_nagle_enabled(false);
+        // Without congestion control smoltcp sends a whole window at once; a burst
+        // larger than the path's queues (a veth's backlog, a switch port) is dropped and
+        // recovered only by timeouts. CUBIC, as the kernel's TCP.
+        s.set_congestion_control(tcp::CongestionControl::Cubic);
         s.set_keep_alive(Some(SmolDuration::from_secs(30)));
         s.set_timeout(Some(SmolDuration::from_secs(120)));
         self.sockets.add(s)

@@ -155,7 +155,11 @@ fn echo_over(driver: &str, extra: &str) {
             let mut s = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(10))
                 .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
             s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-            let data: Vec<u8> = (0..(1u32 << 20))
+            let mib: u32 = std::env::var("ECHO_MIB")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1);
+            let data: Vec<u8> = (0..(mib << 20))
                 .map(|j| (j.wrapping_mul(31) ^ i as u32) as u8)
                 .collect();
             let mut w = s.try_clone().unwrap();

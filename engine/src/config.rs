@@ -96,6 +96,98 @@ pub struct NodeConfig {
     pub scrub_every_secs: u64,
     #[serde(default = "default_scrub_rate")]
     pub scrub_mib_per_sec: u64,
+    /// How the shards' ports are served (kernel TCP, or DPDK with a userspace stack).
+    /// Last: a TOML table follows the plain values.
+    #[serde(default, skip_serializing_if = "NetConfig::is_kernel")]
+    pub net: NetConfig,
+}
+
+/// The transport of the shards' ports (`[net]` in hive.toml; `hive run --net` overrides).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetConfig {
+    pub mode: NetMode,
+    /// The DPDK port, by device name: a virtual device named in `eal_args`
+    /// (`--vdev net_af_xdp0,iface=eth0` is port `net_af_xdp0`) or a PCI address.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub dpdk_port: String,
+    /// EAL arguments, e.g. `--no-huge -m 512 --file-prefix hive1 --vdev ...`, or
+    /// `--in-memory` with reserved hugepages (never both `--no-huge` and `--in-memory`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub eal_args: Vec<String>,
+    /// The node's IPv4 address on the DPDK port, with its prefix (`10.0.0.5/24`). The
+    /// userspace stack owns it: no kernel interface may carry it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub dpdk_addr: String,
+    /// Default gateway on the DPDK port (for peers outside the prefix).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dpdk_gateway: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetMode {
+    /// Kernel TCP (mio sockets): the default.
+    #[default]
+    Kernel,
+    /// DPDK: each shard polls its queue and runs TCP in userspace (cargo feature `dpdk`).
+    Dpdk,
+}
+
+impl std::str::FromStr for NetMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<NetMode, String> {
+        match s {
+            "kernel" => Ok(NetMode::Kernel),
+            "dpdk" => Ok(NetMode::Dpdk),
+            other => Err(format!("unknown transport {other:?} (kernel or dpdk)")),
+        }
+    }
+}
+
+impl NetConfig {
+    pub fn is_kernel(&self) -> bool {
+        self.mode == NetMode::Kernel
+    }
+
+    /// The DPDK settings are complete and consistent.
+    pub fn check(&self) -> Result<()> {
+        if self.mode == NetMode::Kernel {
+            return Ok(());
+        }
+        if self.dpdk_port.is_empty() {
+            bail!("net mode dpdk needs a port (dpdk_port / --dpdk-port, e.g. net_af_xdp0)");
+        }
+        if self.eal_args.iter().any(|a| a == "--no-huge")
+            && self.eal_args.iter().any(|a| a == "--in-memory")
+        {
+            bail!("EAL arguments: --no-huge and --in-memory together are not supported");
+        }
+        self.dpdk_ipv4()?;
+        if let Some(g) = &self.dpdk_gateway {
+            g.parse::<std::net::Ipv4Addr>()
+                .with_context(|| format!("dpdk_gateway {g:?} is not an IPv4 address"))?;
+        }
+        Ok(())
+    }
+
+    /// `dpdk_addr` as address and prefix length.
+    pub fn dpdk_ipv4(&self) -> Result<(std::net::Ipv4Addr, u8)> {
+        let (a, p) = self.dpdk_addr.split_once('/').with_context(|| {
+            format!(
+                "dpdk_addr {:?} must be ADDRESS/PREFIX, e.g. 10.0.0.5/24",
+                self.dpdk_addr
+            )
+        })?;
+        let addr = a
+            .parse()
+            .with_context(|| format!("dpdk_addr {a:?} is not an IPv4 address"))?;
+        let prefix: u8 = p
+            .parse()
+            .ok()
+            .filter(|p| (1..=32).contains(p))
+            .with_context(|| format!("dpdk_addr prefix {p:?} must be 1..32"))?;
+        Ok((addr, prefix))
+    }
 }
 
 fn default_scrub_every() -> u64 {
@@ -177,6 +269,17 @@ impl NodeConfig {
     /// The host other nodes and clients reach this node at.
     pub fn advertise_host(&self) -> &str {
         self.advertise.as_deref().unwrap_or(&self.listen)
+    }
+
+    /// The host this node's own tools (`hive status`, `gc`, ...) reach it at. With DPDK
+    /// the advertised address belongs to the userspace stack, which the node's own
+    /// kernel cannot reach: its tools use the kernel listeners (loopback) instead.
+    pub fn local_host(&self) -> &str {
+        match self.net.mode {
+            NetMode::Kernel => self.advertise_host(),
+            NetMode::Dpdk if self.listen == "0.0.0.0" || self.listen == "::" => "127.0.0.1",
+            NetMode::Dpdk => &self.listen,
+        }
     }
 
     pub fn dedupe_key(&self) -> Result<DedupeKey> {
@@ -396,6 +499,7 @@ fn init_node(o: &InitOptions, joining: Option<&Joining>) -> Result<InitOutcome> 
         repair_mib_per_sec: default_repair_rate(),
         scrub_every_secs: default_scrub_every(),
         scrub_mib_per_sec: default_scrub_rate(),
+        net: NetConfig::default(),
     };
     std::fs::write(dir.join("ca.pem"), &ca.cert_pem)?;
     write_private(&dir.join("ca.key"), &ca.key_pem)?;
@@ -563,6 +667,7 @@ mod tests {
             repair_mib_per_sec: 64,
             scrub_every_secs: 0,
             scrub_mib_per_sec: 32,
+            net: NetConfig::default(),
         };
         let write = |c: &NodeConfig| {
             std::fs::write(dir.join(CONFIG_FILE), toml::to_string(c).unwrap()).unwrap()

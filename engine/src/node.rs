@@ -38,7 +38,7 @@ use hivefs_net::proto::{
     ClusterMap, ErrorCode, Opcode, PutResult, Request, Response,
 };
 use hivefs_nvme::{open_device, run_sync, AlignedBuf, IoOp, IoRequest, BLOCK_SIZE};
-use mio::net::{TcpListener, TcpStream};
+use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -47,7 +47,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+#[cfg(feature = "dpdk")]
+mod dpdk;
 mod replication;
+mod stream;
+
+use stream::Stream;
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -74,7 +79,7 @@ const IO_RECHECK: Duration = Duration::from_millis(5);
 const REPLY_QUANTUM_BYTES: usize = 256 * 1024;
 
 /// Per-run settings of `hive run`.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct RunOptions {
     /// Plain TCP without TLS (measurements only).
     pub insecure: bool,
@@ -82,6 +87,8 @@ pub struct RunOptions {
     pub sqpoll: bool,
     /// io_uring IOPOLL (polled completions; refused by virtio disks, then falls back).
     pub iopoll: bool,
+    /// The transport, replacing `[net]` of hive.toml (`hive run --net ...`).
+    pub net: Option<crate::config::NetConfig>,
 }
 
 /// A running node: its shard threads and the handles to stop them.
@@ -95,6 +102,9 @@ pub struct Node {
     pub meta_port: u16,
     /// The repair thread (nodes of a TLS hive).
     repair: Option<std::thread::JoinHandle<()>>,
+    /// The DPDK port (`--net dpdk`), closed after the shards stop.
+    #[cfg(feature = "dpdk")]
+    net: Option<dpdk::NodeNet>,
 }
 
 struct ShardSetup {
@@ -113,6 +123,9 @@ struct ShardSetup {
     hive_map: Arc<MapCell>,
     /// TLS with this node's certificate, for replication links to other nodes.
     peer_tls: Option<Arc<rustls::ClientConfig>>,
+    /// This shard's DPDK queues and stack settings (`--net dpdk`).
+    #[cfg(feature = "dpdk")]
+    net: Option<dpdk::ShardPorts>,
 }
 
 impl Node {
@@ -134,6 +147,13 @@ impl Node {
         let mut cfg = NodeConfig::load(dir)?;
         cfg.sqpoll |= o.sqpoll;
         cfg.iopoll |= o.iopoll;
+        if let Some(n) = o.net {
+            cfg.net = n;
+        }
+        cfg.net.check()?;
+        if cfg.net.mode == crate::config::NetMode::Dpdk && !cfg!(feature = "dpdk") {
+            bail!("net mode dpdk: this hive binary was built without DPDK (cargo build --features hivefs-engine/dpdk)");
+        }
         let key = cfg.dedupe_key()?;
         let (tls, peer_tls) = if insecure {
             tracing::warn!("--insecure: serving plain TCP without TLS (for measurements only)");
@@ -245,16 +265,30 @@ impl Node {
                 tokens: tokens.clone(),
                 hive_map: hive_map.clone(),
                 peer_tls: peer_tls.clone(),
+                #[cfg(feature = "dpdk")]
+                net: None,
             });
         }
         let mut threads = Vec::new();
         let mut wakers = Vec::new();
+        for s in &setups {
+            wakers.push(Arc::new(Waker::new(s.poll.registry(), WAKER)?));
+        }
+        #[cfg(feature = "dpdk")]
+        let node_net = if cfg.net.mode == crate::config::NetMode::Dpdk {
+            let (net, parts) = dpdk::NodeNet::start(&cfg, &ports)?;
+            net.set_wakers(&wakers);
+            for (s, p) in setups.iter_mut().zip(parts) {
+                s.net = Some(p);
+            }
+            Some(net)
+        } else {
+            None
+        };
         let cores = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
         for s in setups {
-            let waker = Arc::new(Waker::new(s.poll.registry(), WAKER)?);
-            wakers.push(waker);
             let pin = s.cfg.pin_cores.then_some(s.shard as usize % cores);
             threads.push(
                 std::thread::Builder::new()
@@ -275,6 +309,8 @@ impl Node {
             meta: None,
             meta_port: 0,
             repair: None,
+            #[cfg(feature = "dpdk")]
+            net: node_net,
         };
         let ports = node.ports.clone();
         let map_cell = hive_map.clone();
@@ -325,13 +361,22 @@ impl Node {
         if let Some(r) = self.repair.take() {
             let _ = r.join();
         }
-        for t in self.threads {
+        let mut result = Ok(());
+        for t in std::mem::take(&mut self.threads) {
             match t.join() {
-                Ok(r) => r?,
-                Err(_) => bail!("a shard thread panicked"),
+                Ok(r) => {
+                    if let Err(e) = r {
+                        result = Err(e);
+                    }
+                }
+                Err(_) => result = Err(anyhow::anyhow!("a shard thread panicked")),
             }
         }
-        Ok(())
+        #[cfg(feature = "dpdk")]
+        if let Some(n) = self.net.take() {
+            n.close();
+        }
+        result
     }
 
     /// Block until a shard thread exits (a failure) or `stop` is set by a signal handler.
@@ -364,7 +409,7 @@ fn pin_to_cpu(cpu: usize) {
 }
 
 struct Conn {
-    framed: FramedConn<TcpStream>,
+    framed: FramedConn<Stream>,
     peer: SocketAddr,
     version: Option<u16>,
     /// The digest of the token it authenticated with, and what that token may do.
@@ -443,6 +488,9 @@ struct ShardLoop {
     /// Replicated puts: jobs, links to other nodes, the placement map.
     repl: replication::ReplState,
     scrubs: HashMap<u64, Scrub>,
+    /// The DPDK path (`--net dpdk`): this shard's queues and userspace stack.
+    #[cfg(feature = "dpdk")]
+    net: Option<dpdk::NetPath>,
 }
 
 impl ShardLoop {
@@ -497,12 +545,18 @@ impl ShardLoop {
             dirty: HashSet::new(),
             tokens_seen: 0,
             tokens_checked: std::time::Instant::now(),
+            #[cfg(feature = "dpdk")]
+            net: None,
         }
     }
 
     fn run(mut self) -> Result<()> {
         let mut events = Events::with_capacity(1024);
         let shard = self.s.shard;
+        #[cfg(feature = "dpdk")]
+        if let Some(p) = self.s.net.take() {
+            self.net = Some(dpdk::NetPath::new(p)?);
+        }
         let mut turns = 0u64;
         tracing::info!(
             shard,
@@ -515,9 +569,13 @@ impl ShardLoop {
             if stopping && !self.s.core.busy() && self.backlog.is_empty() {
                 break;
             }
+            // DPDK: receive and dispatch packets, run the stack, take new connections.
+            let user_ready = self.net_turn();
             // With a completion descriptor the loop sleeps in one place, woken by sockets or
             // by I/O completions; without one it must not sleep while I/O is in flight.
-            let more = !self.backlog.is_empty() || self.conns.values().any(|c| c.maybe_more);
+            let more = !self.backlog.is_empty()
+                || self.conns.values().any(|c| c.maybe_more)
+                || !user_ready.is_empty();
             let busy = if self.io_fd {
                 more || self.s.core.ready_now() || self.s.core.compaction_ready()
             } else {
@@ -535,7 +593,10 @@ impl ShardLoop {
             } else {
                 Some(PARK)
             };
-            if let Err(e) = self.s.poll.poll(&mut events, timeout) {
+            let timeout = self.net_sleep(timeout);
+            let polled = self.s.poll.poll(&mut events, timeout);
+            self.net_unpark();
+            if let Err(e) = polled {
                 if e.kind() != std::io::ErrorKind::Interrupted {
                     return Err(e.into());
                 }
@@ -552,6 +613,7 @@ impl ShardLoop {
                     Token(t) => ready.push(t),
                 }
             }
+            ready.extend(user_ready);
             // Connections with unread frames (credit-limited earlier) are read again too.
             ready.extend(
                 self.conns
@@ -610,6 +672,10 @@ impl ShardLoop {
             for t in std::mem::take(&mut self.dirty) {
                 self.flush(t);
             }
+            #[cfg(feature = "dpdk")]
+            if let Some(n) = &mut self.net {
+                n.flush();
+            }
             turns = turns.wrapping_add(1);
             if turns.is_multiple_of(1024) || timeout == Some(PARK) {
                 let used = self.s.core.stats().device_bytes_used;
@@ -630,7 +696,6 @@ impl ShardLoop {
                     }
                     let _ = stream.set_nodelay(true);
                     let t = self.next_conn;
-                    self.next_conn += 1;
                     if let Err(e) = self.s.poll.registry().register(
                         &mut stream,
                         Token(t),
@@ -639,25 +704,7 @@ impl ShardLoop {
                         tracing::warn!(%peer, "register: {e}");
                         continue;
                     }
-                    match FramedConn::new_server(stream, self.s.tls.clone()) {
-                        Ok(framed) => {
-                            self.conns.insert(
-                                t,
-                                Conn {
-                                    framed,
-                                    peer,
-                                    version: None,
-                                    auth: None,
-                                    in_flight: 0,
-                                    closing: false,
-                                    maybe_more: false,
-                                    stalled: false,
-                                    from_node: false,
-                                },
-                            );
-                        }
-                        Err(e) => tracing::warn!(%peer, "connection setup: {e}"),
-                    }
+                    self.add_conn(Stream::Kernel(stream), peer);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) => {
@@ -665,6 +712,91 @@ impl ShardLoop {
                     return;
                 }
             }
+        }
+    }
+
+    /// A new connection (kernel or userspace), under the next token.
+    fn add_conn(&mut self, stream: Stream, peer: SocketAddr) {
+        let t = self.next_conn;
+        self.next_conn += 1;
+        match FramedConn::new_server(stream, self.s.tls.clone()) {
+            Ok(framed) => {
+                self.conns.insert(
+                    t,
+                    Conn {
+                        framed,
+                        peer,
+                        version: None,
+                        auth: None,
+                        in_flight: 0,
+                        closing: false,
+                        maybe_more: false,
+                        stalled: false,
+                        from_node: false,
+                    },
+                );
+            }
+            Err(e) => tracing::warn!(%peer, "connection setup: {e}"),
+        }
+    }
+
+    /// DPDK: one turn of the network path. New userspace connections are added; returns
+    /// the userspace connections with something to read, or output waiting and room to
+    /// write it (the kernel's poll says this for kernel sockets).
+    #[cfg(feature = "dpdk")]
+    fn net_turn(&mut self) -> Vec<usize> {
+        let Some(n) = &mut self.net else {
+            return Vec::new();
+        };
+        let mut accepted = Vec::new();
+        n.turn(&mut accepted);
+        let stopping = self.s.stop.load(Ordering::Relaxed);
+        for (stream, peer) in accepted {
+            if stopping || self.conns.len() >= MAX_CONNS_PER_SHARD {
+                tracing::warn!(shard = self.s.shard, %peer, "not accepting (stopping or at the connection limit)");
+                continue;
+            }
+            self.add_conn(Stream::User(stream), peer);
+        }
+        self.conns
+            .iter_mut()
+            .filter_map(|(t, c)| {
+                let wants_write = c.framed.wants_write();
+                match c.framed.get_mut() {
+                    Stream::User(u) if u.readable() || (wants_write && u.writable()) => Some(*t),
+                    _ => None,
+                }
+            })
+            .collect()
+    }
+
+    #[cfg(not(feature = "dpdk"))]
+    fn net_turn(&mut self) -> Vec<usize> {
+        Vec::new()
+    }
+
+    /// DPDK: bound the loop's sleep (see `node/dpdk.rs`) and announce it.
+    #[cfg(feature = "dpdk")]
+    fn net_sleep(&mut self, timeout: Option<Duration>) -> Option<Duration> {
+        let Some(n) = &self.net else {
+            return timeout;
+        };
+        let t = n.bound_sleep(timeout);
+        if t != Some(Duration::ZERO) && n.park() {
+            return Some(Duration::ZERO);
+        }
+        t
+    }
+
+    #[cfg(not(feature = "dpdk"))]
+    fn net_sleep(&mut self, timeout: Option<Duration>) -> Option<Duration> {
+        timeout
+    }
+
+    fn net_unpark(&self) {
+        #[cfg(feature = "dpdk")]
+        if let Some(n) = &self.net {
+            n.unpark();
         }
     }
 
@@ -1454,7 +1586,9 @@ impl ShardLoop {
     fn close(&mut self, t: usize, why: &str) {
         if let Some(mut c) = self.conns.remove(&t) {
             tracing::debug!(shard = self.s.shard, peer = %c.peer, "closing: {why}");
-            let _ = self.s.poll.registry().deregister(c.framed.get_mut());
+            if let Some(k) = c.framed.get_mut().kernel() {
+                let _ = self.s.poll.registry().deregister(k);
+            }
         }
         // Replies for requests still in the core are dropped when they complete.
         self.tickets.retain(|_, p| !matches!(p, Pending::Put { conn, .. } | Pending::Get { conn, .. } if *conn == t));

@@ -63,6 +63,24 @@ enum Cmd {
         /// io_uring IOPOLL: polled completions (falls back where refused, e.g. virtio).
         #[arg(long)]
         iopoll: bool,
+        /// The shards' transport: kernel TCP, or dpdk (each shard polls DPDK queues and
+        /// runs TCP in userspace; needs a build with the `dpdk` feature). Default: `[net]`
+        /// in hive.toml, else kernel.
+        #[arg(long)]
+        net: Option<config::NetMode>,
+        /// DPDK port name (e.g. net_af_xdp0, the --vdev in --eal-args, or a PCI address).
+        #[arg(long)]
+        dpdk_port: Option<String>,
+        /// The node's IPv4 address/prefix on the DPDK port (owned by the userspace stack).
+        #[arg(long)]
+        dpdk_addr: Option<String>,
+        /// Default gateway on the DPDK port.
+        #[arg(long)]
+        dpdk_gateway: Option<String>,
+        /// EAL arguments, one string (split on spaces), e.g. "--no-huge -m 512
+        /// --file-prefix hive1 --vdev net_af_xdp0,iface=eth0".
+        #[arg(long, allow_hyphen_values = true)]
+        eal_args: Option<String>,
     },
     /// The embedded default: a one-node hive in DATA (made on first use), volume
     /// `default`, mounted at MOUNTPOINT until Ctrl-C.
@@ -350,7 +368,29 @@ fn real_main() -> Result<()> {
             insecure,
             sqpoll,
             iopoll,
+            net,
+            dpdk_port,
+            dpdk_addr,
+            dpdk_gateway,
+            eal_args,
         } => {
+            // Flags override `[net]` of hive.toml, field by field.
+            let mut nc = NodeConfig::load(&data)?.net;
+            if let Some(m) = net {
+                nc.mode = m;
+            }
+            if let Some(p) = dpdk_port {
+                nc.dpdk_port = p;
+            }
+            if let Some(a) = dpdk_addr {
+                nc.dpdk_addr = a;
+            }
+            if dpdk_gateway.is_some() {
+                nc.dpdk_gateway = dpdk_gateway;
+            }
+            if let Some(a) = eal_args {
+                nc.eal_args = a.split_whitespace().map(str::to_string).collect();
+            }
             // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
             unsafe {
                 libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
@@ -362,6 +402,7 @@ fn real_main() -> Result<()> {
                     insecure,
                     sqpoll,
                     iopoll,
+                    net: Some(nc),
                 },
             )?;
             tracing::info!(ports = ?node.ports, "hive node running");
@@ -1047,7 +1088,7 @@ fn ask_leader_req(dir: &std::path::Path, insecure: bool, req: &MetaRequest) -> R
     let token = std::fs::read_to_string(dir.join("admin.token")).context("reading admin.token")?;
     let tls = hivefs_net::tls::client_config_trusting(&config::trust_bundle(dir)?)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let at = NodeSpec::addr_of(cfg.advertise_host(), cfg.meta_port());
+    let at = NodeSpec::addr_of(cfg.local_host(), cfg.meta_port());
     // A collection or a verifying fsck reads the whole hive: give it time.
     let long = matches!(
         req,
