@@ -14,7 +14,6 @@
 
 pub mod device;
 pub mod eal;
-pub mod lab;
 pub mod mbuf;
 pub mod port;
 pub mod stack;

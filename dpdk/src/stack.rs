@@ -398,6 +398,9 @@ impl Inner {
         // larger than the path's queues (a veth's backlog, a switch port) is dropped and
         // recovered only by timeouts. CUBIC, as the kernel's TCP.
         s.set_congestion_control(tcp::CongestionControl::Cubic);
+        // ACK at once: request/response traffic (a small request, then a wait) would
+        // otherwise hold each ACK for smoltcp's 10 ms, stalling a peer that waits for it.
+        s.set_ack_delay(None);
         s.set_keep_alive(Some(SmolDuration::from_secs(30)));
         s.set_timeout(Some(SmolDuration::from_secs(120)));
         self.sockets.add(s)
@@ -480,12 +483,15 @@ impl UserStack {
         let changed = inner.iface.poll(now, &mut inner.dev, &mut inner.sockets)
             == PollResult::SocketStateChanged;
         if changed {
-            // A listening socket that left `Listen` is a connection: hand it out and put a
-            // fresh listener in its place.
+            // A listening socket whose handshake completed is a connection: hand it out
+            // and put a fresh listener in its place. One still in `SynReceived` stays: a
+            // reset sends it back to `Listen` (RFC 793), and a stream handed out then would
+            // pick up the next, unrelated connection.
             let mut i = 0;
             while i < inner.listeners.len() {
                 let (port, h) = inner.listeners[i];
-                if inner.sockets.get::<tcp::Socket>(h).state() != tcp::State::Listen {
+                let state = inner.sockets.get::<tcp::Socket>(h).state();
+                if !matches!(state, tcp::State::Listen | tcp::State::SynReceived) {
                     inner.listeners.swap_remove(i);
                     inner.accepted.push_back(h);
                     if let Err(e) = inner.listen_on(port) {
@@ -664,9 +670,11 @@ impl Read for UserStream {
                     .map_err(|e| io::Error::new(io::ErrorKind::ConnectionReset, e.to_string()));
             }
             match s.state() {
-                tcp::State::Listen | tcp::State::SynSent | tcp::State::SynReceived => {
+                tcp::State::SynSent | tcp::State::SynReceived => {
                     Err(io::ErrorKind::WouldBlock.into())
                 }
+                // Never for a stream handed out established; kept as a reset, not a wait.
+                tcp::State::Listen => Err(io::ErrorKind::ConnectionReset.into()),
                 _ if s.may_recv() => Err(io::ErrorKind::WouldBlock.into()),
                 // The peer closed (FIN) or the connection is gone.
                 _ => Ok(0),

@@ -70,7 +70,12 @@ impl NodeInfo {
                 (key.trim() == k).then(|| v.trim().trim_matches('"').to_string())
             })
         };
-        let host = get("listen").unwrap_or_else(|| "127.0.0.1".into());
+        // Where clients reach the node: its advertised address (a DPDK node's address is
+        // its userspace stack's), else where it listens (a wildcard: this host).
+        let host = get("advertise")
+            .or_else(|| get("listen"))
+            .filter(|h| h != "0.0.0.0" && h != "::")
+            .unwrap_or_else(|| "127.0.0.1".into());
         let base_port: u16 = get("base_port")
             .context("hive.toml has no base_port")?
             .parse()

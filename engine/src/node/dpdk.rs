@@ -15,8 +15,8 @@
 //! Waiting: a shard that polls a queue keeps polling (no sleep) for [`SPIN`] after its
 //! last packet, then sleeps at most [`IDLE_POLL`] at a time (nothing can wake it when a
 //! packet arrives: virtual devices here have no receive interrupts); a shard without a
-//! queue sleeps until another shard hands it packets (its waker) or its stack has a
-//! timer due.
+//! queue never spins: it sleeps until another shard hands it packets (its waker) or its
+//! stack has a timer due.
 //!
 //! The metadata port: shard 0's stack also accepts connections to the node's metadata
 //! port and relays their bytes (still TLS end to end) to the metadata service's kernel
@@ -236,16 +236,21 @@ impl NodeNet {
     }
 }
 
+/// The poll token of metadata relays' kernel sockets (their readiness only wakes the
+/// loop; every turn pumps every relay).
+pub(crate) const RELAY: mio::Token = mio::Token(usize::MAX - 1);
+
 /// One shard's network path, on its thread. See the module docs.
 pub(crate) struct NetPath {
     net: ShardNet,
+    registry: mio::Registry,
     meta: Option<(u16, SocketAddr)>,
     relays: Vec<Relay>,
     last_packet: Instant,
 }
 
 impl NetPath {
-    pub(crate) fn new(p: ShardPorts) -> Result<NetPath> {
+    pub(crate) fn new(p: ShardPorts, registry: mio::Registry) -> Result<NetPath> {
         if let Err(e) = p.eal.register_thread() {
             tracing::warn!(
                 shard = p.shard,
@@ -269,6 +274,7 @@ impl NetPath {
         );
         Ok(NetPath {
             net,
+            registry,
             meta: p.meta,
             relays: Vec::new(),
             last_packet: Instant::now(),
@@ -282,10 +288,12 @@ impl NetPath {
         while let Some((s, peer)) = self.net.stack().accept() {
             moved = true;
             match self.meta {
-                Some((mp, at)) if s.local_port() == Some(mp) => match Relay::open(s, at) {
-                    Ok(r) => self.relays.push(r),
-                    Err(e) => tracing::warn!(%peer, "metadata relay to {at}: {e}"),
-                },
+                Some((mp, at)) if s.local_port() == Some(mp) => {
+                    match Relay::open(s, at, &self.registry) {
+                        Ok(r) => self.relays.push(r),
+                        Err(e) => tracing::warn!(%peer, "metadata relay to {at}: {e}"),
+                    }
+                }
                 _ => accepted.push((s, peer)),
             }
         }
@@ -321,7 +329,9 @@ impl NetPath {
 
     /// The loop's sleep, bounded as the module docs say.
     pub(crate) fn bound_sleep(&self, base: Option<Duration>) -> Option<Duration> {
-        if self.net.pending() || self.last_packet.elapsed() < SPIN {
+        // Only a shard that polls a queue spins: one without is woken when packets are
+        // handed to it, and spinning would take the core from the one that polls.
+        if self.net.pending() || (self.net.polls_queue() && self.last_packet.elapsed() < SPIN) {
             return Some(Duration::ZERO);
         }
         let mut t = base;
@@ -333,6 +343,11 @@ impl NetPath {
             cap(d);
         }
         t
+    }
+
+    /// Polling its queue without sleeping (a packet within [`SPIN`]).
+    pub(crate) fn spinning(&self) -> bool {
+        self.net.polls_queue() && self.last_packet.elapsed() < SPIN
     }
 
     /// Around a sleep: announce it (then re-check for packets handed over meanwhile), and
@@ -351,7 +366,7 @@ impl NetPath {
 /// service's kernel listener. Bounded buffers each way; either side's end ends it.
 struct Relay {
     user: UserStream,
-    kernel: std::net::TcpStream,
+    kernel: mio::net::TcpStream,
     to_kernel: Vec<u8>,
     to_user: Vec<u8>,
     user_done: bool,
@@ -359,10 +374,13 @@ struct Relay {
 }
 
 impl Relay {
-    fn open(user: UserStream, at: SocketAddr) -> std::io::Result<Relay> {
+    fn open(user: UserStream, at: SocketAddr, registry: &mio::Registry) -> std::io::Result<Relay> {
         let kernel = std::net::TcpStream::connect_timeout(&at, Duration::from_secs(1))?;
         kernel.set_nonblocking(true)?;
         kernel.set_nodelay(true)?;
+        let mut kernel = mio::net::TcpStream::from_std(kernel);
+        // Its replies wake the shard (else they wait for the next poll of the queue).
+        registry.register(&mut kernel, RELAY, mio::Interest::READABLE)?;
         Ok(Relay {
             user,
             kernel,
