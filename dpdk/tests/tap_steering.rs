@@ -9,77 +9,22 @@
 //! clients in the same namespace reach the userspace stack through the tap interface.
 //! Needs root; skips with the reason otherwise.
 
-use hivefs_dpdk::stack::{Fabric, Router, ShardNet, StackConfig, UserStream};
+mod common;
+
+use hivefs_dpdk::stack::{Fabric, Router};
 use hivefs_dpdk::{Eal, Mempool, Port, PortConfig};
-use hivefs_harness::netns::VethLab;
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
-
-fn serve(mut net: ShardNet, port: u16, stop: Arc<AtomicBool>) {
-    net.stack().listen(port).unwrap();
-    let mut conns: Vec<(UserStream, Vec<u8>)> = Vec::new();
-    let mut buf = vec![0u8; 64 << 10];
-    while !stop.load(Ordering::Relaxed) {
-        let moved = net.turn();
-        while let Some((s, _)) = net.stack().accept() {
-            conns.push((s, Vec::new()));
-        }
-        conns.retain_mut(|(s, pending)| {
-            loop {
-                match s.read(&mut buf) {
-                    Ok(0) => return false,
-                    Ok(n) => pending.extend_from_slice(&buf[..n]),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(_) => return false,
-                }
-            }
-            while !pending.is_empty() {
-                match s.write(pending) {
-                    Ok(n) => {
-                        pending.drain(..n);
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(_) => return false,
-                }
-            }
-            true
-        });
-        net.flush();
-        if !moved {
-            std::thread::sleep(Duration::from_micros(50));
-        }
-    }
-}
 
 #[test]
 fn each_shard_receives_on_its_own_queue_where_the_device_steers() {
-    let lab = match VethLab::new() {
-        Ok(l) => l,
-        Err(why) => {
-            eprintln!("SKIPPED: {why}");
-            return;
-        }
+    let Some(lab) = common::lab_or_skip() else {
+        return;
     };
     let prefix = format!("hvtap{}", std::process::id());
-    let args: Vec<String> = [
-        "--no-huge",
-        "-m",
-        "256",
-        "--no-pci",
-        "-l",
-        "0",
-        "--file-prefix",
-        &prefix,
-        "--vdev",
-        "net_tap0,iface=hvtap0",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = common::eal_args(&prefix, "net_tap0,iface=hvtap0");
     // The tap interface lives in the lab's namespace only: any addresses do.
     let node = Ipv4Addr::new(10, 99, 77, 2);
     let started = std::thread::scope(|sc| {
@@ -133,27 +78,17 @@ fn each_shard_receives_on_its_own_queue_where_the_device_steers() {
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
     for shard in (0..2u16).rev() {
-        let cfg = StackConfig {
-            mac: port.mac(),
-            addr: node,
-            prefix_len: 24,
-            gateway: None,
-            rx_buffer: 256 << 10,
-            tx_buffer: 256 << 10,
-            local_ports: 40_000 + shard * 1000..41_000 + shard * 1000,
-            seed: 7 + shard as u64,
-        };
         let (rx, tx) = (rxq.pop(), txq.pop());
-        let fabric = fabric.clone();
-        let stop = stop.clone();
-        threads.push(std::thread::spawn(move || {
-            eal.register_thread().unwrap();
-            serve(
-                ShardNet::new(shard, fabric, rx, tx, cfg),
-                7000 + shard,
-                stop,
-            );
-        }));
+        threads.push(common::start_shard(
+            eal,
+            shard,
+            &fabric,
+            rx,
+            tx,
+            port.mac(),
+            node,
+            &stop,
+        ));
     }
     let mut clients = Vec::new();
     for i in 0..4u16 {
@@ -165,19 +100,7 @@ fn each_shard_receives_on_its_own_queue_where_the_device_steers() {
             use std::os::fd::AsRawFd;
             // SAFETY: a valid namespace descriptor; affects the calling thread only.
             assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-            let mut s = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(10))
-                .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-            let data: Vec<u8> = (0..(4u32 << 20))
-                .map(|j| (j.wrapping_mul(31) ^ i as u32) as u8)
-                .collect();
-            let mut w = s.try_clone().unwrap();
-            let send = data.clone();
-            let writer = std::thread::spawn(move || w.write_all(&send).unwrap());
-            let mut back = vec![0u8; data.len()];
-            s.read_exact(&mut back).unwrap();
-            writer.join().unwrap();
-            assert!(back == data);
+            common::echo_client(addr, i, 4 << 20);
         }));
     }
     for c in clients {

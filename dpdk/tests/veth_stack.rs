@@ -4,51 +4,14 @@
 //! shard 0 and every packet it sends goes out through shard 0 (software dispatch, both
 //! directions). Needs root; skips with the reason otherwise.
 
-use hivefs_dpdk::stack::{Fabric, Router, ShardNet, StackConfig, UserStream};
+mod common;
+
+use hivefs_dpdk::stack::{Fabric, Router};
 use hivefs_dpdk::{Eal, Mempool, Port, PortConfig};
-use hivefs_harness::netns::VethLab;
-use std::io::{Read, Write};
-use std::net::{SocketAddrV4, TcpStream};
+use std::net::SocketAddrV4;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-/// An echo server per shard: each accepted stream sends back what it reads.
-fn serve(mut net: ShardNet, port: u16, stop: Arc<AtomicBool>) {
-    net.stack().listen(port).unwrap();
-    let mut conns: Vec<(UserStream, Vec<u8>)> = Vec::new();
-    let mut buf = vec![0u8; 64 << 10];
-    while !stop.load(Ordering::Relaxed) {
-        let moved = net.turn();
-        while let Some((s, _peer)) = net.stack().accept() {
-            conns.push((s, Vec::new()));
-        }
-        conns.retain_mut(|(s, pending)| {
-            loop {
-                match s.read(&mut buf) {
-                    Ok(0) => return false,
-                    Ok(n) => pending.extend_from_slice(&buf[..n]),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(_) => return false,
-                }
-            }
-            while !pending.is_empty() {
-                match s.write(pending) {
-                    Ok(n) => {
-                        pending.drain(..n);
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(_) => return false,
-                }
-            }
-            true
-        });
-        net.flush();
-        if !moved {
-            std::thread::sleep(Duration::from_micros(50));
-        }
-    }
-}
+use std::time::Instant;
 
 #[test]
 fn kernel_clients_talk_to_two_userspace_shards_over_one_af_packet_queue() {
@@ -66,29 +29,11 @@ fn kernel_clients_talk_to_two_userspace_shards_over_one_af_xdp_queue() {
 }
 
 fn echo_over(driver: &str, extra: &str) {
-    let lab = match VethLab::new() {
-        Ok(l) => l,
-        Err(why) => {
-            eprintln!("SKIPPED: {why}");
-            return;
-        }
+    let Some(lab) = common::lab_or_skip() else {
+        return;
     };
     let prefix = format!("hvtest{}", std::process::id());
-    let args: Vec<String> = [
-        "--no-huge",
-        "-m",
-        "256",
-        "--no-pci",
-        "-l",
-        "0",
-        "--file-prefix",
-        &prefix,
-        "--vdev",
-        &lab.vdev(driver, 0, extra),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = common::eal_args(&prefix, &lab.vdev(driver, 0, extra));
     // EAL opens the port's packet socket in the namespace of the thread that starts it.
     let started = std::thread::scope(|sc| {
         sc.spawn(|| {
@@ -133,31 +78,21 @@ fn echo_over(driver: &str, extra: &str) {
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
     for shard in 0..2u16 {
-        let cfg = StackConfig {
-            mac: port.mac(),
-            addr: lab.node_addr,
-            prefix_len: lab.prefix_len,
-            gateway: None,
-            rx_buffer: 256 << 10,
-            tx_buffer: 256 << 10,
-            local_ports: 40_000 + shard * 1000..41_000 + shard * 1000,
-            seed: 7 + shard as u64,
-        };
         let (rx, tx) = if shard == 0 {
             (rxq.pop(), txq.pop())
         } else {
             (None, None)
         };
-        let fabric = fabric.clone();
-        let stop = stop.clone();
-        threads.push(std::thread::spawn(move || {
-            eal.register_thread().unwrap();
-            serve(
-                ShardNet::new(shard, fabric, rx, tx, cfg),
-                7000 + shard,
-                stop,
-            );
-        }));
+        threads.push(common::start_shard(
+            eal,
+            shard,
+            &fabric,
+            rx,
+            tx,
+            port.mac(),
+            lab.node_addr,
+            &stop,
+        ));
     }
 
     // Several clients per shard, each sending 1 MiB of patterned bytes and reading them back.
@@ -165,23 +100,11 @@ fn echo_over(driver: &str, extra: &str) {
     for i in 0..6u16 {
         let addr = SocketAddrV4::new(lab.node_addr, 7000 + (i % 2));
         clients.push(std::thread::spawn(move || {
-            let mut s = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(10))
-                .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
             let mib: u32 = std::env::var("ECHO_MIB")
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(1);
-            let data: Vec<u8> = (0..(mib << 20))
-                .map(|j| (j.wrapping_mul(31) ^ i as u32) as u8)
-                .collect();
-            let mut w = s.try_clone().unwrap();
-            let send = data.clone();
-            let writer = std::thread::spawn(move || w.write_all(&send).unwrap());
-            let mut back = vec![0u8; data.len()];
-            s.read_exact(&mut back).unwrap();
-            writer.join().unwrap();
-            assert!(back == data, "client {i}: echoed bytes differ");
+            common::echo_client(addr, i, mib << 20);
         }));
     }
     let t0 = Instant::now();
