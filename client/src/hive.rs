@@ -444,6 +444,9 @@ pub(crate) fn dial_host(
         }
     })?;
     let _ = stream.set_nodelay(true);
+    if let Err(e) = hivefs_net::tcp::detect_dead_peer(&stream) {
+        tracing::warn!("{addr}: dead-peer detection not set: {e}");
+    }
     let tls = match &o.ca_fingerprint {
         Some(fp) => {
             let cfg = hivefs_net::tls::client_config_pinned(fp)
@@ -789,13 +792,29 @@ impl HiveClient {
         let mut groups: Groups<T> = Vec::new();
         let mut failed = Vec::new();
         let mut tried: HashMap<Dest, Result<usize, String>> = HashMap::new();
+        // A host that could not be reached is not dialled again for its other shards in
+        // this call: a silent host costs one connect timeout, not one per shard.
+        let mut unreachable: HashMap<String, String> = HashMap::new();
         for (i, t) in items {
             let Some(d) = dest(self, &t) else {
                 failed.push((i, t, None));
                 continue;
             };
             if !tried.contains_key(&d) {
-                let c = self.conn(&d).map_err(|e| e.to_string());
+                let c = match unreachable.get(&d.host) {
+                    Some(e) => Err(e.clone()),
+                    None => match self.conn(&d) {
+                        Ok(c) => Ok(c),
+                        Err(e) => {
+                            let connect = matches!(e, ClientError::Connect { .. });
+                            let e = e.to_string();
+                            if connect {
+                                unreachable.insert(d.host.clone(), e.clone());
+                            }
+                            Err(e)
+                        }
+                    },
+                };
                 tried.insert(d.clone(), c);
             }
             match &tried[&d] {
@@ -853,6 +872,14 @@ impl HiveClient {
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(Duration::from_secs(1));
                     self.refresh_map();
+                }
+                Err(e) => {
+                    tracing::debug!(
+                        retryable = self.retryable(&e),
+                        map_epoch = self.hive.epoch,
+                        "chunk call failed: {e}"
+                    );
+                    return Err(e);
                 }
                 r => return r,
             }

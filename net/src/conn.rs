@@ -437,8 +437,38 @@ impl<S: Read + Write> FramedConn<S> {
     /// Blocking helper: flush, then read until one frame arrives. [`ConnError::Closed`]
     /// if the peer closes first.
     pub fn recv_frame(&mut self) -> Result<Frame, ConnError> {
+        self.recv_frame_until(None)
+    }
+
+    /// Blocking helper: as [`recv_frame`](Self::recv_frame), but fails with
+    /// `ErrorKind::TimedOut` once `timeout` has passed without a whole frame. The stream's
+    /// own read timeout must be set (shorter or equal): it is what ends each wait.
+    pub fn recv_frame_within(&mut self, timeout: std::time::Duration) -> Result<Frame, ConnError> {
+        self.recv_frame_until(Some(std::time::Instant::now() + timeout))
+    }
+
+    /// Blocking helper: the next response within `timeout` (see
+    /// [`recv_frame_within`](Self::recv_frame_within)).
+    pub fn recv_response_within(
+        &mut self,
+        timeout: std::time::Duration,
+    ) -> Result<(u64, Response), ConnError> {
+        let f = self.recv_frame_within(timeout)?;
+        Ok((f.request_id, Response::decode(f.opcode, &f.body)?))
+    }
+
+    fn recv_frame_until(
+        &mut self,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<Frame, ConnError> {
         let mut frames = Vec::with_capacity(1);
         loop {
+            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                return Err(ConnError::Io(io::Error::new(
+                    ErrorKind::TimedOut,
+                    "no answer in time",
+                )));
+            }
             if self.wants_write() {
                 self.flush()?;
             }
@@ -618,6 +648,22 @@ mod tests {
         exercise(&mut client);
         drop(client);
         assert_eq!(server.join().unwrap(), 5);
+    }
+
+    #[test]
+    fn a_silent_peer_times_out_a_bounded_wait() {
+        // The peer stays connected and says nothing (a host that died behind a userspace
+        // stack): each read ends at the stream's timeout, the wait at its own.
+        let (a, _b) = UnixStream::pair().unwrap();
+        a.set_read_timeout(Some(std::time::Duration::from_millis(20)))
+            .unwrap();
+        let mut client = FramedConn::new_client(a, None).unwrap();
+        let t = std::time::Instant::now();
+        match client.recv_response_within(std::time::Duration::from_millis(100)) {
+            Err(ConnError::Io(e)) => assert_eq!(e.kind(), ErrorKind::TimedOut),
+            other => panic!("{other:?}"),
+        }
+        assert!(t.elapsed() >= std::time::Duration::from_millis(100));
     }
 
     #[test]

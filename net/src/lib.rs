@@ -10,6 +10,7 @@
 //!   pin the hive CA by fingerprint.
 //! - [`conn`]: [`conn::FramedConn`], a plain or TLS framed connection over any `Read + Write`
 //!   stream, for non-blocking event loops and blocking clients alike.
+//! - [`tcp`]: kernel socket settings that fail a connection to a dead host.
 //!
 //! Architecture invariant: only this crate knows the wire format and TLS. The engine and
 //! the client never parse bytes from a socket themselves. Every decoder bounds lengths
@@ -21,6 +22,7 @@ pub mod frame;
 pub mod meta;
 pub mod placement;
 pub mod proto;
+pub mod tcp;
 pub mod tls;
 
 pub use conn::{ConnError, FramedConn, ReadStatus, Security};

@@ -84,6 +84,8 @@ pub fn host_of(addr: &str) -> &str {
 /// One blocking connection to another node's metadata port. See the module docs.
 pub struct PeerLink {
     conn: FramedConn<TcpStream>,
+    /// The longest wait for an answer (the stream's read timeout ends each read).
+    timeout: Duration,
     version: u16,
     next_id: u64,
     addr: String,
@@ -126,6 +128,7 @@ impl PeerLink {
         let conn = FramedConn::new_client(stream, tls).map_err(|e| connect(e.to_string()))?;
         let mut link = PeerLink {
             conn,
+            timeout,
             version: PROTOCOL_VERSION_MIN,
             next_id: 1,
             addr: addr.to_string(),
@@ -151,6 +154,7 @@ impl PeerLink {
 
     /// Set the deadline of each later call.
     pub fn set_timeout(&mut self, t: Duration) {
+        self.timeout = t;
         let s = self.conn.get_ref();
         let _ = s.set_read_timeout(Some(t));
         let _ = s.set_write_timeout(Some(t));
@@ -167,7 +171,10 @@ impl PeerLink {
         self.conn
             .send_request(self.version, id, req)
             .map_err(|e| link(e.to_string()))?;
-        let (rid, resp) = self.conn.recv_response().map_err(|e| link(e.to_string()))?;
+        let (rid, resp) = self
+            .conn
+            .recv_response_within(self.timeout)
+            .map_err(|e| link(e.to_string()))?;
         if rid != id {
             return Err(link(format!("answer to request {rid}, expected {id}")));
         }
