@@ -46,6 +46,9 @@ pub const INBOX_PACKETS: usize = 8192;
 /// Listening sockets kept per port (connections being set up at once).
 pub const BACKLOG: usize = 8;
 /// A closed socket is removed once its close completes, or after this long.
+/// Keep-alive probes on idle connections, and the silence after which one is aborted.
+const KEEPALIVE_SECS: u64 = 3;
+const TIMEOUT_SECS: u64 = 8;
 const CLOSE_LINGER: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How a shard's stack is set up.
@@ -401,8 +404,10 @@ impl Inner {
         // ACK at once: request/response traffic (a small request, then a wait) would
         // otherwise hold each ACK for smoltcp's 10 ms, stalling a peer that waits for it.
         s.set_ack_delay(None);
-        s.set_keep_alive(Some(SmolDuration::from_secs(30)));
-        s.set_timeout(Some(SmolDuration::from_secs(120)));
+        // A peer whose host died sends no reset: probe idle connections and give up on
+        // one silent for TIMEOUT (as hivefs_net::tcp does for kernel sockets).
+        s.set_keep_alive(Some(SmolDuration::from_secs(KEEPALIVE_SECS)));
+        s.set_timeout(Some(SmolDuration::from_secs(TIMEOUT_SECS)));
         self.sockets.add(s)
     }
 
@@ -645,6 +650,11 @@ impl UserStream {
     /// Still connecting.
     pub fn connecting(&self) -> bool {
         self.with(|s| matches!(s.state(), tcp::State::SynSent | tcp::State::SynReceived))
+    }
+
+    /// The connection is (or was) up: not connecting, and not refused or reset.
+    pub fn established(&self) -> bool {
+        self.with(|s| s.may_send() || s.may_recv())
     }
 
     /// Bytes written but not yet acknowledged by the peer.

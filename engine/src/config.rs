@@ -121,7 +121,17 @@ pub struct NetConfig {
     /// Default gateway on the DPDK port (for peers outside the prefix).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dpdk_gateway: Option<String>,
+    /// How long a shard keeps polling its queue without sleeping after its last packet,
+    /// in microseconds (default [`DEFAULT_SPIN_US`]). Long on dedicated cores; short
+    /// where shards share cores with other work (see ARCHITECTURE.md, DPDK).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spin_us: Option<u64>,
 }
+
+/// See [`NetConfig::spin_us`].
+pub const DEFAULT_SPIN_US: u64 = 2000;
+/// The longest spin accepted (a second of polling after a packet is a misconfiguration).
+pub const MAX_SPIN_US: u64 = 1_000_000;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -163,11 +173,19 @@ impl NetConfig {
             bail!("EAL arguments: --no-huge and --in-memory together are not supported");
         }
         self.dpdk_ipv4()?;
+        if self.spin_us.is_some_and(|s| s > MAX_SPIN_US) {
+            bail!("spin_us: at most {MAX_SPIN_US}");
+        }
         if let Some(g) = &self.dpdk_gateway {
             g.parse::<std::net::Ipv4Addr>()
                 .with_context(|| format!("dpdk_gateway {g:?} is not an IPv4 address"))?;
         }
         Ok(())
+    }
+
+    /// How long a shard polls its queue after its last packet before it sleeps.
+    pub fn spin(&self) -> std::time::Duration {
+        std::time::Duration::from_micros(self.spin_us.unwrap_or(DEFAULT_SPIN_US))
     }
 
     /// `dpdk_addr` as address and prefix length.
@@ -320,6 +338,8 @@ pub struct InitOptions {
     /// Copies per chunk and copies before acknowledging (a joining node takes the hive's).
     pub copies: u8,
     pub min_copies: u8,
+    /// The shards' transport (`[net]`; kernel TCP by default).
+    pub net: NetConfig,
 }
 
 /// What a node joining an existing hive was given (`hive join`): the hive's CA, dedupe key
@@ -395,6 +415,7 @@ pub fn init_joined(o: &InitOptions, joining: &Joining) -> Result<InitOutcome> {
 }
 
 fn init_node(o: &InitOptions, joining: Option<&Joining>) -> Result<InitOutcome> {
+    o.net.check()?;
     std::fs::create_dir_all(&o.data_dir)
         .with_context(|| format!("creating {}", o.data_dir.display()))?;
     let dir = o.data_dir.canonicalize()?;
@@ -499,7 +520,7 @@ fn init_node(o: &InitOptions, joining: Option<&Joining>) -> Result<InitOutcome> 
         repair_mib_per_sec: default_repair_rate(),
         scrub_every_secs: default_scrub_every(),
         scrub_mib_per_sec: default_scrub_rate(),
-        net: NetConfig::default(),
+        net: o.net.clone(),
     };
     std::fs::write(dir.join("ca.pem"), &ca.cert_pem)?;
     write_private(&dir.join("ca.key"), &ca.key_pem)?;

@@ -40,4 +40,5 @@ pub mod repl_sim;
 pub mod replicate;
 pub mod shard;
 pub mod sim;
+mod stream;
 pub mod tokens;

@@ -8,6 +8,12 @@
 //! TLS with this node's certificate (issued by the hive CA) and an empty token; the other
 //! node accepts `Replicate` only from such connections.
 //!
+//! With `--net dpdk` ([`TcpLinks::over_user_stack`]) a link to an IPv4 address that is
+//! not loopback is a connection of the shard's userspace TCP stack, from the shard's own
+//! source-port range (so the other node's answers come back to this shard's queue or are
+//! handed to it), under the same framed connection and TLS; no poll reports its
+//! readiness, so the shard loop calls [`ReplicationTransport::poll_streams`] every turn.
+//!
 //! Failure: a dial refused, a TLS or framing error, a peer that closes, or a connect that
 //! does not complete within [`CONNECT_TIMEOUT`] fails every send in flight on that link
 //! (reported, never silently dropped) and the link is redialled on the next send, but not
@@ -15,6 +21,7 @@
 //! at once. A peer that accepts and then goes silent is the caller's concern: the
 //! replicator's per-attempt deadline fails the copy over to another node.
 
+use crate::stream::Stream;
 use hivefs_net::conn::{FramedConn, ReadStatus};
 use hivefs_net::frame::{Frame, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
 use hivefs_net::placement::MapNode;
@@ -64,11 +71,14 @@ pub trait ReplicationTransport {
     fn drain(&mut self, out: &mut Vec<(SendId, SendOutcome)>);
     /// Sends not yet answered.
     fn in_flight(&self) -> usize;
+    /// Look at links whose readiness no poll reports (userspace streams): every loop
+    /// turn, after the shard's network path has run.
+    fn poll_streams(&mut self) {}
 }
 
 struct Link {
     key: (u64, u16),
-    conn: FramedConn<TcpStream>,
+    conn: FramedConn<Stream>,
     /// Until the connect completes nothing is written (the socket is not connected yet).
     connected: bool,
     dialled: Instant,
@@ -82,6 +92,9 @@ struct Link {
 /// [`ReplicationTransport`] over TCP (TLS with this node's certificate when `tls`).
 pub struct TcpLinks {
     registry: Registry,
+    /// The shard's userspace TCP stack (`--net dpdk`): links to other nodes go over it.
+    #[cfg(feature = "dpdk")]
+    user: Option<hivefs_dpdk::stack::UserStack>,
     tls: Option<Arc<rustls::ClientConfig>>,
     /// Told in each Hello (the other side logs it).
     name: String,
@@ -108,6 +121,8 @@ impl TcpLinks {
     ) -> TcpLinks {
         TcpLinks {
             registry,
+            #[cfg(feature = "dpdk")]
+            user: None,
             tls,
             name,
             links: HashMap::new(),
@@ -120,6 +135,35 @@ impl TcpLinks {
             frames: Vec::new(),
             unread: std::collections::HashSet::new(),
         }
+    }
+
+    /// Dial other nodes through the shard's userspace stack (see the module docs).
+    #[cfg(feature = "dpdk")]
+    pub fn over_user_stack(mut self, stack: hivefs_dpdk::stack::UserStack) -> TcpLinks {
+        self.user = Some(stack);
+        self
+    }
+
+    /// A connection to `addr`: through the userspace stack where there is one and the
+    /// address is reachable through it, else a kernel socket registered with the poll.
+    fn open_stream(&mut self, addr: SocketAddr, token: Token) -> Result<Stream, String> {
+        #[cfg(feature = "dpdk")]
+        if let (Some(stack), SocketAddr::V4(v4)) = (&self.user, addr) {
+            if !v4.ip().is_loopback() {
+                return stack
+                    .connect(v4)
+                    .map(Stream::User)
+                    .map_err(|e| format!("connecting to {addr} (userspace TCP): {e}"));
+            }
+        }
+        let mut stream =
+            TcpStream::connect(addr).map_err(|e| format!("connecting to {addr}: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        let _ = hivefs_net::tcp::detect_dead_peer(&stream);
+        self.registry
+            .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+            .map_err(|e| format!("registering a link to {addr}: {e}"))?;
+        Ok(Stream::Kernel(stream))
     }
 
     fn dial(&mut self, to: &MapNode, shard: u16) -> Result<Token, String> {
@@ -149,14 +193,9 @@ impl TcpLinks {
             .map_err(|e| format!("resolving {host}: {e}"))?
             .next()
             .ok_or_else(|| format!("{host}: no address"))?;
-        let mut stream =
-            TcpStream::connect(addr).map_err(|e| format!("connecting to {addr}: {e}"))?;
-        let _ = stream.set_nodelay(true);
         let token = Token(self.next_token);
         self.next_token += 1;
-        self.registry
-            .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
-            .map_err(|e| format!("registering a link to {addr}: {e}"))?;
+        let stream = self.open_stream(addr, token)?;
         let tls = match &self.tls {
             Some(cfg) => Some((
                 cfg.clone(),
@@ -196,7 +235,9 @@ impl TcpLinks {
             return;
         };
         self.by_key.remove(&l.key);
-        let _ = self.registry.deregister(l.conn.get_mut());
+        if let Some(k) = l.conn.get_mut().kernel() {
+            let _ = self.registry.deregister(k);
+        }
         if !l.pending.is_empty() {
             tracing::warn!(
                 node = l.key.0,
@@ -284,19 +325,22 @@ impl ReplicationTransport for TcpLinks {
         };
         if !l.connected {
             // Writable (or an error) after a non-blocking connect: did it work?
-            match l.conn.get_ref().take_error() {
-                Ok(Some(e)) | Err(e) => {
-                    let why = format!("connecting: {e}");
-                    self.fail(token, &why);
-                    return true;
+            match connect_status(l.conn.get_mut()) {
+                Ok(true) => {
+                    l.connected = true;
+                    let transport = match l.conn.get_mut().kernel() {
+                        Some(_) => "kernel TCP",
+                        None => "userspace TCP",
+                    };
+                    tracing::info!(
+                        node = l.key.0,
+                        shard = l.key.1,
+                        transport,
+                        "replication link connected"
+                    );
                 }
-                Ok(None) => {}
-            }
-            match l.conn.get_ref().peer_addr() {
-                Ok(_) => l.connected = true,
-                Err(e) if e.kind() == std::io::ErrorKind::NotConnected => return true,
-                Err(e) => {
-                    let why = format!("connecting: {e}");
+                Ok(false) => return true,
+                Err(why) => {
                     self.fail(token, &why);
                     return true;
                 }
@@ -381,5 +425,59 @@ impl ReplicationTransport for TcpLinks {
 
     fn in_flight(&self) -> usize {
         self.links.values().map(|l| l.pending.len()).sum()
+    }
+
+    #[cfg(feature = "dpdk")]
+    fn poll_streams(&mut self) {
+        if self.user.is_none() {
+            return;
+        }
+        let ready: Vec<Token> = self
+            .links
+            .iter_mut()
+            .filter_map(|(t, l)| {
+                let wants_write = l.conn.wants_write();
+                match l.conn.get_mut() {
+                    Stream::User(u)
+                        if (!l.connected && !u.connecting())
+                            || u.readable()
+                            || (wants_write && u.writable()) =>
+                    {
+                        Some(*t)
+                    }
+                    _ => None,
+                }
+            })
+            .collect();
+        for t in ready {
+            self.ready(t);
+        }
+    }
+}
+
+/// Whether a non-blocking connect has completed (`Ok(false)`: not yet), or why it failed.
+fn connect_status(s: &mut Stream) -> Result<bool, String> {
+    match s {
+        Stream::Kernel(k) => {
+            match k.take_error() {
+                Ok(Some(e)) | Err(e) => return Err(format!("connecting: {e}")),
+                Ok(None) => {}
+            }
+            match k.peer_addr() {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == std::io::ErrorKind::NotConnected => Ok(false),
+                Err(e) => Err(format!("connecting: {e}")),
+            }
+        }
+        #[cfg(feature = "dpdk")]
+        Stream::User(u) => {
+            if u.connecting() {
+                Ok(false)
+            } else if u.established() {
+                Ok(true)
+            } else {
+                Err("connecting: refused or reset (userspace TCP)".into())
+            }
+        }
     }
 }

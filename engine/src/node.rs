@@ -50,9 +50,8 @@ use std::time::Duration;
 #[cfg(feature = "dpdk")]
 mod dpdk;
 mod replication;
-mod stream;
 
-use stream::Stream;
+use crate::stream::Stream;
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -300,7 +299,7 @@ impl Node {
                         if let Some(cpu) = pin {
                             pin_to_cpu(cpu);
                         }
-                        ShardLoop::new(s).run()
+                        ShardLoop::new(s)?.run()
                     })?,
             );
         }
@@ -497,7 +496,7 @@ struct ShardLoop {
 }
 
 impl ShardLoop {
-    fn new(mut s: ShardSetup) -> ShardLoop {
+    fn new(mut s: ShardSetup) -> Result<ShardLoop> {
         // Completions wake the same poll as the sockets when the device can signal them.
         let io_fd = match s.core.completion_fd() {
             Some(fd) => match s.poll.registry().register(
@@ -526,13 +525,24 @@ impl ShardLoop {
             s.peer_tls.clone(),
             format!("{}/shard-{}", s.cfg.node_id, s.shard),
         );
+        // DPDK: the shard's queues and stack, made on its own thread; replication links
+        // to other nodes go over the stack too.
+        #[cfg(feature = "dpdk")]
+        let (net, links) = match s.net.take() {
+            Some(p) => {
+                let n = dpdk::NetPath::new(p, s.poll.registry().try_clone()?)?;
+                let links = links.over_user_stack(n.stack());
+                (Some(n), links)
+            }
+            None => (None, links),
+        };
         let cfg = crate::replicate::ReplConfig {
             min_copies: s.cfg.min_copies.max(1) as usize,
             ..Default::default()
         };
         let repl =
             replication::ReplState::new(s.cfg.raft_id, cfg, Box::new(links), s.cfg.bucket_count);
-        ShardLoop {
+        Ok(ShardLoop {
             repl,
             scrubs: HashMap::new(),
             io_fd,
@@ -549,17 +559,13 @@ impl ShardLoop {
             tokens_seen: 0,
             tokens_checked: std::time::Instant::now(),
             #[cfg(feature = "dpdk")]
-            net: None,
-        }
+            net,
+        })
     }
 
     fn run(mut self) -> Result<()> {
         let mut events = Events::with_capacity(1024);
         let shard = self.s.shard;
-        #[cfg(feature = "dpdk")]
-        if let Some(p) = self.s.net.take() {
-            self.net = Some(dpdk::NetPath::new(p, self.s.poll.registry().try_clone()?)?);
-        }
         let mut turns = 0u64;
         let mut last_epoll = std::time::Instant::now();
         tracing::info!(
@@ -768,6 +774,7 @@ impl ShardLoop {
         };
         let mut accepted = Vec::new();
         n.turn(&mut accepted);
+        self.repl.poll_links();
         let stopping = self.s.stop.load(Ordering::Relaxed);
         for (stream, peer) in accepted {
             if stopping || self.conns.len() >= MAX_CONNS_PER_SHARD {

@@ -12,6 +12,7 @@
 
 use std::net::Ipv4Addr;
 use std::process::Command;
+use std::sync::{Arc, Mutex, Weak};
 
 /// See the module docs.
 pub struct NetLab {
@@ -138,23 +139,98 @@ impl Drop for NetLab {
     }
 }
 
-/// The DPDK test bed: a network namespace holding one end of a veth pair
-/// (`eth0`, no kernel address: the userspace stack owns the node address) and the other
-/// end in the caller's namespace with a kernel address, so kernel TCP clients reach the
-/// userspace stack across a real veth. Offloads the userspace stack cannot take (TCP
-/// segmentation, partial checksums, receive coalescing) are turned off on both ends.
+/// The DPDK test bed: a network namespace holding one end of a veth pair (`eth0`), whose
+/// other end is attached to a bridge in the caller's namespace (the process's *segment*,
+/// shared by all its labs), so kernel TCP clients reach a node's userspace stack across a
+/// real veth, and the nodes of one process reach each other on one Ethernet segment.
 ///
-/// Everything is named after the process id and removed on drop. Needs root, `ip`
-/// (iproute2) and `ethtool`; [`VethLab::new`] says why it cannot be made.
+/// Addresses on the segment's /24: the bridge `.254` (the caller), node `k`'s userspace
+/// stack `.k+1` (no kernel has it), and the namespace's own kernel `.k+101` on the same
+/// `eth0`: the node's control-plane traffic out (Raft, joins: kernel sockets) leaves
+/// through it, as it would through a management interface. Offloads the userspace stack
+/// cannot take (TCP segmentation, partial checksums, receive coalescing) are turned off on
+/// both ends and on the bridge.
+///
+/// Everything is named after the process id and removed on drop (the bridge with the last
+/// lab). Needs root, `ip` (iproute2) and `ethtool`; [`VethLab::new`] says why it cannot be
+/// made.
 pub struct VethLab {
     /// The namespace holding the node's end (`eth0`).
     pub ns: String,
-    /// The caller's end of the pair.
+    /// The caller's end of the pair (attached to the segment's bridge).
     pub host_if: String,
+    /// The caller's address on the segment (the bridge's).
     pub host_addr: Ipv4Addr,
     /// The address the userspace stack takes (not configured in any kernel).
     pub node_addr: Ipv4Addr,
+    /// The namespace kernel's own address on `eth0`.
+    pub kernel_addr: Ipv4Addr,
     pub prefix_len: u8,
+    segment: Arc<Segment>,
+}
+
+/// The bridge all of a process's [`VethLab`]s hang on (removed when the last one goes).
+struct Segment {
+    bridge: String,
+    net: (u8, u8),
+    /// Node slots in use (1..=100).
+    used: Mutex<Vec<bool>>,
+}
+
+static SEGMENT: Mutex<Weak<Segment>> = Mutex::new(Weak::new());
+
+const OFFLOADS_OFF: [&str; 8] = ["tx", "off", "tso", "off", "gso", "off", "gro", "off"];
+
+impl Segment {
+    fn get() -> Result<Arc<Segment>, String> {
+        let mut g = SEGMENT.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = g.upgrade() {
+            return Ok(s);
+        }
+        let pid = std::process::id();
+        let k = crate::next_lab();
+        // A /24 per segment, spread by pid: 10.(200..250).x.0/24 (NetLab takes 100..200).
+        let net = (
+            (200 + (pid / 250) % 50) as u8,
+            ((pid % 250) as u8).wrapping_add(k as u8 * 7),
+        );
+        let seg = Segment {
+            bridge: format!("hd{}b{}", pid % 100_000, k % 1000),
+            net,
+            used: Mutex::new(vec![false; 100]),
+        };
+        run("ip", &["link", "add", &seg.bridge, "type", "bridge"])?;
+        let seg = Arc::new(seg);
+        let cidr = format!("{}/24", seg.addr(254));
+        run("ip", &["addr", "add", &cidr, "dev", &seg.bridge])?;
+        let mut eth = vec!["-K", seg.bridge.as_str()];
+        eth.extend(OFFLOADS_OFF);
+        run("ethtool", &eth)?;
+        run("ip", &["link", "set", &seg.bridge, "up"])?;
+        *g = Arc::downgrade(&seg);
+        Ok(seg)
+    }
+
+    fn addr(&self, host: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, self.net.0, self.net.1, host)
+    }
+
+    fn take_slot(&self) -> Option<u8> {
+        let mut u = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        let i = u.iter().position(|x| !x)?;
+        u[i] = true;
+        Some(i as u8)
+    }
+
+    fn free_slot(&self, slot: u8) {
+        self.used.lock().unwrap_or_else(|p| p.into_inner())[slot as usize] = false;
+    }
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        let _ = run("ip", &["link", "del", &self.bridge]);
+    }
 }
 
 impl VethLab {
@@ -169,63 +245,49 @@ impl VethLab {
                 return Err(format!("the DPDK test bed needs `{tool}`"));
             }
         }
+        let segment = Segment::get()?;
+        let slot = segment
+            .take_slot()
+            .ok_or("more than 100 DPDK labs at once in one process")?;
         let pid = std::process::id();
         let k = crate::next_lab() as u32;
         let tag = format!("hd{}{}", pid % 100_000, k);
-        // A /24 per lab, spread by pid: 10.(150..200).x.0/24.
-        let a = (150 + (pid / 250) % 50) as u8;
-        let b = ((pid % 250) as u8).wrapping_add(k as u8 * 7);
         let lab = VethLab {
             ns: format!("{tag}ns"),
             host_if: format!("{tag}h"),
-            host_addr: Ipv4Addr::new(10, a, b, 1),
-            node_addr: Ipv4Addr::new(10, a, b, 2),
+            host_addr: segment.addr(254),
+            node_addr: segment.addr(slot + 1),
+            kernel_addr: segment.addr(slot + 101),
             prefix_len: 24,
+            segment,
         };
-        run("ip", &["netns", "add", &lab.ns])?;
-        // From here on, drop removes what exists.
+        // From here on, drop removes what exists (and frees the slot).
+        let l = &lab;
+        run("ip", &["netns", "add", &l.ns])?;
         run(
             "ip",
             &[
-                "link",
-                "add",
-                &lab.host_if,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                &lab.ns,
+                "link", "add", &l.host_if, "type", "veth", "peer", "name", "eth0", "netns", &l.ns,
             ],
         )?;
-        let host_cidr = format!("{}/{}", lab.host_addr, lab.prefix_len);
-        run("ip", &["addr", "add", &host_cidr, "dev", &lab.host_if])?;
-        run(
-            "ethtool",
-            &[
-                "-K",
-                &lab.host_if,
-                "tx",
-                "off",
-                "tso",
-                "off",
-                "gso",
-                "off",
-                "gro",
-                "off",
-            ],
-        )?;
-        run("ip", &["link", "set", &lab.host_if, "up"])?;
+        let mut eth = vec!["-K", l.host_if.as_str()];
+        eth.extend(OFFLOADS_OFF);
+        run("ethtool", &eth)?;
         run(
             "ip",
-            &[
-                "netns", "exec", &lab.ns, "ethtool", "-K", "eth0", "tx", "off", "tso", "off",
-                "gso", "off", "gro", "off",
-            ],
+            &["link", "set", &l.host_if, "master", &l.segment.bridge],
         )?;
-        run("ip", &["-n", &lab.ns, "link", "set", "eth0", "up"])?;
-        run("ip", &["-n", &lab.ns, "link", "set", "lo", "up"])?;
+        run("ip", &["link", "set", &l.host_if, "up"])?;
+        let mut eth = vec!["netns", "exec", l.ns.as_str(), "ethtool", "-K", "eth0"];
+        eth.extend(OFFLOADS_OFF);
+        run("ip", &eth)?;
+        let kernel_cidr = format!("{}/{}", l.kernel_addr, l.prefix_len);
+        run(
+            "ip",
+            &["-n", &l.ns, "addr", "add", &kernel_cidr, "dev", "eth0"],
+        )?;
+        run("ip", &["-n", &l.ns, "link", "set", "eth0", "up"])?;
+        run("ip", &["-n", &l.ns, "link", "set", "lo", "up"])?;
         Ok(lab)
     }
 
@@ -251,11 +313,17 @@ impl VethLab {
     pub fn vdev(&self, driver: &str, index: u32, extra: &str) -> String {
         format!("{driver}{index},iface=eth0{extra}")
     }
+
+    fn slot(&self) -> u8 {
+        let o = self.node_addr.octets();
+        o[3] - 1
+    }
 }
 
 impl Drop for VethLab {
     fn drop(&mut self) {
         let _ = run("ip", &["link", "del", &self.host_if]);
         let _ = run("ip", &["netns", "del", &self.ns]);
+        self.segment.free_slot(self.slot());
     }
 }

@@ -60,6 +60,15 @@ fn every_replica_holds_every_chunk_and_reads_fail_over() {
         "{results:?}"
     );
     eprintln!("300 chunks put with 3 copies in {:?}", t.elapsed());
+    // DPDK nodes (HIVE_TEST_NET=dpdk) send their copies over their userspace stacks.
+    if nodes[0].options().dpdk.is_some() {
+        let log = nodes[0].log();
+        assert!(
+            log.contains("\"userspace TCP\"") && !log.contains("\"kernel TCP\""),
+            "replication links of a DPDK node not over its userspace stack:\n{}",
+            nodes[0].log_tail(40)
+        );
+    }
     // Copies are made before the put is answered only on min_copies (2) nodes; the third
     // follows within moments.
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -63,24 +63,9 @@ enum Cmd {
         /// io_uring IOPOLL: polled completions (falls back where refused, e.g. virtio).
         #[arg(long)]
         iopoll: bool,
-        /// The shards' transport: kernel TCP, or dpdk (each shard polls DPDK queues and
-        /// runs TCP in userspace; needs a build with the `dpdk` feature). Default: `[net]`
-        /// in hive.toml, else kernel.
-        #[arg(long)]
-        net: Option<config::NetMode>,
-        /// DPDK port name (e.g. net_af_xdp0, the --vdev in --eal-args, or a PCI address).
-        #[arg(long)]
-        dpdk_port: Option<String>,
-        /// The node's IPv4 address/prefix on the DPDK port (owned by the userspace stack).
-        #[arg(long)]
-        dpdk_addr: Option<String>,
-        /// Default gateway on the DPDK port.
-        #[arg(long)]
-        dpdk_gateway: Option<String>,
-        /// EAL arguments, one string (split on spaces), e.g. "--no-huge -m 512
-        /// --file-prefix hive1 --vdev net_af_xdp0,iface=eth0".
-        #[arg(long, allow_hyphen_values = true)]
-        eal_args: Option<String>,
+        /// Override `[net]` of hive.toml for this run.
+        #[command(flatten)]
+        net: NetArgs,
     },
     /// The embedded default: a one-node hive in DATA (made on first use), volume
     /// `default`, mounted at MOUNTPOINT until Ctrl-C.
@@ -204,6 +189,58 @@ struct NodeArgs {
     /// Copies durable before a write is acknowledged (at most --copies).
     #[arg(long, default_value_t = config::default_min_copies(), value_parser = clap::value_parser!(u8).range(1..=8))]
     min_copies: u8,
+    /// The shards' transport, kept in hive.toml's `[net]`.
+    #[command(flatten)]
+    net: NetArgs,
+}
+
+/// The shards' transport (`[net]` in hive.toml). Each flag given replaces its field.
+#[derive(clap::Args)]
+struct NetArgs {
+    /// Kernel TCP, or dpdk (each shard polls DPDK queues and runs TCP in userspace; needs
+    /// a build with the `dpdk` feature). Default: kernel.
+    #[arg(long)]
+    net: Option<config::NetMode>,
+    /// DPDK port name (e.g. net_af_xdp0, the --vdev in --eal-args, or a PCI address).
+    #[arg(long)]
+    dpdk_port: Option<String>,
+    /// The node's IPv4 address/prefix on the DPDK port (owned by the userspace stack).
+    #[arg(long)]
+    dpdk_addr: Option<String>,
+    /// Default gateway on the DPDK port.
+    #[arg(long)]
+    dpdk_gateway: Option<String>,
+    /// EAL arguments, one string (split on spaces), e.g. "--no-huge -m 512
+    /// --file-prefix hive1 --vdev net_af_xdp0,iface=eth0".
+    #[arg(long, allow_hyphen_values = true)]
+    eal_args: Option<String>,
+    /// Microseconds a shard keeps polling its queue after its last packet (default 2000;
+    /// 0 = sleep as soon as the queue is empty).
+    #[arg(long)]
+    dpdk_spin_us: Option<u64>,
+}
+
+impl NetArgs {
+    fn apply(self, nc: &mut config::NetConfig) {
+        if let Some(m) = self.net {
+            nc.mode = m;
+        }
+        if let Some(p) = self.dpdk_port {
+            nc.dpdk_port = p;
+        }
+        if let Some(a) = self.dpdk_addr {
+            nc.dpdk_addr = a;
+        }
+        if self.dpdk_gateway.is_some() {
+            nc.dpdk_gateway = self.dpdk_gateway;
+        }
+        if let Some(a) = self.eal_args {
+            nc.eal_args = a.split_whitespace().map(str::to_string).collect();
+        }
+        if self.dpdk_spin_us.is_some() {
+            nc.spin_us = self.dpdk_spin_us;
+        }
+    }
 }
 
 impl NodeArgs {
@@ -228,6 +265,11 @@ impl NodeArgs {
             zone: self.zone,
             copies: self.copies,
             min_copies: self.min_copies.min(self.copies),
+            net: {
+                let mut nc = config::NetConfig::default();
+                self.net.apply(&mut nc);
+                nc
+            },
         })
     }
 }
@@ -369,28 +411,9 @@ fn real_main() -> Result<()> {
             sqpoll,
             iopoll,
             net,
-            dpdk_port,
-            dpdk_addr,
-            dpdk_gateway,
-            eal_args,
         } => {
-            // Flags override `[net]` of hive.toml, field by field.
             let mut nc = NodeConfig::load(&data)?.net;
-            if let Some(m) = net {
-                nc.mode = m;
-            }
-            if let Some(p) = dpdk_port {
-                nc.dpdk_port = p;
-            }
-            if let Some(a) = dpdk_addr {
-                nc.dpdk_addr = a;
-            }
-            if dpdk_gateway.is_some() {
-                nc.dpdk_gateway = dpdk_gateway;
-            }
-            if let Some(a) = eal_args {
-                nc.eal_args = a.split_whitespace().map(str::to_string).collect();
-            }
+            net.apply(&mut nc);
             // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
             unsafe {
                 libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
@@ -573,14 +596,32 @@ fn join(hive: &str, token: &str, ca: &str, o: InitOptions) -> Result<()> {
     let data = o.data_dir.canonicalize()?;
     let cfg = NodeConfig::load(&data)?;
     let node = Node::start(&data, false)?;
-    // Catching up may mean a snapshot and a long log: a generous deadline.
-    let admitted = call_leader(
-        hive,
-        token,
-        &pinned,
-        &MetaRequest::Peer(PeerRequest::Admit { id: cfg.raft_id }),
-        std::time::Duration::from_secs(600),
-    );
+    // Catching up may mean a snapshot and a long log: a generous deadline. Admitting is
+    // idempotent: while the leader cannot hear a quorum (a member slow or restarting),
+    // it is asked again for a while.
+    let admit_until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let admitted = loop {
+        let r = call_leader(
+            hive,
+            token,
+            &pinned,
+            &MetaRequest::Peer(PeerRequest::Admit { id: cfg.raft_id }),
+            std::time::Duration::from_secs(600),
+        );
+        let no_quorum = matches!(
+            r.as_ref().map_err(|e| e.downcast_ref::<PeerError>()),
+            Err(Some(PeerError::Refused {
+                code: ErrorCode::NoQuorum,
+                ..
+            }))
+        );
+        if no_quorum && std::time::Instant::now() < admit_until && !STOP.load(Ordering::SeqCst) {
+            tracing::info!("admitting this node: no quorum at the moment; asking again");
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            continue;
+        }
+        break r;
+    };
     match admitted {
         Ok(Ok(Answer::Admitted { voter })) => println!(
             "hive: node {} joined the metadata cluster as a {}",
@@ -1177,6 +1218,7 @@ fn up(data: &std::path::Path, size: &str, mountpoint: &std::path::Path) -> Resul
             zone: config::default_zone(),
             copies: config::default_copies(),
             min_copies: config::default_min_copies(),
+            net: config::NetConfig::default(),
         };
         config::init(&o)?;
         println!("hive: initialised a one-node hive in {}", data.display());

@@ -12,8 +12,8 @@
 //! stack, hand out accepted connections, transmit. Its connections are `Stream::User`
 //! and go through exactly the framed connection and TLS code kernel sockets do.
 //!
-//! Waiting: a shard that polls a queue keeps polling (no sleep) for [`SPIN`] after its
-//! last packet, then sleeps at most [`IDLE_POLL`] at a time (nothing can wake it when a
+//! Waiting: a shard that polls a queue keeps polling (no sleep) for the configured spin
+//! (`[net] spin_us`, default 2 ms) after its last packet, then sleeps at most [`IDLE_POLL`] at a time (nothing can wake it when a
 //! packet arrives: virtual devices here have no receive interrupts); a shard without a
 //! queue never spins: it sleeps until another shard hands it packets (its waker) or its
 //! stack has a timer due.
@@ -36,8 +36,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// A shard that polls a queue keeps polling this long after its last packet.
-pub(crate) const SPIN: Duration = Duration::from_millis(2);
 /// Longest sleep of a shard that polls a queue.
 pub(crate) const IDLE_POLL: Duration = Duration::from_millis(1);
 /// Source ports of shard `s`'s outbound connections: `LOCAL_PORT_BASE + s * 1024` and
@@ -68,6 +66,7 @@ pub(crate) struct ShardPorts {
     stack: StackConfig,
     eal: &'static Eal,
     listen_port: u16,
+    spin: Duration,
     /// Shard 0: the metadata port to relay, and where the service listens.
     meta: Option<(u16, SocketAddr)>,
 }
@@ -189,6 +188,7 @@ impl NodeNet {
                 },
                 eal,
                 listen_port: ports[s as usize],
+                spin: net.spin(),
                 meta: (s == 0).then_some((meta_port, meta_at)),
             })
             .collect();
@@ -247,6 +247,7 @@ pub(crate) struct NetPath {
     meta: Option<(u16, SocketAddr)>,
     relays: Vec<Relay>,
     last_packet: Instant,
+    spin: Duration,
 }
 
 impl NetPath {
@@ -278,6 +279,7 @@ impl NetPath {
             meta: p.meta,
             relays: Vec::new(),
             last_packet: Instant::now(),
+            spin: p.spin,
         })
     }
 
@@ -320,6 +322,11 @@ impl NetPath {
         moved
     }
 
+    /// The shard's userspace TCP stack (for its outbound connections).
+    pub(crate) fn stack(&self) -> hivefs_dpdk::stack::UserStack {
+        self.net.stack().clone()
+    }
+
     /// Send what the shard wrote to its streams this turn.
     pub(crate) fn flush(&mut self) {
         if self.net.flush() {
@@ -331,7 +338,7 @@ impl NetPath {
     pub(crate) fn bound_sleep(&self, base: Option<Duration>) -> Option<Duration> {
         // Only a shard that polls a queue spins: one without is woken when packets are
         // handed to it, and spinning would take the core from the one that polls.
-        if self.net.pending() || (self.net.polls_queue() && self.last_packet.elapsed() < SPIN) {
+        if self.net.pending() || self.spinning() {
             return Some(Duration::ZERO);
         }
         let mut t = base;
@@ -345,9 +352,9 @@ impl NetPath {
         t
     }
 
-    /// Polling its queue without sleeping (a packet within [`SPIN`]).
+    /// Polling its queue without sleeping (a packet within the spin).
     pub(crate) fn spinning(&self) -> bool {
-        self.net.polls_queue() && self.last_packet.elapsed() < SPIN
+        self.net.polls_queue() && self.last_packet.elapsed() < self.spin
     }
 
     /// Around a sleep: announce it (then re-check for packets handed over meanwhile), and

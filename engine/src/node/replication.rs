@@ -61,7 +61,7 @@ struct ClientPut {
 /// The shard's replication state. See the module docs.
 pub(super) struct ReplState {
     repl: crate::replicate::Replicator,
-    links: Box<dyn ReplicationTransport + Send>,
+    links: Box<dyn ReplicationTransport>,
     /// This node's id in the map.
     me: NodeId,
     map: Arc<HiveMap>,
@@ -91,7 +91,7 @@ impl ReplState {
     pub(super) fn new(
         me: NodeId,
         cfg: crate::replicate::ReplConfig,
-        links: Box<dyn ReplicationTransport + Send>,
+        links: Box<dyn ReplicationTransport>,
         bucket_count: u32,
     ) -> ReplState {
         let map = Arc::new(HiveMap {
@@ -157,6 +157,12 @@ impl ReplState {
 
     pub(super) fn links_ready(&mut self, token: mio::Token) -> bool {
         self.links.ready(token)
+    }
+
+    /// Links whose readiness no poll reports (see `ReplicationTransport::poll_streams`).
+    #[cfg(feature = "dpdk")]
+    pub(super) fn poll_links(&mut self) {
+        self.links.poll_streams();
     }
 }
 
