@@ -120,9 +120,11 @@ pub trait BlockDevice: Send {
     }
 
     /// A file descriptor that becomes readable when completions may be ready, so an event
-    /// loop can wait for sockets and I/O at once (then `poll(.., false)` reaps them; `poll`
-    /// resets the descriptor). `None` where the backend cannot signal (the caller then
-    /// polls, or waits in `poll`).
+    /// loop can wait for sockets and I/O at once (then `poll(.., false)` reaps them).
+    /// Register it *edge-triggered* (as mio does): every completion signals it anew, and
+    /// `poll` resets its counter only now and then, not on every call (a read syscall per
+    /// loop turn cost a busy-polling shard ~7% of its time). `None` where the backend
+    /// cannot signal (the caller then polls, or waits in `poll`).
     fn completion_fd(&mut self) -> Option<std::os::fd::RawFd> {
         None
     }
