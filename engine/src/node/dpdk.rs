@@ -221,6 +221,19 @@ impl NodeNet {
     /// Stop the port (every shard has stopped polling it).
     pub(crate) fn close(mut self) {
         self.flows.clear();
+        for (shard, c) in self.fabric.counters.iter().enumerate() {
+            let get =
+                |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(
+                shard,
+                rx = get(&c.rx_packets),
+                tx = get(&c.tx_packets),
+                handed_over = get(&c.forwarded),
+                dropped = get(&c.dropped),
+                multi_segment = get(&c.multi_segment),
+                "DPDK shard packets"
+            );
+        }
         if let Some(p) = self.port.take() {
             let st = p.stats();
             tracing::info!(
