@@ -647,6 +647,13 @@ impl UserStream {
         self.with(|s| s.can_send())
     }
 
+    /// Whether the owner of this stream has something to do now: read (data or the end),
+    /// or write when it has output waiting (`wants_write`). What a poll's readiness says
+    /// of a kernel socket.
+    pub fn ready(&self, wants_write: bool) -> bool {
+        self.readable() || (wants_write && self.writable())
+    }
+
     /// Still connecting.
     pub fn connecting(&self) -> bool {
         self.with(|s| matches!(s.state(), tcp::State::SynSent | tcp::State::SynReceived))

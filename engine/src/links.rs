@@ -439,9 +439,7 @@ impl ReplicationTransport for TcpLinks {
                 let wants_write = l.conn.wants_write();
                 match l.conn.get_mut() {
                     Stream::User(u)
-                        if (!l.connected && !u.connecting())
-                            || u.readable()
-                            || (wants_write && u.writable()) =>
+                        if (!l.connected && !u.connecting()) || u.ready(wants_write) =>
                     {
                         Some(*t)
                     }

@@ -788,7 +788,7 @@ impl ShardLoop {
             .filter_map(|(t, c)| {
                 let wants_write = c.framed.wants_write();
                 match c.framed.get_mut() {
-                    Stream::User(u) if u.readable() || (wants_write && u.writable()) => Some(*t),
+                    Stream::User(u) if u.ready(wants_write) => Some(*t),
                     _ => None,
                 }
             })

@@ -495,13 +495,16 @@ fn real_main() -> Result<()> {
 }
 
 /// Call `req` on the hive at `addr` with the admin token, following "not the leader"
-/// answers to the leader (a few hops, while an election settles).
+/// answers to the leader (a few hops, while an election settles). An `idempotent`
+/// request is also asked again while the leader answers that it cannot hear a quorum (a
+/// member slow or restarting); others are not (a write that timed out may still commit).
 fn call_leader(
     addr: &str,
     token: &str,
     tls: &std::sync::Arc<rustls::ClientConfig>,
     req: &MetaRequest,
     timeout: std::time::Duration,
+    idempotent: bool,
 ) -> Result<meta::MetaReply> {
     let mut at = addr.to_string();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -522,6 +525,18 @@ fn call_leader(
                 ) {
                     // No leader known yet: an election is on.
                     std::thread::sleep(std::time::Duration::from_millis(500));
+                } else if idempotent
+                    && matches!(
+                        e,
+                        PeerError::Refused {
+                            code: ErrorCode::NoQuorum,
+                            ..
+                        }
+                    )
+                    && !STOP.load(Ordering::SeqCst)
+                {
+                    tracing::info!("{e}; asking again");
+                    std::thread::sleep(std::time::Duration::from_secs(1));
                 } else {
                     return Err(e.into());
                 }
@@ -574,6 +589,7 @@ fn join(hive: &str, token: &str, ca: &str, o: InitOptions) -> Result<()> {
             &pinned,
             &MetaRequest::Peer(PeerRequest::Join(spec)),
             short,
+            false,
         )? {
             Ok(Answer::Joined(g)) => g,
             Ok(other) => bail!("joining {hive}: unexpected answer {other:?}"),
@@ -597,31 +613,15 @@ fn join(hive: &str, token: &str, ca: &str, o: InitOptions) -> Result<()> {
     let cfg = NodeConfig::load(&data)?;
     let node = Node::start(&data, false)?;
     // Catching up may mean a snapshot and a long log: a generous deadline. Admitting is
-    // idempotent: while the leader cannot hear a quorum (a member slow or restarting),
-    // it is asked again for a while.
-    let admit_until = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let admitted = loop {
-        let r = call_leader(
-            hive,
-            token,
-            &pinned,
-            &MetaRequest::Peer(PeerRequest::Admit { id: cfg.raft_id }),
-            std::time::Duration::from_secs(600),
-        );
-        let no_quorum = matches!(
-            r.as_ref().map_err(|e| e.downcast_ref::<PeerError>()),
-            Err(Some(PeerError::Refused {
-                code: ErrorCode::NoQuorum,
-                ..
-            }))
-        );
-        if no_quorum && std::time::Instant::now() < admit_until && !STOP.load(Ordering::SeqCst) {
-            tracing::info!("admitting this node: no quorum at the moment; asking again");
-            std::thread::sleep(std::time::Duration::from_secs(1));
-            continue;
-        }
-        break r;
-    };
+    // idempotent (asked again while the leader has no quorum).
+    let admitted = call_leader(
+        hive,
+        token,
+        &pinned,
+        &MetaRequest::Peer(PeerRequest::Admit { id: cfg.raft_id }),
+        std::time::Duration::from_secs(600),
+        true,
+    );
     match admitted {
         Ok(Ok(Answer::Admitted { voter })) => println!(
             "hive: node {} joined the metadata cluster as a {}",
@@ -1139,7 +1139,7 @@ fn ask_leader_req(dir: &std::path::Path, insecure: bool, req: &MetaRequest) -> R
         }
     );
     let timeout = std::time::Duration::from_secs(if long { 3600 } else { 20 });
-    match call_leader(&at, token.trim(), &tls, req, timeout)? {
+    match call_leader(&at, token.trim(), &tls, req, timeout, false)? {
         Ok(a) => Ok(a),
         Err(e) => bail!("the hive answered {e}"),
     }

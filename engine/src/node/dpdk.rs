@@ -13,8 +13,9 @@
 //! and go through exactly the framed connection and TLS code kernel sockets do.
 //!
 //! Waiting: a shard that polls a queue keeps polling (no sleep) for the configured spin
-//! (`[net] spin_us`, default 2 ms) after its last packet, then sleeps at most [`IDLE_POLL`] at a time (nothing can wake it when a
-//! packet arrives: virtual devices here have no receive interrupts); a shard without a
+//! (`[net] spin_us`, default 2 ms) after its last packet, then sleeps at most
+//! [`IDLE_POLL`] at a time (nothing can wake it when a packet arrives: virtual devices
+//! here have no receive interrupts); a shard without a
 //! queue never spins: it sleeps until another shard hands it packets (its waker) or its
 //! stack has a timer due.
 //!
