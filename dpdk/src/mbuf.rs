@@ -26,15 +26,26 @@ unsafe impl Sync for Mempool {}
 
 impl Mempool {
     /// A pool of `n` buffers of [`BUF_SIZE`] data room, with a per-thread cache of `cache`.
+    ///
+    /// Buffers are packed back to back where IOVA addresses are virtual (see
+    /// [`Mempool::dense`]); DPDK's default keeps each buffer inside one page, which on
+    /// 4 KiB pages wastes 40% of the memory and breaks net_af_xdp.
     pub fn new(name: &str, n: u32, cache: u32) -> Result<Mempool> {
         let cname =
             CString::new(name).map_err(|_| DpdkError::Other("pool name has a NUL".into()))?;
         // SAFETY: EAL is initialised (a `Port` or `Eal` exists before pools are made);
         // the name is a valid C string; SOCKET_ID_ANY lets DPDK choose the memory.
         let p = unsafe {
-            sys::rte_pktmbuf_pool_create(cname.as_ptr(), n, cache, 0, BUF_SIZE, sys::SOCKET_ID_ANY)
+            sys::hv_pktmbuf_pool_create_packed(
+                cname.as_ptr(),
+                n,
+                cache,
+                BUF_SIZE,
+                sys::SOCKET_ID_ANY,
+            )
         };
-        let ptr = NonNull::new(p).ok_or_else(|| DpdkError::last("rte_pktmbuf_pool_create"))?;
+        let ptr =
+            NonNull::new(p).ok_or_else(|| DpdkError::last("rte_pktmbuf_pool_create (packed)"))?;
         Ok(Mempool {
             ptr,
             name: name.into(),
@@ -49,6 +60,14 @@ impl Mempool {
     pub fn available(&self) -> u32 {
         // SAFETY: the pool is valid for the process's life.
         unsafe { sys::rte_mempool_avail_count(self.ptr.as_ptr()) }
+    }
+
+    /// Whether every buffer lies within (buffers x object size) bytes of the start of the
+    /// pool's first memory chunk: what net_af_xdp needs to register the pool's memory
+    /// as the kernel's UMEM (packed pools in IOVA-as-VA mode are).
+    pub fn dense(&self) -> bool {
+        // SAFETY: the pool is valid and populated.
+        unsafe { sys::hv_mempool_dense(self.ptr.as_ptr()) == 1 }
     }
 
     pub(crate) fn as_ptr(&self) -> *mut sys::rte_mempool {

@@ -92,6 +92,16 @@ impl Port {
                 .to_string_lossy()
                 .into_owned()
         };
+        // net_af_xdp (22.11) registers the pool's memory with the kernel as its UMEM,
+        // sized buffers x object size from the pool's first byte: a buffer beyond that
+        // is refused by the kernel (received into: never; sent: dropped and never
+        // completed, so the pool leaks until the port goes quiet).
+        if driver.contains("af_xdp") && !pool.dense() {
+            return Err(DpdkError::Other(format!(
+                "port {name}: net_af_xdp shares the buffer pool's memory with the kernel and needs its buffers packed in one memory chunk; pool {} is not (IOVA mode PA?)",
+                pool.name()
+            )));
+        }
         let rxq = cfg.rx_queues.clamp(1, info.max_rx_queues.max(1));
         let txq = cfg.tx_queues.clamp(1, info.max_tx_queues.max(1));
         let mut rss_used = 0i32;

@@ -72,7 +72,6 @@ fn main() {
         .allowlist_function("rte_strerror")
         .allowlist_function("rte_thread_register")
         .allowlist_function("rte_thread_unregister")
-        .allowlist_function("rte_pktmbuf_pool_create")
         .allowlist_function("rte_mempool_free")
         .allowlist_function("rte_mempool_avail_count")
         .allowlist_function("rte_pktmbuf_free_bulk")

@@ -71,7 +71,7 @@ pub struct NodeOptions {
     /// Serve the shards' ports with DPDK (`hive run --net dpdk`) in a [`netns::VethLab`]
     /// of its own, through this poll-mode driver (`net_af_packet` or `net_af_xdp`).
     /// Default: `HIVE_TEST_NET=dpdk` in the environment asks for it (driver from
-    /// `HIVE_TEST_DPDK_DRIVER`, default `net_af_packet`), so the same tests run against
+    /// `HIVE_TEST_DPDK_DRIVER`, default `net_af_xdp`), so the same tests run against
     /// either transport.
     pub dpdk: Option<String>,
 }
@@ -80,7 +80,7 @@ pub struct NodeOptions {
 fn dpdk_from_env() -> Option<String> {
     match std::env::var("HIVE_TEST_NET").as_deref() {
         Ok("dpdk") => {
-            Some(std::env::var("HIVE_TEST_DPDK_DRIVER").unwrap_or_else(|_| "net_af_packet".into()))
+            Some(std::env::var("HIVE_TEST_DPDK_DRIVER").unwrap_or_else(|_| "net_af_xdp".into()))
         }
         _ => None,
     }

@@ -145,9 +145,11 @@ impl Drop for NetLab {
 /// real veth, and the nodes of one process reach each other on one Ethernet segment.
 ///
 /// Addresses on the segment's /24: the bridge `.254` (the caller), node `k`'s userspace
-/// stack `.k+1` (no kernel has it), and the namespace's own kernel `.k+101` on the same
-/// `eth0`: the node's control-plane traffic out (Raft, joins: kernel sockets) leaves
-/// through it, as it would through a management interface. Offloads the userspace stack
+/// stack `.k+1` (no kernel has it), and the namespace's own kernel `.k+101` on a second
+/// pair (`mgmt0`, the node's management interface, on the same bridge): the node's
+/// control-plane traffic out (Raft, joins: kernel sockets) leaves through it. The
+/// namespace answers ARP only for addresses on the interface asked (`arp_ignore=1`), so
+/// `eth0` stays the userspace stack's alone whatever the driver. Offloads the userspace stack
 /// cannot take (TCP segmentation, partial checksums, receive coalescing) are turned off on
 /// both ends and on the bridge.
 ///
@@ -163,8 +165,13 @@ pub struct VethLab {
     pub host_addr: Ipv4Addr,
     /// The address the userspace stack takes (not configured in any kernel).
     pub node_addr: Ipv4Addr,
-    /// The namespace kernel's own address on `eth0`.
+    /// The namespace kernel's own address, on a second pair (`mgmt0` in the namespace,
+    /// `mgmt_if` here, on the same bridge): the node's management interface, which its
+    /// control plane (Raft, pings, joins: kernel sockets) leaves through. `eth0` carries
+    /// no kernel address: with net_af_xdp the kernel never sees its packets.
     pub kernel_addr: Ipv4Addr,
+    /// The caller's end of the management pair.
+    pub mgmt_if: String,
     pub prefix_len: u8,
     segment: Arc<Segment>,
 }
@@ -258,6 +265,7 @@ impl VethLab {
             host_addr: segment.addr(254),
             node_addr: segment.addr(slot + 1),
             kernel_addr: segment.addr(slot + 101),
+            mgmt_if: format!("{tag}m"),
             prefix_len: 24,
             segment,
         };
@@ -281,12 +289,35 @@ impl VethLab {
         let mut eth = vec!["netns", "exec", l.ns.as_str(), "ethtool", "-K", "eth0"];
         eth.extend(OFFLOADS_OFF);
         run("ip", &eth)?;
+        run("ip", &["-n", &l.ns, "link", "set", "eth0", "up"])?;
+        run(
+            "ip",
+            &[
+                "link", "add", &l.mgmt_if, "type", "veth", "peer", "name", "mgmt0", "netns", &l.ns,
+            ],
+        )?;
+        run(
+            "ip",
+            &["link", "set", &l.mgmt_if, "master", &l.segment.bridge],
+        )?;
+        run("ip", &["link", "set", &l.mgmt_if, "up"])?;
         let kernel_cidr = format!("{}/{}", l.kernel_addr, l.prefix_len);
         run(
             "ip",
-            &["-n", &l.ns, "addr", "add", &kernel_cidr, "dev", "eth0"],
+            &["-n", &l.ns, "addr", "add", &kernel_cidr, "dev", "mgmt0"],
         )?;
-        run("ip", &["-n", &l.ns, "link", "set", "eth0", "up"])?;
+        run("ip", &["-n", &l.ns, "link", "set", "mgmt0", "up"])?;
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &l.ns,
+                "sh",
+                "-c",
+                "echo 1 > /proc/sys/net/ipv4/conf/all/arp_ignore",
+            ],
+        )?;
         run("ip", &["-n", &l.ns, "link", "set", "lo", "up"])?;
         Ok(lab)
     }
@@ -323,6 +354,7 @@ impl VethLab {
 impl Drop for VethLab {
     fn drop(&mut self) {
         let _ = run("ip", &["link", "del", &self.host_if]);
+        let _ = run("ip", &["link", "del", &self.mgmt_if]);
         let _ = run("ip", &["netns", "del", &self.ns]);
         self.segment.free_slot(self.slot());
     }

@@ -1,6 +1,7 @@
 /* See shim.h. */
 #include "shim.h"
 
+#include <rte_mbuf_pool_ops.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -15,6 +16,68 @@ uint16_t hv_rx_burst(uint16_t port, uint16_t queue, struct rte_mbuf **pkts, uint
 uint16_t hv_tx_burst(uint16_t port, uint16_t queue, struct rte_mbuf **pkts, uint16_t n)
 {
     return rte_eth_tx_burst(port, queue, pkts, n);
+}
+
+struct rte_mempool *hv_pktmbuf_pool_create_packed(const char *name, unsigned n,
+                                                  unsigned cache, uint16_t data_room,
+                                                  int socket)
+{
+    struct rte_pktmbuf_pool_private priv;
+    unsigned flags = rte_eal_iova_mode() == RTE_IOVA_VA ? RTE_MEMPOOL_F_NO_IOVA_CONTIG : 0;
+    struct rte_mempool *mp;
+    int rc;
+
+    memset(&priv, 0, sizeof(priv));
+    priv.mbuf_data_room_size = data_room;
+    priv.mbuf_priv_size = 0;
+    mp = rte_mempool_create_empty(name, n, sizeof(struct rte_mbuf) + data_room, cache,
+                                  sizeof(priv), socket, flags);
+    if (mp == NULL)
+        return NULL;
+    rc = rte_mempool_set_ops_byname(mp, rte_mbuf_best_mempool_ops(), NULL);
+    if (rc != 0)
+        goto fail;
+    rte_pktmbuf_pool_init(mp, &priv);
+    rc = rte_mempool_populate_default(mp);
+    if (rc < 0)
+        goto fail;
+    rte_mempool_obj_iter(mp, rte_pktmbuf_init, NULL);
+    return mp;
+fail:
+    rte_mempool_free(mp);
+    rte_errno = -rc;
+    return NULL;
+}
+
+struct dense_check {
+    uintptr_t start;
+    uintptr_t limit;
+    int ok;
+};
+
+static void dense_obj(struct rte_mempool *mp, void *opaque, void *obj, unsigned idx)
+{
+    struct dense_check *d = opaque;
+    uintptr_t begin = (uintptr_t)obj - mp->header_size;
+    uintptr_t end = (uintptr_t)obj + mp->elt_size + mp->trailer_size;
+    (void)idx;
+    if (begin < d->start || end > d->limit)
+        d->ok = 0;
+}
+
+int hv_mempool_dense(struct rte_mempool *pool)
+{
+    struct dense_check d;
+    struct rte_mempool_memhdr *first = STAILQ_FIRST(&pool->mem_list);
+    size_t obj = pool->header_size + pool->elt_size + pool->trailer_size;
+
+    if (first == NULL)
+        return 0;
+    d.start = (uintptr_t)first->addr;
+    d.limit = d.start + (uintptr_t)pool->populated_size * obj;
+    d.ok = 1;
+    rte_mempool_obj_iter(pool, dense_obj, &d);
+    return d.ok;
 }
 
 struct rte_mbuf *hv_pktmbuf_alloc(struct rte_mempool *pool) { return rte_pktmbuf_alloc(pool); }

@@ -23,6 +23,23 @@ unsigned hv_lcore_id(void);
 uint16_t hv_rx_burst(uint16_t port, uint16_t queue, struct rte_mbuf **pkts, uint16_t n);
 uint16_t hv_tx_burst(uint16_t port, uint16_t queue, struct rte_mbuf **pkts, uint16_t n);
 
+/*
+ * A packet-buffer pool like rte_pktmbuf_pool_create's, but with its buffers packed back
+ * to back when IOVA addresses are virtual ones (RTE_MEMPOOL_F_NO_IOVA_CONTIG: a buffer
+ * may then cross a page boundary, which costs nothing in IOVA-as-VA mode). The default
+ * layout keeps every buffer inside one page: on 4 KiB pages (--no-huge) that is one
+ * 2.3 KiB buffer per page. NULL on failure (rte_errno set).
+ */
+struct rte_mempool *hv_pktmbuf_pool_create_packed(const char *name, unsigned n,
+                                                  unsigned cache, uint16_t data_room,
+                                                  int socket);
+/*
+ * 1 if every buffer of the pool lies within populated_size x object size bytes of the
+ * start of its first memory chunk (what net_af_xdp 22.11 registers as its UMEM when it
+ * shares the pool's memory with the kernel), else 0.
+ */
+int hv_mempool_dense(struct rte_mempool *pool);
+
 struct rte_mbuf *hv_pktmbuf_alloc(struct rte_mempool *pool);
 int hv_pktmbuf_alloc_bulk(struct rte_mempool *pool, struct rte_mbuf **out, unsigned n);
 void hv_pktmbuf_free(struct rte_mbuf *m);
