@@ -237,19 +237,13 @@ impl Port {
     }
 
     pub fn stats(&self) -> PortStats {
-        let mut s = sys::rte_eth_stats::default();
-        // SAFETY: valid port; out pointer valid.
-        unsafe { sys::rte_eth_stats_get(self.id, &mut s) };
-        PortStats {
-            rx_packets: s.ipackets,
-            tx_packets: s.opackets,
-            rx_bytes: s.ibytes,
-            tx_bytes: s.obytes,
-            rx_missed: s.imissed,
-            rx_errors: s.ierrors,
-            tx_errors: s.oerrors,
-            rx_no_mbuf: s.rx_nombuf,
-        }
+        self.stats_reader().read()
+    }
+
+    /// A handle that reads this port's counters from any thread (a shard answering a
+    /// status request). Read after the port closed, it yields zeros.
+    pub fn stats_reader(&self) -> PortStatsReader {
+        PortStatsReader { id: self.id }
     }
 
     /// Stop and close the port (after every queue's owner has stopped using it).
@@ -272,6 +266,33 @@ impl Port {
 impl Drop for Port {
     fn drop(&mut self) {
         self.shut();
+    }
+}
+
+/// Reads a port's counters (see [`Port::stats_reader`]).
+#[derive(Clone, Copy, Debug)]
+pub struct PortStatsReader {
+    id: u16,
+}
+
+impl PortStatsReader {
+    pub fn read(&self) -> PortStats {
+        let mut s = sys::rte_eth_stats::default();
+        // SAFETY: out pointer valid; DPDK checks the port id and leaves the counters
+        // untouched (zeros) for a port that no longer exists. Counters are read while
+        // the queues run (DPDK's own stats calls do the same): a figure may be a
+        // moment old.
+        unsafe { sys::rte_eth_stats_get(self.id, &mut s) };
+        PortStats {
+            rx_packets: s.ipackets,
+            tx_packets: s.opackets,
+            rx_bytes: s.ibytes,
+            tx_bytes: s.obytes,
+            rx_missed: s.imissed,
+            rx_errors: s.ierrors,
+            tx_errors: s.oerrors,
+            rx_no_mbuf: s.rx_nombuf,
+        }
     }
 }
 

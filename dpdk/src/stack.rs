@@ -246,6 +246,11 @@ impl ShardNet {
         }
     }
 
+    /// This shard's packet counters.
+    pub fn counters(&self) -> &NetCounters {
+        &self.fabric.counters[self.shard]
+    }
+
     pub fn stack(&self) -> &UserStack {
         &self.stack
     }

@@ -496,6 +496,15 @@ struct ShardLoop {
 }
 
 impl ShardLoop {
+    /// The shard's network path for status: kernel TCP, or the DPDK path's counters.
+    fn net_stats(&self) -> serde_json::Value {
+        #[cfg(feature = "dpdk")]
+        if let Some(n) = &self.net {
+            return n.stats_json();
+        }
+        serde_json::json!({ "transport": "kernel" })
+    }
+
     fn new(mut s: ShardSetup) -> Result<ShardLoop> {
         // Completions wake the same poll as the sockets when the device can signal them.
         let io_fd = match s.core.completion_fd() {
@@ -1049,6 +1058,7 @@ impl ShardLoop {
                 v["repl_forwarded_bytes"] = self.repl.forwarded_bytes.into();
                 v["repl_owed"] = self.repl.owed.into();
                 v["map_epoch"] = self.repl.map().epoch.into();
+                v["net"] = self.net_stats();
                 self.reply(
                     t,
                     req_id,

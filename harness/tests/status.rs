@@ -201,6 +201,37 @@ fn check_text(node: &TestNode, text: &str, st: &Value) {
     assert_eq!(rows_for_shards, node.shards() as usize, "{text}");
 }
 
+/// The network path each shard reports: kernel TCP, or with `--net dpdk` the driver and
+/// packet counters that moved while the uploads went through (and the port's, on shard 0).
+fn check_net(node: &TestNode, st: &Value, text: &str) {
+    let shards = st["shards"].as_array().unwrap();
+    let Some(driver) = &node.options().dpdk else {
+        for s in shards {
+            assert_eq!(s["net"]["transport"], "kernel", "{s}");
+        }
+        assert!(text.contains("network: kernel TCP"), "{text}");
+        return;
+    };
+    for s in shards {
+        let n = &s["net"];
+        assert_eq!(n["transport"], "dpdk", "{n}");
+        assert_eq!(n["driver"].as_str(), Some(driver.as_str()), "{n}");
+        assert!(
+            u(n, "tx_packets") > 0,
+            "every shard answered over the port: {n}"
+        );
+    }
+    // Shard 0 polls a queue and reports the port's counters, read in the same moment:
+    // every packet it took from its queue the port received.
+    let n0 = &shards[0]["net"];
+    let port = &n0["port"];
+    assert!(port.is_object(), "no port counters on shard 0: {n0}");
+    let rx0 = u(n0, "rx_packets");
+    assert!(rx0 > 0 && u(port, "rx_packets") >= rx0, "{port} vs {rx0}");
+    assert!(text.contains("network: DPDK ("), "{text}");
+    assert!(text.contains("port: rx "), "{text}");
+}
+
 fn run(opts: NodeOptions) {
     let mut node = TestNode::start(opts);
     let label = node.options().name.clone();
@@ -258,7 +289,9 @@ fn run(opts: NodeOptions) {
         "{label}: status --json total after two uploads: {}",
         st2["total"]
     );
-    println!("{label}: human status:\n{}", node.status_text());
+    let text = node.status_text();
+    println!("{label}: human status:\n{text}");
+    check_net(&node, &st2, &text);
 
     // Against a stopped node, status fails and says why.
     drop(c);

@@ -1316,6 +1316,52 @@ fn up(data: &std::path::Path, size: &str, mountpoint: &std::path::Path) -> Resul
     Ok(())
 }
 
+/// `hive status`'s network lines: the transport, and with DPDK each shard's packets and
+/// the port's counters (shard 0 reports them).
+fn print_net(shards: &[serde_json::Value]) {
+    let Some(first) = shards.first() else {
+        return;
+    };
+    if first["net"]["transport"].as_str() != Some("dpdk") {
+        println!("network: kernel TCP");
+        return;
+    }
+    println!(
+        "network: DPDK ({}), userspace TCP per shard",
+        first["net"]["driver"].as_str().unwrap_or("?")
+    );
+    for v in shards {
+        let n = &v["net"];
+        let g = |k: &str| n[k].as_u64().unwrap_or(0);
+        println!(
+            "  shard {}: packets rx {} tx {}, handed to other shards {}, dropped {}, sockets {}{}",
+            v["shard"].as_u64().unwrap_or(0),
+            g("rx_packets"),
+            g("tx_packets"),
+            g("handed_over"),
+            g("dropped"),
+            g("sockets"),
+            if n["own_queue"].as_bool() == Some(true) {
+                ""
+            } else {
+                " (no queue of its own: packets handed to it)"
+            }
+        );
+    }
+    if let Some(p) = shards.iter().find_map(|v| v["net"].get("port")) {
+        let g = |k: &str| p[k].as_u64().unwrap_or(0);
+        println!(
+            "  port: rx {} packets ({} missed, {} errors, {} without a buffer), tx {} packets ({} errors)",
+            g("rx_packets"),
+            g("rx_missed"),
+            g("rx_errors"),
+            g("rx_no_mbuf"),
+            g("tx_packets"),
+            g("tx_errors")
+        );
+    }
+}
+
 fn status(dir: &std::path::Path, json: bool, insecure: bool) -> Result<()> {
     let cfg = NodeConfig::load(dir)?;
     let mut shards = Vec::new();
@@ -1454,6 +1500,7 @@ fn status(dir: &std::path::Path, json: bool, insecure: bool) -> Result<()> {
         t("segments_compacted")
     );
     println!("(dedupe = bytes offered by puts and has hits since start / unique bytes stored)");
+    print_net(&shards);
     println!(
         "(compaction since start: {} chunks, {:.3} GiB moved; {} puts refused for lack of space)",
         t("compaction_chunks_moved"),

@@ -29,7 +29,7 @@
 
 use crate::config::NodeConfig;
 use anyhow::{bail, Context, Result};
-use hivefs_dpdk::port::Flow;
+use hivefs_dpdk::port::{Flow, PortStatsReader};
 use hivefs_dpdk::stack::{Fabric, Router, ShardNet, StackConfig, UserStream};
 use hivefs_dpdk::{Eal, Mempool, Port, PortConfig, RxQueue, TxQueue};
 use std::io::{ErrorKind, Read, Write};
@@ -70,6 +70,9 @@ pub(crate) struct ShardPorts {
     spin: Duration,
     /// Shard 0: the metadata port to relay, and where the service listens.
     meta: Option<(u16, SocketAddr)>,
+    /// Shard 0: the port's own counters, for status.
+    port_stats: Option<PortStatsReader>,
+    driver: String,
 }
 
 fn local_ports(shard: u16) -> std::ops::Range<u16> {
@@ -191,6 +194,8 @@ impl NodeNet {
                 listen_port: ports[s as usize],
                 spin: net.spin(),
                 meta: (s == 0).then_some((meta_port, meta_at)),
+                port_stats: (s == 0).then(|| port.stats_reader()),
+                driver: port.driver().to_string(),
             })
             .collect();
         Ok((
@@ -262,6 +267,8 @@ pub(crate) struct NetPath {
     relays: Vec<Relay>,
     last_packet: Instant,
     spin: Duration,
+    port_stats: Option<PortStatsReader>,
+    driver: String,
 }
 
 impl NetPath {
@@ -294,6 +301,8 @@ impl NetPath {
             relays: Vec::new(),
             last_packet: Instant::now(),
             spin: p.spin,
+            port_stats: p.port_stats,
+            driver: p.driver,
         })
     }
 
@@ -334,6 +343,38 @@ impl NetPath {
             self.last_packet = Instant::now();
         }
         moved
+    }
+
+    /// What `hive status` shows of this shard's network path: its packet counters, and
+    /// on shard 0 the port's.
+    pub(crate) fn stats_json(&self) -> serde_json::Value {
+        let c = self.net.counters();
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        let mut v = serde_json::json!({
+            "transport": "dpdk",
+            "driver": self.driver,
+            "own_queue": self.net.polls_queue(),
+            "sockets": self.net.stack().sockets(),
+            "rx_packets": get(&c.rx_packets),
+            "tx_packets": get(&c.tx_packets),
+            "handed_over": get(&c.forwarded),
+            "dropped": get(&c.dropped),
+            "multi_segment": get(&c.multi_segment),
+        });
+        if let Some(r) = &self.port_stats {
+            let p = r.read();
+            v["port"] = serde_json::json!({
+                "rx_packets": p.rx_packets,
+                "tx_packets": p.tx_packets,
+                "rx_bytes": p.rx_bytes,
+                "tx_bytes": p.tx_bytes,
+                "rx_missed": p.rx_missed,
+                "rx_errors": p.rx_errors,
+                "tx_errors": p.tx_errors,
+                "rx_no_mbuf": p.rx_no_mbuf,
+            });
+        }
+        v
     }
 
     /// The shard's userspace TCP stack (for its outbound connections).
