@@ -98,7 +98,7 @@ impl Port {
         // completed, so the pool leaks until the port goes quiet).
         if driver.contains("af_xdp") && !pool.dense() {
             return Err(DpdkError::Other(format!(
-                "port {name}: net_af_xdp shares the buffer pool's memory with the kernel and needs its buffers packed in one memory chunk; pool {} is not (IOVA mode PA?)",
+                "port {name}: net_af_xdp shares the buffer pool's memory with the kernel and needs its buffers packed in one memory chunk; pool {} is not: buffers are packed only with IOVA as VA (add --iova-mode=va to the EAL arguments)",
                 pool.name()
             )));
         }
