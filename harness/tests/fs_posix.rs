@@ -314,7 +314,16 @@ fn rename_over_file_is_atomic() {
                 let i: u64 = head
                     .strip_prefix("version ")
                     .and_then(|s| s.trim().parse().ok())
-                    .ok_or_else(|| format!("torn read: starts {head:?}, {} bytes", data.len()))?;
+                    .ok_or_else(|| {
+                        // What the kernel holds for the open file says whose answer was
+                        // wrong (a size of 0 here was an attribute reply racing an open).
+                        let size = f.metadata().map(|m| (m.ino(), m.len()));
+                        format!(
+                            "torn read: starts {head:?}, {} bytes; (inode, size) of the open \
+                             file: {size:?}",
+                            data.len()
+                        )
+                    })?;
                 if data != version(i) {
                     return Err(format!("torn read of version {i}: {} bytes", data.len()));
                 }

@@ -498,10 +498,20 @@ impl HiveFs {
 
     fn open_state(&self, ino: u64) -> Result<(), Errno> {
         // Counted under the map's lock, so a late release of an earlier handle cannot
-        // drop the state this open is about to use.
+        // drop the state this open is about to use. A new state does not know the size
+        // until loaded (0 meanwhile): an entry or attribute reply racing this open (the
+        // kernel looks the name up for a rename on another thread) must not tell the
+        // kernel that size, so it is marked unknown before anyone else can see it.
         let st = {
             let mut files = self.files.lock().expect("files lock");
-            let st = files.entry(ino).or_default().clone();
+            let st = files
+                .entry(ino)
+                .or_insert_with(|| {
+                    let st = Arc::new(OpenFile::default());
+                    st.lock().size_unknown = true;
+                    st
+                })
+                .clone();
             st.lock().opens += 1;
             st
         };
@@ -509,10 +519,7 @@ impl HiveFs {
         if g.clean() {
             // Close-to-open: see what others committed.
             match self.load_extents(ino) {
-                Ok((extents, size)) => {
-                    g.extents = extents;
-                    g.size = size;
-                }
+                Ok((extents, size)) => g.loaded(extents, size),
                 Err(e) => {
                     drop(g);
                     self.close_state(ino, &st);
@@ -872,10 +879,7 @@ impl Filesystem for HiveFs {
                 }
                 if size.is_some() && !journaled {
                     match self.load_extents(ino.0) {
-                        Ok((e, s)) => {
-                            g.extents = e;
-                            g.size = s;
-                        }
+                        Ok((e, s)) => g.loaded(e, s),
                         Err(e) => return reply.error(e),
                     }
                 }

@@ -134,6 +134,9 @@ pub struct FileState {
     deferred: VecDeque<Deferred>,
     /// Size as this host sees it (committed size, raised by dirty writes).
     pub size: u64,
+    /// `size` is not known yet: the state of an open still loading it (fs.rs
+    /// `open_state`). Attributes answered meanwhile carry the hive's size.
+    pub size_unknown: bool,
     /// The committed extents, in offset order.
     pub extents: Vec<Extent>,
     /// Where the last read ended: a read starting there is sequential, and fetches ahead.
@@ -148,9 +151,18 @@ impl FileState {
         self.dirty.is_empty() && self.sealed.is_empty() && self.deferred.is_empty()
     }
 
+    /// The committed extents and size, as the hive answered them.
+    pub fn loaded(&mut self, extents: Vec<Extent>, size: u64) {
+        self.extents = extents;
+        self.size = size;
+        self.size_unknown = false;
+    }
+
     /// Attributes as this host sees them: its size, and the setattrs not yet sent.
     pub fn local_attr(&self, a: &mut m::Attr) {
-        a.size = self.size;
+        if !self.size_unknown {
+            a.size = self.size;
+        }
         for d in &self.deferred {
             crate::offline::apply_setattr(a, &d.set, d.at);
         }
