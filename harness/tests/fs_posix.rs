@@ -204,6 +204,58 @@ fn o_append_appends() {
     assert_eq!(read_all(&q).unwrap(), b"onetwo");
 }
 
+/// Write-only opens bypass the page cache (hi answers them with FOPEN_DIRECT_IO): a
+/// reader holding the file's pages in the page cache, by read(2) and by a shared
+/// mapping, sees what a write-only descriptor then writes over them, and what it
+/// appends.
+#[test]
+fn write_only_writes_reach_cached_readers() {
+    let fx = fx!("fs-direct-write");
+    let p = fx.join("f");
+    let old = vec![b'a'; 64 << 10];
+    write_file(&p, &old);
+    let r = File::open(&p).unwrap();
+    let mut buf = vec![0u8; old.len()];
+    r.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, old);
+    // SAFETY: a fresh read-only shared mapping of a file we keep open, read only
+    // through the slice below while the mapping lives.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            old.len(),
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(&r),
+            0,
+        )
+    };
+    assert_ne!(map, libc::MAP_FAILED, "mmap");
+    // SAFETY: the mapping covers old.len() readable bytes.
+    let mapped = unsafe { std::slice::from_raw_parts(map as *const u8, old.len()) };
+    assert_eq!(mapped[4096], b'a', "mapping faulted in");
+    let w = OpenOptions::new().write(true).open(&p).unwrap();
+    w.write_all_at(&[b'b'; 8192], 4096).unwrap();
+    w.write_all_at(b"tail", old.len() as u64).unwrap();
+    drop(w);
+    let mut now = vec![0u8; old.len() + 4];
+    r.read_exact_at(&mut now, 0).unwrap();
+    let mut want = old.clone();
+    want[4096..4096 + 8192].fill(b'b');
+    want.extend_from_slice(b"tail");
+    assert!(
+        now == want,
+        "read(2) through the cached descriptor sees the writes"
+    );
+    assert!(
+        mapped[4096..4096 + 8192].iter().all(|&c| c == b'b') && mapped[0] == b'a',
+        "the shared mapping sees the writes"
+    );
+    // SAFETY: unmapping what was mapped above; `mapped` is not used after.
+    unsafe { libc::munmap(map, old.len()) };
+    assert_eq!(read_all(&p).unwrap(), want);
+}
+
 #[test]
 fn o_trunc_truncates() {
     let fx = fx!("fs-trunc-open");

@@ -696,6 +696,21 @@ fn overlay(out: &mut [u8], off: u64, s: u64, v: &[u8]) {
         .copy_from_slice(&v[(a - s) as usize..(b - s) as usize]);
 }
 
+/// How the kernel handles an open file: write-only opens bypass the page cache
+/// (`FOPEN_DIRECT_IO`): their writes reach us straight from the writer's pages instead of
+/// being copied into page-cache pages first, which on a streaming write costs a fresh
+/// page per 4 KiB (measured: 2 GiB written + fsync at 0.42 GB/s against 0.24 GB/s through
+/// the page cache, medians of 3). Nothing is lost by it: without a writeback cache every
+/// write comes to us anyway, a write-only descriptor cannot be mapped, and the kernel
+/// invalidates the written range in the page cache of other opens (Linux 6.6 and later).
+fn open_flags(flags: i32) -> FopenFlags {
+    if flags & libc::O_ACCMODE == libc::O_WRONLY {
+        FopenFlags::FOPEN_DIRECT_IO
+    } else {
+        FopenFlags::empty()
+    }
+}
+
 /// Permission bits of a new inode: the mode less the umask.
 fn masked(mode: u32, umask: u32) -> u16 {
     (mode & !umask & 0o7777) as u16
@@ -1021,11 +1036,11 @@ impl Filesystem for HiveFs {
         self.entry(reply, r)
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.open_state(ino.0) {
             Ok(()) => reply.opened(
                 FileHandle(self.next_fh.fetch_add(1, Ordering::Relaxed)),
-                FopenFlags::empty(),
+                open_flags(flags.0),
             ),
             Err(e) => reply.error(e),
         }
@@ -1380,7 +1395,7 @@ impl Filesystem for HiveFs {
         name: &OsStr,
         mode: u32,
         umask: u32,
-        _flags: i32,
+        flags: i32,
         reply: ReplyCreate,
     ) {
         let r = self.create_node(req, parent, name, FileKind::File, masked(mode, umask), 0);
@@ -1397,7 +1412,7 @@ impl Filesystem for HiveFs {
                     &fuse_attr(&a),
                     Generation(a.gen),
                     FileHandle(self.next_fh.fetch_add(1, Ordering::Relaxed)),
-                    FopenFlags::empty(),
+                    open_flags(flags),
                 )
             }
             Err(e) => reply.error(e),
