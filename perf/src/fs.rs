@@ -32,7 +32,12 @@
 //!   filesystem as the node's device (O_DIRECT, 1 MiB, depth 16) and the client's
 //!   decompress + keyed-BLAKE3 verify rate ([`hivefs_net::chunk::verify`], what
 //!   `HiveClient::get` does per chunk) for the same chunks (prepared untimed with the
-//!   client pipeline), on every core.
+//!   client pipeline), on every core. Then, from cold again, the same read with O_DIRECT
+//!   (no page cache: `hi`'s read path like for like with fio's O_DIRECT reads), and a
+//!   buffered cold read of fio's file on the node's filesystem: what filling fresh
+//!   page-cache pages costs a local file on this machine, which a buffered read through
+//!   the mount pays too (on a VM whose freed memory goes back to the host it is most of
+//!   the cost: `ratio_fs_seq_read_cold_vs_local_buffered`).
 //! - `random`: `--rand-threads` (16, fio's depth) threads each issue one 4 KiB `pread` at
 //!   a time on one shared descriptor; every read is checked against the data.
 //!   - cold: after the same remount + drop_caches, O_DIRECT (falls back to buffered reads
@@ -667,10 +672,9 @@ fn seq_write(path: &Path, data: &[u8], io: usize) -> Result<f64> {
     Ok(secs)
 }
 
-/// Read `f` from the start to EOF in `io` byte `read(2)` calls, checking 4 KiB of each
-/// call against `data`. Returns (bytes, seconds).
-fn read_to_end(f: &mut File, data: &[u8], io: usize) -> Result<(u64, f64)> {
-    let mut buf = vec![0u8; io];
+/// Read `f` from the start to EOF in `buf.len()` byte `read(2)` calls, checking 4 KiB of
+/// each call against `data`. Returns (bytes, seconds).
+fn read_to_end(f: &mut File, data: &[u8], buf: &mut [u8]) -> Result<(u64, f64)> {
     let t0 = Instant::now();
     let mut pos = 0usize;
     loop {
@@ -694,6 +698,24 @@ fn read_to_end(f: &mut File, data: &[u8], io: usize) -> Result<(u64, f64)> {
         bail!("read {pos} bytes, {} were written", data.len());
     }
     Ok((pos as u64, secs))
+}
+
+/// GB/s of a buffered sequential read of `path` (1 MiB calls) right after drop_caches:
+/// what the kernel's page cache reading a local file cold costs on this machine (fresh
+/// page-cache pages), the same cost a cold buffered read through the mount pays.
+fn local_cold_read(path: &Path) -> Result<f64> {
+    drop_caches()?;
+    let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let (t0, mut n) = (Instant::now(), 0u64);
+    loop {
+        check_stop()?;
+        match f.read(&mut buf).context("read")? {
+            0 => break,
+            k => n += k as u64,
+        }
+    }
+    Ok(n as f64 / t0.elapsed().as_secs_f64() / 1e9)
 }
 
 /// Random 4 KiB reads.
@@ -1528,28 +1550,64 @@ pub fn run(what: FsCmd, a: &FsArgs, o: &Opts) -> Result<()> {
                 }
                 Err(e) => res.note(format!("verify rate run {} failed: {e:#}", r + 1)),
             }
-            let step = (|| -> Result<f64> {
-                target.make_cold(&mut res, &mut cold_noted)?;
-                let t0 = Instant::now();
-                let mut f = File::open(&file)?;
-                let (n, _) = read_to_end(&mut f, &data, io)?;
-                Ok(n as f64 / t0.elapsed().as_secs_f64() / 1e9)
-            })();
-            match step {
-                Ok(g) => {
-                    println!("seq read, cold          {g:.3} GB/s");
-                    res.fig("fs_seq_read_cold_gbps", g);
-                    if let (Some(a), Some(b)) = (fio_seq, verify) {
-                        let l = f64::min(a, b);
-                        res.fig("fs_seq_read_limit_gbps", l);
-                        res.fig("ratio_fs_seq_read_cold_vs_limit", g / l);
+            // Buffered (what applications do), then O_DIRECT (no page cache: hi's read
+            // path against fio's O_DIRECT reads, like for like), each from cold.
+            let limit = fio_seq.zip(verify).map(|(a, b)| f64::min(a, b));
+            if let Some(l) = limit {
+                res.fig("fs_seq_read_limit_gbps", l);
+            }
+            let mut buffered = None;
+            for (direct, what, name) in [
+                (false, "seq read, cold         ", "fs_seq_read_cold"),
+                (true, "seq read, cold, O_DIRECT", "fs_seq_read_cold_direct"),
+            ] {
+                let step = (|| -> Result<Option<f64>> {
+                    target.make_cold(&mut res, &mut cold_noted)?;
+                    let t0 = Instant::now();
+                    let Some(mut f) = open_read(&file, direct)? else {
+                        return Ok(None);
+                    };
+                    let mut buf = AlignedBuf::new(io);
+                    let (n, _) = read_to_end(&mut f, &data, buf.buf())?;
+                    Ok(Some(n as f64 / t0.elapsed().as_secs_f64() / 1e9))
+                })();
+                match step {
+                    Ok(Some(g)) => {
+                        println!("{what} {g:.3} GB/s");
+                        res.fig(&format!("{name}_gbps"), g);
+                        if !direct {
+                            buffered = Some(g);
+                        }
+                        if let Some(l) = limit {
+                            res.fig(&format!("ratio_{name}_vs_limit"), g / l);
+                        }
+                    }
+                    Ok(None) => res.note("the mount refused O_DIRECT: no O_DIRECT seq read".into()),
+                    Err(e) => {
+                        if STOP.load(Ordering::SeqCst) {
+                            return Err(e);
+                        }
+                        res.note(format!(
+                            "cold seq read ({what}) run {} failed: {e:#}",
+                            r + 1
+                        ));
                     }
                 }
-                Err(e) => {
-                    if STOP.load(Ordering::SeqCst) {
-                        return Err(e);
+            }
+            // The page cache's own cold cost on this machine: a local file read the same
+            // way (fio's, on the filesystem that holds the node's device).
+            if fio_file.is_file() {
+                match local_cold_read(&fio_file) {
+                    Ok(g) => {
+                        println!(
+                            "local file, cold        {g:.3} GB/s  (buffered 1 MiB reads of fio's file after drop_caches)"
+                        );
+                        res.fig("local_seq_read_cold_gbps", g);
+                        if let Some(m) = buffered {
+                            res.fig("ratio_fs_seq_read_cold_vs_local_buffered", m / g);
+                        }
                     }
-                    res.note(format!("cold seq read run {} failed: {e:#}", r + 1));
+                    Err(e) => res.note(format!("local cold read run {} failed: {e:#}", r + 1)),
                 }
             }
         }
@@ -1610,7 +1668,7 @@ pub fn run(what: FsCmd, a: &FsArgs, o: &Opts) -> Result<()> {
             check_stop()?;
             let step = (|| -> Result<RandRun> {
                 let mut f = File::open(&file)?;
-                let (_, secs) = read_to_end(&mut f, &data, io)?;
+                let (_, secs) = read_to_end(&mut f, &data, &mut vec![0u8; io])?;
                 println!(
                     "(warm-up read of the file: {:.3} GB/s, untimed)",
                     bytes as f64 / secs / 1e9
@@ -1861,6 +1919,16 @@ fn summary(res: &Results, plan: &Plan, runs: usize) {
             "seq read cold / min(fio, verify)",
             g("ratio_fs_seq_read_cold_vs_limit"),
             Some(0.7),
+        );
+        chk(
+            "seq read cold O_DIRECT / min(fio, verify)",
+            g("ratio_fs_seq_read_cold_direct_vs_limit"),
+            None,
+        );
+        chk(
+            "seq read cold / local file cold (buffered)",
+            g("ratio_fs_seq_read_cold_vs_local_buffered"),
+            None,
         );
     }
     if plan.random {
