@@ -672,32 +672,47 @@ fn seq_write(path: &Path, data: &[u8], io: usize) -> Result<f64> {
     Ok(secs)
 }
 
-/// Read `f` from the start to EOF in `buf.len()` byte `read(2)` calls, checking 4 KiB of
-/// each call against `data`. Returns (bytes, seconds).
-fn read_to_end(f: &mut File, data: &[u8], buf: &mut [u8]) -> Result<(u64, f64)> {
+/// Read `f` from the start to EOF in `buf.len()` byte `read(2)` calls, handing each
+/// call's bytes and offset to `each`. Returns (bytes, seconds).
+fn read_seq(
+    f: &mut File,
+    buf: &mut [u8],
+    mut each: impl FnMut(usize, &[u8]) -> Result<()>,
+) -> Result<(u64, f64)> {
     let t0 = Instant::now();
     let mut pos = 0usize;
     loop {
         check_stop()?;
-        let b = &mut buf[..];
-        let n = f.read(b).with_context(|| format!("read at {pos}"))?;
+        let n = f.read(buf).with_context(|| format!("read at {pos}"))?;
         if n == 0 {
             break;
         }
-        if pos + n > data.len() {
-            bail!("read past the written size ({} > {})", pos + n, data.len());
+        each(pos, &buf[..n])?;
+        pos += n;
+    }
+    Ok((pos as u64, t0.elapsed().as_secs_f64()))
+}
+
+/// [`read_seq`] of a file holding `data`, checking 4 KiB of each call against it.
+fn read_to_end(f: &mut File, data: &[u8], buf: &mut [u8]) -> Result<(u64, f64)> {
+    let (n, secs) = read_seq(f, buf, |pos, b| {
+        if pos + b.len() > data.len() {
+            bail!(
+                "read past the written size ({} > {})",
+                pos + b.len(),
+                data.len()
+            );
         }
-        let k = n.min(BLOCK);
+        let k = b.len().min(BLOCK);
         if b[..k] != data[pos..pos + k] {
             bail!("data read at offset {pos} differs from what was written");
         }
-        pos += n;
+        Ok(())
+    })?;
+    if n != data.len() as u64 {
+        bail!("read {n} bytes, {} were written", data.len());
     }
-    let secs = t0.elapsed().as_secs_f64();
-    if pos != data.len() {
-        bail!("read {pos} bytes, {} were written", data.len());
-    }
-    Ok((pos as u64, secs))
+    Ok((n, secs))
 }
 
 /// GB/s of a buffered sequential read of `path` (1 MiB calls) right after drop_caches:
@@ -706,16 +721,8 @@ fn read_to_end(f: &mut File, data: &[u8], buf: &mut [u8]) -> Result<(u64, f64)> 
 fn local_cold_read(path: &Path) -> Result<f64> {
     drop_caches()?;
     let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut buf = vec![0u8; 1 << 20];
-    let (t0, mut n) = (Instant::now(), 0u64);
-    loop {
-        check_stop()?;
-        match f.read(&mut buf).context("read")? {
-            0 => break,
-            k => n += k as u64,
-        }
-    }
-    Ok(n as f64 / t0.elapsed().as_secs_f64() / 1e9)
+    let (n, secs) = read_seq(&mut f, &mut vec![0u8; 1 << 20], |_, _| Ok(()))?;
+    Ok(n as f64 / secs / 1e9)
 }
 
 /// Random 4 KiB reads.
