@@ -180,3 +180,75 @@ fn a_mount_sees_its_own_changes_with_the_long_ttl() {
     });
     assert!(stale.is_empty(), "{}", fx.logs());
 }
+
+/// What `hi` answers without asking the hive: listings carry attributes (readdirplus) and
+/// xattr names, and `hi` answers absent names and `listxattr` from those names
+/// (hints.rs). Mount B learns them by listing; mount A's changes must still show through
+/// B within [`DEADLINE`]: a new xattr, a removed one, a bigger file, a new name.
+#[test]
+fn listed_attributes_and_xattr_names_follow_another_mounts_changes() {
+    let mut fx = fx!("fs-watch-listed");
+    if fx.is_local() {
+        return;
+    }
+    let b = fx.second_mount();
+    let a = fx.root().join("dir");
+    mkdir(&a, 0o755).unwrap();
+    let bd = b.join("dir");
+    for i in 0..40u32 {
+        let p = a.join(format!("f{i}"));
+        std::fs::write(&p, vec![1u8; i as usize * 100]).unwrap();
+        chmod(&p, 0o600 + (i % 8)).unwrap();
+    }
+    setxattr(&a.join("f3"), "user.kept", b"3", 0).unwrap();
+
+    // B lists: every entry's attributes as A sees them, the xattr names too.
+    let listed = |dir: &Path| -> Vec<(String, u64, u32)> {
+        let mut v: Vec<(String, u64, u32)> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let m = std::fs::symlink_metadata(e.path()).unwrap();
+                (e.file_name().into_string().unwrap(), m.len(), m.mode())
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(listed(&bd), listed(&a));
+    assert_eq!(listxattr(&bd.join("f3")).unwrap(), vec!["user.kept"]);
+    assert_eq!(getxattr(&bd.join("f3"), "user.kept").unwrap(), b"3");
+    for n in ["security.selinux", "security.capability", "user.none"] {
+        assert_eq!(getxattr(&bd.join("f5"), n), Err(libc::ENODATA), "{n}");
+    }
+    assert_eq!(listxattr(&bd.join("f5")).unwrap(), Vec::<String>::new());
+
+    let mut stale = Vec::new();
+    setxattr(&a.join("f5"), "user.new", b"n", 0).unwrap();
+    wait_seen("setxattr after a listing", &mut stale, || {
+        getxattr(&bd.join("f5"), "user.new").is_ok_and(|v| v == b"n")
+            && listxattr(&bd.join("f5")).is_ok_and(|l| l == ["user.new"])
+    });
+    removexattr(&a.join("f3"), "user.kept").unwrap();
+    wait_seen("removexattr after a listing", &mut stale, || {
+        getxattr(&bd.join("f3"), "user.kept") == Err(libc::ENODATA)
+            && listxattr(&bd.join("f3")).is_ok_and(|l| l.is_empty())
+    });
+    std::fs::write(a.join("f7"), vec![2u8; 7777]).unwrap();
+    wait_seen("write after a listing", &mut stale, || {
+        listed(&bd)
+            .iter()
+            .any(|(n, len, _)| n == "f7" && *len == 7777)
+    });
+    std::fs::write(a.join("g"), vec![3u8; 42]).unwrap();
+    wait_seen("create after a listing", &mut stale, || {
+        listed(&bd).iter().any(|(n, len, _)| n == "g" && *len == 42)
+    });
+    assert!(stale.is_empty(), "{stale:?}\n{}", fx.logs());
+    assert_eq!(listed(&bd), listed(&a));
+
+    // B's own change of an xattr B listed shows to B at once.
+    setxattr(&bd.join("f9"), "user.mine", b"m", 0).unwrap();
+    assert_eq!(getxattr(&bd.join("f9"), "user.mine").unwrap(), b"m");
+    assert_eq!(listxattr(&bd.join("f9")).unwrap(), vec!["user.mine"]);
+}

@@ -36,8 +36,8 @@ use crate::writeback::{FileState, Hive, OpenFile, Writeback};
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use hivefs_client::meta::MetaClient;
 use hivefs_client::pipeline::{ChunkerConfig, Pipeline};
@@ -548,6 +548,77 @@ impl HiveFs {
         }
     }
 
+    /// Page through directory `dir` from readdir offset `offset` (a cookie; 0 and 1 are
+    /// "." and "..") until `add` says the reply is full or the listing ends; with `plus`
+    /// each entry carries its attributes (`ReadDirPlus`), else they are left unknown.
+    fn dir_pages(
+        &self,
+        dir: u64,
+        offset: u64,
+        plus: bool,
+        mut add: impl FnMut(&Listed) -> bool,
+    ) -> Result<(), Errno> {
+        let mut after = offset.max(2);
+        loop {
+            let (ino, max) = (dir, m::MAX_READDIRPLUS_ENTRIES);
+            let ticket = self.hints.xattr_names.ticket();
+            let r = if plus {
+                self.query(Query::ReadDirPlus { ino, after, max })
+            } else {
+                self.query(Query::ReadDir { ino, after, max })
+            };
+            let (entries, end) = match r? {
+                Answer::DirPlus { entries, end } if plus => (
+                    entries
+                        .into_iter()
+                        .map(|e| Listed {
+                            entry: e.entry,
+                            attr: Some(e.attr),
+                            xattr_names: e.xattr_names,
+                            ticket: Some(ticket),
+                        })
+                        .collect::<Vec<_>>(),
+                    end,
+                ),
+                Answer::Dir { entries, end } if !plus => (
+                    entries
+                        .into_iter()
+                        .map(|entry| Listed {
+                            entry,
+                            attr: None,
+                            xattr_names: None,
+                            ticket: None,
+                        })
+                        .collect(),
+                    end,
+                ),
+                _ => return Err(Errno::EIO),
+            };
+            for e in &entries {
+                if add(e) {
+                    return Ok(());
+                }
+                after = e.entry.cookie;
+            }
+            if end {
+                return Ok(());
+            }
+        }
+    }
+
+    /// `ino`'s xattr names from the hive, remembered (hints.rs) unless a change of the
+    /// inode was seen while the question was on its way.
+    fn list_xattr(&self, ino: u64) -> Result<hints::Names, Errno> {
+        let ticket = self.hints.xattr_names.ticket();
+        match self.query(Query::ListXattr { ino })? {
+            Answer::XattrNames(names) => {
+                self.hints.xattr_names.remember(ino, &names, ticket);
+                Ok(names.into())
+            }
+            _ => Err(Errno::EIO),
+        }
+    }
+
     /// An access ACL sets the mode's permission bits (the kernel leaves that to us); one
     /// that says no more than the mode is not kept as an xattr (as ext4 does).
     fn set_access_acl(&self, ino: u64, value: &[u8], mode: XattrMode) -> Result<(), Errno> {
@@ -616,6 +687,17 @@ impl HiveFs {
 }
 
 /// What a read needs from an open file's state, taken under its lock.
+/// A directory entry as [`HiveFs::dir_pages`] hands it out.
+struct Listed {
+    entry: m::DirEntry,
+    /// With `ReadDirPlus`: the inode's attributes as the hive answered them.
+    attr: Option<Attr>,
+    /// With `ReadDirPlus`: the inode's xattr names, if few (hints.rs).
+    xattr_names: Option<Vec<Vec<u8>>>,
+    /// Taken before the page was asked for (to remember the names with).
+    ticket: Option<hints::Ticket>,
+}
+
 struct ReadPlan {
     /// The read ends here (clipped to the size).
     end: u64,
@@ -729,6 +811,12 @@ impl Filesystem for HiveFs {
         // mode bits in step with them); needs default_permissions, which the mount sets.
         if let Err(missing) = config.add_capabilities(fuser::InitFlags::FUSE_POSIX_ACL) {
             tracing::warn!("kernel lacks {missing:?}: POSIX ACLs are stored but not enforced");
+        }
+        // Every listing carries attributes (readdirplus, not AUTO: the kernel's AUTO asks
+        // with attributes only for a listing's first page, so `du` or `find -size` looked
+        // up most entries one by one).
+        if let Err(missing) = config.add_capabilities(fuser::InitFlags::FUSE_DO_READDIRPLUS) {
+            tracing::warn!("kernel lacks {missing:?}: listings carry no attributes");
         }
         // flock and fcntl locks come to us (locks.rs), so they hold across mounts.
         for cap in [
@@ -851,7 +939,7 @@ impl Filesystem for HiveFs {
         reply: ReplyAttr,
     ) {
         // A chown or chmod may clear file capabilities (the store decides): ask again.
-        self.hints.no_caps.drop_inode(ino.0);
+        self.hints.xattr_names.drop_inode(ino.0);
         let t = |x: Option<TimeOrNow>| {
             x.map(|t| match t {
                 TimeOrNow::Now => SetTime::Now,
@@ -1220,33 +1308,83 @@ impl Filesystem for HiveFs {
         if offset <= 1 && reply.add(ino, 2, FileType::Directory, "..") {
             return reply.ok();
         }
-        let mut after = offset.max(2);
-        loop {
-            let r = self.query(Query::ReadDir {
-                ino: ino.0,
-                after,
-                max: 256,
-            });
-            match r {
-                Ok(Answer::Dir { entries, end }) => {
-                    for e in entries {
-                        if reply.add(
-                            INodeNo(e.ino),
-                            e.cookie,
-                            file_type(e.kind),
-                            OsStr::from_bytes(&e.name),
-                        ) {
-                            return reply.ok();
-                        }
-                        after = e.cookie;
-                    }
-                    if end {
-                        return reply.ok();
-                    }
+        let r = self.dir_pages(ino.0, offset, false, |e| {
+            let e = &e.entry;
+            reply.add(
+                INodeNo(e.ino),
+                e.cookie,
+                file_type(e.kind),
+                OsStr::from_bytes(&e.name),
+            )
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    /// Entries with their attributes (and xattr names, hints.rs), so that `ls -l`, `find`
+    /// or `du` need no lookup per entry: one metadata round trip per
+    /// [`m::MAX_READDIRPLUS_ENTRIES`] entries instead of one or more per entry.
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        // The kernel links no inode for "." and ".." (nothing counted); their attributes
+        // are not used.
+        let dot = fuse_attr(&Attr {
+            ino: ino.0,
+            gen: 0,
+            kind: FileKind::Dir,
+            perm: 0o755,
+            nlink: 2,
+            uid: 0,
+            gid: 0,
+            size: 0,
+            atime: Timespec::default(),
+            mtime: Timespec::default(),
+            ctime: Timespec::default(),
+            crtime: Timespec::default(),
+            rdev: 0,
+        });
+        let none = Duration::ZERO;
+        if offset == 0 && reply.add(ino, 1, ".", &none, &dot, Generation(0)) {
+            return reply.ok();
+        }
+        if offset <= 1 && reply.add(ino, 2, "..", &none, &dot, Generation(0)) {
+            return reply.ok();
+        }
+        let names = &self.hints.xattr_names;
+        let r = self.dir_pages(ino.0, offset, true, |e| {
+            let Some(a) = e.attr.clone() else {
+                unreachable!("a ReadDirPlus entry has its attributes")
+            };
+            let a = self.local(a);
+            let full = reply.add(
+                INodeNo(a.ino),
+                e.entry.cookie,
+                OsStr::from_bytes(&e.entry.name),
+                &TTL,
+                &fuse_attr(&a),
+                Generation(a.gen),
+            );
+            if !full {
+                // The kernel counts a lookup for every entry of the reply (it links the
+                // inode, or forgets it at once if it cannot).
+                self.remember(a.ino);
+                if let (Some(list), Some(ticket)) = (&e.xattr_names, e.ticket) {
+                    names.remember(a.ino, list, ticket);
                 }
-                Ok(_) => return reply.error(Errno::EIO),
-                Err(e) => return reply.error(e),
             }
+            full
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -1298,69 +1436,77 @@ impl Filesystem for HiveFs {
             libc::XATTR_REPLACE => XattrMode::Replace,
             _ => return reply.error(Errno::EINVAL),
         };
-        self.hints.no_caps.drop_inode(ino.0);
-        if name.as_bytes() == b"system.posix_acl_access" {
-            return match self.set_access_acl(ino.0, value, mode) {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(e),
-            };
-        }
-        done(
-            reply,
+        // Dropped before (nothing answers from the old list meanwhile) and after (a list
+        // read while the change was on its way is not kept).
+        self.hints.xattr_names.drop_inode(ino.0);
+        let r = if name.as_bytes() == b"system.posix_acl_access" {
+            self.set_access_acl(ino.0, value, mode)
+        } else {
             self.mutate(Mutation::SetXattr {
                 ino: ino.0,
                 name: name_bytes(name),
                 value: value.to_vec(),
                 mode,
-            }),
-        )
+            })
+            .map(|_| ())
+        };
+        self.hints.xattr_names.drop_inode(ino.0);
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let capability = name.as_bytes() == hints::CAPABILITY;
-        if capability && self.hints.no_caps.known_absent(ino.0) {
+        let name = name.as_bytes();
+        // Names the kernel and tools probe on their own (hints.rs): their list answers
+        // this and the next probes of the inode.
+        let names = match self.hints.xattr_names.get(ino.0) {
+            Some(names) => Some(names),
+            None if hints::PROBED.contains(&name) => match self.list_xattr(ino.0) {
+                Ok(names) => Some(names),
+                Err(e) => return reply.error(e),
+            },
+            None => None,
+        };
+        if names.is_some_and(|n| !n.iter().any(|x| x == name)) {
             return reply.error(Errno::ENODATA);
         }
-        let ticket = self.hints.no_caps.ticket();
         match self.query(Query::GetXattr {
             ino: ino.0,
-            name: name_bytes(name),
+            name: name.to_vec(),
         }) {
             Ok(Answer::Xattr(v)) => xattr_reply(reply, size, &v),
-            Ok(_) => reply.error(Errno::EIO),
-            Err(e) => {
-                if capability && e == Errno::ENODATA {
-                    self.hints.no_caps.remember(ino.0, ticket);
-                }
-                reply.error(e)
-            }
-        }
-    }
-
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        match self.query(Query::ListXattr { ino: ino.0 }) {
-            Ok(Answer::XattrNames(names)) => {
-                let mut buf = Vec::new();
-                for n in names {
-                    buf.extend_from_slice(&n);
-                    buf.push(0);
-                }
-                xattr_reply(reply, size, &buf)
-            }
             Ok(_) => reply.error(Errno::EIO),
             Err(e) => reply.error(e),
         }
     }
 
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let names = match self.hints.xattr_names.get(ino.0) {
+            Some(names) => names,
+            None => match self.list_xattr(ino.0) {
+                Ok(names) => names,
+                Err(e) => return reply.error(e),
+            },
+        };
+        let mut buf = Vec::new();
+        for n in names.iter() {
+            buf.extend_from_slice(n);
+            buf.push(0);
+        }
+        xattr_reply(reply, size, &buf)
+    }
+
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.hints.no_caps.drop_inode(ino.0);
-        done(
-            reply,
-            self.mutate(Mutation::RemoveXattr {
-                ino: ino.0,
-                name: name_bytes(name),
-            }),
-        )
+        self.hints.xattr_names.drop_inode(ino.0);
+        let r = self.mutate(Mutation::RemoveXattr {
+            ino: ino.0,
+            name: name_bytes(name),
+        });
+        // Again: a list read while the removal was on its way is not kept.
+        self.hints.xattr_names.drop_inode(ino.0);
+        done(reply, r)
     }
 
     fn lseek(

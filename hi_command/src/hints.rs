@@ -1,8 +1,9 @@
-//! What `hi` answers from what it learned, instead of asking the hive again: both are
-//! questions the kernel asks after almost every write or namespace change, and each
-//! answer from the hive would cost a metadata round trip.
+//! What `hi` answers from what it learned, instead of asking the hive again: each is a
+//! question the kernel asks over and over (after almost every write, for every file
+//! `ls -l` lists, after every namespace change), and each answer from the hive would cost
+//! a metadata round trip.
 //!
-//! - [`NoCaps`]: inodes known to carry no `security.capability` xattr.
+//! - [`XattrNames`]: the names of an inode's extended attributes.
 //! - [`DirAttrs`]: a directory's attributes as the hive answered them with the change this
 //!   mount just made to it.
 //!
@@ -12,15 +13,20 @@
 //! the kernel), all at once when pushed invalidations were lost, and is used for at most
 //! the mount's TTL.
 //!
-//! # `NoCaps`
+//! # `XattrNames`
 //! The kernel asks a FUSE filesystem for `security.capability` before **every** `write(2)`
-//! to a file (`file_remove_privs`: a write must drop file capabilities), so without this
-//! each 1 MiB written cost one metadata round trip to the hive. Once the hive answered
-//! "no such xattr" for an inode, that answer is kept and served locally; also dropped when
-//! the kernel forgets the inode. A query that was on its way while an entry was dropped
-//! does not put it back: every drop bumps a generation, and an answer is remembered only
-//! if no drop happened since its query began. At most [`MAX_ENTRIES`] are kept (past it,
-//! the set starts over empty).
+//! to a file (`file_remove_privs`: a write must drop file capabilities); `ls -l` asks for
+//! `security.selinux` and `system.posix_acl_access` of every file it lists; `cp -a`, `tar`
+//! and `rsync -X` list every file's names. Almost always the answer is "none". So `hi`
+//! keeps, per inode, the list of names the hive answered (a `ListXattr`, asked instead of
+//! the first such `GetXattr`): a name not in the list is answered ENODATA here, and a
+//! `listxattr` from the list, each without a round trip. Values are not kept: a name in
+//! the list is read from the hive. Also dropped when the kernel forgets the inode.
+//!
+//! A query that was on its way while an entry was dropped does not put it back: every
+//! drop bumps a generation, and an answer is remembered only if no drop happened since its
+//! query began. At most [`MAX_ENTRIES`] inodes are kept (past it, the map starts over
+//! empty), and no list longer than [`MAX_NAMES_BYTES`].
 //!
 //! # `DirAttrs`
 //! After every create, unlink, mkdir, ... the kernel drops its copy of the parent
@@ -36,18 +42,32 @@
 
 use hivefs_net::meta::Attr;
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The xattr the kernel asks for before every write.
 pub const CAPABILITY: &[u8] = b"security.capability";
-/// Most inodes [`NoCaps`] remembers at once.
+/// Names the kernel and common tools ask for on their own, nearly always absent: the
+/// first `GetXattr` of one of these for an inode asks for its list of names instead.
+pub const PROBED: [&[u8]; 4] = [
+    CAPABILITY,
+    b"security.selinux",
+    b"system.posix_acl_access",
+    b"system.posix_acl_default",
+];
+/// Most inodes [`XattrNames`] remembers at once.
 pub const MAX_ENTRIES: usize = 1 << 20;
+/// Longest list of names (bytes of names) [`XattrNames`] keeps for one inode.
+pub const MAX_NAMES_BYTES: usize = 4096;
 /// Most directories [`DirAttrs`] keeps answers for (the last change in each directory
 /// leaves one that no getattr may ever take; the kernel's forget drops it too).
 pub const MAX_DIR_HINTS: usize = 1 << 16;
 
-pub struct NoCaps {
+/// An inode's xattr names, as the hive listed them.
+pub type Names = Arc<[Vec<u8>]>;
+
+/// The names of inodes' extended attributes (module doc).
+pub struct XattrNames {
     state: Mutex<State>,
     ttl: Duration,
 }
@@ -56,18 +76,18 @@ pub struct NoCaps {
 struct State {
     /// Bumped by every drop.
     generation: u64,
-    /// Inode -> when the hive said so.
-    absent: HashMap<u64, Instant>,
+    /// Inode -> its names, and when the hive said so.
+    names: HashMap<u64, (Names, Instant)>,
 }
 
-/// Taken before a query; [`NoCaps::remember`] needs it.
+/// Taken before a query; [`XattrNames::remember`] needs it.
 #[derive(Clone, Copy, Debug)]
 pub struct Ticket(u64);
 
-impl NoCaps {
+impl XattrNames {
     /// Answers are used for at most `ttl`.
-    pub fn new(ttl: Duration) -> NoCaps {
-        NoCaps {
+    pub fn new(ttl: Duration) -> XattrNames {
+        XattrNames {
             state: Mutex::new(State::default()),
             ttl,
         }
@@ -77,12 +97,19 @@ impl NoCaps {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Is `ino` known to have no `security.capability`?
-    pub fn known_absent(&self, ino: u64) -> bool {
+    /// `ino`'s names, if known.
+    pub fn get(&self, ino: u64) -> Option<Names> {
         self.state()
-            .absent
+            .names
             .get(&ino)
-            .is_some_and(|at| at.elapsed() < self.ttl)
+            .filter(|(_, at)| at.elapsed() < self.ttl)
+            .map(|(n, _)| n.clone())
+    }
+
+    /// Whether `ino` is known to have no xattr `name`.
+    #[cfg(test)]
+    pub fn known_absent(&self, ino: u64, name: &[u8]) -> bool {
+        self.get(ino).is_some_and(|n| !n.iter().any(|x| x == name))
     }
 
     /// Take before asking the hive.
@@ -90,30 +117,33 @@ impl NoCaps {
         Ticket(self.state().generation)
     }
 
-    /// The hive said `ino` has no `security.capability` (asked after `ticket`).
-    pub fn remember(&self, ino: u64, ticket: Ticket) {
+    /// The hive listed `ino`'s names (asked after `ticket`).
+    pub fn remember(&self, ino: u64, names: &[Vec<u8>], ticket: Ticket) {
+        if names.iter().map(|n| n.len() + 1).sum::<usize>() > MAX_NAMES_BYTES {
+            return;
+        }
         let mut st = self.state();
         if st.generation != ticket.0 {
             return;
         }
-        if st.absent.len() >= MAX_ENTRIES {
-            st.absent.clear();
+        if st.names.len() >= MAX_ENTRIES {
+            st.names.clear();
         }
-        st.absent.insert(ino, Instant::now());
+        st.names.insert(ino, (names.into(), Instant::now()));
     }
 
     /// Anything may have changed (pushed invalidations were lost): forget everything.
     pub fn drop_all(&self) {
         let mut st = self.state();
         st.generation += 1;
-        st.absent.clear();
+        st.names.clear();
     }
 
     /// `ino` changed or may have: ask the hive next time.
     pub fn drop_inode(&self, ino: u64) {
         let mut st = self.state();
         st.generation += 1;
-        st.absent.remove(&ino);
+        st.names.remove(&ino);
     }
 }
 
@@ -223,7 +253,7 @@ impl DirAttrs {
 
 /// Both, as the invalidation thread sees them.
 pub struct Hints {
-    pub no_caps: NoCaps,
+    pub xattr_names: XattrNames,
     pub dir_attrs: DirAttrs,
 }
 
@@ -231,20 +261,20 @@ impl Hints {
     /// Answers are used for at most `ttl`.
     pub fn new(ttl: Duration) -> Hints {
         Hints {
-            no_caps: NoCaps::new(ttl),
+            xattr_names: XattrNames::new(ttl),
             dir_attrs: DirAttrs::new(ttl),
         }
     }
 
     /// Another mount changed `ino`, or the kernel forgot it.
     pub fn drop_inode(&self, ino: u64) {
-        self.no_caps.drop_inode(ino);
+        self.xattr_names.drop_inode(ino);
         self.dir_attrs.drop_inode(ino);
     }
 
     /// Pushed invalidations were lost.
     pub fn drop_all(&self) {
-        self.no_caps.drop_all();
+        self.xattr_names.drop_all();
         self.dir_attrs.drop_all();
     }
 }
@@ -253,49 +283,67 @@ impl Hints {
 mod tests {
     use super::*;
 
+    fn names(list: &[&str]) -> Vec<Vec<u8>> {
+        list.iter().map(|n| n.as_bytes().to_vec()).collect()
+    }
+
     #[test]
     fn remembered_until_dropped() {
-        let c = NoCaps::new(Duration::from_secs(30));
-        assert!(!c.known_absent(7));
+        let c = XattrNames::new(Duration::from_secs(30));
+        assert!(!c.known_absent(7, CAPABILITY));
         let t = c.ticket();
-        c.remember(7, t);
-        assert!(c.known_absent(7));
+        c.remember(7, &names(&["user.a"]), t);
+        assert!(c.known_absent(7, CAPABILITY));
+        assert!(!c.known_absent(7, b"user.a"), "a listed name is not absent");
+        assert_eq!(&c.get(7).unwrap()[..], &names(&["user.a"])[..]);
         c.drop_inode(7);
-        assert!(!c.known_absent(7));
+        assert!(!c.known_absent(7, CAPABILITY));
+        assert!(c.get(7).is_none());
     }
 
     #[test]
     fn an_answer_older_than_a_drop_is_not_remembered() {
-        let c = NoCaps::new(Duration::from_secs(30));
+        let c = XattrNames::new(Duration::from_secs(30));
         let t = c.ticket();
         // An invalidation arrives while the query is on its way.
         c.drop_inode(9);
-        c.remember(9, t);
-        assert!(!c.known_absent(9));
+        c.remember(9, &[], t);
+        assert!(!c.known_absent(9, CAPABILITY));
         let t = c.ticket();
-        c.remember(9, t);
-        assert!(c.known_absent(9));
+        c.drop_all();
+        c.remember(9, &[], t);
+        assert!(!c.known_absent(9, CAPABILITY));
+        let t = c.ticket();
+        c.remember(9, &[], t);
+        assert!(c.known_absent(9, CAPABILITY));
     }
 
     #[test]
     fn used_for_at_most_the_ttl() {
-        let c = NoCaps::new(Duration::from_millis(20));
+        let c = XattrNames::new(Duration::from_millis(20));
         let t = c.ticket();
-        c.remember(3, t);
-        assert!(c.known_absent(3));
+        c.remember(3, &[], t);
+        assert!(c.known_absent(3, CAPABILITY));
         std::thread::sleep(Duration::from_millis(30));
-        assert!(!c.known_absent(3));
+        assert!(!c.known_absent(3, CAPABILITY));
     }
 
     #[test]
     fn bounded() {
-        let c = NoCaps::new(Duration::from_secs(30));
+        let c = XattrNames::new(Duration::from_secs(30));
         for ino in 0..(MAX_ENTRIES as u64 + 5) {
             let t = c.ticket();
-            c.remember(ino, t);
+            c.remember(ino, &[], t);
         }
-        assert!(c.state().absent.len() <= MAX_ENTRIES);
-        assert!(c.known_absent(MAX_ENTRIES as u64 + 4));
+        assert!(c.state().names.len() <= MAX_ENTRIES);
+        assert!(c.known_absent(MAX_ENTRIES as u64 + 4, CAPABILITY));
+        // A long list is not kept at all.
+        let long: Vec<Vec<u8>> = (0..100)
+            .map(|i| format!("user.{i:060}").into_bytes())
+            .collect();
+        let t = c.ticket();
+        c.remember(1, &long, t);
+        assert!(c.get(1).is_none());
     }
 
     fn attr(ino: u64, nlink: u32) -> Attr {

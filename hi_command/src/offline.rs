@@ -382,9 +382,35 @@ impl Offline {
 
     /// Keep the answer to `q` (online; used only offline). A lookup's attributes answer a
     /// getattr of the inode found too (the kernel asks one offline once they time out).
+    ///
+    /// A listing with attributes (`ReadDirPlus`) is kept as what it holds: the listing
+    /// page (as `ReadDir` with the same arguments), each entry's attributes (`GetAttr`)
+    /// and xattr names (`ListXattr`); [`Offline::answer`] puts it back together.
     pub fn remember(&self, q: &Query, r: &Kept) {
         if let (Query::Lookup { .. }, Ok(Answer::Attr(a))) = (q, r) {
             self.keep(&Query::GetAttr { ino: a.ino }, r);
+        }
+        if let &Query::ReadDirPlus { ino, after, max } = q {
+            let page = Query::ReadDir { ino, after, max };
+            match r {
+                Ok(Answer::DirPlus { entries, end }) => {
+                    for e in entries {
+                        let ino = e.entry.ino;
+                        self.keep(&Query::GetAttr { ino }, &Ok(Answer::Attr(e.attr.clone())));
+                        if let Some(names) = &e.xattr_names {
+                            self.keep(
+                                &Query::ListXattr { ino },
+                                &Ok(Answer::XattrNames(names.clone())),
+                            );
+                        }
+                    }
+                    let entries = entries.iter().map(|e| e.entry.clone()).collect();
+                    self.keep(&page, &Ok(Answer::Dir { entries, end: *end }));
+                }
+                Ok(_) => {}
+                Err(e) => self.keep(&page, &Err(*e)),
+            }
+            return;
         }
         self.keep(q, r);
     }
@@ -409,6 +435,34 @@ impl Offline {
                 .get(q)
                 .cloned()
                 .or_else(|| a.listing(*ino, *after, *max).map(Ok)),
+            // The page as a `ReadDir` answers it, with every entry's attributes kept
+            // (one missing: not known here).
+            &Query::ReadDirPlus { ino, after, max } => {
+                let page = Query::ReadDir { ino, after, max };
+                match a
+                    .get(&page)
+                    .cloned()
+                    .or_else(|| a.listing(ino, after, max).map(Ok))
+                {
+                    Some(Ok(Answer::Dir { entries, end })) => entries
+                        .into_iter()
+                        .map(|entry| {
+                            let attr = a.attr(entry.ino)?;
+                            let xattr_names = match a.get(&Query::ListXattr { ino: entry.ino }) {
+                                Some(Ok(Answer::XattrNames(n))) => Some(n.clone()),
+                                _ => None,
+                            };
+                            Some(m::DirEntryPlus {
+                                entry,
+                                attr,
+                                xattr_names,
+                            })
+                        })
+                        .collect::<Option<Vec<_>>>()
+                        .map(|entries| Ok(Answer::DirPlus { entries, end })),
+                    other => other,
+                }
+            }
             q => a.get(q).cloned(),
         };
         kept.unwrap_or_else(|| {

@@ -32,6 +32,12 @@ pub const MAX_XATTR_VALUE_BYTES: usize = 64 * 1024;
 pub const MAX_COMMIT_EXTENTS: usize = 8192;
 /// Most entries one readdir answer carries.
 pub const MAX_READDIR_ENTRIES: u32 = 4096;
+/// Most entries one `ReadDirPlus` answer carries (each with its attributes and up to
+/// [`MAX_PLUS_XATTR_NAMES_BYTES`] of xattr names: at most ~1.2 MiB).
+pub const MAX_READDIRPLUS_ENTRIES: u32 = 256;
+/// A `ReadDirPlus` entry carries its inode's xattr names only if they take at most this
+/// many bytes (each name counted with one more byte); else `None`.
+pub const MAX_PLUS_XATTR_NAMES_BYTES: usize = 4096;
 /// Most extents one extent query answers (a client pages through larger files).
 pub const MAX_EXTENTS_ANSWER: u32 = 16384;
 /// Largest file offset + 1 (as ext4: 16 TiB with 4 KiB blocks; well within i64).
@@ -183,6 +189,16 @@ pub struct DirEntry {
     /// Resume a readdir after this entry with `ReadDir { after: cookie }`. Cookies of a
     /// directory only grow: entries added during a listing come after every older one.
     pub cookie: u64,
+}
+
+/// A directory entry as `ReadDirPlus` answers it: with its inode's attributes, and its
+/// xattr names when they are few (`None`: more than [`MAX_PLUS_XATTR_NAMES_BYTES`]; ask
+/// `ListXattr`). What `ls -l`, `find` or `cp -a` would otherwise ask per entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntryPlus {
+    pub entry: DirEntry,
+    pub attr: Attr,
+    pub xattr_names: Option<Vec<Vec<u8>>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -668,6 +684,13 @@ pub enum Query {
     Members,
     /// Every recorded token (admin). Answered [`Answer::Tokens`].
     Tokens,
+    /// As `ReadDir`, each entry with its attributes and xattr names
+    /// ([`Answer::DirPlus`]; `max` at most [`MAX_READDIRPLUS_ENTRIES`]).
+    ReadDirPlus {
+        ino: u64,
+        after: u64,
+        max: u32,
+    },
 }
 
 /// A member of the metadata Raft group.
@@ -1015,6 +1038,11 @@ pub enum Answer {
         answer: Box<Answer>,
     },
     Tokens(Vec<TokenInfo>),
+    /// As [`Answer::Dir`], for [`Query::ReadDirPlus`].
+    DirPlus {
+        entries: Vec<DirEntryPlus>,
+        end: bool,
+    },
 }
 
 /// What one garbage collection did.
@@ -1331,6 +1359,9 @@ impl MetaRequest {
                 }
                 Query::GetXattr { name, .. } => xname(name),
                 Query::ReadDir { max, .. } if *max == 0 || *max > MAX_READDIR_ENTRIES => {
+                    Err(Errno::INVAL)
+                }
+                Query::ReadDirPlus { max, .. } if *max == 0 || *max > MAX_READDIRPLUS_ENTRIES => {
                     Err(Errno::INVAL)
                 }
                 Query::Extents { from, to, max, .. }

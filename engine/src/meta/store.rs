@@ -42,9 +42,9 @@
 use anyhow::{bail, Context, Result};
 use hivefs_net::chunk::ChunkId;
 use hivefs_net::meta::{
-    self, Answer, Attr, CaRotation, DirEntry, Errno, Extent, FileKind, MetaCommand, MetaReply,
-    Mutation, NodeEntry, NodeSpec, Query, RenameMode, SetAttr, SetTime, StatFs, Timespec,
-    TokenInfo, TokenScope, VolumeInfo, XattrMode, ROOT_INO,
+    self, Answer, Attr, CaRotation, DirEntry, DirEntryPlus, Errno, Extent, FileKind, MetaCommand,
+    MetaReply, Mutation, NodeEntry, NodeSpec, Query, RenameMode, SetAttr, SetTime, StatFs,
+    Timespec, TokenInfo, TokenScope, VolumeInfo, XattrMode, MAX_PLUS_XATTR_NAMES_BYTES, ROOT_INO,
 };
 use hivefs_net::placement::NodeState;
 use redb::{Database, Durability, ReadableTable, TableDefinition};
@@ -314,6 +314,35 @@ fn live_under<T: ReadableTable<&'static [u8], &'static [u8]>>(
         }
     }
     Ok(out)
+}
+
+/// The live xattr names under `prefix` (an inode's), or `None` if they take more than
+/// `limit` bytes (each counted with one byte more, as listxattr(2) lists them).
+fn xattr_names_within<T: ReadableTable<&'static [u8], &'static [u8]>>(
+    t: &T,
+    prefix: &[u8],
+    limit: usize,
+) -> Result<Option<Vec<Vec<u8>>>> {
+    let end = prefix_end(prefix);
+    let (mut names, mut bytes) = (Vec::new(), 0usize);
+    for item in t.range::<&[u8]>(prefix..end.as_slice())? {
+        let (k, v) = item?;
+        let (k, v) = (k.value(), v.value());
+        // Key: prefix, 2 bytes, the name, 8 bytes of birth epoch (as `ListXattr` reads it).
+        if !k.starts_with(prefix) || k.len() < prefix.len() + 2 + 8 || v.len() < 8 {
+            continue;
+        }
+        if u64::from_le_bytes(v[..8].try_into().expect("8")) != LIVE {
+            continue;
+        }
+        let name = &k[prefix.len() + 2..k.len() - 8];
+        bytes += name.len() + 1;
+        if bytes > limit {
+            return Ok(None);
+        }
+        names.push(name.to_vec());
+    }
+    Ok(Some(names))
 }
 
 // ---- the store -----------------------------------------------------------------------
@@ -1016,7 +1045,7 @@ impl MetaStore {
                 Some(r) => Ok(Answer::Attr(r.attr(*ino))),
                 None => Err(Errno::NOENT),
             },
-            Query::ReadDir { ino, after, max } => {
+            Query::ReadDir { ino, after, max } | Query::ReadDirPlus { ino, after, max } => {
                 let Some(d) = load(*ino)? else {
                     return Ok(Err(Errno::NOENT));
                 };
@@ -1047,7 +1076,30 @@ impl MetaStore {
                         cookie,
                     });
                 }
-                Ok(Answer::Dir { entries, end })
+                if matches!(q, Query::ReadDir { .. }) {
+                    return Ok(Ok(Answer::Dir { entries, end }));
+                }
+                let x = tx.open_table(XATTRS)?;
+                let mut plus = Vec::with_capacity(entries.len());
+                for entry in entries {
+                    let Some(r) = load(entry.ino)? else {
+                        bail!(
+                            "dirent {:?} names inode {} which is gone",
+                            entry.name,
+                            entry.ino
+                        );
+                    };
+                    plus.push(DirEntryPlus {
+                        attr: r.attr(entry.ino),
+                        xattr_names: xattr_names_within(
+                            &x,
+                            &k_ino(volume, entry.ino),
+                            MAX_PLUS_XATTR_NAMES_BYTES,
+                        )?,
+                        entry,
+                    });
+                }
+                Ok(Answer::DirPlus { entries: plus, end })
             }
             Query::ReadLink { ino } => match load(*ino)? {
                 Some(r) if r.kind == FileKind::Symlink => Ok(Answer::Link(r.target)),
@@ -2614,6 +2666,101 @@ mod tests {
                 name: b"user.a".to_vec()
             }),
             Err(Errno::NODATA)
+        );
+        f.clean();
+    }
+
+    /// `ReadDirPlus` pages like `ReadDir` and carries what `GetAttr` and `ListXattr` answer
+    /// for each entry, except names past the byte limit (then `None`); removed xattrs and
+    /// entries are not listed.
+    #[test]
+    fn readdirplus_is_readdir_with_attrs_and_xattr_names() {
+        let mut f = fixture("readdirplus");
+        let mut inos = Vec::new();
+        for i in 0..7 {
+            inos.push(f.ino(ROOT_INO, &format!("f{i}"), FileKind::File));
+        }
+        let d = f.ino(ROOT_INO, "sub", FileKind::Dir);
+        let set = |ino, name: String| Mutation::SetXattr {
+            ino,
+            name: name.into_bytes(),
+            value: b"v".to_vec(),
+            mode: XattrMode::Any,
+        };
+        f.m(set(inos[1], "user.a".into())).unwrap();
+        f.m(set(inos[1], "user.b".into())).unwrap();
+        f.m(Mutation::RemoveXattr {
+            ino: inos[1],
+            name: b"user.a".to_vec(),
+        })
+        .unwrap();
+        // More names than one entry may carry.
+        for n in 0..20 {
+            f.m(set(inos[2], format!("user.{n:0>240}"))).unwrap();
+        }
+        f.m(Mutation::Unlink {
+            parent: ROOT_INO,
+            name: b"f3".to_vec(),
+        })
+        .unwrap();
+        let (mut plain, mut plus, mut after) = (Vec::new(), Vec::new(), 0);
+        loop {
+            let Ok(Answer::DirPlus { entries, end }) = f.q(Query::ReadDirPlus {
+                ino: ROOT_INO,
+                after,
+                max: 3,
+            }) else {
+                panic!("readdirplus");
+            };
+            assert!(entries.len() <= 3);
+            let Ok(Answer::Dir { entries: e2, .. }) = f.q(Query::ReadDir {
+                ino: ROOT_INO,
+                after,
+                max: 3,
+            }) else {
+                panic!("readdir");
+            };
+            plain.extend(e2);
+            after = entries.last().map_or(after, |e| e.entry.cookie);
+            plus.extend(entries);
+            if end {
+                break;
+            }
+        }
+        assert_eq!(
+            plus.iter().map(|e| e.entry.clone()).collect::<Vec<_>>(),
+            plain
+        );
+        assert_eq!(plus.len(), 7, "f0..f6 less f3, and sub");
+        for e in &plus {
+            assert_eq!(
+                f.q(Query::GetAttr { ino: e.entry.ino }),
+                Ok(Answer::Attr(e.attr.clone())),
+                "{:?}",
+                e.entry.name
+            );
+            let Ok(Answer::XattrNames(names)) = f.q(Query::ListXattr { ino: e.entry.ino }) else {
+                panic!("listxattr");
+            };
+            if e.entry.ino == inos[2] {
+                assert_eq!(e.xattr_names, None, "20 names of 246 bytes are too many");
+                assert_eq!(names.len(), 20);
+            } else {
+                assert_eq!(e.xattr_names.as_ref(), Some(&names));
+            }
+        }
+        let one = plus.iter().find(|e| e.entry.ino == inos[1]).unwrap();
+        assert_eq!(one.xattr_names, Some(vec![b"user.b".to_vec()]));
+        assert!(plus
+            .iter()
+            .any(|e| e.entry.ino == d && e.attr.kind == FileKind::Dir));
+        assert_eq!(
+            f.q(Query::ReadDirPlus {
+                ino: inos[0],
+                after: 0,
+                max: 3
+            }),
+            Err(Errno::NOTDIR)
         );
         f.clean();
     }
