@@ -65,7 +65,10 @@
 //!   data: empty files compare durable creates with durable creates. The ext4 is made
 //!   once per invocation with `mkfs.ext4` on a sparse file in the work dir (same disk),
 //!   mounted `-o loop,dirsync`; the same code runs on it in each run, right after the
-//!   mount's turn. Stats follow creates with nothing dropped, on both sides.
+//!   mount's turn. Stats follow creates with nothing dropped, on both sides. Then
+//!   `list_cold`: caches dropped (`drop_caches`, both sides), the directory listed as
+//!   `ls -l` does (entries, then `statx`, `lgetxattr(security.selinux)` and
+//!   `getxattr(system.posix_acl_access)` each); entries/s, reported, not gated.
 //!
 //! # Figures
 //! Per run, each figure and each ratio (figure / its ceiling from the same run); the
@@ -275,6 +278,9 @@ fn lazy_unmount(path: &Path) -> bool {
     }
     !is_mount(path)
 }
+
+/// The phases of `fs meta`, as figures and ratios name them (`meta_workload`'s order).
+const META_OPS: [&str; 4] = ["create", "stat", "list_cold", "unlink"];
 
 /// `sync`, then drop the page cache, dentries and inodes.
 fn drop_caches() -> Result<()> {
@@ -839,8 +845,9 @@ fn cold_offsets(len: u64, max_reads: usize, seed: u64) -> Vec<u64> {
     v
 }
 
-/// Create, stat and unlink `n` files in a new directory `dir`. Returns ops/s per phase.
-fn meta_workload(dir: &Path, n: usize, file_bytes: usize, seed: u64) -> Result<[f64; 3]> {
+/// Create, stat, list cold (as `ls -l`: [`list_like_ls_l`]) and unlink `n` files in a
+/// new directory `dir`. Returns ops/s (entries/s for the listing) per phase.
+fn meta_workload(dir: &Path, n: usize, file_bytes: usize, seed: u64) -> Result<[f64; 4]> {
     std::fs::create_dir(dir).with_context(|| format!("mkdir {}", dir.display()))?;
     let paths: Vec<PathBuf> = (0..n).map(|i| dir.join(format!("f{i:06}"))).collect();
     let mut payload = vec![0u8; file_bytes];
@@ -877,6 +884,14 @@ fn meta_workload(dir: &Path, n: usize, file_bytes: usize, seed: u64) -> Result<[
         }
     }
     let stat = n as f64 / t0.elapsed().as_secs_f64();
+    check_stop()?;
+    drop_caches()?;
+    let t0 = Instant::now();
+    let listed = list_like_ls_l(dir)?;
+    let list = listed as f64 / t0.elapsed().as_secs_f64();
+    if listed != n {
+        bail!("{} lists {listed} entries, {n} were created", dir.display());
+    }
     let t0 = Instant::now();
     for (i, p) in paths.iter().enumerate() {
         if i % 256 == 0 {
@@ -886,7 +901,42 @@ fn meta_workload(dir: &Path, n: usize, file_bytes: usize, seed: u64) -> Result<[
     }
     let unlink = n as f64 / t0.elapsed().as_secs_f64();
     std::fs::remove_dir(dir).with_context(|| format!("rmdir {}", dir.display()))?;
-    Ok([create, stat, unlink])
+    Ok([create, stat, list, unlink])
+}
+
+/// What `ls -l` (GNU coreutils 9) asks of a directory: its entries, then per entry
+/// `statx`, `lgetxattr("security.selinux")` and `getxattr("system.posix_acl_access")`
+/// (absent xattrs are the normal case: ENODATA). Returns the number of entries.
+fn list_like_ls_l(dir: &Path) -> Result<usize> {
+    let mut n = 0;
+    let mut buf = [0u8; 256];
+    for e in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let e = e.with_context(|| format!("listing {}", dir.display()))?;
+        let p = e.path();
+        std::fs::symlink_metadata(&p).with_context(|| format!("lstat {}", p.display()))?;
+        let c = std::ffi::CString::new(p.as_os_str().as_bytes())?;
+        for (name, follow) in [
+            (c"security.selinux", false),
+            (c"system.posix_acl_access", true),
+        ] {
+            let (path, name, b) = (c.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast());
+            // SAFETY: NUL-terminated path and name; `buf` outlives the call and its length
+            // is passed.
+            let r = unsafe {
+                if follow {
+                    libc::getxattr(path, name, b, buf.len())
+                } else {
+                    libc::lgetxattr(path, name, b, buf.len())
+                }
+            };
+            let err = std::io::Error::last_os_error();
+            if r < 0 && err.raw_os_error() != Some(libc::ENODATA) {
+                return Err(err).with_context(|| format!("getxattr {}", p.display()));
+            }
+        }
+        n += 1;
+    }
+    Ok(n)
 }
 
 /// The client's decompress + verify rate (GB/s of plaintext) for `data`'s chunks, on
@@ -1763,16 +1813,17 @@ pub fn run(what: FsCmd, a: &FsArgs, o: &Opts) -> Result<()> {
             if let Some(e) = &ext4 {
                 sides.push(("ext4_dirsync", e.mnt.join(format!("meta-{}", r + 1))));
             }
-            let mut got: Vec<(&str, [f64; 3])> = Vec::new();
+            let mut got: Vec<(&str, [f64; 4])> = Vec::new();
             for (side, dir) in sides {
                 match meta_workload(&dir, n, meta_file_bytes, run_seed ^ 0x3e7a) {
-                    Ok([c, s, u]) => {
-                        got.push((side, [c, s, u]));
+                    Ok([c, s, l, u]) => {
+                        got.push((side, [c, s, l, u]));
                         println!(
-                            "meta {side:<18} create {c:.0}/s, stat {s:.0}/s, unlink {u:.0}/s  ({n} files of {meta_file_bytes} bytes)"
+                            "meta {side:<18} create {c:.0}/s, stat {s:.0}/s, ls -l cold {l:.0}/s, unlink {u:.0}/s  ({n} files of {meta_file_bytes} bytes)"
                         );
                         res.fig(&format!("{side}_create_ops"), c);
                         res.fig(&format!("{side}_stat_ops"), s);
+                        res.fig(&format!("{side}_list_cold_ops"), l);
                         res.fig(&format!("{side}_unlink_ops"), u);
                     }
                     Err(e) => {
@@ -1785,7 +1836,7 @@ pub fn run(what: FsCmd, a: &FsArgs, o: &Opts) -> Result<()> {
                 }
             }
             if let [("fs", x), ("ext4_dirsync", y)] = got[..] {
-                for (i, op) in ["create", "stat", "unlink"].iter().enumerate() {
+                for (i, op) in META_OPS.iter().enumerate() {
                     res.fig(&format!("ratio_fs_{op}_vs_ext4_dirsync"), x[i] / y[i]);
                 }
             }
@@ -1852,7 +1903,7 @@ fn summary(res: &Results, plan: &Plan, runs: usize) {
         ratio(&mut lines, "fs_rand4k_cold_vs_fio64k");
     }
     if plan.meta {
-        for op in ["create", "stat", "unlink"] {
+        for op in META_OPS {
             ratio(&mut lines, &format!("fs_{op}_vs_ext4_dirsync"));
         }
     }
@@ -1889,7 +1940,7 @@ fn summary(res: &Results, plan: &Plan, runs: usize) {
     }
     if plan.meta {
         for side in ["fs", "ext4_dirsync"] {
-            for op in ["create", "stat", "unlink"] {
+            for op in META_OPS {
                 lines.push(format!(
                     "figure {side}_{op}_ops_per_s {}",
                     na(g(&format!("{side}_{op}_ops")))
@@ -1956,6 +2007,11 @@ fn summary(res: &Results, plan: &Plan, runs: usize) {
             "stats / ext4 dirsync",
             g("ratio_fs_stat_vs_ext4_dirsync"),
             Some(1.0),
+        );
+        chk(
+            "ls -l cold / ext4 dirsync",
+            g("ratio_fs_list_cold_vs_ext4_dirsync"),
+            None,
         );
         chk(
             "unlinks / ext4 dirsync",
