@@ -686,7 +686,6 @@ impl HiveFs {
     }
 }
 
-/// What a read needs from an open file's state, taken under its lock.
 /// A directory entry as [`HiveFs::dir_pages`] hands it out.
 struct Listed {
     entry: m::DirEntry,
@@ -698,6 +697,7 @@ struct Listed {
     ticket: Option<hints::Ticket>,
 }
 
+/// What a read needs from an open file's state, taken under its lock.
 struct ReadPlan {
     /// The read ends here (clipped to the size).
     end: u64,
