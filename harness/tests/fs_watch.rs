@@ -1,5 +1,5 @@
 //! Pushed invalidations across two mounts of one volume: mount B caches a name or an
-//! attribute (the kernel keeps it for `hi`'s 30 s TTL), mount A changes it, and B must see
+//! attribute (the kernel keeps it for `hi`'s 60 s TTL), mount A changes it, and B must see
 //! the change within [`DEADLINE`] (polling). Without the push (`HIVE_HI_NO_WATCH=1` in the
 //! environment, honoured by `hi`) B keeps the stale answer for the TTL and these tests
 //! fail (except the negative-entry case: the kernel does not cache `hi`'s ENOENT answers).

@@ -60,7 +60,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// drops them from this kernel at once); bounded, because a push can be lost (a slow
 /// watcher's overflow, a broken stream, a hive restart, a lookup racing its
 /// invalidation): then this is how long another mount's change may stay unseen here.
-const TTL: Duration = Duration::from_secs(30);
+/// 60 s, as NFS's `acregmax`/`acdirmax` (which have no push at all). At 30 s, a tree
+/// made in more than 30 s (20,000 durable creates here) was looked up again name by
+/// name when first walked after that: `hive-perf fs meta` stats fell to 0.06-0.08 of
+/// ext4's in runs whose creates took 33-37 s, 1.06 in the run that took 28 s.
+const TTL: Duration = Duration::from_secs(60);
 /// Chunk cache size.
 pub const CACHE_BYTES: usize = 256 << 20;
 /// Largest write the kernel sends.
