@@ -487,6 +487,7 @@ fn mount(
         )
     })?;
     let bg = session.spawn().context("starting the FUSE session")?;
+    fs::raise_kernel_read_ahead(mountpoint);
     // Other mounts' changes, pushed by the hive, into this kernel's caches.
     let _ = notifier.set(bg.notifier());
     let invalidator = invalidate::Invalidator::start(
