@@ -446,7 +446,10 @@ impl HiveFs {
         if !plan.ahead.is_empty() {
             self.fetch.read_ahead(plan.ahead);
         }
-        let mut out = vec![0u8; (plan.end - off) as usize];
+        let len = (plan.end - off) as usize;
+        // Filled in offset order: only holes are zeroed (zeroing all of it first was 4% of
+        // `hi`'s profile in a cold sequential read).
+        let mut out = Vec::with_capacity(len);
         let ids: Vec<ChunkId> = plan.extents.iter().map(|e| e.chunk).collect();
         let have = if ids.is_empty() {
             HashMap::new()
@@ -467,8 +470,9 @@ impl HiveFs {
                 );
                 return Err(Errno::EIO);
             }
-            out[(s - off) as usize..(s - off) as usize + n].copy_from_slice(&data[from..from + n]);
+            place(&mut out, (s - off) as usize, &data[from..from + n]);
         }
+        out.resize(len, 0);
         for (s, v) in &plan.overlays {
             overlay(&mut out, off, *s, v);
         }
@@ -777,6 +781,21 @@ fn plan_read(st: &mut FileState, off: u64, len: usize) -> ReadPlan {
 }
 
 /// Copy the part of `v` (at file offset `s`) that falls in `out` (at file offset `off`).
+/// Put `src` at `at` of `out`, which grows to hold it (any gap before `at` zeroed): an
+/// append when pieces come in offset order, as read plans give them.
+fn place(out: &mut Vec<u8>, at: usize, src: &[u8]) {
+    if out.len() <= at {
+        out.resize(at, 0);
+        out.extend_from_slice(src);
+        return;
+    }
+    let end = at + src.len();
+    if out.len() < end {
+        out.resize(end, 0);
+    }
+    out[at..end].copy_from_slice(src);
+}
+
 fn overlay(out: &mut [u8], off: u64, s: u64, v: &[u8]) {
     let end = off + out.len() as u64;
     let ve = s + v.len() as u64;
@@ -1673,6 +1692,21 @@ pub fn answer(r: MetaReply) -> anyhow::Result<Answer> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pieces_placed_in_any_order_leave_holes_zero() {
+        // In order with a hole, then one out of order over a hole, then an overlap.
+        let mut out = Vec::new();
+        place(&mut out, 0, b"ab");
+        place(&mut out, 4, b"ef");
+        assert_eq!(out, b"ab\0\0ef");
+        place(&mut out, 2, b"c");
+        assert_eq!(out, b"abc\0ef");
+        place(&mut out, 5, b"FGH");
+        assert_eq!(out, b"abc\0eFGH");
+        out.resize(10, 0);
+        assert_eq!(out, b"abc\0eFGH\0\0");
+    }
 
     #[test]
     fn acl_mode_bits() {
