@@ -24,8 +24,8 @@ use hivefs_net::conn::{ConnError, FramedConn};
 use hivefs_net::frame::{MAX_BODY_BYTES, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
 use hivefs_net::placement::{HiveMap, Placement};
 use hivefs_net::proto::{
-    ClusterMap, ErrorCode, PutChunk, PutResult, Request, Response, MAX_BATCH_CHUNKS, MAX_BATCH_IDS,
-    PUT_BODY_HEADER_BYTES, PUT_CHUNK_OVERHEAD_BYTES,
+    put_frame_heads, put_frame_parts, ClusterMap, ErrorCode, PutChunk, PutResult, Request,
+    Response, MAX_BATCH_CHUNKS, MAX_BATCH_IDS, PUT_BODY_HEADER_BYTES, PUT_CHUNK_OVERHEAD_BYTES,
 };
 use std::collections::HashMap;
 use std::net::TcpStream;
@@ -116,6 +116,8 @@ struct ShardConn {
     next_req: u64,
     /// Reused encoding buffer for outgoing frames.
     frame: Vec<u8>,
+    /// Where each chunk's data goes between the pieces of a `Put` in `frame`.
+    put_ends: Vec<usize>,
 }
 
 impl ShardConn {
@@ -134,6 +136,7 @@ impl ShardConn {
             credits: 1,
             next_req: 1,
             frame: Vec::new(),
+            put_ends: Vec::new(),
         };
         let hello = Request::Hello {
             min_version: PROTOCOL_VERSION_MIN,
@@ -172,7 +175,7 @@ impl ShardConn {
         let id = self.next_req;
         self.next_req += 1;
         self.frame.clear();
-        match o {
+        let len = match o {
             Outgoing::Request(req) => {
                 let (op, body) = req.encode();
                 hivefs_net::frame::encode_frame_into(
@@ -182,21 +185,31 @@ impl ShardConn {
                     id,
                     &body,
                 );
+                self.frame.len()
             }
             Outgoing::Put(level, chunks) => {
-                let check = self.conn.body_check();
-                let v = self.version;
-                hivefs_net::proto::frame_put_into(&mut self.frame, check, v, id, *level, chunks)
+                // The chunks' bytes are not copied into the frame: TLS encrypts them from
+                // where they are (one copy fewer per byte put).
+                let (check, v) = (self.conn.body_check(), self.version);
+                let ends = &mut self.put_ends;
+                put_frame_heads(&mut self.frame, ends, check, v, id, *level, chunks);
+                self.frame.len() + chunks.iter().map(|c| c.data.len()).sum::<usize>()
             }
-        }
-        if self.frame.len() > MAX_BODY_BYTES + hivefs_net::frame::HEADER_BYTES {
-            let len = u32::try_from(self.frame.len()).unwrap_or(u32::MAX);
+        };
+        if len > MAX_BODY_BYTES + hivefs_net::frame::HEADER_BYTES {
+            let len = u32::try_from(len).unwrap_or(u32::MAX);
             return Err(ClientError::Conn {
                 shard: self.shard,
                 source: hivefs_net::frame::FrameError::TooLarge(len).into(),
             });
         }
-        self.conn.queue_frame(&self.frame);
+        match o {
+            Outgoing::Put(_, chunks) => {
+                let parts = put_frame_parts(&self.frame, &self.put_ends, chunks);
+                self.conn.queue_frame_parts(&parts);
+            }
+            Outgoing::Request(_) => self.conn.queue_frame(&self.frame),
+        }
         self.conn.flush().map_err(|source| ClientError::Conn {
             shard: self.shard,
             source,

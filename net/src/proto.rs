@@ -1143,7 +1143,8 @@ pub fn get_reply_head_into(
 
 /// Append a `Put` request frame for borrowed chunks to `out`, encoding the body in place
 /// (no clone of the chunks, no intermediate body buffer).
-pub fn frame_put_into(
+#[cfg(test)]
+pub(crate) fn frame_put_into(
     out: &mut Vec<u8>,
     check: BodyCheck,
     version: u16,
@@ -1157,6 +1158,79 @@ pub fn frame_put_into(
     });
 }
 
+/// A `Put` request frame for borrowed chunks as pieces, so TLS encrypts the chunks' bytes
+/// where they are instead of after a copy into one frame buffer. `heads` gets everything
+/// but the chunks' data: the frame header, the level and count, and each chunk's own
+/// header (id, codec, raw length, data length); `ends[i]` is where the piece before chunk
+/// `i`'s data ends in `heads`. [`put_frame_parts`] interleaves them into exactly the frame
+/// `Request::Put` encodes to. With [`BodyCheck::Crc32c`] the CRC covers every piece.
+pub fn put_frame_heads(
+    heads: &mut Vec<u8>,
+    ends: &mut Vec<usize>,
+    check: BodyCheck,
+    version: u16,
+    request_id: u64,
+    level: u8,
+    chunks: &[&PutChunk],
+) {
+    heads.clear();
+    ends.clear();
+    let mut w = Writer(std::mem::take(heads));
+    w.0.extend_from_slice(&[0u8; HEADER_BYTES]);
+    w.u8(level);
+    w.len(chunks.len());
+    let mut data_bytes = 0usize;
+    for c in chunks {
+        w.0.extend_from_slice(&c.id.0);
+        w.u8(c.codec as u8);
+        w.u32(c.raw_len);
+        w.len(c.data.len());
+        ends.push(w.0.len());
+        data_bytes += c.data.len();
+    }
+    *heads = w.0;
+    let (body_crc32c, flags) = match check {
+        BodyCheck::Crc32c => {
+            let parts = put_frame_parts(heads, ends, chunks);
+            let mut crc = crc32c::crc32c(&parts[0][HEADER_BYTES..]);
+            for p in &parts[1..] {
+                crc = crc32c::crc32c_append(crc, p);
+            }
+            (crc, 0)
+        }
+        BodyCheck::Transport => (0, FLAG_BODY_UNCHECKED),
+    };
+    let body_len = heads.len() - HEADER_BYTES + data_bytes;
+    let header = FrameHeader {
+        version,
+        opcode: Opcode::Put as u16,
+        request_id,
+        body_len: u32::try_from(body_len).unwrap_or(u32::MAX),
+        body_crc32c,
+        flags,
+    };
+    heads[..HEADER_BYTES].copy_from_slice(&header.to_bytes());
+}
+
+/// The pieces of a `Put` frame made by [`put_frame_heads`], in order.
+pub fn put_frame_parts<'a>(
+    heads: &'a [u8],
+    ends: &[usize],
+    chunks: &[&'a PutChunk],
+) -> Vec<&'a [u8]> {
+    let mut parts = Vec::with_capacity(2 * chunks.len() + 1);
+    let mut from = 0;
+    for (end, c) in ends.iter().zip(chunks) {
+        parts.push(&heads[from..*end]);
+        parts.push(&c.data[..]);
+        from = *end;
+    }
+    if from < heads.len() || parts.is_empty() {
+        parts.push(&heads[from..]);
+    }
+    parts
+}
+
 /// A response as one frame (echo the request's id).
 pub fn frame_response(version: u16, request_id: u64, resp: &Response) -> Vec<u8> {
     let (op, body) = resp.encode();
@@ -1166,6 +1240,29 @@ pub fn frame_response(version: u16, request_id: u64, resp: &Response) -> Vec<u8>
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn put_frame_pieces_are_the_put_frame() {
+        let chunks: Vec<PutChunk> = (0..3u8)
+            .map(|i| PutChunk {
+                id: ChunkId([i; CHUNK_ID_BYTES]),
+                codec: Codec::Raw,
+                raw_len: 100 * i as u32,
+                data: vec![i; 100 * i as usize],
+            })
+            .collect();
+        let refs: Vec<&PutChunk> = chunks.iter().collect();
+        let (mut heads, mut ends) = (Vec::new(), Vec::new());
+        for n in [0, 1, 3] {
+            for check in [BodyCheck::Crc32c, BodyCheck::Transport] {
+                let mut whole = Vec::new();
+                frame_put_into(&mut whole, check, 2, 9, 3, &refs[..n]);
+                put_frame_heads(&mut heads, &mut ends, check, 2, 9, 3, &refs[..n]);
+                let parts = put_frame_parts(&heads, &ends, &refs[..n]);
+                assert_eq!(parts.concat(), whole, "{n} chunks, {check:?}");
+            }
+        }
+    }
 
     #[test]
     fn in_place_frames_match_the_message_encoders() {
