@@ -1125,20 +1125,44 @@ pub fn get_reply_head_into(
     write_get_reply_prefix(out, chunk.map(|(c, r, d)| (c, r, d.len())));
     let data = chunk.map_or(&[][..], |(_, _, d)| d);
     let prefix = &out[at + HEADER_BYTES..];
-    let body_len = prefix.len() + data.len();
+    let header = pieces_header(
+        check,
+        version,
+        Opcode::GetReply,
+        request_id,
+        &[prefix, data],
+    );
+    out[at..at + HEADER_BYTES].copy_from_slice(&header);
+}
+
+/// The header of a frame whose body goes out as `pieces`, in order (not gathered into one
+/// buffer); with [`BodyCheck::Crc32c`] the CRC covers them all.
+fn pieces_header(
+    check: BodyCheck,
+    version: u16,
+    opcode: Opcode,
+    request_id: u64,
+    pieces: &[&[u8]],
+) -> [u8; HEADER_BYTES] {
     let (body_crc32c, flags) = match check {
-        BodyCheck::Crc32c => (crc32c::crc32c_append(crc32c::crc32c(prefix), data), 0),
+        BodyCheck::Crc32c => (
+            pieces
+                .iter()
+                .fold(0, |crc, p| crc32c::crc32c_append(crc, p)),
+            0,
+        ),
         BodyCheck::Transport => (0, FLAG_BODY_UNCHECKED),
     };
-    let header = FrameHeader {
+    let body_len: usize = pieces.iter().map(|p| p.len()).sum();
+    FrameHeader {
         version,
-        opcode: Opcode::GetReply as u16,
+        opcode: opcode as u16,
         request_id,
         body_len: u32::try_from(body_len).unwrap_or(u32::MAX),
         body_crc32c,
         flags,
-    };
-    out[at..at + HEADER_BYTES].copy_from_slice(&header.to_bytes());
+    }
+    .to_bytes()
 }
 
 /// Append a `Put` request frame for borrowed chunks to `out`, encoding the body in place
@@ -1179,37 +1203,18 @@ pub fn put_frame_heads(
     w.0.extend_from_slice(&[0u8; HEADER_BYTES]);
     w.u8(level);
     w.len(chunks.len());
-    let mut data_bytes = 0usize;
     for c in chunks {
         w.0.extend_from_slice(&c.id.0);
         w.u8(c.codec as u8);
         w.u32(c.raw_len);
         w.len(c.data.len());
         ends.push(w.0.len());
-        data_bytes += c.data.len();
     }
     *heads = w.0;
-    let (body_crc32c, flags) = match check {
-        BodyCheck::Crc32c => {
-            let parts = put_frame_parts(heads, ends, chunks);
-            let mut crc = crc32c::crc32c(&parts[0][HEADER_BYTES..]);
-            for p in &parts[1..] {
-                crc = crc32c::crc32c_append(crc, p);
-            }
-            (crc, 0)
-        }
-        BodyCheck::Transport => (0, FLAG_BODY_UNCHECKED),
-    };
-    let body_len = heads.len() - HEADER_BYTES + data_bytes;
-    let header = FrameHeader {
-        version,
-        opcode: Opcode::Put as u16,
-        request_id,
-        body_len: u32::try_from(body_len).unwrap_or(u32::MAX),
-        body_crc32c,
-        flags,
-    };
-    heads[..HEADER_BYTES].copy_from_slice(&header.to_bytes());
+    let mut pieces = put_frame_parts(heads, ends, chunks);
+    pieces[0] = &pieces[0][HEADER_BYTES..];
+    let header = pieces_header(check, version, Opcode::Put, request_id, &pieces);
+    heads[..HEADER_BYTES].copy_from_slice(&header);
 }
 
 /// The pieces of a `Put` frame made by [`put_frame_heads`], in order.
