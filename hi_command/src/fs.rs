@@ -780,7 +780,6 @@ fn plan_read(st: &mut FileState, off: u64, len: usize) -> ReadPlan {
     plan
 }
 
-/// Copy the part of `v` (at file offset `s`) that falls in `out` (at file offset `off`).
 /// Put `src` at `at` of `out`, which grows to hold it (any gap before `at` zeroed): an
 /// append when pieces come in offset order, as read plans give them.
 fn place(out: &mut Vec<u8>, at: usize, src: &[u8]) {
@@ -796,6 +795,7 @@ fn place(out: &mut Vec<u8>, at: usize, src: &[u8]) {
     out[at..end].copy_from_slice(src);
 }
 
+/// Copy the part of `v` (at file offset `s`) that falls in `out` (at file offset `off`).
 fn overlay(out: &mut [u8], off: u64, s: u64, v: &[u8]) {
     let end = off + out.len() as u64;
     let ve = s + v.len() as u64;

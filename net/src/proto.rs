@@ -1050,7 +1050,7 @@ pub fn frame_replicate_into(
     });
 }
 
-/// The body of a `Put` (the one place its layout is written).
+/// The body of a `Put`.
 fn write_put_body<'a>(
     out: &mut Vec<u8>,
     level: u8,
@@ -1077,15 +1077,28 @@ fn write_put_body_refs<'a>(
         .sum();
     out.reserve(PUT_BODY_HEADER_BYTES + bytes);
     let mut w = Writer(std::mem::take(out));
+    write_put_layout(&mut w, level, chunks, |w, data| w.0.extend_from_slice(data));
+    *out = w.0;
+}
+
+/// The layout of a `Put` body (the one place it is written): level, count, then each
+/// chunk's id, codec, raw length and data length, followed by its data, which `data`
+/// writes (or, for a frame sent in pieces, leaves out and marks the place of).
+fn write_put_layout<'a>(
+    w: &mut Writer,
+    level: u8,
+    chunks: impl ExactSizeIterator<Item = ChunkRef<'a>>,
+    mut data: impl FnMut(&mut Writer, &'a [u8]),
+) {
     w.u8(level);
     w.len(chunks.len());
-    for (id, codec, raw_len, data) in chunks {
+    for (id, codec, raw_len, d) in chunks {
         w.0.extend_from_slice(&id.0);
         w.u8(codec as u8);
         w.u32(raw_len);
-        w.bytes(data);
+        w.len(d.len());
+        data(w, d);
     }
-    *out = w.0;
 }
 
 /// The body of a `GetReply` up to the chunk's data (the one place its layout is written):
@@ -1201,15 +1214,10 @@ pub fn put_frame_heads(
     ends.clear();
     let mut w = Writer(std::mem::take(heads));
     w.0.extend_from_slice(&[0u8; HEADER_BYTES]);
-    w.u8(level);
-    w.len(chunks.len());
-    for c in chunks {
-        w.0.extend_from_slice(&c.id.0);
-        w.u8(c.codec as u8);
-        w.u32(c.raw_len);
-        w.len(c.data.len());
-        ends.push(w.0.len());
-    }
+    let refs = chunks
+        .iter()
+        .map(|c| (c.id, c.codec, c.raw_len, &c.data[..]));
+    write_put_layout(&mut w, level, refs, |w, _| ends.push(w.0.len()));
     *heads = w.0;
     let mut pieces = put_frame_parts(heads, ends, chunks);
     pieces[0] = &pieces[0][HEADER_BYTES..];
