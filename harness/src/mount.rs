@@ -266,6 +266,8 @@ pub struct TestMount {
     disk: Option<bool>,
     /// More `hi mount` arguments (see [`TestMount::set_mount_args`]).
     extra: Vec<OsString>,
+    /// More environment variables of every `hi mount` ([`TestMount::start_with_env`]).
+    env: Vec<(OsString, OsString)>,
 }
 
 impl TestMount {
@@ -273,14 +275,27 @@ impl TestMount {
     /// `Err(Skip)` when FUSE cannot work here; panics (with the `hi` log) on any other
     /// failure.
     pub fn try_start(node: &TestNode, volume: &str) -> Result<TestMount, MountError> {
-        TestMount::try_start_as(node, volume, None)
+        TestMount::try_start_as(node, volume, None, Vec::new())
+    }
+
+    /// [`TestMount::start`] with `hi mount` run under the variables `env` too (e.g.
+    /// `HIVE_HI_NO_WATCH=1`: no pushed invalidations for this mount alone).
+    pub fn start_with_env(node: &TestNode, volume: &str, env: &[(&str, &str)]) -> TestMount {
+        let env = env
+            .iter()
+            .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+            .collect();
+        match TestMount::try_start_as(node, volume, None, env) {
+            Ok(m) => m,
+            Err(e) => panic!("cannot mount {volume}: {e}"),
+        }
     }
 
     /// Mount volume `volume` of `node` from a client disk made for it (`hi format` of a
     /// file `disk.img` in the mount's directory, token kept in its `secrets/`), in
     /// write-back mode or not; `None` (after `SKIP:`) where FUSE cannot work.
     pub fn start_on_disk(node: &TestNode, volume: &str, writeback: bool) -> Option<TestMount> {
-        match TestMount::try_start_as(node, volume, Some(writeback)) {
+        match TestMount::try_start_as(node, volume, Some(writeback), Vec::new()) {
             Ok(m) => Some(m),
             Err(MountError::Skip(why)) => {
                 skip(&why);
@@ -336,6 +351,7 @@ impl TestMount {
         node: &TestNode,
         volume: &str,
         disk: Option<bool>,
+        env: Vec<(OsString, OsString)>,
     ) -> Result<TestMount, MountError> {
         if let Some(why) = fuse_unavailable() {
             return Err(MountError::Skip(why));
@@ -375,6 +391,7 @@ impl TestMount {
             starts: 0,
             disk,
             extra: Vec::new(),
+            env,
         };
         if disk.is_some() {
             let out = m.format_disk(&["--journal", "64M", "--cache", "16M"]);
@@ -494,6 +511,7 @@ impl TestMount {
             }
         }
         cmd.args(&self.extra).arg(&self.mnt);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         // SIGTERM, not SIGKILL: hi then unmounts itself.
         self.child = Some(spawn_logged(cmd, &self.log_path(), &banner, libc::SIGTERM));
     }

@@ -2,7 +2,8 @@
 //! attribute (the kernel keeps it for `hi`'s 60 s TTL), mount A changes it, and B must see
 //! the change within [`DEADLINE`] (polling). Without the push (`HIVE_HI_NO_WATCH=1` in the
 //! environment, honoured by `hi`) B keeps the stale answer for the TTL and these tests
-//! fail (except the negative-entry case: the kernel does not cache `hi`'s ENOENT answers).
+//! fail (the negative-entry case too: `hi` answers an absent name as a negative entry the
+//! kernel keeps for the TTL).
 //!
 //! Prints each case's latency (A's syscall returned -> B saw the change).
 
@@ -251,4 +252,132 @@ fn listed_attributes_and_xattr_names_follow_another_mounts_changes() {
     setxattr(&bd.join("f9"), "user.mine", b"m", 0).unwrap();
     assert_eq!(getxattr(&bd.join("f9"), "user.mine").unwrap(), b"m");
     assert_eq!(listxattr(&bd.join("f9")).unwrap(), vec!["user.mine"]);
+}
+
+/// A directory mount B made itself: B knows every name in it and answers a lookup of any
+/// other name ENOENT without asking the hive (hints.rs, `DirNames`), as a negative entry
+/// its kernel keeps. Names mount A adds to it, removes from it or renames in it must
+/// still show through B within [`DEADLINE`] (each push drops B's list and the kernel's
+/// entry).
+#[test]
+fn names_another_mount_changes_in_a_directory_made_here_show() {
+    let mut fx = fx!("fs-watch-made");
+    if fx.is_local() {
+        return;
+    }
+    let b = fx.second_mount().join("made");
+    let a = fx.root().join("made");
+    mkdir(&b, 0o755).unwrap();
+    std::fs::write(b.join("own"), b"b").unwrap();
+    std::fs::write(b.join("gone"), b"b").unwrap();
+    assert!(!exists(&b.join("x")), "B's list: no such name");
+    assert!(exists(&b.join("own")));
+    let mut stale = Vec::new();
+
+    std::fs::write(a.join("x"), b"from A").unwrap();
+    wait_seen(
+        "create in a directory made by the other mount",
+        &mut stale,
+        || read_all(&b.join("x")).is_ok_and(|d| d == b"from A"),
+    );
+    // B makes another directory (a new list); A fills it.
+    mkdir(&b.join("sub"), 0o755).unwrap();
+    assert!(!exists(&b.join("sub/d")));
+    mkdir(&a.join("sub/d"), 0o755).unwrap();
+    wait_seen("mkdir in it", &mut stale, || exists(&b.join("sub/d")));
+    mkdir(&b.join("s2"), 0o755).unwrap();
+    assert!(!exists(&b.join("s2/l")));
+    symlink(b"x", &a.join("s2/l")).unwrap();
+    wait_seen("symlink in it", &mut stale, || {
+        readlink(&b.join("s2/l")).is_ok_and(|t| t == b"x")
+    });
+    mkdir(&b.join("s3"), 0o755).unwrap();
+    std::fs::write(b.join("s3/own"), b"b").unwrap();
+    assert!(!exists(&b.join("s3/moved")));
+    std::fs::rename(a.join("s3/own"), a.join("s3/moved")).unwrap();
+    wait_seen("rename in it", &mut stale, || {
+        !exists(&b.join("s3/own")) && exists(&b.join("s3/moved"))
+    });
+    mkdir(&b.join("s4"), 0o755).unwrap();
+    assert!(!exists(&b.join("s4/h")));
+    link(&a.join("x"), &a.join("s4/h")).unwrap();
+    wait_seen("link into it", &mut stale, || exists(&b.join("s4/h")));
+    std::fs::remove_file(a.join("gone")).unwrap();
+    wait_seen("unlink in it", &mut stale, || !exists(&b.join("gone")));
+    assert!(stale.is_empty(), "{stale:?}\n{}", fx.logs());
+
+    // B's own changes keep showing to B.
+    std::fs::write(b.join("mine"), b"m").unwrap();
+    assert!(exists(&b.join("mine")) && !exists(&b.join("nothing")));
+    std::fs::rename(b.join("mine"), b.join("mine2")).unwrap();
+    assert!(!exists(&b.join("mine")) && exists(&b.join("mine2")));
+    std::fs::remove_file(b.join("mine2")).unwrap();
+    assert!(!exists(&b.join("mine2")));
+}
+
+/// Mount B holds a stale list of a directory it made (no pushed invalidations for B alone:
+/// `HIVE_HI_NO_WATCH=1`), and mount A makes a name in it. A non-exclusive
+/// `open(O_CREAT)` of that name through B must open A's file (`hi` answers the hive's
+/// EEXIST with ESTALE, and the kernel looks the name up again), and an exclusive one must
+/// fail with EEXIST.
+#[test]
+fn open_creat_through_a_stale_list_opens_the_file_another_mount_made() {
+    if std::env::var_os("HIVE_FS_TARGET_DIR").is_some() {
+        return; // one directory: nothing is cached apart
+    }
+    if let Some(why) = hivefs_harness::mount::fuse_unavailable() {
+        hivefs_harness::mount::skip(&format!("fs-watch-stale-list: {why}"));
+        return;
+    }
+    let node =
+        hivefs_harness::TestNode::start(hivefs_harness::NodeOptions::default().name("fs-stale"));
+    let Some(ma) = hivefs_harness::mount::TestMount::start_or_skip(&node, VOLUME) else {
+        return;
+    };
+    let mb = hivefs_harness::mount::TestMount::start_with_env(
+        &node,
+        VOLUME,
+        &[("HIVE_HI_NO_WATCH", "1")],
+    );
+    let logs = || {
+        format!(
+            "--- A ---\n{}\n--- B ---\n{}",
+            ma.log_tail(30),
+            mb.log_tail(30)
+        )
+    };
+    let (a, b) = (ma.join("made"), mb.join("made"));
+    mkdir(&b, 0o755).unwrap();
+    std::fs::write(a.join("f"), b"from A").unwrap();
+    std::fs::write(a.join("g"), b"from A").unwrap();
+    assert_eq!(
+        lstat(&b.join("f")).err(),
+        Some(libc::ENOENT),
+        "B answers from its list of the directory it made (A's create is not pushed to it)"
+    );
+    let f = open(
+        &b.join("f"),
+        libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND,
+        0o644,
+    )
+    .unwrap_or_else(|e| panic!("open(O_CREAT) through B: {}\n{}", errname(e), logs()));
+    use std::io::Write;
+    (&f).write_all(b" and B").unwrap();
+    drop(f);
+    assert_eq!(
+        read_all(&a.join("f")).unwrap(),
+        b"from A and B",
+        "{}",
+        logs()
+    );
+    assert_eq!(
+        open(
+            &b.join("g"),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+            0o644
+        )
+        .err(),
+        Some(libc::EEXIST)
+    );
+    assert_eq!(read_all(&b.join("g")).unwrap(), b"from A");
 }

@@ -202,6 +202,28 @@ fn fuse_attr(a: &Attr) -> FileAttr {
     }
 }
 
+/// No such name, for the kernel to keep for the TTL (a negative entry: inode 0).
+fn reply_absent(reply: ReplyEntry) {
+    let none = FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: BLKSIZE,
+        flags: 0,
+    };
+    reply.entry_with_ttls(&Duration::ZERO, &TTL, &none, Generation(0))
+}
+
 fn make_hive(
     meta: &Arc<MetaClient>,
     volume: u32,
@@ -266,9 +288,16 @@ impl HiveFs {
             mounted.journal.clone(),
             mounted.write_back,
         )?);
+        let hints = Arc::new(Hints::new(TTL));
         if let Some(o) = offline {
-            let w = wb.clone();
-            let drain = Box::new(move |o: &crate::offline::Offline| w.drain_offline(o));
+            let (w, h) = (wb.clone(), hints.clone());
+            // Back from offline: other mounts may have changed any directory meanwhile,
+            // and a change journaled here may be refused (a conflict): no directory's
+            // names are known any more (hints.rs).
+            let drain = Box::new(move |o: &crate::offline::Offline| {
+                h.dir_names.drop_all();
+                w.drain_offline(o)
+            });
             o.start_probe(mounted.meta.clone(), mounted.volume, drain)?;
         }
         let files: Arc<Mutex<HashMap<u64, Arc<OpenFile>>>> = Arc::default();
@@ -302,13 +331,16 @@ impl HiveFs {
             orphans: Mutex::new(HashSet::new()),
             next_fh: AtomicU64::new(1),
             ended: Arc::new(AtomicBool::new(false)),
-            hints: Arc::new(Hints::new(TTL)),
+            hints,
             journal_wait: mounted.journal_wait,
         })
     }
 
     /// Every change goes through here: a name change asks for its directory's attributes
     /// with the answer and keeps them for the kernel's next getattr (hints.rs).
+    ///
+    /// Names it adds or removes keep the lists of directories this mount made up to date
+    /// (hints.rs, `DirNames`), and a mkdir starts one.
     fn mutate(&self, op: Mutation) -> Result<Answer, Errno> {
         let dir = op.dir();
         let touched = op.changed_inodes();
@@ -316,11 +348,29 @@ impl HiveFs {
         for &ino in &touched {
             dirs.begin(ino);
         }
+        let names = &self.hints.dir_names;
+        let changes = name_changes(&op);
+        let mkdir = matches!(
+            op,
+            Mutation::Create {
+                kind: FileKind::Dir,
+                ..
+            }
+        );
+        let ticket = names.ticket();
+        names.begin(&changes);
         let r = if dir.is_some() {
             self.hive.mutate_in_dir(op)
         } else {
             self.hive.mutate(op)
         };
+        names.end(&changes, r.is_ok());
+        match &r {
+            Ok(Answer::InDir { attr, .. }) | Ok(Answer::Attr(attr)) if mkdir => {
+                names.made(attr.ino, ticket)
+            }
+            _ => {}
+        }
         let (r, dir_attr) = match r {
             Ok(Answer::InDir { attr, dir }) => (Ok(Answer::Attr(attr)), Some(dir)),
             r => (r, None),
@@ -957,12 +1007,30 @@ impl Filesystem for HiveFs {
         self.ended.store(true, Ordering::SeqCst);
     }
 
+    /// An absent name is answered as a negative entry the kernel keeps for the TTL (a
+    /// shell's `PATH` search, a compiler's include path, Python's imports ask for the
+    /// same absent names over and over): another mount creating the name pushes its
+    /// invalidation, as for any cached name (invalidate.rs). Not when an invalidation
+    /// arrived while the question was on its way (it may be this name's: the answer is
+    /// used once), nor while the mount is offline.
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let names = &self.hints.dir_names;
+        // A directory this mount made and alone changed: every name in it is known.
+        if names.absent(parent.0, name.as_bytes()) {
+            return reply_absent(reply);
+        }
+        let ticket = names.ticket();
         let r = self.query(Query::Lookup {
             parent: parent.0,
             name: name_bytes(name),
         });
-        self.entry(reply, r)
+        let offline = self.hive.offline.as_ref().is_some_and(|o| o.is_offline());
+        match r {
+            Err(e) if e == Errno::ENOENT && names.unchanged_since(ticket) && !offline => {
+                reply_absent(reply)
+            }
+            r => self.entry(reply, r),
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -1617,8 +1685,44 @@ impl Filesystem for HiveFs {
                     open_flags(flags),
                 )
             }
+            // The kernel asks to create only after a lookup found no such name; if the
+            // name exists now (another mount made it since, or its invalidation is still
+            // on its way: hints.rs), a non-exclusive open must open it. ESTALE makes the
+            // kernel walk the path once more asking for every name (`LOOKUP_REVAL`),
+            // which finds the file and opens it with the usual checks.
+            Err(e) if e == Errno::EEXIST && flags & libc::O_EXCL == 0 => reply.error(Errno::ESTALE),
             Err(e) => reply.error(e),
         }
+    }
+}
+
+/// What `op` does to names in directories, for the lists of `DirNames` (hints.rs).
+fn name_changes(op: &Mutation) -> Vec<(u64, Vec<u8>, hints::NameChange)> {
+    use hints::NameChange::{Added, Kept, Removed};
+    match op {
+        Mutation::Create { parent, name, .. }
+        | Mutation::Symlink { parent, name, .. }
+        | Mutation::Link { parent, name, .. } => vec![(*parent, name.clone(), Added)],
+        Mutation::Unlink { parent, name } | Mutation::Rmdir { parent, name } => {
+            vec![(*parent, name.clone(), Removed)]
+        }
+        Mutation::Rename {
+            parent,
+            name,
+            new_parent,
+            new_name,
+            mode,
+        } => {
+            let (from, to) = match mode {
+                RenameMode::Exchange => (Kept, Kept),
+                RenameMode::Replace | RenameMode::NoReplace => (Removed, Added),
+            };
+            vec![
+                (*parent, name.clone(), from),
+                (*new_parent, new_name.clone(), to),
+            ]
+        }
+        _ => Vec::new(),
     }
 }
 

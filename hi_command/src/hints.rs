@@ -39,9 +39,37 @@
 //! flight at any time during its own (two answers racing back could otherwise leave the
 //! older one here), and no invalidation of it arrived meanwhile: every change of an inode
 //! by this mount goes through [`DirAttrs::begin`] and [`DirAttrs::end`].
+//!
+//! # `DirNames`
+//! Before every create the kernel looks the new name up (`fuse_atomic_open`), and the
+//! answer is nearly always "no such name": a metadata round trip (~0.2 ms here) per file
+//! that `tar x`, `cp -a`, `git checkout` or a build makes. A directory this mount made
+//! itself starts empty, and while no other mount changes it (every change elsewhere is
+//! pushed as an invalidation of the directory or of one of its names), this mount knows
+//! its every name: the ones its own changes added and did not remove. A lookup of any
+//! other name is answered ENOENT here.
+//!
+//! Only absence is answered from the list (a name in it is looked up at the hive), so the
+//! list may err towards holding too much, never too little. What keeps it right:
+//! - it starts only from this mount's own mkdir, and only if no invalidation arrived while
+//!   the mkdir was on its way (a generation ticket, as for xattr names: another mount may
+//!   have added a name before the mkdir's answer got here);
+//! - this mount's changes apply to it when answered (added or removed names), each between
+//!   [`DirNames::begin`] and [`DirNames::end`]; two changes of one name overlapping in
+//!   time (their answers may come back in either order), a change that failed (it may or
+//!   may not have applied), a pushed invalidation of the directory or of a name in it, or
+//!   lost invalidations drop the list;
+//! - it is used for at most the TTL after this mount's last change in the directory, and
+//!   [`MAX_LISTED_BYTES`] bounds all lists together (past it, the list that would grow is
+//!   dropped).
+//!
+//! A non-exclusive `open(O_CREAT)` of a name another mount made a moment ago (its
+//! invalidation not here yet) then gets EEXIST from the hive's create; `fs.rs` answers
+//! that with ESTALE, which makes the kernel walk the path again asking for every name
+//! (`LOOKUP_REVAL`), and the existing file is opened.
 
 use hivefs_net::meta::Attr;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -62,6 +90,13 @@ pub const MAX_NAMES_BYTES: usize = 4096;
 /// Most directories [`DirAttrs`] keeps answers for (the last change in each directory
 /// leaves one that no getattr may ever take; the kernel's forget drops it too).
 pub const MAX_DIR_HINTS: usize = 1 << 16;
+
+/// Most directories [`DirNames`] keeps lists for (past it, all are dropped).
+pub const MAX_LISTS: usize = 1 << 16;
+/// Bytes of names (plus [`NAME_OVERHEAD`] each) all of [`DirNames`]'s lists hold together.
+pub const MAX_LISTED_BYTES: usize = 64 << 20;
+/// What a listed name is counted as beyond its bytes (the set's own bookkeeping).
+pub const NAME_OVERHEAD: usize = 48;
 
 /// An inode's xattr names, as the hive listed them.
 pub type Names = Arc<[Vec<u8>]>;
@@ -251,10 +286,179 @@ impl DirAttrs {
     }
 }
 
-/// Both, as the invalidation thread sees them.
+/// What one of this mount's changes does to a name in a directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NameChange {
+    /// The name exists afterwards (create, mkdir, symlink, link, rename target).
+    Added,
+    /// The name is gone afterwards (unlink, rmdir, rename source).
+    Removed,
+    /// The name exists before and after (both names of a rename exchange).
+    Kept,
+}
+
+/// Every name of directories this mount made and alone changed (module doc).
+pub struct DirNames {
+    state: Mutex<Lists>,
+    ttl: Duration,
+}
+
+#[derive(Default)]
+struct Lists {
+    /// Bumped by every drop.
+    generation: u64,
+    dirs: HashMap<u64, Listing>,
+    /// Bytes of all names listed, counted as [`NAME_OVERHEAD`] more each.
+    bytes: usize,
+}
+
+struct Listing {
+    names: HashSet<Box<[u8]>>,
+    /// Names this mount's changes are changing now, and how many of them.
+    inflight: HashMap<Box<[u8]>, u32>,
+    /// This mount's last change in the directory (or its mkdir).
+    at: Instant,
+}
+
+impl Lists {
+    fn drop_dir(&mut self, dir: u64) {
+        self.generation += 1;
+        if let Some(l) = self.dirs.remove(&dir) {
+            let freed: usize = l.names.iter().map(|n| n.len() + NAME_OVERHEAD).sum();
+            self.bytes -= freed;
+        }
+    }
+}
+
+impl DirNames {
+    /// Lists are used for at most `ttl` after this mount's last change in them.
+    pub fn new(ttl: Duration) -> DirNames {
+        DirNames {
+            state: Mutex::new(Lists::default()),
+            ttl,
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, Lists> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Take before asking the hive for a mkdir.
+    pub fn ticket(&self) -> Ticket {
+        Ticket(self.state().generation)
+    }
+
+    /// Whether nothing was dropped since `ticket` was taken (no invalidation arrived).
+    pub fn unchanged_since(&self, ticket: Ticket) -> bool {
+        self.state().generation == ticket.0
+    }
+
+    /// This mount made directory `dir` (its mkdir was sent after `ticket`): it is empty.
+    pub fn made(&self, dir: u64, ticket: Ticket) {
+        let mut st = self.state();
+        if st.generation != ticket.0 {
+            return;
+        }
+        if st.dirs.len() >= MAX_LISTS {
+            st.dirs.clear();
+            st.bytes = 0;
+        }
+        st.dirs.insert(
+            dir,
+            Listing {
+                names: HashSet::new(),
+                inflight: HashMap::new(),
+                at: Instant::now(),
+            },
+        );
+    }
+
+    /// Whether `dir` is known to hold no `name`.
+    pub fn absent(&self, dir: u64, name: &[u8]) -> bool {
+        self.state()
+            .dirs
+            .get(&dir)
+            .is_some_and(|l| l.at.elapsed() < self.ttl && !l.names.contains(name))
+    }
+
+    /// This mount starts the changes `changes` (one operation's).
+    pub fn begin(&self, changes: &[(u64, Vec<u8>, NameChange)]) {
+        let mut guard = self.state();
+        let st: &mut Lists = &mut guard;
+        for (dir, name, _) in changes {
+            let Some(l) = st.dirs.get_mut(dir) else {
+                continue;
+            };
+            let n = l.inflight.entry(name.as_slice().into()).or_insert(0);
+            *n += 1;
+            if *n > 1 {
+                // Two changes of one name at once: their answers may come back in
+                // either order.
+                st.drop_dir(*dir);
+            }
+        }
+    }
+
+    /// Those changes are answered: `applied` if the hive (or the journal) took them.
+    pub fn end(&self, changes: &[(u64, Vec<u8>, NameChange)], applied: bool) {
+        let mut guard = self.state();
+        let st: &mut Lists = &mut guard;
+        for (dir, name, change) in changes {
+            let Some(l) = st.dirs.get_mut(dir) else {
+                continue;
+            };
+            let name = name.as_slice();
+            if let Some(n) = l.inflight.get_mut(name) {
+                *n -= 1;
+                if *n == 0 {
+                    l.inflight.remove(name);
+                }
+            }
+            if !applied {
+                // It may have applied or not: nothing is known any more.
+                st.drop_dir(*dir);
+                continue;
+            }
+            l.at = Instant::now();
+            let cost = name.len() + NAME_OVERHEAD;
+            match change {
+                NameChange::Added if !l.names.contains(name) => {
+                    if st.bytes + cost > MAX_LISTED_BYTES {
+                        st.drop_dir(*dir);
+                    } else {
+                        l.names.insert(name.into());
+                        st.bytes += cost;
+                    }
+                }
+                NameChange::Removed => {
+                    if l.names.remove(name) {
+                        st.bytes -= cost;
+                    }
+                }
+                NameChange::Added | NameChange::Kept => {}
+            }
+        }
+    }
+
+    /// `dir` (or a name in it) changed elsewhere, or the kernel forgot it.
+    pub fn drop_dir(&self, dir: u64) {
+        self.state().drop_dir(dir);
+    }
+
+    /// Anything may have changed elsewhere.
+    pub fn drop_all(&self) {
+        let mut st = self.state();
+        st.generation += 1;
+        st.dirs.clear();
+        st.bytes = 0;
+    }
+}
+
+/// All of them, as the invalidation thread sees them.
 pub struct Hints {
     pub xattr_names: XattrNames,
     pub dir_attrs: DirAttrs,
+    pub dir_names: DirNames,
 }
 
 impl Hints {
@@ -263,6 +467,7 @@ impl Hints {
         Hints {
             xattr_names: XattrNames::new(ttl),
             dir_attrs: DirAttrs::new(ttl),
+            dir_names: DirNames::new(ttl),
         }
     }
 
@@ -270,12 +475,19 @@ impl Hints {
     pub fn drop_inode(&self, ino: u64) {
         self.xattr_names.drop_inode(ino);
         self.dir_attrs.drop_inode(ino);
+        self.dir_names.drop_dir(ino);
+    }
+
+    /// Another mount added, removed or renamed a name in directory `parent`.
+    pub fn drop_entry(&self, parent: u64) {
+        self.dir_names.drop_dir(parent);
     }
 
     /// Pushed invalidations were lost.
     pub fn drop_all(&self) {
         self.xattr_names.drop_all();
         self.dir_attrs.drop_all();
+        self.dir_names.drop_all();
     }
 }
 
@@ -419,6 +631,151 @@ mod tests {
         d.end(1, Some(attr(1, 3)));
         std::thread::sleep(Duration::from_millis(20));
         assert!(d.take(1).is_none());
+    }
+
+    fn change(dir: u64, name: &str, c: NameChange) -> Vec<(u64, Vec<u8>, NameChange)> {
+        vec![(dir, name.as_bytes().to_vec(), c)]
+    }
+
+    /// One change of this mount, answered.
+    fn apply(d: &DirNames, dir: u64, name: &str, c: NameChange, applied: bool) {
+        let ch = change(dir, name, c);
+        d.begin(&ch);
+        d.end(&ch, applied);
+    }
+
+    #[test]
+    fn a_directory_this_mount_made_knows_its_names() {
+        let d = DirNames::new(Duration::from_secs(30));
+        assert!(
+            !d.absent(5, b"a"),
+            "nothing is known of a directory not made here"
+        );
+        d.made(5, d.ticket());
+        assert!(d.absent(5, b"a") && d.absent(5, b"b"));
+        apply(&d, 5, "a", NameChange::Added, true);
+        assert!(!d.absent(5, b"a"), "an added name is asked for at the hive");
+        assert!(d.absent(5, b"b"));
+        apply(&d, 5, "a", NameChange::Removed, true);
+        assert!(d.absent(5, b"a"));
+        // A rename within the directory: one name goes, the other comes.
+        apply(&d, 5, "x", NameChange::Added, true);
+        let ch = vec![
+            (5, b"x".to_vec(), NameChange::Removed),
+            (5, b"y".to_vec(), NameChange::Added),
+        ];
+        d.begin(&ch);
+        d.end(&ch, true);
+        assert!(d.absent(5, b"x") && !d.absent(5, b"y"));
+        // Changes in a directory not made here change nothing.
+        apply(&d, 6, "a", NameChange::Added, true);
+        assert!(!d.absent(6, b"b"));
+        assert_eq!(d.state().bytes, 1 + NAME_OVERHEAD);
+    }
+
+    #[test]
+    fn an_invalidation_during_the_mkdir_keeps_no_list() {
+        let d = DirNames::new(Duration::from_secs(30));
+        let t = d.ticket();
+        // Another mount added a name to the new directory before the mkdir's answer.
+        d.drop_dir(9);
+        d.made(9, t);
+        assert!(!d.absent(9, b"a"));
+        let t = d.ticket();
+        d.drop_all();
+        d.made(9, t);
+        assert!(!d.absent(9, b"a"));
+    }
+
+    #[test]
+    fn what_may_have_changed_elsewhere_drops_the_list() {
+        let h = Hints::new(Duration::from_secs(30));
+        let d = &h.dir_names;
+        for dir in 1..=4 {
+            d.made(dir, d.ticket());
+        }
+        h.drop_entry(1);
+        h.drop_inode(2);
+        assert!(!d.absent(1, b"a") && !d.absent(2, b"a"));
+        assert!(d.absent(3, b"a"));
+        h.drop_all();
+        assert!(!d.absent(3, b"a") && !d.absent(4, b"a"));
+        assert_eq!(d.state().bytes, 0);
+    }
+
+    #[test]
+    fn a_failed_change_drops_the_list() {
+        let d = DirNames::new(Duration::from_secs(30));
+        d.made(5, d.ticket());
+        // An unlink that failed may have applied (a lost answer): the name may be gone.
+        apply(&d, 5, "a", NameChange::Added, true);
+        apply(&d, 5, "a", NameChange::Removed, false);
+        assert!(!d.absent(5, b"b"));
+        assert!(d.state().dirs.is_empty());
+        assert_eq!(d.state().bytes, 0);
+    }
+
+    #[test]
+    fn overlapping_changes_of_one_name_drop_the_list() {
+        let d = DirNames::new(Duration::from_secs(30));
+        d.made(5, d.ticket());
+        // Different names at once: both apply.
+        let (a, b) = (
+            change(5, "a", NameChange::Added),
+            change(5, "b", NameChange::Added),
+        );
+        d.begin(&a);
+        d.begin(&b);
+        d.end(&b, true);
+        d.end(&a, true);
+        assert!(!d.absent(5, b"a") && !d.absent(5, b"b") && d.absent(5, b"c"));
+        // One name twice at once (an unlink racing a create of it): the hive applied them
+        // in an order this mount cannot know.
+        let (add, remove) = (
+            change(5, "c", NameChange::Added),
+            change(5, "c", NameChange::Removed),
+        );
+        d.begin(&add);
+        d.begin(&remove);
+        d.end(&add, true);
+        d.end(&remove, true);
+        assert!(!d.absent(5, b"c") && !d.absent(5, b"z"));
+    }
+
+    #[test]
+    fn a_list_is_used_for_the_ttl_after_the_last_change() {
+        let d = DirNames::new(Duration::from_millis(300));
+        d.made(5, d.ticket());
+        std::thread::sleep(Duration::from_millis(200));
+        apply(&d, 5, "a", NameChange::Added, true);
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(d.absent(5, b"b"), "the change renewed it");
+        std::thread::sleep(Duration::from_millis(150));
+        assert!(!d.absent(5, b"b"));
+    }
+
+    #[test]
+    fn lists_are_bounded() {
+        let d = DirNames::new(Duration::from_secs(30));
+        d.made(1, d.ticket());
+        d.made(2, d.ticket());
+        let name = |i: usize| format!("{i:0200}");
+        let per = 200 + NAME_OVERHEAD;
+        let fit = MAX_LISTED_BYTES / per;
+        for i in 0..fit {
+            apply(&d, 1, &name(i), NameChange::Added, true);
+        }
+        assert!(d.absent(1, b"x") && !d.absent(1, name(7).as_bytes()));
+        // The list that would grow past the bound is dropped, the others stay.
+        apply(&d, 2, &name(fit), NameChange::Added, true);
+        assert!(!d.absent(2, b"x"));
+        assert!(d.absent(1, b"x"));
+        assert_eq!(d.state().bytes, fit * per);
+        for dir in 10..(10 + MAX_LISTS as u64) {
+            d.made(dir, d.ticket());
+        }
+        assert!(d.state().dirs.len() <= MAX_LISTS);
+        assert_eq!(d.state().bytes, 0);
     }
 
     #[test]

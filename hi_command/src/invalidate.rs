@@ -71,6 +71,7 @@ impl Invalidator {
                     match w {
                         Watched::Invalidate(inv) => {
                             for (parent, name) in &inv.entries {
+                                hints.drop_entry(*parent);
                                 if let Some(o) = &offline {
                                     o.forget(*parent);
                                 }
