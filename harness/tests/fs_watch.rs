@@ -381,3 +381,69 @@ fn open_creat_through_a_stale_list_opens_the_file_another_mount_made() {
     );
     assert_eq!(read_all(&b.join("g")).unwrap(), b"from A");
 }
+
+/// This mount's own churn in directories it made (creates, exclusive creates, unlinks,
+/// renames within and across them, mkdirs, rmdirs, links; several threads), then the
+/// kernel's dentries dropped so that every name is looked up again through `hi`: each
+/// name's lookup must agree with the listing (hints.rs keeps a list per directory made
+/// here and answers absent names from it). Prints its seed; `HIVE_CHURN_SEED` replays.
+#[test]
+fn lookups_agree_with_listings_after_churn_in_directories_made_here() {
+    let fx = fx!("fs-watch-churn");
+    let seed = hivefs_harness::env_u64("HIVE_CHURN_SEED", 0xc4a5);
+    eprintln!("churn seed {seed}");
+    let dirs: Vec<std::path::PathBuf> = (0..3).map(|i| fx.join(format!("d{i}"))).collect();
+    for d in &dirs {
+        mkdir(d, 0o755).unwrap();
+    }
+    let names = |rng: &mut hivefs_harness::Rng| format!("n{}", rng.below(12));
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let dirs = &dirs;
+            s.spawn(move || {
+                let mut rng = hivefs_harness::Rng::new(seed ^ (t << 32));
+                for _ in 0..400 {
+                    let d = &dirs[rng.below(3) as usize];
+                    let p = d.join(names(&mut rng));
+                    let q = dirs[rng.below(3) as usize].join(names(&mut rng));
+                    // Errors are the normal case here (the name is taken, or gone, or the
+                    // directory is not empty): only what is left at the end is checked.
+                    let _ = match rng.below(8) {
+                        0 => open(&p, libc::O_WRONLY | libc::O_CREAT, 0o644).map(drop),
+                        1 => {
+                            open(&p, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, 0o644).map(drop)
+                        }
+                        2 => unlink(&p),
+                        3 => rename2(&p, &q, 0),
+                        4 => rename2(&p, &q, libc::RENAME_NOREPLACE),
+                        5 => mkdir(&p, 0o755),
+                        6 => rmdir(&p),
+                        _ => link(&p, &q),
+                    };
+                }
+            });
+        }
+    });
+    // Looked up before the listing (whose readdirplus would hand the kernel every entry).
+    std::fs::write("/proc/sys/vm/drop_caches", "2").expect("dropping the kernel's dentries");
+    let found: Vec<Vec<bool>> = dirs
+        .iter()
+        .map(|d| (0..12).map(|i| exists(&d.join(format!("n{i}")))).collect())
+        .collect();
+    for (d, found) in dirs.iter().zip(found) {
+        let listed: std::collections::BTreeSet<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        for (i, &found) in found.iter().enumerate() {
+            let n = format!("n{i}");
+            assert_eq!(
+                found,
+                listed.contains(&n),
+                "{}/{n}: lookup and listing disagree (seed {seed}); listed {listed:?}\n{}",
+                d.display(),
+                fx.logs()
+            );
+        }
+    }
+}

@@ -364,7 +364,7 @@ impl HiveFs {
         } else {
             self.hive.mutate(op)
         };
-        names.end(&changes, r.is_ok());
+        names.end(&changes, change_outcome(&r));
         match &r {
             Ok(Answer::InDir { attr, .. }) | Ok(Answer::Attr(attr)) if mkdir => {
                 names.made(attr.ino, ticket)
@@ -952,7 +952,7 @@ impl Filesystem for HiveFs {
             }
         };
         if gone {
-            self.hints.drop_inode(ino.0);
+            self.hints.forgotten(ino.0);
             if self.orphans.lock().expect("orphans lock").remove(&ino.0) {
                 self.reclaim(ino.0);
             }
@@ -1693,6 +1693,33 @@ impl Filesystem for HiveFs {
             Err(e) if e == Errno::EEXIST && flags & libc::O_EXCL == 0 => reply.error(Errno::ESTALE),
             Err(e) => reply.error(e),
         }
+    }
+}
+
+/// How a change was answered, for `DirNames` (hints.rs): the errors the hive answers
+/// when it refused a change (nothing applied), or `Unknown` (it may have applied).
+fn change_outcome(r: &Result<Answer, Errno>) -> hints::ChangeOutcome {
+    use hints::ChangeOutcome::*;
+    let Err(e) = r else {
+        return Applied;
+    };
+    let refused = [
+        Errno::ENOTEMPTY,
+        Errno::ENOTDIR,
+        Errno::EISDIR,
+        Errno::EINVAL,
+        Errno::ENAMETOOLONG,
+        Errno::EPERM,
+        Errno::EACCES,
+        Errno::EXDEV,
+        Errno::EMLINK,
+        Errno::ENOSPC,
+    ];
+    match *e {
+        e if e == Errno::EEXIST => Exists,
+        e if e == Errno::ENOENT => Missing,
+        e if refused.contains(&e) => Refused,
+        _ => Unknown,
     }
 }
 

@@ -56,9 +56,11 @@
 //!   have added a name before the mkdir's answer got here);
 //! - this mount's changes apply to it when answered (added or removed names), each between
 //!   [`DirNames::begin`] and [`DirNames::end`]; two changes of one name overlapping in
-//!   time (their answers may come back in either order), a change that failed (it may or
-//!   may not have applied), a pushed invalidation of the directory or of a name in it, or
-//!   lost invalidations drop the list;
+//!   time (their answers may come back in either order), a change whose outcome is
+//!   unknown (the hive could not be reached: it may have applied), a refused create of a
+//!   name the list lacks (EEXIST: it is wrong), a pushed invalidation of the directory or
+//!   of a name in it, or lost invalidations drop the list; other refusals changed nothing
+//!   and leave it;
 //! - it is used for at most the TTL after this mount's last change in the directory, and
 //!   [`MAX_LISTED_BYTES`] bounds all lists together (past it, the list that would grow is
 //!   dropped).
@@ -297,6 +299,21 @@ pub enum NameChange {
     Kept,
 }
 
+/// How one of this mount's changes was answered, as [`DirNames::end`] needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeOutcome {
+    /// It applied.
+    Applied,
+    /// Refused, nothing changed: a name it adds exists (EEXIST).
+    Exists,
+    /// Refused, nothing changed: a name it removes does not exist (ENOENT).
+    Missing,
+    /// Refused for another reason, nothing changed (ENOTEMPTY, EACCES, ...).
+    Refused,
+    /// It may have applied or not (the hive could not be reached, or answered oddly).
+    Unknown,
+}
+
 /// Every name of directories this mount made and alone changed (module doc).
 pub struct DirNames {
     state: Mutex<Lists>,
@@ -399,8 +416,10 @@ impl DirNames {
         }
     }
 
-    /// Those changes are answered: `applied` if the hive (or the journal) took them.
-    pub fn end(&self, changes: &[(u64, Vec<u8>, NameChange)], applied: bool) {
+    /// Those changes are answered. A refusal changed nothing, but says what exists: a
+    /// name it adds that exists and is not listed means the list misses it (dropped); a
+    /// name it removes that does not exist leaves the list.
+    pub fn end(&self, changes: &[(u64, Vec<u8>, NameChange)], outcome: ChangeOutcome) {
         let mut guard = self.state();
         let st: &mut Lists = &mut guard;
         for (dir, name, change) in changes {
@@ -414,15 +433,14 @@ impl DirNames {
                     l.inflight.remove(name);
                 }
             }
-            if !applied {
-                // It may have applied or not: nothing is known any more.
-                st.drop_dir(*dir);
-                continue;
-            }
-            l.at = Instant::now();
             let cost = name.len() + NAME_OVERHEAD;
-            match change {
-                NameChange::Added if !l.names.contains(name) => {
+            match (outcome, change) {
+                (ChangeOutcome::Unknown, _) => st.drop_dir(*dir),
+                (ChangeOutcome::Exists, NameChange::Added) if !l.names.contains(name) => {
+                    st.drop_dir(*dir)
+                }
+                (ChangeOutcome::Applied, NameChange::Added) if !l.names.contains(name) => {
+                    l.at = Instant::now();
                     if st.bytes + cost > MAX_LISTED_BYTES {
                         st.drop_dir(*dir);
                     } else {
@@ -430,17 +448,22 @@ impl DirNames {
                         st.bytes += cost;
                     }
                 }
-                NameChange::Removed => {
+                // Removed, or found missing: gone either way.
+                (ChangeOutcome::Applied | ChangeOutcome::Missing, NameChange::Removed) => {
+                    if outcome == ChangeOutcome::Applied {
+                        l.at = Instant::now();
+                    }
                     if l.names.remove(name) {
                         st.bytes -= cost;
                     }
                 }
-                NameChange::Added | NameChange::Kept => {}
+                (ChangeOutcome::Applied, _) => l.at = Instant::now(),
+                _ => {}
             }
         }
     }
 
-    /// `dir` (or a name in it) changed elsewhere, or the kernel forgot it.
+    /// `dir` (or a name in it) changed elsewhere.
     pub fn drop_dir(&self, dir: u64) {
         self.state().drop_dir(dir);
     }
@@ -471,11 +494,19 @@ impl Hints {
         }
     }
 
-    /// Another mount changed `ino`, or the kernel forgot it.
+    /// Another mount changed `ino`.
     pub fn drop_inode(&self, ino: u64) {
         self.xattr_names.drop_inode(ino);
         self.dir_attrs.drop_inode(ino);
         self.dir_names.drop_dir(ino);
+    }
+
+    /// The kernel forgot `ino`. A directory's list of names stays (it is still right:
+    /// pushed invalidations drop it whether the kernel knows the inode or not), so a
+    /// directory the kernel evicted and looks up again keeps answering absent names.
+    pub fn forgotten(&self, ino: u64) {
+        self.xattr_names.drop_inode(ino);
+        self.dir_attrs.drop_inode(ino);
     }
 
     /// Another mount added, removed or renamed a name in directory `parent`.
@@ -638,10 +669,10 @@ mod tests {
     }
 
     /// One change of this mount, answered.
-    fn apply(d: &DirNames, dir: u64, name: &str, c: NameChange, applied: bool) {
+    fn apply(d: &DirNames, dir: u64, name: &str, c: NameChange, outcome: ChangeOutcome) {
         let ch = change(dir, name, c);
         d.begin(&ch);
-        d.end(&ch, applied);
+        d.end(&ch, outcome);
     }
 
     #[test]
@@ -653,22 +684,22 @@ mod tests {
         );
         d.made(5, d.ticket());
         assert!(d.absent(5, b"a") && d.absent(5, b"b"));
-        apply(&d, 5, "a", NameChange::Added, true);
+        apply(&d, 5, "a", NameChange::Added, ChangeOutcome::Applied);
         assert!(!d.absent(5, b"a"), "an added name is asked for at the hive");
         assert!(d.absent(5, b"b"));
-        apply(&d, 5, "a", NameChange::Removed, true);
+        apply(&d, 5, "a", NameChange::Removed, ChangeOutcome::Applied);
         assert!(d.absent(5, b"a"));
         // A rename within the directory: one name goes, the other comes.
-        apply(&d, 5, "x", NameChange::Added, true);
+        apply(&d, 5, "x", NameChange::Added, ChangeOutcome::Applied);
         let ch = vec![
             (5, b"x".to_vec(), NameChange::Removed),
             (5, b"y".to_vec(), NameChange::Added),
         ];
         d.begin(&ch);
-        d.end(&ch, true);
+        d.end(&ch, ChangeOutcome::Applied);
         assert!(d.absent(5, b"x") && !d.absent(5, b"y"));
         // Changes in a directory not made here change nothing.
-        apply(&d, 6, "a", NameChange::Added, true);
+        apply(&d, 6, "a", NameChange::Added, ChangeOutcome::Applied);
         assert!(!d.absent(6, b"b"));
         assert_eq!(d.state().bytes, 1 + NAME_OVERHEAD);
     }
@@ -704,15 +735,34 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_change_drops_the_list() {
+    fn a_change_of_unknown_outcome_drops_the_list() {
         let d = DirNames::new(Duration::from_secs(30));
         d.made(5, d.ticket());
-        // An unlink that failed may have applied (a lost answer): the name may be gone.
-        apply(&d, 5, "a", NameChange::Added, true);
-        apply(&d, 5, "a", NameChange::Removed, false);
+        // An unlink whose answer was lost may have applied: the name may be gone.
+        apply(&d, 5, "a", NameChange::Added, ChangeOutcome::Applied);
+        apply(&d, 5, "a", NameChange::Removed, ChangeOutcome::Unknown);
         assert!(!d.absent(5, b"b"));
         assert!(d.state().dirs.is_empty());
         assert_eq!(d.state().bytes, 0);
+    }
+
+    #[test]
+    fn refusals_say_what_exists() {
+        let d = DirNames::new(Duration::from_secs(30));
+        d.made(5, d.ticket());
+        apply(&d, 5, "a", NameChange::Added, ChangeOutcome::Applied);
+        // Refused, nothing changed: the list stays.
+        apply(&d, 5, "a", NameChange::Added, ChangeOutcome::Exists);
+        apply(&d, 5, "zz", NameChange::Removed, ChangeOutcome::Missing);
+        apply(&d, 5, "a", NameChange::Removed, ChangeOutcome::Refused);
+        assert!(!d.absent(5, b"a") && d.absent(5, b"zz") && d.absent(5, b"b"));
+        // A listed name the hive says is gone leaves the list.
+        apply(&d, 5, "a", NameChange::Removed, ChangeOutcome::Missing);
+        assert!(d.absent(5, b"a"));
+        assert_eq!(d.state().bytes, 0);
+        // A name the list lacks exists after all: the list is wrong.
+        apply(&d, 5, "b", NameChange::Added, ChangeOutcome::Exists);
+        assert!(!d.absent(5, b"c"));
     }
 
     #[test]
@@ -726,8 +776,8 @@ mod tests {
         );
         d.begin(&a);
         d.begin(&b);
-        d.end(&b, true);
-        d.end(&a, true);
+        d.end(&b, ChangeOutcome::Applied);
+        d.end(&a, ChangeOutcome::Applied);
         assert!(!d.absent(5, b"a") && !d.absent(5, b"b") && d.absent(5, b"c"));
         // One name twice at once (an unlink racing a create of it): the hive applied them
         // in an order this mount cannot know.
@@ -737,8 +787,8 @@ mod tests {
         );
         d.begin(&add);
         d.begin(&remove);
-        d.end(&add, true);
-        d.end(&remove, true);
+        d.end(&add, ChangeOutcome::Applied);
+        d.end(&remove, ChangeOutcome::Applied);
         assert!(!d.absent(5, b"c") && !d.absent(5, b"z"));
     }
 
@@ -747,7 +797,7 @@ mod tests {
         let d = DirNames::new(Duration::from_millis(300));
         d.made(5, d.ticket());
         std::thread::sleep(Duration::from_millis(200));
-        apply(&d, 5, "a", NameChange::Added, true);
+        apply(&d, 5, "a", NameChange::Added, ChangeOutcome::Applied);
         std::thread::sleep(Duration::from_millis(200));
         assert!(d.absent(5, b"b"), "the change renewed it");
         std::thread::sleep(Duration::from_millis(150));
@@ -763,11 +813,11 @@ mod tests {
         let per = 200 + NAME_OVERHEAD;
         let fit = MAX_LISTED_BYTES / per;
         for i in 0..fit {
-            apply(&d, 1, &name(i), NameChange::Added, true);
+            apply(&d, 1, &name(i), NameChange::Added, ChangeOutcome::Applied);
         }
         assert!(d.absent(1, b"x") && !d.absent(1, name(7).as_bytes()));
         // The list that would grow past the bound is dropped, the others stay.
-        apply(&d, 2, &name(fit), NameChange::Added, true);
+        apply(&d, 2, &name(fit), NameChange::Added, ChangeOutcome::Applied);
         assert!(!d.absent(2, b"x"));
         assert!(d.absent(1, b"x"));
         assert_eq!(d.state().bytes, fit * per);
