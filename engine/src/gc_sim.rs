@@ -68,7 +68,8 @@
 //! exact rule.
 //!
 //! A failure names its seed; `run(&SimConfig::new(seed, ops))` reproduces it exactly.
-//! `HIVE_GC_SIM_SEEDS` / `HIVE_GC_SIM_OPS` run more seeds / operations per seed in the tests;
+//! `HIVE_GC_SIM_SEEDS` / `HIVE_GC_SIM_OPS` run more seeds / operations per seed in the tests,
+//! `HIVE_GC_SIM_BASE_SEED` other seeds than CI's (each test adds its offset to it);
 //! `HIVE_GC_SIM_SEED=N` runs that one seed; `HIVE_GC_SIM_DEBUG=1` prints collections,
 //! crashes and commits.
 
@@ -1858,7 +1859,10 @@ mod tests {
         std::env::var(name).ok().and_then(|v| v.parse().ok())
     }
 
-    fn seeds(base: u64, count: u64, ops: u64) -> SimReport {
+    /// Seeds `base + offset ..`, where `base` is `HIVE_GC_SIM_BASE_SEED` (fresh seeds for a
+    /// long run) or [`CI_BASE_SEED`].
+    fn seeds(offset: u64, count: u64, ops: u64) -> SimReport {
+        let base = env_u64("HIVE_GC_SIM_BASE_SEED").unwrap_or(CI_BASE_SEED) + offset;
         let ops = env_u64("HIVE_GC_SIM_OPS").unwrap_or(ops);
         let count = env_u64("HIVE_GC_SIM_SEEDS").unwrap_or(count);
         let mut sum = SimReport::default();
@@ -1884,16 +1888,19 @@ mod tests {
         eprintln!("seed {seed}: {r:?}");
     }
 
+    /// The seeds CI runs: the four tests below take `+ 0x000`, `+ 0x100`, ... from it.
+    const CI_BASE_SEED: u64 = 0x6c_0000;
+
     // CI: 4 x 2 seeds x 25,000 client operations = 200,000 (two tests run per core).
     #[test]
     fn seeds_a() {
-        let r = seeds(0x6c_0000, 2, 25_000);
+        let r = seeds(0x000, 2, 25_000);
         assert!(r.collections_done > 20 && r.commits > 5_000, "{r:?}");
     }
 
     #[test]
     fn seeds_b() {
-        let r = seeds(0x6c_0100, 2, 25_000);
+        let r = seeds(0x100, 2, 25_000);
         assert!(
             r.commits_refused_stale > 0 && r.uploads_abandoned > 0,
             "{r:?}"
@@ -1902,7 +1909,7 @@ mod tests {
 
     #[test]
     fn seeds_c() {
-        let r = seeds(0x6c_0200, 2, 25_000);
+        let r = seeds(0x200, 2, 25_000);
         assert!(
             r.store_crashes > 0 && r.entries_replayed > 0 && r.retries > 0,
             "{r:?}"
@@ -1911,7 +1918,7 @@ mod tests {
 
     #[test]
     fn seeds_d() {
-        let r = seeds(0x6c_0300, 2, 25_000);
+        let r = seeds(0x300, 2, 25_000);
         assert!(
             r.shard_crashes > 0 && r.sweeps_refused + r.collections_failed > 0,
             "{r:?}"
