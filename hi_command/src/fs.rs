@@ -291,11 +291,11 @@ impl HiveFs {
         let hints = Arc::new(Hints::new(TTL));
         if let Some(o) = offline {
             let (w, h) = (wb.clone(), hints.clone());
-            // Back from offline: other mounts may have changed any directory meanwhile,
-            // and a change journaled here may be refused (a conflict): no directory's
-            // names are known any more (hints.rs).
+            // Back from offline: other mounts may have changed anything meanwhile, and a
+            // change journaled here may be refused (a conflict): what was learned before
+            // is dropped as when pushed invalidations are lost (hints.rs).
             let drain = Box::new(move |o: &crate::offline::Offline| {
-                h.dir_names.drop_all();
+                h.drop_all();
                 w.drain_offline(o)
             });
             o.start_probe(mounted.meta.clone(), mounted.volume, drain)?;
@@ -348,6 +348,7 @@ impl HiveFs {
         for &ino in &touched {
             dirs.begin(ino);
         }
+        // Name changes only (setattrs, xattrs and the like skip the lists' lock).
         let names = &self.hints.dir_names;
         let changes = name_changes(&op);
         let mkdir = matches!(
@@ -357,19 +358,20 @@ impl HiveFs {
                 ..
             }
         );
-        let ticket = names.ticket();
-        names.begin(&changes);
+        let ticket = mkdir.then(|| names.ticket());
+        if !changes.is_empty() {
+            names.begin(&changes);
+        }
         let r = if dir.is_some() {
             self.hive.mutate_in_dir(op)
         } else {
             self.hive.mutate(op)
         };
-        names.end(&changes, change_outcome(&r));
-        match &r {
-            Ok(Answer::InDir { attr, .. }) | Ok(Answer::Attr(attr)) if mkdir => {
-                names.made(attr.ino, ticket)
-            }
-            _ => {}
+        if !changes.is_empty() {
+            names.end(&changes, change_outcome(&r));
+        }
+        if let (Ok(Answer::InDir { attr, .. } | Answer::Attr(attr)), Some(t)) = (&r, ticket) {
+            names.made(attr.ino, t);
         }
         let (r, dir_attr) = match r {
             Ok(Answer::InDir { attr, dir }) => (Ok(Answer::Attr(attr)), Some(dir)),
@@ -1689,7 +1691,8 @@ impl Filesystem for HiveFs {
             // name exists now (another mount made it since, or its invalidation is still
             // on its way: hints.rs), a non-exclusive open must open it. ESTALE makes the
             // kernel walk the path once more asking for every name (`LOOKUP_REVAL`),
-            // which finds the file and opens it with the usual checks.
+            // which finds the file and opens it with the usual checks. (Once: a name
+            // removed and made again between those two walks gives the program ESTALE.)
             Err(e) if e == Errno::EEXIST && flags & libc::O_EXCL == 0 => reply.error(Errno::ESTALE),
             Err(e) => reply.error(e),
         }
