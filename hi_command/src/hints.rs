@@ -57,10 +57,11 @@
 //! - this mount's changes apply to it when answered (added or removed names), each between
 //!   [`DirNames::begin`] and [`DirNames::end`]; two changes of one name overlapping in
 //!   time (their answers may come back in either order), a change whose outcome is
-//!   unknown (the hive could not be reached: it may have applied), a refused create of a
-//!   name the list lacks (EEXIST: it is wrong), a pushed invalidation of the directory or
-//!   of a name in it, or lost invalidations drop the list; other refusals changed nothing
-//!   and leave it;
+//!   unknown (the hive could not be reached: it may have applied), an answer showing that
+//!   a name the list lacks exists or may exist (an applied unlink or exchange of it, or a
+//!   refusal such as EEXIST or ENOTEMPTY: the list is wrong), a pushed invalidation of
+//!   the directory or of a name in it, or lost invalidations drop the list; ENOENT and
+//!   refusals of changes to listed names changed nothing and leave it;
 //! - it is used for at most the TTL after this mount's last change in the directory, and
 //!   [`MAX_LISTED_BYTES`] bounds all lists together (past it, the list that would grow is
 //!   dropped).
@@ -416,9 +417,10 @@ impl DirNames {
         }
     }
 
-    /// Those changes are answered. A refusal changed nothing, but says what exists: a
-    /// name it adds that exists and is not listed means the list misses it (dropped); a
-    /// name it removes that does not exist leaves the list.
+    /// Those changes are answered. A refusal changed nothing, but may say what exists: a
+    /// name that existed (or may have: EEXIST, ENOTEMPTY, EISDIR, ...) and is not listed
+    /// means the list misses it (dropped), as does an applied unlink or exchange of a name
+    /// the list lacks; a name found missing (ENOENT) leaves the list.
     pub fn end(&self, changes: &[(u64, Vec<u8>, NameChange)], outcome: ChangeOutcome) {
         let mut guard = self.state();
         let st: &mut Lists = &mut guard;
@@ -434,13 +436,26 @@ impl DirNames {
                 }
             }
             let cost = name.len() + NAME_OVERHEAD;
+            let listed = l.names.contains(name);
+            // The answer shows the name existed (an unlink or exchange applied to it), or
+            // may have (a refusal: EEXIST, ENOTEMPTY, EISDIR, ...), and the list lacks it:
+            // the list is wrong.
+            let existed = matches!(
+                (outcome, change),
+                (
+                    ChangeOutcome::Applied,
+                    NameChange::Removed | NameChange::Kept
+                ) | (ChangeOutcome::Exists | ChangeOutcome::Refused, _)
+            );
+            if outcome == ChangeOutcome::Unknown || (existed && !listed) {
+                st.drop_dir(*dir);
+                continue;
+            }
+            if outcome == ChangeOutcome::Applied {
+                l.at = Instant::now();
+            }
             match (outcome, change) {
-                (ChangeOutcome::Unknown, _) => st.drop_dir(*dir),
-                (ChangeOutcome::Exists, NameChange::Added) if !l.names.contains(name) => {
-                    st.drop_dir(*dir)
-                }
-                (ChangeOutcome::Applied, NameChange::Added) if !l.names.contains(name) => {
-                    l.at = Instant::now();
+                (ChangeOutcome::Applied, NameChange::Added) if !listed => {
                     if st.bytes + cost > MAX_LISTED_BYTES {
                         st.drop_dir(*dir);
                     } else {
@@ -449,15 +464,12 @@ impl DirNames {
                     }
                 }
                 // Removed, or found missing: gone either way.
-                (ChangeOutcome::Applied | ChangeOutcome::Missing, NameChange::Removed) => {
-                    if outcome == ChangeOutcome::Applied {
-                        l.at = Instant::now();
-                    }
-                    if l.names.remove(name) {
-                        st.bytes -= cost;
-                    }
+                (ChangeOutcome::Applied | ChangeOutcome::Missing, NameChange::Removed)
+                    if listed =>
+                {
+                    l.names.remove(name);
+                    st.bytes -= cost;
                 }
-                (ChangeOutcome::Applied, _) => l.at = Instant::now(),
                 _ => {}
             }
         }
@@ -763,6 +775,31 @@ mod tests {
         // A name the list lacks exists after all: the list is wrong.
         apply(&d, 5, "b", NameChange::Added, ChangeOutcome::Exists);
         assert!(!d.absent(5, b"c"));
+    }
+
+    #[test]
+    fn a_name_shown_to_exist_that_the_list_lacks_drops_it() {
+        let wrong = |name: &str, c: NameChange, outcome: ChangeOutcome| {
+            let d = DirNames::new(Duration::from_secs(30));
+            d.made(5, d.ticket());
+            apply(&d, 5, "listed", NameChange::Added, ChangeOutcome::Applied);
+            apply(&d, 5, name, c, outcome);
+            !d.absent(5, b"other")
+        };
+        // An unlink or exchange that applied, or a refusal that may mean it exists.
+        assert!(wrong("x", NameChange::Removed, ChangeOutcome::Applied));
+        assert!(wrong("x", NameChange::Kept, ChangeOutcome::Applied));
+        assert!(wrong("x", NameChange::Removed, ChangeOutcome::Refused));
+        assert!(wrong("x", NameChange::Added, ChangeOutcome::Refused));
+        // The same of a listed name, or ENOENT, says nothing new.
+        assert!(!wrong("listed", NameChange::Kept, ChangeOutcome::Applied));
+        assert!(!wrong(
+            "listed",
+            NameChange::Removed,
+            ChangeOutcome::Refused
+        ));
+        assert!(!wrong("x", NameChange::Added, ChangeOutcome::Missing));
+        assert!(!wrong("x", NameChange::Removed, ChangeOutcome::Missing));
     }
 
     #[test]
