@@ -977,17 +977,31 @@ impl World {
                     (f.ino, up.extents.clone(), up.claim)
                 };
                 let end = extents.last().map_or(0, |e| e.end());
-                self.mutate(
-                    c,
+                // Odd inodes commit with a setattr in the same entry, as a mount sends a
+                // file's bytes with its chmod (chosen without the seed's generator, so the
+                // kept seeds still replay as they were found).
+                let op = if ino % 2 == 1 {
+                    Mutation::CommitWriteThenSet {
+                        ino,
+                        extents,
+                        size_at_least: end,
+                        claim_epoch: claim,
+                        lease: 0,
+                        then: vec![SetAttr {
+                            perm: Some(0o600 | (claim % 8) as u16),
+                            ..Default::default()
+                        }],
+                    }
+                } else {
                     Mutation::CommitWrite {
                         ino,
                         extents,
                         size_at_least: end,
                         claim_epoch: claim,
                         lease: 0,
-                    },
-                    Then::Commit { slot },
-                )?;
+                    }
+                };
+                self.mutate(c, op, Then::Commit { slot })?;
             }
         }
         Ok(())
@@ -1073,6 +1087,7 @@ impl World {
                     f.content.resize(end, 0);
                 }
                 let ids = up.chunks.clone();
+                let perm = 0o600 | (up.claim % 8) as u16;
                 let mut f2 = f.clone();
                 for id in &ids {
                     let plain = self.plaintext(id);
@@ -1085,6 +1100,12 @@ impl World {
                         f2.ino,
                         a.size,
                         f2.content.len()
+                    )));
+                }
+                if f2.ino % 2 == 1 && a.perm != perm {
+                    return Err(self.fail(format!(
+                        "commit with a setattr to inode {}: mode {:o} answered, sent {perm:o}",
+                        f2.ino, a.perm
                     )));
                 }
                 for id in &ids {

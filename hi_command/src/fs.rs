@@ -686,6 +686,14 @@ impl HiveFs {
         }
     }
 
+    /// The setattrs held for an open `ino` go first ([`Writeback::send_held_attrs`]).
+    fn send_held_attrs(&self, ino: u64) -> Result<(), Errno> {
+        match self.state(ino) {
+            Some(f) => self.wb.send_held_attrs(ino, &f),
+            None => Ok(()),
+        }
+    }
+
     /// An access ACL sets the mode's permission bits (the kernel leaves that to us); one
     /// that says no more than the mode is not kept as an xattr (as ext4 does).
     fn set_access_acl(&self, ino: u64, value: &[u8], mode: XattrMode) -> Result<(), Errno> {
@@ -1562,6 +1570,9 @@ impl Filesystem for HiveFs {
             libc::XATTR_REPLACE => XattrMode::Replace,
             _ => return reply.error(Errno::EINVAL),
         };
+        if let Err(e) = self.send_held_attrs(ino.0) {
+            return reply.error(e);
+        }
         // Dropped before (nothing answers from the old list meanwhile) and after (a list
         // read while the change was on its way is not kept).
         self.hints.xattr_names.drop_inode(ino.0);
@@ -1625,6 +1636,9 @@ impl Filesystem for HiveFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if let Err(e) = self.send_held_attrs(ino.0) {
+            return reply.error(e);
+        }
         self.hints.xattr_names.drop_inode(ino.0);
         let r = self.mutate(Mutation::RemoveXattr {
             ino: ino.0,

@@ -29,11 +29,15 @@
 //! - A batch counts in the backlog from seal until the flusher is done with it.
 //! - Write-ahead: with a client disk, bytes are committed only once the journal holds
 //!   their records durably.
-//! - A setattr of a file is applied after every byte written to it before: online, its
-//!   bytes are committed first; in write-back mode with bytes not yet committed it is
-//!   journaled (an `Op` record), answered at once, and sent right after the batch that
-//!   holds the last of them (`Deferred`, [`send_due`] on every commit path), before any
-//!   later batch; offline it waits behind them in the offline queue (`offline.rs`).
+//! - A setattr of a file is applied after every byte written to it before and before every
+//!   byte written after. Online, with bytes not yet committed, it is answered at once
+//!   (`Deferred`): in write-back mode journaled (an `Op` record) and sent right after the
+//!   batch that holds the last of them ([`send_due`] on every commit path), before any
+//!   later batch; by default held in memory and sent in the same log entry as their
+//!   commit (`Mutation::CommitWriteThenSet`), a write after it sealing the bytes before
+//!   it first. Otherwise (a size change, a failed file) the bytes are committed first.
+//!   Offline it waits behind them in the offline queue (`offline.rs`). A change outside
+//!   the write path (xattrs) sends the held setattrs first.
 
 use crate::cache::ChunkCache;
 use crate::journal::{JournalService, Reservation};
@@ -129,8 +133,8 @@ pub struct FileState {
     /// Bytes were dropped: written under a write lease another host took over. The next
     /// [`Writeback::sync`] reports EIO (once), whoever made the drop happen.
     lost: bool,
-    /// Setattrs acknowledged in write-back mode before the bytes written before them
-    /// were committed: each is sent once they are ([`Writeback::change_file`]).
+    /// Setattrs acknowledged before the bytes written before them were committed: each is
+    /// sent once they are, or with them ([`Writeback::change_file`]).
     deferred: VecDeque<Deferred>,
     /// Size as this host sees it (committed size, raised by dirty writes).
     pub size: u64,
@@ -586,11 +590,15 @@ impl Hive {
     /// shard), and the extents of all its ranges (in offset order, not overlapping) go in
     /// as few commit-writes as [`MAX_COMMIT_EXTENTS`] allows: a batch of many small ranges
     /// (random writes) costs a few round trips, not a few per range.
+    ///
+    /// `then`: setattrs made after these bytes, applied in the same log entry as the last
+    /// commit-write ([`Mutation::CommitWriteThenSet`]).
     fn upload_commit(
         &self,
         ino: u64,
         ranges: &[(u64, Vec<u8>)],
         prepared: &mut [Vec<PreparedChunk>],
+        then: &[m::SetAttr],
     ) -> Result<Vec<Extent>, Errno> {
         self.offline_refuses()?;
         let extents: Vec<Extent> = ranges
@@ -615,7 +623,9 @@ impl Hive {
             let mut stale = false;
             for part in extents[done..].chunks(MAX_COMMIT_EXTENTS) {
                 let end = part.last().map_or(0, |e| e.end());
-                match self.commit_part(ino, part, end, up.claim_epoch) {
+                let last = done + part.len() == extents.len();
+                let then = if last { then } else { &[] };
+                match self.commit_part(ino, part, end, up.claim_epoch, then) {
                     Ok(_) => done += part.len(),
                     // The GC epoch moved on between claim and commit: claim again.
                     Err(e) if e == Errno::EAGAIN && attempt < 2 => {
@@ -648,15 +658,33 @@ impl Hive {
 
     /// One commit-write under this mount's write lease on `ino`. `ESTALE`: the lease was
     /// lost to another host (the bytes cannot be committed; see [`Hive::lease_lost`]).
-    fn commit_part(&self, ino: u64, part: &[Extent], end: u64, claim: u64) -> Result<(), Errno> {
+    fn commit_part(
+        &self,
+        ino: u64,
+        part: &[Extent],
+        end: u64,
+        claim: u64,
+        then: &[m::SetAttr],
+    ) -> Result<(), Errno> {
         let mut lease = self.write_lease(ino)?;
         for _ in 0..3 {
-            let r = self.mutate(Mutation::CommitWrite {
-                ino,
-                extents: part.to_vec(),
-                size_at_least: end,
-                claim_epoch: claim,
-                lease,
+            let r = self.mutate(if then.is_empty() {
+                Mutation::CommitWrite {
+                    ino,
+                    extents: part.to_vec(),
+                    size_at_least: end,
+                    claim_epoch: claim,
+                    lease,
+                }
+            } else {
+                Mutation::CommitWriteThenSet {
+                    ino,
+                    extents: part.to_vec(),
+                    size_at_least: end,
+                    claim_epoch: claim,
+                    lease,
+                    then: then.to_vec(),
+                }
             });
             match r {
                 Err(e) if e == Errno::ESTALE => lease = self.lease_lost(ino, lease)?,
@@ -710,8 +738,13 @@ impl Hive {
         }
     }
 
-    fn commit(&self, ino: u64, ranges: &[(u64, Vec<u8>)]) -> Result<Vec<Extent>, Errno> {
-        self.upload_commit(ino, ranges, &mut self.prepare(ranges))
+    fn commit(
+        &self,
+        ino: u64,
+        ranges: &[(u64, Vec<u8>)],
+        then: &[m::SetAttr],
+    ) -> Result<Vec<Extent>, Errno> {
+        self.upload_commit(ino, ranges, &mut self.prepare(ranges), then)
     }
 
     /// Commit bytes a journal replay found, under the write lease they were written under
@@ -732,7 +765,7 @@ impl Hive {
                 Err(e) => return Err(errno(e)),
             }
         }
-        let r = self.commit(ino, ranges).map(|_| ());
+        let r = self.commit(ino, ranges, &[]).map(|_| ());
         if let Err(e) = self.locks.release_lease(ino) {
             tracing::debug!(ino, "giving a write lease back after replay: {e}");
         }
@@ -761,8 +794,12 @@ fn lease_lost_to_another_host(ino: u64) -> Errno {
     Errno::ESTALE
 }
 
-/// A setattr journaled (`Op` record `lsn`, sequence number `seq`) and acknowledged, to be
-/// sent once the file's batches up to `after` are committed.
+/// A setattr acknowledged before the bytes written before it were committed, to be sent
+/// once the file's batches up to `after` are committed. In write-back mode it is journaled
+/// (`Op` record `lsn`, sequence number `seq`); by default (no client disk) it is held in
+/// memory as those bytes are (`lsn` 0, `seq` 0 until it is first sent), and `after` may
+/// be the number the dirty bytes will get when sealed (`sealed_no + 1`): then it goes in
+/// the same log entry as their commit ([`Mutation::CommitWriteThenSet`]).
 #[derive(Debug, Clone)]
 struct Deferred {
     after: u64,
@@ -783,10 +820,24 @@ fn send_due(
     ino: u64,
     g: &mut FileState,
 ) -> Result<(), Errno> {
-    let committed_through = g.sealed.front().map_or(g.sealed_no, |b| b.no - 1);
-    while let Some(d) = g.deferred.front().filter(|d| d.after <= committed_through) {
+    // Nothing sealed and nothing dirty: the batch the dirty bytes would have become is
+    // "committed" too (they were truncated away, or dropped).
+    let committed_through = match g.sealed.front() {
+        Some(b) => b.no - 1,
+        None if g.dirty.is_empty() => g.sealed_no + 1,
+        None => g.sealed_no,
+    };
+    while let Some(d) = g
+        .deferred
+        .front_mut()
+        .filter(|d| d.after <= committed_through)
+    {
         if hive.holds_back() {
             return Err(Errno::EHOSTDOWN);
+        }
+        if d.seq == 0 {
+            // Held in memory until now: numbered once (a retry sends the same number).
+            d.seq = hive.meta.reserve_seq();
         }
         let op = Mutation::SetAttr {
             ino,
@@ -815,8 +866,8 @@ fn send_due(
                 return Err(Errno::EHOSTDOWN);
             }
         }
-        if let Some(j) = journal {
-            j.done(&[d.lsn]);
+        if let (Some(j), lsn @ 1..) = (journal, d.lsn) {
+            j.done(&[lsn]);
         }
         g.deferred.pop_front();
     }
@@ -1023,6 +1074,17 @@ impl Writeback {
         data: &[u8],
         journaled: Option<(Reservation, u64)>,
     ) -> Result<bool, Errno> {
+        if g.deferred.back().is_some_and(|d| d.after > g.sealed_no) {
+            // Setattrs held for the dirty bytes' commit come before these bytes: seal
+            // the dirty bytes they follow, so that these go in a later batch.
+            if g.dirty.is_empty() {
+                for d in g.deferred.iter_mut() {
+                    d.after = d.after.min(g.sealed_no);
+                }
+            } else {
+                self.seal(ino, file, g);
+            }
+        }
         if let (Some(j), Some((r, lease))) = (self.journal.as_ref(), journaled) {
             let no = j.append(r, ino, lease, off, data);
             g.records.push(no);
@@ -1230,11 +1292,26 @@ impl Writeback {
         (g, self.hive.mutate(op), false)
     }
 
-    /// Write-back mode, online: a setattr (no size) of a file holding bytes not yet
-    /// committed is journaled and answered at once, and sent once they are committed
-    /// ([`send_due`]): an untar's chown, chmod and utimens of each file it wrote do not
-    /// wait for its commit, nor for the journal (an fsync does: the file's last record
-    /// is then this one). `None`: not such a case (or no room in the journal now): the
+    /// Before a change made outside the write path (an xattr, an ACL and the mode it
+    /// sets): the setattrs acknowledged for `file` and not yet sent go to the hive first
+    /// (with the bytes written before them), so that the change lands after them, in the
+    /// order it was made. Offline it does nothing (the offline queue keeps the order).
+    pub fn send_held_attrs(&self, ino: u64, file: &Arc<OpenFile>) -> Result<(), Errno> {
+        let g = file.lock();
+        if g.deferred.is_empty() || self.hive.holds_back() {
+            return Ok(());
+        }
+        self.commit_all(ino, file, g).1
+    }
+
+    /// Online, a setattr (no size) of a file holding bytes not yet committed is answered at
+    /// once and sent after them: an untar's chown, chmod and utimens of each file it wrote
+    /// do not wait for its commit. In write-back mode it is journaled (an `Op` record;
+    /// an fsync waits for it: the file's last record is then this one) and sent right
+    /// after the batch holding the bytes ([`send_due`]). By default (no client disk) it
+    /// is held in memory, as the bytes are, and goes to the hive in the same log entry as
+    /// their commit (at close, fsync or truncation: one entry for bytes and attributes,
+    /// not one each). `None`: not such a case (or no room in the journal now): the
     /// caller commits first, then sends it.
     fn defer(
         &self,
@@ -1243,12 +1320,18 @@ impl Writeback {
         g: &mut FileState,
         op: &Mutation,
     ) -> Option<Result<Answer, Errno>> {
-        let (Some(j), Mutation::SetAttr { set, .. }) = (&self.journal, op) else {
+        let Mutation::SetAttr { set, .. } = op else {
             return None;
+        };
+        let journal = match (&self.journal, self.write_back) {
+            (Some(j), true) => Some(j),
+            (None, _) => None,
+            // A client disk without write-back: setattrs commit first, as writes do.
+            (Some(_), false) => return None,
         };
         // Something must be on its way to send it after (a batch, or bytes to seal).
         let pending = !g.dirty.is_empty() || !g.sealed.is_empty();
-        if !self.write_back || set.size.is_some() || !pending || g.failed.is_some() {
+        if set.size.is_some() || !pending || g.failed.is_some() {
             return None;
         }
         if self.hive.holds_back() {
@@ -1275,27 +1358,34 @@ impl Writeback {
             mtime: fix(set.mtime),
             ..set.clone()
         };
-        let bytes = m::encode(&Mutation::SetAttr {
-            ino,
-            set: set.clone(),
-        });
-        let room = j.try_reserve_op(bytes.len())?;
-        self.seal(ino, file, g);
-        let seq = self.hive.meta.reserve_seq();
-        let lsn = j.append_op(room, seq, &bytes);
+        let (after, seq, lsn) = match journal {
+            Some(j) => {
+                let bytes = m::encode(&Mutation::SetAttr {
+                    ino,
+                    set: set.clone(),
+                });
+                let room = j.try_reserve_op(bytes.len())?;
+                self.seal(ino, file, g);
+                let seq = self.hive.meta.reserve_seq();
+                let lsn = j.append_op(room, seq, &bytes);
+                // Durable with the file's next fsync (which waits for its last record),
+                // as the file's bytes are: not before answering.
+                g.last_record = g.last_record.max(lsn);
+                (g.sealed_no, seq, lsn)
+            }
+            // After the dirty bytes' batch-to-be, or the last batch sealed.
+            None => (g.sealed_no + u64::from(!g.dirty.is_empty()), 0, 0),
+        };
         crate::offline::apply_setattr(&mut a, &set, at);
         a.size = g.size;
         g.deferred.push_back(Deferred {
-            after: g.sealed_no,
+            after,
             seq,
             lsn,
             set,
             at,
             attr: a.clone(),
         });
-        // Durable with the file's next fsync (which waits for its last record), as the
-        // file's bytes are: not before answering.
-        g.last_record = g.last_record.max(lsn);
         Some(Ok(Answer::Attr(a)))
     }
 
@@ -1386,7 +1476,7 @@ impl Writeback {
                 return Err(Errno::EIO);
             }
             write_ahead(self.journal.as_deref(), &b.records)?;
-            let committed = self.hive.commit(ino, &b.ranges)?;
+            let committed = self.hive.commit(ino, &b.ranges, &[])?;
             self.done(&b.records);
             g.sealed.pop_front();
             g.splice(&committed);
@@ -1406,14 +1496,30 @@ impl Writeback {
             return Ok(());
         }
         write_ahead(self.journal.as_deref(), &g.records)?;
+        // Setattrs held in memory for after these bytes go in the same log entry.
+        let next = g.sealed_no + 1;
+        let then: Vec<m::SetAttr> = g
+            .deferred
+            .iter()
+            .take_while(|d| d.after == next && d.lsn == 0)
+            .take(m::MAX_COMMIT_SETS)
+            .map(|d| d.set.clone())
+            .collect();
         let ranges: Vec<(u64, Vec<u8>)> = std::mem::take(&mut g.dirty).into_iter().collect();
-        match self.hive.commit(ino, &ranges) {
+        match self.hive.commit(ino, &ranges, &then) {
             Ok(committed) => {
                 self.done(&std::mem::take(&mut g.records));
                 g.dirty_bytes = 0;
                 g.splice(&committed);
                 keep_spares(&self.spares, ranges);
-                Ok(())
+                for d in g.deferred.drain(..then.len()) {
+                    if d.seq != 0 {
+                        // Numbered by an earlier try that did not reach the hive.
+                        self.hive.meta.release_seq(d.seq);
+                    }
+                }
+                // More than one entry carries: the rest, now due.
+                send_due(&self.hive, self.journal.as_deref(), ino, g)
             }
             Err(e) if e == Errno::ESTALE => {
                 g.dirty.extend(ranges);
@@ -1506,7 +1612,7 @@ fn finish(
     } else {
         Some(
             write_ahead(journal, &batch.records)
-                .and_then(|()| hive.upload_commit(ino, &batch.ranges, &mut prepared)),
+                .and_then(|()| hive.upload_commit(ino, &batch.ranges, &mut prepared, &[])),
         )
     };
     match (&r, journal) {

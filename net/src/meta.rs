@@ -30,6 +30,8 @@ pub const MAX_XATTR_NAME_BYTES: usize = 255;
 pub const MAX_XATTR_VALUE_BYTES: usize = 64 * 1024;
 /// Most extents one commit-write carries.
 pub const MAX_COMMIT_EXTENTS: usize = 8192;
+/// Most setattrs one [`Mutation::CommitWriteThenSet`] carries.
+pub const MAX_COMMIT_SETS: usize = 16;
 /// Most entries one readdir answer carries.
 pub const MAX_READDIR_ENTRIES: u32 = 4096;
 /// Most entries one `ReadDirPlus` answer carries (each with its attributes and up to
@@ -345,6 +347,21 @@ pub enum Mutation {
     RevokeToken {
         id: String,
     },
+    /// A [`Mutation::CommitWrite`] and then, in the same log entry, setattrs made after the
+    /// written bytes (none changes the size; each `SetTime::Now` was fixed by the client
+    /// when it was made): a mount sends a file's bytes with the chown, chmod and utimens
+    /// made while it held them, so an untar costs one entry per file written, not four.
+    /// The commit is checked as a commit-write and refuses the whole; the setattrs then
+    /// apply in order. Answered with the attributes after the last.
+    CommitWriteThenSet {
+        ino: u64,
+        extents: Vec<Extent>,
+        size_at_least: u64,
+        claim_epoch: u64,
+        lease: u64,
+        /// At most [`MAX_COMMIT_SETS`].
+        then: Vec<SetAttr>,
+    },
 }
 
 /// What a token may do.
@@ -577,6 +594,7 @@ impl Mutation {
             } => vec![*parent, *new_parent],
             Mutation::SetAttr { ino, .. }
             | Mutation::CommitWrite { ino, .. }
+            | Mutation::CommitWriteThenSet { ino, .. }
             | Mutation::SetXattr { ino, .. }
             | Mutation::RemoveXattr { ino, .. }
             | Mutation::Reclaim { ino } => vec![*ino],
@@ -1233,6 +1251,31 @@ pub fn check_name(name: &[u8]) -> Result<(), Errno> {
     Ok(())
 }
 
+/// The bounds of a commit-write's extents (see [`MetaRequest::validate`]).
+fn check_commit(extents: &[Extent], size_at_least: u64) -> Result<(), Errno> {
+    if extents.len() > MAX_COMMIT_EXTENTS {
+        return Err(Errno::E2BIG);
+    }
+    if size_at_least > MAX_FILE_BYTES {
+        return Err(Errno::FBIG);
+    }
+    for e in extents {
+        if e.len == 0 {
+            return Err(Errno::INVAL);
+        }
+        if e.offset
+            .checked_add(e.len as u64)
+            .is_none_or(|end| end > MAX_FILE_BYTES)
+        {
+            return Err(Errno::FBIG);
+        }
+        if e.chunk_offset.checked_add(e.len).is_none() {
+            return Err(Errno::INVAL);
+        }
+    }
+    Ok(())
+}
+
 impl MetaRequest {
     /// Check every bound a node relies on, before it acts on the request.
     pub fn validate(&self) -> Result<(), Errno> {
@@ -1292,33 +1335,25 @@ impl MetaRequest {
                     Ok(())
                 }
                 Mutation::RemoveXattr { name, .. } => xname(name),
+                Mutation::CommitWriteThenSet {
+                    extents,
+                    size_at_least,
+                    then,
+                    ..
+                } => {
+                    if then.len() > MAX_COMMIT_SETS {
+                        return Err(Errno::E2BIG);
+                    }
+                    if then.iter().any(|s| s.size.is_some()) {
+                        return Err(Errno::INVAL);
+                    }
+                    check_commit(extents, *size_at_least)
+                }
                 Mutation::CommitWrite {
                     extents,
                     size_at_least,
                     ..
-                } => {
-                    if extents.len() > MAX_COMMIT_EXTENTS {
-                        return Err(Errno::E2BIG);
-                    }
-                    if *size_at_least > MAX_FILE_BYTES {
-                        return Err(Errno::FBIG);
-                    }
-                    for e in extents {
-                        if e.len == 0 {
-                            return Err(Errno::INVAL);
-                        }
-                        if e.offset
-                            .checked_add(e.len as u64)
-                            .is_none_or(|end| end > MAX_FILE_BYTES)
-                        {
-                            return Err(Errno::FBIG);
-                        }
-                        if e.chunk_offset.checked_add(e.len).is_none() {
-                            return Err(Errno::INVAL);
-                        }
-                    }
-                    Ok(())
-                }
+                } => check_commit(extents, *size_at_least),
                 Mutation::Reclaim { .. }
                 | Mutation::AdvanceGcEpoch
                 | Mutation::NewLeaseEpoch

@@ -1060,7 +1060,9 @@ pub(super) async fn mutate(
             *copies = sh.cfg.copies.max(1);
         }
     }
-    if let Mutation::CommitWrite { ino, lease, .. } = cmd.op {
+    if let Mutation::CommitWrite { ino, lease, .. }
+    | Mutation::CommitWriteThenSet { ino, lease, .. } = cmd.op
+    {
         // The first check of a write lease (`leases.rs`): live, and this client's. (Leases
         // not started in this term hold nothing: refused, and the client reclaims.)
         if lease != 0 {

@@ -1725,32 +1725,39 @@ fn mutate(t: &mut Tables<'_>, cmd: &MetaCommand) -> OpResult<Answer> {
             claim_epoch,
             lease,
         } => {
-            let kind = op.inode(*ino)?.kind;
-            if *lease != 0 && *lease < op.fence(*ino)? {
-                // Written under a write lease that expired and was handed on.
-                return Err(Errno::STALE.into());
+            let c = Commit {
+                extents,
+                size_at_least: *size_at_least,
+                claim_epoch: *claim_epoch,
+                lease: *lease,
+            };
+            commit_write(&mut op, *ino, &c, gc_epoch)?
+        }
+        Mutation::CommitWriteThenSet {
+            ino,
+            extents,
+            size_at_least,
+            claim_epoch,
+            lease,
+            then,
+        } => {
+            let c = Commit {
+                extents,
+                size_at_least: *size_at_least,
+                claim_epoch: *claim_epoch,
+                lease: *lease,
+            };
+            // Checked before anything changes (a refusal must leave nothing behind); the
+            // request's check refuses a size already, so a log entry never holds one.
+            if then.iter().any(|set| set.size.is_some()) {
+                return Err(Errno::INVAL.into());
             }
-            match kind {
-                FileKind::File => {}
-                FileKind::Dir => return Err(Errno::ISDIR.into()),
-                _ => return Err(Errno::INVAL.into()),
+            let mut a = commit_write(&mut op, *ino, &c, gc_epoch)?;
+            for set in then {
+                // Cannot fail: the inode exists, and no size is set.
+                a = setattr(&mut op, *ino, set)?;
             }
-            if *claim_epoch != gc_epoch {
-                // Claims from an older GC epoch may name chunks the sweep is removing.
-                return Err(Errno::AGAIN.into());
-            }
-            let mut end = *size_at_least;
-            for e in extents {
-                let removed = op.punch(*ino, e.offset, e.end())?;
-                op.put_extent(*ino, e)?;
-                op.vol.logical_bytes = op.vol.logical_bytes - removed + e.len as u64;
-                end = end.max(e.end());
-            }
-            let r = op.touch(*ino)?;
-            r.size = r.size.max(end);
-            r.mtime = now;
-            r.ctime = now;
-            Answer::Attr(op.inode(*ino)?.attr(*ino))
+            a
         }
         Mutation::Fence { ino, token } => {
             op.inode(*ino)?;
@@ -1774,6 +1781,46 @@ fn mutate(t: &mut Tables<'_>, cmd: &MetaCommand) -> OpResult<Answer> {
     };
     op.finish()?;
     Ok(answer)
+}
+
+/// The fields of a commit-write ([`Mutation::CommitWrite`]) past its inode.
+struct Commit<'a> {
+    extents: &'a [Extent],
+    size_at_least: u64,
+    claim_epoch: u64,
+    lease: u64,
+}
+
+/// New extents for exactly the written ranges, size and times: a commit-write, checked
+/// (lease fence, kind, claim epoch) before anything changes.
+fn commit_write(op: &mut Op<'_, '_>, ino: u64, c: &Commit<'_>, gc_epoch: u64) -> OpResult<Answer> {
+    let now = op.now;
+    let kind = op.inode(ino)?.kind;
+    if c.lease != 0 && c.lease < op.fence(ino)? {
+        // Written under a write lease that expired and was handed on.
+        return Err(Errno::STALE.into());
+    }
+    match kind {
+        FileKind::File => {}
+        FileKind::Dir => return Err(Errno::ISDIR.into()),
+        _ => return Err(Errno::INVAL.into()),
+    }
+    if c.claim_epoch != gc_epoch {
+        // Claims from an older GC epoch may name chunks the sweep is removing.
+        return Err(Errno::AGAIN.into());
+    }
+    let mut end = c.size_at_least;
+    for e in c.extents {
+        let removed = op.punch(ino, e.offset, e.end())?;
+        op.put_extent(ino, e)?;
+        op.vol.logical_bytes = op.vol.logical_bytes - removed + e.len as u64;
+        end = end.max(e.end());
+    }
+    let r = op.touch(ino)?;
+    r.size = r.size.max(end);
+    r.mtime = now;
+    r.ctime = now;
+    Ok(Answer::Attr(op.inode(ino)?.attr(ino)))
 }
 
 fn setattr(op: &mut Op<'_, '_>, ino: u64, set: &SetAttr) -> OpResult<Answer> {
@@ -2506,6 +2553,58 @@ mod tests {
         );
         let refs = f.store.referenced_chunks().unwrap();
         assert_eq!(refs, [ChunkId([5; CHUNK_ID_BYTES])].into_iter().collect());
+    }
+
+    #[test]
+    fn a_commit_with_setattrs_applies_them_after_its_bytes_or_nothing() {
+        let mut f = fixture("commit-then-set");
+        let ino = f.ino(ROOT_INO, "f", FileKind::File);
+        let at = Timespec { sec: 77, nsec: 9 };
+        let then = vec![
+            SetAttr {
+                uid: Some(40),
+                gid: Some(41),
+                ..Default::default()
+            },
+            SetAttr {
+                perm: Some(0o600),
+                ..Default::default()
+            },
+            SetAttr {
+                atime: Some(SetTime::At(at)),
+                mtime: Some(SetTime::At(at)),
+                ..Default::default()
+            },
+        ];
+        let op = |claim_epoch: u64, then: Vec<SetAttr>| Mutation::CommitWriteThenSet {
+            ino,
+            extents: vec![ext(0, 10 + claim_epoch as u32 * then.len() as u32, 1, 0)],
+            size_at_least: 0,
+            claim_epoch,
+            lease: 0,
+            then,
+        };
+        // A stale claim refuses the whole: no bytes, no attributes.
+        assert_eq!(f.m(op(0, then.clone())), Err(Errno::AGAIN));
+        assert_eq!(f.extents(ino), vec![]);
+        assert_eq!((f.attr(ino).uid, f.attr(ino).perm), (1, 0o644));
+        // Applied: the bytes, then each setattr in order (the mtime set after the commit's).
+        let a = match f.m(op(1, then)) {
+            Ok(Answer::Attr(a)) => a,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(a, f.attr(ino));
+        assert_eq!(f.extents(ino), vec![ext(0, 13, 1, 0)]);
+        assert_eq!((a.size, a.uid, a.gid, a.perm), (13, 40, 41, 0o600));
+        assert_eq!((a.atime, a.mtime), (at, at));
+        // A size among them is never applied (the request check refuses it too).
+        let truncate = SetAttr {
+            size: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(f.m(op(1, vec![truncate])), Err(Errno::INVAL));
+        assert_eq!(f.extents(ino), vec![ext(0, 13, 1, 0)]);
+        f.clean();
     }
 
     #[test]

@@ -64,6 +64,7 @@ pub fn invalidations(op: &Mutation, answer: &Answer) -> Option<Invalidation> {
         }
         Mutation::SetAttr { .. }
         | Mutation::CommitWrite { .. }
+        | Mutation::CommitWriteThenSet { .. }
         | Mutation::SetXattr { .. }
         | Mutation::RemoveXattr { .. } => {}
         Mutation::CreateVolume { .. }
