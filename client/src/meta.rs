@@ -186,6 +186,8 @@ pub struct MetaClient {
     next_seq: AtomicU64,
     waiting: Mutex<BTreeSet<u64>>,
     pool: Mutex<Vec<MetaConn>>,
+    /// See [`MetaClient::changes`].
+    changes: Arc<AtomicU64>,
 }
 
 impl MetaClient {
@@ -237,6 +239,7 @@ impl MetaClient {
             next_seq: AtomicU64::new(first_seq),
             waiting: Mutex::new(BTreeSet::new()),
             pool: Mutex::new(vec![first]),
+            changes: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -271,6 +274,15 @@ impl MetaClient {
     fn mutate_as(&self, volume: u32, op: Mutation, in_dir: bool) -> Result<MetaReply, ClientError> {
         let seq = self.reserve_seq();
         self.send(volume, seq, op, in_dir, false, RETRY_FOR)
+    }
+
+    /// A count of the namespace changes this client knows of: bumped before each mutation
+    /// it sends and whenever one of its watch streams ([`MetaClient::watch`]) reports
+    /// other clients' changes (or may have missed some: a broken stream, an overflow). An
+    /// answer taken when the count was `n` still describes the hive while it is `n`, as
+    /// far as the watch stream can tell (what a mount predicts attributes from).
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::SeqCst)
     }
 
     /// A sequence number for a mutation sent later ([`MetaClient::mutate_reserved`]): a
@@ -320,6 +332,7 @@ impl MetaClient {
         reserved: bool,
         retry_for: Duration,
     ) -> Result<MetaReply, ClientError> {
+        self.changes.fetch_add(1, Ordering::SeqCst);
         let acked_below = {
             let mut w = self.waiting.lock().expect("waiting lock");
             w.insert(seq);
@@ -370,6 +383,7 @@ impl MetaClient {
             connected_before: false,
             stop: Arc::new(AtomicBool::new(false)),
             frames: Vec::with_capacity(1),
+            changes: self.changes.clone(),
         }
     }
 
@@ -555,6 +569,8 @@ pub struct MetaWatch {
     connected_before: bool,
     stop: Arc<AtomicBool>,
     frames: Vec<hivefs_net::frame::Frame>,
+    /// Its client's [`MetaClient::changes`].
+    changes: Arc<AtomicU64>,
 }
 
 impl MetaWatch {
@@ -701,6 +717,7 @@ impl MetaWatch {
                     Ok(c) => {
                         self.conn = Some(c);
                         if std::mem::replace(&mut self.connected_before, true) {
+                            self.changes.fetch_add(1, Ordering::SeqCst);
                             tracing::info!("watch stream re-established");
                             return Some(Watched::Lost);
                         }
@@ -721,6 +738,9 @@ impl MetaWatch {
                 Ok(None) => return None,
                 Ok(Some(ev)) => {
                     self.conn = Some((c, id));
+                    if !matches!(ev, WatchEvent::Heartbeat | WatchEvent::Recall(_)) {
+                        self.changes.fetch_add(1, Ordering::SeqCst);
+                    }
                     match ev {
                         WatchEvent::Heartbeat => {}
                         WatchEvent::Overflow => return Some(Watched::Lost),
@@ -729,6 +749,7 @@ impl MetaWatch {
                     }
                 }
                 Err(e) => {
+                    self.changes.fetch_add(1, Ordering::SeqCst);
                     tracing::info!("watch stream broke: {e}; reconnecting");
                     // Dropped: the next turn reconnects.
                 }

@@ -447,3 +447,57 @@ fn lookups_agree_with_listings_after_churn_in_directories_made_here() {
         }
     }
 }
+
+/// A file this mount just made, still open with bytes and setattrs held here (an untar's
+/// file before its close), is answered here without asking the hive: its attributes from
+/// the held setattrs' answers, its (absent) xattrs from the create. Another mount's chmod
+/// and xattr on it must still show here within [`DEADLINE`], and the held setattr and
+/// bytes still land after close.
+#[test]
+fn another_mounts_changes_show_through_a_file_held_here() {
+    use std::io::Write;
+    let mut fx = fx!("fs-watch-held");
+    if fx.is_local() {
+        return;
+    }
+    let b = fx.second_mount();
+    let (pa, pb) = (fx.root().join("held"), b.join("held"));
+    let mtime = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    let mut f = std::fs::File::create(&pa).unwrap();
+    f.write_all(b"unflushed").unwrap();
+    assert_eq!(getxattr(&pa, "user.b"), Err(libc::ENODATA));
+    f.set_times(std::fs::FileTimes::new().set_modified(mtime))
+        .unwrap();
+    let md = f.metadata().unwrap();
+    assert_eq!((md.mtime(), md.len()), (1_000_000_000, 9));
+    chmod(&pb, 0o604).unwrap();
+    setxattr(&pb, "user.b", b"from b", 0).unwrap();
+    let mut stale = Vec::new();
+    wait_seen(
+        "another mount's chmod of a file with setattrs held here",
+        &mut stale,
+        || f.metadata().unwrap().mode() & 0o7777 == 0o604,
+    );
+    wait_seen(
+        "another mount's xattr on a file made here",
+        &mut stale,
+        || getxattr(&pa, "user.b").as_deref() == Ok(b"from b".as_slice()),
+    );
+    let md = f.metadata().unwrap();
+    assert_eq!(
+        (md.mtime(), md.len()),
+        (1_000_000_000, 9),
+        "held here still"
+    );
+    drop(f);
+    for p in [&pa, &pb] {
+        let md = std::fs::metadata(p).unwrap();
+        assert_eq!(
+            (md.mode() & 0o7777, md.mtime(), md.len()),
+            (0o604, 1_000_000_000, 9),
+            "after close: {}",
+            p.display()
+        );
+    }
+    assert!(stale.is_empty(), "not seen within {DEADLINE:?}: {stale:?}");
+}

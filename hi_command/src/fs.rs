@@ -1048,6 +1048,14 @@ impl Filesystem for HiveFs {
         if let Some(a) = self.hints.dir_attrs.take(ino.0) {
             return reply.attr(&TTL, &fuse_attr(&a));
         }
+        // An open file with setattrs held here: their answer stands (writeback.rs).
+        let changes = self.hive.meta.changes();
+        if let Some(a) = self
+            .state(ino.0)
+            .and_then(|st| st.lock().predicted(changes))
+        {
+            return reply.attr(&TTL, &fuse_attr(&a));
+        }
         match self.getattr_local(ino.0) {
             Ok(a) => reply.attr(&TTL, &fuse_attr(&a)),
             Err(e) => reply.error(e),
@@ -1072,8 +1080,12 @@ impl Filesystem for HiveFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        // A chown or chmod may clear file capabilities (the store decides): ask again.
-        self.hints.xattr_names.drop_inode(ino.0);
+        // A chown, chmod or truncation may clear file capabilities (the store decides):
+        // ask again. (Times alone change no xattr: the kernel's probe of
+        // security.capability before a chown that follows is answered from the list.)
+        if mode.is_some() || uid.is_some() || gid.is_some() || size.is_some() {
+            self.hints.xattr_names.drop_inode(ino.0);
+        }
         let t = |x: Option<TimeOrNow>| {
             x.map(|t| match t {
                 TimeOrNow::Now => SetTime::Now,
@@ -1684,13 +1696,25 @@ impl Filesystem for HiveFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let before = self.hive.meta.changes();
+        let names = self.hints.xattr_names.ticket();
         let r = self.create_node(req, parent, name, FileKind::File, masked(mode, umask), 0);
+        // The answer is the hive's state of the file while nothing else changed meanwhile
+        // (the create was the one change counted since `before`).
+        let after = self.hive.meta.changes();
         match Self::attr_of(r) {
             Ok(a) => {
                 {
                     let mut files = self.files.lock().expect("files lock");
                     let st = files.entry(a.ino).or_default();
-                    st.lock().opens += 1;
+                    let mut g = st.lock();
+                    g.opens += 1;
+                    g.created = (after == before + 1).then(|| (a.clone(), after));
+                }
+                if after == before + 1 {
+                    // A new file has no xattrs (nothing else changed since it was made;
+                    // one set later drops the list).
+                    self.hints.xattr_names.remember(a.ino, &[], names);
                 }
                 self.remember(a.ino);
                 reply.created(

@@ -136,6 +136,14 @@ pub struct FileState {
     /// Setattrs acknowledged before the bytes written before them were committed: each is
     /// sent once they are, or with them ([`Writeback::change_file`]).
     deferred: VecDeque<Deferred>,
+    /// The hive's attributes of the file as this mount's create was answered, with
+    /// [`MetaClient::changes`] then: still the hive's while that count stands, so the
+    /// first setattr deferred after them needs no query (an untar's futimens).
+    pub created: Option<(m::Attr, u64)>,
+    /// [`MetaClient::changes`] when the hive's attributes were those the first of
+    /// `deferred` started from (`u64::MAX`: not known): while it stands, the last one's
+    /// answer is the file's attributes as this mount shows them ([`FileState::predicted`]).
+    predicted_at: u64,
     /// Size as this host sees it (committed size, raised by dirty writes).
     pub size: u64,
     /// `size` is not known yet: the state of an open still loading it (fs.rs
@@ -160,6 +168,22 @@ impl FileState {
         self.extents = extents;
         self.size = size;
         self.size_unknown = false;
+    }
+
+    /// The attributes the last held setattr answered (with this host's size), while no
+    /// change this mount knows of (`changes`: [`MetaClient::changes`]) came since its
+    /// first was predicted from the hive's: a getattr needs no query (the kernel asks
+    /// before a chown).
+    pub fn predicted(&self, changes: u64) -> Option<m::Attr> {
+        let d = self.deferred.back()?;
+        if self.predicted_at != changes {
+            return None;
+        }
+        let mut a = d.attr.clone();
+        if !self.size_unknown {
+            a.size = self.size;
+        }
+        Some(a)
     }
 
     /// Attributes as this host sees them: its size, and the setattrs not yet sent.
@@ -1337,13 +1361,29 @@ impl Writeback {
         if self.hive.holds_back() {
             return None;
         }
-        // The attributes before it: the last deferred one's answer, or the hive's.
-        let mut a = match g.deferred.back() {
-            Some(d) => d.attr.clone(),
-            None => match self.hive.query(Query::GetAttr { ino }) {
-                Ok(Answer::Attr(a)) => a,
-                _ => return None,
-            },
+        // The attributes before it: the last deferred one's answer, or the hive's (as its
+        // create was answered, if nothing changed since; else asked).
+        let created = g
+            .created
+            .take()
+            .filter(|(_, at)| *at == self.hive.meta.changes());
+        let mut a = match (g.deferred.back(), created) {
+            (Some(d), _) => d.attr.clone(),
+            (None, Some((a, at))) => {
+                g.predicted_at = at;
+                a
+            }
+            (None, None) => {
+                let at = self.hive.meta.changes();
+                let a = match self.hive.query(Query::GetAttr { ino }) {
+                    Ok(Answer::Attr(a)) => a,
+                    _ => return None,
+                };
+                // A change this mount heard of while asking: the answer may predate it.
+                let now = self.hive.meta.changes();
+                g.predicted_at = if now == at { at } else { u64::MAX };
+                a
+            }
         };
         // "Now" is when it was made, not when the hive gets it.
         let at = m::Timespec::now();
