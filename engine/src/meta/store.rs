@@ -1724,34 +1724,30 @@ fn mutate(t: &mut Tables<'_>, cmd: &MetaCommand) -> OpResult<Answer> {
             size_at_least,
             claim_epoch,
             lease,
-        } => {
-            let c = Commit {
-                extents,
-                size_at_least: *size_at_least,
-                claim_epoch: *claim_epoch,
-                lease: *lease,
-            };
-            commit_write(&mut op, *ino, &c, gc_epoch)?
         }
-        Mutation::CommitWriteThenSet {
+        | Mutation::CommitWriteThenSet {
             ino,
             extents,
             size_at_least,
             claim_epoch,
             lease,
-            then,
+            ..
         } => {
-            let c = Commit {
-                extents,
-                size_at_least: *size_at_least,
-                claim_epoch: *claim_epoch,
-                lease: *lease,
+            let then: &[SetAttr] = match &cmd.op {
+                Mutation::CommitWriteThenSet { then, .. } => then,
+                _ => &[],
             };
             // Checked before anything changes (a refusal must leave nothing behind); the
             // request's check refuses a size already, so a log entry never holds one.
             if then.iter().any(|set| set.size.is_some()) {
                 return Err(Errno::INVAL.into());
             }
+            let c = Commit {
+                extents,
+                size_at_least: *size_at_least,
+                claim_epoch: *claim_epoch,
+                lease: *lease,
+            };
             let mut a = commit_write(&mut op, *ino, &c, gc_epoch)?;
             for set in then {
                 // Cannot fail: the inode exists, and no size is set.
