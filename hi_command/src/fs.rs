@@ -1702,6 +1702,7 @@ impl Filesystem for HiveFs {
         // The answer is the hive's state of the file while nothing else changed meanwhile
         // (the create was the one change counted since `before`).
         let after = self.hive.meta.changes();
+        let alone = after == before + 1;
         match Self::attr_of(r) {
             Ok(a) => {
                 {
@@ -1709,9 +1710,9 @@ impl Filesystem for HiveFs {
                     let st = files.entry(a.ino).or_default();
                     let mut g = st.lock();
                     g.opens += 1;
-                    g.created = (after == before + 1).then(|| (a.clone(), after));
+                    g.created = alone.then(|| (a.clone(), after));
                 }
-                if after == before + 1 {
+                if alone {
                     // A new file has no xattrs (nothing else changed since it was made;
                     // one set later drops the list).
                     self.hints.xattr_names.remember(a.ino, &[], names);

@@ -1536,12 +1536,13 @@ impl Writeback {
             return Ok(());
         }
         write_ahead(self.journal.as_deref(), &g.records)?;
-        // Setattrs held in memory for after these bytes go in the same log entry.
+        // Setattrs held in memory for after these bytes go in the same log entry (not one
+        // numbered already: `send_due` tried it alone, and sends it again alone).
         let next = g.sealed_no + 1;
         let then: Vec<m::SetAttr> = g
             .deferred
             .iter()
-            .take_while(|d| d.after == next && d.lsn == 0)
+            .take_while(|d| d.after == next && d.seq == 0)
             .take(m::MAX_COMMIT_SETS)
             .map(|d| d.set.clone())
             .collect();
@@ -1552,12 +1553,7 @@ impl Writeback {
                 g.dirty_bytes = 0;
                 g.splice(&committed);
                 keep_spares(&self.spares, ranges);
-                for d in g.deferred.drain(..then.len()) {
-                    if d.seq != 0 {
-                        // Numbered by an earlier try that did not reach the hive.
-                        self.hive.meta.release_seq(d.seq);
-                    }
-                }
+                g.deferred.drain(..then.len());
                 // More than one entry carries: the rest, now due.
                 send_due(&self.hive, self.journal.as_deref(), ino, g)
             }
