@@ -945,12 +945,19 @@ impl MetaStore {
                     out.push(Vec::new());
                     continue;
                 };
-                let reply = match meta::decode::<MetaCommand>(bytes) {
-                    Ok(cmd) => apply_one(&mut t, &cmd)?,
-                    // A command that does not decode was never proposed by this code; answer
-                    // it (deterministically) instead of stopping the service.
-                    Err(_) => Err(Errno::INVAL),
-                };
+                // Only a leader's own encoding of a checked request is ever proposed, and
+                // the log's envelope carries a checksum: a committed command that does not
+                // decode here was written by a build that knows more variants (a node not
+                // yet upgraded, in a cluster being upgraded). Answering it with an error
+                // would leave this node's namespace different from those that applied it;
+                // stop instead (nothing of the batch is kept), loudly, until upgraded.
+                let cmd = meta::decode::<MetaCommand>(bytes).map_err(|e| {
+                    anyhow::anyhow!(
+                        "a committed metadata command does not decode with this build \
+                         (written by a newer one?): {e}; not applying it, nor anything after it"
+                    )
+                })?;
+                let reply = apply_one(&mut t, &cmd)?;
                 out.push(meta::encode(&reply));
             }
             t.sys.insert(SYS_RAFT, raft_state)?;
@@ -2549,6 +2556,54 @@ mod tests {
         );
         let refs = f.store.referenced_chunks().unwrap();
         assert_eq!(refs, [ChunkId([5; CHUNK_ID_BYTES])].into_iter().collect());
+    }
+
+    #[test]
+    fn a_command_this_build_cannot_decode_stops_the_batch_and_changes_nothing() {
+        let mut f = fixture("undecodable");
+        let before = f.store.raft_state().unwrap();
+        let cmd = f.cmd(Mutation::Create {
+            parent: ROOT_INO,
+            name: "d".into(),
+            kind: FileKind::File,
+            perm: 0o644,
+            uid: 1,
+            gid: 2,
+            rdev: 0,
+        });
+        let good = meta::encode(&cmd);
+        // What a later build would propose: the same command header, then a mutation
+        // variant this build does not have (postcard: the variant index as a varint).
+        let mut newer = postcard::to_allocvec(&(
+            cmd.volume,
+            cmd.client,
+            cmd.seq + 1,
+            cmd.acked_below,
+            cmd.now,
+        ))
+        .unwrap();
+        newer.extend_from_slice(&[0xc8, 0x01]); // variant 200
+        assert!(meta::decode::<MetaCommand>(&newer).is_err());
+        let r = f.store.apply_batch(&[Some(&good), Some(&newer)], b"after");
+        let e = format!(
+            "{:#}",
+            r.expect_err("an undecodable command must not be answered")
+        );
+        assert!(e.contains("does not decode with this build"), "{e}");
+        // Nothing of the batch is kept: not the good command, not the Raft state.
+        assert_eq!(f.store.raft_state().unwrap(), before);
+        assert!(matches!(
+            f.q(Query::Lookup {
+                parent: ROOT_INO,
+                name: b"d".to_vec(),
+            }),
+            Err(Errno::NOENT)
+        ));
+        // The same good command alone applies.
+        assert!(matches!(
+            f.store.apply_batch(&[Some(&good)], b"after"),
+            Ok(r) if r.len() == 1
+        ));
     }
 
     #[test]
