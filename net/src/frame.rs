@@ -33,8 +33,10 @@ pub const MAGIC: u32 = 0x5346_5648;
 /// Lowest protocol version this build speaks. Version 2 added levels to `Has` and `Put`
 /// (see `proto.rs`); version 1 peers are refused at the first frame, by version.
 pub const PROTOCOL_VERSION_MIN: u16 = 2;
-/// Highest protocol version this build speaks.
-pub const PROTOCOL_VERSION_MAX: u16 = 2;
+/// Highest protocol version this build speaks. Version 3 is version 2 plus the metadata
+/// commands a version-2 build cannot decode ([`crate::meta::Mutation::log_version`]): a
+/// peer that negotiated 3 can read them in requests and in the metadata log.
+pub const PROTOCOL_VERSION_MAX: u16 = 3;
 /// Bytes in a frame header.
 pub const HEADER_BYTES: usize = 32;
 /// The largest body any peer accepts (16 MiB).
@@ -489,10 +491,10 @@ mod tests {
 
     #[test]
     fn header_layout_is_fixed() {
-        let f = encode_frame(V, 14, 0x0102_0304_0506_0708, b"abc");
+        let f = encode_frame(0x0302, 14, 0x0102_0304_0506_0708, b"abc");
         assert_eq!(f.len(), HEADER_BYTES + 3);
         assert_eq!(&f[0..4], b"HVFS");
-        assert_eq!(&f[4..6], &[2, 0]);
+        assert_eq!(&f[4..6], &[2, 3]);
         assert_eq!(&f[6..8], &[14, 0]);
         assert_eq!(&f[8..16], &[8, 7, 6, 5, 4, 3, 2, 1]);
         assert_eq!(&f[16..20], &[3, 0, 0, 0]);

@@ -362,6 +362,12 @@ pub enum Mutation {
         /// At most [`MAX_COMMIT_SETS`].
         then: Vec<SetAttr>,
     },
+    /// Raise the hive's metadata log version to `version` (never lowers it): from then on
+    /// the log may carry commands of that version, and only nodes that speak it may join.
+    /// The leader proposes it once every member speaks it (the hive's own; no client may).
+    SetLogVersion {
+        version: u16,
+    },
 }
 
 /// What a token may do.
@@ -606,7 +612,18 @@ impl Mutation {
             | Mutation::AddNode(_)
             | Mutation::SetNodeState { .. }
             | Mutation::CreateToken { .. }
-            | Mutation::RevokeToken { .. } => Vec::new(),
+            | Mutation::RevokeToken { .. }
+            | Mutation::SetLogVersion { .. } => Vec::new(),
+        }
+    }
+
+    /// The metadata log version a hive must be at before this command may enter its log
+    /// (a node of an older build cannot decode it: see `engine/src/meta/version.rs`).
+    /// `SetLogVersion` is the leader's own, proposed only once every member speaks it.
+    pub fn log_version(&self) -> u16 {
+        match self {
+            Mutation::CommitWriteThenSet { .. } => 3,
+            _ => crate::frame::PROTOCOL_VERSION_MIN,
         }
     }
 
@@ -709,6 +726,9 @@ pub enum Query {
         after: u64,
         max: u32,
     },
+    /// The hive's metadata log version ([`Mutation::SetLogVersion`]; group 0). Answered
+    /// [`Answer::LogVersion`]. Needs protocol version 3.
+    LogVersion,
 }
 
 /// A member of the metadata Raft group.
@@ -1061,6 +1081,8 @@ pub enum Answer {
         entries: Vec<DirEntryPlus>,
         end: bool,
     },
+    /// The metadata log version, for [`Query::LogVersion`].
+    LogVersion(u16),
 }
 
 /// What one garbage collection did.
@@ -1277,6 +1299,23 @@ fn check_commit(extents: &[Extent], size_at_least: u64) -> Result<(), Errno> {
 }
 
 impl MetaRequest {
+    /// The lowest protocol version a node must speak to decode this request: a client
+    /// answers a request its connection's node cannot read `NOTSUP` itself, unsent.
+    pub fn needs_version(&self) -> u16 {
+        match self {
+            MetaRequest::Mutate(c) | MetaRequest::MutateInDir(c) => c.op.log_version(),
+            MetaRequest::Query {
+                query: Query::LogVersion,
+                ..
+            }
+            | MetaRequest::StaleQuery {
+                query: Query::LogVersion,
+                ..
+            } => 3,
+            _ => crate::frame::PROTOCOL_VERSION_MIN,
+        }
+    }
+
     /// Check every bound a node relies on, before it acts on the request.
     pub fn validate(&self) -> Result<(), Errno> {
         let xname = |n: &[u8]| {
@@ -1360,6 +1399,12 @@ impl MetaRequest {
                 | Mutation::Fence { .. } => Ok(()),
                 Mutation::AddNode(n) => n.validate(),
                 Mutation::SetNodeState { .. } => Ok(()),
+                Mutation::SetLogVersion { version } => {
+                    if *version < crate::frame::PROTOCOL_VERSION_MIN {
+                        return Err(Errno::INVAL);
+                    }
+                    Ok(())
+                }
                 Mutation::CreateToken { scope, label, .. } => {
                     if label.len() > MAX_NODE_NAME_BYTES {
                         return Err(Errno::INVAL);
@@ -1434,6 +1479,53 @@ impl MetaRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::frame::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
+
+    #[test]
+    fn a_command_newer_than_version_2_needs_a_node_that_speaks_it() {
+        let cmd = |op| MetaCommand {
+            volume: 1,
+            client: 2,
+            seq: 3,
+            acked_below: 3,
+            now: Timespec { sec: 1, nsec: 0 },
+            op,
+        };
+        let newer = Mutation::CommitWriteThenSet {
+            ino: 7,
+            extents: Vec::new(),
+            size_at_least: 0,
+            claim_epoch: 1,
+            lease: 0,
+            then: vec![SetAttr {
+                perm: Some(0o600),
+                ..Default::default()
+            }],
+        };
+        assert_eq!(newer.log_version(), 3);
+        assert!(newer.log_version() <= PROTOCOL_VERSION_MAX);
+        for r in [
+            MetaRequest::Mutate(cmd(newer.clone())),
+            MetaRequest::MutateInDir(cmd(newer)),
+        ] {
+            assert_eq!(r.needs_version(), 3);
+        }
+        let ask = MetaRequest::Query {
+            volume: 0,
+            query: Query::LogVersion,
+        };
+        assert_eq!(ask.needs_version(), 3);
+        let older = Mutation::Fence { ino: 7, token: 1 };
+        assert_eq!(older.log_version(), PROTOCOL_VERSION_MIN);
+        assert_eq!(
+            MetaRequest::Mutate(cmd(older)).needs_version(),
+            PROTOCOL_VERSION_MIN
+        );
+        // A log version below the first is no version at all.
+        let set = |version| MetaRequest::Mutate(cmd(Mutation::SetLogVersion { version }));
+        assert_eq!(set(PROTOCOL_VERSION_MIN - 1).validate(), Err(Errno::INVAL));
+        assert_eq!(set(PROTOCOL_VERSION_MAX).validate(), Ok(()));
+    }
 
     #[test]
     fn roundtrip_and_bounds() {

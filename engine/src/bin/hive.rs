@@ -5,8 +5,9 @@ use clap::{Parser, Subcommand};
 use hivefs_engine::admin::Link;
 use hivefs_engine::config::{self, InitOptions, NodeConfig};
 use hivefs_engine::meta::peer::{PeerError, PeerLink};
+use hivefs_engine::meta::version::speaks;
 use hivefs_engine::node::Node;
-use hivefs_net::meta::{self, Answer, MetaRequest, NodeSpec, PeerRequest, Query};
+use hivefs_net::meta::{self, Answer, Errno, MetaRequest, NodeSpec, PeerRequest, Query};
 use hivefs_net::proto::{ErrorCode, Request, Response};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -547,6 +548,10 @@ fn call_leader(
 }
 
 /// `hive join`: see the subcommand's docs.
+/// Why the hive refuses a node `NOTSUP` at join or admission (`meta/version.rs`).
+const NEWER_LOG: &str = "the hive's metadata log is at a newer version than this build \
+     speaks: upgrade this node's `hive` first";
+
 fn join(hive: &str, token: &str, ca: &str, o: InitOptions) -> Result<()> {
     let pinned = hivefs_net::tls::client_config_pinned(ca).map_err(|e| anyhow::anyhow!("{e}"))?;
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
@@ -593,6 +598,7 @@ fn join(hive: &str, token: &str, ca: &str, o: InitOptions) -> Result<()> {
         )? {
             Ok(Answer::Joined(g)) => g,
             Ok(other) => bail!("joining {hive}: unexpected answer {other:?}"),
+            Err(Errno::NOTSUP) => bail!("joining {hive}: {NEWER_LOG}"),
             Err(e) => bail!("joining {hive}: the hive refused: {e}"),
         };
         let id = grant.id;
@@ -628,6 +634,10 @@ fn join(hive: &str, token: &str, ca: &str, o: InitOptions) -> Result<()> {
             cfg.raft_id,
             if voter { "voter" } else { "learner" }
         ),
+        Ok(Err(Errno::NOTSUP)) => {
+            let _ = node.shutdown();
+            bail!("admitting node {}: {NEWER_LOG}", cfg.raft_id)
+        }
         Ok(other) => {
             let _ = node.shutdown();
             bail!(
@@ -681,7 +691,17 @@ fn cluster_status(dir: &std::path::Path, insecure: bool) -> serde_json::Value {
         Ok(other) => serde_json::json!({ "error": format!("unexpected {other:?}") }),
         Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
     };
-    serde_json::json!({ "raft": members, "map": nodes })
+    // During a rolling upgrade: whether every member runs a build that speaks the newest
+    // metadata commands yet (`meta/version.rs`).
+    let log = match ask_leader(dir, insecure, Query::LogVersion) {
+        Ok(Answer::LogVersion(v)) => serde_json::json!({
+            "version": v,
+            "this_build_speaks": speaks(),
+        }),
+        Ok(other) => serde_json::json!({ "error": format!("unexpected {other:?}") }),
+        Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
+    };
+    serde_json::json!({ "raft": members, "map": nodes, "log": log })
 }
 
 fn print_cluster(c: &serde_json::Value) {
@@ -708,6 +728,18 @@ fn print_cluster(c: &serde_json::Value) {
                 }
             );
         }
+    }
+    let log = &c["log"];
+    match log["version"].as_u64() {
+        Some(v) if v < speaks() as u64 => println!(
+            "metadata log version {v} (this build speaks {}: raised once every member does)",
+            speaks()
+        ),
+        Some(v) => println!("metadata log version {v}"),
+        None => println!(
+            "metadata log version: unknown ({})",
+            log["error"].as_str().unwrap_or("?")
+        ),
     }
     let map = &c["map"];
     if let Some(nodes) = map["nodes"].as_array() {

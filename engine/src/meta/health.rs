@@ -13,11 +13,14 @@
 //!   node applies the same map history; a node that stops leading forgets its timers.
 //! - A new leader counts every node as heard from when it started leading: nobody is
 //!   marked down for the time before this node could have heard it.
+//! - The log version rises only from versions heard on this leader's links since it
+//!   started leading (`version.rs`).
 //! - Nothing here compares clocks of two machines: each leader measures silence on its own
 //!   monotonic clock.
 
 use super::peer::PeerLink;
 use super::server::{self, Shared};
+use super::version;
 use hivefs_net::meta::{Answer, MetaRequest, Mutation, NodeEntry, PeerRequest, Query};
 use hivefs_net::placement::NodeState;
 use std::collections::HashMap;
@@ -50,6 +53,9 @@ pub(super) fn run(sh: &Shared) {
     let out_after = Duration::from_secs(sh.cfg.out_after_secs);
     let mut links: HashMap<u64, PeerLink> = HashMap::new();
     let mut heard: HashMap<u64, Instant> = HashMap::new();
+    // The protocol version each node's ping link negotiated while this node leads (what
+    // the log version may rise to: `version.rs`).
+    let mut speaks: HashMap<u64, u16> = HashMap::new();
     let mut leading_since: Option<Instant> = None;
     // The GC epoch this node's shards were last told (commits accept claims of the
     // current epoch only: shards of every node must stamp it).
@@ -75,15 +81,19 @@ pub(super) fn run(sh: &Shared) {
                 Err(e) => tracing::warn!("telling the shards the GC epoch: {e:#}"),
             }
         }
-        let Some(tls) = tls.clone() else {
-            continue; // a plain-TCP hive has one node
-        };
         if server::ensure_leader(sh).is_err() {
             leading_since = None;
             heard.clear();
             links.clear();
+            speaks.clear();
             continue;
         }
+        if let Err(e) = version::raise(sh, &speaks) {
+            tracing::warn!("metadata log version: {e:#}");
+        }
+        let Some(tls) = tls.clone() else {
+            continue; // a plain-TCP hive has one node
+        };
         let since = *leading_since.get_or_insert(now);
         let nodes: Vec<NodeEntry> = match sh.store.query(0, &Query::Nodes) {
             Ok(Ok(Answer::Nodes { nodes, .. })) => nodes,
@@ -126,6 +136,7 @@ pub(super) fn run(sh: &Shared) {
         });
         for (id, l) in answered {
             heard.insert(id, Instant::now());
+            speaks.insert(id, l.version());
             links.insert(id, l);
         }
         for n in &nodes {

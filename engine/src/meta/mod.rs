@@ -10,6 +10,8 @@
 //! - [`peer`]: node-to-node links: Raft's transport (mutual TLS) and the joining node's link.
 //! - [`health`]: the leader's failure detector: pings, and nodes marked up, down, out.
 //! - [`locks`]: flock and POSIX locks, volatile state of the leader (leased, not logged).
+//! - [`version`]: the metadata log version: new commands enter the log only once every
+//!   member can read them.
 //! - [`watch`]: watch streams: which cached names and inodes each mutation makes stale,
 //!   pushed to the other mounts of the volume.
 pub mod health;
@@ -21,4 +23,5 @@ mod raft_log;
 pub mod server;
 pub mod sim_store;
 pub mod store;
+pub mod version;
 pub mod watch;

@@ -21,7 +21,7 @@
 
 use super::raft::TypeConfig;
 use hivefs_net::conn::FramedConn;
-use hivefs_net::frame::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
+use hivefs_net::frame::PROTOCOL_VERSION_MIN;
 use hivefs_net::meta::{self, Answer, MetaReply, MetaRequest, PeerRequest, RaftRpc};
 use hivefs_net::proto::{ErrorCode, Request, Response};
 use openraft::error::{
@@ -135,7 +135,7 @@ impl PeerLink {
         };
         let hello = Request::Hello {
             min_version: PROTOCOL_VERSION_MIN,
-            max_version: PROTOCOL_VERSION_MAX,
+            max_version: super::version::speaks(),
             token: token.to_string(),
             client_name: who.to_string(),
         };
@@ -150,6 +150,12 @@ impl PeerLink {
             Err(PeerError::Link { why, .. }) => Err(connect(why)),
             Err(e) => Err(e),
         }
+    }
+
+    /// The protocol version this link negotiated (what the node at the other end speaks,
+    /// up to this build's).
+    pub fn version(&self) -> u16 {
+        self.version
     }
 
     /// Set the deadline of each later call.

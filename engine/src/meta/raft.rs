@@ -765,6 +765,25 @@ impl MetaRaft {
         .await?
     }
 
+    /// Every member (voters and learners) of the effective membership: the nodes that apply
+    /// this log, as Raft's core has it now (its metrics may trail a change just made).
+    pub async fn members(&self) -> Result<BTreeSet<u64>, RaftError> {
+        let raft = self.raft.clone();
+        self.run(async move {
+            raft.with_raft_state(|st| {
+                st.membership_state
+                    .effective()
+                    .membership()
+                    .nodes()
+                    .map(|(id, _)| *id)
+                    .collect::<BTreeSet<u64>>()
+            })
+            .await
+            .map_err(|e| from_fatal(&e))
+        })
+        .await?
+    }
+
     /// What this node knows of the cluster now (cheap, from Raft's metrics).
     /// The current term (cheap: no copy of the membership, unlike [`MetaRaft::view`]).
     pub fn term(&self) -> u64 {

@@ -113,6 +113,8 @@ pub(super) struct Shared {
     watchers: Watchers,
     /// Set while a collection runs (one at a time).
     gc_running: AtomicBool,
+    /// Held while a node is admitted or the log version raised (`version.rs`).
+    pub(super) membership: tokio::sync::Mutex<()>,
     pub(super) stop: AtomicBool,
     conns: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -148,6 +150,7 @@ impl MetaServer {
         let dir = meta_dir(data_dir);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let store = Arc::new(MetaStore::open(&dir.join("namespace.redb"))?);
+        super::version::check_build(&store)?;
         tokens.refresh(&store).context("loading the token table")?;
         publish_map(&store, cfg.bucket_count, &hive_map);
         let addr: SocketAddr = format!("{}:{}", cfg.listen, cfg.meta_port())
@@ -214,6 +217,7 @@ impl MetaServer {
             locks,
             watchers: Watchers::default(),
             gc_running: AtomicBool::new(false),
+            membership: tokio::sync::Mutex::new(()),
             stop: AtomicBool::new(false),
             conns: Mutex::new(Vec::new()),
         });
@@ -276,8 +280,13 @@ impl MetaServer {
             query: Query::Volume { name: name.into() },
         };
         let ask = |req: MetaRequest| {
-            block_on(handle(&self.shared, req, &TokenScope::Admin))
-                .map_err(|e| anyhow::anyhow!("{e}"))
+            block_on(handle(
+                &self.shared,
+                req,
+                &TokenScope::Admin,
+                PROTOCOL_VERSION_MAX,
+            ))
+            .map_err(|e| anyhow::anyhow!("{e}"))
         };
         if let Ok(Answer::Volume(v)) = ask(q)? {
             return Ok((v, false));
@@ -444,7 +453,7 @@ fn serve(sh: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
                 token,
                 client_name,
             }) => {
-                let nv = max_version.min(PROTOCOL_VERSION_MAX);
+                let nv = max_version.min(super::version::speaks());
                 if version.is_some() {
                     (
                         Response::error(ErrorCode::BadRequest, "second Hello on a connection"),
@@ -560,6 +569,7 @@ fn serve(sh: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
                     &auth
                         .as_ref()
                         .map_or(TokenScope::Admin, |(_, sc)| sc.clone()),
+                    v,
                 )) {
                     Ok(reply) => (
                         Response::MetaReply {
@@ -1050,6 +1060,12 @@ pub(super) async fn mutate(
     cmd: MetaCommand,
     in_dir: bool,
 ) -> Result<MetaReply, RaftError> {
+    match super::version::admits(sh, &cmd.op) {
+        Ok(Ok(())) => {}
+        // Newer than what every member can read: the client sends the older form.
+        Ok(Err(e)) => return Ok(Err(e)),
+        Err(e) => return Err(RaftError::Unavailable(format!("metadata store: {e:#}"))),
+    }
     let mut cmd = MetaCommand {
         now: Timespec::now(),
         ..cmd
@@ -1298,13 +1314,16 @@ pub(super) fn one_off_command(op: Mutation) -> Result<MetaCommand> {
 
 /// [`PeerRequest::Join`]: record the node in the cluster map and hand it what it needs
 /// to serve in this hive (answered by the leader only: the map changes through Raft).
-async fn join(sh: &Shared, spec: NodeSpec) -> Result<MetaReply, RaftError> {
+async fn join(sh: &Shared, spec: NodeSpec, version: u16) -> Result<MetaReply, RaftError> {
     if sh.tls.is_none() {
         // Members authenticate each other by certificate: a plain-TCP hive cannot grow.
         return Ok(Err(Errno::NOTSUP));
     }
     ensure_leader(sh)?;
     let fail = |e: anyhow::Error| RaftError::Unavailable(format!("join: {e:#}"));
+    if let Err(e) = super::version::may_join(sh, version, &spec.name).map_err(fail)? {
+        return Ok(Err(e));
+    }
     // Every leader is in the map (the first node records itself as node 1 on its first
     // start, just after it starts serving): until then a joiner could take its id.
     sh.raft.read_barrier().await?;
@@ -1340,8 +1359,10 @@ async fn join(sh: &Shared, spec: NodeSpec) -> Result<MetaReply, RaftError> {
 
 /// [`PeerRequest::Admit`]: make a node of the map a Raft member (learner until caught
 /// up, then a voter while there are fewer than `MAX_VOTERS`).
-async fn admit(sh: &Shared, id: u64) -> Result<MetaReply, RaftError> {
+async fn admit(sh: &Shared, id: u64, version: u16) -> Result<MetaReply, RaftError> {
     ensure_leader(sh)?;
+    // No raise of the log version between the check below and the node's admission.
+    let _serial = sh.membership.lock().await;
     sh.raft.read_barrier().await?;
     let nodes = match sh.store.query(0, &Query::Nodes) {
         Ok(Ok(Answer::Nodes { nodes, .. })) => nodes,
@@ -1351,6 +1372,10 @@ async fn admit(sh: &Shared, id: u64) -> Result<MetaReply, RaftError> {
     let Some(NodeEntry { spec, .. }) = nodes.into_iter().find(|n| n.id == id) else {
         return Ok(Err(Errno::NOENT));
     };
+    let fail = |e: anyhow::Error| RaftError::Unavailable(format!("admit: {e:#}"));
+    if let Err(e) = super::version::may_join(sh, version, &spec.name).map_err(fail)? {
+        return Ok(Err(e));
+    }
     let voter = sh.raft.add_member(id, spec.meta_addr()).await?;
     tracing::info!(id, name = %spec.name, voter, "node admitted to the metadata cluster");
     Ok(Ok(Answer::Admitted { voter }))
@@ -1358,7 +1383,13 @@ async fn admit(sh: &Shared, id: u64) -> Result<MetaReply, RaftError> {
 
 /// Answer one metadata request. `Err` is a service failure (no leader, storage); an
 /// errno is a normal answer.
-async fn handle(sh: &Shared, req: MetaRequest, scope: &TokenScope) -> Result<MetaReply, RaftError> {
+/// `version`: the protocol version the request's connection negotiated.
+async fn handle(
+    sh: &Shared,
+    req: MetaRequest,
+    scope: &TokenScope,
+    version: u16,
+) -> Result<MetaReply, RaftError> {
     if let Err(e) = req.validate() {
         return Ok(Err(e));
     }
@@ -1406,11 +1437,17 @@ async fn handle(sh: &Shared, req: MetaRequest, scope: &TokenScope) -> Result<Met
             }
             Ok(Err(Errno::AGAIN))
         }
-        MetaRequest::Peer(PeerRequest::Join(spec)) => join(sh, spec).await,
-        MetaRequest::Peer(PeerRequest::Admit { id }) => admit(sh, id).await,
+        MetaRequest::Peer(PeerRequest::Join(spec)) => join(sh, spec, version).await,
+        MetaRequest::Peer(PeerRequest::Admit { id }) => admit(sh, id, version).await,
         MetaRequest::Peer(PeerRequest::Ping) => Ok(Ok(Answer::Done)),
         // Served by `serve` on node links only.
         MetaRequest::Peer(PeerRequest::Raft { .. }) => Ok(Err(Errno::INVAL)),
+        // The leader's own, once every member speaks the version (`version.rs`).
+        MetaRequest::Mutate(cmd) | MetaRequest::MutateInDir(cmd)
+            if matches!(cmd.op, Mutation::SetLogVersion { .. }) =>
+        {
+            Ok(Err(Errno::PERM))
+        }
         MetaRequest::Mutate(cmd) => mutate(sh, cmd, false).await,
         MetaRequest::MutateInDir(cmd) => mutate(sh, cmd, true).await,
         // A watch is a connection of its own (served by `serve`), never a single answer.
@@ -1508,6 +1545,7 @@ fn allowed(sh: &Shared, scope: &TokenScope, req: &MetaRequest) -> Result<(), Err
                 | Mutation::Fence { .. }
                 | Mutation::NewLeaseEpoch
                 | Mutation::RotateCa(_)
+                | Mutation::SetLogVersion { .. }
         )
     };
     let hive_query = |q: &Query| matches!(q, Query::Gc | Query::Fsck { .. } | Query::Tokens);

@@ -41,6 +41,7 @@
 
 use anyhow::{bail, Context, Result};
 use hivefs_net::chunk::ChunkId;
+use hivefs_net::frame::PROTOCOL_VERSION_MIN;
 use hivefs_net::meta::{
     self, Answer, Attr, CaRotation, DirEntry, DirEntryPlus, Errno, Extent, FileKind, MetaCommand,
     MetaReply, Mutation, NodeEntry, NodeSpec, Query, RenameMode, SetAttr, SetTime, StatFs,
@@ -87,6 +88,8 @@ const SYS_MAP_EPOCH: &[u8] = b"map_epoch";
 /// Raised by every token change (readers reload their token registry when it moves).
 const SYS_TOKENS_EPOCH: &[u8] = b"tokens_epoch";
 const SYS_FORMAT: &[u8] = b"format";
+/// The metadata log version ([`Mutation::SetLogVersion`]; absent: version 2, the first).
+const SYS_LOG_VERSION: &[u8] = b"log_version";
 /// On-disk format of this store (bumped on any incompatible change).
 pub const FORMAT_VERSION: u32 = 1;
 
@@ -1199,6 +1202,7 @@ impl MetaStore {
                     .collect();
                 Ok(Answer::Nodes { map_epoch, nodes })
             }
+            Query::LogVersion => Ok(Answer::LogVersion(log_version_in(&tx.open_table(SYS)?)?)),
             Query::GcEpoch => {
                 let sys = tx.open_table(SYS)?;
                 let e = match sys.get(SYS_GC_EPOCH)? {
@@ -1208,6 +1212,12 @@ impl MetaStore {
                 Ok(Answer::GcEpoch(e))
             }
         })
+    }
+
+    /// The metadata log version this state has applied ([`Mutation::SetLogVersion`]).
+    pub fn log_version(&self) -> Result<u16> {
+        let tx = self.db.begin_read()?;
+        log_version_in(&tx.open_table(SYS)?)
     }
 
     /// The tokens epoch: raised by every token change (cheap to poll).
@@ -1313,11 +1323,31 @@ impl MetaStore {
         }
         {
             let mut sys = tx.open_table(SYS)?;
+            // A snapshot from a log this build cannot read: keep the state we have.
+            let at = log_version_in(&sys)?;
+            let speaks = super::version::speaks();
+            if at > speaks {
+                bail!(
+                    "the metadata snapshot is at log version {at}; this build speaks up to \
+                     {speaks}: upgrade this node"
+                );
+            }
             sys.insert(SYS_RAFT, raft_state)?;
         }
         tx.commit()?;
         Ok(())
     }
+}
+
+/// The log version recorded in the `sys` table (absent: the first, [`PROTOCOL_VERSION_MIN`]).
+fn log_version_in<T: ReadableTable<&'static [u8], &'static [u8]>>(sys: &T) -> Result<u16> {
+    Ok(match sys.get(SYS_LOG_VERSION)? {
+        Some(v) => {
+            let v = u64::from_le_bytes(v.value().try_into().context("log version")?);
+            u16::try_from(v).context("log version out of range")?
+        }
+        None => PROTOCOL_VERSION_MIN,
+    })
 }
 
 /// [`Mutation::AddNode`]: the next node id (ids are never reused: a removed node's id stays
@@ -1529,6 +1559,20 @@ fn mutate(t: &mut Tables<'_>, cmd: &MetaCommand) -> OpResult<Answer> {
             store!(t.set_sys_u64(SYS_LEASE_EPOCH, e));
             return Ok(Answer::LeaseEpoch(e));
         }
+        Mutation::SetLogVersion { version } => {
+            let speaks = super::version::speaks();
+            if *version > speaks {
+                // The log now carries commands this build cannot know: stop, as for a
+                // command that does not decode (see `apply_batch`).
+                return Err(OpError::Store(anyhow::anyhow!(
+                    "the metadata log is at version {version}; this build speaks up to \
+                     {speaks}: upgrade this node"
+                )));
+            }
+            let cur = store!(t.sys_u64(SYS_LOG_VERSION, PROTOCOL_VERSION_MIN as u64));
+            store!(t.set_sys_u64(SYS_LOG_VERSION, cur.max(*version as u64)));
+            return Ok(Answer::Done);
+        }
         Mutation::AddNode(spec) => return add_node(t, spec),
         Mutation::SetNodeState { id, state } => return set_node_state(t, *id, *state),
         Mutation::CreateToken {
@@ -1602,7 +1646,8 @@ fn mutate(t: &mut Tables<'_>, cmd: &MetaCommand) -> OpResult<Answer> {
         | Mutation::AddNode(_)
         | Mutation::SetNodeState { .. }
         | Mutation::CreateToken { .. }
-        | Mutation::RevokeToken { .. } => unreachable!("handled above"),
+        | Mutation::RevokeToken { .. }
+        | Mutation::SetLogVersion { .. } => unreachable!("handled above"),
         Mutation::Create {
             parent,
             name,
@@ -2137,6 +2182,7 @@ impl MetaStore {
 mod tests {
     use super::*;
     use hivefs_net::chunk::CHUNK_ID_BYTES;
+    use hivefs_net::frame::PROTOCOL_VERSION_MAX;
     use hivefs_nvme::rng::SplitMix64;
 
     /// A store in a fresh temp file, and a client that numbers its mutations.
@@ -2604,6 +2650,69 @@ mod tests {
             f.store.apply_batch(&[Some(&good)], b"after"),
             Ok(r) if r.len() == 1
         ));
+    }
+
+    #[test]
+    fn the_log_version_only_rises_and_a_version_beyond_this_build_stops_the_apply() {
+        let mut f = fixture("log-version");
+        assert_eq!(f.store.log_version().unwrap(), PROTOCOL_VERSION_MIN);
+        let set = |version| Mutation::SetLogVersion { version };
+        assert!(matches!(f.m(set(PROTOCOL_VERSION_MAX)), Ok(Answer::Done)));
+        assert_eq!(f.store.log_version().unwrap(), PROTOCOL_VERSION_MAX);
+        // A lower version (a retry raced by a later raise) leaves it where it is.
+        assert!(matches!(f.m(set(PROTOCOL_VERSION_MIN)), Ok(Answer::Done)));
+        assert_eq!(f.store.log_version().unwrap(), PROTOCOL_VERSION_MAX);
+        // A version this build does not speak: the batch fails, nothing of it is kept.
+        let before = f.store.raft_state().unwrap();
+        let mk = f.cmd(Mutation::Create {
+            parent: ROOT_INO,
+            name: "d".into(),
+            kind: FileKind::File,
+            perm: 0o644,
+            uid: 1,
+            gid: 2,
+            rdev: 0,
+        });
+        let too_new = f.cmd(set(PROTOCOL_VERSION_MAX + 1));
+        let (mk, too_new) = (meta::encode(&mk), meta::encode(&too_new));
+        let e = f
+            .store
+            .apply_batch(&[Some(&mk), Some(&too_new)], b"after")
+            .expect_err("a log version beyond this build must stop the apply");
+        assert!(format!("{e:#}").contains("upgrade this node"), "{e:#}");
+        assert_eq!(f.store.raft_state().unwrap(), before);
+        assert_eq!(f.store.log_version().unwrap(), PROTOCOL_VERSION_MAX);
+        assert!(matches!(
+            f.q(Query::Lookup {
+                parent: ROOT_INO,
+                name: b"d".to_vec(),
+            }),
+            Err(Errno::NOENT)
+        ));
+        // The version survives a snapshot; a snapshot above this build is refused whole.
+        let snap = f.store.export().unwrap();
+        let g = fixture("log-version-import");
+        g.store.import(&snap, b"raft").unwrap();
+        assert_eq!(g.store.log_version().unwrap(), PROTOCOL_VERSION_MAX);
+        let mut tables: Snapshot = postcard::from_bytes(&snap).unwrap();
+        for (name, rows) in tables.iter_mut() {
+            if name == "sys" {
+                for (k, v) in rows.iter_mut() {
+                    if k.as_slice() == SYS_LOG_VERSION {
+                        *v = (PROTOCOL_VERSION_MAX as u64 + 1).to_le_bytes().to_vec();
+                    }
+                }
+            }
+        }
+        let newer = postcard::to_allocvec(&tables).unwrap();
+        let e = g
+            .store
+            .import(&newer, b"raft2")
+            .expect_err("newer snapshot");
+        assert!(format!("{e:#}").contains("upgrade this node"), "{e:#}");
+        assert_eq!(g.store.raft_state().unwrap(), Some(b"raft".to_vec()));
+        g.clean();
+        f.clean();
     }
 
     #[test]

@@ -76,7 +76,8 @@ pub fn invalidations(op: &Mutation, answer: &Answer) -> Option<Invalidation> {
         | Mutation::AddNode(_)
         | Mutation::SetNodeState { .. }
         | Mutation::CreateToken { .. }
-        | Mutation::RevokeToken { .. } => return None,
+        | Mutation::RevokeToken { .. }
+        | Mutation::SetLogVersion { .. } => return None,
     }
     Some(inv)
 }
