@@ -455,6 +455,7 @@ impl MetaClient {
 
     fn call_for(&self, req: &MetaRequest, retry_for: Duration) -> Result<MetaReply, ClientError> {
         let body = meta::encode(req);
+        let needs = req.needs_version();
         let started = Instant::now();
         let deadline = started + retry_for;
         let mut backoff = Duration::from_millis(20);
@@ -471,6 +472,12 @@ impl MetaClient {
                 None => MetaConn::open(&self.opts, &at),
             };
             let result = conn.and_then(|mut c| {
+                if c.version < needs {
+                    // That node's build cannot decode the request: answered here, unsent
+                    // (the caller sends an older form).
+                    let body = meta::encode(&MetaReply::Err(Errno::NOTSUP));
+                    return Ok((c, Response::MetaReply { body }));
+                }
                 let r = c.call(&Request::Meta { body: body.clone() })?;
                 Ok((c, r))
             });

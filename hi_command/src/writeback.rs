@@ -368,7 +368,14 @@ pub struct Hive {
     pub locks: Arc<LockClient>,
     /// Offline operation (mounts with a client disk; `offline.rs`).
     pub offline: Option<Arc<Offline>>,
+    /// Until when held setattrs go apart from their bytes: the hive refused them in one
+    /// entry (a node or member of an older build: `engine/src/meta/version.rs`).
+    sets_apart_until: Mutex<Option<Instant>>,
 }
+
+/// How long a mount sends setattrs apart from their bytes after the hive refused them
+/// together (then it asks again: the hive may have been upgraded meanwhile).
+const SETS_APART_FOR: Duration = Duration::from_secs(10);
 
 /// How long a commit waits for a write lease another host holds (it is recalled; one that
 /// does not answer loses it a lease after the recall).
@@ -398,8 +405,22 @@ impl Hive {
             degraded: std::sync::atomic::AtomicBool::new(false),
             stale_logged: Mutex::new(None),
             offline: None,
+            sets_apart_until: Mutex::new(None),
             pipeline,
             cache,
+        }
+    }
+
+    /// May held setattrs ride in their bytes' commit ([`Mutation::CommitWriteThenSet`])?
+    fn sets_with_bytes(&self) -> bool {
+        let mut until = self.sets_apart_until.lock().expect("sets lock");
+        match *until {
+            Some(t) if Instant::now() < t => false,
+            Some(_) => {
+                *until = None;
+                true
+            }
+            None => true,
         }
     }
 
@@ -712,6 +733,15 @@ impl Hive {
             });
             match r {
                 Err(e) if e == Errno::ESTALE => lease = self.lease_lost(ino, lease)?,
+                Err(e) if e == Errno::EOPNOTSUPP && !then.is_empty() => {
+                    tracing::info!(
+                        "the hive cannot take setattrs in their bytes' commit yet (a node of \
+                         an older build): sending them apart for {SETS_APART_FOR:?}"
+                    );
+                    *self.sets_apart_until.lock().expect("sets lock") =
+                        Some(Instant::now() + SETS_APART_FOR);
+                    return Err(e);
+                }
                 r => return r.map(|_| ()),
             }
         }
@@ -1539,15 +1569,22 @@ impl Writeback {
         // Setattrs held in memory for after these bytes go in the same log entry (not one
         // numbered already: `send_due` tried it alone, and sends it again alone).
         let next = g.sealed_no + 1;
-        let then: Vec<m::SetAttr> = g
+        let together = self.hive.sets_with_bytes();
+        let mut then: Vec<m::SetAttr> = g
             .deferred
             .iter()
-            .take_while(|d| d.after == next && d.seq == 0)
+            .take_while(|d| together && d.after == next && d.seq == 0)
             .take(m::MAX_COMMIT_SETS)
             .map(|d| d.set.clone())
             .collect();
         let ranges: Vec<(u64, Vec<u8>)> = std::mem::take(&mut g.dirty).into_iter().collect();
-        match self.hive.commit(ino, &ranges, &then) {
+        let mut r = self.hive.commit(ino, &ranges, &then);
+        if matches!(&r, Err(e) if *e == Errno::EOPNOTSUPP) && !then.is_empty() {
+            // Refused together: the bytes alone, then the setattrs (`send_due` below).
+            then.clear();
+            r = self.hive.commit(ino, &ranges, &then);
+        }
+        match r {
             Ok(committed) => {
                 self.done(&std::mem::take(&mut g.records));
                 g.dirty_bytes = 0;
