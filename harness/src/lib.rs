@@ -74,6 +74,9 @@ pub struct NodeOptions {
     /// `HIVE_TEST_DPDK_DRIVER`, default `net_af_xdp`), so the same tests run against
     /// either transport.
     pub dpdk: Option<String>,
+    /// More environment variables of every `hive` the node runs (e.g.
+    /// `HIVE_TEST_SPEAK_VERSION`: a node standing in for an older build).
+    pub env: Vec<(String, String)>,
 }
 
 /// The DPDK driver `HIVE_TEST_NET=dpdk` asks for, if it does.
@@ -97,6 +100,7 @@ impl Default for NodeOptions {
             host: "127.0.0.1".into(),
             netns: None,
             dpdk: dpdk_from_env(),
+            env: Vec::new(),
         }
     }
 }
@@ -128,6 +132,11 @@ impl NodeOptions {
     /// Serve with DPDK through `driver` (see the field).
     pub fn dpdk(mut self, driver: &str) -> Self {
         self.dpdk = Some(driver.into());
+        self
+    }
+    /// Run every `hive` of the node with `key=value` in its environment.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.into(), value.into()));
         self
     }
 }
@@ -268,14 +277,16 @@ pub fn spawn_logged(mut cmd: Command, log: &Path, banner: &str, death_signal: i3
 
 /// A `hive` command, inside the node's network namespace if it has one.
 fn hive_command(bin: &Path, opts: &NodeOptions) -> Command {
-    match &opts.netns {
+    let mut c = match &opts.netns {
         Some(ns) => {
             let mut c = Command::new("ip");
             c.args(["netns", "exec", ns]).arg(bin);
             c
         }
         None => Command::new(bin),
-    }
+    };
+    c.envs(opts.env.iter().map(|(k, v)| (k, v)));
+    c
 }
 
 /// One hive node in its own data directory. See the module docs.
@@ -305,6 +316,11 @@ impl TestNode {
     /// member of the metadata cluster. Both nodes keep their ports from then on: the hive
     /// knows its members by address.
     pub fn join(opts: NodeOptions, via: &mut TestNode) -> TestNode {
+        TestNode::try_join(opts, via).unwrap_or_else(|why| panic!("{why}"))
+    }
+
+    /// [`TestNode::join`], or why `hive join` failed (its output).
+    pub fn try_join(opts: NodeOptions, via: &mut TestNode) -> Result<TestNode, String> {
         via.fixed_ports = true;
         let mut node = TestNode::new_dir(opts);
         node.fixed_ports = true;
@@ -336,7 +352,8 @@ impl TestNode {
             }
             if let Some(Ok(Some(st))) = node.child.as_mut().map(|c| c.try_wait()) {
                 let _ = std::fs::remove_file(&log);
-                panic!("hive join exited with {st}:\n{text}");
+                node.child = None;
+                return Err(format!("hive join exited with {st}:\n{text}"));
             }
             if Instant::now() > deadline {
                 node.kill_quietly();
@@ -345,18 +362,30 @@ impl TestNode {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let text = std::fs::read(&log).unwrap_or_default();
-        let _ = std::fs::remove_file(&log);
-        let _ = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(node.log_path())
-            .and_then(|mut f| f.write_all(&text));
+        // Moved, not copied: the node goes on writing to the same file.
+        if node.log_path().exists() || std::fs::rename(&log, node.log_path()).is_err() {
+            let text = std::fs::read(&log).unwrap_or_default();
+            let _ = std::fs::remove_file(&log);
+            let _ = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(node.log_path())
+                .and_then(|mut f| f.write_all(&text));
+        }
         if let Err(why) = node.wait_ready() {
             node.kill_quietly();
             panic!("joined node did not come up: {why}\n{}", node.log_tail(60));
         }
-        node
+        Ok(node)
+    }
+
+    /// Set (`Some`) or remove (`None`) a variable of the node's environment, from its next
+    /// start on (see [`NodeOptions::env`]).
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.opts.env.retain(|(k, _)| k != key);
+        if let Some(v) = value {
+            self.opts.env.push((key.into(), v.into()));
+        }
     }
 
     /// A fresh, empty data directory and free ports for a node (nothing started).

@@ -182,8 +182,12 @@ fn cases(token: &str, rng: &mut Rng, plain: bool) -> Vec<Case> {
             log: Some("unsupported protocol version 1"),
         },
         Case {
-            name: "Hello offering only versions 3..=9",
-            bytes: frame_request(V, 7, &hello(token, 3, 9)),
+            name: "Hello offering only versions above this build's",
+            bytes: frame_request(
+                V,
+                7,
+                &hello(token, PROTOCOL_VERSION_MAX + 1, PROTOCOL_VERSION_MAX + 7),
+            ),
             ending: Ending::Open,
             ok_replies: 0,
             expect: Some((ErrorCode::UnsupportedVersion, 7)),

@@ -585,3 +585,160 @@ fn gc_and_fsck_cover_every_node() {
     nodes[0].fsck(true);
     drop((m1, m2));
 }
+
+/// The hive's metadata log version, as `hive status` on `node` reports it.
+fn log_version(node: &TestNode) -> Option<u64> {
+    node.status_json()["cluster"]["log"]["version"].as_u64()
+}
+
+/// Write `name` through `mnt` with a chmod and chown made while its bytes are held (sent
+/// with them at close), and check what the hive recorded.
+fn write_then_chmod(mnt: &TestMount, m: &MetaClient, vol: u32, name: &str) {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let mut f = std::fs::File::create(mnt.join(name)).unwrap();
+    f.write_all(&vec![7u8; 100 << 10]).unwrap();
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .unwrap();
+    std::os::unix::fs::fchown(&f, Some(4321), Some(765)).unwrap();
+    drop(f);
+    match m.query(
+        vol,
+        Query::Lookup {
+            parent: ROOT_INO,
+            name: name.as_bytes().to_vec(),
+        },
+    ) {
+        Ok(Ok(Answer::Attr(a))) => {
+            assert_eq!(
+                (a.size, a.perm & 0o7777, a.uid, a.gid),
+                (100 << 10, 0o600, 4321, 765),
+                "{name}: {a:?}\n{}",
+                mnt.log_tail(30)
+            );
+        }
+        other => panic!("lookup {name}: {other:?}"),
+    }
+}
+
+/// A rolling upgrade: while one member runs an older build (a node told by
+/// `HIVE_TEST_SPEAK_VERSION` to speak protocol version 2 only), the log stays at version
+/// 2, commands of version 3 are refused `NOTSUP` and a mount sends the older form; once
+/// that node runs the new build the leader raises the log to 3; from then on a node of
+/// the older build may not join.
+#[test]
+fn a_hive_of_mixed_builds_keeps_to_what_its_oldest_member_speaks() {
+    const OLD: &str = "HIVE_TEST_SPEAK_VERSION";
+    let mut a = TestNode::start(opts("old1").env(OLD, "2"));
+    let mut b = TestNode::join(opts("new2"), &mut a);
+    let c = TestNode::join(opts("new3"), &mut b);
+    let _ = settled_leader(&[&a, &b, &c]);
+    // The leader counts every member each second: a few rounds, and nothing moves.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(log_version(&b), Some(2), "{}", b.status_text());
+    // A leader of the new build holds it too: with the old member down (its version
+    // unknown), and with it back.
+    a.stop();
+    let t0 = Instant::now();
+    let leader = loop {
+        let l = settled_leader(&[&b, &c]);
+        if l != 1 {
+            break l;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "no new leader");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        log_version(&b),
+        Some(2),
+        "old member down: {}",
+        b.status_text()
+    );
+    a.run();
+    std::thread::sleep(Duration::from_secs(3));
+    let now = settled_leader(&[&a, &b, &c]);
+    eprintln!("new-build leader {leader}, then {now}, with the old member back");
+    assert_eq!(
+        log_version(&b),
+        Some(2),
+        "old member back: {}",
+        b.status_text()
+    );
+    let m = connect(&b);
+    let vol = hivefs_harness::mount::ensure_volume(&b, "mixed");
+    let ino = match create_file(&m, vol, ROOT_INO, "raw") {
+        Ok(Answer::Attr(a)) => a.ino,
+        other => panic!("create: {other:?}"),
+    };
+    let newer = |ino| meta::Mutation::CommitWriteThenSet {
+        ino,
+        extents: Vec::new(),
+        size_at_least: 0,
+        claim_epoch: 1,
+        lease: 0,
+        then: vec![meta::SetAttr {
+            perm: Some(0o600),
+            ..Default::default()
+        }],
+    };
+    // Through either node: the old one's connection cannot carry it, the new one's
+    // leader or gate refuses it.
+    for via in [&a, &b] {
+        assert_eq!(
+            connect(via).mutate(vol, newer(ino)).unwrap(),
+            Err(Errno::NOTSUP)
+        );
+    }
+    let mnt = TestMount::start_or_skip(&b, "mixed");
+    if let Some(mnt) = &mnt {
+        write_then_chmod(mnt, &m, vol, "before");
+        assert!(
+            mnt.log()
+                .contains("cannot take setattrs in their bytes' commit yet"),
+            "the mount did not fall back to the older form\n{}",
+            mnt.log_tail(30)
+        );
+    }
+
+    // The old node is upgraded: the log follows within a few rounds.
+    a.stop();
+    a.set_env(OLD, None);
+    a.run();
+    let t0 = Instant::now();
+    while log_version(&b) != Some(3) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "log version not raised after the upgrade: {}",
+            b.status_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "log version 3, {:?} after the upgraded node came back",
+        t0.elapsed()
+    );
+    assert!(
+        [&a, &b, &c]
+            .iter()
+            .any(|n| n.log().contains("metadata log version raised")),
+        "no leader logged the raise"
+    );
+    assert_ne!(
+        connect(&a).mutate(vol, newer(ino)).unwrap(),
+        Err(Errno::NOTSUP),
+        "a version-3 command is still refused after the raise"
+    );
+    if let Some(mnt) = &mnt {
+        write_then_chmod(mnt, &m, vol, "after");
+    }
+
+    // A node of the older build cannot join a log it could not read.
+    match TestNode::try_join(opts("old3").env(OLD, "2"), &mut b) {
+        Ok(_) => panic!("a node speaking version 2 joined a log at version 3"),
+        Err(why) => assert!(why.contains("upgrade this node's `hive` first"), "{why}"),
+    }
+    assert_eq!(members(&b).2.len(), 3, "the refused node is no member");
+    b.fsck(true);
+    drop((mnt, c));
+}
