@@ -2604,11 +2604,9 @@ mod tests {
         assert_eq!(refs, [ChunkId([5; CHUNK_ID_BYTES])].into_iter().collect());
     }
 
-    #[test]
-    fn a_command_this_build_cannot_decode_stops_the_batch_and_changes_nothing() {
-        let mut f = fixture("undecodable");
-        let before = f.store.raft_state().unwrap();
-        let cmd = f.cmd(Mutation::Create {
+    /// Create file `d` in the root (for the tests of batches that must not apply).
+    fn create_d() -> Mutation {
+        Mutation::Create {
             parent: ROOT_INO,
             name: "d".into(),
             kind: FileKind::File,
@@ -2616,7 +2614,24 @@ mod tests {
             uid: 1,
             gid: 2,
             rdev: 0,
-        });
+        }
+    }
+
+    fn assert_no_d(f: &Fixture) {
+        assert!(matches!(
+            f.q(Query::Lookup {
+                parent: ROOT_INO,
+                name: b"d".to_vec(),
+            }),
+            Err(Errno::NOENT)
+        ));
+    }
+
+    #[test]
+    fn a_command_this_build_cannot_decode_stops_the_batch_and_changes_nothing() {
+        let mut f = fixture("undecodable");
+        let before = f.store.raft_state().unwrap();
+        let cmd = f.cmd(create_d());
         let good = meta::encode(&cmd);
         // What a later build would propose: the same command header, then a mutation
         // variant this build does not have (postcard: the variant index as a varint).
@@ -2638,13 +2653,7 @@ mod tests {
         assert!(e.contains("does not decode with this build"), "{e}");
         // Nothing of the batch is kept: not the good command, not the Raft state.
         assert_eq!(f.store.raft_state().unwrap(), before);
-        assert!(matches!(
-            f.q(Query::Lookup {
-                parent: ROOT_INO,
-                name: b"d".to_vec(),
-            }),
-            Err(Errno::NOENT)
-        ));
+        assert_no_d(&f);
         // The same good command alone applies.
         assert!(matches!(
             f.store.apply_batch(&[Some(&good)], b"after"),
@@ -2664,15 +2673,7 @@ mod tests {
         assert_eq!(f.store.log_version().unwrap(), PROTOCOL_VERSION_MAX);
         // A version this build does not speak: the batch fails, nothing of it is kept.
         let before = f.store.raft_state().unwrap();
-        let mk = f.cmd(Mutation::Create {
-            parent: ROOT_INO,
-            name: "d".into(),
-            kind: FileKind::File,
-            perm: 0o644,
-            uid: 1,
-            gid: 2,
-            rdev: 0,
-        });
+        let mk = f.cmd(create_d());
         let too_new = f.cmd(set(PROTOCOL_VERSION_MAX + 1));
         let (mk, too_new) = (meta::encode(&mk), meta::encode(&too_new));
         let e = f
@@ -2682,13 +2683,7 @@ mod tests {
         assert!(format!("{e:#}").contains("upgrade this node"), "{e:#}");
         assert_eq!(f.store.raft_state().unwrap(), before);
         assert_eq!(f.store.log_version().unwrap(), PROTOCOL_VERSION_MAX);
-        assert!(matches!(
-            f.q(Query::Lookup {
-                parent: ROOT_INO,
-                name: b"d".to_vec(),
-            }),
-            Err(Errno::NOENT)
-        ));
+        assert_no_d(&f);
         // The version survives a snapshot; a snapshot above this build is refused whole.
         let snap = f.store.export().unwrap();
         let g = fixture("log-version-import");
