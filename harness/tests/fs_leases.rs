@@ -160,3 +160,44 @@ fn an_expired_lease_cannot_commit() {
     assert_eq!(std::fs::read(t.b.join("after")).unwrap(), b"fine");
     t.a.stop();
 }
+
+/// `truncate(2)` by path on host B (no open) of a file host A holds uncommitted bytes of:
+/// B's truncation recalls A's lease, A commits first, and the new size applies after A's
+/// bytes, as it would on one machine where A's writes came first. (Without the lease, A's
+/// later close committed its bytes over B's truncation.)
+#[test]
+fn a_truncation_elsewhere_applies_after_unflushed_writes() {
+    let Some(t) = TwoMounts::start("lease-truncate", "leases") else {
+        return;
+    };
+    let data = pattern(3 << 20, 21);
+    let mut fa = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(t.a.join("cut"))
+        .unwrap();
+    fa.write_all(&data).unwrap();
+    let path =
+        std::ffi::CString::new(t.b.join("cut").into_os_string().into_encoded_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path; truncate(2) reads nothing else.
+    let rc = unsafe { libc::truncate(path.as_ptr(), 1 << 20) };
+    assert_eq!(rc, 0, "truncate: {}", std::io::Error::last_os_error());
+    drop(fa);
+    let seen = std::fs::read(t.b.join("cut")).unwrap();
+    assert!(
+        seen == data[..1 << 20],
+        "B reads {} bytes after truncating to 1 MiB and A's close\n{}",
+        seen.len(),
+        t.logs()
+    );
+    let seen_a = std::fs::read(t.a.join("cut")).unwrap();
+    assert!(
+        seen_a == seen,
+        "A reads {} bytes\n{}",
+        seen_a.len(),
+        t.logs()
+    );
+    let fsck = t.node.fsck(true);
+    assert!(fsck.contains("clean"), "fsck: {fsck}");
+}

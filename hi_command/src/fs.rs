@@ -1101,6 +1101,17 @@ impl Filesystem for HiveFs {
             mtime: t(mtime),
         };
         let op = Mutation::SetAttr { ino: ino.0, set };
+        // A truncation takes this mount's write lease on the file, as a write does: a
+        // host holding bytes of it not yet committed is recalled first and commits them,
+        // so the new size applies after them, as after writes made before it on one
+        // machine. (Offline, the truncation is journaled and sent after what came before
+        // it here; other hosts' bytes are not ordered then.)
+        if size.is_some() && !self.hive.holds_back() && self.hive.locks.lease_token(ino.0).is_none()
+        {
+            if let Err(e) = self.hive.write_lease(ino.0) {
+                return reply.error(e);
+            }
+        }
         let Some(f) = self.state(ino.0) else {
             return match Self::attr_of(self.mutate(op)) {
                 Ok(a) => reply.attr(&TTL, &fuse_attr(&a)),
