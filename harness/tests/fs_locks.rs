@@ -309,6 +309,82 @@ fn flock_across_mounts() {
     close(a2);
 }
 
+fn pread(fd: i32, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    // SAFETY: reading into a buffer of `len` bytes we own.
+    let n = unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), len, 0) };
+    assert!(n >= 0, "pread: errno {}", errno());
+    buf.truncate(n as usize);
+    buf
+}
+
+fn pwrite(fd: i32, data: &[u8]) {
+    // SAFETY: writing from a buffer we own.
+    let n = unsafe { libc::pwrite(fd, data.as_ptr().cast(), data.len(), 0) };
+    assert_eq!(n, data.len() as isize, "pwrite: errno {}", errno());
+}
+
+/// A lock orders data across hosts (as on NFS): what one mount wrote under a lock and
+/// unlocked without closing, another mount reads once it takes the lock, though it had
+/// the file open, and its old bytes and size cached, from before.
+#[test]
+fn a_lock_hands_the_data_written_under_it_to_the_next_holder() {
+    let t = two!("locks-data");
+    let (pa, pb) = (file(&t.a, "ledger"), file(&t.b, "ledger"));
+    std::fs::write(&pa, b"0000000000000000").unwrap();
+    let (a, b) = (open_rw(&pa), open_rw(&pb));
+    assert_eq!(pread(b, 64), b"0000000000000000", "{}", t.logs());
+    for (round, (w, r)) in [(a, b), (b, a), (a, b)].into_iter().enumerate() {
+        let text = format!("round {round}: written under the lock, then unlocked {round:>3}");
+        setlk(w, "w", 0, 0, true).expect("writer's lock");
+        pwrite(w, text.as_bytes());
+        setlk(w, "u", 0, 0, false).expect("writer's unlock");
+        setlk(r, "r", 0, 0, true).expect("reader's lock");
+        let seen = pread(r, 256);
+        assert!(
+            seen == text.as_bytes(),
+            "round {round}: the reader saw {:?}\n{}",
+            String::from_utf8_lossy(&seen),
+            t.logs()
+        );
+        setlk(r, "u", 0, 0, false).expect("reader's unlock");
+    }
+    close(a);
+    close(b);
+    let fsck = t.node.fsck(true);
+    assert!(fsck.contains("clean"), "fsck: {fsck}");
+}
+
+/// An unlock commits what was written under the lock (as `fsync` would): a host that
+/// dies right after unlocking loses none of it. (The next holder's lock waits for the dead
+/// host's write lease to lapse, then reads the committed bytes.)
+#[test]
+fn an_unlock_commits_what_was_written_under_the_lock() {
+    let Some(mut t) = TwoMounts::start("locks-unlock", "locks") else {
+        return;
+    };
+    let (pa, pb) = (file(&t.a, "journal"), file(&t.b, "journal"));
+    std::fs::write(&pa, b"before").unwrap();
+    let a = open_rw(&pa);
+    setlk(a, "w", 0, 0, true).expect("lock");
+    pwrite(a, b"written under the lock, then unlocked");
+    setlk(a, "u", 0, 0, false).expect("unlock");
+    t.a.kill9();
+    close(a);
+    let b = open_rw(&pb);
+    setlk(b, "r", 0, 0, true).expect("the next holder's lock");
+    let seen = pread(b, 256);
+    assert!(
+        seen == b"written under the lock, then unlocked",
+        "after the writer's host died, the next holder read {:?}\n{}",
+        String::from_utf8_lossy(&seen),
+        t.logs()
+    );
+    close(b);
+    let fsck = t.node.fsck(true);
+    assert!(fsck.contains("clean"), "fsck: {fsck}");
+}
+
 #[test]
 fn fcntl_across_mounts() {
     let t = two!("locks-fcntl");

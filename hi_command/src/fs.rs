@@ -52,7 +52,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How long the kernel may cache attributes and names (negative entries too). Long,
@@ -419,76 +419,8 @@ impl HiveFs {
         Ok(self.local(Self::attr_of(self.query(Query::GetAttr { ino }))?))
     }
 
-    /// What an open reads: the first page of extents through [`Query::Open`], which
-    /// recalls other hosts' write leases on the file first (`AGAIN` until they gave them
-    /// back: asked again here, for up to [`OPEN_WAIT`]).
-    fn open_extents(&self, ino: u64) -> Result<Answer, Errno> {
-        let q = Query::Open {
-            ino,
-            client: self.hive.meta.client_id(),
-            max: m::MAX_EXTENTS_ANSWER,
-        };
-        let deadline = std::time::Instant::now() + OPEN_WAIT;
-        let mut backoff = Duration::from_millis(2);
-        let mut waited = false;
-        loop {
-            match self.query(q.clone()) {
-                Err(e) if e == Errno::EAGAIN && std::time::Instant::now() < deadline => {
-                    waited = true;
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_millis(50));
-                }
-                r => {
-                    if waited {
-                        // Another host committed to it just now: the size the kernel
-                        // holds is older (its invalidation may still be on its way).
-                        if let Some(n) = self.notifier.get() {
-                            if let Err(e) = n.inval_inode(INodeNo(ino), 0, 0) {
-                                tracing::debug!(ino, "invalidating after a recall: {e}");
-                            }
-                        }
-                    }
-                    return r;
-                }
-            }
-        }
-    }
-
     fn load_extents(&self, ino: u64) -> Result<(Vec<Extent>, u64), Errno> {
-        let mut out = Vec::new();
-        let mut from = 0u64;
-        loop {
-            let r = if from == 0 && out.is_empty() {
-                self.open_extents(ino)?
-            } else {
-                self.query(Query::Extents {
-                    ino,
-                    from,
-                    to: u64::MAX,
-                    max: m::MAX_EXTENTS_ANSWER,
-                })?
-            };
-            match r {
-                Answer::Extents {
-                    extents,
-                    size,
-                    more,
-                } => {
-                    if let Some(last) = extents.last() {
-                        from = last.end();
-                    }
-                    for e in extents {
-                        if out_after(&out, &e) {
-                            out.push(e);
-                        }
-                    }
-                    if !more {
-                        return Ok((out, size));
-                    }
-                }
-                _ => return Err(Errno::EIO),
-            }
-        }
+        load_extents(&self.hive, &self.notifier, ino)
     }
 
     /// Bytes `[off, off + len)` as this host sees them: planned under the file's lock,
@@ -906,6 +838,120 @@ pub fn raise_kernel_read_ahead(mountpoint: &std::path::Path) {
     match std::fs::write(&path, format!("{}\n", KERNEL_READ_AHEAD >> 10)) {
         Ok(()) => tracing::debug!("{path}: {} KiB", KERNEL_READ_AHEAD >> 10),
         Err(e) => tracing::info!("kernel read-ahead left at its default: {path}: {e}"),
+    }
+}
+
+/// What a granted lock refreshes of a file (locks.rs, "Data"): built on a FUSE thread,
+/// run on it or on the lock's waiter thread.
+struct LockedView {
+    hive: Arc<Hive>,
+    files: Arc<Mutex<HashMap<u64, Arc<OpenFile>>>>,
+    hints: Arc<Hints>,
+    notifier: Arc<OnceLock<fuser::Notifier>>,
+}
+
+impl LockedView {
+    /// Read the file's committed extents and size again (as an open does: other hosts'
+    /// uncommitted bytes are recalled first; kept as they are while this mount holds bytes
+    /// of its own not yet committed, as at open), then drop what the kernel and this mount
+    /// remember of its pages and attributes.
+    fn refresh(&self, ino: u64) -> Result<(), Errno> {
+        let st = self.files.lock().expect("files lock").get(&ino).cloned();
+        if let Some(st) = st {
+            let mut g = st.lock();
+            if g.clean() {
+                let (extents, size) = load_extents(&self.hive, &self.notifier, ino)?;
+                g.loaded(extents, size);
+            }
+        }
+        self.hints.drop_inode(ino);
+        if let Some(n) = self.notifier.get() {
+            if let Err(e) = n.inval_inode(INodeNo(ino), 0, 0) {
+                tracing::debug!(ino, "invalidating after a lock: {e}");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What an open reads: the first page of extents through [`Query::Open`], which
+/// recalls other hosts' write leases on the file first (`AGAIN` until they gave them
+/// back: asked again here, for up to [`OPEN_WAIT`]).
+fn open_extents(
+    hive: &Hive,
+    notifier: &OnceLock<fuser::Notifier>,
+    ino: u64,
+) -> Result<Answer, Errno> {
+    let q = Query::Open {
+        ino,
+        client: hive.meta.client_id(),
+        max: m::MAX_EXTENTS_ANSWER,
+    };
+    let deadline = std::time::Instant::now() + OPEN_WAIT;
+    let mut backoff = Duration::from_millis(2);
+    let mut waited = false;
+    loop {
+        match hive.query(q.clone()) {
+            Err(e) if e == Errno::EAGAIN && std::time::Instant::now() < deadline => {
+                waited = true;
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_millis(50));
+            }
+            r => {
+                if waited {
+                    // Another host committed to it just now: the size the kernel
+                    // holds is older (its invalidation may still be on its way).
+                    if let Some(n) = notifier.get() {
+                        if let Err(e) = n.inval_inode(INodeNo(ino), 0, 0) {
+                            tracing::debug!(ino, "invalidating after a recall: {e}");
+                        }
+                    }
+                }
+                return r;
+            }
+        }
+    }
+}
+
+/// A file's committed extents and size, as an open reads them ([`open_extents`] first).
+fn load_extents(
+    hive: &Hive,
+    notifier: &OnceLock<fuser::Notifier>,
+    ino: u64,
+) -> Result<(Vec<Extent>, u64), Errno> {
+    let mut out = Vec::new();
+    let mut from = 0u64;
+    loop {
+        let r = if from == 0 && out.is_empty() {
+            open_extents(hive, notifier, ino)?
+        } else {
+            hive.query(Query::Extents {
+                ino,
+                from,
+                to: u64::MAX,
+                max: m::MAX_EXTENTS_ANSWER,
+            })?
+        };
+        match r {
+            Answer::Extents {
+                extents,
+                size,
+                more,
+            } => {
+                if let Some(last) = extents.last() {
+                    from = last.end();
+                }
+                for e in extents {
+                    if out_after(&out, &e) {
+                        out.push(e);
+                    }
+                }
+                if !more {
+                    return Ok((out, size));
+                }
+            }
+            _ => return Err(Errno::EIO),
+        }
     }
 }
 
@@ -1447,8 +1493,25 @@ impl Filesystem for HiveFs {
         reply: ReplyEmpty,
     ) {
         let (owner, tid) = (lock_owner.0, req.pid());
-        self.locks
-            .setlk(tid, ino.0, owner, start, end, typ, pid, sleep, reply)
+        if typ == libc::F_UNLCK {
+            // Unlocking publishes what this mount wrote to the file (locks.rs, "Data"): the
+            // next holder, on any host, reads it.
+            if let Some(st) = self.state(ino.0) {
+                if let Err(e) = self.wb.durable(ino.0, &st, st.lock()).1 {
+                    return reply.error(e);
+                }
+            }
+        }
+        let view = LockedView {
+            hive: self.hive.clone(),
+            files: self.files.clone(),
+            hints: self.hints.clone(),
+            notifier: self.notifier.clone(),
+        };
+        let granted = Box::new(move || view.refresh(ino.0));
+        self.locks.setlk(
+            tid, ino.0, owner, start, end, typ, pid, sleep, reply, granted,
+        )
     }
 
     fn readdir(

@@ -30,6 +30,15 @@
 //! not block (in `/proc/<tid>/status`; SIGKILL included), the request ends with EINTR, as a
 //! local `fcntl` would. Unmounting ends every wait with EINTR.
 //!
+//! # Data
+//! A lock orders data across hosts as NFS does: unlocking first commits what this mount
+//! wrote to the file (as `fsync` does; an unlock that cannot commit fails and keeps the
+//! lock), and a lock, once granted, reads the file's committed extents again (an open's
+//! query: another host's uncommitted bytes are recalled first) and drops the kernel's
+//! cached pages and attributes of it (`fs.rs`, `LockedView`). So a reader that takes the
+//! lock after a writer released it reads the writer's bytes without closing the file.
+//! (`F_GETLK` moves no data.)
+//!
 //! # Lease
 //! A keepalive thread (leases.rs) renews the mount's lock session every
 //! `LOCK_KEEPALIVE_MS` while it holds locks or write leases; dropping [`Locks`] (unmount)
@@ -50,6 +59,9 @@ pub const WAIT_FIRST: Duration = Duration::from_millis(5);
 pub const WAIT_MAX: Duration = Duration::from_millis(100);
 /// The kernel's largest offset (`OFFSET_MAX`): lock ends are clamped to it.
 const OFFSET_MAX: u64 = i64::MAX as u64;
+
+/// Run once a lock is granted: brings the file's view up to date (see the module docs).
+pub type GrantedFn = Box<dyn FnOnce() -> Result<(), Errno> + Send>;
 
 /// The lock side of a mount. See the module docs.
 pub struct Locks {
@@ -106,7 +118,9 @@ impl Locks {
     }
 
     /// `F_SETLK` / `F_SETLKW` (`sleep`), and `flock` (see the module docs). `tid` is the
-    /// requesting thread (the request's pid), watched for signals while waiting.
+    /// requesting thread (the request's pid), watched for signals while waiting. Once a
+    /// lock (not an unlock) is granted, `granted` runs before the answer; if it fails, the
+    /// lock is let go again and the caller gets its error.
     #[allow(clippy::too_many_arguments)]
     pub fn setlk(
         &self,
@@ -119,6 +133,7 @@ impl Locks {
         pid: u32,
         sleep: bool,
         reply: ReplyEmpty,
+        granted: GrantedFn,
     ) {
         let t = match lock_type(typ) {
             Ok(t) => t,
@@ -131,8 +146,29 @@ impl Locks {
             let c = self.client.clone();
             move || c.set(ino, LockKind::Posix, owner, t, start, end, pid)
         };
+        let finish = {
+            let c = self.client.clone();
+            move |reply: ReplyEmpty| {
+                if t.is_none() {
+                    return reply.ok();
+                }
+                match granted() {
+                    Ok(()) => reply.ok(),
+                    Err(e) => {
+                        tracing::warn!(ino, "a lock was granted but the file's data could not be read again: {e:?}; lock let go");
+                        if let Err(u) = c.set(ino, LockKind::Posix, owner, None, start, end, pid) {
+                            tracing::warn!(
+                                ino,
+                                "letting the lock go: {u} (the lease will drop it)"
+                            );
+                        }
+                        reply.error(e)
+                    }
+                }
+            }
+        };
         match set() {
-            Ok(()) => return reply.ok(),
+            Ok(()) => return finish(reply),
             Err(m::Errno::AGAIN) if sleep && t.is_some() => {}
             Err(e) => return reply.error(errno(e)),
         }
@@ -149,7 +185,7 @@ impl Locks {
                 let r = wait(set, tid, &stop);
                 waiters.fetch_sub(1, Ordering::SeqCst);
                 match r {
-                    Ok(()) => reply.ok(),
+                    Ok(()) => finish(reply),
                     Err(e) => reply.error(e),
                 }
             });
