@@ -853,16 +853,22 @@ struct LockedView {
 impl LockedView {
     /// Read the file's committed extents and size again (as an open does: other hosts'
     /// uncommitted bytes are recalled first; kept as they are while this mount holds bytes
-    /// of its own not yet committed, as at open), then drop what the kernel and this mount
-    /// remember of its pages and attributes.
+    /// of its own not yet committed, as at open). Where they changed, drop what the kernel
+    /// and this mount remember of its pages and attributes (unchanged, the kernel's pages
+    /// are still the file's: a lock taken again and again on one host rereads nothing).
     fn refresh(&self, ino: u64) -> Result<(), Errno> {
         let st = self.files.lock().expect("files lock").get(&ino).cloned();
+        let mut changed = true;
         if let Some(st) = st {
             let mut g = st.lock();
             if g.clean() {
                 let (extents, size) = load_extents(&self.hive, &self.notifier, ino)?;
+                changed = g.size_unknown || g.size != size || g.extents != extents;
                 g.loaded(extents, size);
             }
+        }
+        if !changed {
+            return Ok(());
         }
         self.hints.drop_inode(ino);
         if let Some(n) = self.notifier.get() {
