@@ -13,8 +13,8 @@
 //!   node applies the same map history; a node that stops leading forgets its timers.
 //! - A new leader counts every node as heard from when it started leading: nobody is
 //!   marked down for the time before this node could have heard it.
-//! - The log version rises only from versions heard on this leader's links since it
-//!   started leading (`version.rs`).
+//! - The log version rises only from versions negotiated on this leader's links by the
+//!   nodes that answered its latest round of pings (`version.rs`).
 //! - Nothing here compares clocks of two machines: each leader measures silence on its own
 //!   monotonic clock.
 
@@ -53,9 +53,6 @@ pub(super) fn run(sh: &Shared) {
     let out_after = Duration::from_secs(sh.cfg.out_after_secs);
     let mut links: HashMap<u64, PeerLink> = HashMap::new();
     let mut heard: HashMap<u64, Instant> = HashMap::new();
-    // The protocol version each node's ping link negotiated while this node leads (what
-    // the log version may rise to: `version.rs`).
-    let mut speaks: HashMap<u64, u16> = HashMap::new();
     let mut leading_since: Option<Instant> = None;
     // The GC epoch this node's shards were last told (commits accept claims of the
     // current epoch only: shards of every node must stamp it).
@@ -85,14 +82,12 @@ pub(super) fn run(sh: &Shared) {
             leading_since = None;
             heard.clear();
             links.clear();
-            speaks.clear();
             continue;
         }
-        if let Err(e) = version::raise(sh, &speaks) {
-            tracing::warn!("metadata log version: {e:#}");
-        }
         let Some(tls) = tls.clone() else {
-            continue; // a plain-TCP hive has one node
+            // A plain-TCP hive has one node: this build speaks for every member.
+            raise_log_version(sh, &HashMap::new());
+            continue;
         };
         let since = *leading_since.get_or_insert(now);
         let nodes: Vec<NodeEntry> = match sh.store.query(0, &Query::Nodes) {
@@ -134,11 +129,16 @@ pub(super) fn run(sh: &Shared) {
                 .filter_map(|p| p.join().ok().flatten())
                 .collect()
         });
+        // The protocol version each node's link negotiated, of the nodes that answered
+        // this round only (one restarted with another build since counts from its next
+        // answer): what the log version may rise to.
+        let mut speaks: HashMap<u64, u16> = HashMap::new();
         for (id, l) in answered {
             heard.insert(id, Instant::now());
             speaks.insert(id, l.version());
             links.insert(id, l);
         }
+        raise_log_version(sh, &speaks);
         for n in &nodes {
             if n.id == sh.cfg.raft_id {
                 continue;
@@ -163,6 +163,13 @@ pub(super) fn run(sh: &Shared) {
                 tracing::warn!("failure detector: recording node {} as {want:?}: {e}", n.id);
             }
         }
+    }
+}
+
+/// [`version::raise`], each round (a failure is logged and tried again next round).
+fn raise_log_version(sh: &Shared, speaks: &HashMap<u64, u16>) {
+    if let Err(e) = version::raise(sh, speaks) {
+        tracing::warn!("metadata log version: {e:#}");
     }
 }
 
