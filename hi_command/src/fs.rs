@@ -1158,8 +1158,7 @@ impl Filesystem for HiveFs {
         // so the new size applies after them, as after writes made before it on one
         // machine. (Offline, the truncation is journaled and sent after what came before
         // it here; other hosts' bytes are not ordered then.)
-        if size.is_some() && !self.hive.holds_back() && self.hive.locks.lease_token(ino.0).is_none()
-        {
+        if size.is_some() && !self.hive.holds_back() {
             if let Err(e) = self.hive.write_lease(ino.0) {
                 return reply.error(e);
             }

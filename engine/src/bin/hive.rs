@@ -547,11 +547,11 @@ fn call_leader(
     }
 }
 
-/// `hive join`: see the subcommand's docs.
 /// Why the hive refuses a node `NOTSUP` at join or admission (`meta/version.rs`).
 const NEWER_LOG: &str = "the hive's metadata log is at a newer version than this build \
      speaks: upgrade this node's `hive` first";
 
+/// `hive join`: see the subcommand's docs.
 fn join(hive: &str, token: &str, ca: &str, o: InitOptions) -> Result<()> {
     let pinned = hivefs_net::tls::client_config_pinned(ca).map_err(|e| anyhow::anyhow!("{e}"))?;
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
