@@ -35,7 +35,9 @@
 //! wrote to the file (as `fsync` does; an unlock that cannot commit fails and keeps the
 //! lock), and a lock, once granted, reads the file's committed extents again (an open's
 //! query: another host's uncommitted bytes are recalled first) and drops the kernel's
-//! cached pages and attributes of it (`fs.rs`, `LockedView`). So a reader that takes the
+//! cached pages and attributes of it (`fs.rs`, `LockedView`). If that read fails, the call
+//! fails but the lock stays held (letting the range go could drop a lock the owner held
+//! before): held too much, never too little. So a reader that takes the
 //! lock after a writer released it reads the writer's bytes without closing the file.
 //! (`F_GETLK` moves no data.)
 //!
@@ -120,7 +122,7 @@ impl Locks {
     /// `F_SETLK` / `F_SETLKW` (`sleep`), and `flock` (see the module docs). `tid` is the
     /// requesting thread (the request's pid), watched for signals while waiting. Once a
     /// lock (not an unlock) is granted, `granted` runs before the answer; if it fails, the
-    /// lock is let go again and the caller gets its error.
+    /// caller gets its error and the lock stays held (see `finish`).
     #[allow(clippy::too_many_arguments)]
     pub fn setlk(
         &self,
@@ -146,24 +148,23 @@ impl Locks {
             let c = self.client.clone();
             move || c.set(ino, LockKind::Posix, owner, t, start, end, pid)
         };
-        let finish = {
-            let c = self.client.clone();
-            move |reply: ReplyEmpty| {
-                if t.is_none() {
-                    return reply.ok();
-                }
-                match granted() {
-                    Ok(()) => reply.ok(),
-                    Err(e) => {
-                        tracing::warn!(ino, "a lock was granted but the file's data could not be read again: {e:?}; lock let go");
-                        if let Err(u) = c.set(ino, LockKind::Posix, owner, None, start, end, pid) {
-                            tracing::warn!(
-                                ino,
-                                "letting the lock go: {u} (the lease will drop it)"
-                            );
-                        }
-                        reply.error(e)
-                    }
+        let finish = move |reply: ReplyEmpty| {
+            if t.is_none() {
+                return reply.ok();
+            }
+            match granted() {
+                Ok(()) => reply.ok(),
+                Err(e) => {
+                    // The lock stays: unlocking the range could drop a lock the owner held
+                    // there before (an upgrade), and exclusion matters more than a lock
+                    // held until the owner unlocks or closes. Asked again, it is granted
+                    // at once and the file read again.
+                    tracing::warn!(
+                        ino,
+                        "a lock was granted but the file could not be read again: {e:?}; \
+                         the lock stays held"
+                    );
+                    reply.error(e)
                 }
             }
         };
