@@ -24,4 +24,5 @@ pub mod server;
 pub mod sim_store;
 pub mod store;
 pub mod version;
+mod wal;
 pub mod watch;

@@ -4,11 +4,11 @@
 //! # Invariants
 //!
 //! **What is durable when.**
-//! - The vote is committed to the log file (`raft-log.redb`, redb, immediate durability)
+//! - The vote is written to the log's state file (`raft-log/`, [`super::wal`]) and synced
 //!   before openraft's `save_vote` returns, so a node never votes twice in a term.
-//! - Appended entries are committed to the log file before openraft's flush callback runs;
-//!   only then may Raft count them towards a quorum. Truncation and purge are one durable
-//!   transaction each (a purge records the last purged log id with the deletion).
+//! - Appended entries are written to the log and synced before openraft's flush callback
+//!   runs; only then may Raft count them towards a quorum. A truncation is one synced
+//!   record; a purge records the last purged log id (synced) before deleting anything.
 //! - Applying is the applier's business: [`Applier::apply_batch`] stores the effects of a
 //!   batch *and* Raft's bookkeeping (`raft_state`: last applied log id and last membership)
 //!   in one atomic transaction, so the state and the applied position never disagree.
@@ -127,8 +127,9 @@ pub enum RaftError {
     NoQuorum(String),
 }
 
-/// Name of the Raft log file under the directory given to [`MetaRaft::open`].
-pub const LOG_FILE: &str = "raft-log.redb";
+/// Name of the Raft log (a directory: [`super::wal`]) under the directory given to
+/// [`MetaRaft::open`].
+pub const LOG_FILE: &str = "raft-log";
 /// Build a snapshot (and purge the log behind it) every this many applied entries.
 pub const SNAPSHOT_EVERY: u64 = 10_000;
 /// Entries kept in the log behind the latest snapshot.
@@ -531,7 +532,7 @@ pub struct MetaRaft {
 }
 
 impl MetaRaft {
-    /// Open (or create) the Raft log under `dir` (e.g. `dir/raft-log.redb`), start Raft for
+    /// Open (or create) the Raft log under `dir` (`dir/raft-log/`), start Raft for
     /// node `node_id` reachable at `addr`, and, if this is a brand-new one-node hive, make it
     /// a one-member cluster (initialize). Reopening an existing dir must resume: the applier's
     /// `raft_state` says what was applied, the log holds the rest, and entries committed but
@@ -1524,16 +1525,20 @@ mod tests {
     #[test]
     fn corrupt_log_file_is_a_clear_error() {
         let rt = rt();
-        // 1. Not a redb file at all.
+        // 1. A state file that is not one.
         let hive = Hive::new();
         let applier = hive.applier();
-        std::fs::create_dir_all(&hive.raft_dir).unwrap();
         let log_path = hive.raft_dir.join(LOG_FILE);
-        std::fs::write(&log_path, vec![0xa5; 64 * 1024]).unwrap();
+        std::fs::create_dir_all(&log_path).unwrap();
+        std::fs::write(log_path.join("state"), vec![0xa5; 8192]).unwrap();
         let res = rt.block_on(hive.try_open(&applier, Tuning::default()));
-        expect_unavailable(res, &[&log_path.display().to_string()]);
+        expect_unavailable(
+            res,
+            &[&log_path.display().to_string(), "no valid state slot"],
+        );
 
-        // 2. A valid redb file whose last entry was damaged.
+        // 2. A log whose entry in the middle was damaged: `open` checks the whole log, and
+        // tells damage from a torn append (entries after it are whole).
         let hive = Hive::new();
         let mut applier = hive.applier();
         let log_path = hive.raft_dir.join(LOG_FILE);
@@ -1542,24 +1547,27 @@ mod tests {
             write_all(&meta, 0..5, 1).await;
             meta.shutdown().await.unwrap();
         });
+        let (seg, off, len) = {
+            let log = LogStore::open(&log_path, NODE).unwrap();
+            let last = log.db().log_state().unwrap().last_log_id.unwrap().index;
+            log.db().location(last - 2).unwrap()
+        };
         {
-            let db = Database::open(&log_path).unwrap();
-            let txn = db.begin_write().unwrap();
-            {
-                let mut log = txn.open_table(raft_log::LOG).unwrap();
-                // An entry in the middle: `open` checks the whole log, not just its ends.
-                let index = 3;
-                let mut bytes = log.get(index).unwrap().unwrap().value().to_vec();
-                let at = bytes.len() - 1;
-                bytes[at] ^= 0x40;
-                log.insert(index, bytes.as_slice()).unwrap();
-            }
-            txn.commit().unwrap();
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&seg)
+                .unwrap();
+            let mut b = [0u8];
+            let at = off + len as u64 - 1;
+            f.read_exact_at(&mut b, at).unwrap();
+            f.write_all_at(&[b[0] ^ 0x40], at).unwrap();
         }
         applier = reopen(&hive, applier);
         let res = rt.block_on(hive.try_open(&applier, Tuning::default()));
-        let path = log_path.display().to_string();
-        expect_unavailable(res, &[&path, "corrupt log entry at index 3", "checksum"]);
+        let path = seg.display().to_string();
+        expect_unavailable(res, &[&path, "damaged record", "valid records after it"]);
 
         // 3. A log that belongs to another node.
         let hive = Hive::new();

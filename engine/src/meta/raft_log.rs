@@ -1,40 +1,33 @@
-//! The Raft log and vote of the metadata service, in one redb file (`raft-log.redb`).
+//! The Raft log and vote of the metadata service, in the segment log of [`super::wal`]
+//! (directory `raft-log/`), in openraft's types.
 //!
-//! Layout: table `raft_log` maps a log index to one encoded entry; table `raft_meta` holds
-//! the vote, the last purged log id and the id of the node the log belongs to. Every value
-//! is an envelope: a format byte, the CRC32C of the payload, then the payload in postcard
-//! (see [`encode`]). A value that fails any check (length, format, checksum, decoding,
-//! trailing bytes, index not matching its key) is reported as corrupt, naming the file.
-//! Allocation stays bounded: the checksum is verified before decoding, and postcard decodes
-//! from the stored bytes, so a bad length prefix fails at their end (serde caps what it
-//! pre-allocates for a claimed length at 1 MiB). `LogStore::open` checks the whole log.
+//! Every entry, the vote and the last purged log id are stored as an envelope: a format
+//! byte, the CRC32C of the payload, then the payload in postcard (see [`encode`]). A value
+//! that fails any check (length, format, checksum, decoding, trailing bytes, index not
+//! matching its place) is reported as corrupt, naming the log. Allocation stays bounded:
+//! the checksum is verified before decoding, and postcard decodes from the stored bytes,
+//! so a bad length prefix fails at their end (serde caps what it pre-allocates for a
+//! claimed length at 1 MiB). `LogStore::open` checks the whole log. A log kept by an older
+//! build (one redb file, `raft-log.redb`, the same envelopes) is carried over at open.
 //!
-//! Durability: every write (vote, append, truncate, purge) is one redb write transaction
-//! committed with [`Durability::Immediate`], i.e. on disk when the call returns. The methods
-//! are blocking; [`LogStore`] runs them inline on the Raft runtime's worker (see
-//! [`LogStore::blocking`] for why) and implements openraft's [`RaftLogStorage`], which calls
-//! them one at a time from Raft's core task, so write I/O is serialized as openraft requires.
+//! Durability: every write (vote, append, truncate, purge) is on disk when the call
+//! returns (one record or state slot written and fdatasynced). The methods are blocking;
+//! [`LogStore`] runs them inline on the Raft runtime's worker (see [`LogStore::blocking`]
+//! for why) and implements openraft's [`RaftLogStorage`], which calls them one at a time
+//! from Raft's core task, so write I/O is serialized as openraft requires.
 
 use super::raft::TypeConfig;
+use super::wal::{self, Wal, WalState};
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{
     AnyError, Entry, LogId, LogState, RaftLogReader, StorageError, StorageIOError, Vote,
 };
-use redb::{Database, Durability, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-
-/// Log index -> encoded [`Entry`].
-pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
-/// Raft's own small records: [`KEY_VOTE`], [`KEY_PURGED`], [`KEY_NODE`].
-pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
-const KEY_VOTE: &str = "vote";
-const KEY_PURGED: &str = "last_purged";
-const KEY_NODE: &str = "node_id";
 
 /// Format byte of every stored value (bump it when the encoding changes).
 const FORMAT: u8 = 1;
@@ -107,18 +100,9 @@ impl From<LogError> for Sto {
     }
 }
 
-/// A redb error, boxed (`redb::Error` is large); `?` converts any of redb's error types.
-struct RedbError(Box<redb::Error>);
-
-impl<E: Into<redb::Error>> From<E> for RedbError {
-    fn from(e: E) -> RedbError {
-        RedbError(Box::new(e.into()))
-    }
-}
-
-/// The open redb file and its path (for messages).
+/// The log directory ([`Wal`]) and its path (for messages), speaking openraft's types.
 pub(crate) struct LogDb {
-    db: Database,
+    wal: Wal,
     path: PathBuf,
 }
 
@@ -140,28 +124,6 @@ impl LogDb {
         self.err_read(format_args!("corrupt {what}: {e}"))
     }
 
-    fn get_meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, LogError> {
-        let txn = self.db.begin_read().map_err(|e| self.err_read(e))?;
-        let table = txn.open_table(META).map_err(|e| self.err_read(e))?;
-        let Some(v) = table.get(key).map_err(|e| self.err_read(e))? else {
-            return Ok(None);
-        };
-        decode(v.value())
-            .map(Some)
-            .map_err(|e| self.corrupt(format_args!("record {key:?}"), e))
-    }
-
-    /// Runs `f` in one write transaction committed with immediate durability.
-    fn write(
-        &self,
-        f: impl FnOnce(&redb::WriteTransaction) -> Result<(), RedbError>,
-    ) -> Result<(), LogError> {
-        let mut txn = self.db.begin_write().map_err(|e| self.err_write(e))?;
-        txn.set_durability(Durability::Immediate);
-        f(&txn).map_err(|e| self.err_write(e.0))?;
-        txn.commit().map_err(|e| self.err_write(e))
-    }
-
     fn decode_entry(&self, index: u64, bytes: &[u8]) -> Result<Entry<TypeConfig>, LogError> {
         let entry: Entry<TypeConfig> = decode(bytes)
             .map_err(|e| self.corrupt(format_args!("log entry at index {index}"), e))?;
@@ -174,61 +136,64 @@ impl LogDb {
         Ok(entry)
     }
 
-    /// A brand-new file.
-    fn has_no_tables(&self) -> Result<bool, LogError> {
-        let txn = self.db.begin_read().map_err(|e| self.err_read(e))?;
-        let mut tables = txn.list_tables().map_err(|e| self.err_read(e))?;
-        Ok(tables.next().is_none())
-    }
-
     fn read_vote(&self) -> Result<Option<Vote<u64>>, LogError> {
-        self.get_meta(KEY_VOTE)
+        match self.wal.state().vote {
+            Some(b) => decode(&b).map(Some).map_err(|e| self.corrupt("vote", e)),
+            None => Ok(None),
+        }
     }
 
     fn save_vote(&self, vote: &Vote<u64>) -> Result<(), LogError> {
-        let bytes = encode(vote);
-        self.write(|txn| {
-            txn.open_table(META)?.insert(KEY_VOTE, bytes.as_slice())?;
-            Ok(())
-        })
+        self.wal
+            .save_vote(encode(vote))
+            .map_err(|e| self.err_write(e))
+    }
+
+    fn last_purged(&self) -> Result<Option<LogId<u64>>, LogError> {
+        match self.wal.state().purged {
+            Some((index, b)) => {
+                let id: LogId<u64> = decode(&b).map_err(|e| self.corrupt("purge record", e))?;
+                if id.index != index {
+                    let e = format!("it says index {}, recorded as {index}", id.index);
+                    return Err(self.corrupt("purge record", e));
+                }
+                Ok(Some(id))
+            }
+            None => Ok(None),
+        }
     }
 
     pub(crate) fn log_state(&self) -> Result<LogState<TypeConfig>, LogError> {
-        let last_purged: Option<LogId<u64>> = self.get_meta(KEY_PURGED)?;
-        let txn = self.db.begin_read().map_err(|e| self.err_read(e))?;
-        let table = txn.open_table(LOG).map_err(|e| self.err_read(e))?;
-        let last = match table.last().map_err(|e| self.err_read(e))? {
-            Some((k, v)) => Some(self.decode_entry(k.value(), v.value())?.log_id),
+        let last_purged = self.last_purged()?;
+        let last = match self.wal.last_index() {
+            Some(i) => self
+                .entries((Bound::Included(i), Bound::Included(i)))?
+                .pop(),
             None => None,
         };
         Ok(LogState {
             last_purged_log_id: last_purged,
-            last_log_id: last.or(last_purged),
+            last_log_id: last.map(|e| e.log_id).or(last_purged),
         })
     }
 
-    /// Decodes every entry (checksums, format, index) and checks that they follow each
-    /// other without a hole, after the last purged one. One entry in memory at a time; with
+    /// Decodes every entry (checksums, format, index): the segment records were checked
+    /// when the log was opened, this checks that this build reads what they hold. With
     /// log compaction the log holds about [`super::raft::SNAPSHOT_EVERY`] +
     /// [`super::raft::KEEP_LOGS_AFTER_SNAPSHOT`] entries, so this is quick.
     fn verify(&self) -> Result<(), LogError> {
-        let purged: Option<LogId<u64>> = self.get_meta(KEY_PURGED)?;
-        let txn = self.db.begin_read().map_err(|e| self.err_read(e))?;
-        let table = txn.open_table(LOG).map_err(|e| self.err_read(e))?;
-        let floor = purged.map(|p| p.index);
-        let mut prev: Option<u64> = None;
-        for item in table.iter().map_err(|e| self.err_read(e))? {
-            let (k, v) = item.map_err(|e| self.err_read(e))?;
-            let index = k.value();
-            self.decode_entry(index, v.value())?;
-            if let Some(floor) = floor.filter(|&f| index <= f) {
-                let what = format_args!("log entry at index {index}");
-                return Err(self.corrupt(what, format!("at or below the purged index {floor}")));
+        self.last_purged()?;
+        let Some(last) = self.wal.last_index() else {
+            return Ok(());
+        };
+        let mut from = 0;
+        while from <= last {
+            let to = from.saturating_add(1024).min(last + 1);
+            let got = self.wal.read(from, to).map_err(|e| self.err_read(e))?;
+            for (index, bytes) in &got {
+                self.decode_entry(*index, bytes)?;
             }
-            if let Some(p) = prev.filter(|&p| index != p + 1) {
-                return Err(self.corrupt("log", format!("hole between indexes {p} and {index}")));
-            }
-            prev = Some(index);
+            from = got.last().map_or(to, |(i, _)| i + 1).max(to);
         }
         Ok(())
     }
@@ -237,48 +202,107 @@ impl LogDb {
         &self,
         range: (Bound<u64>, Bound<u64>),
     ) -> Result<Vec<Entry<TypeConfig>>, LogError> {
-        let txn = self.db.begin_read().map_err(|e| self.err_read(e))?;
-        let table = txn.open_table(LOG).map_err(|e| self.err_read(e))?;
-        let mut out = Vec::new();
-        for item in table.range::<u64>(range).map_err(|e| self.err_read(e))? {
-            let (k, v) = item.map_err(|e| self.err_read(e))?;
-            out.push(self.decode_entry(k.value(), v.value())?);
-        }
-        Ok(out)
+        let from = match range.0 {
+            Bound::Included(i) => i,
+            Bound::Excluded(i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let to = match range.1 {
+            Bound::Included(i) => i.saturating_add(1),
+            Bound::Excluded(i) => i,
+            Bound::Unbounded => u64::MAX,
+        };
+        let got = self.wal.read(from, to).map_err(|e| self.err_read(e))?;
+        got.iter()
+            .map(|(index, bytes)| self.decode_entry(*index, bytes))
+            .collect()
     }
 
     fn append(&self, entries: &[Entry<TypeConfig>]) -> Result<(), LogError> {
-        let encoded: Vec<(u64, Vec<u8>)> = entries
+        let Some(first) = entries.first().map(|e| e.log_id.index) else {
+            return Ok(());
+        };
+        if let Some((i, e)) = entries
             .iter()
-            .map(|e| (e.log_id.index, encode(e)))
-            .collect();
-        self.write(|txn| {
-            let mut table = txn.open_table(LOG)?;
-            for (index, bytes) in &encoded {
-                table.insert(*index, bytes.as_slice())?;
-            }
-            Ok(())
-        })
+            .enumerate()
+            .find(|(i, e)| e.log_id.index != first + *i as u64)
+        {
+            let what = format!(
+                "entry {i} of an append from {first} has index {}",
+                e.log_id.index
+            );
+            return Err(self.err_write(what));
+        }
+        let encoded: Vec<Vec<u8>> = entries.iter().map(encode).collect();
+        let refs: Vec<&[u8]> = encoded.iter().map(|e| &e[..]).collect();
+        self.wal.append(first, &refs).map_err(|e| self.err_write(e))
     }
 
     /// Deletes the entries at `since` and after.
     fn truncate(&self, since: u64) -> Result<(), LogError> {
-        self.write(|txn| {
-            txn.open_table(LOG)?.retain_in(since.., |_, _| false)?;
-            Ok(())
-        })
+        self.wal.truncate(since).map_err(|e| self.err_write(e))
     }
 
     /// Deletes the entries up to `log_id` included and records it as the last purged one.
     fn purge(&self, log_id: &LogId<u64>) -> Result<(), LogError> {
-        let bytes = encode(log_id);
-        let upto = log_id.index;
-        self.write(|txn| {
-            txn.open_table(META)?.insert(KEY_PURGED, bytes.as_slice())?;
-            txn.open_table(LOG)?.retain_in(..=upto, |_, _| false)?;
-            Ok(())
-        })
+        self.wal
+            .purge(log_id.index, encode(log_id))
+            .map_err(|e| self.err_write(e))
     }
+}
+
+/// Reads a log kept by builds before the segment log (one redb file, `raft-log.redb`) as
+/// the state and entries a new log starts from. The stored values are the same envelopes.
+fn read_legacy(file: &Path, node_id: u64) -> Result<wal::Seed, String> {
+    use redb::{Database, ReadableTable, TableDefinition};
+    const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
+    const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
+    let name = file.display();
+    let e = |e: &dyn std::fmt::Display| format!("raft log {name} (before migrating): {e}");
+    let db = Database::open(file).map_err(|x| e(&x))?;
+    let txn = db.begin_read().map_err(|x| e(&x))?;
+    let meta = txn.open_table(META).map_err(|x| e(&x))?;
+    let get = |key: &str| -> Result<Option<Vec<u8>>, String> {
+        Ok(meta
+            .get(key)
+            .map_err(|x| e(&x))?
+            .map(|v| v.value().to_vec()))
+    };
+    let owner: u64 = match get("node_id")? {
+        Some(b) => decode(&b).map_err(|x| e(&x))?,
+        None => return Err(e(&"no node id recorded")),
+    };
+    if owner != node_id {
+        return Err(format!(
+            "raft log {name} belongs to node {owner}, not to node {node_id}"
+        ));
+    }
+    let purged = match get("last_purged")? {
+        Some(b) => {
+            let id: LogId<u64> = decode(&b).map_err(|x| e(&x))?;
+            Some((id.index, b))
+        }
+        None => None,
+    };
+    let vote = get("vote")?;
+    let mut entries = Vec::new();
+    for item in txn
+        .open_table(LOG)
+        .map_err(|x| e(&x))?
+        .iter()
+        .map_err(|x| e(&x))?
+    {
+        let (k, v) = item.map_err(|x| e(&x))?;
+        entries.push((k.value(), v.value().to_vec()));
+    }
+    Ok((
+        WalState {
+            node_id,
+            vote,
+            purged,
+        },
+        entries,
+    ))
 }
 
 /// openraft's log store (and log reader) over one [`LogDb`]; cheap to clone.
@@ -288,35 +312,40 @@ pub(crate) struct LogStore {
 }
 
 impl LogStore {
-    /// Opens (or creates) the log file at `path` for node `node_id`. Blocking. A file that
-    /// belongs to another node id is refused: a Raft log must never change hands.
-    pub(crate) fn open(path: &Path, node_id: u64) -> Result<LogStore, String> {
-        let name = path.display();
-        let db =
-            Database::create(path).map_err(|e| format!("raft log {name}: cannot open: {e}"))?;
-        let log = LogDb {
-            db,
-            path: path.to_path_buf(),
+    /// Opens (or creates) the log directory `dir` for node `node_id`. Blocking. A log that
+    /// belongs to another node id is refused: a Raft log must never change hands. A log
+    /// kept by an older build in `dir` + `.redb` is carried over, then removed.
+    pub(crate) fn open(dir: &Path, node_id: u64) -> Result<LogStore, String> {
+        Self::open_with(dir, node_id, wal::SEGMENT_BYTES)
+    }
+
+    pub(crate) fn open_with(
+        dir: &Path,
+        node_id: u64,
+        segment_bytes: u64,
+    ) -> Result<LogStore, String> {
+        let legacy = dir.with_extension("redb");
+        let migrate = if !dir.exists() && legacy.exists() {
+            Some(read_legacy(&legacy, node_id)?)
+        } else {
+            None
         };
-        if log.has_no_tables().map_err(|e| e.to_string())? {
-            // A brand-new file: create the tables and claim it for `node_id`.
-            let bytes = encode(&node_id);
-            log.write(|txn| {
-                txn.open_table(LOG)?;
-                txn.open_table(META)?.insert(KEY_NODE, bytes.as_slice())?;
-                Ok(())
-            })
-            .map_err(|e| e.to_string())?;
-        }
-        match log.get_meta::<u64>(KEY_NODE).map_err(|e| e.to_string())? {
-            Some(owner) if owner == node_id => {}
-            Some(owner) => {
-                return Err(format!(
-                    "raft log {name} belongs to node {owner}, not to node {node_id}"
-                ))
+        let migrated = migrate.as_ref().map(|(_, e)| e.len());
+        let wal = Wal::open(dir, node_id, segment_bytes, migrate)?;
+        if legacy.exists() {
+            // The new log is whole (made under another name, renamed into place): the old
+            // file is no longer read.
+            std::fs::remove_file(&legacy)
+                .map_err(|e| format!("raft log {}: cannot remove: {e}", legacy.display()))?;
+            if let Some(n) = migrated {
+                tracing::info!(from = %legacy.display(), to = %dir.display(), entries = n,
+                    "raft log carried over to the segment log");
             }
-            None => return Err(format!("raft log {name}: no node id recorded")),
         }
+        let log = LogDb {
+            wal,
+            path: dir.to_path_buf(),
+        };
         // Check everything now, so that a corrupt file fails `open` with a message naming
         // it rather than later inside Raft.
         log.read_vote().map_err(|e| e.to_string())?;
@@ -406,5 +435,86 @@ impl LogStore {
     /// The blocking view, for tests that look at the file directly.
     pub(crate) fn db(&self) -> &LogDb {
         &self.db
+    }
+}
+
+#[cfg(test)]
+impl LogDb {
+    /// Segment file, offset and length of the entry at `index` (tests damage it there).
+    pub(crate) fn location(&self, index: u64) -> Option<(PathBuf, u64, u32)> {
+        self.wal.location(index)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, EntryPayload};
+    use redb::{Database, TableDefinition};
+
+    fn blank(index: u64) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(2, 1), index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    /// A log as builds before the segment log kept it: one redb file, same envelopes.
+    fn legacy_file(path: &Path, node: u64, purged: u64, last: u64) {
+        const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
+        const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
+        let db = Database::create(path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut meta = txn.open_table(META).unwrap();
+            meta.insert("node_id", encode(&node).as_slice()).unwrap();
+            meta.insert("vote", encode(&Vote::new(2, 1u64)).as_slice())
+                .unwrap();
+            let id = LogId::new(CommittedLeaderId::new(2, 1u64), purged);
+            meta.insert("last_purged", encode(&id).as_slice()).unwrap();
+            let mut log = txn.open_table(LOG).unwrap();
+            for i in purged + 1..=last {
+                log.insert(i, encode(&blank(i)).as_slice()).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    }
+
+    #[test]
+    fn a_log_kept_by_an_older_build_is_carried_over() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("raft-log");
+        let legacy = tmp.path().join("raft-log.redb");
+        legacy_file(&legacy, 1, 10, 2500);
+        // Another node's file is refused and left alone.
+        let err = LogStore::open_with(&dir, 2, 8 << 10).err().unwrap();
+        assert!(err.contains("belongs to node 1, not to node 2"), "{err}");
+        assert!(legacy.exists() && !dir.exists());
+        // Small segments: the carried-over entries span several.
+        let log = LogStore::open_with(&dir, 1, 8 << 10).unwrap();
+        assert!(
+            !legacy.exists(),
+            "the old file is removed once the new log is whole"
+        );
+        let db = log.db();
+        assert_eq!(db.read_vote().unwrap(), Some(Vote::new(2, 1)));
+        let state = db.log_state().unwrap();
+        assert_eq!(state.last_purged_log_id.unwrap().index, 10);
+        assert_eq!(state.last_log_id.unwrap().index, 2500);
+        let all = db.entries((Bound::Unbounded, Bound::Unbounded)).unwrap();
+        let idx: Vec<u64> = all.iter().map(|e| e.log_id.index).collect();
+        assert_eq!(idx, (11..=2500).collect::<Vec<_>>());
+        assert!(
+            std::fs::read_dir(&dir).unwrap().count() > 2,
+            "several segments"
+        );
+        drop(log);
+        // It opens again as a segment log, and goes on.
+        let log = LogStore::open_with(&dir, 1, 8 << 10).unwrap();
+        log.db().append(&[blank(2501)]).unwrap();
+        assert_eq!(
+            log.db().log_state().unwrap().last_log_id.unwrap().index,
+            2501
+        );
     }
 }
