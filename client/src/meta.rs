@@ -786,6 +786,33 @@ struct LockState {
     refused: HashSet<(u64, u64)>,
 }
 
+/// How long a lock request tries the hive, and what it answers when it could not.
+#[derive(Clone, Copy)]
+enum Reach {
+    /// For [`RETRY_FOR`]; then `IO`.
+    Patient,
+    /// For this long; `HOSTDOWN` if no member could be reached.
+    Within(Duration),
+}
+
+impl Reach {
+    fn retry_for(self) -> Duration {
+        match self {
+            Reach::Patient => RETRY_FOR,
+            Reach::Within(d) => d,
+        }
+    }
+
+    fn errno(self, e: &ClientError) -> Errno {
+        match (self, e) {
+            (Reach::Within(_), ClientError::Connect { .. } | ClientError::Conn { .. }) => {
+                Errno::HOSTDOWN
+            }
+            _ => Errno::IO,
+        }
+    }
+}
+
 /// A mount's lock session with the metadata leader (see `engine/src/meta/locks.rs`).
 ///
 /// - The session is opened lazily by the first lock operation (one opener at a time), and
@@ -827,7 +854,7 @@ impl LockClient {
     }
 
     /// The current session, opening one if there is none.
-    fn session(&self) -> Result<u64, Errno> {
+    fn session_for(&self, reach: Reach) -> Result<u64, Errno> {
         let s = self.state().session;
         if s != 0 {
             return Ok(s);
@@ -838,7 +865,10 @@ impl LockClient {
             return Ok(s);
         }
         let sent = Instant::now();
-        match self.meta.lock(self.volume, 0, LockOp::Open, RETRY_FOR) {
+        match self
+            .meta
+            .lock(self.volume, 0, LockOp::Open, reach.retry_for())
+        {
             Ok(Ok(Answer::LockSession(id))) => {
                 let mut st = self.state();
                 st.session = id;
@@ -852,7 +882,7 @@ impl LockClient {
             Ok(Err(e)) => Err(e),
             Err(e) => {
                 tracing::warn!("lock open: {e}");
-                Err(Errno::IO)
+                Err(reach.errno(&e))
             }
         }
     }
@@ -878,14 +908,20 @@ impl LockClient {
 
     /// Send `op` for the pair `key` in the current session (re-opening a lost one).
     fn op(&self, key: (u64, u64), op: LockOp) -> Result<Answer, Errno> {
+        self.op_for(key, op, Reach::Patient)
+    }
+
+    fn op_for(&self, key: (u64, u64), op: LockOp, reach: Reach) -> Result<Answer, Errno> {
         for _ in 0..3 {
-            let session = self.session()?;
+            let session = self.session_for(reach)?;
             let sent = Instant::now();
-            let r = self.meta.lock(self.volume, session, op.clone(), RETRY_FOR);
+            let r = self
+                .meta
+                .lock(self.volume, session, op.clone(), reach.retry_for());
             let r = match r {
                 Err(e) => {
                     tracing::warn!("lock operation: {e}");
-                    return Err(Errno::IO);
+                    return Err(reach.errno(&e));
                 }
                 Ok(Err(Errno::STALE)) => {
                     self.lose(session, "the leader does not know it");
@@ -1081,8 +1117,19 @@ impl LockClient {
     /// client was granted the file since); `AGAIN`: another client holds it and is being
     /// asked to give it back (ask again).
     pub fn lease(&self, ino: u64, reclaim: u64) -> Result<Option<u64>, Errno> {
+        self.lease_for(ino, reclaim, Reach::Patient)
+    }
+
+    /// [`LockClient::lease`] for a new lease, trying the hive for `within` only:
+    /// `HOSTDOWN` when no member could be reached meanwhile (a mount that can go on
+    /// without the hive asks so, and goes offline on it).
+    pub fn lease_within(&self, ino: u64, within: Duration) -> Result<Option<u64>, Errno> {
+        self.lease_for(ino, 0, Reach::Within(within))
+    }
+
+    fn lease_for(&self, ino: u64, reclaim: u64, reach: Reach) -> Result<Option<u64>, Errno> {
         let _one = self.lease_ops.lock().expect("lease ops lock");
-        match self.op((ino, u64::MAX), LockOp::Lease { ino, reclaim })? {
+        match self.op_for((ino, u64::MAX), LockOp::Lease { ino, reclaim }, reach)? {
             Answer::Lease(token) => {
                 self.state().leases.insert(ino, token);
                 Ok(Some(token))

@@ -542,6 +542,65 @@ fn offline_reads_writes_and_namespace_changes_go_on_without_the_hive() {
     assert!(report.contains("clean"), "fsck: {report}");
 }
 
+/// A truncation asks for the file's write lease first (another host's uncommitted bytes
+/// are recalled and committed before the new size). With the hive away, that request
+/// goes offline like the mount's other calls, within `REACH_WITHIN`, instead of retrying
+/// for the lock client's 30 s and failing with EIO (as it did): mount B holds 3 MiB of a
+/// file uncommitted when the hive stops, and mount A's truncation of it (the kernel has
+/// the attributes: straight to setattr) is journaled within seconds. Once the hive is
+/// back the file is 1 MiB of B's bytes. (B's descriptor is inherited by the hive process
+/// the harness starts, whose exec closes it: B commits then, before A's truncation is
+/// sent, so this does not show that the truncation takes the lease when it is sent.)
+#[test]
+fn a_truncation_with_the_hive_away_is_journaled_within_seconds() {
+    let mut node = TestNode::start(NodeOptions::default().name("journal-offline-trunc"));
+    let Some(a) = TestMount::start_on_disk(&node, "offtrunc", true) else {
+        return;
+    };
+    let b = TestMount::start(&node, "offtrunc");
+    std::fs::write(a.join("f"), expected(400, 0, 2 << 20)).unwrap();
+    assert_eq!(std::fs::metadata(a.join("f")).unwrap().len(), 2 << 20);
+    let new = expected(401, 0, 3 << 20);
+    let mut fb = std::fs::OpenOptions::new()
+        .write(true)
+        .open(b.join("f"))
+        .unwrap();
+    fb.write_all(&new).unwrap();
+
+    node.stop();
+    let t = Instant::now();
+    let path = std::ffi::CString::new(a.join("f").as_os_str().as_encoded_bytes()).unwrap();
+    let rc = unsafe { libc::truncate(path.as_ptr(), 1 << 20) };
+    let (took, err) = (t.elapsed(), std::io::Error::last_os_error());
+    eprintln!("A's truncation with the hive away: rc {rc} in {took:.1?}");
+    assert_eq!(rc, 0, "{err} after {took:.1?}");
+    assert!(
+        took < Duration::from_secs(10),
+        "the truncation waited {took:?}"
+    );
+    assert_eq!(std::fs::metadata(a.join("f")).unwrap().len(), 1 << 20);
+
+    node.run();
+    fb.sync_all().unwrap();
+    drop(fb);
+    let c = TestMount::start(&node, "offtrunc");
+    let t = Instant::now();
+    while std::fs::metadata(c.join("f")).unwrap().len() != 1 << 20 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "A's truncation did not apply after B's bytes: {} bytes\n{}",
+            std::fs::metadata(c.join("f")).unwrap().len(),
+            a.log_tail(20)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let got = std::fs::read(c.join("f")).unwrap();
+    assert!(got == new[..1 << 20], "another mount reads other bytes");
+    drop((a, b, c));
+    let report = node.fsck(true);
+    assert!(report.contains("clean"), "fsck: {report}");
+}
+
 /// Namespace changes journaled offline survive `kill -9` of `hi`: the hive is stopped,
 /// changes are made, `hi` is killed, the hive comes back, and the remount's replay sends
 /// them (exactly once: the listing is as the killed mount showed it).

@@ -1156,11 +1156,15 @@ impl Filesystem for HiveFs {
         // A truncation takes this mount's write lease on the file, as a write does: a
         // host holding bytes of it not yet committed is recalled first and commits them,
         // so the new size applies after them, as after writes made before it on one
-        // machine. (Offline, the truncation is journaled and sent after what came before
-        // it here; other hosts' bytes are not ordered then.)
+        // machine. (Offline, the truncation is journaled; it takes the lease when it is
+        // sent, `drain_offline`. A hive found away here puts the mount offline:
+        // EHOSTDOWN, and the truncation is journaled below.)
         if size.is_some() && !self.hive.holds_back() {
-            if let Err(e) = self.hive.write_lease(ino.0) {
-                return reply.error(e);
+            match self.hive.write_lease(ino.0) {
+                Err(e) if !(e == Errno::EHOSTDOWN && self.hive.holds_back()) => {
+                    return reply.error(e)
+                }
+                _ => {}
             }
         }
         let Some(f) = self.state(ino.0) else {

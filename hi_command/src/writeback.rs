@@ -758,9 +758,22 @@ impl Hive {
         let deadline = Instant::now() + LEASE_WAIT;
         let mut backoff = Duration::from_millis(5);
         loop {
-            match self.locks.lease(ino, 0) {
+            // A mount that can go on without the hive tries it for REACH_WITHIN only, as
+            // its other calls do, and goes offline when it is away (EHOSTDOWN here: a
+            // truncation is then journaled, a write without the lease refused).
+            let r = match &self.offline {
+                Some(_) => self.locks.lease_within(ino, REACH_WITHIN),
+                None => self.locks.lease(ino, 0),
+            };
+            match r {
                 Ok(Some(t)) => return Ok(t),
                 Ok(None) => return Err(Errno::EIO),
+                Err(e) if e == m::Errno::HOSTDOWN => {
+                    if let Some(o) = &self.offline {
+                        o.went_offline("a write lease could not be asked for");
+                    }
+                    return Err(Errno::EHOSTDOWN);
+                }
                 Err(e) if e == m::Errno::AGAIN && Instant::now() < deadline => {
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_millis(100));
@@ -892,6 +905,16 @@ fn send_due(
         if d.seq == 0 {
             // Held in memory until now: numbered once (a retry sends the same number).
             d.seq = hive.meta.reserve_seq();
+        }
+        // A truncation made offline takes the write lease before it is sent, as in
+        // `drain_offline` (online, `fs.rs` took it before the truncation was made).
+        if d.set.size.is_some() {
+            if let Err(e) = hive.write_lease(ino) {
+                if e == Errno::EHOSTDOWN {
+                    return Err(e);
+                }
+                tracing::info!(ino, "truncation sent without the write lease ({e:?})");
+            }
         }
         let op = Mutation::SetAttr {
             ino,
@@ -1470,6 +1493,17 @@ impl Writeback {
                 if let Err(e) = self.commit_through(b) {
                     tracing::warn!(ino = b.ino, "offline changes wait: commit failed ({e:?})");
                     return false;
+                }
+            }
+            // A truncation takes the write lease first, as online (`fs.rs` setattr): a
+            // host holding bytes of the file not yet committed is recalled and commits
+            // them, so the size made here applies after them. Without the lease (the file
+            // is gone, say) the change goes as it is and the hive's answer stands.
+            if let Mutation::SetAttr { ino, set } = &p.op {
+                if set.size.is_some() {
+                    if let Err(e) = self.hive.write_lease(*ino) {
+                        tracing::info!(ino, "offline truncation sent without the lease ({e:?})");
+                    }
                 }
             }
             let (seq, lsn) = (p.seq, p.lsn);

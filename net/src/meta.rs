@@ -73,6 +73,8 @@ impl Errno {
     pub const NOTSUP: Errno = Errno(libc::EOPNOTSUPP);
     pub const E2BIG: Errno = Errno(libc::E2BIG);
     pub const NOLCK: Errno = Errno(libc::ENOLCK);
+    /// Never sent by the hive: a client's own answer when no member could be reached.
+    pub const HOSTDOWN: Errno = Errno(libc::EHOSTDOWN);
 }
 
 impl std::fmt::Display for Errno {
