@@ -60,7 +60,8 @@
 //!   Each reports IOPS, MB/s (4096-byte reads) and p50/p99/p99.9 latency (per read).
 //! - `meta`: `--meta-files` (20,000) files in one new directory: create (`open(O_CREAT |
 //!   O_EXCL)`, a write of `--meta-file-bytes` unless 0, `close`), `lstat` of each,
-//!   `unlink` of each; ops/s per phase. Default: **empty files**, because the ceiling,
+//!   `unlink` of each; ops/s per phase, and p50/p99/p99.9 of each create (open, write,
+//!   close) and each unlink. Default: **empty files**, because the ceiling,
 //!   ext4 with `-o dirsync`, makes the namespace durable at each create but not a file's
 //!   data: empty files compare durable creates with durable creates. The ext4 is made
 //!   once per invocation with `mkfs.ext4` on a sparse file in the work dir (same disk),
@@ -853,19 +854,30 @@ const STAT_PASSES: usize = 5;
 /// Shortest time the metadata benchmark's `lstat` passes take together, in seconds.
 const STAT_SECS: f64 = 1.0;
 
+/// What one side's metadata run measured.
+struct MetaRun {
+    /// Ops/s per phase: create, stat, list cold, unlink.
+    ops: [f64; 4],
+    /// Latency of each create (open + write + close) and each unlink.
+    create: util::Lat,
+    unlink: util::Lat,
+}
+
 /// Create, stat, list cold (as `ls -l`: [`list_like_ls_l`]) and unlink `n` files in a
 /// new directory `dir`. Returns ops/s (entries/s for the listing; NaN when caches cannot
-/// be dropped) per phase.
-fn meta_workload(dir: &Path, n: usize, file_bytes: usize, seed: u64) -> Result<[f64; 4]> {
+/// be dropped) per phase, and the latencies of creates and unlinks.
+fn meta_workload(dir: &Path, n: usize, file_bytes: usize, seed: u64) -> Result<MetaRun> {
     std::fs::create_dir(dir).with_context(|| format!("mkdir {}", dir.display()))?;
     let paths: Vec<PathBuf> = (0..n).map(|i| dir.join(format!("f{i:06}"))).collect();
     let mut payload = vec![0u8; file_bytes];
     Rng::new(seed).fill(&mut payload);
+    let (mut create_lat, mut unlink_lat) = (util::Lat::new(), util::Lat::new());
     let t0 = Instant::now();
     for (i, p) in paths.iter().enumerate() {
         if i % 256 == 0 {
             check_stop()?;
         }
+        let t = Instant::now();
         let mut f = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -876,6 +888,7 @@ fn meta_workload(dir: &Path, n: usize, file_bytes: usize, seed: u64) -> Result<[
                 .with_context(|| format!("writing {}", p.display()))?;
         }
         drop(f);
+        create_lat.record(t.elapsed());
     }
     let create = n as f64 / t0.elapsed().as_secs_f64();
     let began = Instant::now();
@@ -921,11 +934,17 @@ fn meta_workload(dir: &Path, n: usize, file_bytes: usize, seed: u64) -> Result<[
         if i % 256 == 0 {
             check_stop()?;
         }
+        let t = Instant::now();
         std::fs::remove_file(p).with_context(|| format!("unlink {}", p.display()))?;
+        unlink_lat.record(t.elapsed());
     }
     let unlink = n as f64 / t0.elapsed().as_secs_f64();
     std::fs::remove_dir(dir).with_context(|| format!("rmdir {}", dir.display()))?;
-    Ok([create, stat, list, unlink])
+    Ok(MetaRun {
+        ops: [create, stat, list, unlink],
+        create: create_lat,
+        unlink: unlink_lat,
+    })
 }
 
 /// What `ls -l` (GNU coreutils 9) asks of a directory: its entries, then per entry
@@ -1840,11 +1859,23 @@ pub fn run(what: FsCmd, a: &FsArgs, o: &Opts) -> Result<()> {
             let mut got: Vec<(&str, [f64; 4])> = Vec::new();
             for (side, dir) in sides {
                 match meta_workload(&dir, n, meta_file_bytes, run_seed ^ 0x3e7a) {
-                    Ok([c, s, l, u]) => {
+                    Ok(run) => {
+                        let [c, s, l, u] = run.ops;
                         got.push((side, [c, s, l, u]));
                         println!(
                             "meta {side:<18} create {c:.0}/s, stat {s:.0}/s, ls -l cold {l:.0}/s, unlink {u:.0}/s  ({n} files of {meta_file_bytes} bytes)"
                         );
+                        println!(
+                            "     {side:<18} create {}; unlink {}",
+                            run.create.describe(),
+                            run.unlink.describe()
+                        );
+                        for (op, lat) in [("create", &run.create), ("unlink", &run.unlink)] {
+                            let (p50, p99, p999, _) = lat.percentiles();
+                            res.fig(&format!("{side}_{op}_p50_us"), p50 as f64);
+                            res.fig(&format!("{side}_{op}_p99_us"), p99 as f64);
+                            res.fig(&format!("{side}_{op}_p999_us"), p999 as f64);
+                        }
                         res.fig(&format!("{side}_create_ops"), c);
                         res.fig(&format!("{side}_stat_ops"), s);
                         if l.is_finite() {
