@@ -52,6 +52,7 @@ use redb::{Database, Durability, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
+use std::sync::{mpsc, Mutex};
 
 /// The metadata group every volume belongs to for now (group 0 is the cluster map).
 pub const VOLUME_GROUP: u32 = 1;
@@ -358,6 +359,66 @@ pub struct MetaStore {
     db: Database,
     /// Apply batches committed since the last durable (fsynced) commit.
     lazy_batches: std::sync::atomic::AtomicU32,
+    /// Background writeback of the file's dirty pages (none on a caller's backend).
+    writeback: Option<PageWriteback>,
+}
+
+/// Starts the kernel's writeback of the store file's dirty pages soon after each batch
+/// committed without an fsync, on a thread of its own (`meta-writeback`,
+/// `sync_file_range(SYNC_FILE_RANGE_WRITE)`: it starts I/O and waits for none).
+///
+/// Why: a batch committed without an fsync leaves its pages (about 18 per create) dirty
+/// until the durable commit every [`DURABLE_EVERY_BATCHES`] batches, whose `fdatasync` then
+/// wrote them all (~18 MB) on the Raft thread: one create in 256 took ~18 ms
+/// (`hive-perf fs meta`: p99.9 18 ms). Written back as they come, the durable commit finds
+/// little left to write. Durability is unchanged: what is durable is still what an fsync
+/// covered.
+struct PageWriteback {
+    kick: Mutex<Option<mpsc::SyncSender<()>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl PageWriteback {
+    fn start(path: &Path) -> std::io::Result<PageWriteback> {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::File::open(path)?;
+        // One kick pending is enough: the writeback that follows covers every batch
+        // committed before it.
+        let (tx, rx) = mpsc::sync_channel::<()>(1);
+        let thread = std::thread::Builder::new()
+            .name("meta-writeback".into())
+            .spawn(move || {
+                while rx.recv().is_ok() {
+                    // SAFETY: a valid descriptor, owned by this thread for its life.
+                    let rc = unsafe {
+                        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE)
+                    };
+                    if rc != 0 {
+                        let e = std::io::Error::last_os_error();
+                        tracing::debug!("metadata store writeback: {e}");
+                    }
+                }
+            })?;
+        Ok(PageWriteback {
+            kick: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    fn kick(&self) {
+        if let Some(tx) = self.kick.lock().expect("writeback kick").as_ref() {
+            let _ = tx.try_send(());
+        }
+    }
+}
+
+impl Drop for PageWriteback {
+    fn drop(&mut self) {
+        drop(self.kick.lock().expect("writeback kick").take());
+        if let Some(t) = self.thread.lock().expect("writeback thread").take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// An apply batch is committed durably at least once every this many batches; the ones
@@ -860,7 +921,12 @@ impl MetaStore {
     pub fn open(path: &Path) -> Result<MetaStore> {
         let db = Database::create(path)
             .with_context(|| format!("opening metadata store {}", path.display()))?;
-        Self::init(db, &path.display().to_string())
+        let mut store = Self::init(db, &path.display().to_string())?;
+        store.writeback = Some(
+            PageWriteback::start(path)
+                .with_context(|| format!("metadata store writeback of {}", path.display()))?,
+        );
+        Ok(store)
     }
 
     /// Open (or create) the store on a redb storage backend of the caller's (the GC
@@ -896,6 +962,7 @@ impl MetaStore {
         Ok(MetaStore {
             db,
             lazy_batches: std::sync::atomic::AtomicU32::new(0),
+            writeback: None,
         })
     }
 
@@ -966,6 +1033,11 @@ impl MetaStore {
             t.sys.insert(SYS_RAFT, raft_state)?;
         }
         tx.commit()?;
+        if lazy < DURABLE_EVERY_BATCHES {
+            if let Some(w) = &self.writeback {
+                w.kick();
+            }
+        }
         Ok(out)
     }
 
