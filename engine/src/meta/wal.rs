@@ -118,7 +118,7 @@ impl Index {
             self.first += 1;
         }
         if self.locs.is_empty() {
-            self.first = self.first.max(upto + 1);
+            self.first = self.first.max(upto.saturating_add(1));
         }
     }
 }
@@ -384,7 +384,10 @@ fn parse_record(img: &[u8], at: u64) -> Option<Parsed> {
         entries.push((at + REC_HEADER + start as u64, n));
     }
     let ok = match kind {
-        KIND_ENTRIES => p == payload.len() && count > 0,
+        // Indexes `first..first + count` must exist.
+        KIND_ENTRIES => {
+            p == payload.len() && count > 0 && first.checked_add(count as u64).is_some()
+        }
         KIND_TRUNCATE => len == 0 && count == 0,
         _ => false,
     };
