@@ -783,6 +783,23 @@ impl Hive {
         }
     }
 
+    /// Before a truncation made offline is sent (`drain_offline`, `send_due`): take the
+    /// write lease, as `fs.rs` does before one made online, so a host holding bytes of the
+    /// file not yet committed is recalled and commits them and the size applies after
+    /// them. `EHOSTDOWN` when the hive is away again (send nothing yet); without the lease
+    /// for another reason (the file is gone, say) the change goes as it is and the hive's
+    /// answer stands.
+    fn lease_before_truncation(&self, ino: u64) -> Result<(), Errno> {
+        match self.write_lease(ino) {
+            Err(e) if e == Errno::EHOSTDOWN => Err(e),
+            Err(e) => {
+                tracing::info!(ino, "truncation sent without the write lease ({e:?})");
+                Ok(())
+            }
+            Ok(_) => Ok(()),
+        }
+    }
+
     /// The leader refused a commit under lease `old` on `ino`. If this mount gave that
     /// lease back meanwhile (a recall), the commit is of later writes: a new lease.
     /// Otherwise the leader no longer knows it (a new leader, or the lease lapsed):
@@ -906,15 +923,8 @@ fn send_due(
             // Held in memory until now: numbered once (a retry sends the same number).
             d.seq = hive.meta.reserve_seq();
         }
-        // A truncation made offline takes the write lease before it is sent, as in
-        // `drain_offline` (online, `fs.rs` took it before the truncation was made).
         if d.set.size.is_some() {
-            if let Err(e) = hive.write_lease(ino) {
-                if e == Errno::EHOSTDOWN {
-                    return Err(e);
-                }
-                tracing::info!(ino, "truncation sent without the write lease ({e:?})");
-            }
+            hive.lease_before_truncation(ino)?;
         }
         let op = Mutation::SetAttr {
             ino,
@@ -1495,15 +1505,10 @@ impl Writeback {
                     return false;
                 }
             }
-            // A truncation takes the write lease first, as online (`fs.rs` setattr): a
-            // host holding bytes of the file not yet committed is recalled and commits
-            // them, so the size made here applies after them. Without the lease (the file
-            // is gone, say) the change goes as it is and the hive's answer stands.
             if let Mutation::SetAttr { ino, set } = &p.op {
-                if set.size.is_some() {
-                    if let Err(e) = self.hive.write_lease(*ino) {
-                        tracing::info!(ino, "offline truncation sent without the lease ({e:?})");
-                    }
+                if set.size.is_some() && self.hive.lease_before_truncation(*ino).is_err() {
+                    tracing::warn!("offline changes wait: the hive is away again");
+                    return false;
                 }
             }
             let (seq, lsn) = (p.seq, p.lsn);
