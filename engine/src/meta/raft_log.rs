@@ -331,10 +331,17 @@ impl LogStore {
             None
         };
         let migrated = migrate.as_ref().map(|(_, e)| e.len());
-        let wal = Wal::open(dir, node_id, segment_bytes, migrate)?;
+        let log = LogDb {
+            wal: Wal::open(dir, node_id, segment_bytes, migrate)?,
+            path: dir.to_path_buf(),
+        };
+        // Check everything now, so that a corrupt file fails `open` with a message naming
+        // it rather than later inside Raft.
+        log.read_vote().map_err(|e| e.to_string())?;
+        log.verify().map_err(|e| e.to_string())?;
         if legacy.exists() {
-            // The new log is whole (made under another name, renamed into place): the old
-            // file is no longer read.
+            // The new log is whole (made under another name, renamed into place) and reads
+            // back: the old file is no longer needed. (One that did not read back is kept.)
             std::fs::remove_file(&legacy)
                 .map_err(|e| format!("raft log {}: cannot remove: {e}", legacy.display()))?;
             if let Some(n) = migrated {
@@ -342,14 +349,6 @@ impl LogStore {
                     "raft log carried over to the segment log");
             }
         }
-        let log = LogDb {
-            wal,
-            path: dir.to_path_buf(),
-        };
-        // Check everything now, so that a corrupt file fails `open` with a message naming
-        // it rather than later inside Raft.
-        log.read_vote().map_err(|e| e.to_string())?;
-        log.verify().map_err(|e| e.to_string())?;
         Ok(LogStore { db: Arc::new(log) })
     }
 
@@ -515,6 +514,32 @@ mod tests {
         assert_eq!(
             log.db().log_state().unwrap().last_log_id.unwrap().index,
             2501
+        );
+        drop(log);
+
+        // An old log with a damaged entry: the new log does not read back, open fails
+        // naming it, and the old file is kept.
+        let dir = tmp.path().join("raft-log-2");
+        let legacy = tmp.path().join("raft-log-2.redb");
+        legacy_file(&legacy, 1, 0, 20);
+        {
+            const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
+            let db = Database::open(&legacy).unwrap();
+            let txn = db.begin_write().unwrap();
+            let mut bytes = encode(&blank(7));
+            let at = bytes.len() - 1;
+            bytes[at] ^= 0x20;
+            txn.open_table(LOG)
+                .unwrap()
+                .insert(7, bytes.as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let err = LogStore::open_with(&dir, 1, 8 << 10).err().unwrap();
+        assert!(err.contains("corrupt log entry at index 7"), "{err}");
+        assert!(
+            legacy.exists(),
+            "the old file is kept when the new log does not read back"
         );
     }
 }
