@@ -52,7 +52,7 @@ use redb::{Database, Durability, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
-use std::sync::{mpsc, Mutex};
+use std::sync::mpsc;
 
 /// The metadata group every volume belongs to for now (group 0 is the cluster map).
 pub const VOLUME_GROUP: u32 = 1;
@@ -374,8 +374,9 @@ pub struct MetaStore {
 /// little left to write. Durability is unchanged: what is durable is still what an fsync
 /// covered.
 struct PageWriteback {
-    kick: Mutex<Option<mpsc::SyncSender<()>>>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// `None` only while dropping (closing it ends the thread).
+    kick: Option<mpsc::SyncSender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl PageWriteback {
@@ -400,13 +401,13 @@ impl PageWriteback {
                 }
             })?;
         Ok(PageWriteback {
-            kick: Mutex::new(Some(tx)),
-            thread: Mutex::new(Some(thread)),
+            kick: Some(tx),
+            thread: Some(thread),
         })
     }
 
     fn kick(&self) {
-        if let Some(tx) = self.kick.lock().expect("writeback kick").as_ref() {
+        if let Some(tx) = &self.kick {
             let _ = tx.try_send(());
         }
     }
@@ -414,8 +415,8 @@ impl PageWriteback {
 
 impl Drop for PageWriteback {
     fn drop(&mut self) {
-        drop(self.kick.lock().expect("writeback kick").take());
-        if let Some(t) = self.thread.lock().expect("writeback thread").take() {
+        drop(self.kick.take());
+        if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }

@@ -470,9 +470,14 @@ impl Wal {
             .write(true)
             .open(&state_path)
             .map_err(|e| io("cannot open the state file", e))?;
-        let mut buf = vec![0u8; 2 * STATE_SLOT as usize];
-        let n = read_up_to(&state_file, &mut buf, 0).map_err(|e| io("reading state", e))?;
-        let Some((state_seq, state)) = read_state(&buf[..n]) else {
+        let len = (state_file
+            .metadata()
+            .map_err(|e| io("reading state", e))?
+            .len())
+        .min(2 * STATE_SLOT);
+        let mut buf = vec![0u8; len as usize];
+        (state_file.read_exact_at(&mut buf, 0)).map_err(|e| io("reading state", e))?;
+        let Some((state_seq, state)) = read_state(&buf) else {
             return Err(format!(
                 "raft log {}: corrupt: no valid state slot",
                 state_path.display()
@@ -539,9 +544,8 @@ impl Wal {
                 ));
             }
             let mut img = vec![0u8; size as usize];
-            let n = read_up_to(&file, &mut img, 0)
+            file.read_exact_at(&mut img, 0)
                 .map_err(|e| format!("raft log {}: reading: {e}", path.display()))?;
-            img.truncate(n);
             if img.get(..SEG_HEADER as usize) != Some(&seg_header(seq, node_id)[..]) {
                 return Err(format!(
                     "raft log {}: corrupt segment header (or another node's)",
@@ -882,20 +886,6 @@ impl Wal {
 
 fn round_up(n: u64) -> u64 {
     n.div_ceil(1 << 20) << 20
-}
-
-/// Reads into `buf` from `at` until it is full or the file ends; returns the bytes read.
-fn read_up_to(f: &File, buf: &mut [u8], at: u64) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read_at(&mut buf[n..], at + n as u64) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 #[cfg(test)]
