@@ -8,7 +8,7 @@
 //! undelivered nothing more is read, so a caller applying flow control simply stops asking
 //! (or asks for 0 frames) and the peer meets TCP backpressure. At most one maximal frame
 //! ([`crate::frame::MAX_FRAME_BYTES`]) of plaintext is buffered here, plus rustls's own
-//! bounded buffers.
+//! bounded buffers and, with TLS, one read of records (64 KiB) that rustls has not taken.
 //!
 //! Writing: [`FramedConn::queue_frame`] appends an encoded frame (plaintext, or handed to
 //! rustls, which encrypts it — before the handshake completes it is held and sent after);
@@ -89,8 +89,12 @@ pub struct FramedConn<S: Read + Write> {
     eof: bool,
     /// A failure remembered for the next call (from `queue_frame`, which cannot return it).
     deferred: Option<ConnError>,
-    /// Plain connections: what one socket read lands in (empty for TLS).
+    /// What one socket read lands in. Plain: bytes go on into the decoder at once. TLS:
+    /// records wait here (`tls_in..tls_end`) for rustls, which takes at most 4 KiB per
+    /// `read_tls`; reading the socket in 4 KiB steps cost a `recv` per 4 KiB.
     scratch: Box<[u8]>,
+    tls_in: usize,
+    tls_end: usize,
 }
 
 impl<S: Read + Write> FramedConn<S> {
@@ -116,12 +120,9 @@ impl<S: Read + Write> FramedConn<S> {
             out_pos: 0,
             eof: false,
             deferred: None,
-            // TLS plaintext is pushed from rustls's buffer; only plain reads need one.
-            scratch: if tls {
-                Box::default()
-            } else {
-                vec![0u8; READ_CHUNK].into_boxed_slice()
-            },
+            scratch: vec![0u8; READ_CHUNK].into_boxed_slice(),
+            tls_in: 0,
+            tls_end: 0,
         }
     }
 
@@ -186,9 +187,10 @@ impl<S: Read + Write> FramedConn<S> {
         matches!(&self.security, Security::Tls(t) if t.is_handshaking())
     }
 
-    /// Received bytes not yet delivered as frames.
+    /// Received bytes not yet delivered as frames (TLS: plus records read from the
+    /// stream that rustls has not taken yet).
     pub fn buffered_in(&self) -> usize {
-        self.decoder.buffered()
+        self.decoder.buffered() + (self.tls_end - self.tls_in)
     }
 
     /// Queue an encoded frame (from [`crate::frame::encode_frame`],
@@ -389,13 +391,24 @@ impl<S: Read + Write> FramedConn<S> {
                     }
                     Err(e) => return Err(e.into()),
                 }
-                // Nothing decrypted is waiting: read records from the stream.
-                let got = match tls.read_tls(&mut self.stream) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
-                    Err(e) if e.kind() == ErrorKind::Interrupted => return Ok(true),
-                    Err(e) => return Err(e.into()),
-                };
+                // Nothing decrypted is waiting: give rustls records, read from the stream
+                // into `scratch` first when it holds none.
+                if self.tls_in == self.tls_end {
+                    match self.stream.read(&mut self.scratch) {
+                        Ok(n) => {
+                            self.tls_in = 0;
+                            self.tls_end = n;
+                        }
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+                        Err(e) if e.kind() == ErrorKind::Interrupted => return Ok(true),
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                // From a slice, `read_tls` returns 0 only when the slice is empty: at the
+                // stream's end, which rustls then knows of.
+                let mut records = &self.scratch[self.tls_in..self.tls_end];
+                let got = tls.read_tls(&mut records)?;
+                self.tls_in += got;
                 if let Err(e) = tls.process_new_packets() {
                     // Let the peer see the alert rustls queued, if the stream takes it.
                     let _ = tls.write_tls(&mut self.stream);
@@ -763,6 +776,57 @@ mod tests {
         client.flush().unwrap();
         drop(client);
         assert_eq!(server.join().unwrap(), 20);
+    }
+
+    /// TLS records read ahead of what the caller asked for wait in the connection, and
+    /// each call hands out what it may with no new bytes on the socket (the engine's
+    /// event loop is edge-triggered): 20 frames of ~5 KiB (more than one 64 KiB socket
+    /// read) delivered one per call, then a TCP close without `close_notify` ends it.
+    #[test]
+    fn tls_records_read_ahead_are_delivered_without_new_readiness() {
+        let p = tls::tests::pki();
+        let sc = tls::server_config(&p.node_cert, &p.node_key, &p.ca.cert_pem).unwrap();
+        let cc = tls::client_config_pinned(&tls::fingerprint_pem(&p.ca.cert_pem).unwrap()).unwrap();
+        let (a, b) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        b.set_nonblocking(true).unwrap();
+        let mut server = FramedConn::new_server(b, Some(sc)).unwrap();
+        let mut client =
+            FramedConn::new_client(a, Some((cc, tls::server_name("127.0.0.1").unwrap()))).unwrap();
+        let mut got = Vec::new();
+        for _ in 0..100 {
+            if !client.is_handshaking() && !server.is_handshaking() {
+                break;
+            }
+            client.flush().unwrap();
+            server.read_frames(&mut got, 1).unwrap();
+            server.flush().unwrap();
+            client.read_frames(&mut got, 1).unwrap();
+        }
+        assert!(!client.is_handshaking() && !server.is_handshaking());
+        assert!(got.is_empty());
+        const FRAMES: u64 = 20;
+        for i in 0..FRAMES {
+            let ids = (0..150 + i as u32).map(id).collect();
+            client.queue_frame(&frame_request(V, i, &Request::Has { level: 1, ids }));
+        }
+        assert!(client.flush().unwrap(), "the socket takes it all");
+        for i in 0..FRAMES {
+            assert_eq!(server.read_frames(&mut got, 1).unwrap(), ReadStatus::Open);
+            assert_eq!(got.len() as u64, i + 1, "one frame per call");
+            assert_eq!(got[i as usize].request_id, i);
+            let Request::Has { ids, .. } =
+                Request::decode(got[i as usize].opcode, &got[i as usize].body).unwrap()
+            else {
+                panic!("not a Has")
+            };
+            assert_eq!(ids.len() as u64, 150 + i);
+        }
+        assert_eq!(server.read_frames(&mut got, 1).unwrap(), ReadStatus::Open);
+        assert_eq!(got.len() as u64, FRAMES);
+        assert_eq!(server.buffered_in(), 0);
+        drop(client);
+        assert_eq!(server.read_frames(&mut got, 1).unwrap(), ReadStatus::Closed);
     }
 
     #[test]
