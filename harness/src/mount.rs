@@ -268,6 +268,8 @@ pub struct TestMount {
     extra: Vec<OsString>,
     /// More environment variables of every `hi mount` ([`TestMount::start_with_env`]).
     env: Vec<(OsString, OsString)>,
+    /// The network namespace `hi mount` runs in ([`TestMount::start_on_disk_in_netns`]).
+    netns: Option<String>,
 }
 
 impl TestMount {
@@ -275,7 +277,7 @@ impl TestMount {
     /// `Err(Skip)` when FUSE cannot work here; panics (with the `hi` log) on any other
     /// failure.
     pub fn try_start(node: &TestNode, volume: &str) -> Result<TestMount, MountError> {
-        TestMount::try_start_as(node, volume, None, Vec::new())
+        TestMount::try_start_as(node, volume, None, Vec::new(), None)
     }
 
     /// [`TestMount::start`] with `hi mount` run under the variables `env` too (e.g.
@@ -285,7 +287,7 @@ impl TestMount {
             .iter()
             .map(|(k, v)| (OsString::from(k), OsString::from(v)))
             .collect();
-        match TestMount::try_start_as(node, volume, None, env) {
+        match TestMount::try_start_as(node, volume, None, env, None) {
             Ok(m) => m,
             Err(e) => panic!("cannot mount {volume}: {e}"),
         }
@@ -295,7 +297,26 @@ impl TestMount {
     /// file `disk.img` in the mount's directory, token kept in its `secrets/`), in
     /// write-back mode or not; `None` (after `SKIP:`) where FUSE cannot work.
     pub fn start_on_disk(node: &TestNode, volume: &str, writeback: bool) -> Option<TestMount> {
-        match TestMount::try_start_as(node, volume, Some(writeback), Vec::new()) {
+        match TestMount::try_start_as(node, volume, Some(writeback), Vec::new(), None) {
+            Ok(m) => Some(m),
+            Err(MountError::Skip(why)) => {
+                skip(&why);
+                None
+            }
+        }
+    }
+
+    /// [`TestMount::start_on_disk`] with `hi mount` in network namespace `netns` (entered
+    /// with `nsenter --net`, so the FUSE mount is in this process's mount namespace):
+    /// a host that a [`crate::netns::NetLab`] can cut off from the hive on its own.
+    pub fn start_on_disk_in_netns(
+        node: &TestNode,
+        volume: &str,
+        writeback: bool,
+        netns: &str,
+    ) -> Option<TestMount> {
+        let ns = Some(netns.to_string());
+        match TestMount::try_start_as(node, volume, Some(writeback), Vec::new(), ns) {
             Ok(m) => Some(m),
             Err(MountError::Skip(why)) => {
                 skip(&why);
@@ -352,6 +373,7 @@ impl TestMount {
         volume: &str,
         disk: Option<bool>,
         env: Vec<(OsString, OsString)>,
+        netns: Option<String>,
     ) -> Result<TestMount, MountError> {
         if let Some(why) = fuse_unavailable() {
             return Err(MountError::Skip(why));
@@ -392,6 +414,7 @@ impl TestMount {
             disk,
             extra: Vec::new(),
             env,
+            netns,
         };
         if disk.is_some() {
             let out = m.format_disk(&["--journal", "64M", "--cache", "16M"]);
@@ -496,7 +519,17 @@ impl TestMount {
     fn spawn(&mut self) {
         self.starts += 1;
         let banner = format!("=== harness: hi mount #{} ===", self.starts);
-        let mut cmd = Command::new(&self.bin);
+        let mut cmd = match &self.netns {
+            None => Command::new(&self.bin),
+            Some(ns) => {
+                // nsenter execs `hi` in place: the child's pid is `hi`'s.
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}"))
+                    .arg("--")
+                    .arg(&self.bin);
+                c
+            }
+        };
         cmd.arg("mount");
         match self.disk {
             None => {

@@ -550,7 +550,8 @@ fn offline_reads_writes_and_namespace_changes_go_on_without_the_hive() {
 /// the attributes: straight to setattr) is journaled within seconds. Once the hive is
 /// back the file is 1 MiB of B's bytes. (B's descriptor is inherited by the hive process
 /// the harness starts, whose exec closes it: B commits then, before A's truncation is
-/// sent, so this does not show that the truncation takes the lease when it is sent.)
+/// sent, so this does not show that the truncation takes the lease when it is sent:
+/// `partition.rs` does, with A cut off on its own.)
 #[test]
 fn a_truncation_with_the_hive_away_is_journaled_within_seconds() {
     let mut node = TestNode::start(NodeOptions::default().name("journal-offline-trunc"));

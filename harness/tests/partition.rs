@@ -9,8 +9,13 @@
 //! - after healing, the history check: every change a client saw acknowledged is there,
 //!   nothing is duplicated, nothing appears that no client made (a change whose answer
 //!   was lost may or may not have happened: those names are left out of the check).
+//!
+//! And one mount cut off on its own (`hi` in a namespace of its own, the hive and another
+//! mount on the other side): a truncation it journals while cut off is sent under the
+//! file's write lease once it is back, after the other host's uncommitted bytes.
 
 use hivefs_harness::cluster::{create_volume, list_names, meta_client, new_file, settled_leader};
+use hivefs_harness::mount::TestMount;
 use hivefs_harness::netns::NetLab;
 use hivefs_harness::{NodeOptions, TestNode};
 use hivefs_net::conn::FramedConn;
@@ -20,7 +25,9 @@ use hivefs_net::meta::{
 };
 use hivefs_net::proto::{Request, Response};
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -276,4 +283,119 @@ fn a_partitioned_leader_accepts_nothing_and_the_history_is_whole() {
         !root.iter().any(|n| n == "minority-write"),
         "the minority's change was applied: {root:?}"
     );
+}
+
+/// A truncation journaled by a host cut off from the hive is sent under the file's write
+/// lease, so another host's bytes written before it (and still uncommitted there) are
+/// recalled and committed first, and the truncation cuts them as it would have online.
+///
+/// Mount A (a client disk, `hi` in a network namespace of its own) knows file `f`'s
+/// attributes; A is cut off; mount B rewrites `f` with 3 MiB that stay uncommitted (B
+/// holds the write lease); A, which missed B's invalidations, truncates `f` to 1 MiB: its
+/// kernel goes straight to setattr and A journals it. After healing, A's drain asks for
+/// the lease (B commits) before it sends the truncation: `f` ends as 1 MiB of B's bytes.
+/// A truncation sent without the lease lands before B's commit, and `f` ends 3 MiB long.
+#[test]
+fn a_truncation_journaled_in_a_partition_is_ordered_after_another_hosts_bytes() {
+    let lab = match NetLab::new(2) {
+        Ok(l) => l,
+        Err(why) => {
+            eprintln!("SKIP: cannot make network namespaces here: {why}");
+            return;
+        }
+    };
+    let node = TestNode::start(
+        NodeOptions::default()
+            .shards(1)
+            .size("1G")
+            .name("part-trunc")
+            .in_netns(lab.namespace(0), &lab.addr(0)),
+    );
+    let Some(a) = TestMount::start_on_disk_in_netns(&node, "ptrunc", true, lab.namespace(1)) else {
+        return;
+    };
+    let b = TestMount::start(&node, "ptrunc");
+    let bytes = |seed: u8, len: usize| -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
+            .collect()
+    };
+    std::fs::write(b.join("f"), bytes(1, 2 << 20)).unwrap();
+    let t = Instant::now();
+    while std::fs::metadata(a.join("f")).map(|m| m.len()).ok() != Some(2 << 20) {
+        assert!(t.elapsed() < Duration::from_secs(10), "A never saw f");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    lab.isolate(1).expect("cutting A off");
+    // A finds the hive away (a lookup it must ask for) and goes offline.
+    let t = Instant::now();
+    let looked = std::fs::metadata(a.join("not-there"));
+    eprintln!(
+        "A, cut off, looked up a new name: {:?} after {:.1?}",
+        looked.map(|m| m.len()),
+        t.elapsed()
+    );
+    // B's writer is a process of its own (see `hold-write`): it writes 3 MiB and keeps
+    // the file open, so B holds them uncommitted.
+    let new = bytes(2, 3 << 20);
+    let data = node.dir().join("new.bin");
+    std::fs::write(&data, &new).unwrap();
+    let mut writer = Command::new(env!("CARGO_BIN_EXE_hold-write"))
+        .arg(b.join("f"))
+        .arg(&data)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting hold-write");
+    let mut line = String::new();
+    BufReader::new(writer.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "written");
+    let t = Instant::now();
+    let path = std::ffi::CString::new(a.join("f").as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid C string.
+    let rc = unsafe { libc::truncate(path.as_ptr(), 1 << 20) };
+    let (took, err) = (t.elapsed(), std::io::Error::last_os_error());
+    eprintln!("A's truncation, cut off: rc {rc} after {took:.1?}");
+    assert_eq!(rc, 0, "{err} after {took:.1?}\n{}", a.log_tail(20));
+    assert_eq!(std::fs::metadata(a.join("f")).unwrap().len(), 1 << 20);
+
+    lab.heal(1).expect("healing");
+    let t = Instant::now();
+    let c = TestMount::start(&node, "ptrunc");
+    while std::fs::metadata(c.join("f")).unwrap().len() != 1 << 20 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "A's truncation never applied: C sees {} bytes\n--- A ---\n{}\n--- B ---\n{}",
+            std::fs::metadata(c.join("f")).unwrap().len(),
+            a.log_tail(40),
+            b.log_tail(40)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "A's truncation applied {:.1?} after healing; B, with f open (close-to-open), \
+         still shows {} bytes",
+        t.elapsed(),
+        std::fs::metadata(b.join("f")).unwrap().len()
+    );
+    drop(c);
+    // Whatever B still held goes to the hive now.
+    drop(writer.stdin.take());
+    assert!(writer.wait().unwrap().success());
+    drop(b);
+    let c = TestMount::start(&node, "ptrunc");
+    let got = std::fs::read(c.join("f")).unwrap();
+    assert_eq!(
+        got.len(),
+        1 << 20,
+        "B's bytes landed after A's truncation\n--- A ---\n{}",
+        a.log_tail(20)
+    );
+    assert!(got == new[..1 << 20], "another mount reads other bytes");
+    drop((a, c));
+    let report = node.fsck(true);
+    assert!(report.contains("clean"), "fsck: {report}");
 }
