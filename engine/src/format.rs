@@ -156,7 +156,7 @@ impl Superblock {
         b[16..20].copy_from_slice(&self.segments_per_shard.to_le_bytes());
         b[20..24].copy_from_slice(&self.bucket_count.to_le_bytes());
         b[24..56].copy_from_slice(&self.dedupe_key);
-        let crc = crc32c::crc32c(&b[..56]);
+        let crc = crc_fast::crc32_iscsi(&b[..56]);
         b[56..60].copy_from_slice(&crc.to_le_bytes());
         b
     }
@@ -169,7 +169,7 @@ impl Superblock {
         if rd_u16(b, 4) != DEVICE_FORMAT_VERSION {
             return Err(FormatError::Version(rd_u16(b, 4) as u32));
         }
-        if crc32c::crc32c(&b[..56]) != rd_u32(b, 56) {
+        if crc_fast::crc32_iscsi(&b[..56]) != rd_u32(b, 56) {
             return Err(FormatError::Checksum);
         }
         let sb = Superblock {
@@ -248,7 +248,7 @@ impl ControlBlock {
         b[4..6].copy_from_slice(&self.shard.to_le_bytes());
         b[8..16].copy_from_slice(&self.counter.to_le_bytes());
         b[16..20].copy_from_slice(&self.next_generation.to_le_bytes());
-        let crc = crc32c::crc32c(&b[..20]);
+        let crc = crc_fast::crc32_iscsi(&b[..20]);
         b[20..24].copy_from_slice(&crc.to_le_bytes());
         b
     }
@@ -258,7 +258,7 @@ impl ControlBlock {
             return Err(FormatError::Range("control block length"));
         }
         check_magic(rd_u32(b, 0), CONTROL_MAGIC)?;
-        if crc32c::crc32c(&b[..20]) != rd_u32(b, 20) {
+        if crc_fast::crc32_iscsi(&b[..20]) != rd_u32(b, 20) {
             return Err(FormatError::Checksum);
         }
         Ok(ControlBlock {
@@ -292,7 +292,7 @@ impl SegmentHeader {
         b[12..16].copy_from_slice(&self.segment.to_le_bytes());
         b[16..20].copy_from_slice(&self.generation.to_le_bytes());
         b[24..32].copy_from_slice(&self.first_seq.to_le_bytes());
-        let crc = crc32c::crc32c(&b[..32]);
+        let crc = crc_fast::crc32_iscsi(&b[..32]);
         b[32..36].copy_from_slice(&crc.to_le_bytes());
     }
 
@@ -304,7 +304,7 @@ impl SegmentHeader {
         if b[4] != RECORD_FORMAT_VERSION {
             return Err(FormatError::Version(b[4] as u32));
         }
-        if crc32c::crc32c(&b[..32]) != rd_u32(b, 32) {
+        if crc_fast::crc32_iscsi(&b[..32]) != rd_u32(b, 32) {
             return Err(FormatError::Checksum);
         }
         Ok(SegmentHeader {
@@ -406,7 +406,8 @@ impl RecordHeader {
         h[64..68].copy_from_slice(&(payload.len() as u32).to_le_bytes());
         out[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + payload.len()].copy_from_slice(payload);
         out[RECORD_HEADER_BYTES + payload.len()..span].fill(0);
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&out[..RECORD_HEADER_BYTES]), payload);
+        // The header (its CRC field still zero) and the payload are contiguous.
+        let crc = crc_fast::crc32_iscsi(&out[..RECORD_HEADER_BYTES + payload.len()]);
         out[68..72].copy_from_slice(&crc.to_le_bytes());
     }
 
@@ -456,7 +457,7 @@ impl RecordHeader {
         let mut hdr = [0u8; RECORD_HEADER_BYTES];
         hdr.copy_from_slice(&record[..RECORD_HEADER_BYTES]);
         hdr[68..72].fill(0);
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&hdr), &record[RECORD_HEADER_BYTES..n]);
+        let crc = hivefs_net::crc32c_parts(&[&hdr, &record[RECORD_HEADER_BYTES..n]]);
         if crc == self.crc {
             Ok(())
         } else {
@@ -492,7 +493,7 @@ impl ContinuationBlock {
         b[8..12].copy_from_slice(&self.generation.to_le_bytes());
         b[12..16].copy_from_slice(&self.prev_generation.to_le_bytes());
         b[16..24].copy_from_slice(&self.first_seq.to_le_bytes());
-        let crc = crc32c::crc32c(&b[..24]);
+        let crc = crc_fast::crc32_iscsi(&b[..24]);
         b[24..28].copy_from_slice(&crc.to_le_bytes());
     }
 
@@ -504,7 +505,7 @@ impl ContinuationBlock {
         if b[4] != RECORD_FORMAT_VERSION {
             return Err(FormatError::Version(b[4] as u32));
         }
-        if crc32c::crc32c(&b[..24]) != rd_u32(b, 24) {
+        if crc_fast::crc32_iscsi(&b[..24]) != rd_u32(b, 24) {
             return Err(FormatError::Checksum);
         }
         Ok(ContinuationBlock {
@@ -611,7 +612,7 @@ impl SegmentFooter {
         b[16..24].copy_from_slice(&self.first_seq.to_le_bytes());
         b[24..32].copy_from_slice(&self.summary_offset.to_le_bytes());
         b[32..36].copy_from_slice(&self.summary_crc.to_le_bytes());
-        let crc = crc32c::crc32c(&b[..36]);
+        let crc = crc_fast::crc32_iscsi(&b[..36]);
         b[36..40].copy_from_slice(&crc.to_le_bytes());
     }
 
@@ -623,7 +624,7 @@ impl SegmentFooter {
         if b[4] != RECORD_FORMAT_VERSION {
             return Err(FormatError::Version(b[4] as u32));
         }
-        if crc32c::crc32c(&b[..36]) != rd_u32(b, 36) {
+        if crc_fast::crc32_iscsi(&b[..36]) != rd_u32(b, 36) {
             return Err(FormatError::Checksum);
         }
         Ok(SegmentFooter {

@@ -2652,7 +2652,7 @@ impl ShardCore {
             entries: a.summary.len() as u32,
             first_seq,
             summary_offset: start_off,
-            summary_crc: crc32c::crc32c(&b.buf_mut()[..summary_bytes]),
+            summary_crc: crc_fast::crc32_iscsi(&b.buf_mut()[..summary_bytes]),
         };
         footer.encode_into(&mut b.buf_mut()[span - BLOCK_SIZE..span]);
         b.len = span;
@@ -3093,7 +3093,7 @@ fn check_footer(
 /// CRC, an entry, or the sequence of entries is wrong.
 fn decode_summary(f: &SegmentFooter, bytes: &[u8]) -> Option<Vec<SummaryEntry>> {
     let n = f.entries as usize * SUMMARY_ENTRY_BYTES;
-    if bytes.len() < n || crc32c::crc32c(&bytes[..n]) != f.summary_crc {
+    if bytes.len() < n || crc_fast::crc32_iscsi(&bytes[..n]) != f.summary_crc {
         return None;
     }
     let mut entries = Vec::with_capacity(f.entries as usize);

@@ -106,8 +106,8 @@ fn header(id: &Key, lsn: u64, data: &[u8]) -> [u8; ENTRY_HEADER] {
     h[4..8].copy_from_slice(&(data.len() as u32).to_le_bytes());
     h[8..16].copy_from_slice(&lsn.to_le_bytes());
     h[16..49].copy_from_slice(id);
-    h[56..60].copy_from_slice(&crc32c::crc32c(data).to_le_bytes());
-    let hcrc = crc32c::crc32c(&h[..60]);
+    h[56..60].copy_from_slice(&crc_fast::crc32_iscsi(data).to_le_bytes());
+    let hcrc = crc_fast::crc32_iscsi(&h[..60]);
     h[60..64].copy_from_slice(&hcrc.to_le_bytes());
     h
 }
@@ -115,7 +115,7 @@ fn header(id: &Key, lsn: u64, data: &[u8]) -> [u8; ENTRY_HEADER] {
 /// `(id, raw length, lsn, payload CRC)` of a valid header.
 fn parse(h: &[u8]) -> Option<(Key, u32, u64, u32)> {
     let u32_at = |i: usize| u32::from_le_bytes(h[i..i + 4].try_into().expect("4"));
-    if u32_at(0) != ENTRY_MAGIC || crc32c::crc32c(&h[..60]) != u32_at(60) {
+    if u32_at(0) != ENTRY_MAGIC || crc_fast::crc32_iscsi(&h[..60]) != u32_at(60) {
         return None;
     }
     let len = u32_at(4);
@@ -237,7 +237,7 @@ impl DiskCache {
         if hid != *id
             || l != slot.len
             || lsn != slot.lsn
-            || crc32c::crc32c(&buf[ENTRY_HEADER..end]) != crc
+            || crc_fast::crc32_iscsi(&buf[ENTRY_HEADER..end]) != crc
         {
             return None;
         }

@@ -132,13 +132,13 @@ impl Control {
         b[8..16].copy_from_slice(&self.counter.to_le_bytes());
         b[16..20].copy_from_slice(&self.generation.to_le_bytes());
         b[20..28].copy_from_slice(&self.head.to_le_bytes());
-        let crc = crc32c::crc32c(&b[..28]);
+        let crc = crc_fast::crc32_iscsi(&b[..28]);
         b[28..32].copy_from_slice(&crc.to_le_bytes());
         b
     }
     fn decode(b: &[u8]) -> Option<Control> {
         if &b[..8] != CONTROL_MAGIC
-            || crc32c::crc32c(&b[..28]) != u32::from_le_bytes(b[28..32].try_into().ok()?)
+            || crc_fast::crc32_iscsi(&b[..28]) != u32::from_le_bytes(b[28..32].try_into().ok()?)
         {
             return None;
         }
@@ -164,7 +164,7 @@ fn header(kind: u8, generation: u32, lsn: u64, payload: &[u8]) -> [u8; HEADER] {
         generation,
         lsn,
         payload.len(),
-        crc32c::crc32c(payload),
+        crc_fast::crc32_iscsi(payload),
     )
 }
 
@@ -181,7 +181,7 @@ fn finish_header(kind: u8, generation: u32, lsn: u64, len: usize, pcrc: u32) -> 
     h[12..16].copy_from_slice(&(len as u32).to_le_bytes());
     h[16..24].copy_from_slice(&lsn.to_le_bytes());
     h[24..28].copy_from_slice(&pcrc.to_le_bytes());
-    let hcrc = crc32c::crc32c(&h[..28]);
+    let hcrc = crc_fast::crc32_iscsi(&h[..28]);
     h[28..32].copy_from_slice(&hcrc.to_le_bytes());
     h
 }
@@ -490,7 +490,8 @@ impl Journal {
             let h = win.read(self, pos, HEADER)?;
             let h: [u8; HEADER] = h.try_into().expect("header");
             if u32::from_le_bytes(h[..4].try_into().expect("4")) != RECORD_MAGIC
-                || crc32c::crc32c(&h[..28]) != u32::from_le_bytes(h[28..].try_into().expect("4"))
+                || crc_fast::crc32_iscsi(&h[..28])
+                    != u32::from_le_bytes(h[28..].try_into().expect("4"))
             {
                 break;
             }
@@ -520,7 +521,7 @@ impl Journal {
                 break;
             }
             let payload = win.read(self, pos + HEADER as u64, plen)?;
-            if crc32c::crc32c(&payload) != pcrc {
+            if crc_fast::crc32_iscsi(&payload) != pcrc {
                 break;
             }
             out.records.push(Record {

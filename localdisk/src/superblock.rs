@@ -236,7 +236,7 @@ impl Superblock {
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.extend_from_slice(&(body.len() as u32).to_le_bytes());
         out.extend_from_slice(&body);
-        let crc = crc32c::crc32c(&out);
+        let crc = crc_fast::crc32_iscsi(&out);
         out.extend_from_slice(&crc.to_le_bytes());
         assert!(
             out.len() <= BLOCK_SIZE,
@@ -271,7 +271,7 @@ impl Superblock {
         }
         let end = 16 + len;
         let want = u32::from_le_bytes(block[end..end + 4].try_into().expect("4"));
-        let got = crc32c::crc32c(&block[..end]);
+        let got = crc_fast::crc32_iscsi(&block[..end]);
         if want != got {
             return Err(SuperblockError::Damaged(format!(
                 "checksum {got:08x}, expected {want:08x}"

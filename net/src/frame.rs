@@ -51,7 +51,7 @@ pub const FLAG_BODY_UNCHECKED: u32 = 1;
 const KNOWN_FLAGS: u32 = FLAG_BODY_UNCHECKED;
 
 fn header_crc(h: &[u8; HEADER_BYTES]) -> u32 {
-    crc32c::crc32c_append(crc32c::crc32c(&h[..HEADER_CRC_AT]), &h[HEADER_CRC_AT + 4..])
+    crate::crc32c_parts(&[&h[..HEADER_CRC_AT], &h[HEADER_CRC_AT + 4..]])
 }
 
 /// Recompute the header checksum of `frame` (at least [`HEADER_BYTES`] long) after its
@@ -238,7 +238,7 @@ pub fn encode_frame_checked_with(
     write_body(out);
     let body = &out[at + HEADER_BYTES..];
     let (body_crc32c, flags) = match check {
-        BodyCheck::Crc32c => (crc32c::crc32c(body), 0),
+        BodyCheck::Crc32c => (crc_fast::crc32_iscsi(body), 0),
         BodyCheck::Transport => (0, FLAG_BODY_UNCHECKED),
     };
     let header = FrameHeader {
@@ -445,7 +445,7 @@ impl FrameDecoder {
             if !self.authenticated {
                 return Err(FrameError::UncheckedBody);
             }
-        } else if crc32c::crc32c(body) != header.body_crc32c {
+        } else if crc_fast::crc32_iscsi(body) != header.body_crc32c {
             return Err(FrameError::BadBodyChecksum);
         }
         Ok(())
@@ -498,10 +498,10 @@ mod tests {
         assert_eq!(&f[6..8], &[14, 0]);
         assert_eq!(&f[8..16], &[8, 7, 6, 5, 4, 3, 2, 1]);
         assert_eq!(&f[16..20], &[3, 0, 0, 0]);
-        assert_eq!(&f[20..24], &crc32c::crc32c(b"abc").to_le_bytes());
+        assert_eq!(&f[20..24], &crc_fast::crc32_iscsi(b"abc").to_le_bytes());
         let mut covered = f[..24].to_vec();
         covered.extend_from_slice(&f[28..32]);
-        assert_eq!(&f[24..28], &crc32c::crc32c(&covered).to_le_bytes());
+        assert_eq!(&f[24..28], &crc_fast::crc32_iscsi(&covered).to_le_bytes());
         assert_eq!(&f[28..32], &[0, 0, 0, 0]);
         let mut u = Vec::new();
         encode_frame_checked_with(&mut u, BodyCheck::Transport, V, 14, 5, |b| b.push(1));

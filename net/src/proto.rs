@@ -1158,12 +1158,7 @@ fn pieces_header(
     pieces: &[&[u8]],
 ) -> [u8; HEADER_BYTES] {
     let (body_crc32c, flags) = match check {
-        BodyCheck::Crc32c => (
-            pieces
-                .iter()
-                .fold(0, |crc, p| crc32c::crc32c_append(crc, p)),
-            0,
-        ),
+        BodyCheck::Crc32c => (crate::crc32c_parts(pieces), 0),
         BodyCheck::Transport => (0, FLAG_BODY_UNCHECKED),
     };
     let body_len: usize = pieces.iter().map(|p| p.len()).sum();

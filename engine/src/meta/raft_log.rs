@@ -45,7 +45,7 @@ pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     let payload = postcard::to_allocvec(value).expect("postcard encodes Raft's types");
     let mut out = Vec::with_capacity(HEADER + payload.len());
     out.push(FORMAT);
-    out.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+    out.extend_from_slice(&crc_fast::crc32_iscsi(&payload).to_le_bytes());
     out.extend_from_slice(&payload);
     out
 }
@@ -60,7 +60,7 @@ pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     }
     let (crc, payload) = bytes[1..].split_at(4);
     let want = u32::from_le_bytes(crc.try_into().expect("4 bytes"));
-    let got = crc32c::crc32c(payload);
+    let got = crc_fast::crc32_iscsi(payload);
     if want != got {
         return Err(format!(
             "checksum mismatch (stored {want:#010x}, computed {got:#010x})"

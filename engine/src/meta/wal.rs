@@ -152,7 +152,7 @@ fn seg_path(dir: &Path, seq: u64) -> PathBuf {
 }
 
 fn crc_of(parts: &[&[u8]]) -> u32 {
-    parts.iter().fold(0, |c, p| crc32c::crc32c_append(c, p))
+    hivefs_net::crc32c_parts(parts)
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
@@ -255,7 +255,7 @@ fn seg_header(seq: u64, node_id: u64) -> Vec<u8> {
     h.extend_from_slice(&SEG_FORMAT.to_le_bytes());
     h.extend_from_slice(&seq.to_le_bytes());
     h.extend_from_slice(&node_id.to_le_bytes());
-    let crc = crc32c::crc32c(&h);
+    let crc = crc_fast::crc32_iscsi(&h);
     h.extend_from_slice(&crc.to_le_bytes());
     h.resize(SEG_HEADER as usize, 0);
     h
@@ -303,7 +303,7 @@ fn record(kind: u8, first: u64, entries: &[&[u8]]) -> Vec<u8> {
     }
     let crc = crc_of(&[&r[..24], &r[REC_HEADER as usize..]]);
     r[24..28].copy_from_slice(&crc.to_le_bytes());
-    let crc = crc32c::crc32c(&r[..28]);
+    let crc = crc_fast::crc32_iscsi(&r[..28]);
     r[28..32].copy_from_slice(&crc.to_le_bytes());
     r.resize(sector_up(r.len() as u64) as usize, 0);
     r
@@ -320,7 +320,7 @@ fn parse_header(img: &[u8], at: u64) -> Option<(u8, u64, u32, u64, u32)> {
     if u32_at(h, 0) != REC_MAGIC || h[5..8] != [0, 0, 0] {
         return None;
     }
-    if crc32c::crc32c(&h[..28]) != u32_at(h, 28) {
+    if crc_fast::crc32_iscsi(&h[..28]) != u32_at(h, 28) {
         return None;
     }
     Some((
