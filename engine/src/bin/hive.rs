@@ -588,14 +588,24 @@ fn join(hive: &str, token: &str, ca: &str, o: InitOptions) -> Result<()> {
         if let Err(e) = spec.validate() {
             bail!("this node cannot be recorded as {spec:?} ({e}): check --name, --advertise, --zone and the ports");
         }
-        let grant = match call_leader(
-            hive,
-            token,
-            &pinned,
-            &MetaRequest::Peer(PeerRequest::Join(spec)),
-            short,
-            false,
-        )? {
+        // `AGAIN`: the leader has not recorded itself in the map yet (a node just started
+        // does so moments after it serves); ask again until `short` has passed.
+        let asked = std::time::Instant::now();
+        let answer = loop {
+            let a = call_leader(
+                hive,
+                token,
+                &pinned,
+                &MetaRequest::Peer(PeerRequest::Join(spec.clone())),
+                short,
+                false,
+            )?;
+            if a != Err(Errno::AGAIN) || asked.elapsed() >= short {
+                break a;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        };
+        let grant = match answer {
             Ok(Answer::Joined(g)) => g,
             Ok(other) => bail!("joining {hive}: unexpected answer {other:?}"),
             Err(Errno::NOTSUP) => bail!("joining {hive}: {NEWER_LOG}"),
