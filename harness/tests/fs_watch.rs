@@ -501,3 +501,60 @@ fn another_mounts_changes_show_through_a_file_held_here() {
     }
     assert!(stale.is_empty(), "not seen within {DEADLINE:?}: {stale:?}");
 }
+
+/// A file held open here (a reader such as `tail -f`, which polls `fstat` and reads on)
+/// follows another mount's commits: its size grows within [`DEADLINE`] and the new
+/// bytes read through the same descriptor, and a truncation shows too. Before, an open
+/// file kept the extents and size it was opened with until it was opened again.
+#[test]
+fn a_file_held_open_here_follows_another_mounts_commits() {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    let mut fx = fx!("fs-watch-tail");
+    if fx.is_local() {
+        return;
+    }
+    let b = fx.second_mount();
+    let (pa, pb) = (fx.root().join("log"), b.join("log"));
+    let first: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&pa, &first).unwrap();
+    let held = std::fs::File::open(&pb).unwrap();
+    let mut got = vec![0u8; 1000];
+    held.read_exact_at(&mut got, 0).unwrap();
+    assert_eq!(got, first);
+
+    let more: Vec<u8> = (0..5000u32).map(|i| (i % 13) as u8 + 100).collect();
+    let mut fa = std::fs::OpenOptions::new().append(true).open(&pa).unwrap();
+    fa.write_all(&more).unwrap();
+    drop(fa);
+    let mut stale = Vec::new();
+    wait_seen(
+        "another mount's append, fstat of a file held open",
+        &mut stale,
+        || held.metadata().unwrap().len() == 6000,
+    );
+    let mut tail = vec![0u8; 5000];
+    let n = held.read_at(&mut tail, 1000).unwrap();
+    assert_eq!((n, &tail[..n]), (5000, &more[..]), "the appended bytes");
+
+    let t = std::fs::OpenOptions::new().write(true).open(&pa).unwrap();
+    t.set_len(500).unwrap();
+    drop(t);
+    wait_seen(
+        "another mount's truncation, fstat of a file held open",
+        &mut stale,
+        || held.metadata().unwrap().len() == 500,
+    );
+    let mut all = vec![0u8; 4096];
+    let n = held.read_at(&mut all, 0).unwrap();
+    assert_eq!(
+        (n, &all[..n]),
+        (500, &first[..500]),
+        "reads end at the new size"
+    );
+    assert!(
+        stale.is_empty(),
+        "not seen within {DEADLINE:?}: {stale:?}\n{}",
+        fx.logs()
+    );
+}

@@ -409,10 +409,60 @@ impl HiveFs {
             // raised by unflushed writes, kept up to date by every flush and truncate).
             // Not only when dirty: a late RELEASE may flush between the metadata query
             // above and this point, and the queried size would then be stale. Setattrs
-            // made in write-back mode and not yet sent show too.
-            st.lock().local_attr(&mut a);
+            // made in write-back mode and not yet sent show too. Unless another host
+            // changed the file since and nothing here waits for the hive (`stale`): then
+            // the hive's answer is newer.
+            let g = st.lock();
+            if !(st.stale.load(Ordering::Acquire) && g.clean()) {
+                g.local_attr(&mut a);
+            }
         }
         a
+    }
+
+    /// An open file another host changed since it was loaded (`OpenFile::stale`): load
+    /// its committed extents and size again, unless this host holds bytes or changes of
+    /// it the hive lacks (then its own view stands, as at open). If the hive cannot be
+    /// asked now, the view loaded before serves, as it did before the change was known.
+    fn fresh(&self, st: &OpenFile, ino: u64) {
+        if !st.stale.load(Ordering::Acquire) {
+            return;
+        }
+        let mut g = st.lock();
+        if !g.clean() {
+            return;
+        }
+        // Cleared first: a change announced while this loads marks it again.
+        st.stale.store(false, Ordering::Release);
+        match load_extents(&self.hive, &self.notifier, ino, false) {
+            Ok((extents, size)) => g.loaded(extents, size),
+            Err(e) => {
+                st.stale.store(true, Ordering::Release);
+                tracing::debug!(ino, "reloading a file another host changed: {e:?}");
+            }
+        }
+    }
+
+    /// For the invalidation thread: mark an open file another host changed as stale
+    /// (see [`HiveFs::fresh`]); `None`: every open file (invalidations were lost). Takes
+    /// only the map's lock, briefly.
+    pub fn stale_marker(&self) -> crate::invalidate::StaleFn {
+        let files = self.files.clone();
+        Box::new(move |ino| {
+            let files = files.lock().expect("files lock");
+            match ino {
+                Some(ino) => {
+                    if let Some(st) = files.get(&ino) {
+                        st.stale.store(true, Ordering::Release);
+                    }
+                }
+                None => {
+                    for st in files.values() {
+                        st.stale.store(true, Ordering::Release);
+                    }
+                }
+            }
+        })
     }
 
     fn getattr_local(&self, ino: u64) -> Result<Attr, Errno> {
@@ -420,7 +470,7 @@ impl HiveFs {
     }
 
     fn load_extents(&self, ino: u64) -> Result<(Vec<Extent>, u64), Errno> {
-        load_extents(&self.hive, &self.notifier, ino)
+        load_extents(&self.hive, &self.notifier, ino, true)
     }
 
     /// Bytes `[off, off + len)` as this host sees them: planned under the file's lock,
@@ -862,7 +912,7 @@ impl LockedView {
         if let Some(st) = st {
             let mut g = st.lock();
             if g.clean() {
-                let (extents, size) = load_extents(&self.hive, &self.notifier, ino)?;
+                let (extents, size) = load_extents(&self.hive, &self.notifier, ino, true)?;
                 changed = g.size_unknown || g.size != size || g.extents != extents;
                 g.loaded(extents, size);
             }
@@ -919,16 +969,18 @@ fn open_extents(
     }
 }
 
-/// A file's committed extents and size, as an open reads them ([`open_extents`] first).
+/// A file's committed extents and size: as an open reads them (`recall`: [`open_extents`]
+/// first, so other hosts' uncommitted bytes are committed before), or as they stand.
 fn load_extents(
     hive: &Hive,
     notifier: &OnceLock<fuser::Notifier>,
     ino: u64,
+    recall: bool,
 ) -> Result<(Vec<Extent>, u64), Errno> {
     let mut out = Vec::new();
     let mut from = 0u64;
     loop {
-        let r = if from == 0 && out.is_empty() {
+        let r = if recall && from == 0 && out.is_empty() {
             open_extents(hive, notifier, ino)?
         } else {
             hive.query(Query::Extents {
@@ -1360,6 +1412,7 @@ impl Filesystem for HiveFs {
         let Some(st) = self.state(ino.0) else {
             return reply.error(Errno::EBADF);
         };
+        self.fresh(&st, ino.0);
         match self.read_range(&st, offset, size as usize) {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(e),
@@ -1402,6 +1455,7 @@ impl Filesystem for HiveFs {
             },
             None => None,
         };
+        self.fresh(&st, ino.0);
         let mut g = st.lock();
         match self.wb.write(ino.0, &st, &mut g, offset, data, journaled) {
             Ok(throttle) => {

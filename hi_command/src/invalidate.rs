@@ -13,8 +13,11 @@
 //!   answer back in the cache (the kernel guards attributes against this with its
 //!   attribute version, not names).
 //!
-//! Open files are governed by close-to-open, not by this: extents are reloaded at open,
-//! and the kernel's page cache of a file is dropped at open (no `FOPEN_KEEP_CACHE`).
+//! Open files: extents are reloaded at open, and the kernel's page cache of a file is
+//! dropped at open (no `FOPEN_KEEP_CACHE`) (close-to-open). A file open here that another
+//! mount changes is also marked stale (`OpenFile::stale`, through [`StaleFn`]): its next
+//! read or write here loads the committed extents again, and its attributes show the
+//! hive's size, so a reader keeping it open (`tail -f`) sees other hosts' commits.
 //!
 //! The kernel answers ENOENT for what it does not hold; fuser drops that, and any other
 //! error is only logged (an invalidation that fails leaves the TTL bound).
@@ -32,6 +35,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+
+/// Marks a file open on this mount as changed by another mount (`None`: every open
+/// file, when invalidations were lost). `fs.rs` `HiveFs::stale_marker`.
+pub type StaleFn = Box<dyn Fn(Option<u64>) + Send>;
 
 /// The running invalidation thread; [`Invalidator::stop`] ends it (at unmount).
 pub struct Invalidator {
@@ -52,6 +59,7 @@ impl Invalidator {
         hints: Arc<Hints>,
         leases: Arc<Leases>,
         offline: Option<Arc<Offline>>,
+        stale: StaleFn,
     ) -> Option<Invalidator> {
         if std::env::var_os("HIVE_HI_NO_WATCH").is_some_and(|v| v == "1") {
             tracing::warn!("HIVE_HI_NO_WATCH=1: no pushed invalidations (other mounts' changes show after the TTL)");
@@ -83,6 +91,7 @@ impl Invalidator {
                             }
                             for &ino in &inv.inodes {
                                 hints.drop_inode(ino);
+                                stale(Some(ino));
                                 if let Some(o) = &offline {
                                     o.forget(ino);
                                 }
@@ -97,6 +106,7 @@ impl Invalidator {
                         Watched::Lost => {
                             // Whatever changed is unknown: forget every remembered answer.
                             hints.drop_all();
+                            stale(None);
                             if let Some(o) = &offline {
                                 o.forget_all();
                             }

@@ -465,6 +465,7 @@ fn mount(
     let hints = fs.hints.clone();
     let leases = fs.leases.clone();
     let notifier = fs.notifier.clone();
+    let stale = fs.stale_marker();
     let mut cfg = fuser::Config::default();
     cfg.mount_options = vec![
         fuser::MountOption::FSName(format!("hivefs:{name}")),
@@ -497,6 +498,7 @@ fn mount(
         hints,
         leases,
         hive.offline.clone(),
+        stale,
     );
     println!("mounted {name} at {}", mountpoint.display());
     use std::io::Write;

@@ -297,6 +297,13 @@ impl FileState {
 pub struct OpenFile {
     pub st: Mutex<FileState>,
     done: Condvar,
+    /// Another host changed the file since its extents and size were loaded (the hive
+    /// pushed an invalidation of it). While nothing of this host's waits for the hive
+    /// (`clean`), attributes carry the hive's size and the next read or write loads the
+    /// committed extents again first (`fs.rs` `fresh`): an open file follows other
+    /// hosts' commits within an invalidation's round trip (`tail -f`), not only when it
+    /// is opened again. Outside the lock, so the invalidation thread never waits on it.
+    pub stale: std::sync::atomic::AtomicBool,
 }
 
 impl OpenFile {
