@@ -376,8 +376,7 @@ fn a_truncation_journaled_in_a_partition_is_ordered_after_another_hosts_bytes() 
         std::thread::sleep(Duration::from_millis(100));
     }
     eprintln!(
-        "A's truncation applied {:.1?} after healing; B, with f open (close-to-open), \
-         still shows {} bytes",
+        "A's truncation applied {:.1?} after healing; B, with f open, shows {} bytes",
         t.elapsed(),
         std::fs::metadata(b.join("f")).unwrap().len()
     );
