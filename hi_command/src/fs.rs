@@ -432,14 +432,10 @@ impl HiveFs {
         if !g.clean() {
             return;
         }
-        // Cleared first: a change announced while this loads marks it again.
-        st.stale.store(false, Ordering::Release);
-        match load_extents(&self.hive, &self.notifier, ino, false) {
-            Ok((extents, size)) => g.loaded(extents, size),
-            Err(e) => {
-                st.stale.store(true, Ordering::Release);
-                tracing::debug!(ino, "reloading a file another host changed: {e:?}");
-            }
+        if let Err(e) = st.reload(&mut g, || {
+            load_extents(&self.hive, &self.notifier, ino, false)
+        }) {
+            tracing::debug!(ino, "reloading a file another host changed: {e:?}");
         }
     }
 
@@ -567,8 +563,8 @@ impl HiveFs {
         let mut g = st.lock();
         if g.clean() {
             // Close-to-open: see what others committed.
-            match self.load_extents(ino) {
-                Ok((extents, size)) => g.loaded(extents, size),
+            match st.reload(&mut g, || self.load_extents(ino)) {
+                Ok(_) => {}
                 Err(e) => {
                     drop(g);
                     self.close_state(ino, &st);
@@ -912,9 +908,9 @@ impl LockedView {
         if let Some(st) = st {
             let mut g = st.lock();
             if g.clean() {
-                let (extents, size) = load_extents(&self.hive, &self.notifier, ino, true)?;
-                changed = g.size_unknown || g.size != size || g.extents != extents;
-                g.loaded(extents, size);
+                changed = st.reload(&mut g, || {
+                    load_extents(&self.hive, &self.notifier, ino, true)
+                })?;
             }
         }
         if !changed {
@@ -1245,9 +1241,8 @@ impl Filesystem for HiveFs {
                     a.size = g.size;
                 }
                 if size.is_some() && !journaled {
-                    match self.load_extents(ino.0) {
-                        Ok((e, s)) => g.loaded(e, s),
-                        Err(e) => return reply.error(e),
+                    if let Err(e) = f.reload(&mut g, || self.load_extents(ino.0)) {
+                        return reply.error(e);
                     }
                 }
                 reply.attr(&TTL, &fuse_attr(&a))

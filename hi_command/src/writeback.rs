@@ -303,12 +303,34 @@ pub struct OpenFile {
     /// committed extents again first (`fs.rs` `fresh`): an open file follows other
     /// hosts' commits within an invalidation's round trip (`tail -f`), not only when it
     /// is opened again. Outside the lock, so the invalidation thread never waits on it.
-    pub stale: std::sync::atomic::AtomicBool,
+    pub stale: AtomicBool,
 }
 
 impl OpenFile {
     pub fn lock(&self) -> MutexGuard<'_, FileState> {
         self.st.lock().expect("file lock")
+    }
+
+    /// Replace the committed extents and size in `g` (this file's, locked) with `load`'s,
+    /// the hive's. `stale` is cleared before `load` runs, so a change announced meanwhile
+    /// marks the file again; a failed load leaves it marked. Whether anything changed.
+    pub fn reload(
+        &self,
+        g: &mut FileState,
+        load: impl FnOnce() -> Result<(Vec<Extent>, u64), Errno>,
+    ) -> Result<bool, Errno> {
+        self.stale.store(false, Ordering::Release);
+        match load() {
+            Ok((extents, size)) => {
+                let changed = g.size_unknown || g.size != size || g.extents != extents;
+                g.loaded(extents, size);
+                Ok(changed)
+            }
+            Err(e) => {
+                self.stale.store(true, Ordering::Release);
+                Err(e)
+            }
+        }
     }
 }
 
