@@ -297,13 +297,7 @@ impl TestMount {
     /// file `disk.img` in the mount's directory, token kept in its `secrets/`), in
     /// write-back mode or not; `None` (after `SKIP:`) where FUSE cannot work.
     pub fn start_on_disk(node: &TestNode, volume: &str, writeback: bool) -> Option<TestMount> {
-        match TestMount::try_start_as(node, volume, Some(writeback), Vec::new(), None) {
-            Ok(m) => Some(m),
-            Err(MountError::Skip(why)) => {
-                skip(&why);
-                None
-            }
-        }
+        Self::on_disk_or_skip(node, volume, writeback, None)
     }
 
     /// [`TestMount::start_on_disk`] with `hi mount` in network namespace `netns` (entered
@@ -315,8 +309,16 @@ impl TestMount {
         writeback: bool,
         netns: &str,
     ) -> Option<TestMount> {
-        let ns = Some(netns.to_string());
-        match TestMount::try_start_as(node, volume, Some(writeback), Vec::new(), ns) {
+        Self::on_disk_or_skip(node, volume, writeback, Some(netns.to_string()))
+    }
+
+    fn on_disk_or_skip(
+        node: &TestNode,
+        volume: &str,
+        writeback: bool,
+        netns: Option<String>,
+    ) -> Option<TestMount> {
+        match TestMount::try_start_as(node, volume, Some(writeback), Vec::new(), netns) {
             Ok(m) => Some(m),
             Err(MountError::Skip(why)) => {
                 skip(&why);
